@@ -1,0 +1,109 @@
+"""Ambiguity sets around the nominal preference distribution (SPEC section 3).
+
+Each set is a small immutable description; the exact inner supremum and the
+solvers live in :mod:`simulator.solvers`.
+
+* :class:`Nominal` -- no robustness, plain DPO.
+* :class:`KL` -- ``{Q << P : KL(Q || P) <= rho}`` (KLDPO, SPEC 3.1).
+* :class:`ChiSquare` -- ``{Q << P : E_P[(dQ/dP - 1)^2] <= rho}`` (SPEC 3.2).
+* :class:`Wasserstein` -- ``{Q : W_p(Q, P) <= rho}`` with ground cost
+  ``||x - x'||_2^p + kappa 1[y != y']`` on ``R^d x {0, 1}`` (WDPO, SPEC 3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._validation import check_nonnegative, check_positive
+
+__all__ = ["AmbiguitySet", "Nominal", "KL", "ChiSquare", "Wasserstein"]
+
+
+class AmbiguitySet:
+    """Base class of the ambiguity sets; ``rho`` is the radius."""
+
+    rho: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """Short method name used in experiment tables."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Nominal(AmbiguitySet):
+    """The singleton ``{P}``: the robust objective is the plain DPO risk."""
+
+    rho: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rho != 0.0:
+            raise ValueError(f"rho must be 0 for Nominal, got {self.rho!r}")
+
+    @property
+    def name(self) -> str:
+        return "dpo"
+
+
+@dataclass(frozen=True)
+class KL(AmbiguitySet):
+    """KL ball ``{Q << P : KL(Q || P) <= rho}`` (SPEC 3.1).
+
+    Dual: ``L = min_{lambda > 0} lambda rho + lambda log E_P exp(l / lambda)``.
+    """
+
+    rho: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", check_nonnegative(self.rho, "rho"))
+
+    @property
+    def name(self) -> str:
+        return "kldpo"
+
+
+@dataclass(frozen=True)
+class ChiSquare(AmbiguitySet):
+    """Chi-square ball ``{Q << P : E_P[(dQ/dP - 1)^2] <= rho}`` (SPEC 3.2).
+
+    Dual: ``L = min_eta eta + sqrt(1 + rho) sqrt(E_P (l - eta)_+^2)``.
+    """
+
+    rho: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", check_nonnegative(self.rho, "rho"))
+
+    @property
+    def name(self) -> str:
+        return "chi2dpo"
+
+
+@dataclass(frozen=True)
+class Wasserstein(AmbiguitySet):
+    """Wasserstein-p ball of radius ``rho`` (SPEC 3.3).
+
+    Parameters
+    ----------
+    rho : float
+        Radius, ``>= 0``; the transport budget is ``rho**p``.
+    p : {1, 2}
+        Order of the ground cost ``||x - x'||_2^p + kappa 1[y != y']``.
+    kappa : float
+        Price of a label flip, ``> 0``; ``inf`` forbids label changes.
+    """
+
+    rho: float
+    p: int = 2
+    kappa: float = float("inf")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", check_nonnegative(self.rho, "rho"))
+        if self.p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {self.p!r}")
+        object.__setattr__(self, "p", int(self.p))
+        object.__setattr__(self, "kappa", check_positive(self.kappa, "kappa", allow_inf=True))
+
+    @property
+    def name(self) -> str:
+        return f"wdpo{self.p}"

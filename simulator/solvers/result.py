@@ -1,0 +1,109 @@
+"""Result objects of the exact robust evaluations and solvers (SPEC 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..ambiguity import AmbiguitySet
+from ..data import PreferenceData
+
+__all__ = ["WorstCase", "Evaluation", "Solution"]
+
+
+@dataclass(frozen=True, eq=False)
+class WorstCase:
+    """A worst-case distribution ``Q*`` in the ambiguity set.
+
+    Atom ``k`` of ``Q*`` comes from nominal atom ``source[k]``, sits at
+    features ``x[k]`` with label ``y[k]`` and has probability ``weights[k]``.
+    For the reweighting sets (KL, chi-square) ``x`` and ``y`` are the nominal
+    ones; for Wasserstein sets atoms move (and may flip labels when
+    ``kappa < inf``), and ``transport_cost`` is ``E_pi c_p`` of the coupling
+    that moves them, to be compared with ``budget = rho**p``.
+    """
+
+    weights: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    source: np.ndarray
+    transport_cost: float | None = None
+    budget: float | None = None
+
+    def as_data(self) -> PreferenceData:
+        """``Q*`` as a :class:`PreferenceData` (atoms of zero weight dropped)."""
+        keep = self.weights > 0
+        w = self.weights[keep]
+        return PreferenceData(self.x[keep], self.y[keep], w / w.sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """The exact robust objective ``L_U(theta; P)`` at a fixed ``theta``.
+
+    Attributes
+    ----------
+    value : float
+        Dual value of ``sup_{Q in U(P)} E_Q l(z; theta)``.
+    dual : float or None
+        Optimal dual variable: ``lambda`` for KL and Wasserstein, ``eta`` for
+        chi-square, ``None`` for the nominal set.
+    worst_case : WorstCase
+        A maximising ``Q*``.
+    primal_value : float
+        ``E_{Q*} l`` recomputed from ``worst_case``.
+    gap : float
+        Certificate ``|value - primal_value| / max(1, |value|)``.
+    grad : ndarray (d,)
+        ``grad_theta L_U`` by Danskin's theorem.
+    """
+
+    value: float
+    dual: float | None
+    worst_case: WorstCase
+    primal_value: float
+    gap: float
+    grad: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """Minimiser of the robust objective and its certificate.
+
+    Attributes
+    ----------
+    theta : ndarray (d,)
+        The robust estimator ``argmin_theta L_U(theta; P)``.
+    value, dual, worst_case, primal_value, gap
+        As in :class:`Evaluation`, at ``theta``.
+    status : str
+        ``"optimal"`` (anything else raises before a Solution is returned).
+    solver : str
+        ``"dual"`` or ``"cvxpy:<SOLVER>"``.
+    ambiguity : AmbiguitySet
+    beta : float
+    theta_ref : ndarray (d,)
+    grad_norm : float
+        ``||grad_theta L_U(theta)||`` at the returned point.
+    iterations : int
+    solve_time_s : float
+    info : dict
+        Solver-specific extras (e.g. the fallback chain tried).
+    """
+
+    theta: np.ndarray
+    value: float
+    dual: float | None
+    worst_case: WorstCase
+    primal_value: float
+    gap: float
+    status: str
+    solver: str
+    ambiguity: AmbiguitySet
+    beta: float
+    theta_ref: np.ndarray
+    grad_norm: float = float("nan")
+    iterations: int = 0
+    solve_time_s: float = 0.0
+    info: dict = field(default_factory=dict)
