@@ -3,7 +3,9 @@
 See ``../shared/SPEC.md`` (mirrored in docs/) for the mathematics.
 """
 
+from . import theory
 from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
+from .approx_check import ApproximationReport, check_approximation
 from .data import PreferenceData
 from .env import FiniteEnv, realizable_reward
 from .losses import (
@@ -16,8 +18,18 @@ from .losses import (
     sigmoid,
     softplus,
 )
+from .optim import TrainResult, batch_fixed_point, solve_surrogate, train
 from .policy import LogLinearPolicy
+from .solvers import robust_objective, solve
+from .solvers.conic import ConicSolveError, solve_cvxpy
 from .solvers.result import Evaluation, Solution, WorstCase
+from .surrogates import (
+    SURROGATES,
+    surrogate_grad,
+    surrogate_loss,
+    surrogate_value_and_grad,
+    surrogate_weights,
+)
 
 __all__ = [
     "AmbiguitySet", "Nominal", "KL", "ChiSquare", "Wasserstein",
@@ -25,6 +37,12 @@ __all__ = [
     "softplus", "sigmoid", "log_sigmoid", "margins", "dpo_loss", "dpo_grad_theta",
     "dpo_grad_x", "dpo_hessian_theta",
     "Evaluation", "Solution", "WorstCase",
+    "theory",
+    "solve_cvxpy", "ConicSolveError",
+    "solve", "robust_objective",
+    "SURROGATES", "surrogate_loss", "surrogate_grad", "surrogate_value_and_grad",
+    "surrogate_weights", "train", "solve_surrogate", "batch_fixed_point", "TrainResult",
+    "check_approximation", "ApproximationReport",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""Core objects against direct formulas: environments, data, policies, losses, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from scipy.stats import chi2
+
+import simulator as sim
+
+
+@pytest.fixture(scope="module")
+def env() -> sim.FiniteEnv:
+    return sim.FiniteEnv.random(5, 4, 3, beta=1.5, seed=7, theta_norm=2.0)
+
+
+def _direct_sigmoid(t):
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+# ---------------------------------------------------------------------------- environment
+def test_population_is_a_distribution_matching_bradley_terry(env):
+    pop = env.population()
+    assert pop.weights.sum() == pytest.approx(1.0, abs=1e-12) and pop.weights.min() > 0
+    s, a1, a2 = pop.states, pop.actions[:, 0], pop.actions[:, 1]
+    np.testing.assert_allclose(pop.x, env.features[s, a1] - env.features[s, a2])
+    # uniform pair sampler over ordered distinct pairs, uniform states
+    A = env.n_actions
+    pair_mass = 1.0 / (env.n_states * A * (A - 1))
+    p1 = _direct_sigmoid(env.reward[s, a1] - env.reward[s, a2])
+    np.testing.assert_allclose(pop.weights, pair_mass * np.where(pop.y == 1, p1, 1 - p1))
+    assert np.all(a1 != a2) and pop.n == 2 * env.n_states * A * (A - 1)
+
+
+def test_sample_frequencies_match_population(env):
+    pop = env.population()
+    n = 200_000
+    smp = env.sample(n, seed=1)
+    A = env.n_actions
+
+    def key(d):
+        return ((d.states * A + d.actions[:, 0]) * A + d.actions[:, 1]) * 2 + d.y.astype(int)
+
+    size = env.n_states * A * A * 2
+    observed = np.bincount(key(smp), minlength=size)
+    expected = np.bincount(key(pop), pop.weights, minlength=size) * n
+    assert observed[expected == 0].sum() == 0
+    stat = np.sum((observed - expected)[expected > 0] ** 2 / expected[expected > 0])
+    assert stat < chi2.ppf(1 - 1e-4, df=pop.n - 1)
+    np.testing.assert_allclose(smp.weights, 1.0 / n)
+    assert env.sample(50, seed=3).x.tolist() == env.sample(50, seed=3).x.tolist()
+
+
+def test_realizable_reward_and_population_dpo_optimum(env):
+    # r = beta (theta_true - theta_ref) . phi, so the population DPO optimum is theta_true
+    np.testing.assert_allclose(env.reward, env.beta * env.features @ env.theta_true)
+    pop = env.population()
+    p = _direct_sigmoid(env.beta * pop.x @ env.theta_true)
+    np.testing.assert_allclose(p, env.preference_prob()[pop.states, *pop.actions.T])
+    sol = sim.solve_cvxpy(pop, sim.Nominal(), beta=env.beta)
+    np.testing.assert_allclose(sol.theta, env.theta_true, atol=1e-5)
+    ref = np.array([0.2, -0.1, 0.3])
+    shifted = sim.FiniteEnv.from_parameter(env.features, env.theta_true, beta=0.5, theta_ref=ref)
+    np.testing.assert_allclose(shifted.reward, 0.5 * env.features @ (env.theta_true - ref))
+
+
+def test_label_noise(env):
+    eta = 0.2
+    noisy = env.with_label_noise(eta)
+    p = _direct_sigmoid(env.reward[:, :, None] - env.reward[:, None, :])
+    np.testing.assert_allclose(noisy.preference_prob(), (1 - eta) * p + eta * (1 - p))
+    np.testing.assert_allclose(env.with_label_noise(0.5).preference_prob(), 0.5)
+    # pure noise: the population DPO optimum is theta_ref
+    sol = sim.solve_cvxpy(env.with_label_noise(0.5).population(), sim.Nominal(), beta=env.beta)
+    np.testing.assert_allclose(sol.theta, 0.0, atol=1e-5)
+    assert sol.value == pytest.approx(np.log(2.0), abs=1e-10)
+    assert noisy.label_noise == eta and env.label_noise == 0.0  # the original is unchanged
+
+
+def test_reward_mixture(env):
+    other = np.random.default_rng(0).normal(size=env.reward.shape)
+    mix = env.reward_mixture(other, 0.3)
+    np.testing.assert_allclose(mix.reward, 0.3 * env.reward + 0.7 * other)
+    np.testing.assert_allclose(env.reward_mixture(other, 1.0).reward, env.reward)
+    assert mix.theta_true is None  # misspecified in general
+    np.testing.assert_allclose(env.with_reward(other).preference_prob(),
+                               _direct_sigmoid(other[:, :, None] - other[:, None, :]))
+    with pytest.raises(ValueError, match="alpha"):
+        env.reward_mixture(other, 1.5)
+
+
+def test_state_and_pair_sampler_shifts(env):
+    mu = np.array([0.5, 0.2, 0.1, 0.1, 0.1])
+    pop = env.with_state_dist(mu).population()
+    np.testing.assert_allclose(np.bincount(pop.states, pop.weights), mu, atol=1e-12)
+    table = np.random.default_rng(1).random((env.n_states, env.n_actions, env.n_actions))
+    table /= table.sum(axis=(1, 2), keepdims=True)
+    pop = env.with_pair_sampler(table).population()
+    A = env.n_actions
+    pair = np.bincount((pop.states * A + pop.actions[:, 0]) * A + pop.actions[:, 1],
+                       pop.weights, minlength=table.size)
+    np.testing.assert_allclose(pair.reshape(table.shape), table / env.n_states, atol=1e-12)
+    # 'ref' pairs: two independent draws from pi_ref (uniform when theta_ref = 0)
+    ref = env.with_pair_sampler("ref")
+    np.testing.assert_allclose(ref.pair_sampler, 1.0 / A**2)
+
+
+def test_lambda_min_against_eigvalsh(env):
+    phi, mu, q = env.features, env.state_dist, env.pair_sampler
+    x = phi[:, :, None, :] - phi[:, None, :, :]  # (S, A, A, d)
+    sigma = np.einsum("s,sab,sabi,sabj->ij", mu, q, x, x)
+    assert env.lambda_min() == pytest.approx(np.linalg.eigvalsh(sigma)[0], rel=1e-10)
+    pop = env.population()
+    assert pop.lambda_min() == pytest.approx(env.lambda_min(), rel=1e-10)
+    np.testing.assert_allclose(pop.coverage(), sigma, atol=1e-14)
+
+
+def test_features_bounded_and_expected_reward(env):
+    assert np.linalg.norm(env.features, axis=2).max() <= 1.0 + 1e-12
+    theta = np.array([1.0, -2.0, 0.5])
+    logits = env.features @ theta
+    pi = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    direct = float(np.sum(env.state_dist[:, None] * pi * env.reward))
+    assert env.expected_reward(theta) == pytest.approx(direct, rel=1e-12)
+    other = np.ones_like(env.reward)
+    assert env.expected_reward(theta, other) == pytest.approx(1.0, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- policy
+def test_log_linear_policy(env):
+    theta = np.array([0.4, -1.0, 2.0])
+    pol = env.policy(theta)
+    logits = env.features @ theta
+    direct = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(pol.probs(), direct, rtol=1e-12)
+    np.testing.assert_allclose(pol.probs().sum(axis=1), 1.0, rtol=1e-12)
+    huge = env.policy(1e6 * theta)
+    p, lp = huge.probs(), huge.log_probs()
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(lp)) and np.all(lp <= 0)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(p.argmax(axis=1), logits.argmax(axis=1))
+    assert p.max(axis=1).min() > 1 - 1e-12
+    # the implicit reward difference: log-ratio of two actions of a state is (theta - ref) . x
+    ref = np.array([0.1, 0.2, -0.3])
+    h = (pol.log_probs() - env.policy(ref).log_probs())
+    np.testing.assert_allclose(h[:, 0] - h[:, 1],
+                               (env.features[:, 0] - env.features[:, 1]) @ (theta - ref))
+
+
+# ---------------------------------------------------------------------------- losses
+def test_scalar_functions_against_direct_formulas():
+    t = np.linspace(-30, 30, 121)
+    np.testing.assert_allclose(sim.softplus(t), np.log1p(np.exp(t)), rtol=1e-12)
+    np.testing.assert_allclose(sim.sigmoid(t), _direct_sigmoid(t), rtol=1e-12)
+    np.testing.assert_allclose(sim.log_sigmoid(t), -np.log1p(np.exp(-t)), rtol=1e-12)
+    big = np.array([-1e4, 1e4])
+    np.testing.assert_allclose(sim.softplus(big), [0.0, 1e4], atol=1e-300)
+    np.testing.assert_allclose(sim.dpo_loss(big), [1e4, 0.0], atol=1e-300)
+    np.testing.assert_allclose(sim.log_sigmoid(big), [-1e4, 0.0], atol=1e-300)
+    np.testing.assert_allclose(sim.sigmoid(big), [0.0, 1.0], atol=1e-300)
+    assert np.all(np.isfinite(sim.dpo_loss(big)))
+
+
+def test_dpo_loss_derivatives_by_finite_differences():
+    rng = np.random.default_rng(2)
+    n, d, beta = 6, 4, 0.8
+    x, y = rng.normal(size=(n, d)), rng.integers(0, 2, n).astype(float)
+    theta, ref = rng.normal(size=d), rng.normal(size=d)
+    m = sim.margins(theta, x, y, beta, ref)
+    np.testing.assert_allclose(m, (2 * y - 1) * beta * (x @ (theta - ref)))
+    h = -y * np.log(_direct_sigmoid(beta * x @ (theta - ref))) - (1 - y) * np.log(
+        _direct_sigmoid(-beta * x @ (theta - ref)))
+    np.testing.assert_allclose(sim.dpo_loss(m), h, rtol=1e-12)
+    eps = 1e-6
+    eye = np.eye(d)
+
+    def loss(th=theta, xx=x):
+        return sim.dpo_loss(sim.margins(th, xx, y, beta, ref))
+
+    fd_theta = np.stack([(loss(th=theta + eps * e) - loss(th=theta - eps * e)) / (2 * eps)
+                         for e in eye], axis=1)
+    np.testing.assert_allclose(sim.dpo_grad_theta(m, x, y, beta), fd_theta, atol=1e-8)
+    fd_x = np.stack([(loss(xx=x + eps * e) - loss(xx=x - eps * e)) / (2 * eps) for e in eye],
+                    axis=1)
+    np.testing.assert_allclose(sim.dpo_grad_x(m, y, beta, theta - ref), fd_x, atol=1e-8)
+    w = rng.dirichlet(np.ones(n))
+
+    def grad(th):
+        return w @ sim.dpo_grad_theta(sim.margins(th, x, y, beta, ref), x, y, beta)
+
+    fd_h = np.stack([(grad(theta + eps * e) - grad(theta - eps * e)) / (2 * eps) for e in eye])
+    np.testing.assert_allclose(sim.dpo_hessian_theta(m, x, beta, w), fd_h, atol=1e-8)
+    np.testing.assert_allclose(sim.dpo_hessian_theta(m, x, beta),
+                               sum(beta**2 * _direct_sigmoid(mi) * _direct_sigmoid(-mi)
+                                   * np.outer(xi, xi) for mi, xi in zip(m, x, strict=True)))
+
+
+def test_dpo_is_logistic_regression():
+    # the DPO optimum equals the logistic-regression optimum on (beta x, ytil)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(80, 3))
+    y = (rng.random(80) < _direct_sigmoid(x @ [1.0, -0.5, 0.2])).astype(float)
+    beta = 2.0
+    res = minimize(lambda th: np.mean(np.log1p(np.exp(-(2 * y - 1) * ((beta * x) @ th)))),
+                   np.zeros(3), method="BFGS", options={"gtol": 1e-10})
+    sol = sim.solve_cvxpy(sim.PreferenceData(x, y), sim.Nominal(), beta=beta)
+    np.testing.assert_allclose(sol.theta, res.x, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- data
+def test_preference_data_operations():
+    x = np.arange(12.0).reshape(4, 3) / 12
+    data = sim.PreferenceData(x, [1, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_array_equal(data.ytil, [1, -1, 1, 1])
+    np.testing.assert_array_equal(data.flipped().y, [0, 1, 0, 0])
+    sub = data.subset([1, 3])
+    np.testing.assert_allclose(sub.weights, [1 / 3, 2 / 3])
+    mix = sim.PreferenceData.concatenate([data, sub], [0.25, 0.75])
+    np.testing.assert_allclose(mix.weights, np.r_[0.25 * data.weights, 0.75 * sub.weights])
+    np.testing.assert_allclose(sim.PreferenceData(x, [1, 0, 1, 1]).weights, 0.25)
+
+
+# ---------------------------------------------------------------------------- validation
+X = np.zeros((3, 2))
+Y = np.array([1, 0, 1])
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(x=np.array([[np.nan, 0], [0, 0], [0, 0]]), y=Y), "x"),
+    (dict(x=np.array([[np.inf, 0], [0, 0], [0, 0]]), y=Y), "x"),
+    (dict(x=np.zeros(3), y=Y), "x"),
+    (dict(x=X, y=[1, 2, 0]), "y"),
+    (dict(x=X, y=[1, 0]), "y"),
+    (dict(x=X, y=Y, weights=[0.5, 0.6, -0.1]), "weights"),
+    (dict(x=X, y=Y, weights=[0.3, 0.3, 0.3]), "weights"),
+    (dict(x=X, y=Y, weights=[0.5, 0.5]), "weights"),
+    (dict(x=X, y=Y, weights=[np.nan, 0.5, 0.5]), "weights"),
+    (dict(x=X, y=Y, states=[0, 1]), "states"),
+])
+def test_bad_preference_data(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sim.PreferenceData(**kwargs)
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: sim.KL(-0.1), "rho"),
+    (lambda: sim.KL(np.nan), "rho"),
+    (lambda: sim.ChiSquare(-1.0), "rho"),
+    (lambda: sim.Wasserstein(-0.1), "rho"),
+    (lambda: sim.Wasserstein(0.1, p=3), "p"),
+    (lambda: sim.Wasserstein(0.1, kappa=0.0), "kappa"),
+    (lambda: sim.Nominal(0.1), "rho"),
+])
+def test_bad_ambiguity(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_bad_environment_input(env):
+    phi = env.features
+    with pytest.raises(ValueError, match="features"):
+        sim.FiniteEnv(2 * phi, env.reward)
+    with pytest.raises(ValueError, match="features"):
+        sim.FiniteEnv(np.where(phi > 0.5, np.nan, phi), env.reward)
+    with pytest.raises(ValueError, match="reward"):
+        sim.FiniteEnv(phi, env.reward[:, :2])
+    with pytest.raises(ValueError, match="state_dist"):
+        env.with_state_dist([1.5, -0.5, 0, 0, 0])
+    with pytest.raises(ValueError, match="state_dist"):
+        env.with_state_dist([0.5, 0.1, 0, 0, 0])
+    with pytest.raises(ValueError, match="beta"):
+        sim.FiniteEnv(phi, env.reward, beta=0.0)
+    with pytest.raises(ValueError, match="label_noise"):
+        env.with_label_noise(0.7)
+    with pytest.raises(ValueError, match="pair_sampler"):
+        env.with_pair_sampler("bogus")
+    with pytest.raises(ValueError, match="theta"):
+        env.policy(np.zeros(5))
+    with pytest.raises(ValueError, match="theta"):
+        env.policy(np.array([np.inf, 0, 0]))
+    with pytest.raises(ValueError, match="n"):
+        env.sample(0)
+    with pytest.raises(ValueError, match="theta_ref"):
+        sim.FiniteEnv.from_parameter(phi, np.zeros(3), theta_ref=np.zeros(2))

@@ -1,0 +1,198 @@
+"""The ``dual`` solver: closed forms, independent minimisers, certificates, invariants (SPEC 3.4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from scipy.special import expit, logsumexp
+
+import simulator as sim
+
+BETA = 0.9
+
+
+def _problem(seed=0, n=150, d=3, weights=False, scale=2.0, ref=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    x /= np.maximum(1.0, np.linalg.norm(x, axis=1))[:, None]
+    theta_true = rng.normal(size=d)
+    theta_true *= scale / np.linalg.norm(theta_true)
+    y = (rng.uniform(size=n) < expit(BETA * x @ theta_true)).astype(float)
+    w = rng.dirichlet(np.ones(n) * 2) if weights else None
+    return sim.PreferenceData(x, y, w), (rng.normal(size=d) * 0.2 if ref else np.zeros(d))
+
+
+def _scipy_min(fun_grad, x0):
+    res = minimize(fun_grad, x0, jac=True, method="BFGS", options={"gtol": 1e-12, "maxiter": 5000})
+    return res.x, res.fun
+
+
+def _dpo_fun(data, ref, penalty=0.0):
+    a = (2 * data.y - 1)[:, None] * BETA * data.x
+
+    def f(theta):
+        m = a @ (theta - ref)
+        g = data.weights @ (-expit(-m)[:, None] * a)
+        nrm = np.linalg.norm(theta - ref)
+        return (data.weights @ np.logaddexp(0, -m) + penalty * nrm,
+                g + penalty * (theta - ref) / max(nrm, 1e-300))
+    return f
+
+
+@pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.0), sim.ChiSquare(0.0),
+                                 sim.Wasserstein(0.0, p=1), sim.Wasserstein(0.0, p=2),
+                                 sim.Wasserstein(0.0, p=1, kappa=0.5),
+                                 sim.Wasserstein(0.0, p=2, kappa=0.5)], ids=repr)
+def test_zero_radius_is_dpo(amb):
+    data, ref = _problem(0, weights=True)
+    theta, val = _scipy_min(_dpo_fun(data, ref), ref + 0.1)
+    sol = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    np.testing.assert_allclose(sol.theta, theta, atol=1e-7)
+    assert sol.value == pytest.approx(val, rel=1e-12) and sol.gap < 1e-12
+    assert sol.solver == "dual" and sol.status == "optimal"
+
+
+@pytest.mark.parametrize("rho", [0.01, 0.1])
+def test_w1_infinite_kappa_is_penalised_dpo(rho):
+    data, ref = _problem(1)
+    theta, val = _scipy_min(_dpo_fun(data, ref, rho * BETA), ref + 0.5)
+    sol = sim.solve(data, sim.Wasserstein(rho, p=1), beta=BETA, theta_ref=ref)
+    np.testing.assert_allclose(sol.theta, theta, atol=1e-6)
+    assert sol.value == pytest.approx(val, rel=1e-12)
+    assert sol.dual == pytest.approx(BETA * np.linalg.norm(sol.theta - ref), rel=1e-12)
+
+
+def test_kl_against_joint_scipy_minimisation():
+    """Minimise the jointly convex ``lambda rho + lambda log E exp(l/lambda)`` in (theta, log lambda)."""
+    data, ref = _problem(2)
+    rho = 0.05
+    a = (2 * data.y - 1)[:, None] * BETA * data.x
+
+    def f(z):
+        theta, lam = z[:-1], math.exp(z[-1])
+        l = np.logaddexp(0, -(a @ (theta - ref)))
+        lse = logsumexp(l / lam, b=data.weights)
+        q = data.weights * np.exp(l / lam - lse)
+        g_theta = q @ (-expit(-(a @ (theta - ref)))[:, None] * a)
+        g_lam = rho + lse - (q @ l) / lam
+        return lam * (rho + lse), np.append(g_theta, g_lam * lam)
+
+    z, val = _scipy_min(f, np.append(ref + 0.3, 0.0))
+    sol = sim.solve(data, sim.KL(rho), beta=BETA, theta_ref=ref)
+    np.testing.assert_allclose(sol.theta, z[:-1], atol=1e-6)
+    assert sol.value == pytest.approx(val, rel=1e-10)
+    assert sol.dual == pytest.approx(math.exp(z[-1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("amb", [sim.ChiSquare(0.2), sim.Wasserstein(0.05, p=2),
+                                 sim.Wasserstein(0.05, p=2, kappa=0.8),
+                                 sim.Wasserstein(0.03, p=1, kappa=0.8)], ids=repr)
+def test_first_order_optimality_against_scipy(amb):
+    """BFGS on the exact objective (values and Danskin gradients) lands on the same theta."""
+    data, ref = _problem(3, weights=True)
+
+    def f(theta):
+        ev = sim.robust_objective(theta, data, amb, BETA, ref)
+        return ev.value, ev.grad
+
+    theta, val = _scipy_min(f, ref + 0.2)
+    sol = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    assert sol.value <= val + 1e-12
+    assert sol.value == pytest.approx(val, rel=1e-8)
+    np.testing.assert_allclose(sol.theta, theta, atol=1e-4)
+    wc = sol.worst_case
+    assert sol.gap < 1e-10
+    if isinstance(amb, sim.Wasserstein):
+        assert wc.transport_cost <= wc.budget * (1 + 1e-10)
+        if amb.p == 2:
+            assert wc.transport_cost == pytest.approx(amb.rho**2, rel=1e-10)
+
+
+@pytest.mark.parametrize("amb", [sim.KL(2.0), sim.ChiSquare(5.0), sim.Wasserstein(3.0, p=1),
+                                 sim.Wasserstein(3.0, p=2), sim.Wasserstein(3.0, p=2, kappa=1.0)],
+                         ids=repr)
+def test_large_radius_gives_reference_policy(amb):
+    """theta_ref is certified optimal by the subdifferential test, and is a minimum."""
+    data, ref = _problem(4, scale=0.5)
+    sol = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    np.testing.assert_array_equal(sol.theta, ref)
+    assert sol.info["zero_kink"] and sol.value == pytest.approx(math.log(2), rel=1e-15)
+    rng = np.random.default_rng(0)
+    for v in rng.normal(size=(20, data.d)):
+        for t in (1e-3, 1e-1):
+            assert sim.robust_objective(ref + t * v, data, amb, BETA, ref).value >= sol.value
+
+
+def test_zero_kink_test_says_no_when_a_descent_direction_exists():
+    data, ref = _problem(5, scale=3.0)
+    sol = sim.solve(data, sim.KL(0.05), beta=BETA, theta_ref=ref)
+    assert not sol.info["zero_kink"]
+    assert sol.value < math.log(2) and sol.grad_norm < 1e-8
+
+
+ALL = [sim.Nominal(), sim.KL(0.05), sim.ChiSquare(0.1), sim.Wasserstein(0.05, p=1),
+       sim.Wasserstein(0.03, p=1, kappa=1.0), sim.Wasserstein(0.05, p=2),
+       sim.Wasserstein(0.05, p=2, kappa=1.0)]
+
+
+@pytest.mark.parametrize("amb", ALL, ids=repr)
+def test_population_solves_like_the_sample_it_is(amb):
+    """A sample with repeated atoms and the population of its distinct atoms: same optimum."""
+    env = sim.FiniteEnv.random(5, 3, 3, beta=BETA, seed=1, theta_norm=3.0)
+    sample = env.sample(400, seed=2)
+    key = np.column_stack([sample.states, sample.actions, sample.y])
+    uniq, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
+    pop = sim.PreferenceData(sample.x[first], sample.y[first], counts / counts.sum())
+    assert pop.n < sample.n
+    a = sim.solve(sample, amb, beta=BETA)
+    b = sim.solve(pop, amb, beta=BETA)
+    np.testing.assert_allclose(a.theta, b.theta, atol=1e-8)
+    assert a.value == pytest.approx(b.value, rel=1e-10)
+    perm = np.random.default_rng(3).permutation(sample.n)
+    c = sim.solve(sim.PreferenceData(sample.x[perm], sample.y[perm]), amb, beta=BETA)
+    np.testing.assert_allclose(c.theta, a.theta, atol=1e-8)
+
+
+def test_population_of_environment():
+    env = sim.FiniteEnv.random(4, 3, 2, beta=1.0, seed=3, theta_norm=2.0)
+    pop = env.population()
+    for amb in ALL:
+        sol = sim.solve(pop, amb, beta=1.0)
+        assert sol.gap < 1e-10 and (sol.info["zero_kink"] or sol.grad_norm < 1e-6)
+
+
+def test_separable_data_raises_with_status():
+    x = np.array([[1.0, 0.0], [0.5, 0.5], [-1.0, 0.2], [-0.4, -0.6]])
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    data = sim.PreferenceData(x, y)
+    with pytest.raises(RuntimeError, match="status"):
+        sim.solve(data, sim.Nominal())
+    with pytest.raises(RuntimeError, match="status"):
+        sim.solve(data, sim.KL(0.01))
+    # a Wasserstein ball makes the problem coercive: the solution exists
+    assert sim.solve(data, sim.Wasserstein(0.1, p=1)).grad_norm < 1e-8
+
+
+def test_iteration_limit_raises():
+    data, ref = _problem(6)
+    with pytest.raises(RuntimeError, match="max_iter"):
+        sim.solve(data, sim.KL(0.05), beta=BETA, theta_ref=ref, max_iter=1)
+
+
+def test_bad_inputs_raise():
+    data, ref = _problem(7, n=10)
+    with pytest.raises(ValueError, match="solver"):
+        sim.solve(data, sim.KL(0.1), solver="newton")
+    with pytest.raises(ValueError, match="beta"):
+        sim.solve(data, sim.KL(0.1), beta=-1.0)
+    with pytest.raises(ValueError, match="theta_ref"):
+        sim.solve(data, sim.KL(0.1), theta_ref=np.zeros(2))
+    with pytest.raises(ValueError, match="data"):
+        sim.solve(data.x, sim.KL(0.1))
+    with pytest.raises(ValueError, match="tol"):
+        sim.solve(data, sim.KL(0.1), tol=0.0)
+    with pytest.raises(ValueError, match="ambiguity"):
+        sim.solve(data, None)

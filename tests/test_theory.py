@@ -1,0 +1,157 @@
+"""simulator.theory: constants against hand calculations, bounds against simulations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import simulator as sim
+from simulator import theory
+
+
+def test_constants_match_hand_calculation():
+    # beta = 1, B = 0.5: 4 beta B = 2
+    assert theory.margin_bound(1.0, 0.5) == pytest.approx(2.0)
+    assert theory.loss_bound(1.0, 0.5) == pytest.approx(math.log(1 + math.e**2), rel=1e-14)
+    e2 = math.e**2
+    assert theory.strong_convexity(1.0, 0.5, 0.3) == pytest.approx(0.3 * e2 / (1 + e2) ** 2,
+                                                                   rel=1e-13)
+    # beta = 2, B = 0.25, x_max = 1: M = 2 beta B x_max = 1
+    assert theory.loss_bound(2.0, 0.25, x_max=1.0) == pytest.approx(math.log(1 + math.e))
+    assert theory.strong_convexity(2.0, 0.25, 1.0, x_max=1.0) == pytest.approx(
+        4 * math.e / (1 + math.e) ** 2)
+    assert theory.rademacher_bound(2.0, 3.0, 100) == pytest.approx(2 * 3 * 2 / 10)
+
+
+def test_constants_are_stable_for_huge_margins():
+    L = theory.loss_bound(10.0, 100.0)  # 4 beta B = 4000: exp would overflow
+    assert L == pytest.approx(4000.0)
+    g = theory.strong_convexity(10.0, 100.0, 1.0)
+    assert g >= 0 and math.isfinite(g)
+    assert theory.strong_convexity(1.0, 0.0, 0.5) == pytest.approx(0.5 / 4)
+
+
+def test_growth_constant_equals_direct_formula():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 3)) * 0.5
+    w = rng.random(50)
+    w[:5] = 0.0
+    w /= w.sum()
+    cov = (x[5:] * w[5:, None]).T @ x[5:]
+    m = 2 * 1.5 * 0.7 * np.linalg.norm(x[5:], axis=1).max()
+    want = 1.5**2 * np.linalg.eigvalsh(cov)[0] * math.exp(m) / (1 + math.exp(m)) ** 2
+    assert theory.growth_constant(x, w, 1.5, 0.7) == pytest.approx(want, rel=1e-12)
+
+
+def test_slow_rate_nominal_closed_form_and_scaling():
+    beta, B, gamma, n, delta = 1.0, 1.0, 0.02, 400, 0.1
+    L = math.log1p(math.exp(4.0))
+    eps = 2 * (2 * beta * B / math.sqrt(n)) + L * math.sqrt(math.log(2 / delta) / (2 * n))
+    b = theory.slow_rate(sim.Nominal(), n, delta, beta, B, gamma)
+    assert b.deviation == pytest.approx(eps)
+    assert b.excess_risk == pytest.approx(2 * eps)
+    assert b.error == pytest.approx(2 * math.sqrt(eps / gamma))
+    # Wasserstein p = 1 (kappa = inf) has the same deviation (deterministic penalty)
+    w1 = theory.slow_rate(sim.Wasserstein(0.1, p=1), n, delta, beta, B, gamma)
+    assert w1.deviation == pytest.approx(eps)
+    # n^{-1/4} for the error
+    big = theory.slow_rate(sim.Nominal(), 16 * n, delta, beta, B, gamma)
+    assert big.error / b.error == pytest.approx(0.5, rel=1e-12)
+
+
+def test_slow_rate_kl_and_w2_constants():
+    beta, B, gamma, n, delta, rho = 1.0, 0.5, 0.05, 10_000, 0.1, 0.05
+    L = theory.loss_bound(beta, B)
+    lo = 0.4
+    K = math.ceil(math.sqrt(n)) + 1
+    R = 2 * beta * B / math.sqrt(n)
+    e = math.exp(L / lo)
+    want = (2 * e * R + lo * math.expm1(L / lo) * math.sqrt(math.log(2 * K / delta) / (2 * n))
+            + e * max(1, L / lo) * (L / rho - lo) / (K - 1))
+    kl = theory.slow_rate(sim.KL(rho), n, delta, beta, B, gamma, dual_lo=lo)
+    assert kl.deviation == pytest.approx(want)
+    # the KL constant grows like exp(L_max / lambda_lo)
+    assert theory.slow_rate(sim.KL(rho), n, delta, beta, B, gamma, dual_lo=lo / 2).deviation \
+        > e * kl.deviation / 2
+    nu = (2 * beta * B) ** 2 / lo
+    w2 = theory.slow_rate(sim.Wasserstein(rho, p=2), n, delta, beta, B, gamma, dual_lo=lo)
+    want2 = 2 * R + (L + nu / 4) * math.sqrt(math.log(2 * K / delta) / (2 * n)) \
+        + nu / 4 / (K - 1)
+    assert w2.deviation == pytest.approx(want2)
+    w = L + L / (2 * math.sqrt(rho))
+    dev = 4 * w * R + w**2 * math.sqrt(math.log(2 * K / delta) / (2 * n)) + 2 * w * w / (K - 1)
+    chi = theory.slow_rate(sim.ChiSquare(rho), n, delta, beta, B, gamma)
+    assert chi.deviation == pytest.approx(math.sqrt(1 + rho) * math.sqrt(dev))
+
+
+def test_slow_rate_rejects_bad_input():
+    with pytest.raises(ValueError, match="dual_lo"):
+        theory.slow_rate(sim.KL(0.1), 100, 0.1, 1.0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="delta"):
+        theory.slow_rate(sim.Nominal(), 100, 1.5, 1.0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="n must"):
+        theory.slow_rate(sim.Nominal(), 0, 0.1, 1.0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="kappa|no slow-rate"):
+        theory.slow_rate(sim.Wasserstein(0.1, p=1, kappa=1.0), 100, 0.1, 1.0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        theory.slow_rate(sim.Nominal(), 100, 0.1, 1.0, 1.0, float("nan"))
+    assert theory.fast_rate(0.3, 0.0) == math.inf
+    assert theory.fast_rate(0.3, 0.2) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="grad_norm"):
+        theory.fast_rate(-1.0, 0.2)
+
+
+METHODS = [sim.Nominal(), sim.KL(0.03), sim.ChiSquare(0.03), sim.Wasserstein(0.03, p=1),
+           sim.Wasserstein(0.03, p=2)]
+
+
+@pytest.fixture(scope="module")
+def world():
+    env = sim.FiniteEnv.random(8, 4, 3, beta=1.0, seed=3, theta_norm=2.0)
+    return env, env.population()
+
+
+@pytest.mark.parametrize("amb", METHODS, ids=lambda a: a.name)
+def test_growth_of_robust_objective_around_optimum(world, amb):
+    """L_U(theta) - L_U(theta*) >= gamma/2 ||theta - theta*||^2 on the ball (docs/theory.md)."""
+    env, pop = world
+    star = sim.solve(pop, amb, beta=env.beta)
+    rng = np.random.default_rng(1)
+    thetas = star.theta + rng.standard_normal((12, env.dim)) * rng.uniform(0.05, 1.5, (12, 1))
+    B = max(np.linalg.norm(thetas, axis=1).max(), np.linalg.norm(star.theta))
+    gamma = theory.robust_growth(amb, pop, star.worst_case, env.beta, B)
+    assert gamma > 0
+    for th in thetas:
+        gain = sim.robust_objective(th, pop, amb, beta=env.beta).value - star.value
+        assert gain >= gamma / 2 * np.sum((th - star.theta) ** 2) - 1e-7
+
+
+@pytest.mark.parametrize("amb", METHODS, ids=lambda a: a.name)
+def test_bounds_hold_in_at_least_1_minus_delta_of_seeds(world, amb):
+    env, pop = world
+    delta, n, seeds = 0.2, 200, range(15)
+    star = sim.solve(pop, amb, beta=env.beta)
+    x_max = float(np.linalg.norm(pop.x, axis=1).max())
+    inside_slow, inside_fast, inside_dev = [], [], []
+    for seed in seeds:
+        data = env.sample(n, seed)
+        sol = sim.solve(data, amb, beta=env.beta)
+        at_hat = sim.robust_objective(sol.theta, pop, amb, beta=env.beta)
+        at_star = sim.robust_objective(star.theta, data, amb, beta=env.beta)
+        B = max(np.linalg.norm(star.theta), np.linalg.norm(sol.theta))
+        gamma = theory.robust_growth(amb, pop, star.worst_case, env.beta, B)
+        gamma_n = theory.robust_growth(amb, data, sol.worst_case, env.beta, B)
+        duals = [d for d in (star.dual, sol.dual, at_hat.dual, at_star.dual) if d is not None]
+        lo = min(duals) if duals else None
+        slow = theory.slow_rate(amb, n, delta, env.beta, B, gamma, dual_lo=lo, x_max=x_max)
+        err = np.linalg.norm(sol.theta - star.theta)
+        inside_slow.append(err <= slow.error)
+        inside_dev.append(abs(at_star.value - star.value) <= slow.deviation
+                          and at_hat.value - star.value <= slow.excess_risk)
+        fast = theory.fast_rate(np.linalg.norm(at_star.grad), gamma_n)
+        inside_fast.append(err <= fast * (1 + 1e-6) + 1e-6)
+    assert np.mean(inside_slow) >= 1 - delta
+    assert np.mean(inside_dev) >= 1 - delta
+    assert np.mean(inside_fast) == 1.0  # deterministic inequality
