@@ -10,6 +10,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 import simulator as sim
+from simulator.solvers.inner import Atoms, evaluate_inner
 from simulator.solvers.wasserstein2 import best_move
 
 BETA = 0.8
@@ -183,12 +184,9 @@ def test_w2_value_against_brute_force(rho, kappa):
     assert ev.gap < 1e-12
 
 
-def test_w2_tie_splits_an_atom_to_meet_the_budget():
-    """One atom whose inner problem has two maximisers at lambda*: the worst case mixes them."""
-    beta, theta = 1.0, np.array([2.5])
-    data = sim.PreferenceData(np.array([[2.0]]), np.array([1.0]))  # m = 5, b = 2.5
+def _tie_problem():
+    """One atom (m = 5, b = 2.5) and a radius at which its maximiser jumps at lambda*."""
     m, b = 5.0, 2.5
-
     lo, hi = 0.05, 0.7  # two local maxima over this range; the global one switches inside
     for _ in range(200):  # bisection on which of the two is the global one
         mid = 0.5 * (lo + hi)
@@ -201,11 +199,28 @@ def test_w2_tie_splits_an_atom_to_meet_the_budget():
     t_big, t_small = tau_lo[0] / b, alt_lo[0] / b
     assert t_big > 2 * t_small > 0 and abs(val[0] - val_alt[0]) < 1e-12
     rho = math.sqrt(0.5 * (t_big**2 + t_small**2))
-    ev = sim.robust_objective(theta, data, sim.Wasserstein(rho, p=2), beta)
+    data = sim.PreferenceData(np.array([[2.0]]), np.array([1.0]))  # theta = 2.5: m = 5
+    return data, np.array([2.5]), rho, lo
+
+
+def test_w2_tie_splits_an_atom_to_meet_the_budget():
+    """One atom whose inner problem has two maximisers at lambda*: the worst case mixes them."""
+    data, theta, rho, lam_tie = _tie_problem()
+    ev = sim.robust_objective(theta, data, sim.Wasserstein(rho, p=2), beta=1.0)
     wc = ev.worst_case
     assert wc.weights.size == 2 and np.all(wc.weights > 0.4)
     assert wc.transport_cost == pytest.approx(rho**2, rel=1e-9)
-    assert ev.gap < 1e-10 and ev.dual == pytest.approx(lo, rel=1e-9)
+    assert ev.gap < 1e-10 and ev.dual == pytest.approx(lam_tie, rel=1e-9)
+
+
+def test_w2_hessian_at_a_tie_against_finite_differences():
+    """Near the tie, lambda* keeps the atom tied: the Newton Hessian is the KKT Schur complement."""
+    data, theta, rho, _ = _tie_problem()
+    at, amb, h = Atoms.from_data(data, 1.0), sim.Wasserstein(rho, p=2), 1e-5
+    hess = evaluate_inner(at, theta, amb, hess=True).hess()
+    grads = [evaluate_inner(at, theta + s * h, amb).grad for s in (1.0, -1.0)]
+    fd = (grads[0] - grads[1]) / (2 * h)
+    np.testing.assert_allclose(hess[0], fd, rtol=1e-6)
 
 
 @pytest.mark.parametrize("amb", ALL_SETS, ids=lambda a: repr(a))

@@ -19,6 +19,14 @@ data is vectorised, ``O(n d^2)``.
   the minimal chi-square divergence with ``E_Q a = 0``).
 * Wasserstein, ``kappa = inf``: iff ``||E_P a|| / 2 <= rho beta`` (p = 1) or
   ``<= rho beta / 2`` (p = 2); for finite ``kappa`` this test is sufficient.
+
+Wasserstein p = 1 with finite ``kappa`` is piecewise smooth (a weighted quantile of the
+margins); it is minimised through a homotopy on the smoothed problems of
+:mod:`simulator.solvers.wasserstein1`. Nominal, KL and chi-square on separable data have
+no minimiser (all margins positive at the returned point): that raises. If Newton
+stalls near ``delta = 0`` it restarts along ``E_P a``; for Wasserstein p = 2, a stall at
+a kink (distinct atoms tied at ``lambda*``) is resolved by Newton on the KKT system
+(:func:`_w2_kink`). See docs/formulations.md.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from scipy.special import logsumexp
 
 from ..ambiguity import KL, AmbiguitySet, ChiSquare, Wasserstein
 from ..data import PreferenceData
-from .inner import Atoms, evaluate_inner, prepare, primal_value
+from ..losses import softplus
+from .inner import Atoms, evaluate_inner, prepare, primal_value, w2_blocks
 from .result import Solution
 from .wasserstein1 import smoothed_w1
+from .wasserstein2 import best_move
 
 __all__ = ["solve", "solve_dual"]
 
@@ -126,11 +136,20 @@ def _start(at: Atoms) -> np.ndarray:
     return _psd_solve(h, 0.5 * (at.w @ at.a))
 
 
+class _Stalled(RuntimeError):
+    """Newton stopped without converging; ``delta`` and ``warm`` hold the last iterate."""
+
+    def __init__(self, message: str, delta: np.ndarray, warm: dict) -> None:
+        super().__init__(message)
+        self.delta, self.warm = delta, warm
+
+
 def _newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str):
     """Damped Newton on a convex ``objective(delta, warm) -> InnerResult`` (with Hessian)."""
     warm: dict = {}
     cur = objective(delta, warm)
     limit = 1e8
+    short = 0  # consecutive heavily damped steps: the sign of a kink
     for it in range(max_iter):
         g = cur.grad
         gn = float(np.max(np.abs(g)))
@@ -156,9 +175,9 @@ def _newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str)
             if t < 1e-10:
                 if gn <= 1e3 * tol:  # converged to the accuracy the arithmetic allows
                     return delta, it, warm
-                raise RuntimeError(
+                raise _Stalled(
                     f"dual solver stalled (status: line_search_failed) at iteration {it} "
-                    f"with gradient norm {gn:.3e} for {label}")
+                    f"with gradient norm {gn:.3e} for {label}", delta, warm)
         # A step towards the kink at delta = 0 (not a minimiser here) may overshoot into it;
         # keep halving while that improves F.
         while t > 1e-10 and np.linalg.norm(cand) < 0.5 * np.linalg.norm(delta):
@@ -169,12 +188,16 @@ def _newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str)
             t *= 0.5
             cand, new, trial_warm = delta + t * step, half, half_warm
         delta, cur, warm = cand, new, trial_warm
+        short = short + 1 if t < 1.0 / 64 else 0
+        if short >= 8:
+            raise _Stalled(f"dual solver stalled (status: stagnated) at iteration {it} "
+                           f"with gradient norm {gn:.3e} for {label}", delta, warm)
         if float(np.linalg.norm(delta)) > limit:
             raise RuntimeError(
                 f"dual solver diverged (status: unbounded): ||theta - theta_ref|| > {limit:.1e}; "
                 f"the data may be separable so that {label} has no minimiser")
-    raise RuntimeError(f"dual solver did not converge (status: max_iter) in {max_iter} "
-                       f"iterations for {label}; gradient norm {gn:.3e}")
+    raise _Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
+                   f"iterations for {label}; gradient norm {gn:.3e}", delta, warm)
 
 
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
@@ -185,17 +208,138 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     if isinstance(amb, Wasserstein) and amb.p == 1 and math.isfinite(amb.kappa) and amb.rho > 0:
         for mu in _MU_PATH:
             try:
-                delta, its, _ = _newton(
-                    lambda d, _w, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu),
-                    delta, tol, max_iter, f"{label} (smoothing mu={mu:g})")
+                stage_tol = tol if mu == _MU_PATH[-1] else max(tol, 1e-3 * mu)  # warm starts
+                new, its, _ = _newton(
+                    lambda d, w, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, w),
+                    delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})")
             except RuntimeError:
                 if mu >= _MU_SAFE:
                     raise
                 break  # below _MU_SAFE the minimiser has stopped moving at double precision
             total += its
+            moved = float(np.max(np.abs(new - delta)))
+            delta = new
+            # the smoothing bias is about the last move (mu shrinks 100-fold per stage)
+            if mu <= 1e-5 and moved <= 1e-12 * (1.0 + float(np.max(np.abs(delta)))):
+                break
         return delta, total, {}
-    return _newton(lambda d, w: evaluate_inner(at, d, amb, hess=True, worst=False, warm=w),
-                   delta, tol, max_iter, label)
+
+    def objective(d, w):
+        return evaluate_inner(at, d, amb, hess=True, worst=False, warm=w)
+
+    try:
+        return _newton(objective, delta, tol, max_iter, label)
+    except _Stalled as exc:
+        stall = exc
+    scale = float(np.linalg.norm(delta))
+    if float(np.linalg.norm(stall.delta)) < 1e-2 * scale:
+        # caught at the kink at delta = 0, which the subdifferential test showed is not
+        # optimal: restart from the best point along E a (a descent direction there)
+        v = (at.w @ at.a) * (scale / float(np.linalg.norm(at.w @ at.a)))
+        ts = 2.0 ** -np.arange(0, 40)
+        vals = [evaluate_inner(at, t * v, amb, worst=False).value for t in ts]
+        try:
+            return _newton(objective, ts[int(np.argmin(vals))] * v, tol, max_iter, label)
+        except _Stalled as exc:
+            stall = exc
+    if not (isinstance(amb, Wasserstein) and amb.p == 2 and "w2" in stall.warm):
+        raise stall
+    return _w2_kink(at, amb, stall.delta, stall.warm["w2"], tol, stall)
+
+
+def _w2_candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float):
+    """Every local maximiser of every atom at ``(delta, lambda)``: arrays of shape (n, C)."""
+    m = at.a @ delta
+    b = at.beta * float(np.linalg.norm(delta))
+    k = 2.0 * lam / b**2
+    taus, flips, vals = [], [], []
+    for sign in ((1.0, -1.0) if math.isfinite(kappa) else (1.0,)):
+        tau_r, tau_l, r_ok, l_ok = best_move(sign * m, k)[4]
+        for tau, ok in ((tau_r, r_ok), (tau_l, l_ok)):
+            val = softplus(tau - sign * m) - 0.5 * k * tau**2 - (lam * kappa if sign < 0 else 0)
+            taus.append(tau)
+            flips.append(np.full(m.shape, sign < 0))
+            vals.append(np.where(ok, val, -np.inf))
+    return m, b, np.column_stack(taus), np.column_stack(flips), np.column_stack(vals)
+
+
+def _w2_kink(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: float,
+             stalled: RuntimeError):
+    """Newton on the KKT system where the p = 2 minimiser sits at a kink of ``F``.
+
+    There atoms ``T`` (typically two with nearly equal margins) have two maximisers of
+    equal value at ``lambda*`` and the optimal coupling splits each between them with
+    shares ``xi_i``. Unknowns ``(delta, lambda, xi)``; equations: the Danskin gradient of
+    the mixture vanishes, the mixture spends ``rho^2``, and ``w_i (V_i^1 - V_i^0) = 0`` on
+    ``T``. Damped by backtracking on the residual norm; on failure the stall is re-raised.
+    """
+    kappa, rho2, w, d = amb.kappa, amb.rho**2, at.w, delta.size
+    vals = _w2_candidates(at, delta, lam, kappa)[4]
+    order = np.argsort(-vals, axis=1)
+    rows = np.arange(w.size)
+    v1, v2 = vals[rows, order[:, 0]], vals[rows, order[:, 1]]
+    ti = np.flatnonzero((w > 0) & np.isfinite(v2) & (v1 - v2 <= 1e-5 * (1.0 + np.abs(v1))))
+    rest = w.copy()
+    rest[ti] = 0.0
+    # identical atoms behave identically: one representative each, carrying their weight
+    _, first, inverse = np.unique(at.a[ti], axis=0, return_index=True, return_inverse=True)
+    wt = np.bincount(inverse.ravel(), w[ti])
+    ti = ti[first]
+    if ti.size == 0 or ti.size > 50:
+        raise stalled
+    c0, c1 = order[ti, 0], order[ti, 1]
+
+    def residual(delta, lam, xi):
+        m, b, taus, flips, vals = _w2_candidates(at, delta, lam, kappa)
+        best = np.argmax(vals, axis=1)
+        g_d, g_l, h_dd, h_dl, h_ll = w2_blocks(at.a, rest, m, taus[rows, best],
+                                               flips[rows, best], b, lam, at.beta, delta)
+        g_l -= kappa * float(rest @ flips[rows, best]) if math.isfinite(kappa) else 0.0
+        cols, res_t = [], []
+        for j, i in enumerate(ti):
+            part = []
+            for c, share in ((c0[j], 1.0 - xi[j]), (c1[j], xi[j])):
+                one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], taus[i:i + 1, c],
+                                flips[i:i + 1, c], b, lam, at.beta, delta)
+                gl = one[1] - (kappa if flips[i, c] else 0.0)
+                g_d, g_l = g_d + wt[j] * share * one[0], g_l + wt[j] * share * gl
+                h_dd, h_dl = h_dd + wt[j] * share * one[2], h_dl + wt[j] * share * one[3]
+                h_ll += wt[j] * share * one[4]
+                part.append((np.append(one[0], gl), vals[i, c]))
+            cols.append(wt[j] * (part[1][0] - part[0][0]))
+            res_t.append(wt[j] * (part[1][1] - part[0][1]))
+        res = np.concatenate([g_d, [rho2 + g_l], res_t])
+        jac = np.zeros((d + 1 + ti.size,) * 2)
+        cmat = np.array(cols).T
+        jac[:d, :d], jac[:d, d], jac[d, :d], jac[d, d] = h_dd, h_dl, h_dl, h_ll
+        jac[:d + 1, d + 1:], jac[d + 1:, :d + 1] = cmat, cmat.T
+        return res, jac
+
+    # shares that meet the budget at the start, then Newton on the KKT residual
+    xi = np.full(ti.size, 0.5)
+    res, jac = residual(delta, lam, xi)
+    shift = np.linalg.lstsq(jac[d:d + 1, d + 1:], -res[d:d + 1], rcond=None)[0]
+    xi = np.clip(xi + shift, 0.0, 1.0)
+    res, jac = residual(delta, lam, xi)
+    for it in range(100):
+        if (np.max(np.abs(res[:d])) <= tol and abs(res[d]) <= 1e-12 * rho2
+                and np.max(np.abs(res[d + 1:]), initial=0.0) <= 1e-15):
+            if np.all((xi >= -1e-9) & (xi <= 1 + 1e-9)):
+                return delta, it, {"w2": lam}
+            break
+        step = np.linalg.lstsq(jac, -res, rcond=None)[0]
+        t, norm0 = 1.0, float(np.linalg.norm(res))
+        while t > 1e-8:
+            cand = (delta + t * step[:d], lam + t * step[d], xi + t * step[d + 1:])
+            if cand[1] > 0:
+                new = residual(*cand)
+                if np.isfinite(new[0]).all() and np.linalg.norm(new[0]) < (1 - 1e-4 * t) * norm0:
+                    break
+            t *= 0.5
+        else:
+            break
+        (delta, lam, xi), (res, jac) = cand, new
+    raise stalled
 
 
 def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
@@ -237,6 +381,12 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         delta, iters, warm = np.zeros(data.d), 0, {}
     else:
         delta, iters, warm = _minimise(at, ambiguity, tol, int(max_iter))
+    coercive = isinstance(ambiguity, Wasserstein) and ambiguity.rho > 0
+    if not coercive and np.min((at.a @ delta)[at.w > 0]) > 0:
+        # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
+        raise RuntimeError(
+            f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
+            "minimiser (the objective decreases to its infimum as ||theta|| grows)")
     res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, warm=warm)
     theta = theta_ref + delta
     primal = primal_value(res.worst_case, theta, beta, theta_ref)

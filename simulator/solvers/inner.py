@@ -46,7 +46,7 @@ from ..losses import dpo_loss, margins, softplus
 from .result import Evaluation, WorstCase
 from .wasserstein2 import Moves, solve_lambda
 
-__all__ = ["robust_objective", "Atoms", "InnerResult", "evaluate_inner", "prepare"]
+__all__ = ["robust_objective", "Atoms", "InnerResult", "evaluate_inner", "prepare", "w2_blocks"]
 
 #: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``).
 _MOVE_TOL = 1e-13
@@ -308,28 +308,79 @@ def _w1(at, m, l, delta, amb, hess, worst):
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc)
 
 
-def _w2_hessian(at, m, mv: Moves, b, delta):
-    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``."""
-    beta, w, lam = at.beta, at.w, mv.lam
+def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta):
+    """Derivatives of ``sum_k q_k V_k`` for the Wasserstein p = 2 moves ``(tau_k, flip_k)``.
+
+    ``V_k(delta, lambda) = softplus(tau_k - s_k m_k) - lambda t_k^2`` (``s_k = -1`` if
+    flipped, ``t = tau / b``) is the envelope value of one local maximiser; with
+    ``f(t; m, b, lambda) = softplus(b t - m) - lambda t^2`` its second derivatives are
+    ``f_xy + f_xt f_ty / D``, ``D = 2 lambda - b^2 sigmoid'``, chained through
+    ``m = a . delta`` and ``b = beta ||delta||``.
+
+    Returns
+    -------
+    g_d, g_l : the gradient in ``delta`` (d,) and in ``lambda`` (without ``rho^2``)
+    h_dd, h_dl, h_ll : the Hessian blocks
+    """
     dn = float(np.linalg.norm(delta))
     u = delta / dn
-    sgn = np.where(mv.flip, -1.0, 1.0)
-    t = mv.tau / b
-    sg = expit(mv.tau - sgn * m)
+    sgn = np.where(flip, -1.0, 1.0)
+    t = tau / b
+    sg = expit(tau - sgn * m)
     sp = sg * (1.0 - sg)
     dd = np.maximum(2.0 * lam - b * b * sp, 1e-300)
-    f_tm, f_tb, f_tl = -b * sp, sg + mv.tau * sp, -2.0 * t
+    f_tm, f_tb, f_tl = -b * sp, sg + tau * sp, -2.0 * t
     v_mm = sp + f_tm**2 / dd
     v_mb = -t * sp + f_tm * f_tb / dd
     v_bb = t**2 * sp + f_tb**2 / dd
     bu = beta * u
-    p = (w * v_mb * sgn) @ at.a
-    h = (_weighted_hess(at, w * v_mm) + np.outer(p, bu) + np.outer(bu, p)
-         + float(w @ v_bb) * np.outer(bu, bu)
-         + float(w @ (t * sg)) * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
-    hl = (w * f_tm * f_tl / dd * sgn) @ at.a + float(w @ (f_tb * f_tl / dd)) * bu
-    h_ll = float(w @ (f_tl**2 / dd))
+    g_d = -(q * sg * sgn) @ a + float(q @ (t * sg)) * bu
+    g_l = -float(q @ t**2)
+    p = (q * v_mb * sgn) @ a
+    h_dd = ((a * (q * v_mm)[:, None]).T @ a + np.outer(p, bu) + np.outer(bu, p)
+            + float(q @ v_bb) * np.outer(bu, bu)
+            + float(q @ (t * sg)) * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
+    h_dl = (q * f_tm * f_tl / dd * sgn) @ a + float(q @ (f_tb * f_tl / dd)) * bu
+    h_ll = float(q @ (f_tl**2 / dd))
+    return g_d, g_l, h_dd, h_dl, h_ll
+
+
+def _w2_hessian(at, m, mv: Moves, b, delta):
+    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``."""
+    _, _, h, hl, h_ll = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta)
     return h - np.outer(hl, hl) / h_ll if h_ll > 0 else h
+
+
+def _w2_tie_hessian(at, m, hi: Moves, lo: Moves, share, b, delta, kappa):
+    """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
+
+    There ``lambda*(delta)`` keeps the split atoms tied and their shares keep the budget
+    met, so ``F`` is the partial minimum of ``G`` over ``lambda`` subject to the ties: its
+    Hessian is the Schur complement of the KKT matrix
+    ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
+    ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
+    ``(delta, lambda)``.
+    """
+    w, beta = at.w, at.beta
+    blocks = [w2_blocks(at.a, q, m, mv.tau, mv.flip, b, mv.lam, beta, delta)
+              for mv, q in ((hi, w * (1.0 - share)), (lo, w * share))]
+    h_dd = blocks[0][2] + blocks[1][2]
+    h_dl = blocks[0][3] + blocks[1][3]
+    h_ll = blocks[0][4] + blocks[1][4]
+    cols = []
+    for i in np.flatnonzero(share > 0):
+        diff = []
+        for mv in (lo, hi):
+            g_d, g_l, *_ = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
+                                     mv.flip[i:i + 1], b, mv.lam, beta, delta)
+            diff.append(np.append(g_d, g_l - (kappa if mv.flip[i] else 0.0)))
+        cols.append(w[i] * (diff[0] - diff[1]))
+    c = np.array(cols).T  # (d + 1, |S|)
+    d = delta.size
+    border = np.column_stack([h_dl, c[:d]])  # couplings of delta with (lambda, ties)
+    inner = np.zeros((1 + c.shape[1],) * 2)
+    inner[0, 0], inner[0, 1:], inner[1:, 0] = h_ll, c[d], c[d]
+    return h_dd - border @ np.linalg.pinv(inner) @ border.T
 
 
 def _w2(at, m, l, delta, amb, hess, worst, warm):
@@ -367,7 +418,10 @@ def _w2(at, m, l, delta, amb, hess, worst, warm):
             ys.append(ynew)
             srcs.append(np.flatnonzero(keep))
             qs.append(q[keep])
-    h = (lambda: _w2_hessian(at, m, hi, b, delta)) if hess else None
+    h = None
+    if hess:
+        h = ((lambda: _w2_tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if share.any()
+             else (lambda: _w2_hessian(at, m, hi, b, delta)))
     wc = None
     if worst:
         wc = WorstCase(np.concatenate(qs), np.concatenate(xs), np.concatenate(ys),

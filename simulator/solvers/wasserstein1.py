@@ -28,7 +28,7 @@ from .inner import Atoms, InnerResult
 __all__ = ["smoothed_w1"]
 
 
-def _flip_lambda(m, w, b, rho, kappa, mu):
+def _flip_lambda(m, w, b, rho, kappa, mu, lam0=None):
     """``lambda*`` of the smoothed problem: ``kappa E sigmoid((m - lambda kappa)/mu) = rho``."""
 
     def excess(lam):
@@ -39,7 +39,7 @@ def _flip_lambda(m, w, b, rho, kappa, mu):
     if gb <= 0:
         return b, p
     lo, hi = b, max(b, (float(m.max()) + mu * 40.0) / kappa)
-    lam = lo
+    lam = lam0 if lam0 is not None and lo < lam0 < hi else lo
     for _ in range(200):
         gv, p = excess(lam)
         if gv > 0:
@@ -59,13 +59,19 @@ def _flip_lambda(m, w, b, rho, kappa, mu):
     return lam, p
 
 
-def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float) -> InnerResult:
-    """``F_mu(delta)`` with its gradient and Hessian (no worst case: see the module docstring)."""
+def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
+                warm: dict | None = None) -> InnerResult:
+    """``F_mu(delta)`` with its gradient and Hessian (no worst case: see the module docstring).
+
+    ``warm`` (a dict, updated in place) carries ``lambda`` between calls.
+    """
+    warm = {} if warm is None else warm
     w, a, beta = at.w, at.a, at.beta
     m = a @ delta
     dn = float(np.linalg.norm(delta))
     b = beta * dn
-    lam, p = _flip_lambda(m, w, b, rho, kappa, mu)
+    lam, p = _flip_lambda(m, w, b, rho, kappa, mu, warm.get("w1"))
+    warm["w1"] = lam
     s = expit(-m)
     value = lam * rho + float(w @ (np.logaddexp(0.0, -m) + mu * np.logaddexp(0.0, (m - lam * kappa)
                                                                              / mu)))

@@ -86,7 +86,7 @@ def best_move(m: np.ndarray, k: float, start: tuple | None = None):
     tau_alt, value_alt : arrays
         The other local maximiser and its value where ``f`` has two (``nan``
         elsewhere), used to detect ties.
-    roots : (tau_right, tau_left)
+    roots : (tau_right, tau_left, right_exists, left_exists)
         The roots on both pieces (for warm starts; 0 where a piece has none).
     """
     m = np.asarray(m, dtype=np.float64)
@@ -125,7 +125,7 @@ def best_move(m: np.ndarray, k: float, start: tuple | None = None):
     both = r_ok & l_ok
     tau_alt = np.where(both, np.where(right, tau_l, tau_r), np.nan)
     value_alt = np.where(both, np.where(right, f_l, f_r), np.nan)
-    return tau, value, tau_alt, value_alt, (tau_r, tau_l)
+    return tau, value, tau_alt, value_alt, (tau_r, tau_l, r_ok, l_ok)
 
 
 @dataclass(frozen=True)

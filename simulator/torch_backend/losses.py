@@ -1,0 +1,206 @@
+"""DPO losses on sequence log-probabilities and their robust aggregations (SPEC 4, 7).
+
+Per sample (TRL convention), with policy and reference log-probabilities of the
+chosen and rejected responses,
+
+    m_i = beta * ((pc_i - rc_i) - (pr_i - rr_i)),      l_i = -log sigmoid(m_i) = softplus(-m_i),
+
+the torch twin of :func:`simulator.losses.dpo_loss` (``m`` is the margin of
+SPEC 1, ``beta h``). :func:`aggregate` turns the per-sample losses of a batch
+into one of the objectives of :mod:`simulator.surrogates` (same names, same
+formulas, uniform batch weights ``1/N``):
+
+============  ==================================================================
+dpo           ``mean l``
+kldpo-tau     ``tau log mean exp(l / tau)``; gradient ``sum softmax(l/tau)_i grad l_i``
+kldpo-clip    ``mean w l``, ``w = min(exp((l - mean l)/tau), clip)`` detached (released code)
+kl-var        ``mean l + sqrt(2 rho Var l)``
+chi2-var      ``mean l + sqrt(rho Var l)``
+drdpo         ``-beta' log mean exp(-l / beta')`` (Dr. DPO)
+============  ==================================================================
+
+Every gradient has the form ``sum_i c_i grad l_i`` with coefficients ``c_i``
+computed from the detached losses of the *global* batch (all processes, see
+:class:`~simulator.torch_backend.distributed.GlobalBatch`); the loss returned for
+``backward`` is ``W sum_{i local} c_i l_i`` shifted by a constant so that its
+value is the objective, and DDP's averaging over ``W`` processes then gives the
+concatenated-batch gradient exactly. For ``kldpo-clip`` the direction is the
+released code's detached one, not a gradient (SPEC 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import GlobalBatch
+
+__all__ = ["AGGREGATIONS", "Aggregate", "aggregate", "aggregation_params", "check_tensor",
+           "dpo_losses", "dpo_margins"]
+
+AGGREGATIONS = ("dpo", "kldpo-tau", "kldpo-clip", "kl-var", "chi2-var", "drdpo")
+
+
+def check_tensor(t, name: str, ndim: int | None = None) -> torch.Tensor:
+    """Return ``t`` after checking it is a floating tensor of ``ndim`` dims with no NaN/inf."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"{name} must be finite (no NaN or inf), got {t.detach()[idx].item()!r} "
+                         f"at index {idx if len(idx) > 1 else idx[0]}")
+    return t
+
+
+def _positive(value, name: str) -> float:
+    v = float(value) if value is not None else float("nan")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def _nonnegative(value, name: str) -> float:
+    v = float(value) if value is not None else float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def dpo_margins(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+                beta: float) -> torch.Tensor:
+    """Margins ``m_i = beta ((pc_i - rc_i) - (pr_i - rr_i))`` (the implicit reward margin).
+
+    Raises
+    ------
+    ValueError
+        On tensors that are not 1-D, of different lengths, or hold NaN/inf; on ``beta <= 0``.
+    """
+    beta = _positive(beta, "beta")
+    names = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+             "reference_rejected_logps")
+    ts = [check_tensor(t, n, ndim=1) for t, n in zip(
+        (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+         reference_rejected_logps), names, strict=True)]
+    shapes = {n: tuple(t.shape) for n, t in zip(names, ts, strict=True)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"log-probability tensors must have the same shape, got {shapes}")
+    pc, pr, rc, rr = ts
+    return beta * ((pc - rc) - (pr - rr))
+
+
+def dpo_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+               beta: float = 0.1) -> torch.Tensor:
+    """Per-sample DPO losses ``l_i = -logsigmoid(m_i)`` (SPEC 1, 7), shape ``(B,)``."""
+    m = dpo_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                    reference_rejected_logps, beta)
+    return -F.logsigmoid(m)
+
+
+@dataclass
+class Aggregate:
+    """Result of :func:`aggregate`.
+
+    Attributes
+    ----------
+    loss : Tensor
+        Scalar to call ``backward`` on: value = the objective, gradient (after DDP
+        averaging) = ``sum_{global i} c_i grad l_i``.
+    value : Tensor
+        The objective on the global batch (detached scalar).
+    weights : Tensor
+        This process's coefficients ``c_i`` (detached); over the global batch they
+        sum to one except for ``kldpo-clip`` (``w_i / N``).
+    global_losses : Tensor
+        Detached per-sample losses of the global batch.
+    """
+
+    loss: torch.Tensor
+    value: torch.Tensor
+    weights: torch.Tensor
+    global_losses: torch.Tensor
+
+
+def _coefficients(l: torch.Tensor, method: str, prm: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective value and coefficients ``c`` on the global losses ``l`` (SPEC 4)."""
+    n = l.shape[0]
+    if method == "dpo":
+        return l.mean(), torch.full_like(l, 1.0 / n)
+    if method in ("kldpo-tau", "drdpo"):
+        t = prm["tau"] if method == "kldpo-tau" else -prm["beta_prime"]
+        z = l / t
+        return t * (torch.logsumexp(z, 0) - math.log(n)), torch.softmax(z, 0)
+    if method == "kldpo-clip":
+        z = (l - l.mean()) / prm["tau"]
+        w = torch.exp(torch.clamp(z, max=math.log(prm["clip"])))
+        return (w * l).mean(), w / n
+    coef = 2.0 * prm["rho"] if method == "kl-var" else prm["rho"]
+    mean = l.mean()
+    dev = l - mean
+    sd = torch.sqrt(torch.clamp((dev**2).mean(), min=0.0))
+    if float(sd) == 0.0:
+        return mean, torch.full_like(l, 1.0 / n)
+    return mean + math.sqrt(coef) * sd, (1.0 + math.sqrt(coef) * dev / sd) / n
+
+
+def aggregation_params(method: str, tau=None, clip=10.0, rho=None, beta_prime=None) -> dict:
+    """Validated parameters of an aggregation method (ValueError naming the bad one)."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"method must be one of {AGGREGATIONS}, got {method!r}")
+    if method in ("kldpo-tau", "kldpo-clip"):
+        return {"tau": _positive(tau, "tau"), "clip": _positive(clip, "clip")}
+    if method in ("kl-var", "chi2-var"):
+        return {"rho": _nonnegative(rho, "rho")}
+    if method == "drdpo":
+        return {"beta_prime": _positive(beta_prime, "beta_prime")}
+    return {}
+
+
+def aggregate(losses: torch.Tensor, method: str = "dpo", *, tau: float | None = None,
+              clip: float = 10.0, rho: float | None = None, beta_prime: float | None = None,
+              batch: GlobalBatch | None = None) -> Aggregate:
+    """Aggregate per-sample losses into a robust objective over the global batch.
+
+    Parameters
+    ----------
+    losses : Tensor (B,)
+        Per-sample losses of this process (e.g. :func:`dpo_losses`), in the graph.
+    method : str
+        One of :data:`AGGREGATIONS` (module docstring for the formulas).
+    tau, clip, rho, beta_prime
+        The method's parameters (``tau`` for the KLDPO forms, ``clip`` for
+        ``kldpo-clip``, ``rho`` for the variance forms, ``beta_prime`` for Dr. DPO).
+    batch : GlobalBatch, optional
+        The data-parallel group (default: the initialised default group, if any).
+
+    Returns
+    -------
+    Aggregate
+
+    Raises
+    ------
+    ValueError
+        On an unknown method, a missing or invalid parameter, or losses that are
+        not a finite 1-D tensor.
+    """
+    prm = aggregation_params(method, tau, clip, rho, beta_prime)
+    check_tensor(losses, "losses", ndim=1)
+    if losses.shape[0] == 0:
+        raise ValueError("losses must hold at least one sample, got shape (0,)")
+    batch = batch or GlobalBatch()
+    full, mine = batch.gather(losses)
+    work = full if full.dtype in (torch.float32, torch.float64) else full.float()
+    value, c = _coefficients(work, method, prm)
+    c_local = c[mine].to(losses.dtype)
+    local = batch.world_size * (c_local * losses).sum()
+    loss = local - local.detach() + value.to(losses.dtype)
+    return Aggregate(loss, value.detach(), c_local.detach(), full)

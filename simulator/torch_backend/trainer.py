@@ -1,0 +1,440 @@
+"""DPO / KLDPO / WDPO training of a Hugging Face causal language model (SPEC 4, 7).
+
+* Sequence log-probabilities ``log pi(response | prompt) = sum_t log p(y_t | y_<t)``
+  over response tokens only (the loss mask of :mod:`.pairs`; prompt and padding
+  tokens contribute nothing).
+* Reference log-probabilities are computed once, before training, with a frozen
+  copy of the initial model (or a given reference model) and cached (also on
+  disk as ``reference_logps.pt``).
+* AdamW with a linear warm-up, gradient accumulation (each micro-batch is one
+  aggregation batch; the accumulated gradient is the mean over micro-batches),
+  optional gradient clipping, a tqdm progress bar, one CSV row of metrics per
+  optimizer step, checkpoints (model, optimizer, scheduler, random state) and
+  exact resume: the data order is a function of ``(seed, epoch)`` only.
+* Device: CUDA when present (else CPU); ``bf16=True`` runs the forward passes
+  under ``torch.autocast`` in bfloat16.
+* Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+  ``DistributedDataParallel``, each rank reads its shard of every batch through a
+  ``DistributedSampler``, and the robust weights are computed over the global
+  batch (:mod:`.distributed`); ``batch_size`` is per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
+
+from .distributed import GlobalBatch
+from .losses import AGGREGATIONS, aggregate, aggregation_params, dpo_losses
+from .pairs import PairTensors, TokenizedPairs
+from .wasserstein import WASSERSTEIN_FORMS, WASSERSTEIN_MODES, wasserstein_loss
+
+__all__ = ["METHODS", "TrainConfig", "Trainer", "sequence_logps", "pick_device",
+           "init_distributed", "METRIC_COLUMNS"]
+
+METHODS = AGGREGATIONS + ("wdpo",)
+METRIC_COLUMNS = ("step", "epoch", "loss", "dpo_loss", "penalty", "reward_margin", "accuracy",
+                  "weight_max", "weight_min", "weight_ess", "grad_norm", "lr", "time_s")
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def init_distributed(device: str | None = None) -> bool:
+    """Join the ``torchrun`` process group (``WORLD_SIZE > 1``) unless already joined.
+
+    Backend ``nccl`` on CUDA (each rank on GPU ``LOCAL_RANK``), else ``gloo``.
+    Returns whether a multi-process group is active.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return dist.is_initialized()
+    if not dist.is_initialized():
+        cuda = pick_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """``sum_t loss_mask[t] log p(input_ids[t] | input_ids[<t])`` per row, shape ``(N,)``.
+
+    The first token of a row has no prefix and never counts. Log-softmax is
+    evaluated in float32 at least (``gather - logsumexp``).
+    """
+    if inputs_embeds is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+    else:
+        out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    logits = out.logits[:, :-1]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    target = input_ids[:, 1:].unsqueeze(-1)
+    token_lp = torch.gather(logits, -1, target).squeeze(-1) - torch.logsumexp(logits, -1)
+    return (token_lp * loss_mask[:, 1:].to(token_lp.dtype)).sum(-1)
+
+
+@dataclass
+class TrainConfig:
+    """Training options.
+
+    Attributes
+    ----------
+    method : str
+        ``dpo``, ``kldpo-tau``, ``kldpo-clip``, ``kl-var``, ``chi2-var``, ``drdpo`` or ``wdpo``.
+    beta : float
+        DPO temperature.
+    tau, clip, rho, beta_prime : float
+        Robust parameters (:func:`.losses.aggregate`; ``rho`` is the WDPO weight too).
+    wdpo_form, wdpo_mode, fd_eps, fd_scheme
+        WDPO surrogate options (:func:`.wasserstein.wasserstein_loss`).
+    lr, weight_decay, warmup_steps, max_grad_norm
+        AdamW and schedule (linear warm-up, then constant); ``max_grad_norm = 0``: no clipping.
+    batch_size, grad_accum
+        Pairs per micro-batch per process, micro-batches per optimizer step.
+    max_steps : int
+        Optimizer steps (the data are cycled through epochs).
+    seed : int
+        Seeds the data order and ``torch``.
+    bf16 : bool
+        bfloat16 autocast for the forward passes.
+    device : str, optional
+        Overrides the automatic choice.
+    checkpoint_every : int
+        Steps between checkpoints (0: only at the end).
+    progress : bool
+        Show a tqdm bar (rank 0).
+    """
+
+    method: str = "dpo"
+    beta: float = 0.1
+    tau: float | None = None
+    clip: float = 10.0
+    rho: float | None = None
+    beta_prime: float | None = None
+    wdpo_form: str = "squared"
+    wdpo_mode: str = "finite-difference"
+    fd_eps: float | None = None
+    fd_scheme: str = "forward"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 100
+    seed: int = 0
+    bf16: bool = False
+    device: str | None = None
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.wdpo_form not in WASSERSTEIN_FORMS:
+            raise ValueError(f"wdpo_form must be one of {WASSERSTEIN_FORMS}, "
+                             f"got {self.wdpo_form!r}")
+        if self.wdpo_mode not in WASSERSTEIN_MODES:
+            raise ValueError(f"wdpo_mode must be one of {WASSERSTEIN_MODES}, "
+                             f"got {self.wdpo_mode!r}")
+        if self.method == "wdpo" and self.rho is None:
+            raise ValueError("rho must be given for method 'wdpo', got None")
+        if self.method != "wdpo":  # the aggregation's own parameter checks, up front
+            aggregation_params(self.method, self.tau, self.clip, self.rho, self.beta_prime)
+        for name in ("batch_size", "grad_accum", "max_steps"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("beta", "lr"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+class Trainer:
+    """Preference training of a causal LM (module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module or str
+        An ``AutoModelForCausalLM``-style model (called with ``input_ids`` or
+        ``inputs_embeds`` and ``attention_mask``, returning ``.logits``), or a
+        path for ``AutoModelForCausalLM.from_pretrained``.
+    data : TokenizedPairs
+    config : TrainConfig
+    out_dir : path, optional
+        Where ``metrics.csv``, ``checkpoint.pt``, ``reference_logps.pt`` and
+        ``train_config.json`` go (nothing is written when ``None``).
+    reference_model : nn.Module, optional
+        Frozen reference (default: a copy of ``model`` before training).
+    """
+
+    def __init__(self, model, data: TokenizedPairs, config: TrainConfig, out_dir=None,
+                 reference_model=None) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if not isinstance(data, TokenizedPairs):
+            raise ValueError(f"data must be a TokenizedPairs, got {type(data).__name__}")
+        self.cfg = config
+        self.data = data
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        init_distributed(config.device)
+        self.batch = GlobalBatch()
+        self.rank, self.world = self.batch.rank, self.batch.world_size
+        self.device = pick_device(config.device)
+        if self.device.type == "cuda" and self.batch.active:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.manual_seed(config.seed)
+        self.model = model.to(self.device)
+        if config.method == "wdpo":
+            emb = getattr(self.model, "get_input_embeddings", lambda: None)()
+            if not isinstance(emb, torch.nn.Module):
+                raise ValueError("method 'wdpo' needs a model whose input embeddings can be "
+                                 "reached (model.get_input_embeddings() returned "
+                                 f"{type(emb).__name__})")
+        ref = copy.deepcopy(self.model) if reference_model is None else reference_model
+        self.ref_logps = self._reference_logps(ref.to(self.device))
+        del ref
+        self.ddp = None
+        if self.batch.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warm = max(int(config.warmup_steps), 0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.sampler = DistributedSampler(range(len(data)), num_replicas=self.world,
+                                          rank=self.rank, shuffle=True, seed=config.seed,
+                                          drop_last=True)
+        self.per_epoch = len(self.sampler) // config.batch_size
+        if self.per_epoch < 1:
+            raise ValueError(f"batch_size {config.batch_size} x {self.world} processes exceeds "
+                             f"the {len(data)} pairs of the data set")
+        self.step = 0
+
+    # ----------------------------------------------------------------- helpers
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    @torch.no_grad()
+    def _reference_logps(self, ref) -> torch.Tensor:
+        cache = None if self.out_dir is None else self.out_dir / "reference_logps.pt"
+        if cache is not None and cache.exists():
+            saved = torch.load(cache, map_location=self.device)
+            if saved.shape == (len(self.data), 2):
+                return saved
+        ref.eval()
+        out = torch.empty(len(self.data), 2, dtype=torch.float64, device=self.device)
+        step = max(self.cfg.batch_size, 1)
+        for start in range(0, len(self.data), step):
+            idx = list(range(start, min(start + step, len(self.data))))
+            b = self.data.collate(idx).to(self.device)
+            with self._autocast():
+                lp = sequence_logps(ref, b.input_ids, b.attention_mask, b.loss_mask)
+            out[idx, 0], out[idx, 1] = lp[: len(idx)].double(), lp[len(idx):].double()
+        if cache is not None and self.rank == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out.cpu(), cache)
+        return out
+
+    def _indices(self, micro: int) -> list[int]:
+        epoch, pos = divmod(micro, self.per_epoch)
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        bs = self.cfg.batch_size
+        return order[pos * bs:(pos + 1) * bs]
+
+    def _net(self):
+        return self.ddp if self.ddp is not None else self.model
+
+    def micro_batch_loss(self, b: PairTensors) -> dict:
+        """Loss (for ``backward``) and statistics of one micro-batch."""
+        cfg, net, n = self.cfg, self._net(), b.index.shape[0]
+        ref = self.ref_logps[b.index].to(torch.float32 if cfg.bf16 else torch.float64)
+        ref_c, ref_r = ref[:, 0], ref[:, 1]
+
+        def losses_at(embeds=None):
+            with self._autocast():
+                lp = sequence_logps(net, b.input_ids, b.attention_mask, b.loss_mask, embeds)
+            lp = lp.to(ref.dtype)
+            return dpo_losses(lp[:n], lp[n:], ref_c, ref_r, cfg.beta), lp
+
+        if cfg.method == "wdpo":
+            table = self.model.get_input_embeddings()
+            saved = {}
+
+            def embed_fn():
+                e = table(b.input_ids)
+                return e[:n], e[n:]
+
+            def loss_fn(ec, er):
+                l, lp = losses_at(torch.cat([ec, er]))
+                saved.setdefault("lp", lp.detach())
+                return l
+
+            res = wasserstein_loss(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
+                                   mode=cfg.wdpo_mode, params=self.model.parameters(),
+                                   fd_eps=cfg.fd_eps, fd_scheme=cfg.fd_scheme, batch=self.batch,
+                                   no_sync=None if self.ddp is None else self.ddp.no_sync)
+            weights = torch.full((n,), 1.0 / (n * self.world), device=self.device)  # drop_last
+            lp, value, dpo_l = saved["lp"], res.value, res.losses
+            penalty = float(res.penalty)
+            loss = res.loss
+        else:
+            l, lp = losses_at()
+            agg = aggregate(l, cfg.method, tau=cfg.tau, clip=cfg.clip, rho=cfg.rho,
+                            beta_prime=cfg.beta_prime, batch=self.batch)
+            loss, weights, value, dpo_l, penalty = agg.loss, agg.weights, agg.value, \
+                l.detach(), 0.0
+            lp = lp.detach()
+        # statistics of the global batch (identical on every rank)
+        margin = self.batch.gather(cfg.beta * ((lp[:n] - ref_c) - (lp[n:] - ref_r)))[0].double()
+        c = self.batch.gather(weights.double())[0]
+        w = c * c.shape[0]
+        return {"loss": loss, "value": float(value),
+                "dpo_loss": float(self.batch.gather(dpo_l.double())[0].mean()),
+                "penalty": penalty, "reward_margin": float(margin.mean()),
+                "accuracy": float((margin > 0).double().mean()),
+                "weight_max": float(w.max()), "weight_min": float(w.min()),
+                "weight_ess": float(c.sum() ** 2 / (c**2).sum() / c.shape[0])}
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to resume: model, optimizer, scheduler, step, random state."""
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step,
+                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0); returns its path."""
+        if self.out_dir is None or self.rank != 0:
+            return None
+        path = self.out_dir / "checkpoint.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint`."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+
+    def _metrics_writer(self, resume: bool):
+        if self.out_dir is None or self.rank != 0:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        path = self.out_dir / "metrics.csv"
+        rows = []
+        if resume and path.exists():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
+        fh = path.open("w", newline="")
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.flush()
+        return fh, writer
+
+    # ---------------------------------------------------------------- training
+    def train(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
+        """Run until ``max_steps`` (or ``stop_after`` more steps); returns the metric rows.
+
+        With ``resume`` and an existing ``out_dir/checkpoint.pt`` training continues
+        from it, and ``metrics.csv`` keeps the rows up to the checkpoint.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        ckpt = None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+        if resume and ckpt is not None and ckpt.exists():
+            self.load_checkpoint(ckpt)
+        out = self._metrics_writer(resume)
+        last = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.method}",
+                   disable=not cfg.progress or self.rank != 0, leave=False)
+        rows, t0 = [], time.perf_counter()
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        while self.step < last:
+            self.opt.zero_grad(set_to_none=True)
+            stats = []
+            for k in range(cfg.grad_accum):
+                micro = self.step * cfg.grad_accum + k
+                b = self.data.collate(self._indices(micro)).to(self.device)
+                sync = k == cfg.grad_accum - 1 or self.ddp is None
+                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                with ctx:
+                    st = self.micro_batch_loss(b)
+                    _backward(st.pop("loss") / cfg.grad_accum)
+                stats.append(st)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            lr = self.sched.get_last_lr()[0]
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            row = {"step": self.step, "epoch": (self.step * cfg.grad_accum - 1) // self.per_epoch,
+                   "loss": _mean(stats, "value"), "grad_norm": float(grad_norm), "lr": lr,
+                   "time_s": time.perf_counter() - t0}
+            row.update({c: _mean(stats, c) for c in METRIC_COLUMNS if c not in row})
+            rows.append(row)
+            if out is not None:
+                out[1].writerow(row)
+                out[0].flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.step >= cfg.max_steps or stop_after is not None:
+            self.save_checkpoint()
+        if out is not None:
+            out[0].close()
+        if self.batch.active:
+            dist.barrier()
+        return rows
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``, turning a missing double-backward kernel into a clear error."""
+    try:
+        loss.backward()
+    except RuntimeError as exc:
+        if "derivative for" not in str(exc):
+            raise
+        raise RuntimeError(f"{exc}: a kernel of the model (e.g. fused sdpa attention) has no "
+                           "second derivative; use wdpo_mode='finite-difference' or load the "
+                           "model with attn_implementation='eager'") from exc
+
+
+def _mean(stats: list[dict], key: str) -> float:
+    return sum(s[key] for s in stats) / len(stats)
