@@ -28,8 +28,13 @@ __all__ = [
 
 
 def softplus(t):
-    """``log(1 + exp(t))`` computed as ``logaddexp(0, t)``."""
-    return np.logaddexp(0.0, t)
+    """``log(1 + exp(t))`` computed stably as ``max(t, 0) + log1p(exp(-|t|))``.
+
+    Same accuracy as ``np.logaddexp(0, t)`` for every ``t`` and several times faster
+    (the solvers evaluate it on every atom at every iteration).
+    """
+    t = np.asarray(t, dtype=np.float64)
+    return np.maximum(t, 0.0) + np.log1p(np.exp(-np.abs(t)))
 
 
 def sigmoid(t):
