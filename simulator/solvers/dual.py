@@ -42,7 +42,7 @@ from ..data import PreferenceData
 from ..losses import softplus
 from .inner import Atoms, evaluate_inner, prepare, primal_value, w2_blocks
 from .result import Solution
-from .wasserstein1 import smoothed_w1
+from .wasserstein1 import polish_face, smoothed_w1, smoothing_gap, w1_lagrangian
 from .wasserstein2 import best_move
 
 __all__ = ["solve", "solve_dual"]
@@ -53,9 +53,14 @@ _SOLVERS = ("dual", "cvxpy")
 _STEP_TOL = 1e-13
 
 #: Smoothing parameters of the p = 1, finite-kappa homotopy (simulator.solvers.wasserstein1).
-_MU_PATH = tuple(10.0 ** -k for k in range(1, 13, 2))
+_MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
 #: Stages below this may stop on rounding (the previous stage's minimiser is kept).
 _MU_SAFE = 1e-8
+#: The homotopy certifies its stages by a duality gap from this ``mu`` on ...
+_MU_CHECK = 1e-3
+#: ... and stops once the relative gap is below ``_GAP_TOL`` (it must end below ``_GAP_MAX``).
+_GAP_TOL = 1e-13
+_GAP_MAX = 1e-9
 
 
 def _psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -144,9 +149,13 @@ class _Stalled(RuntimeError):
         self.delta, self.warm = delta, warm
 
 
-def _newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str):
-    """Damped Newton on a convex ``objective(delta, warm) -> InnerResult`` (with Hessian)."""
-    warm: dict = {}
+def _newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
+            warm: dict | None = None):
+    """Damped Newton on a convex ``objective(delta, warm) -> InnerResult`` (with Hessian).
+
+    ``warm`` (copied) seeds the warm starts of the objective's dual variable.
+    """
+    warm = {} if warm is None else dict(warm)
     cur = objective(delta, warm)
     limit = 1e8
     short = 0  # consecutive heavily damped steps: the sign of a kink
@@ -200,29 +209,78 @@ def _newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str)
                    f"iterations for {label}; gradient norm {gn:.3e}", delta, warm)
 
 
+def _w1_lower_bound(at: Atoms, amb: Wasserstein, delta: np.ndarray, q: np.ndarray,
+                    tol: float, max_iter: int) -> float:
+    """``min_delta L_q(delta)``, a lower bound on ``min F`` (:func:`w1_lagrangian`).
+
+    Newton from ``delta`` (where ``L_q`` is nearly stationary); the minimum is the last
+    value less half the Newton decrement, which is within rounding of it.
+    """
+    objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
+    try:
+        delta = _newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}")[0]
+    except _Stalled as exc:  # rounding-level stall: still a valid point to bound from
+        delta = exc.delta
+    res = objective(delta, {})
+    return res.value - 0.5 * float(res.grad @ _psd_solve(res.hess(), res.grad))
+
+
+def _w1_homotopy(at: Atoms, amb: Wasserstein, delta: np.ndarray, tol: float, max_iter: int):
+    """Minimise the p = 1, finite-kappa ``F`` through the smoothed ``F_mu`` (see above).
+
+    From ``mu = _MU_CHECK`` on, each stage's minimiser is first polished on the face it
+    points to (:func:`polish_face`), and the candidates are certified by the duality gap
+    ``F(delta) - min L_q`` (:func:`_w1_lower_bound`); the homotopy stops at the first
+    relative gap below ``_GAP_TOL``. Returns ``(delta, iterations, info)`` with
+    ``info["optimality_gap"]`` the certified gap.
+    """
+    label, total, gap, warm = repr(amb), 0, math.inf, {}
+
+    def certify(delta, q):
+        """``(gap, point)``: the better of ``delta`` and ``0`` (``F(0) = log 2``), and its
+        relative gap to ``min L_q`` (``theta_ref`` can be optimal through flips alone)."""
+        upper = evaluate_inner(at, delta, amb, worst=False).value
+        if upper > math.log(2.0):
+            upper, delta = math.log(2.0), np.zeros_like(delta)
+        lower = _w1_lower_bound(at, amb, delta, q, tol, max_iter)
+        return max(upper - lower, 0.0) / max(1.0, abs(upper)), delta
+
+    for mu in _MU_PATH:
+        stage_tol = tol if mu == _MU_PATH[-1] else max(tol, 1e-3 * mu)  # warm starts
+        try:
+            new, its, warm = _newton(
+                lambda d, w, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, w),
+                delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})", warm)
+        except _Stalled:
+            if mu >= _MU_SAFE:
+                raise
+            break  # below _MU_SAFE the minimiser has stopped moving at double precision
+        total += its
+        delta, q = new, warm["w1_q"]
+        if mu > _MU_CHECK:
+            continue
+        face = polish_face(at, delta, q, warm["w1"], amb.rho, amb.kappa, tol)
+        if face is not None:
+            gap, best = certify(*face)
+            if gap <= _GAP_TOL:
+                return best, total, {"optimality_gap": gap}
+        if smoothing_gap(at, delta, q, warm["w1"], amb.rho, amb.kappa) <= 0.5 * _GAP_TOL:
+            gap, best = certify(delta, q)
+            if gap <= _GAP_TOL:
+                return best, total, {"optimality_gap": gap}
+    gap, best = certify(delta, q)
+    if not gap <= _GAP_MAX:
+        raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
+                           f"gap stayed at {gap:.3e} > {_GAP_MAX:g} after the smoothing homotopy")
+    return best, total, {"optimality_gap": gap}
+
+
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     """Newton on the exact ``F``; for p = 1 with finite kappa a smoothing homotopy first."""
     delta = _start(at)
     label = repr(amb)
-    total = 0
     if isinstance(amb, Wasserstein) and amb.p == 1 and math.isfinite(amb.kappa) and amb.rho > 0:
-        for mu in _MU_PATH:
-            try:
-                stage_tol = tol if mu == _MU_PATH[-1] else max(tol, 1e-3 * mu)  # warm starts
-                new, its, _ = _newton(
-                    lambda d, w, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, w),
-                    delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})")
-            except RuntimeError:
-                if mu >= _MU_SAFE:
-                    raise
-                break  # below _MU_SAFE the minimiser has stopped moving at double precision
-            total += its
-            moved = float(np.max(np.abs(new - delta)))
-            delta = new
-            # the smoothing bias is about the last move (mu shrinks 100-fold per stage)
-            if mu <= 1e-5 and moved <= 1e-12 * (1.0 + float(np.max(np.abs(delta)))):
-                break
-        return delta, total, {}
+        return _w1_homotopy(at, amb, delta, tol, max_iter)
 
     def objective(d, w):
         return evaluate_inner(at, d, amb, hess=True, worst=False, warm=w)
@@ -391,6 +449,8 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     theta = theta_ref + delta
     primal = primal_value(res.worst_case, theta, beta, theta_ref)
     info = {"zero_kink": zero}
+    if "optimality_gap" in warm:
+        info["optimality_gap"] = warm["optimality_gap"]
     wc = res.worst_case
     if wc.budget is not None:
         info["transport_cost"] = wc.transport_cost

@@ -237,23 +237,27 @@ def _chi2(at, m, l, rho, hess):
     return _reweighting_result(at, m, q, value, lmax + eta, extra, hess, q_hess=c * w * r / nrm)
 
 
-def _moved_far(at, mass, xs, ys, src, marg, delta, mu, value):
-    """Append a mass ``eps`` of the lowest-margin atom moved by ``mu / eps`` along ``-ytil u``.
+def _moved_far(at, keep, flip, m, delta, mu, value):
+    """A mass ``eps`` of the lowest-margin kept atom, moved by ``mu / eps`` along ``-ytil u``.
 
-    Moving ``eps`` by ``t`` gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so
-    that this shortfall is at most ``_MOVE_TOL max(1, |value|)``.
+    ``keep`` / ``flip`` are the masses left in place and flipped. Moving ``eps`` by ``t``
+    gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so that this shortfall is
+    at most ``_MOVE_TOL max(1, |value|)``. Returns ``(keep, eps, x_new, k, cost)``.
     """
     dn = float(np.linalg.norm(delta))
-    cand = np.flatnonzero(mass > 0)
-    k = cand[np.argmin(marg[cand])]
-    eps = min(float(mass[k]), _MOVE_TOL * max(1.0, abs(value))
-              / max(float(softplus(marg[k])), 1e-300))
+    # candidates: the kept atoms at margin m and the flipped ones at margin -m
+    marg = np.where(keep > 0, m, np.inf)
+    marg_f = np.where(flip > 0, -m, np.inf)
+    k, k_f = int(np.argmin(marg)), int(np.argmin(marg_f))
+    flipped = marg_f[k_f] < marg[k]
+    k = k_f if flipped else k
+    mk = float(marg_f[k] if flipped else marg[k])
+    eps = min(float((flip if flipped else keep)[k]),
+              _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
     t = mu / eps
-    mass = mass.copy()
-    mass[k] -= eps
-    x_new = xs[k] - (2.0 * ys[k] - 1.0) * t * delta / dn
-    return (np.append(mass, eps), np.vstack([xs, x_new]), np.append(ys, ys[k]),
-            np.append(src, src[k]), eps * t)
+    y_k = 1.0 - at.y[k] if flipped else at.y[k]
+    x_new = at.x[k] - (2.0 * y_k - 1.0) * t * delta / dn
+    return flipped, k, eps, x_new, y_k, eps * t
 
 
 def _w1(at, m, l, delta, amb, hess, worst):
@@ -265,10 +269,12 @@ def _w1(at, m, l, delta, amb, hess, worst):
         lam, mu = b, rho
         value = float(w @ l) + rho * b
     else:
-        order = np.argsort(-m, kind="stable")
+        # only atoms with m > b kappa can be flipped: sort those (by decreasing margin)
+        cand = np.flatnonzero(m > b * kappa)
+        order = cand[np.argsort(-m[cand], kind="stable")]
         cum = np.cumsum(w[order])
         j = int(np.searchsorted(kappa * cum, rho, side="right"))  # atoms fully affordable
-        v_q = max(0.0, float(m[order[j]])) if j < m.size else 0.0
+        v_q = max(0.0, float(m[order[j]])) if j < order.size else 0.0
         lam = max(b, v_q / kappa)
         thr = v_q if v_q / kappa > b else lam * kappa
         full = m > thr
@@ -293,18 +299,23 @@ def _w1(at, m, l, delta, amb, hess, worst):
         return out
     wc = None
     if worst:
-        n = w.size
-        mass = np.concatenate([w - flip, flip])
-        xs = np.concatenate([at.x, at.x])
-        ys = np.concatenate([at.y, 1.0 - at.y])
-        src = np.concatenate([np.arange(n), np.arange(n)])
-        marg = np.concatenate([m, -m])
+        keep = w - flip
         cost = kappa * float(flip.sum()) if flip.any() else 0.0
+        extra = None
         if mu > 0 and dn > 0:
-            mass, xs, ys, src, moved = _moved_far(at, mass, xs, ys, src, marg, delta, mu, value)
+            flipped, k, eps, x_new, y_new, moved = _moved_far(at, keep, flip, m, delta, mu,
+                                                              value)
+            (flip if flipped else keep)[k] -= eps
+            extra = (eps, x_new, y_new, k)
             cost += moved
-        keep = mass > 0
-        wc = WorstCase(mass[keep], xs[keep], ys[keep], src[keep], float(cost), float(rho))
+        stay, flp = np.flatnonzero(keep > 0), np.flatnonzero(flip > 0)
+        parts = [(keep[stay], at.x[stay], at.y[stay], stay),
+                 (flip[flp], at.x[flp], 1.0 - at.y[flp], flp)]
+        if extra is not None:
+            eps, x_new, y_new, k = extra
+            parts.append((np.array([eps]), x_new[None, :], np.array([y_new]), np.array([k])))
+        wc = WorstCase(*(np.concatenate([part[i] for part in parts]) for i in range(4)),
+                       float(cost), float(rho))
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc)
 
 
