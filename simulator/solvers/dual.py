@@ -52,6 +52,9 @@ _SOLVERS = ("dual", "cvxpy")
 #: Newton stops once its step is below this (relative to ``1 + ||delta||_inf``).
 _STEP_TOL = 1e-13
 
+#: Problems with more atoms are started from the solution on a subsample of this size.
+_SUBSAMPLE_N = 100_000
+
 #: Smoothing parameters of the p = 1, finite-kappa homotopy (simulator.solvers.wasserstein1).
 _MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
 #: Stages below this may stop on rounding (the previous stage's minimiser is kept).
@@ -275,10 +278,38 @@ def _w1_homotopy(at: Atoms, amb: Wasserstein, delta: np.ndarray, tol: float, max
     return best, total, {"optimality_gap": gap}
 
 
+def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
+    """Starting point and dual variable from the same problem on a random subsample.
+
+    For ``n > _SUBSAMPLE_N`` atoms, ``_SUBSAMPLE_N`` of them (a fixed-seed draw, weights
+    renormalised) are solved first; their minimiser is within ``O(n_sub^-1/2)`` of the
+    full one, so Newton on the full data needs only its last, quadratic steps and the
+    dual searches start close to ``lambda*``. Returns ``(delta, warm)``, or ``None``
+    when the subsample's minimiser is ``delta = 0`` or its solve fails (the caller
+    then starts from scratch).
+    """
+    n = at.w.size
+    idx = np.sort(np.random.default_rng(0).choice(n, _SUBSAMPLE_N, replace=False))
+    w = at.w[idx]
+    if not w.sum() > 0:
+        return None
+    sub = Atoms(at.x[idx], at.y[idx], w / w.sum(), at.a[idx], at.beta)
+    if _zero_is_optimal(sub, amb):
+        return None
+    try:
+        delta, _, warm = _minimise(sub, amb, tol, max_iter)
+    except RuntimeError:
+        return None
+    if not np.any(delta):
+        return None
+    return delta, {key: warm[key] for key in ("kl", "w2") if key in warm}
+
+
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     """Newton on the exact ``F``; for p = 1 with finite kappa a smoothing homotopy first."""
-    delta = _start(at)
     label = repr(amb)
+    first = _subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N else None
+    delta, warm = first if first is not None else (_start(at), {})
     if isinstance(amb, Wasserstein) and amb.p == 1 and math.isfinite(amb.kappa) and amb.rho > 0:
         return _w1_homotopy(at, amb, delta, tol, max_iter)
 
@@ -286,7 +317,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
         return evaluate_inner(at, d, amb, hess=True, worst=False, warm=w)
 
     try:
-        return _newton(objective, delta, tol, max_iter, label)
+        return _newton(objective, delta, tol, max_iter, label, warm)
     except _Stalled as exc:
         stall = exc
     scale = float(np.linalg.norm(delta))
@@ -329,23 +360,53 @@ def _w2_kink(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: fl
     equal value at ``lambda*`` and the optimal coupling splits each between them with
     shares ``xi_i``. Unknowns ``(delta, lambda, xi)``; equations: the Danskin gradient of
     the mixture vanishes, the mixture spends ``rho^2``, and ``w_i (V_i^1 - V_i^0) = 0`` on
-    ``T``. Damped by backtracking on the residual norm; on failure the stall is re-raised.
+    ``T``. ``T`` is chosen by an active-set loop: the atoms whose two best moves are within
+    ``1e-5``, then ``1e-3``, then ``1e-2`` (relative) at the stalled point, less those
+    whose share leaves ``[0, 1]`` in a solve. On failure the stall is re-raised.
+    """
+    vals = _w2_candidates(at, delta, lam, amb.kappa)[4]
+    order = np.argsort(-vals, axis=1)
+    rows = np.arange(at.w.size)
+    v1, v2 = vals[rows, order[:, 0]], vals[rows, order[:, 1]]
+    close = (at.w > 0) & np.isfinite(v2)
+    gap = np.where(close, (v1 - v2) / (1.0 + np.abs(v1)), np.inf)
+    tried = set()
+    for level in (1e-5, 1e-3, 1e-2):
+        tied = gap <= level
+        for _ in range(4):
+            key = tuple(np.flatnonzero(tied))
+            if not key or key in tried:
+                break
+            tried.add(key)
+            out = _w2_kink_solve(at, amb, delta, lam, tol, np.flatnonzero(tied), order)
+            if out is None:
+                break
+            if isinstance(out, np.ndarray):  # atoms whose share left [0, 1]: not tied
+                tied[out] = False
+                continue
+            return out
+    raise stalled
+
+
+def _w2_kink_solve(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: float,
+                   ti: np.ndarray, order: np.ndarray):
+    """One KKT solve of :func:`_w2_kink` with tied atoms ``ti``.
+
+    Returns ``(delta, iterations, warm)`` on success, the atoms whose share left
+    ``[0, 1]`` if that is why it failed, or ``None``.
     """
     kappa, rho2, w, d = amb.kappa, amb.rho**2, at.w, delta.size
-    vals = _w2_candidates(at, delta, lam, kappa)[4]
-    order = np.argsort(-vals, axis=1)
     rows = np.arange(w.size)
-    v1, v2 = vals[rows, order[:, 0]], vals[rows, order[:, 1]]
-    ti = np.flatnonzero((w > 0) & np.isfinite(v2) & (v1 - v2 <= 1e-5 * (1.0 + np.abs(v1))))
-    rest = w.copy()
-    rest[ti] = 0.0
     # identical atoms behave identically: one representative each, carrying their weight
     _, first, inverse = np.unique(at.a[ti], axis=0, return_index=True, return_inverse=True)
-    wt = np.bincount(inverse.ravel(), w[ti])
-    ti = ti[first]
-    if ti.size == 0 or ti.size > 50:
-        raise stalled
-    c0, c1 = order[ti, 0], order[ti, 1]
+    inverse = inverse.ravel()
+    wt = np.bincount(inverse, w[ti])
+    groups = ti[first]
+    if groups.size > d + 1:
+        return None
+    rest = w.copy()
+    rest[ti] = 0.0
+    c0, c1 = order[groups, 0], order[groups, 1]
 
     def residual(delta, lam, xi):
         m, b, taus, flips, vals = _w2_candidates(at, delta, lam, kappa)
@@ -354,7 +415,7 @@ def _w2_kink(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: fl
                                                flips[rows, best], b, lam, at.beta, delta)
         g_l -= kappa * float(rest @ flips[rows, best]) if math.isfinite(kappa) else 0.0
         cols, res_t = [], []
-        for j, i in enumerate(ti):
+        for j, i in enumerate(groups):
             part = []
             for c, share in ((c0[j], 1.0 - xi[j]), (c1[j], xi[j])):
                 one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], taus[i:i + 1, c],
@@ -367,14 +428,14 @@ def _w2_kink(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: fl
             cols.append(wt[j] * (part[1][0] - part[0][0]))
             res_t.append(wt[j] * (part[1][1] - part[0][1]))
         res = np.concatenate([g_d, [rho2 + g_l], res_t])
-        jac = np.zeros((d + 1 + ti.size,) * 2)
+        jac = np.zeros((d + 1 + groups.size,) * 2)
         cmat = np.array(cols).T
         jac[:d, :d], jac[:d, d], jac[d, :d], jac[d, d] = h_dd, h_dl, h_dl, h_ll
         jac[:d + 1, d + 1:], jac[d + 1:, :d + 1] = cmat, cmat.T
         return res, jac
 
     # shares that meet the budget at the start, then Newton on the KKT residual
-    xi = np.full(ti.size, 0.5)
+    xi = np.full(groups.size, 0.5)
     res, jac = residual(delta, lam, xi)
     shift = np.linalg.lstsq(jac[d:d + 1, d + 1:], -res[d:d + 1], rcond=None)[0]
     xi = np.clip(xi + shift, 0.0, 1.0)
@@ -382,9 +443,10 @@ def _w2_kink(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: fl
     for it in range(100):
         if (np.max(np.abs(res[:d])) <= tol and abs(res[d]) <= 1e-12 * rho2
                 and np.max(np.abs(res[d + 1:]), initial=0.0) <= 1e-15):
-            if np.all((xi >= -1e-9) & (xi <= 1 + 1e-9)):
-                return delta, it, {"w2": lam}
-            break
+            outside = (xi < -1e-9) | (xi > 1 + 1e-9)
+            if outside.any():
+                return ti[np.isin(inverse, np.flatnonzero(outside))]
+            return delta, it, {"w2": lam}
         step = np.linalg.lstsq(jac, -res, rcond=None)[0]
         t, norm0 = 1.0, float(np.linalg.norm(res))
         while t > 1e-8:
@@ -395,9 +457,9 @@ def _w2_kink(at: Atoms, amb: Wasserstein, delta: np.ndarray, lam: float, tol: fl
                     break
             t *= 0.5
         else:
-            break
+            return None
         (delta, lam, xi), (res, jac) = cand, new
-    raise stalled
+    return None
 
 
 def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,

@@ -46,24 +46,26 @@ def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
 
     Newton steps from ``tau0`` (a warm start), kept inside a bracket that every
     evaluation of ``psi`` shrinks; a step leaving the bracket is replaced by bisection.
+    Atoms whose step falls below ``1e-15 max(1, |tau|)`` are done and leave the loop.
     """
-    lo, hi = lo.copy(), hi.copy()
     tau = np.clip(tau0, lo, hi)
+    lo, hi = lo.copy(), hi.copy()
+    act = np.arange(m.size)
     for _ in range(_NEWTON_ITERS):
-        s = expit(tau - m)
-        psi = s - k * tau
-        dpsi = s * (1.0 - s) - k
-        up = psi > 0
-        lo = np.where(up, tau, lo)
-        hi = np.where(up, hi, tau)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            new = tau - psi / dpsi
-        bad = ~((new >= lo) & (new <= hi))
-        new = np.where(bad, 0.5 * (lo + hi), new)
-        done = np.max(np.abs(new - tau) - 1e-15 * np.maximum(1.0, np.abs(new)), initial=-1.0) <= 0
-        tau = new
-        if done:
+        if act.size == 0:
             break
+        mi, ti, li, hi_ = m[act], tau[act], lo[act], hi[act]
+        s = expit(ti - mi)
+        psi = s - k * ti
+        up = psi > 0
+        li = np.where(up, ti, li)
+        hi_ = np.where(up, hi_, ti)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new = ti - psi / (s * (1.0 - s) - k)
+        bad = ~((new >= li) & (new <= hi_))
+        new = np.where(bad, 0.5 * (li + hi_), new)
+        tau[act], lo[act], hi[act] = new, li, hi_
+        act = act[np.abs(new - ti) > 1e-15 * np.maximum(1.0, np.abs(new))]
     return tau
 
 
@@ -134,7 +136,8 @@ class Moves:
 
     ``value[i]`` is ``max`` over branches of ``phi - lambda * kappa * flip`` and
     ``cost[i] = t^2 + kappa * flip`` the transport cost per unit mass of the
-    chosen move, ``t = tau / b``.
+    chosen move, ``t = tau / b``; ``right[i]`` tells whether it is the maximiser on the
+    right piece (``tau >= m + s_k``, see :func:`best_move`).
     """
 
     lam: float
@@ -143,22 +146,86 @@ class Moves:
     value: np.ndarray
     cost: np.ndarray
     roots: tuple = ()
+    right: np.ndarray | None = None
 
 
 def _moves(m: np.ndarray, b: float, lam: float, kappa: float, start: tuple = ()) -> Moves:
     k = 2.0 * lam / b**2
     tau, val, _, _, roots = best_move(m, k, start[0] if start else None)
+    right = roots[2] & (tau == roots[0])
     flip = np.zeros(m.shape, dtype=bool)
     roots = (roots,)
     if np.isfinite(kappa):
-        tau_f, val_f, _, _, roots_f = best_move(-m, k, start[1] if len(start) > 1 else None)
+        # softplus(tau + m) <= softplus(m) + tau, so the flipped branch is worth at most
+        # softplus(m) + b^2 / (4 lambda) - lambda kappa, and the unflipped one at least
+        # softplus(-m): flipping can win only where m > lambda kappa - b^2 / (4 lambda).
+        cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
+        prev = start[1] if len(start) > 1 else None
+        roots_f = tuple(np.zeros_like(r) for r in roots[0]) if prev is None else tuple(
+            r.copy() for r in prev)
+        flip = np.zeros(m.shape, dtype=bool)
+        if cand.size:
+            tau_f, val_f, _, _, sub = best_move(
+                -m[cand], k, None if prev is None else (prev[0][cand], prev[1][cand]))
+            for full, part in zip(roots_f, sub, strict=True):
+                full[cand] = part
+            val_f = val_f - lam * kappa
+            win = val_f > val[cand]
+            flip[cand[win]] = True
+            tau[cand[win]], val[cand[win]] = tau_f[win], val_f[win]
+            right[cand[win]] = (sub[2] & (tau_f == sub[0]))[win]
         roots = roots + (roots_f,)
-        val_f = val_f - lam * kappa
-        flip = val_f > val
-        tau = np.where(flip, tau_f, tau)
-        val = np.where(flip, val_f, val)
     cost = (tau / b) ** 2 + np.where(flip, kappa, 0.0)
-    return Moves(lam, tau, flip, val, cost, roots)
+    return Moves(lam, tau, flip, val, cost, roots, right)
+
+
+def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
+            right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Value and cost of fixed branches (flipped or not, right or left maximiser) at
+    ``lambda``; the value is ``nan`` where that local maximiser does not exist."""
+    k = 2.0 * lam / b**2
+    mm = np.where(flip, -m, m)
+    tau_r, tau_l, r_ok, l_ok = best_move(mm, k)[4]
+    tau = np.where(right, tau_r, tau_l)
+    price = np.where(flip, kappa, 0.0)
+    val = softplus(tau - mm) - 0.5 * k * tau**2 - lam * price
+    return np.where(np.where(right, r_ok, l_ok), val, np.nan), (tau / b) ** 2 + price
+
+
+def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
+                   idx: np.ndarray) -> np.ndarray:
+    """``lambda`` in ``[lo.lam, hi.lam]`` where atoms ``idx`` switch from their move at
+    ``lo`` (branch A) to their move at ``hi`` (B): the root of ``V_A - V_B``, whose
+    derivative in ``lambda`` is ``cost_B - cost_A`` (envelope theorem). Safeguarded
+    Newton, vectorised over the atoms."""
+    # atoms with equal margins and branches switch together: one root per distinct key
+    keys = np.column_stack([m[idx], lo.flip[idx], lo.right[idx], hi.flip[idx], hi.right[idx]])
+    keys, inverse = np.unique(keys, axis=0, return_inverse=True)
+    mi = keys[:, 0]
+    a_branch = (keys[:, 1] > 0, keys[:, 2] > 0)
+    b_branch = (keys[:, 3] > 0, keys[:, 4] > 0)
+    out = np.empty(mi.size)
+    for i in range(mi.size):  # a few distinct keys; one scalar root each
+        left, right = lo.lam, hi.lam
+        lam = 0.5 * (left + right)
+        for _ in range(100):
+            va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
+            vb, cb = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in b_branch))
+            diff = va[0] - vb[0]
+            if math.isnan(diff):  # a maximiser is absent: the other branch wins
+                diff = -math.inf if math.isnan(va[0]) else math.inf
+            if diff > 0:
+                left = lam
+            else:
+                right = lam
+            step = lam + diff / float(ca[0] - cb[0]) if ca[0] > cb[0] else math.nan
+            new = step if left < step < right else 0.5 * (left + right)
+            if abs(new - lam) <= 2e-16 * lam or right - left <= 4e-16 * lam:
+                lam = new
+                break
+            lam = new
+        out[i] = lam
+    return out[inverse.ravel()]
 
 
 def _dcost_dlam(m: np.ndarray, mv: Moves, b: float) -> np.ndarray:
@@ -169,6 +236,40 @@ def _dcost_dlam(m: np.ndarray, mv: Moves, b: float) -> np.ndarray:
     denom = s * (1.0 - s) - k  # < 0 at a strict local maximum
     dtau_dk = np.where(denom < 0, mv.tau / np.where(denom < 0, denom, -1.0), 0.0)
     return 2.0 * mv.tau / b**2 * dtau_dk * (2.0 / b**2)
+
+
+#: Bracketed jumps of ``E cost`` are located through at most this many switching atoms.
+_MAX_SWITCH = 16
+#: Relative distance from a switch point at which both sides are evaluated.
+_SWITCH_EPS = 1e-13
+
+
+def _bracket_jump(m, b, kappa, lo, hi, g):
+    """Narrow a bracket ``lo = (moves, g > 0)``, ``hi = (moves, g <= 0)`` at its switches.
+
+    Atoms whose move differs between the ends switch inside the bracket, at the points of
+    :func:`_switch_points`. ``g`` is evaluated just below and just above the median
+    switch: if it changes sign there, ``lambda*`` is that switch and ``(hi, lo)`` moves
+    are returned; otherwise ``(lo, hi, next lambda)`` with the narrowed bracket. ``None``
+    if there are no or too many switching atoms.
+    """
+    a, c = lo[0], hi[0]
+    idx = np.flatnonzero((a.flip != c.flip) | (a.right != c.right))
+    if idx.size == 0 or np.unique(m[idx]).size > _MAX_SWITCH:
+        return None
+    pts = np.sort(_switch_points(m, b, kappa, a, c, idx))
+    s = float(pts[pts.size // 2])
+    # both sides of the switch, or the bracket's end where the switch is closer than that
+    below = g(s * (1.0 - _SWITCH_EPS)) if s * (1.0 - 2 * _SWITCH_EPS) > a.lam else lo
+    above = g(s * (1.0 + _SWITCH_EPS)) if s * (1.0 + 2 * _SWITCH_EPS) < c.lam else hi
+    for mv, gv in (below, above):
+        if gv > 0:
+            lo = (mv, gv)
+        else:
+            hi = (mv, gv)
+    if below[1] > 0 >= above[1]:
+        return above[0], below[0]
+    return lo, hi, math.sqrt(lo[0].lam * hi[0].lam)
 
 
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
@@ -193,6 +294,7 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
 
     lam = lam0 if lam0 is not None and lam0 > 0 else b / (2.0 * rho)
     lo = hi = None  # (moves, g) with g > 0 (lambda too small) and g <= 0
+    last_side, prev, damp = 0, None, [1.0, 1.0]  # damp: Illinois factors of (lo, hi)
     for _ in range(300):
         mv, gv = g(lam)
         if gv > 0:
@@ -201,21 +303,46 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             hi = (mv, gv)
         if abs(gv) <= 1e-14 * r2:
             return mv, mv
-        u = np.log(lam)
-        llo = np.log(lo[0].lam) if lo else -np.inf
-        lhi = np.log(hi[0].lam) if hi else np.inf
+        u = math.log(lam)
+        llo = math.log(lo[0].lam) if lo else -math.inf
+        lhi = math.log(hi[0].lam) if hi else math.inf
         if lo and hi and lhi - llo <= 1e-15 * max(1.0, abs(lhi)):
             break
-        # Newton on log E cost against log lambda, nearly linear (E t*^2 ~ lambda^-2 for
-        # small moves), so two or three steps suffice from a warm start.
-        cost = gv + r2
-        slope = float(w @ _dcost_dlam(m, mv, b)) * lam / cost
-        nxt = u - (math.log(cost) - math.log(r2)) / slope if slope < 0 else (
-            u + 1.4 if gv > 0 else u - 1.4)
-        nxt = min(max(nxt, u - 1.4), u + 1.4)  # a trust region: lambda changes 4x at most
-        if not llo < nxt < lhi:
-            nxt = 0.5 * (llo + lhi) if lo and hi else (u + 1.4 if gv > 0 else u - 1.4)
-        lam = float(np.exp(nxt))
+        if lo and hi and lhi - llo < 1e-3:
+            # With many atoms E cost has many small jumps (an atom switching branches);
+            # rather than bisect onto one, locate the switches in the bracket exactly.
+            jump = _bracket_jump(m, b, kappa, lo, hi, g)
+            if isinstance(jump, tuple) and len(jump) == 2 and isinstance(jump[0], Moves):
+                return jump
+            if jump is not None:
+                lo, hi, lam = jump
+                continue
+        if lo and hi:
+            # Illinois regula falsi on log E cost against log lambda: the secant sees the
+            # small jumps of E cost (atoms switching branches) that the derivative misses.
+            side = 1 if gv > 0 else -1
+            if side == last_side:  # the same end moved twice: damp the other one
+                damp[1 if side > 0 else 0] *= 0.5
+            damp[0 if side > 0 else 1] = 1.0
+            last_side = side
+            h_lo = damp[0] * math.log1p(lo[1] / r2)
+            h_hi = damp[1] * math.log1p(hi[1] / r2)
+            nxt = llo + (lhi - llo) * h_lo / (h_lo - h_hi)
+            if not llo < nxt < lhi:
+                nxt = 0.5 * (llo + lhi)
+        else:
+            # log E cost against log lambda is nearly linear (E t*^2 ~ lambda^-2 for small
+            # moves): a Newton step, then secant steps, until the root is bracketed.
+            cost = math.log(gv + r2)
+            if prev is None:
+                slope = float(w @ _dcost_dlam(m, mv, b)) * lam / (gv + r2)
+            else:
+                slope = (cost - prev[1]) / (u - prev[0]) if u != prev[0] else math.nan
+            prev = (u, cost)
+            nxt = u - (cost - math.log(r2)) / slope if slope < 0 else (
+                u + 1.4 if gv > 0 else u - 1.4)
+            nxt = min(max(nxt, u - 1.4), u + 1.4)  # a trust region: lambda changes 4x at most
+        lam = math.exp(nxt)
     else:
         raise RuntimeError("Wasserstein p=2 dual search did not converge (status: max_iter)")
     # E cost jumps across lambda*: the caller mixes the moves of the switching atoms.
