@@ -59,6 +59,8 @@ _SUBSAMPLE_N = 100_000
 _MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
 #: Stages below this may stop on rounding (the previous stage's minimiser is kept).
 _MU_SAFE = 1e-8
+#: First smoothing stage when starting from a subsample's minimiser.
+_MU_WARM = 1e-3
 #: The homotopy certifies its stages by a duality gap from this ``mu`` on ...
 _MU_CHECK = 1e-3
 #: ... and stops once the relative gap is below ``_GAP_TOL`` (it must end below ``_GAP_MAX``).
@@ -228,7 +230,8 @@ def _w1_lower_bound(at: Atoms, amb: Wasserstein, delta: np.ndarray, q: np.ndarra
     return res.value - 0.5 * float(res.grad @ _psd_solve(res.hess(), res.grad))
 
 
-def _w1_homotopy(at: Atoms, amb: Wasserstein, delta: np.ndarray, tol: float, max_iter: int):
+def _w1_homotopy(at: Atoms, amb: Wasserstein, delta: np.ndarray, tol: float, max_iter: int,
+                 mu_first: float = _MU_PATH[0]):
     """Minimise the p = 1, finite-kappa ``F`` through the smoothed ``F_mu`` (see above).
 
     From ``mu = _MU_CHECK`` on, each stage's minimiser is first polished on the face it
@@ -248,7 +251,7 @@ def _w1_homotopy(at: Atoms, amb: Wasserstein, delta: np.ndarray, tol: float, max
         lower = _w1_lower_bound(at, amb, delta, q, tol, max_iter)
         return max(upper - lower, 0.0) / max(1.0, abs(upper)), delta
 
-    for mu in _MU_PATH:
+    for mu in (mu for mu in _MU_PATH if mu <= mu_first):
         stage_tol = tol if mu == _MU_PATH[-1] else max(tol, 1e-3 * mu)  # warm starts
         try:
             new, its, warm = _newton(
@@ -311,7 +314,9 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     first = _subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N else None
     delta, warm = first if first is not None else (_start(at), {})
     if isinstance(amb, Wasserstein) and amb.p == 1 and math.isfinite(amb.kappa) and amb.rho > 0:
-        return _w1_homotopy(at, amb, delta, tol, max_iter)
+        # from a subsample's minimiser the coarse stages would only move away from it
+        return _w1_homotopy(at, amb, delta, tol, max_iter,
+                            _MU_PATH[0] if first is None else _MU_WARM)
 
     def objective(d, w):
         return evaluate_inner(at, d, amb, hess=True, worst=False, warm=w)

@@ -193,18 +193,18 @@ def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
 
 
 def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
-                   idx: np.ndarray) -> np.ndarray:
+                   idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``lambda`` in ``[lo.lam, hi.lam]`` where atoms ``idx`` switch from their move at
     ``lo`` (branch A) to their move at ``hi`` (B): the root of ``V_A - V_B``, whose
-    derivative in ``lambda`` is ``cost_B - cost_A`` (envelope theorem). Safeguarded
-    Newton, vectorised over the atoms."""
+    derivative in ``lambda`` is ``cost_B - cost_A`` (envelope theorem), by safeguarded
+    Newton; also the drop ``cost_A - cost_B`` of each atom's cost there."""
     # atoms with equal margins and branches switch together: one root per distinct key
     keys = np.column_stack([m[idx], lo.flip[idx], lo.right[idx], hi.flip[idx], hi.right[idx]])
     keys, inverse = np.unique(keys, axis=0, return_inverse=True)
     mi = keys[:, 0]
     a_branch = (keys[:, 1] > 0, keys[:, 2] > 0)
     b_branch = (keys[:, 3] > 0, keys[:, 4] > 0)
-    out = np.empty(mi.size)
+    out, drop = np.empty(mi.size), np.zeros(mi.size)
     for i in range(mi.size):  # a few distinct keys; one scalar root each
         left, right = lo.lam, hi.lam
         lam = 0.5 * (left + right)
@@ -224,8 +224,8 @@ def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
                 lam = new
                 break
             lam = new
-        out[i] = lam
-    return out[inverse.ravel()]
+        out[i], drop[i] = lam, float(ca[0] - cb[0])
+    return out[inverse.ravel()], drop[inverse.ravel()]
 
 
 def _dcost_dlam(m: np.ndarray, mv: Moves, b: float) -> np.ndarray:
@@ -244,21 +244,36 @@ _MAX_SWITCH = 16
 _SWITCH_EPS = 1e-13
 
 
-def _bracket_jump(m, b, kappa, lo, hi, g):
+def _bracket_jump(m, w, b, kappa, lo, hi, g):
     """Narrow a bracket ``lo = (moves, g > 0)``, ``hi = (moves, g <= 0)`` at its switches.
 
-    Atoms whose move differs between the ends switch inside the bracket, at the points of
-    :func:`_switch_points`. ``g`` is evaluated just below and just above the median
-    switch: if it changes sign there, ``lambda*`` is that switch and ``(hi, lo)`` moves
-    are returned; otherwise ``(lo, hi, next lambda)`` with the narrowed bracket. ``None``
-    if there are no or too many switching atoms.
+    Atoms whose move differs between the ends switch inside the bracket, at the points and
+    with the cost drops of :func:`_switch_points`. A model of ``g`` (linear between the
+    ends once the known drops are taken out, minus the drops passed) predicts where ``g``
+    changes sign: at a switch, ``g`` is evaluated just below and above it, and if the sign
+    changes there ``lambda*`` is that switch and ``(hi, lo)`` moves are returned;
+    otherwise ``(lo, hi, next lambda)`` with the narrowed bracket and the model's root.
+    ``None`` if there are no or too many switching atoms.
     """
     a, c = lo[0], hi[0]
     idx = np.flatnonzero((a.flip != c.flip) | (a.right != c.right))
     if idx.size == 0 or np.unique(m[idx]).size > _MAX_SWITCH:
         return None
-    pts = np.sort(_switch_points(m, b, kappa, a, c, idx))
-    s = float(pts[pts.size // 2])
+    pts, drop = _switch_points(m, b, kappa, a, c, idx)
+    order = np.argsort(pts)
+    pts, jump = pts[order], (w[idx] * drop)[order]
+    slope = (hi[1] - lo[1] + float(jump.sum())) / (c.lam - a.lam)
+    before = lo[1] + slope * (pts - a.lam) - np.concatenate([[0.0], np.cumsum(jump)[:-1]])
+    after = before - jump
+    crossed = np.flatnonzero(after <= 0)
+    j = int(crossed[0]) if crossed.size else pts.size
+    if j == pts.size or before[j] <= 0:  # the model's root is between switches
+        passed = float(jump[:j].sum())
+        nxt = a.lam + (passed - lo[1]) / slope if slope < 0 else math.nan
+        if not a.lam < nxt < c.lam:
+            nxt = math.sqrt(a.lam * c.lam)
+        return lo, hi, nxt
+    s = float(pts[j])
     # both sides of the switch, or the bracket's end where the switch is closer than that
     below = g(s * (1.0 - _SWITCH_EPS)) if s * (1.0 - 2 * _SWITCH_EPS) > a.lam else lo
     above = g(s * (1.0 + _SWITCH_EPS)) if s * (1.0 + 2 * _SWITCH_EPS) < c.lam else hi
@@ -311,7 +326,7 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
         if lo and hi and lhi - llo < 1e-3:
             # With many atoms E cost has many small jumps (an atom switching branches);
             # rather than bisect onto one, locate the switches in the bracket exactly.
-            jump = _bracket_jump(m, b, kappa, lo, hi, g)
+            jump = _bracket_jump(m, w, b, kappa, lo, hi, g)
             if isinstance(jump, tuple) and len(jump) == 2 and isinstance(jump[0], Moves):
                 return jump
             if jump is not None:
