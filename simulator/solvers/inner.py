@@ -356,10 +356,17 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta):
     return g_d, g_l, h_dd, h_dl, h_ll
 
 
-def _w2_hessian(at, m, mv: Moves, b, delta):
-    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``."""
+def _w2_hessian(at, m, mv: Moves, b, delta, warm):
+    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``.
+
+    Also stores ``d lambda* / d delta = -G_ld / G_ll`` in ``warm`` (key ``"w2_slope"``), so
+    that the next evaluation starts its search for ``lambda*`` from a first-order guess.
+    """
     _, _, h, hl, h_ll = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta)
-    return h - np.outer(hl, hl) / h_ll if h_ll > 0 else h
+    if h_ll > 0:
+        warm["w2_slope"] = -hl / h_ll
+        return h - np.outer(hl, hl) / h_ll
+    return h
 
 
 def _w2_tie_hessian(at, m, hi: Moves, lo: Moves, share, b, delta, kappa):
@@ -403,8 +410,13 @@ def _w2(at, m, l, delta, amb, hess, worst, warm):
         res = _nominal(at, m, l, hess, dual=0.0)
         wc = WorstCase(w, at.x, at.y, np.arange(n), 0.0, rho**2) if worst else None
         return InnerResult(res.value, 0.0, res.grad, res.hess, wc)
-    hi, lo = solve_lambda(m, w, b, rho, kappa, warm.get("w2"), warm.get("w2_roots", ()))
-    warm["w2"], warm["w2_roots"] = hi.lam, hi.roots
+    lam0 = warm.get("w2")
+    if lam0 is not None and "w2_slope" in warm:  # first-order guess along the Newton step
+        guess = lam0 + float(warm["w2_slope"] @ (delta - warm["w2_at"]))
+        lam0 = guess if guess > 0.5 * lam0 else lam0
+    hi, lo = solve_lambda(m, w, b, rho, kappa, lam0, warm.get("w2_roots", ()))
+    warm.pop("w2_slope", None)
+    warm["w2"], warm["w2_roots"], warm["w2_at"] = hi.lam, hi.roots, delta
     value = hi.lam * rho**2 + float(w @ hi.value)
     share = np.zeros(n)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
@@ -432,7 +444,7 @@ def _w2(at, m, l, delta, amb, hess, worst, warm):
     h = None
     if hess:
         h = ((lambda: _w2_tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if share.any()
-             else (lambda: _w2_hessian(at, m, hi, b, delta)))
+             else (lambda: _w2_hessian(at, m, hi, b, delta, warm)))
     wc = None
     if worst:
         wc = WorstCase(np.concatenate(qs), np.concatenate(xs), np.concatenate(ys),
