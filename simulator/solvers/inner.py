@@ -411,12 +411,15 @@ def _w2(at, m, l, delta, amb, hess, worst, warm):
         wc = WorstCase(w, at.x, at.y, np.arange(n), 0.0, rho**2) if worst else None
         return InnerResult(res.value, 0.0, res.grad, res.hess, wc)
     lam0 = warm.get("w2")
-    if lam0 is not None and "w2_slope" in warm:  # first-order guess along the Newton step
-        guess = lam0 + float(warm["w2_slope"] @ (delta - warm["w2_at"]))
-        lam0 = guess if guess > 0.5 * lam0 else lam0
-    hi, lo = solve_lambda(m, w, b, rho, kappa, lam0, warm.get("w2_roots", ()))
-    warm.pop("w2_slope", None)
-    warm["w2"], warm["w2_roots"], warm["w2_at"] = hi.lam, hi.roots, delta
+    if lam0 is not None and np.array_equal(delta, warm.get("w2_at")):  # evaluated already
+        hi, lo = warm["w2_pair"]
+    else:
+        if lam0 is not None and "w2_slope" in warm:  # first-order guess along the step
+            guess = lam0 + float(warm["w2_slope"] @ (delta - warm["w2_at"]))
+            lam0 = guess if guess > 0.5 * lam0 else lam0
+        hi, lo = solve_lambda(m, w, b, rho, kappa, lam0, warm.get("w2_roots", ()))
+        warm.pop("w2_slope", None)
+    warm.update(w2=hi.lam, w2_roots=hi.roots, w2_at=delta, w2_pair=(hi, lo))
     value = hi.lam * rho**2 + float(w @ hi.value)
     share = np.zeros(n)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms

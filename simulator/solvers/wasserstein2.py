@@ -256,7 +256,9 @@ def _bracket_jump(m, w, b, kappa, lo, hi, g):
     ``None`` if there are no or too many switching atoms.
     """
     a, c = lo[0], hi[0]
-    idx = np.flatnonzero((a.flip != c.flip) | (a.right != c.right))
+    # moving between pieces is continuous where there is one maximiser (k >= 1/4)
+    idx = np.flatnonzero((a.flip != c.flip) | (
+        (a.right != c.right) if 2.0 * a.lam / b**2 < 0.25 else False))
     if idx.size == 0 or np.unique(m[idx]).size > _MAX_SWITCH:
         return None
     pts, drop = _switch_points(m, b, kappa, a, c, idx)
