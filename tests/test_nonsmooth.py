@@ -1,0 +1,215 @@
+"""The non-smooth Wasserstein duals: faces, certificates, jumps of E cost (SPEC 3.3, 3.4).
+
+Each test compares against an independent computation: a bracketing root finder, weak
+duality at random points, the same solver with an accelerator switched off, or the
+convexity of the one-dimensional dual in ``lambda``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from scipy.special import expit
+from test_agreement import _case
+
+import simulator as sim
+from simulator.solvers import dual, wasserstein1, wasserstein2
+from simulator.solvers.inner import Atoms, evaluate_inner
+from simulator.solvers.wasserstein1 import _flip_threshold, w1_lagrangian
+
+
+def _gaussian(n, d=4, seed=0, beta=1.0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    y = (rng.random(n) < expit(beta * x @ rng.standard_normal(d) * 2.0)).astype(float)
+    return sim.PreferenceData(x, y)
+
+
+# --- Wasserstein p = 1, finite kappa ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mu", [1e-1, 1e-3, 1e-6, 1e-10])
+@pytest.mark.parametrize("t0", [None, -1.0, 1.0, 1.6, 3.0])
+def test_flip_threshold_matches_brentq(mu, t0):
+    rng = np.random.default_rng(1)
+    m = rng.standard_normal(20_000)
+    w = rng.random(m.size)
+    w /= w.sum()
+    c = 0.05
+    t, p = _flip_threshold(m, w, -0.5, c, mu, t0)
+    assert abs(float(w @ p) - c) <= 1e-15  # the budget is met to rounding
+    excess = lambda s: float(w @ expit((m - s) / mu)) - c  # noqa: E731
+    # the mass is flat between atoms at small mu: compare the masses, not the roots
+    root = brentq(excess, -0.5, 10.0, xtol=1e-15, rtol=1e-15)
+    lo, hi = sorted((t, root))
+    assert excess(lo - 1e-9) >= -1e-15 and excess(hi + 1e-9) <= 1e-15
+    # threshold at t_min when the budget is not all flipped there
+    t, p = _flip_threshold(m, w, 2.5, c, mu, t0)
+    assert t == 2.5 and float(w @ p) <= c
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_w1_lagrangian_is_a_lower_bound(seed):
+    """Weak duality: min L_q <= F(delta) for every q in Q and every delta."""
+    data = _gaussian(300, seed=seed)
+    amb = sim.Wasserstein(0.1, p=1, kappa=0.7)
+    at = Atoms.from_data(data, 1.0)
+    rng = np.random.default_rng(seed)
+    q = at.w * rng.random(at.w.size)
+    q *= min(1.0, amb.rho / amb.kappa / q.sum()) * rng.random()
+    lower = dual._w1_lower_bound(at, amb, rng.standard_normal(4), q, 1e-10, 100)
+    objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
+    for delta in rng.standard_normal((50, 4)) * 2:
+        assert evaluate_inner(at, delta, amb, worst=False).value >= lower - 1e-12
+        assert objective(delta, {}).value >= lower - 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_w1_face_polish_equals_the_plain_homotopy(seed, monkeypatch):
+    """The polished face and the homotopy run down to mu = 1e-11: the same minimiser."""
+    data = _gaussian(400, seed=seed)
+    amb = sim.Wasserstein(0.05 + 0.05 * seed, p=1, kappa=0.5 + 0.3 * seed)
+    sol = sim.solve(data, amb)
+    assert sol.info["optimality_gap"] <= 1e-13
+    monkeypatch.setattr(dual, "polish_face", lambda *args, **kwargs: None)
+    monkeypatch.setattr(dual, "_GAP_TOL", 0.0)  # run every stage
+    monkeypatch.setattr(dual, "_GAP_MAX", math.inf)
+    plain = sim.solve(data, amb)
+    np.testing.assert_allclose(sol.theta, plain.theta, atol=1e-8)
+    assert sol.value <= plain.value + 1e-13
+
+
+def test_w1_certificate_bounds_every_perturbation():
+    data = _gaussian(500, seed=7)
+    amb = sim.Wasserstein(0.08, p=1, kappa=0.9)
+    sol = sim.solve(data, amb)
+    gap = sol.info["optimality_gap"]
+    assert gap <= 1e-13
+    rng = np.random.default_rng(0)
+    for v in rng.standard_normal((200, data.d)):
+        for eps in (1e-6, 1e-3):
+            val = sim.robust_objective(sol.theta + eps * v / np.linalg.norm(v), data, amb).value
+            assert val >= sol.value - gap * max(1.0, sol.value) - 1e-15
+
+
+def test_w1_reference_optimal_through_flips_alone():
+    """theta_ref is the minimiser only because of label flips (the kappa = inf test says
+    no): the homotopy tends to it and the certificate proves it."""
+    data, amb, beta, ref = _case(94, "wdpo1_kappa")
+    at = Atoms.from_data(data, beta)
+    assert not dual._zero_is_optimal(at, amb)
+    sol = sim.solve(data, amb, beta=beta, theta_ref=ref)
+    assert np.all(sol.theta == ref) and sol.value == pytest.approx(math.log(2), abs=1e-15)
+    assert sol.info["optimality_gap"] <= 1e-13
+    conic = sim.solve(data, amb, beta=beta, theta_ref=ref, solver="cvxpy")
+    assert np.max(np.abs(conic.theta - ref)) < 1e-6
+
+
+# --- Wasserstein p = 2: the search for lambda* ---------------------------------------------
+
+
+def _cost(m, b, lam, kappa, w):
+    return float(w @ wasserstein2._moves(m, b, lam, kappa).cost)
+
+
+@pytest.mark.parametrize("kappa", [0.5, 1.0, math.inf])
+@pytest.mark.parametrize("n", [2_000, 50_000])
+def test_lambda_search_brackets_the_budget(kappa, n):
+    """lambda* minimises the convex G: E cost >= rho^2 just below it and <= just above."""
+    rng = np.random.default_rng(n)
+    m = rng.standard_normal(n) * 2.0
+    w = np.full(n, 1.0 / n)
+    b, rho = 1.3, 0.3
+    hi, lo = wasserstein2.solve_lambda(m, w, b, rho, kappa)
+    lam = hi.lam
+    assert lo.lam <= hi.lam <= lo.lam * (1 + 1e-12)
+    assert _cost(m, b, lo.lam * (1 - 1e-12), kappa, w) >= rho**2 - 1e-14
+    assert _cost(m, b, lam * (1 + 1e-12), kappa, w) <= rho**2 + 1e-14
+
+    def G(x):  # noqa: N802
+        return x * rho**2 + float(w @ wasserstein2._moves(m, b, x, kappa).value)
+
+    for f in (1e-9, 1e-6, 1e-3):
+        assert G(lam) <= min(G(lam * (1 + f)), G(lam * (1 - f))) + 1e-15
+
+
+def test_switch_points_are_ties():
+    """Where an atom switches branch, both branches have the same value."""
+    rng = np.random.default_rng(3)
+    m = np.concatenate([rng.uniform(0.5, 3.0, 40), [2.0, 2.0]])
+    b, kappa = 2.0, 0.6
+    lams = np.linspace(0.05, 2.0, 400)
+    moves = [wasserstein2._moves(m, b, x, kappa) for x in lams]
+    checked = 0
+    for a, c in zip(moves, moves[1:], strict=False):
+        idx = np.flatnonzero((a.flip != c.flip) | (a.right != c.right))
+        if idx.size == 0 or 2 * a.lam / b**2 >= 0.25 and not (a.flip != c.flip).any():
+            continue
+        pts, drop = wasserstein2._switch_points(m, b, kappa, a, c, idx)
+        for i, lam, dr in zip(idx, pts, drop, strict=True):
+            if a.flip[i] == c.flip[i] and 2 * a.lam / b**2 >= 0.25:
+                continue
+            va, ca = wasserstein2._branch(m[i:i + 1], b, lam, kappa, a.flip[i:i + 1],
+                                          a.right[i:i + 1])
+            vb, cb = wasserstein2._branch(m[i:i + 1], b, lam, kappa, c.flip[i:i + 1],
+                                          c.right[i:i + 1])
+            assert a.lam <= lam <= c.lam
+            assert va[0] == pytest.approx(vb[0], abs=1e-13)
+            assert dr == pytest.approx(ca[0] - cb[0]) and dr > 0
+            checked += 1
+    assert checked >= 5
+
+
+def test_w2_kink_with_three_tied_atoms():
+    """An environment sample whose p = 2, finite-kappa minimiser has several atoms tied:
+    the active-set KKT fallback finds it (no descent in 600 random directions)."""
+    rng = np.random.default_rng(7)
+    env = sim.FiniteEnv.random(int(rng.integers(3, 15)), int(rng.integers(2, 6)),
+                               int(rng.integers(2, 6)), beta=float(rng.uniform(0.5, 2)), seed=7,
+                               theta_norm=float(rng.uniform(0.5, 4)))
+    env.population()
+    data = env.sample(int(rng.integers(50, 2000)), seed=7)
+    amb = sim.Wasserstein(0.2, p=2, kappa=1.0)
+    sol = sim.solve(data, amb, beta=env.beta)
+    assert sol.gap < 1e-12
+    assert sol.worst_case.transport_cost == pytest.approx(amb.rho**2, rel=1e-12)
+    directions = np.random.default_rng(1).standard_normal((200, data.d))
+    for v in directions:
+        for eps in (1e-7, 1e-5, 1e-3):
+            moved = sol.theta + eps * v / np.linalg.norm(v)
+            assert sim.robust_objective(moved, data, amb, env.beta).value >= sol.value - 1e-13
+
+
+# --- the subsample warm start ---------------------------------------------------------------
+
+SETS = [sim.KL(0.1), sim.ChiSquare(0.1), sim.Wasserstein(0.05, p=1),
+        sim.Wasserstein(0.05, p=1, kappa=1.0), sim.Wasserstein(0.05, p=2),
+        sim.Wasserstein(0.05, p=2, kappa=1.0)]
+
+
+@pytest.mark.parametrize("amb", SETS, ids=repr)
+def test_subsample_start_changes_nothing(amb, monkeypatch):
+    data = _gaussian(4000, seed=11)
+    plain = sim.solve(data, amb)
+    monkeypatch.setattr(dual, "_SUBSAMPLE_N", 500)
+    started = sim.solve(data, amb)
+    np.testing.assert_allclose(started.theta, plain.theta, atol=1e-8)
+    assert started.value == pytest.approx(plain.value, rel=1e-12)
+
+
+def test_smoothing_gap_estimate_bounds_the_certified_gap():
+    """The cheap estimate is an upper bound on F(delta) - L_q(delta) (to rounding)."""
+    data = _gaussian(2000, seed=5)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    at = Atoms.from_data(data, 1.0)
+    delta, _, warm = dual._newton(
+        lambda d, w: wasserstein1.smoothed_w1(at, d, amb.rho, amb.kappa, 1e-3, w),
+        dual._start(at), 1e-9, 100, "test")
+    q = warm["w1_q"]
+    estimate = wasserstein1.smoothing_gap(at, delta, q, warm["w1"], amb.rho, amb.kappa)
+    exact = evaluate_inner(at, delta, amb, worst=False).value
+    lagrangian = w1_lagrangian(at, q, amb.rho, amb.kappa)(delta, {}).value
+    assert 0.0 <= exact - lagrangian <= estimate * max(1.0, lagrangian) + 1e-15
