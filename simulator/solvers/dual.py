@@ -22,11 +22,14 @@ data is vectorised, ``O(n d^2)``.
 
 Wasserstein p = 1 with finite ``kappa`` is piecewise smooth (a weighted quantile of the
 margins); it is minimised through a homotopy on the smoothed problems of
-:mod:`simulator.solvers.wasserstein1`. Nominal, KL and chi-square on separable data have
-no minimiser (all margins positive at the returned point): that raises. If Newton
-stalls near ``delta = 0`` it restarts along ``E_P a``; for Wasserstein p = 2, a stall at
-a kink (distinct atoms tied at ``lambda*``) is resolved by Newton on the KKT system
-(:func:`_w2_kink`). See docs/formulations.md.
+:mod:`simulator.solvers.wasserstein1`, each stage polished on the face it points to and
+certified by a duality gap (:func:`_w1_homotopy`). Nominal, KL and chi-square on
+separable data have no minimiser (all margins positive at the returned point): that
+raises. If Newton stalls near ``delta = 0`` it restarts along ``E_P a``; for Wasserstein
+p = 2, a stall at a kink (distinct atoms tied at ``lambda*``) is resolved by Newton on
+the KKT system with an active set of tied atoms (:func:`_w2_kink`). Problems with more
+than ``_SUBSAMPLE_N`` atoms start from the minimiser of a subsample. See
+docs/formulations.md.
 """
 
 from __future__ import annotations

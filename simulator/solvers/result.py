@@ -85,11 +85,18 @@ class Solution:
     beta : float
     theta_ref : ndarray (d,)
     grad_norm : float
-        ``||grad_theta L_U(theta)||`` at the returned point.
+        ``||grad_theta L_U(theta)||`` at the returned point (for the Wasserstein p = 1,
+        finite-kappa set, whose minimiser sits at a kink, the norm of one subgradient).
     iterations : int
+        Newton iterations on the full data (for ``n > 1e5`` the ``dual`` solver first
+        solves a subsample, whose iterations are not counted).
     solve_time_s : float
     info : dict
-        Solver-specific extras (e.g. the fallback chain tried).
+        Solver-specific extras: ``zero_kink`` (``theta_ref`` certified optimal by the
+        subdifferential test), ``transport_cost`` / ``budget`` (Wasserstein),
+        ``optimality_gap`` (Wasserstein p = 1 with finite kappa: the certified relative
+        bound ``(L_U(theta) - min L_U) / max(1, L_U(theta))``, from weak duality; see
+        docs/formulations.md), and for ``cvxpy`` the fallback chain tried.
     """
 
     theta: np.ndarray
