@@ -84,9 +84,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(worker, out_path, tries: int = 3) -> None:
+    """``mp.spawn`` two ranks on a free port, retrying when another process took the port
+    between ``_free_port`` and rank 0's bind (the only failure retried)."""
+    for attempt in range(tries):
+        try:
+            mp.spawn(worker, args=(2, _free_port(), str(out_path)), nprocs=2, join=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is the port race
+            if "address already in use" not in str(exc).lower() or attempt == tries - 1:
+                raise
+
+
 def test_global_batch_equals_concatenated_batch(tmp_path):
     out = tmp_path / "ranks.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    _spawn(_worker, out)
     results = torch.load(out, weights_only=False)
     env, data, theta = _setup()
     pb = tb.PairBatch.from_data(data, np.arange(2 * (data.n // 2)))
@@ -142,7 +154,7 @@ def test_trainer_under_ddp_equals_one_process_on_the_global_batch(tmp_path):
     # cuts into batches of 8, so 2 ranks x 4 pairs see exactly the single-process batches.
     pytest.importorskip("transformers")
     out = tmp_path / "trainer.pt"
-    mp.spawn(_trainer_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    _spawn(_trainer_worker, out)
     ddp = torch.load(out, weights_only=False)
     single = _train_both(batch_size=8)
     for method, tol in (("kldpo-tau", 1e-10), ("wdpo", 1e-7)):
