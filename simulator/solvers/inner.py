@@ -417,7 +417,8 @@ def _w2(at, m, l, delta, amb, hess, worst, warm):
         if lam0 is not None and "w2_slope" in warm:  # first-order guess along the step
             guess = lam0 + float(warm["w2_slope"] @ (delta - warm["w2_at"]))
             lam0 = guess if guess > 0.5 * lam0 else lam0
-        hi, lo = solve_lambda(m, w, b, rho, kappa, lam0, warm.get("w2_roots", ()))
+        hi, lo = solve_lambda(m, w, b, rho, kappa, lam0, warm.get("w2_roots", ()),
+                              warm.get("w2_pair"))
         warm.pop("w2_slope", None)
     warm.update(w2=hi.lam, w2_roots=hi.roots, w2_at=delta, w2_pair=(hi, lo))
     value = hi.lam * rho**2 + float(w @ hi.value)

@@ -46,26 +46,39 @@ def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
 
     Newton steps from ``tau0`` (a warm start), kept inside a bracket that every
     evaluation of ``psi`` shrinks; a step leaving the bracket is replaced by bisection.
-    Atoms whose step falls below ``1e-15 max(1, |tau|)`` are done and leave the loop.
+    Atoms are done, and leave the loop, once the step or the error it leaves (about
+    ``psi'' step^2 / (2 |psi'|)``, Newton's quadratic convergence) is below
+    ``1e-15 max(1, |tau|)``.
     """
     tau = np.clip(tau0, lo, hi)
     lo, hi = lo.copy(), hi.copy()
-    act = np.arange(m.size)
+    act = None  # all atoms (no gather on the first sweep)
     for _ in range(_NEWTON_ITERS):
-        if act.size == 0:
+        if act is None:
+            mi, ti, li, hi_ = m, tau, lo, hi
+            act = slice(None)
+        elif act.size == 0:
             break
-        mi, ti, li, hi_ = m[act], tau[act], lo[act], hi[act]
+        else:
+            mi, ti, li, hi_ = m[act], tau[act], lo[act], hi[act]
         s = expit(ti - mi)
         psi = s - k * ti
         up = psi > 0
         li = np.where(up, ti, li)
         hi_ = np.where(up, hi_, ti)
+        ds = s * (1.0 - s)
+        dpsi = ds - k
         with np.errstate(divide="ignore", invalid="ignore"):
-            new = ti - psi / (s * (1.0 - s) - k)
+            new = ti - psi / dpsi
+            # Newton's error after this step is about psi'' step^2 / (2 |psi'|)
+            step = np.abs(new - ti)
+            nxt_err = np.abs(ds * (1.0 - 2.0 * s)) * step**2 / (2.0 * np.abs(dpsi))
         bad = ~((new >= li) & (new <= hi_))
         new = np.where(bad, 0.5 * (li + hi_), new)
         tau[act], lo[act], hi[act] = new, li, hi_
-        act = act[np.abs(new - ti) > 1e-15 * np.maximum(1.0, np.abs(new))]
+        scale = 1e-15 * np.maximum(1.0, np.abs(new))
+        keep = bad | ((step > scale) & ~(nxt_err <= 0.1 * scale))
+        act = np.flatnonzero(keep) if isinstance(act, slice) else act[keep]
     return tau
 
 
@@ -193,11 +206,14 @@ def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
 
 
 def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
-                   idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``lambda`` in ``[lo.lam, hi.lam]`` where atoms ``idx`` switch from their move at
-    ``lo`` (branch A) to their move at ``hi`` (B): the root of ``V_A - V_B``, whose
-    derivative in ``lambda`` is ``cost_B - cost_A`` (envelope theorem), by safeguarded
-    Newton; also the drop ``cost_A - cost_B`` of each atom's cost there."""
+                   idx: np.ndarray, bracket: tuple | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``lambda`` in ``bracket`` (default ``[lo.lam, hi.lam]``) where atoms ``idx`` switch
+    from their move at ``lo`` (branch A) to their move at ``hi`` (B): the root of
+    ``V_A - V_B``, whose derivative in ``lambda`` is ``cost_B - cost_A`` (envelope
+    theorem), by safeguarded Newton; also the drop ``cost_A - cost_B`` of each atom's
+    cost there."""
+    bracket = (lo.lam, hi.lam) if bracket is None else bracket
     # atoms with equal margins and branches switch together: one root per distinct key
     keys = np.column_stack([m[idx], lo.flip[idx], lo.right[idx], hi.flip[idx], hi.right[idx]])
     keys, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -206,7 +222,7 @@ def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
     b_branch = (keys[:, 3] > 0, keys[:, 4] > 0)
     out, drop = np.empty(mi.size), np.zeros(mi.size)
     for i in range(mi.size):  # a few distinct keys; one scalar root each
-        left, right = lo.lam, hi.lam
+        left, right = bracket
         lam = 0.5 * (left + right)
         for _ in range(100):
             va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
@@ -290,8 +306,15 @@ def _bracket_jump(m, w, b, kappa, lo, hi, g):
 
 
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
-                 lam0: float | None = None, start: tuple = ()) -> tuple[Moves, Moves]:
+                 lam0: float | None = None, start: tuple = (),
+                 jump: tuple | None = None) -> tuple[Moves, Moves]:
     """Minimise ``G(lambda) = lambda rho^2 + E_P phi`` over ``lambda > 0`` (``b, rho > 0``).
+
+    ``jump``, the ``(hi, lo)`` result of an earlier search that ended at a jump of
+    ``E cost`` within ``1e-4`` (relative) of ``lam0``, is tried first: the switch points
+    of its switching atoms are recomputed near ``lam0`` and, if one is still there,
+    ``G'`` is evaluated on both sides of it (two evaluations when ``lambda*`` is still
+    at that jump).
 
     Returns
     -------
@@ -312,6 +335,26 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
     lam = lam0 if lam0 is not None and lam0 > 0 else b / (2.0 * rho)
     lo = hi = None  # (moves, g) with g > 0 (lambda too small) and g <= 0
     last_side, prev, damp = 0, None, [1.0, 1.0]  # damp: Illinois factors of (lo, hi)
+    if (jump is not None and jump[0] is not jump[1] and lam0 is not None
+            and abs(jump[0].lam - lam0) <= 1e-4 * lam0):  # late Newton steps only
+        a, c = jump[1], jump[0]
+        idx = np.flatnonzero(a.flip != c.flip)
+        if 0 < np.unique(m[idx]).size <= _MAX_SWITCH:
+            ends = (lam0 * (1 - 1e-3), lam0 * (1 + 1e-3))
+            pts, _ = _switch_points(m, b, kappa, a, c, idx, ends)
+            pts = pts[(pts > ends[0] * (1 + 1e-12)) & (pts < ends[1] * (1 - 1e-12))]
+            if pts.size:  # the old switches are still near lam0
+                s = float(np.median(pts))
+                below, above = g(s * (1.0 - _SWITCH_EPS)), g(s * (1.0 + _SWITCH_EPS))
+                if below[1] > 0 >= above[1]:
+                    return above[0], below[0]
+                for mv, gv in (below, above):
+                    if gv > 0:
+                        lo = (mv, gv)
+                    else:
+                        hi = (mv, gv)
+                lam = math.sqrt(lo[0].lam * hi[0].lam) if lo and hi else (
+                    lo or hi)[0].lam * (1.01 if lo else 0.99)
     for _ in range(300):
         mv, gv = g(lam)
         if gv > 0:
