@@ -136,6 +136,28 @@ def test_lambda_search_brackets_the_budget(kappa, n):
         assert G(lam) <= min(G(lam * (1 + f)), G(lam * (1 - f))) + 1e-15
 
 
+@pytest.mark.parametrize("shift", [0.0, 1e-9, 1e-6, 1e-3])
+def test_lambda_search_from_a_previous_jump(shift, monkeypatch):
+    """Starting from an earlier search that ended at a jump gives the same lambda*."""
+    rng = np.random.default_rng(8)
+    n, b, rho, kappa = 50_000, 1.3, 0.3, 0.5
+    m = rng.standard_normal(n) * 2.0
+    w = np.full(n, 1.0 / n)
+    first = wasserstein2.solve_lambda(m, w, b, rho, kappa)
+    assert first[0] is not first[1]  # ended at a jump
+    moves = wasserstein2._moves
+    moved = m + shift * rng.standard_normal(n)
+    cold = wasserstein2.solve_lambda(moved, w, b, rho, kappa)
+    calls = []
+    monkeypatch.setattr(wasserstein2, "_moves", lambda *a: calls.append(1) or moves(*a))
+    warm = wasserstein2.solve_lambda(moved, w, b, rho, kappa, first[0].lam, (), first)
+    assert warm[0].lam == pytest.approx(cold[0].lam, rel=1e-12)
+    if shift <= 1e-6:  # the same atom still switches there: both sides, nothing else
+        assert len(calls) == 2
+    assert _cost(moved, b, warm[1].lam * (1 - 1e-12), kappa, w) >= rho**2 - 1e-14
+    assert _cost(moved, b, warm[0].lam * (1 + 1e-12), kappa, w) <= rho**2 + 1e-14
+
+
 def test_switch_points_are_ties():
     """Where an atom switches branch, both branches have the same value."""
     rng = np.random.default_rng(3)
