@@ -56,7 +56,7 @@ _SOLVERS = ("dual", "cvxpy")
 _STEP_TOL = 1e-13
 
 #: Problems with more atoms are started from the solution on a subsample of this size.
-_SUBSAMPLE_N = 100_000
+_SUBSAMPLE_N = 50_000
 
 #: Smoothing parameters of the p = 1, finite-kappa homotopy (simulator.solvers.wasserstein1).
 _MU_PATH = tuple(10.0 ** -k for k in range(1, 12))

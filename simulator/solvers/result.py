@@ -88,7 +88,7 @@ class Solution:
         ``||grad_theta L_U(theta)||`` at the returned point (for the Wasserstein p = 1,
         finite-kappa set, whose minimiser sits at a kink, the norm of one subgradient).
     iterations : int
-        Newton iterations on the full data (for ``n > 1e5`` the ``dual`` solver first
+        Newton iterations on the full data (for ``n > 5e4`` the ``dual`` solver first
         solves a subsample, whose iterations are not counted).
     solve_time_s : float
     info : dict
