@@ -46,7 +46,8 @@ from ..losses import dpo_loss, margins, softplus
 from .result import Evaluation, WorstCase
 from .wasserstein2 import Moves, solve_lambda
 
-__all__ = ["robust_objective", "Atoms", "InnerResult", "evaluate_inner", "prepare", "w2_blocks"]
+__all__ = ["robust_objective", "Atoms", "InnerResult", "evaluate_inner", "prepare", "w2_blocks",
+           "weighted_hess"]
 
 #: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``).
 _MOVE_TOL = 1e-13
@@ -94,7 +95,7 @@ def prepare(data, ambiguity, beta, theta_ref) -> tuple[Atoms, float, np.ndarray]
     return Atoms.from_data(data, beta), beta, theta_ref
 
 
-def _weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
+def weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
     """``sum_i c_i a_i a_i^T``."""
     return (at.a * c[:, None]).T @ at.a
 
@@ -106,7 +107,7 @@ def _reweighted(at: Atoms, q: np.ndarray) -> WorstCase:
 def _nominal(at, m, l, hess, dual=None):
     s = expit(-m)
     grad = -(at.w * s) @ at.a
-    h = (lambda: _weighted_hess(at, at.w * s * (1.0 - s))) if hess else None
+    h = (lambda: weighted_hess(at, at.w * s * (1.0 - s))) if hess else None
     return InnerResult(float(at.w @ l), dual, grad, h, _reweighted(at, at.w))
 
 
@@ -123,7 +124,7 @@ def _reweighting_result(at, m, q, value, dual, hess_extra, hess, q_hess=None):
     grad = -(q * s) @ at.a
 
     def h():
-        out = _weighted_hess(at, (q if q_hess is None else q_hess) * s * (1.0 - s))
+        out = weighted_hess(at, (q if q_hess is None else q_hess) * s * (1.0 - s))
         if hess_extra is not None:
             out = out + hess_extra(-s[:, None] * at.a)
         return out
@@ -292,7 +293,7 @@ def _w1(at, m, l, delta, amb, hess, worst):
         grad = grad + mu * beta * delta / dn
 
     def h():
-        out = _weighted_hess(at, w * s * (1.0 - s))
+        out = weighted_hess(at, w * s * (1.0 - s))
         if dn > 0:
             u = delta / dn
             out = out + (mu * beta / dn) * (np.eye(delta.size) - np.outer(u, u))

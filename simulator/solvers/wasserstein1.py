@@ -38,7 +38,7 @@ from scipy.optimize import brentq
 from scipy.special import expit
 
 from ..losses import softplus
-from .inner import Atoms, InnerResult
+from .inner import Atoms, InnerResult, weighted_hess
 
 __all__ = ["polish_face", "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
 
@@ -149,7 +149,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         grad = grad + g_l * beta * delta / dn
 
     def hess():
-        h = (a * (w * (s * (1.0 - s) + curv))[:, None]).T @ a
+        h = weighted_hess(at, w * (s * (1.0 - s) + curv))
         g_dl = -kappa * (w * curv) @ a
         g_ll = kappa**2 * float(w @ curv)
         if not clamped:  # lambda interior: Schur complement
@@ -181,6 +181,27 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: 
     return gap / max(1.0, lagrangian)
 
 
+def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float) -> InnerResult:
+    """``E_P l + qa . delta + nu ||delta||`` with its gradient and (lazy) Hessian.
+
+    ``L_q`` of :func:`w1_lagrangian` with ``qa = q . a`` and ``nu = (rho - kappa sum q)
+    beta``; also the stationarity part of the face system of :func:`_solve_face`.
+    """
+    m = at.a @ delta
+    dn = float(np.linalg.norm(delta))
+    s = expit(-m)
+    u = delta / dn if dn > 0 else np.zeros_like(delta)
+
+    def hess():
+        h = weighted_hess(at, at.w * s * (1.0 - s))
+        if dn > 0:
+            h = h + (nu / dn) * (np.eye(delta.size) - np.outer(u, u))
+        return h
+
+    value = float(at.w @ softplus(-m)) + float(qa @ delta) + nu * dn
+    return InnerResult(value, None, -(at.w * s) @ at.a + qa + nu * u, hess, None)
+
+
 def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float):
     """``L_q(delta) = E_P l + q . m + (rho - kappa sum q) beta ||delta||`` for ``q`` in ``Q``.
 
@@ -193,54 +214,32 @@ def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float):
         q = q * (rho / (kappa * float(q.sum())))
     qa = q @ at.a
     nu = max(rho - kappa * float(q.sum()), 0.0) * at.beta
-    w, a = at.w, at.a
-
-    def objective(delta: np.ndarray, warm: dict) -> InnerResult:
-        m = a @ delta
-        dn = float(np.linalg.norm(delta))
-        s = expit(-m)
-        u = delta / dn if dn > 0 else np.zeros_like(delta)
-        grad = -(w * s) @ a + qa + nu * u
-
-        def hess():
-            h = (a * (w * s * (1.0 - s))[:, None]).T @ a
-            if dn > 0:
-                h = h + (nu / dn) * (np.eye(delta.size) - np.outer(u, u))
-            return h
-
-        value = float(w @ softplus(-m)) + float(qa @ delta) + nu * dn
-        return InnerResult(value, None, grad, hess, None)
-
-    return objective
+    return lambda delta, warm: _lagrangian(at, delta, qa, nu)
 
 
-def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, full: np.ndarray,
-                r0: np.ndarray, clamped: bool, rho: float, kappa: float, tol: float,
-                max_iter: int):
+def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
+                r0: np.ndarray, full: np.ndarray, clamped: bool, rho: float, kappa: float,
+                tol: float, max_iter: int):
     """Newton's method on the optimality system of ``min F`` on one face (see polish_face).
 
-    ``tied`` holds one representative atom per group of identical atoms and ``r0`` the
-    groups' starting shares. Returns ``(delta, t, r)`` or ``None`` if Newton stalls.
+    ``tied`` holds one representative atom per group of identical atoms, ``big_w`` the
+    groups' weights and ``r0`` their starting shares. Returns ``(delta, t, r)`` or
+    ``None`` if Newton stalls.
     """
     w, a, beta, d = at.w, at.a, at.beta, delta.size
-    groups, big_w, k = a[tied], np.asarray(r0[1]), tied.size
-    r0 = r0[0]
+    groups, k = a[tied], tied.size
     a_full, w_full = w[full] @ a[full], float(w[full].sum())
 
     def residual(z):
         delta, r = z[:d], z[d + (0 if clamped else 1):]
-        m = a @ delta
-        s = expit(-m)
-        dn = float(np.linalg.norm(delta))
-        u = delta / dn
-        h = (a * (w * s * (1.0 - s))[:, None]).T @ a
-        g = -(w * s) @ a + a_full + (r * big_w) @ groups
         flipped = w_full + float(r @ big_w)
+        # stationarity: grad L_q = 0 for the shares q of this face (nu = 0 if lambda > b)
+        nu = (rho - kappa * flipped) * beta if clamped else 0.0
+        lag = _lagrangian(at, delta, a_full + (r * big_w) @ groups, nu)
+        g, h = lag.grad, lag.hess()
         if clamped:
-            nu = rho - kappa * flipped
-            g = g + nu * beta * u
-            h = h + (nu * beta / dn) * (np.eye(d) - np.outer(u, u))
-            slope = groups - kappa * beta * u  # d (a_j . delta - kappa b) / d delta
+            dn = float(np.linalg.norm(delta))
+            slope = groups - kappa * beta * delta / dn  # d (a_j . delta - kappa b) / d delta
             jac = np.zeros((d + k, d + k))
             jac[:d, :d], jac[:d, d:], jac[d:, :d] = h, (slope * big_w[:, None]).T, slope
             return np.concatenate([g, groups @ delta - kappa * beta * dn]), jac
@@ -308,7 +307,7 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
         if first.size > d + (0 if clamped else 1):
             return None
         r0 = np.clip(np.bincount(inverse, share[idx] * w[idx]) / big_w, 0.0, 1.0)
-        out = _solve_face(at, delta, t, idx[first], full, (r0, big_w), clamped, rho, kappa,
+        out = _solve_face(at, delta, t, idx[first], big_w, r0, full, clamped, rho, kappa,
                           tol, max_iter)
         if out is None:
             return None
