@@ -212,3 +212,23 @@ def run_special(args, cfg: dict[str, Any]) -> bool:
         Trainer(model, data, conf, out_dir=out).train()
         print(f"{method}: metrics in {out / 'metrics.csv'}")
     return True
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell or ``--model`` run (:mod:`experiments.validation`)."""
+    from simulator.torch_backend import WASSERSTEIN_FORMS, WASSERSTEIN_MODES
+
+    from .validation import POSITIVE, POSITIVE_INT, UNIT_INTERVAL, at_least, check, one_of
+
+    check(cfg, {"methods": one_of(*METHOD_ARGS), "vocab_size": at_least(4, integer=True),
+                "n_layer": POSITIVE_INT, "n_embd": POSITIVE_INT, "n_head": POSITIVE_INT,
+                "prompt_len": POSITIVE_INT, "response_len": POSITIVE_INT,
+                "n_pairs": POSITIVE_INT, "alpha_train": UNIT_INTERVAL,
+                "reward_scale": POSITIVE, "alpha_test": UNIT_INTERVAL, "n_eval": POSITIVE_INT,
+                "beta": POSITIVE, "lr": POSITIVE, "warmup_steps": at_least(0, integer=True),
+                "steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "tau": POSITIVE,
+                "rho": POSITIVE, "wdpo_form": one_of(*WASSERSTEIN_FORMS),
+                "wdpo_mode": one_of(*WASSERSTEIN_MODES), "torch_threads": POSITIVE_INT})
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ValueError(f"--n-embd (n_embd) must be a multiple of --n-head (n_head), got "
+                         f"{cfg['n_embd']} and {cfg['n_head']}")

@@ -250,3 +250,23 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
         out.append(row)
     table = pd.DataFrame(out).reindex(columns=list(SUMMARY_COLUMNS))
     return {"rates_summary": table}
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell runs (:mod:`experiments.validation`)."""
+    from .validation import (
+        ENV_SCHEMA,
+        NONNEGATIVE,
+        POSITIVE,
+        POSITIVE_INT,
+        PROBABILITY,
+        SOLVERS,
+        UNIT_INTERVAL,
+        check,
+        one_of,
+    )
+
+    check(cfg, {"methods": one_of(*METHODS), "rhos": POSITIVE, "n_grid": POSITIVE_INT,
+                "delta": PROBABILITY, "n_boot": POSITIVE_INT, "solver": one_of(*SOLVERS),
+                "schedule_c": NONNEGATIVE, "schedule_a": NONNEGATIVE,
+                "shift_noise": UNIT_INTERVAL, **ENV_SCHEMA})
