@@ -53,7 +53,10 @@ class NoWorkerError(RuntimeError):
     """No Dask worker was connected for longer than the timeout; the run can be resumed."""
 
 
+#: the parent pid this worker process watches (set by its first cell)
 _watched: list[int] = []
+
+
 def _watch_parent(parent: int) -> None:
     """Exit this worker process as soon as ``parent`` is no longer its parent."""
     while os.getppid() == parent:

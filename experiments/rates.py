@@ -252,21 +252,13 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
     return {"rates_summary": table}
 
 
+
 def validate(cfg: dict[str, Any]) -> None:
     """Check every key before any cell runs (:mod:`experiments.validation`)."""
-    from .validation import (
-        ENV_SCHEMA,
-        NONNEGATIVE,
-        POSITIVE,
-        POSITIVE_INT,
-        PROBABILITY,
-        SOLVERS,
-        UNIT_INTERVAL,
-        check,
-        one_of,
-    )
+    from . import validation as v
 
-    check(cfg, {"methods": one_of(*METHODS), "rhos": POSITIVE, "n_grid": POSITIVE_INT,
-                "delta": PROBABILITY, "n_boot": POSITIVE_INT, "solver": one_of(*SOLVERS),
-                "schedule_c": NONNEGATIVE, "schedule_a": NONNEGATIVE,
-                "shift_noise": UNIT_INTERVAL, **ENV_SCHEMA})
+    v.check(cfg, {"methods": v.one_of(*METHODS), "rhos": v.POSITIVE, "n_grid": v.POSITIVE_INT,
+                  "delta": v.PROBABILITY, "n_boot": v.POSITIVE_INT,
+                  "solver": v.one_of(*v.SOLVERS), "schedule_c": v.NONNEGATIVE,
+                  "schedule_a": v.NONNEGATIVE, "shift_noise": v.UNIT_INTERVAL,
+                  **v.ENV_SCHEMA})
