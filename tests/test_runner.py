@@ -167,6 +167,7 @@ def test_sigkill_mid_run_loses_nothing_and_resume_is_byte_identical(fake, tmp_pa
     assert (out / "fake.csv").read_bytes() == (ref / "fake.csv").read_bytes()
 
 
+@pytest.mark.timeout(120)
 def test_workers_end_with_a_killed_parent(fake, tmp_path):
     name, env = fake
     marker = tmp_path / "marker.txt"
@@ -262,6 +263,7 @@ def test_torn_rows_followed_by_a_newline_are_recomputed(fake, tmp_path):
         assert path.read_bytes() == full, kind
 
 
+@pytest.mark.timeout(120)
 def test_second_run_into_a_directory_in_use_is_refused(fake, tmp_path, capsys):
     name, env = fake
     out, marker = tmp_path / "out", tmp_path / "marker.txt"
@@ -320,6 +322,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.timeout(60)
 def test_unreachable_scheduler_is_a_one_line_error(tmp_path, capsys):
     t0 = time.perf_counter()
     status = main(["rates", "--quick", "--out", str(tmp_path), "--backend", "dask",
@@ -329,6 +332,7 @@ def test_unreachable_scheduler_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: cannot reach the Dask scheduler") and "\n" not in err
 
 
+@pytest.mark.timeout(120)
 def test_dask_without_worker_waits_then_stops_resumably(fake, tmp_path, capsys):
     distributed = pytest.importorskip("distributed")
     name, _ = fake
@@ -336,7 +340,10 @@ def test_dask_without_worker_waits_then_stops_resumably(fake, tmp_path, capsys):
     args = [name, "--out", str(tmp_path / "out"), "--no-progress", "--marker", str(marker),
             "--sleep", "0.3", "--n-cells", "10"]
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  protocol="tcp", host="127.0.0.1",
                                   dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")  # loopback
+
         def remove_worker_after_two_cells():
             _wait_for(lambda: len(_marker(marker)) >= 2)
             cluster.scale(0)
