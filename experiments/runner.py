@@ -376,7 +376,7 @@ def _run_locked(module: ModuleType, cfg: dict[str, Any], cells: list[dict[str, A
     done = {r["cell_id"] for r in rows}
     pending = [c for c in cells if cell_id(c) not in done]
     report = RunReport(name, results, len(cells), len(cells) - len(pending))
-    if echo:
+    if echo and pending:
         echo(f"{name}: {len(cells)} cells, {report.n_skipped} already done (reused), "
              f"{len(pending)} to compute")
 
