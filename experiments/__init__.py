@@ -20,10 +20,15 @@ from its default (lists are comma-separated on the command line). The module def
     def run_cell(cell: dict, cfg: dict) -> list[dict]
         # result rows of one cell; module-level, deterministic given (cell, cfg)
     def summarize(df: pandas.DataFrame, cfg: dict) -> dict[str, pandas.DataFrame]
-        # df: all rows with status 'ok'; each table is written to DIR/<key>.csv
+        # df: all rows with status 'ok'; each table is written to DIR/<key>.csv;
+        # df.attrs["failed"]: the failed cells (cell_id, error, cell parameters);
+        # experiments.runner.add_failed_count(table, df, keys) adds their count n_failed
 
 and optionally::
 
+    def validate(cfg: dict) -> None              # raise ValueError naming the bad key;
+                                                 # run before any cell or file (see
+                                                 # experiments.validation.check)
     def add_arguments(parser) -> None            # extra (non-config) flags
     def run_special(args, cfg) -> bool           # a mode that bypasses the grid
                                                  # runner when it returns True

@@ -6,23 +6,34 @@ default configuration (``experiments/configs/<experiment>.toml``) with its defau
 The experiment may also be given as a dotted module path (``mypkg.my_experiment``)
 of a module that follows the convention of :mod:`experiments`.
 
+The configuration is checked before anything runs or is written
+(:func:`experiments.runner.prepare`); ``--dry-run`` prints the grid size and the
+checked configuration and stops there.
+
 Exit status: 0 success, 1 some cells failed (recorded as ``status=error``),
-2 bad usage or configuration, 130 interrupted (rerun the same command to resume).
+2 bad usage or configuration (also: the results directory is in use by another run),
+3 no Dask worker left for ``--dask-timeout`` seconds, 130 interrupted (for 3 and 130
+the finished cells are saved: rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from types import ModuleType
 
-from .backends import BACKENDS, BackendUnavailableError
+from .backends import BACKENDS, DASK_TIMEOUT_S, BackendUnavailableError, NoWorkerError
 from .config import add_config_flags, load_defaults, resolve_config
-from .runner import ConfigMismatchError, run_experiment
+from .lock import ResultsLockedError
+from .runner import ConfigMismatchError, prepare, run_experiment
 
-__all__ = ["EXPERIMENTS", "load_experiment", "build_parser", "main"]
+__all__ = ["EXPERIMENTS", "load_experiment", "build_parser", "main", "EXIT_NO_WORKER"]
+
+#: exit status when no Dask worker was connected for --dask-timeout seconds (resumable)
+EXIT_NO_WORKER = 3
 
 #: name -> (module, optional extra that the module needs, one-line description)
 EXPERIMENTS: dict[str, tuple[str, str | None, str]] = {
@@ -96,6 +107,12 @@ def build_parser(module: ModuleType) -> argparse.ArgumentParser:
                      help="local (joblib processes) or dask (needs --scheduler)")
     run.add_argument("--scheduler", metavar="ADDRESS", default=None,
                      help="Dask scheduler address, e.g. tcp://10.0.0.1:8786 (--backend dask)")
+    run.add_argument("--dask-timeout", metavar="SECONDS", type=float, default=DASK_TIMEOUT_S,
+                     help="with --backend dask: how long to wait while no worker is connected "
+                          "before stopping (finished cells are saved; rerun to resume)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the configuration, print the grid size and the configuration, "
+                          "compute nothing")
     run.add_argument("--restart", action="store_true",
                      help="discard earlier results of this experiment in --out and start over")
     run.add_argument("--keep-errors", action="store_true",
@@ -131,15 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args._defaults, args._quick, use_quick=args.quick,
                              config_file=args.config, flags=flags)
+        cells = prepare(module, cfg)
+        if args.dry_run:
+            print(f"{module.NAME}: {len(cells)} cells; configuration (checked):\n"
+                  + json.dumps(cfg, indent=2))
+            return 0
         if hasattr(module, "run_special") and module.run_special(args, cfg):
             return 0
         report = run_experiment(module, cfg, args.out, jobs=args.jobs, backend=args.backend,
-                                scheduler=args.scheduler, restart=args.restart,
-                                retry_errors=not args.keep_errors,
+                                scheduler=args.scheduler, dask_timeout=args.dask_timeout,
+                                restart=args.restart, retry_errors=not args.keep_errors,
                                 progress=not args.no_progress)
-    except (ValueError, ConfigMismatchError, BackendUnavailableError) as exc:
+    except (ValueError, ConfigMismatchError, BackendUnavailableError,
+            ResultsLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NoWorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_WORKER
     except KeyboardInterrupt:
         print("\ninterrupted: finished cells are saved; rerun the same command to resume",
               file=sys.stderr)

@@ -124,14 +124,19 @@ def _show(value: Any) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
                      quick: dict[str, Any], source: str) -> None:
-    """Add one ``--<key>`` flag per configuration key, stored as ``cfg_<key>`` when given."""
+    """Add one ``--<key-with-dashes>`` flag per configuration key (``--<key>`` too).
+
+    The value is stored as ``cfg_<key>`` when given; the TOML spelling ``--n_seeds``
+    is accepted as well as ``--n-seeds``.
+    """
     group = parser.add_argument_group(
         f"experiment parameters (defaults from {source}; lists comma-separated)")
     for key, value in defaults.items():
         help_ = f"default {_show(value)}"
         if key in quick:
             help_ += f"; --quick: {_show(quick[key])}"
-        group.add_argument(flag_name(key), dest=f"cfg_{key}", default=argparse.SUPPRESS,
+        spellings = dict.fromkeys([flag_name(key), f"--{key}"])  # --n-seeds and --n_seeds
+        group.add_argument(*spellings, dest=f"cfg_{key}", default=argparse.SUPPRESS,
                            metavar=type(value[0] if isinstance(value, list) and value
                                         else value).__name__.upper()
                            + ("[,...]" if isinstance(value, list) else ""),

@@ -212,3 +212,25 @@ def run_special(args, cfg: dict[str, Any]) -> bool:
         Trainer(model, data, conf, out_dir=out).train()
         print(f"{method}: metrics in {out / 'metrics.csv'}")
     return True
+
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell or ``--model`` run (:mod:`experiments.validation`)."""
+    from simulator.torch_backend import WASSERSTEIN_FORMS, WASSERSTEIN_MODES
+
+    from . import validation as v
+
+    count = v.POSITIVE_INT
+    v.check(cfg, {"methods": v.one_of(*METHOD_ARGS), "vocab_size": v.at_least(4, integer=True),
+                  "n_layer": count, "n_embd": count, "n_head": count, "prompt_len": count,
+                  "response_len": count, "n_pairs": count, "n_eval": count, "steps": count,
+                  "batch_size": count, "torch_threads": count,
+                  "warmup_steps": v.NONNEGATIVE_INT, "alpha_train": v.UNIT_INTERVAL,
+                  "alpha_test": v.UNIT_INTERVAL, "reward_scale": v.POSITIVE,
+                  "beta": v.POSITIVE, "lr": v.POSITIVE, "tau": v.POSITIVE, "rho": v.POSITIVE,
+                  "wdpo_form": v.one_of(*WASSERSTEIN_FORMS),
+                  "wdpo_mode": v.one_of(*WASSERSTEIN_MODES)})
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ValueError(f"--n-embd (n_embd) must be a multiple of --n-head (n_head), got "
+                         f"{cfg['n_embd']} and {cfg['n_head']}")

@@ -250,3 +250,15 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
         out.append(row)
     table = pd.DataFrame(out).reindex(columns=list(SUMMARY_COLUMNS))
     return {"rates_summary": table}
+
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell runs (:mod:`experiments.validation`)."""
+    from . import validation as v
+
+    v.check(cfg, {"methods": v.one_of(*METHODS), "rhos": v.POSITIVE, "n_grid": v.POSITIVE_INT,
+                  "delta": v.PROBABILITY, "n_boot": v.POSITIVE_INT,
+                  "solver": v.one_of(*v.SOLVERS), "schedule_c": v.NONNEGATIVE,
+                  "schedule_a": v.NONNEGATIVE, "shift_noise": v.UNIT_INTERVAL,
+                  **v.ENV_SCHEMA})

@@ -17,7 +17,8 @@ implicit reward; ties count one half), ``test_reward`` (``env.expected_reward`` 
 ``pi_theta`` under ``r_alpha_test``), ``test_reward_ref`` (the same for ``pi_ref``)
 and ``norm`` (``||theta||``). ``shift_summary.csv``: per ``(method, rho)`` the mean
 over seeds of the in-distribution values (``alpha_test = alpha_train``) and of the
-worst values over the ``alpha_test`` grid (largest loss, smallest accuracy and reward).
+worst values over the ``alpha_test`` grid (largest loss, smallest accuracy and reward),
+and ``n_failed``, the number of failed cells of the row (left out of the means).
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ import simulator as sim
 from simulator.losses import dpo_loss, margins
 
 from .rates import METHODS, ambiguity
+from .runner import add_failed_count
+from .validation import (
+    ENV_SCHEMA,
+    NONNEGATIVE_INT,
+    POSITIVE,
+    SOLVERS,
+    UNIT_INTERVAL,
+    check,
+    in_range,
+    one_of,
+)
 
 NAME = "shift"
 DESCRIPTION = ("Preference shift (SPEC 2, 6): train DPO, KLDPO, chi2-DPO and WDPO on one "
@@ -63,14 +75,16 @@ def mixture_env(cfg: dict[str, Any], alpha: float) -> sim.FiniteEnv:
     return env.reward_mixture(r2, alpha)
 
 
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell runs (:mod:`experiments.validation`)."""
+    check(cfg, {"methods": one_of(*METHODS), "rhos": POSITIVE,
+                "alpha_train": UNIT_INTERVAL, "alpha_test": UNIT_INTERVAL,
+                "n_train": NONNEGATIVE_INT, "solver": one_of(*SOLVERS),
+                "shift_angle": in_range(0, 180, closed=True), **ENV_SCHEMA})
+
+
 def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One cell per ``(method, rho, seed)``; ``dpo`` only at ``rho = 0``."""
-    bad = [m for m in cfg["methods"] if m not in METHODS]
-    if bad:
-        raise ValueError(f"methods must be among {METHODS}, got {bad}")
-    if any(not 0 <= a <= 1 for a in [*cfg["alpha_test"], cfg["alpha_train"]]):
-        raise ValueError("alpha_train and alpha_test must lie in [0, 1], got "
-                         f"{cfg['alpha_train']} and {cfg['alpha_test']}")
     n_seeds = 1 if cfg["n_train"] == 0 else cfg["n_seeds"]
     return [{"method": m, "rho": float(rho), "seed": s}
             for m in cfg["methods"] for rho in ([0.0] if m == "dpo" else cfg["rhos"])
@@ -116,4 +130,4 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
     table = per.groupby(["method", "rho"], sort=False).agg(
         **{c: (c, "mean") for c in metrics}, n_seeds=("seed", "nunique")).reset_index()
     table.insert(2, "alpha_in", a_in)
-    return {"shift_summary": table}
+    return {"shift_summary": add_failed_count(table, df, ["method", "rho"])}

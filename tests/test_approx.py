@@ -10,6 +10,7 @@ import pytest
 import simulator as sim
 from experiments import approx
 from experiments.__main__ import main
+from experiments.config import load_defaults
 from simulator.optim import solve_surrogate, train
 from simulator.surrogates import surrogate_loss
 
@@ -153,10 +154,29 @@ def test_cells_cover_the_three_sweeps():
     assert [c["sweep"] for c in cells].count("tau") == 3
     assert [c["batch_size"] for c in cells if c["sweep"] == "batch"] == [8, 0]
     json.dumps(cells)
-    with pytest.raises(ValueError, match="surrogate must approximate"):
-        approx.cells(dict(cfg, radius_surrogates=["drdpo"]))
-    with pytest.raises(ValueError, match="tau_surrogates must take"):
-        approx.cells(dict(cfg, tau_surrogates=["kl-var"]))
+    full, _ = load_defaults(approx)
+    approx.validate(full)
+    with pytest.raises(ValueError, match=r"--radius-surrogates \(radius_surrogates\).*drdpo"):
+        approx.validate(dict(full, radius_surrogates=["drdpo"]))
+    with pytest.raises(ValueError, match=r"--tau-surrogates \(tau_surrogates\).*kl-var"):
+        approx.validate(dict(full, tau_surrogates=["kl-var"]))
+
+
+def test_failed_cells_are_counted_per_summary_row(tmp_path, monkeypatch, capsys):
+    real = approx.run_cell
+
+    def flaky(cell, cfg):
+        if cell["rho"] == 0.05:
+            raise RuntimeError("no convergence")
+        return real(cell, cfg)
+
+    monkeypatch.setattr(approx, "run_cell", flaky)
+    assert main(["approx", "--quick", "--radius-surrogates", "kl-var,wdpo-gr",
+                 "--tau-surrogates", "", "--batch-surrogates", "", "--out", str(tmp_path),
+                 "--no-progress"]) == 1
+    assert "warning: 2 of 6 cells failed" in capsys.readouterr().out
+    summary = pd.read_csv(tmp_path / "approx_summary.csv")
+    assert list(summary["n_failed"]) == [1, 1] and list(summary["n_cells"]) == [2, 2]
 
 
 def test_quick_run_writes_results_summary_and_figure(tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +110,60 @@ def test_dask_needs_scheduler_and_bad_flag_values(capsys, tmp_path):
     assert cli.main(["rates", "--n-seeds", "many", "--out", str(tmp_path)]) == 2
     assert "n_seeds must be an integer, got 'many'" in capsys.readouterr().err
     assert not (tmp_path / "rates.csv").exists()
+
+
+@pytest.mark.parametrize(("name", "flags", "key"), [
+    ("rates", ["--dim", "0"], "dim"),
+    ("rates", ["--beta", "-1"], "beta"),
+    ("rates", ["--solver", "foo"], "solver"),
+    ("rates", ["--delta", "2"], "delta"),
+    ("rates", ["--theta-norm", "nan"], "theta_norm"),
+    ("rates", ["--n-grid", "0,300"], "n_grid"),
+    ("rates", ["--n-boot", "0"], "n_boot"),
+    ("rates", ["--n-seeds", "0"], "n_seeds"),
+    ("rates", ["--methods", "dpo,kl"], "methods"),
+    ("shift", ["--alpha-test", "0,1.5"], "alpha_test"),
+    ("shift", ["--n-train", "-5"], "n_train"),
+    ("approx", ["--batch-sizes", "8,-1"], "batch_sizes"),
+    ("approx", ["--tau-surrogates", "wdpo-gr"], "tau_surrogates"),
+    ("llm", ["--rho", "-1"], "rho"),
+    ("llm", ["--n-embd", "30", "--n-head", "4"], "n_embd"),
+])
+def test_bad_values_are_refused_up_front_naming_the_key(name, flags, key, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main([name, *flags, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --{key.replace('_', '-')} ({key})") and "\n" not in err
+    assert not out.exists()  # nothing computed, no <name>_config.json
+
+
+def test_dry_run_prints_grid_size_and_checked_config(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["rates", "--quick", "--n_seeds", "3", "--rhos", "0.03,0.1", "--dry-run",
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # 4 robust methods x 2 radii + dpo at rho = 0, times 3 seeds
+    assert text.startswith("rates: 27 cells; configuration (checked):")
+    cfg = json.loads(text.split("\n", 1)[1])
+    assert cfg["n_seeds"] == 3 and cfg["rhos"] == [0.03, 0.1] and cfg["n_boot"] == 300
+    assert not out.exists()
+
+
+def test_toml_spelling_of_flags_is_accepted(capsys):
+    for spelling in ("--n_seeds", "--n-seeds"):
+        assert cli.main(["shift", spelling, "4", "--alpha_train", "0.5", "--dry-run"]) == 0
+        cfg = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+        assert cfg["n_seeds"] == 4 and cfg["alpha_train"] == 0.5
+
+
+@pytest.mark.parametrize("where", ["file", "below_file", "unwritable"])
+def test_unusable_out_is_a_one_line_error(where, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    out = {"file": target, "below_file": target / "sub",
+           "unwritable": Path("/sys/drdpo-test-results")}[where]  # sysfs refuses mkdir
+    assert cli.main(["rates", "--quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out '{out}' cannot be used as a results directory")
+    assert "\n" not in err
+    assert target.read_text() == "not a directory"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -14,14 +16,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.__main__ import main
-from experiments.runner import ConfigMismatchError, cell_id, run_experiment
+from experiments.__main__ import EXIT_NO_WORKER, main
+from experiments.runner import ConfigMismatchError, add_failed_count, cell_id, run_experiment
 
 FAKE = '''
 import os
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_info
 
 NAME = "fake"
 DESCRIPTION = "A fake experiment for the runner tests."
@@ -44,7 +47,10 @@ def run_cell(cell, cfg):
         raise ArithmeticError("boom in cell")
     time.sleep(cfg["sleep"])
     rng = np.random.default_rng(cell["seed"])
-    return [{"value": float(rng.standard_normal() * cfg["scale"]), "k": k} for k in range(2)]
+    # the BLAS thread count the cell ran with: the same (one) in every backend
+    threads = max(p["num_threads"] for p in threadpool_info())
+    return [{"value": float(rng.standard_normal() * cfg["scale"]), "k": k, "threads": threads}
+            for k in range(2)]
 
 
 def summarize(df, cfg):
@@ -101,29 +107,81 @@ def test_interrupted_run_resumes_without_recomputing(fake, tmp_path, monkeypatch
     assert len(_marker(marker)) == 7
 
 
-def test_sigkill_mid_run_loses_nothing(fake, tmp_path):
+def _start(name, out, *args, env):
+    cmd = [sys.executable, "-m", "experiments", name, "--out", str(out), "--no-progress", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(predicate, seconds=60.0):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live (non-zombie) processes below ``pid``, from /proc."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parent[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigkill_mid_run_loses_nothing_and_resume_is_byte_identical(fake, tmp_path):
     name, env = fake
     out, ref = tmp_path / "out", tmp_path / "ref"
     marker = tmp_path / "marker.txt"
     args = ["--marker", str(marker), "--sleep", "0.25", "--n-cells", "12"]
-    cmd = [sys.executable, "-m", "experiments", name, "--out", str(out), "--no-progress", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while len(_marker(marker)) < 4 and time.time() < deadline:
-        time.sleep(0.05)
+    proc = _start(name, out, *args, "--jobs", "2", env=env)
+    _wait_for(lambda: len(_marker(marker)) >= 4)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = set(pd.read_csv(out / "fake.csv")["i"])
-    assert 2 <= len(saved) < 12
+    assert 1 <= len(saved) < 12
+    _wait_for(lambda: not _descendants(proc.pid), 10)  # no worker may still append cells
     n_before = len(_marker(marker))
-    assert _cli(name, out, *args, env=env).returncode == 0
+    assert _cli(name, out, *args, env=env).returncode == 0  # resumed with --jobs 1
     rerun = _marker(marker)[n_before:]
     assert not saved & set(rerun)
     assert sorted(saved | set(rerun)) == list(range(12))
     assert _cli(name, ref, *args, env=env).returncode == 0
-    a = pd.read_csv(out / "fake.csv")
-    b = pd.read_csv(ref / "fake.csv")
-    pd.testing.assert_frame_equal(a, b)
+    assert (out / "fake.csv").read_bytes() == (ref / "fake.csv").read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_workers_end_with_a_killed_parent(fake, tmp_path):
+    name, env = fake
+    marker = tmp_path / "marker.txt"
+    proc = _start(name, tmp_path / "out", "--marker", str(marker), "--sleep", "2",
+                  "--n-cells", "8", "--jobs", "2", env=env)
+    _wait_for(lambda: len(_marker(marker)) >= 2)
+    children = _descendants(proc.pid)
+    assert len(children) >= 2  # the loky workers (and its resource tracker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10  # workers poll their parent every 0.5 s; a cell sleeps 2 s
+    while any(map(_alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in children if _alive(p)]
 
 
 def test_error_cell_recorded_others_finish_and_retried(fake, tmp_path, monkeypatch):
@@ -147,14 +205,15 @@ def test_error_cell_recorded_others_finish_and_retried(fake, tmp_path, monkeypat
     assert list(df["i"]) == sorted(df["i"])
 
 
-def test_jobs_1_and_2_give_identical_files(fake, tmp_path):
+def test_jobs_1_and_2_give_identical_files_with_one_blas_thread(fake, tmp_path):
     name, env = fake
     for jobs in (1, 2):
         res = _cli(name, tmp_path / f"j{jobs}", "--jobs", str(jobs), "--n-cells", "8", env=env)
         assert res.returncode == 0, res.stderr
     a = (tmp_path / "j1" / "fake.csv").read_bytes()
     assert a == (tmp_path / "j2" / "fake.csv").read_bytes()
-    assert len(pd.read_csv(tmp_path / "j1" / "fake.csv")) == 16
+    df = pd.read_csv(tmp_path / "j1" / "fake.csv")
+    assert len(df) == 16 and (df["threads"] == 1).all()
 
 
 def test_changed_config_is_refused_and_restart_discards(fake, tmp_path):
@@ -171,17 +230,141 @@ def test_changed_config_is_refused_and_restart_discards(fake, tmp_path):
     assert len(df) == 12 and len(ref) == 6
 
 
-def test_truncated_last_line_is_dropped(fake, tmp_path):
+def _spoil(header: bytes, line: bytes, column: str) -> bytes:
+    """``line`` with a letter appended to its value in ``column`` (no quoted fields)."""
+    fields = line.decode().rstrip("\n").split(",")
+    fields[header.decode().rstrip("\n").split(",").index(column)] += "x"
+    return (",".join(fields) + "\n").encode()
+
+
+def test_torn_rows_followed_by_a_newline_are_recomputed(fake, tmp_path):
     name, _ = fake
     out = tmp_path / "out"
     assert main([name, "--out", str(out), "--no-progress"]) == 0
     path = out / "fake.csv"
     full = path.read_bytes()
-    path.write_bytes(full[: full.rfind(b"\n", 0, len(full) - 1) + 5])  # cut into the last row
+    lines = full.splitlines(keepends=True)
     module = importlib.import_module(name)
     cfg = {k: v for k, v in module.DEFAULT_CONFIG.items() if k != "quick"}
-    report = run_experiment(module, cfg, out, progress=False, echo=None)
-    assert report.n_run == 1 and path.read_bytes() == full
+    torn = {
+        # the last row cut short by a kill (no newline)
+        "cut": full[: full.rfind(b"\n", 0, len(full) - 1) + 5],
+        # the last row cut short, then a newline: fewer fields than the header
+        "short": b"".join(lines[:-1]) + lines[-1][:20] + b"\n",
+        # a row cut short and glued to the next one: more fields than the header
+        "glued": b"".join(lines[:3]) + lines[3][:-12] + b"".join(lines[4:]),
+        # the field count is right but a number is not
+        "type": b"".join(lines[:5]) + _spoil(lines[0], lines[5], "value") + b"".join(lines[6:]),
+    }
+    for kind, text in torn.items():
+        path.write_bytes(text)
+        report = run_experiment(module, cfg, out, progress=False, echo=None)
+        assert report.n_run == 1, kind
+        assert path.read_bytes() == full, kind
+
+
+@pytest.mark.timeout(120)
+def test_second_run_into_a_directory_in_use_is_refused(fake, tmp_path, capsys):
+    name, env = fake
+    out, marker = tmp_path / "out", tmp_path / "marker.txt"
+    args = ["--marker", str(marker), "--sleep", "0.3", "--n-cells", "40"]
+    proc = _start(name, out, *args, env=env)
+    _wait_for(lambda: len(_marker(marker)) >= 1)
+    assert main([name, "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another run" in err and str(proc.pid) in err
+    assert len(err.strip().splitlines()) == 1
+    os.kill(proc.pid, signal.SIGKILL)  # the lock file stays behind, but its lock is gone
+    proc.wait()
+    assert (out / ".fake.lock").read_text().split()[0] == str(proc.pid)
+    assert main([name, "--out", str(out), "--no-progress", "--n-cells", "40",
+                 "--marker", str(marker)]) == 0
+    text = capsys.readouterr().out
+    assert f"pid host: {proc.pid}" in text and "taking it over" in text
+    assert not (out / ".fake.lock").exists()  # released on a normal exit
+    # and released when the run fails (here: a configuration mismatch)
+    module = importlib.import_module(name)
+    with pytest.raises(ConfigMismatchError):
+        run_experiment(module, {**module.DEFAULT_CONFIG, "n_cells": 3}, out, echo=None)
+    assert not (out / ".fake.lock").exists()
+
+
+def test_rerun_reports_reused_and_computed_cells(fake, tmp_path, capsys):
+    name, _ = fake
+    out = tmp_path / "out"
+    assert main([name, "--out", str(out), "--no-progress", "--n-cells", "4"]) == 0
+    assert "fake: 0 cells reused, 4 computed, 0 failed" in capsys.readouterr().out
+    assert main([name, "--out", str(out), "--no-progress", "--n-cells", "4"]) == 0
+    assert "every cell was already done (4 reused, 0 computed)" in capsys.readouterr().out
+
+
+def test_failed_cells_are_named_and_counted(fake, tmp_path, monkeypatch, capsys):
+    name, _ = fake
+    monkeypatch.setenv("FAKE_FAIL", "4")
+    assert main([name, "--out", str(tmp_path), "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    cid = cell_id({"i": 4, "seed": 104})
+    assert "warning: 1 of 6 cells failed" in text
+    assert f"{cid} (i=4, seed=104): ArithmeticError: boom in cell" in text
+    df = pd.read_csv(tmp_path / "fake.csv")
+    table = df[df["status"] == "ok"].groupby("i", as_index=False)["value"].mean()
+    ok = df[df["status"] == "ok"].reset_index(drop=True)
+    ok.attrs["failed"] = df.loc[df["status"] != "ok", ["cell_id", "error", "i", "seed"]]
+    counted = add_failed_count(table, ok, ["i"])
+    assert list(counted["i"]) == [0, 1, 2, 3, 5, 4]  # the all-failed group comes last
+    assert list(counted["n_failed"]) == [0, 0, 0, 0, 0, 1]
+    assert counted["value"].iloc[:5].notna().all() and counted["value"].isna().iloc[5]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_scheduler_is_a_one_line_error(tmp_path, capsys):
+    t0 = time.perf_counter()
+    status = main(["rates", "--quick", "--out", str(tmp_path), "--backend", "dask",
+                   "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--no-progress"])
+    assert status == 2 and time.perf_counter() - t0 < 20
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Dask scheduler") and "\n" not in err
+
+
+@pytest.mark.timeout(120)
+def test_dask_without_worker_waits_then_stops_resumably(fake, tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    name, _ = fake
+    marker = tmp_path / "marker.txt"
+    args = [name, "--out", str(tmp_path / "out"), "--no-progress", "--marker", str(marker),
+            "--sleep", "0.3", "--n-cells", "10"]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  protocol="tcp", host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")  # loopback
+
+        def remove_worker_after_two_cells():
+            _wait_for(lambda: len(_marker(marker)) >= 2)
+            cluster.scale(0)
+
+        thread = threading.Thread(target=remove_worker_after_two_cells)
+        thread.start()
+        t0 = time.perf_counter()
+        status = main([*args, "--backend", "dask", "--scheduler", cluster.scheduler_address,
+                       "--dask-timeout", "2"])
+        elapsed = time.perf_counter() - t0
+        thread.join()
+    assert status == EXIT_NO_WORKER and elapsed < 60
+    err = capsys.readouterr().err
+    assert "no Dask worker is connected" in err and "waiting up to 2 s" in err
+    assert "rerun the same command to resume" in err
+    saved = set(pd.read_csv(tmp_path / "out" / "fake.csv")["i"])
+    assert 1 <= len(saved) < 10  # the cell that was running when the worker left is lost
+    n_before = len(_marker(marker))
+    assert main(args) == 0  # resumed locally: only the missing cells run
+    assert sorted(saved | set(_marker(marker)[n_before:])) == list(range(10))
+    assert not saved & set(_marker(marker)[n_before:])
 
 
 def test_dask_backend_matches_local(fake, tmp_path):

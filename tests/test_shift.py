@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import simulator as sim
+from experiments import shift
 from experiments.__main__ import main
 from experiments.shift import cells, evaluate, mixture_env
 from figures.__main__ import main as figures_main
@@ -81,3 +82,28 @@ def test_shift_figure_without_solving(quick, tmp_path, monkeypatch):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", data[16:24])
     assert w > 800 and h > 300 and len(data) > 20_000
+
+
+def test_failed_cells_are_counted_per_summary_row(tmp_path, monkeypatch, capsys):
+    """A failed seed is left out of the means and counted in n_failed; a (method, rho)
+    whose cells all failed still gets a row."""
+    real = shift.run_cell
+
+    def flaky(cell, cfg):
+        if cell["method"] == "wdpo1" or (cell["method"] == "kldpo" and cell["seed"] == 1):
+            raise RuntimeError("solver stalled")
+        return real(cell, cfg)
+
+    monkeypatch.setattr(shift, "run_cell", flaky)
+    assert main(["shift", "--methods", "dpo,kldpo,wdpo1", "--rhos", "0.1", "--n-seeds", "3",
+                 "--alpha-test", "0,1", "--n-train", "200", "--out", str(tmp_path),
+                 "--no-progress"]) == 1
+    assert "warning: 4 of 9 cells failed" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "shift.csv")
+    summary = pd.read_csv(tmp_path / "shift_summary.csv").set_index("method")
+    assert summary["n_failed"].to_dict() == {"dpo": 0, "kldpo": 1, "wdpo1": 3}
+    assert summary.loc["kldpo", "n_seeds"] == 2 and np.isnan(summary.loc["wdpo1", "in_reward"])
+    kl = df[(df["method"] == "kldpo") & (df["status"] == "ok")]
+    assert sorted(kl["seed"].unique()) == [0, 2]
+    worst = kl.groupby("seed")["test_reward"].min().mean()
+    assert summary.loc["kldpo", "worst_reward"] == pytest.approx(worst, rel=1e-12)
