@@ -72,7 +72,7 @@ def test_model_and_data_mode_trains_a_saved_model(tmp_path):
     import json
 
     model = llm.build_model({"vocab_size": 16, "prompt_len": 4, "response_len": 8,
-                             "n_embd": 16, "n_layer": 1, "n_head": 2}, 0).float()
+                             "n_embd": 16, "n_layer": 1, "n_head": 2, "dtype": "float32"}, 0)
     model.save_pretrained(tmp_path / "model")
     g = torch.Generator().manual_seed(0)
     with open(tmp_path / "d.jsonl", "w") as fh:

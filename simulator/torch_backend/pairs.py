@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["FIELDS", "TokenizedPairs", "PairTensors", "load_jsonl", "tokenize_records",
-           "check_vocab"]
+           "check_vocab", "token_ids"]
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -93,7 +93,13 @@ def _check_record(rec, where: str) -> None:
             raise ValueError(f"{where}: field {f!r} is empty (a response needs at least one token)")
 
 
-def _ids(value, tokenizer, where: str, field: str) -> list[int]:
+def token_ids(value, tokenizer, where: str, field: str) -> list[int]:
+    """Validated token ids of a field: text through ``tokenizer`` or a list of integers.
+
+    Raises ``ValueError`` naming ``where`` (``file:line``), the field and the value on
+    text without tokenizer, an entry that is not an integer (``1.7``, ``true``,
+    ``"a"``, a nested list) or a negative id.
+    """
     if isinstance(value, str):
         if tokenizer is None:
             raise ValueError(f"{where}: field {field!r} is text but no tokenizer was given "
@@ -139,7 +145,7 @@ def tokenize_records(records: Sequence[dict], tokenizer=None, vocab_size: int | 
     for k, rec in enumerate(records):
         where = f"record {k}" if wheres is None else wheres[k]
         _check_record(rec, where)
-        triple = tuple(_ids(rec[f], tokenizer, where, f) for f in FIELDS)
+        triple = tuple(token_ids(rec[f], tokenizer, where, f) for f in FIELDS)
         for f, ids in zip(FIELDS[1:], triple[1:], strict=True):
             if not ids:
                 raise ValueError(f"{where}: field {f!r} is empty after tokenisation")

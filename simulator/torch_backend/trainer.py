@@ -305,10 +305,13 @@ class Trainer:
     @torch.no_grad()
     def _reference_logps(self, ref) -> torch.Tensor:
         cache = None if self.out_dir is None else self.out_dir / "reference_logps.pt"
+        # the cache is valid for these pairs and this reference only
+        key = None if cache is None else {"data_sha256": self._data_sha(), "reference": [
+            float(p.detach().double().sum()) for p in ref.parameters()]}
         if cache is not None and cache.exists():
             saved = torch.load(cache, map_location=self.device)
-            if saved.shape == (len(self.data), 2):
-                return saved
+            if isinstance(saved, dict) and saved.get("key") == key:
+                return saved["logps"]
         ref.eval()
         out = torch.empty(len(self.data), 2, dtype=torch.float64, device=self.device)
         step = max(self.cfg.batch_size, 1)
@@ -320,7 +323,7 @@ class Trainer:
             out[idx, 0], out[idx, 1] = lp[: len(idx)].double(), lp[len(idx):].double()
         if cache is not None and self.rank == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(out.cpu(), cache)
+            torch.save({"logps": out.cpu(), "key": key}, cache)
         return out
 
     def _indices(self, micro: int) -> list[int]:
@@ -414,10 +417,12 @@ class Trainer:
         """What ``train_config.json`` holds: the :class:`TrainConfig`, ``world_size``,
         ``global_batch`` (pairs per optimizer step: ``batch_size x grad_accum x world_size``),
         ``n_pairs`` and ``data_sha256`` (of the tokenised pairs)."""
-        digest = hashlib.sha256(json.dumps(self.data.examples).encode()).hexdigest()
         return {**asdict(self.cfg), "world_size": self.world,
                 "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.world,
-                "n_pairs": len(self.data), "data_sha256": digest}
+                "n_pairs": len(self.data), "data_sha256": self._data_sha()}
+
+    def _data_sha(self) -> str:
+        return hashlib.sha256(json.dumps(self.data.examples).encode()).hexdigest()
 
     def check_resume(self) -> None:
         """Refuse to resume ``out_dir`` when it was trained with another configuration.
