@@ -378,7 +378,7 @@ def generate_responses(model, prompts: list[list[int]], cfg: dict[str, Any], pad
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
             seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                  do_sample=True, temperature=cfg["temperature"],
-                                 top_k=cfg["top_k"] or None, max_new_tokens=cfg["response_len"],
+                                 top_k=cfg["top_k"], max_new_tokens=cfg["response_len"],
                                  min_new_tokens=1, pad_token_id=pad_id, eos_token_id=eos_id)
         for row in seq[:, width:].tolist():
             cut = row.index(eos_id) + 1 if eos_id is not None and eos_id in row else len(row)

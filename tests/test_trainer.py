@@ -207,6 +207,8 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     other_data = TokenizedPairs(_records(16, seed=1))
     with pytest.raises(ValueError, match=r"data_sha256"):
         Trainer(_model(), other_data, TrainConfig(**kw), out_dir=tmp_path).train()
+    with pytest.raises(ValueError, match=r"model_sha256"):
+        Trainer(_model(seed=3), data, TrainConfig(**kw), out_dir=tmp_path).train()
     assert (tmp_path / "train_config.json").read_text() == saved  # nothing overwritten
     # keys that do not change the results may differ; the run then completes
     rows = Trainer(_model(), data, TrainConfig(**dict(kw, checkpoint_every=1)),

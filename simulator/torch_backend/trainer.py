@@ -266,6 +266,7 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(config.seed)
         self.model = model.to(self.device)
+        self.model_sha = _fingerprint(self.model)  # of the initial model (train_config.json)
         table = getattr(self.model, "get_input_embeddings", lambda: None)()
         if isinstance(getattr(table, "num_embeddings", None), int):
             data.check_vocab(table.num_embeddings)
@@ -306,8 +307,8 @@ class Trainer:
     def _reference_logps(self, ref) -> torch.Tensor:
         cache = None if self.out_dir is None else self.out_dir / "reference_logps.pt"
         # the cache is valid for these pairs and this reference only
-        key = None if cache is None else {"data_sha256": self._data_sha(), "reference": [
-            float(p.detach().double().sum()) for p in ref.parameters()]}
+        key = None if cache is None else {"data_sha256": self._data_sha(),
+                                          "reference": _fingerprint(ref)}
         if cache is not None and cache.exists():
             saved = torch.load(cache, map_location=self.device)
             if isinstance(saved, dict) and saved.get("key") == key:
@@ -416,10 +417,12 @@ class Trainer:
     def run_record(self) -> dict:
         """What ``train_config.json`` holds: the :class:`TrainConfig`, ``world_size``,
         ``global_batch`` (pairs per optimizer step: ``batch_size x grad_accum x world_size``),
-        ``n_pairs`` and ``data_sha256`` (of the tokenised pairs)."""
+        ``n_pairs``, ``data_sha256`` (of the tokenised pairs) and ``model_sha256`` (of the
+        initial parameters)."""
         return {**asdict(self.cfg), "world_size": self.world,
                 "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.world,
-                "n_pairs": len(self.data), "data_sha256": self._data_sha()}
+                "n_pairs": len(self.data), "data_sha256": self._data_sha(),
+                "model_sha256": self.model_sha}
 
     def _data_sha(self) -> str:
         return hashlib.sha256(json.dumps(self.data.examples).encode()).hexdigest()
@@ -532,6 +535,13 @@ class Trainer:
         if self.batch.active:
             dist.barrier()
         return rows
+
+
+def _fingerprint(model) -> str:
+    """SHA-256 of the parameters' names, shapes and float64 sums (tells models apart cheaply)."""
+    parts = [(name, list(p.shape), float(p.detach().double().sum()))
+             for name, p in model.named_parameters()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 class _MetricLog:
