@@ -38,7 +38,6 @@ real model and preference data set (see :func:`run_special`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from simulator.torch_backend.pairs import TokenizedPairs, token_ids
+from simulator.torch_backend.pairs import TokenizedPairs, iter_lines, json_line, token_ids
 from simulator.torch_backend.trainer import TrainConfig, Trainer
 
 NAME = "llm"
@@ -277,7 +276,7 @@ def _check_reward_setup(cfg: dict[str, Any]) -> None:
         raise ValueError("reward_model needs prompts (--prompts FILE: .jsonl with a 'prompt' "
                          "field, or a text file with one prompt per line)")
     if not Path(cfg["prompts"]).is_file():
-        raise ValueError(f"prompts: file {cfg['prompts']!r} does not exist or is not a file")
+        raise ValueError(f"prompts: file {cfg['prompts']!r} does not exist or is a directory")
     for key in ("model", "reward_model"):
         _check_model_path(cfg[key], key)
 
@@ -289,33 +288,21 @@ def load_prompts(path, tokenizer, prompt_len: int) -> list[list[int]]:
     of token ids); any other file is text with one prompt per non-empty line. Errors
     name the file and line.
     """
-    path = Path(path)
     out = []
-    jsonl = path.suffix == ".jsonl"
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{where}: invalid UTF-8 (byte {raw[exc.start]:#04x})") from None
-            if not line.strip():
-                continue
-            if jsonl:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-                if not isinstance(rec, dict) or "prompt" not in rec:
-                    raise ValueError(f"{where}: a prompt record must be an object with a "
-                                     "'prompt' field")
-                value = rec["prompt"]
-            else:
-                value = line.strip()
-            ids = token_ids(value, tokenizer, where, "prompt")
-            if not ids:
-                raise ValueError(f"{where}: the prompt is empty after tokenisation")
-            out.append(ids[:prompt_len] if prompt_len > 0 else ids)
+    jsonl = Path(path).suffix == ".jsonl"
+    for where, line in iter_lines(path, "prompts: file"):
+        if jsonl:
+            rec = json_line(line, where)
+            if not isinstance(rec, dict) or "prompt" not in rec:
+                raise ValueError(f"{where}: a prompt record must be an object with a 'prompt' "
+                                 "field")
+            value = rec["prompt"]
+        else:
+            value = line.strip()
+        ids = token_ids(value, tokenizer, where, "prompt")
+        if not ids:
+            raise ValueError(f"{where}: the prompt is empty after tokenisation")
+        out.append(ids[:prompt_len] if prompt_len > 0 else ids)
     if not out:
         raise ValueError(f"prompts: file {str(path)!r} holds no prompts")
     return out

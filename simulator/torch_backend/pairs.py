@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = ["FIELDS", "TokenizedPairs", "PairTensors", "load_jsonl", "tokenize_records",
-           "check_vocab", "token_ids"]
+           "check_vocab", "token_ids", "iter_lines", "json_line"]
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -37,14 +37,18 @@ def load_jsonl(path) -> list[dict]:
     return _read_jsonl(path)[0]
 
 
-def _read_jsonl(path) -> tuple[list[dict], list[str]]:
-    """Records of a JSONL file and their locations ``"file:line"``."""
+def iter_lines(path, what: str = "data file") -> Iterator[tuple[str, str]]:
+    """``("file:line", text)`` for every non-blank line of a UTF-8 text file.
+
+    Raises ``ValueError`` naming ``what`` and the file when it is a directory or does
+    not exist, and the file and line (with the byte, column and, for a JSON object,
+    the field) on invalid UTF-8.
+    """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"data file {str(path)!r} is a directory, not a JSONL file")
+        raise ValueError(f"{what} {str(path)!r} is a directory, not a file")
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
-    records, wheres = [], []
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
@@ -53,15 +57,26 @@ def _read_jsonl(path) -> tuple[list[dict], list[str]]:
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{where}: invalid UTF-8{_field_of_bad_byte(raw)} (byte "
                                  f"{raw[exc.start]:#04x} at column {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
-            _check_record(rec, where)
-            records.append(rec)
-            wheres.append(where)
+            if line.strip():
+                yield where, line
+
+
+def json_line(line: str, where: str):
+    """``json.loads(line)``; ``ValueError`` naming ``where`` on invalid JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+
+
+def _read_jsonl(path) -> tuple[list[dict], list[str]]:
+    """Records of a JSONL file and their locations ``"file:line"``."""
+    records, wheres = [], []
+    for where, line in iter_lines(path):
+        rec = json_line(line, where)
+        _check_record(rec, where)
+        records.append(rec)
+        wheres.append(where)
     if not records:
         raise ValueError(f"data file {str(path)!r} holds no records")
     return records, wheres
