@@ -11,6 +11,9 @@
   optional gradient clipping, a tqdm progress bar, one CSV row of metrics per
   optimizer step, checkpoints (model, optimizer, scheduler, random state) and
   exact resume: the data order is a function of ``(seed, epoch)`` only.
+* After the warm-up a constant or cosine schedule; metrics optionally to
+  TensorBoard; a resume under another configuration is refused (naming the keys);
+  the trained model is saved in Hugging Face format at the end.
 * Device: CUDA when present (else CPU); ``bf16=True`` runs the forward passes
   under ``torch.autocast`` in bfloat16.
 * Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
@@ -270,12 +273,10 @@ class Trainer:
         table = getattr(self.model, "get_input_embeddings", lambda: None)()
         if isinstance(getattr(table, "num_embeddings", None), int):
             data.check_vocab(table.num_embeddings)
-        if config.method == "wdpo":
-            emb = getattr(self.model, "get_input_embeddings", lambda: None)()
-            if not isinstance(emb, torch.nn.Module):
-                raise ValueError("method 'wdpo' needs a model whose input embeddings can be "
-                                 "reached (model.get_input_embeddings() returned "
-                                 f"{type(emb).__name__})")
+        if config.method == "wdpo" and not isinstance(table, torch.nn.Module):
+            raise ValueError("method 'wdpo' needs a model whose input embeddings can be "
+                             "reached (model.get_input_embeddings() returned "
+                             f"{type(table).__name__})")
         ref = copy.deepcopy(self.model) if reference_model is None else reference_model
         self.ref_logps = self._reference_logps(ref.to(self.device))
         del ref
