@@ -42,7 +42,7 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
     if alpha_train is not None:
         ax.axvline(alpha_train, color="0.5", ls=":", lw=1, label="alpha_train")
     ax.set_xlabel("alpha_test (weight of r_1)")
-    ax.set_ylabel(f"mean {cfg.get('mixing', 'convex')} mixture reward of fresh generations")
+    ax.set_ylabel(f"mean reward, {cfg.get('mixing', 'convex')} mixture")
     ax.legend(fontsize=7)
     alphas = np.asarray(sorted(df["alpha_test"].unique()))
     a_in = alphas[np.argmin(np.abs(alphas - (alpha_train if alpha_train is not None else 0.5)))]
