@@ -275,10 +275,17 @@ def _check_reward_setup(cfg: dict[str, Any]) -> None:
     if not cfg["prompts"]:
         raise ValueError("reward_model needs prompts (--prompts FILE: .jsonl with a 'prompt' "
                          "field, or a text file with one prompt per line)")
-    if not Path(cfg["prompts"]).is_file():
-        raise ValueError(f"prompts: file {cfg['prompts']!r} does not exist or is a directory")
+    n_prompts = sum(1 for _ in iter_lines(cfg["prompts"], "prompts: file"))  # one per line
+    _check_prompt_count(cfg, n_prompts)
     for key in ("model", "reward_model"):
         _check_model_path(cfg[key], key)
+
+
+def _check_prompt_count(cfg: dict[str, Any], n: int) -> None:
+    need = cfg["n_pairs"] + cfg["n_eval"]
+    if n < need:
+        raise ValueError(f"prompts: {cfg['prompts']!r} holds {n} prompts, fewer than "
+                         f"n_pairs + n_eval = {need}")
 
 
 def load_prompts(path, tokenizer, prompt_len: int) -> list[list[int]]:
@@ -396,10 +403,8 @@ def run_reward_model_cell(cell: dict[str, Any], cfg: dict[str, Any]) -> list[dic
         clf.config.pad_token_id = clf_tok.pad_token_id
     indices = label_indices(clf, cfg["reward_labels"])
     prompts = load_prompts(cfg["prompts"], tok, cfg["prompt_len"])
+    _check_prompt_count(cfg, len(prompts))
     need = cfg["n_pairs"] + cfg["n_eval"]
-    if len(prompts) < need:
-        raise ValueError(f"prompts: {cfg['prompts']!r} holds {len(prompts)} prompts, fewer than "
-                         f"n_pairs + n_eval = {need}")
     order = np.random.default_rng([seed, 3]).permutation(len(prompts))
     train_p = [prompts[i] for i in order[:cfg["n_pairs"]]]
     eval_p = [prompts[i] for i in order[cfg["n_pairs"]:need]]

@@ -140,9 +140,13 @@ def test_emotion_pipeline_errors_name_the_key(models, tmp_path, capsys):
     argv[argv.index("--reward-model") + 1] = "/nonexistent/clf"
     assert main(argv) == 2
     assert "reward_model: model path '/nonexistent/clf' does not exist" in capsys.readouterr().err
-    assert main(_emotion_argv(models, out, "--n-pairs", "100")) == 1  # the cells fail
-    assert "holds 40 prompts, fewer than n_pairs + n_eval = 112" in \
-        pd.read_csv(out / "llm.csv")["error"].iloc[0]
+    assert main(_emotion_argv(models, out, "--n-pairs", "100")) == 2  # before any cell
+    assert "holds 40 prompts, fewer than n_pairs + n_eval = 112" in capsys.readouterr().err
+    argv = _emotion_argv(models, out)
+    argv[argv.index("--prompts") + 1] = str(tmp_path)
+    assert main(argv) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert not (out / "llm.csv").exists()
 
 
 def _pairs_file(path, n=16):
