@@ -1,6 +1,7 @@
 """``llm.png``: rewards of the policies trained by the ``llm`` experiment (SPEC 7).
 
-(a) mean mixture reward ``alpha r_1 + (1 - alpha) r_2`` of fresh generations
+(a) mean mixture reward (convex ``alpha r_1 + (1 - alpha) r_2`` or geometric
+``r_1^alpha r_2^(1 - alpha)``, the experiment's ``mixing``) of fresh generations
 against the test mixture weight ``alpha_test``, per method (mean over seeds,
 bars: standard error), the reference policy dashed; (b) the gain over the
 reference at ``alpha_train`` (in distribution) and the worst gain over the
@@ -20,13 +21,14 @@ __all__ = ["plot"]
 _COLORS = {"dpo": "dpo", "kldpo": "kldpo", "kldpo-clip": "chi2dpo", "chi2": "wdpo1",
            "wdpo": "wdpo2"}
 _LABELS = {"dpo": "DPO", "kldpo": "KLDPO (tau)", "kldpo-clip": "KLDPO (clip)",
-           "chi2": "chi2-DPO", "wdpo": "WDPO"}
+           "chi2": "chi2-DPO", "klvar": "KL-var", "drdpo": "Dr. DPO", "wdpo": "WDPO"}
 
 
 def plot(results_dir: Path, out_dir: Path) -> list[Path]:
     """Draw ``llm.png`` from ``results_dir/llm.csv``; returns the path written."""
     df = load_ok_rows(results_dir, "llm")
-    alpha_train = load_config(results_dir, "llm").get("alpha_train")
+    cfg = load_config(results_dir, "llm")
+    alpha_train = cfg.get("alpha_train")
     fig, (ax, ax_gain) = new_figure(2, width=4.6)
     stats = df.groupby(["method", "alpha_test"], sort=False)["reward"].agg(["mean", "sem", "size"])
     methods = list(dict.fromkeys(df["method"]))
@@ -40,7 +42,7 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
     if alpha_train is not None:
         ax.axvline(alpha_train, color="0.5", ls=":", lw=1, label="alpha_train")
     ax.set_xlabel("alpha_test (weight of r_1)")
-    ax.set_ylabel("mean reward of fresh generations")
+    ax.set_ylabel(f"mean reward, {cfg.get('mixing', 'convex')} mixture")
     ax.legend(fontsize=7)
     alphas = np.asarray(sorted(df["alpha_test"].unique()))
     a_in = alphas[np.argmin(np.abs(alphas - (alpha_train if alpha_train is not None else 0.5)))]
@@ -57,5 +59,10 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
     ax_gain.set_xticks(x, [_LABELS.get(m, m) for m in methods], fontsize=8)
     ax_gain.set_ylabel("reward gain over the reference")
     ax_gain.legend(fontsize=7)
-    fig.suptitle("Small GPT-2: preferences from a reward mixture, evaluated on other mixtures")
+    if cfg.get("reward_model"):
+        labels = " and ".join(cfg.get("reward_labels", []))
+        title = f"{Path(cfg['model']).name}, rewards {labels} of {Path(cfg['reward_model']).name}"
+    else:
+        title = "Small GPT-2, token-share rewards"
+    fig.suptitle(f"{title}: preferences from a mixture, evaluated on other mixtures")
     return [save(fig, Path(out_dir) / "llm.png")]

@@ -72,7 +72,7 @@ def test_model_and_data_mode_trains_a_saved_model(tmp_path):
     import json
 
     model = llm.build_model({"vocab_size": 16, "prompt_len": 4, "response_len": 8,
-                             "n_embd": 16, "n_layer": 1, "n_head": 2}, 0).float()
+                             "n_embd": 16, "n_layer": 1, "n_head": 2, "dtype": "float32"}, 0)
     model.save_pretrained(tmp_path / "model")
     g = torch.Generator().manual_seed(0)
     with open(tmp_path / "d.jsonl", "w") as fh:
@@ -91,3 +91,23 @@ def test_model_and_data_mode_trains_a_saved_model(tmp_path):
         assert m["loss"].notna().all()
     dpo = pd.read_csv(out / "llm_model" / "dpo" / "metrics.csv")
     assert dpo["loss"].iloc[0] == pytest.approx(np.log(2), rel=1e-5)  # starts at the reference
+
+
+def test_miniature_geometric_labels_and_dtype():
+    from experiments.config import load_defaults
+
+    cfg, _ = load_defaults(llm)
+    assert llm.build_model(cfg, 0).transformer.wte.weight.dtype == torch.float32  # default
+    cfg = dict(cfg, n_pairs=128, alpha_train=0.5, reward_scale=500.0, mixing="geometric",
+               dtype="float64")
+    model = llm.build_model(cfg, 0)
+    assert model.transformer.wte.weight.dtype == torch.float64
+    recs = llm.preference_records(cfg, model, 0)
+    rc = llm.rewards(torch.tensor([r["chosen"] for r in recs]), cfg["vocab_size"])
+    rr = llm.rewards(torch.tensor([r["rejected"] for r in recs]), cfg["vocab_size"])
+    geo_c, geo_r = np.sqrt(rc[0] * rc[1]), np.sqrt(rr[0] * rr[1])
+    differ = np.abs(geo_c - geo_r) > 0.05  # sigmoid(500 x 0.05) = 1 - 1e-11
+    assert differ.sum() > 20 and (geo_c[differ] > geo_r[differ]).all()
+    # the convex mixture would label some of these pairs the other way
+    con_c, con_r = (rc[0] + rc[1]) / 2, (rr[0] + rr[1]) / 2
+    assert (con_c[differ] < con_r[differ]).any()

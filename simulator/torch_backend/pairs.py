@@ -11,13 +11,15 @@ that prompt tokens contribute nothing to the sequence log-probability.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["FIELDS", "TokenizedPairs", "PairTensors", "load_jsonl", "tokenize_records"]
+__all__ = ["FIELDS", "TokenizedPairs", "PairTensors", "load_jsonl", "tokenize_records",
+           "check_vocab", "token_ids", "iter_lines", "json_line"]
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -28,26 +30,68 @@ def load_jsonl(path) -> list[dict]:
     Raises
     ------
     ValueError
-        Naming the file and line, on invalid JSON, a missing field, or an empty
-        ``chosen`` / ``rejected`` response.
+        Naming the file and line, on invalid UTF-8 or JSON, a missing field, or an
+        empty ``chosen`` / ``rejected`` response; naming the file when it does not
+        exist, is a directory, or holds no records.
+    """
+    return _read_jsonl(path)[0]
+
+
+def iter_lines(path, what: str = "data file") -> Iterator[tuple[str, str]]:
+    """``("file:line", text)`` for every non-blank line of a UTF-8 text file.
+
+    Raises ``ValueError`` naming ``what`` and the file when it is a directory or does
+    not exist, and the file and line (with the byte, column and, for a JSON object,
+    the field) on invalid UTF-8.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory, not a file")
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            _check_record(rec, f"{path}:{lineno}")
-            records.append(rec)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: invalid UTF-8{_field_of_bad_byte(raw)} (byte "
+                                 f"{raw[exc.start]:#04x} at column {exc.start + 1})") from None
+            if line.strip():
+                yield where, line
+
+
+def json_line(line: str, where: str):
+    """``json.loads(line)``; ``ValueError`` naming ``where`` on invalid JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+
+
+def _read_jsonl(path) -> tuple[list[dict], list[str]]:
+    """Records of a JSONL file and their locations ``"file:line"``."""
+    records, wheres = [], []
+    for where, line in iter_lines(path):
+        rec = json_line(line, where)
+        _check_record(rec, where)
+        records.append(rec)
+        wheres.append(where)
     if not records:
         raise ValueError(f"data file {str(path)!r} holds no records")
-    return records
+    return records, wheres
+
+
+def _field_of_bad_byte(raw: bytes) -> str:
+    """`` in field 'f'`` for the field holding an undecodable byte, when one can be named."""
+    try:
+        rec = json.loads(raw.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return ""
+    if not isinstance(rec, dict):
+        return ""
+    bad = [f for f, v in rec.items() if "\ufffd" in json.dumps(v, ensure_ascii=False)]
+    return f" in field {bad[0]!r}" if bad else ""
 
 
 def _check_record(rec, where: str) -> None:
@@ -64,7 +108,13 @@ def _check_record(rec, where: str) -> None:
             raise ValueError(f"{where}: field {f!r} is empty (a response needs at least one token)")
 
 
-def _ids(value, tokenizer, where: str, field: str) -> list[int]:
+def token_ids(value, tokenizer, where: str, field: str) -> list[int]:
+    """Validated token ids of a field: text through ``tokenizer`` or a list of integers.
+
+    Raises ``ValueError`` naming ``where`` (``file:line``), the field and the value on
+    text without tokenizer, an entry that is not an integer (``1.7``, ``true``,
+    ``"a"``, a nested list) or a negative id.
+    """
     if isinstance(value, str):
         if tokenizer is None:
             raise ValueError(f"{where}: field {field!r} is text but no tokenizer was given "
@@ -72,35 +122,52 @@ def _ids(value, tokenizer, where: str, field: str) -> list[int]:
         enc = tokenizer.encode(value, add_special_tokens=False) if hasattr(
             tokenizer, "encode") else tokenizer(value)
         value = list(enc)
-    ids = [int(t) for t in value]
-    if any(t < 0 for t in ids):
-        raise ValueError(f"{where}: field {field!r} holds a negative token id")
-    return ids
+    for t in value:
+        # bool is an int subclass and 1.0 == 1: only true integers are token ids
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"{where}: field {field!r} holds {t!r}, not an integer token id "
+                             "(a list of token ids must hold integers only)")
+        if t < 0:
+            raise ValueError(f"{where}: field {field!r} holds the negative token id {t}")
+    return [int(t) for t in value]
 
 
-def tokenize_records(records: Sequence[dict], tokenizer=None,
-                     vocab_size: int | None = None) -> list[tuple[list[int], list[int], list[int]]]:
+def check_vocab(triple: Sequence[list[int]], vocab_size: int, where: str) -> None:
+    """Raise naming ``where``, the field and the id when an id is outside ``[0, vocab_size)``."""
+    for f, ids in zip(FIELDS, triple, strict=True):
+        top = max(ids, default=-1)
+        if top >= vocab_size:
+            raise ValueError(f"{where}: field {f!r} holds token id {top}, outside the "
+                             f"vocabulary of the model (vocab_size {vocab_size})")
+
+
+def tokenize_records(records: Sequence[dict], tokenizer=None, vocab_size: int | None = None,
+                     wheres: Sequence[str] | None = None, eos_id: int | None = None
+                     ) -> list[tuple[list[int], list[int], list[int]]]:
     """``(prompt_ids, chosen_ids, rejected_ids)`` per record, validated.
+
+    ``wheres`` names the records in errors (default ``"record k"``); ``eos_id``, when
+    given, is appended to both responses (TRL's convention).
 
     Raises
     ------
     ValueError
         On a missing field, an empty response (before or after tokenisation),
-        text without a tokenizer, or token ids outside ``[0, vocab_size)``.
+        text without a tokenizer, a token id that is not a non-negative integer
+        (``1.7``, ``true``, ``"a"``, a nested list), or one outside ``[0, vocab_size)``.
     """
     out = []
     for k, rec in enumerate(records):
-        where = f"record {k}"
+        where = f"record {k}" if wheres is None else wheres[k]
         _check_record(rec, where)
-        triple = tuple(_ids(rec[f], tokenizer, where, f) for f in FIELDS)
+        triple = tuple(token_ids(rec[f], tokenizer, where, f) for f in FIELDS)
         for f, ids in zip(FIELDS[1:], triple[1:], strict=True):
             if not ids:
                 raise ValueError(f"{where}: field {f!r} is empty after tokenisation")
+        if eos_id is not None:
+            triple = (triple[0], triple[1] + [int(eos_id)], triple[2] + [int(eos_id)])
         if vocab_size is not None:
-            top = max(max(ids, default=0) for ids in triple)
-            if top >= vocab_size:
-                raise ValueError(f"{where}: token id {top} is outside the vocabulary "
-                                 f"(vocab_size {vocab_size})")
+            check_vocab(triple, vocab_size, where)
         out.append(triple)
     if not out:
         raise ValueError("records must hold at least one preference pair")
@@ -144,16 +211,27 @@ class TokenizedPairs:
     pad_id : int
         Padding token (masked out everywhere).
     vocab_size : int, optional
-        Checks token ids.
+        Checks token ids (the trainer checks them against the model's embedding table
+        in any case, :meth:`check_vocab`).
+    eos_id : int, optional
+        Appended to every chosen and rejected response (TRL's convention: the
+        end-of-sequence token is part of the response and its log-probability counts).
     """
 
     def __init__(self, records, tokenizer=None, max_length: int | None = None, pad_id: int = 0,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, eos_id: int | None = None) -> None:
         if isinstance(records, (str, Path)):
-            records = load_jsonl(records)
-        self.examples = tokenize_records(records, tokenizer, vocab_size)
+            records, self.wheres = _read_jsonl(records)
+        else:
+            self.wheres = [f"record {k}" for k in range(len(records))]
+        self.examples = tokenize_records(records, tokenizer, vocab_size, self.wheres, eos_id)
         self.max_length = max_length
         self.pad_id = int(pad_id)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise naming the file, line, field and id of the first id ``>= vocab_size``."""
+        for ex, where in zip(self.examples, self.wheres, strict=True):
+            check_vocab(ex, vocab_size, where)
 
     def __len__(self) -> int:
         return len(self.examples)

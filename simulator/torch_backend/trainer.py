@@ -11,6 +11,9 @@
   optional gradient clipping, a tqdm progress bar, one CSV row of metrics per
   optimizer step, checkpoints (model, optimizer, scheduler, random state) and
   exact resume: the data order is a function of ``(seed, epoch)`` only.
+* After the warm-up a constant or cosine schedule; metrics optionally to
+  TensorBoard; a resume under another configuration is refused (naming the keys);
+  the trained model is saved in Hugging Face format at the end.
 * Device: CUDA when present (else CPU); ``bf16=True`` runs the forward passes
   under ``torch.autocast`` in bfloat16.
 * Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
@@ -40,10 +44,13 @@ from .losses import AGGREGATIONS, aggregate, aggregation_params, dpo_losses
 from .pairs import PairTensors, TokenizedPairs
 from .wasserstein import WASSERSTEIN_FORMS, WASSERSTEIN_MODES, wasserstein_loss
 
-__all__ = ["METHODS", "TrainConfig", "Trainer", "sequence_logps", "pick_device",
-           "init_distributed", "METRIC_COLUMNS"]
+__all__ = ["METHODS", "SCHEDULES", "TrainConfig", "lr_factor", "Trainer", "sequence_logps",
+           "pick_device", "init_distributed", "METRIC_COLUMNS"]
 
 METHODS = AGGREGATIONS + ("wdpo",)
+SCHEDULES = ("constant", "cosine")
+#: TrainConfig fields that do not change the computed results: they may differ on resume
+RESUME_FREE = ("device", "progress", "checkpoint_every", "tensorboard", "save_model")
 METRIC_COLUMNS = ("step", "epoch", "loss", "dpo_loss", "penalty", "reward_margin", "accuracy",
                   "weight_max", "weight_min", "weight_ess", "grad_norm", "lr", "time_s")
 
@@ -69,6 +76,24 @@ def init_distributed(device: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "constant"
+              ) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based; :class:`TrainConfig`).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` while ``step < warmup_steps``, then
+    ``1`` (``constant``) or ``(1 + cos(pi (step - w) / (max_steps - w))) / 2``
+    (``cosine``, ``w = warmup_steps``).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -106,7 +131,13 @@ class TrainConfig:
     wdpo_form, wdpo_mode, fd_eps, fd_scheme
         WDPO surrogate options (:func:`.wasserstein.wasserstein_loss`).
     lr, weight_decay, warmup_steps, max_grad_norm
-        AdamW and schedule (linear warm-up, then constant); ``max_grad_norm = 0``: no clipping.
+        AdamW; ``max_grad_norm = 0``: no clipping.
+    schedule : str
+        Learning-rate factor after a linear warm-up over ``warmup_steps`` (step ``s``
+        counted from 0: ``(s + 1) / warmup_steps``): ``constant`` (1) or ``cosine``
+        (``(1 + cos(pi (s - w) / (max_steps - w))) / 2``, ``w = warmup_steps``: Hugging
+        Face's ``get_cosine_schedule_with_warmup`` after the warm-up, 0 at ``max_steps``;
+        its warm-up ``s / w`` would spend the first step at learning rate 0).
     batch_size, grad_accum
         Pairs per micro-batch per process, micro-batches per optimizer step.
     max_steps : int
@@ -121,6 +152,12 @@ class TrainConfig:
         Steps between checkpoints (0: only at the end).
     progress : bool
         Show a tqdm bar (rank 0).
+    tensorboard : bool
+        Also log the metrics with ``torch.utils.tensorboard.SummaryWriter`` to
+        ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
+    save_model : bool
+        At the end, ``save_pretrained`` the trained model (and the tokenizer given to
+        the trainer) to ``out_dir/model`` (Hugging Face format).
     """
 
     method: str = "dpo"
@@ -145,6 +182,9 @@ class TrainConfig:
     device: str | None = None
     checkpoint_every: int = 0
     progress: bool = True
+    schedule: str = "constant"
+    tensorboard: bool = False
+    save_model: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -167,6 +207,19 @@ class TrainConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            v = getattr(self, name)
+            if int(v) != v or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.fd_eps is not None and not (math.isfinite(self.fd_eps) and self.fd_eps > 0):
+            raise ValueError(f"fd_eps must be a finite number > 0 (or None: by dtype), "
+                             f"got {self.fd_eps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 class Trainer:
@@ -185,10 +238,19 @@ class Trainer:
         ``train_config.json`` go (nothing is written when ``None``).
     reference_model : nn.Module, optional
         Frozen reference (default: a copy of ``model`` before training).
+    tokenizer : optional
+        Saved with the trained model (``save_pretrained``) when ``config.save_model``.
+
+    Raises
+    ------
+    ValueError
+        When a token id of ``data`` is outside the model's embedding table (naming the
+        file, line, field and id), or when ``out_dir`` holds a checkpoint of another
+        configuration (at :meth:`train` with ``resume``; naming the keys).
     """
 
     def __init__(self, model, data: TokenizedPairs, config: TrainConfig, out_dir=None,
-                 reference_model=None) -> None:
+                 reference_model=None, tokenizer=None) -> None:
         if isinstance(model, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
 
@@ -197,6 +259,7 @@ class Trainer:
             raise ValueError(f"data must be a TokenizedPairs, got {type(data).__name__}")
         self.cfg = config
         self.data = data
+        self.tokenizer = tokenizer
         self.out_dir = None if out_dir is None else Path(out_dir)
         init_distributed(config.device)
         self.batch = GlobalBatch()
@@ -206,12 +269,14 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(config.seed)
         self.model = model.to(self.device)
-        if config.method == "wdpo":
-            emb = getattr(self.model, "get_input_embeddings", lambda: None)()
-            if not isinstance(emb, torch.nn.Module):
-                raise ValueError("method 'wdpo' needs a model whose input embeddings can be "
-                                 "reached (model.get_input_embeddings() returned "
-                                 f"{type(emb).__name__})")
+        self.model_sha = _fingerprint(self.model)  # of the initial model (train_config.json)
+        table = getattr(self.model, "get_input_embeddings", lambda: None)()
+        if isinstance(getattr(table, "num_embeddings", None), int):
+            data.check_vocab(table.num_embeddings)
+        if config.method == "wdpo" and not isinstance(table, torch.nn.Module):
+            raise ValueError("method 'wdpo' needs a model whose input embeddings can be "
+                             "reached (model.get_input_embeddings() returned "
+                             f"{type(table).__name__})")
         ref = copy.deepcopy(self.model) if reference_model is None else reference_model
         self.ref_logps = self._reference_logps(ref.to(self.device))
         del ref
@@ -223,9 +288,9 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        warm = max(int(config.warmup_steps), 0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+            self.opt, lambda s: lr_factor(s, config.warmup_steps, config.max_steps,
+                                          config.schedule))
         self.sampler = DistributedSampler(range(len(data)), num_replicas=self.world,
                                           rank=self.rank, shuffle=True, seed=config.seed,
                                           drop_last=True)
@@ -242,10 +307,13 @@ class Trainer:
     @torch.no_grad()
     def _reference_logps(self, ref) -> torch.Tensor:
         cache = None if self.out_dir is None else self.out_dir / "reference_logps.pt"
+        # the cache is valid for these pairs and this reference only
+        key = None if cache is None else {"data_sha256": self._data_sha(),
+                                          "reference": _fingerprint(ref)}
         if cache is not None and cache.exists():
             saved = torch.load(cache, map_location=self.device)
-            if saved.shape == (len(self.data), 2):
-                return saved
+            if isinstance(saved, dict) and saved.get("key") == key:
+                return saved["logps"]
         ref.eval()
         out = torch.empty(len(self.data), 2, dtype=torch.float64, device=self.device)
         step = max(self.cfg.batch_size, 1)
@@ -257,7 +325,7 @@ class Trainer:
             out[idx, 0], out[idx, 1] = lp[: len(idx)].double(), lp[len(idx):].double()
         if cache is not None and self.rank == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(out.cpu(), cache)
+            torch.save({"logps": out.cpu(), "key": key}, cache)
         return out
 
     def _indices(self, micro: int) -> list[int]:
@@ -347,22 +415,66 @@ class Trainer:
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"].cpu())
 
+    def run_record(self) -> dict:
+        """What ``train_config.json`` holds: the :class:`TrainConfig`, ``world_size``,
+        ``global_batch`` (pairs per optimizer step: ``batch_size x grad_accum x world_size``),
+        ``n_pairs``, ``data_sha256`` (of the tokenised pairs) and ``model_sha256`` (of the
+        initial parameters)."""
+        return {**asdict(self.cfg), "world_size": self.world,
+                "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.world,
+                "n_pairs": len(self.data), "data_sha256": self._data_sha(),
+                "model_sha256": self.model_sha}
+
+    def _data_sha(self) -> str:
+        return hashlib.sha256(json.dumps(self.data.examples).encode()).hexdigest()
+
+    def check_resume(self) -> None:
+        """Refuse to resume ``out_dir`` when it was trained with another configuration.
+
+        Compares :meth:`run_record` with the saved ``train_config.json`` on every key
+        but :data:`RESUME_FREE`; raises ``ValueError`` naming the keys that differ.
+        """
+        saved_path = None if self.out_dir is None else self.out_dir / "train_config.json"
+        if saved_path is None or not saved_path.exists():
+            return
+        saved, now = json.loads(saved_path.read_text()), self.run_record()
+        keys = sorted(k for k in set(saved) | set(now)
+                      if k not in RESUME_FREE and saved.get(k) != now.get(k))
+        if keys:
+            diff = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys)
+            raise ValueError(f"{self.out_dir} holds a run with another configuration ({diff}); "
+                             "refusing to resume it with this one: restore the configuration, "
+                             "choose another output directory, or start over (resume=False, "
+                             "--restart)")
+
+    def save_pretrained(self, path=None) -> Path | None:
+        """``save_pretrained`` the model (and tokenizer) to ``path`` (default ``out_dir/model``).
+
+        Rank 0 only; returns the directory, or ``None`` when nothing was written.
+        """
+        if self.rank != 0 or (path is None and self.out_dir is None):
+            return None
+        path = self.out_dir / "model" if path is None else Path(path)
+        if not hasattr(self.model, "save_pretrained"):
+            raise ValueError(f"save_model: the model ({type(self.model).__name__}) has no "
+                             "save_pretrained; set save_model=False")
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path)
+        return path
+
     def _metrics_writer(self, resume: bool):
         if self.out_dir is None or self.rank != 0:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        (self.out_dir / "train_config.json").write_text(json.dumps(self.run_record(), indent=2))
         path = self.out_dir / "metrics.csv"
         rows = []
         if resume and path.exists():
             with path.open(newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
-        fh = path.open("w", newline="")
-        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        fh.flush()
-        return fh, writer
+        return _MetricLog(path, rows, self.out_dir / "tensorboard" if self.cfg.tensorboard
+                          else None)
 
     # ---------------------------------------------------------------- training
     def train(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
@@ -376,6 +488,7 @@ class Trainer:
         cfg = self.cfg
         ckpt = None if self.out_dir is None else self.out_dir / "checkpoint.pt"
         if resume and ckpt is not None and ckpt.exists():
+            self.check_resume()
             self.load_checkpoint(ckpt)
         out = self._metrics_writer(resume)
         last = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
@@ -408,8 +521,7 @@ class Trainer:
             row.update({c: _mean(stats, c) for c in METRIC_COLUMNS if c not in row})
             rows.append(row)
             if out is not None:
-                out[1].writerow(row)
-                out[0].flush()
+                out.write(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -417,11 +529,53 @@ class Trainer:
         bar.close()
         if self.step >= cfg.max_steps or stop_after is not None:
             self.save_checkpoint()
+        if self.step >= cfg.max_steps and cfg.save_model:
+            self.save_pretrained()
         if out is not None:
-            out[0].close()
+            out.close()
         if self.batch.active:
             dist.barrier()
         return rows
+
+
+def _fingerprint(model) -> str:
+    """SHA-256 of the parameters' names, shapes and float64 sums (tells models apart cheaply)."""
+    parts = [(name, list(p.shape), float(p.detach().double().sum()))
+             for name, p in model.named_parameters()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+class _MetricLog:
+    """``metrics.csv`` (rewritten with the ``rows`` kept on resume) and optional TensorBoard."""
+
+    def __init__(self, path: Path, rows: list[dict], tensorboard_dir: Path | None) -> None:
+        self.fh = path.open("w", newline="")
+        self.csv = csv.DictWriter(self.fh, fieldnames=METRIC_COLUMNS)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        self.fh.flush()
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError("tensorboard=True needs the tensorboard package "
+                                 f"(pip install tensorboard): {exc}") from exc
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, row: dict) -> None:
+        """One optimizer step: a CSV row, and scalars ``train/<column>`` at ``step``."""
+        self.csv.writerow(row)
+        self.fh.flush()
+        if self.tb is not None:
+            for key in METRIC_COLUMNS[1:]:
+                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _backward(loss: torch.Tensor) -> None:
