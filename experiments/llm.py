@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from simulator.torch_backend.pairs import TokenizedPairs, iter_lines, json_line, token_ids
-from simulator.torch_backend.trainer import TrainConfig, Trainer
+from simulator.torch_backend.trainer import SCHEDULES, TrainConfig, Trainer
 
 NAME = "llm"
 DESCRIPTION = ("Torch backend on a causal LM (SPEC 7): two rewards (token shares on a small "
@@ -71,25 +71,7 @@ TRAIN_FIELDS = ("beta", "tau", "clip", "rho", "beta_prime", "wdpo_form", "wdpo_m
 
 
 def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """One cell per ``(method, seed)``; checks the keys the cells use."""
-    bad = [m for m in cfg["methods"] if m not in METHOD_ARGS]
-    if bad:
-        raise ValueError(f"methods must be among {sorted(METHOD_ARGS)}, got {bad}")
-    if not 0 <= cfg["alpha_train"] <= 1 or any(not 0 <= a <= 1 for a in cfg["alpha_test"]):
-        raise ValueError(f"alpha_train and alpha_test must lie in [0, 1], got "
-                         f"{cfg['alpha_train']} and {cfg['alpha_test']}")
-    if cfg["mixing"] not in MIXINGS:
-        raise ValueError(f"mixing must be one of {MIXINGS}, got {cfg['mixing']!r}")
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
-    if not cfg["temperature"] > 0:
-        raise ValueError(f"temperature must be > 0, got {cfg['temperature']!r}")
-    if cfg["top_k"] < 0:
-        raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {cfg['top_k']!r}")
-    if cfg["reward_model"]:
-        _check_reward_setup(cfg)
-    for m in dict.fromkeys(cfg["methods"]):  # the trainer's own checks, before any cell runs
-        train_config(cfg, m, cfg["seed"])
+    """One cell per ``(method, seed)`` (the keys are checked by :func:`validate`)."""
     return [{"method": m, "seed": s} for m in cfg["methods"]
             for s in range(cfg["seed"], cfg["seed"] + cfg["n_seeds"])]
 
@@ -510,12 +492,22 @@ def validate(cfg: dict[str, Any]) -> None:
     v.check(cfg, {"methods": v.one_of(*METHOD_ARGS), "vocab_size": v.at_least(4, integer=True),
                   "n_layer": count, "n_embd": count, "n_head": count, "prompt_len": count,
                   "response_len": count, "n_pairs": count, "n_eval": count, "steps": count,
-                  "batch_size": count, "torch_threads": count,
-                  "warmup_steps": v.NONNEGATIVE_INT, "alpha_train": v.UNIT_INTERVAL,
+                  "batch_size": count, "torch_threads": count, "grad_accum": count,
+                  "warmup_steps": v.NONNEGATIVE_INT, "checkpoint_every": v.NONNEGATIVE_INT,
+                  "top_k": v.NONNEGATIVE_INT, "alpha_train": v.UNIT_INTERVAL,
                   "alpha_test": v.UNIT_INTERVAL, "reward_scale": v.POSITIVE,
-                  "beta": v.POSITIVE, "lr": v.POSITIVE, "tau": v.POSITIVE, "rho": v.POSITIVE,
+                  "temperature": v.POSITIVE, "beta": v.POSITIVE, "lr": v.POSITIVE,
+                  "tau": v.POSITIVE, "rho": v.POSITIVE, "clip": v.POSITIVE,
+                  "beta_prime": v.POSITIVE, "weight_decay": v.NONNEGATIVE,
+                  "max_grad_norm": v.NONNEGATIVE, "fd_eps": v.NONNEGATIVE,
+                  "mixing": v.one_of(*MIXINGS), "dtype": v.one_of(*DTYPES),
+                  "schedule": v.one_of(*SCHEDULES),
                   "wdpo_form": v.one_of(*WASSERSTEIN_FORMS),
                   "wdpo_mode": v.one_of(*WASSERSTEIN_MODES)})
     if cfg["n_embd"] % cfg["n_head"]:
         raise ValueError(f"--n-embd (n_embd) must be a multiple of --n-head (n_head), got "
                          f"{cfg['n_embd']} and {cfg['n_head']}")
+    if cfg["reward_model"]:
+        _check_reward_setup(cfg)
+    for m in dict.fromkeys(cfg["methods"]):  # the trainer's own checks, before any cell runs
+        train_config(cfg, m, cfg["seed"])

@@ -64,8 +64,12 @@ def test_bad_method_is_rejected():
     from experiments.config import load_defaults
 
     cfg, _ = load_defaults(llm)
-    with pytest.raises(ValueError, match="methods"):
-        llm.cells(dict(cfg, methods=["ppo"]))
+    with pytest.raises(ValueError, match=r"--methods \(methods\).*'ppo'"):
+        llm.validate(dict(cfg, methods=["ppo"]))
+    with pytest.raises(ValueError, match=r"--mixing \(mixing\)"):
+        llm.validate(dict(cfg, mixing="harmonic"))
+    with pytest.raises(ValueError, match=r"--grad-accum \(grad_accum\)"):
+        llm.validate(dict(cfg, grad_accum=0))
 
 
 def test_model_and_data_mode_trains_a_saved_model(tmp_path):
