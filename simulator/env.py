@@ -198,16 +198,52 @@ class FiniteEnv:
         y = np.concatenate([np.ones_like(pw), np.zeros_like(pw)])[keep]
         return self._atoms(ss, aa1, aa2, y, w[keep] / w[keep].sum())
 
-    def sample(self, n: int, seed: int | np.random.Generator | None = None) -> PreferenceData:
-        """``n`` i.i.d. preference samples with weights ``1/n``."""
+    def sample(self, n: int, seed: int | np.random.Generator | None = None,
+               merged: bool = False) -> PreferenceData:
+        """``n`` i.i.d. preference samples.
+
+        Parameters
+        ----------
+        n : int
+            Number of pairs.
+        seed : int, Generator or None
+            Randomness.
+        merged : bool
+            ``False``: the ``n`` draws themselves, weights ``1/n`` (cost ``O(n)``).
+            ``True``: the same law, drawn as distinct atoms: the counts of ``n`` i.i.d.
+            draws over the population atoms are exactly ``Multinomial(n, P)``, so the
+            sample is the population atoms with ``count > 0`` and weights ``count / n``
+            (cost ``O(|atoms|)`` whatever ``n``; every objective is a function of the
+            weighted distribution, so the estimators are the same as on the unmerged
+            draws). The random streams differ, so the two modes give different
+            (equally distributed) samples for one seed.
+        """
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         rng = np.random.default_rng(seed)
+        if merged:
+            return self.sample_counts(int(n), rng)
         s, a1, a2, pw = self._pairs()
         k = rng.choice(pw.shape[0], size=int(n), p=pw / pw.sum())
         s, a1, a2 = s[k], a1[k], a2[k]
         y = (rng.random(int(n)) < self.preference_prob()[s, a1, a2]).astype(np.float64)
         return self._atoms(s, a1, a2, y, None)
+
+    def sample_counts(self, n: int, seed: int | np.random.Generator | None = None
+                      ) -> PreferenceData:
+        """``n`` i.i.d. pairs as distinct atoms with weights ``count / n`` (``O(|atoms|)``).
+
+        ``count ~ Multinomial(n, P)`` over the atoms of :meth:`population`; atoms drawn
+        zero times are left out. See :meth:`sample` with ``merged=True``.
+        """
+        if int(n) != n or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        rng = np.random.default_rng(seed)
+        pop = self.population()
+        counts = rng.multinomial(int(n), pop.weights)
+        keep = np.flatnonzero(counts)
+        return PreferenceData(pop.x[keep], pop.y[keep], counts[keep] / float(n),
+                              states=pop.states[keep], actions=pop.actions[keep])
 
     def coverage(self) -> np.ndarray:
         """``Sigma_P = E_P[x x^T]`` on the population."""
