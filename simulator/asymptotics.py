@@ -40,7 +40,7 @@ from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
 from .data import PreferenceData
 from .losses import softplus
 
-__all__ = ["Asymptotics", "asymptotic_covariance", "collapse_radius"]
+__all__ = ["Asymptotics", "asymptotic_covariance", "collapse_radius", "zero_gradient_mixture"]
 
 #: Draws of the fixed-seed Monte Carlo for the law of the Gaussian quadratic forms
 #: ``||Z||^2``, ``Z ~ N(0, Sigma)``: the relative standard error of a median is about
@@ -386,24 +386,45 @@ def collapse_radius(data: PreferenceData, ambiguity: AmbiguitySet, beta: float =
         prob = cp.Problem(obj, [cp.norm(e, 2) <= 1])
         prob.solve(solver=cp.CLARABEL)
         return float(prob.value)
-    if isinstance(ambiguity, KL):
-        return _kl_projection(z, w)
-    if isinstance(ambiguity, ChiSquare):
-        import cvxpy as cp
-
-        q = cp.Variable(z.shape[0], nonneg=True)
-        prob = cp.Problem(cp.Minimize(w @ cp.square(q - 1)),
-                          [w @ q == 1, (z * w[:, None]).T @ q == 0])
-        prob.solve(solver=cp.CLARABEL)
-        if prob.status not in ("optimal", "optimal_inaccurate"):
-            return math.inf
-        return float(prob.value)
+    if isinstance(ambiguity, KL | ChiSquare):
+        return zero_gradient_mixture(data, ambiguity)[0]
     raise ValueError(f"collapse_radius: ambiguity must be KL, ChiSquare or Wasserstein, "
                      f"got {ambiguity!r}")
 
 
-def _kl_projection(z: np.ndarray, w: np.ndarray) -> float:
-    """``-min_a log E_w exp(a . z)`` by damped Newton (convex; ``inf`` if unbounded)."""
+def zero_gradient_mixture(data: PreferenceData, ambiguity: AmbiguitySet
+                          ) -> tuple[float, np.ndarray | None]:
+    """The reweighting ``Q0`` of ``P`` closest to ``P`` with ``E_Q0 ytil x = 0``.
+
+    At ``theta_ref`` every loss is ``log 2``, so every ``Q`` of a reweighting ball is a
+    worst case, and ``E_Q grad l(theta_ref) = -beta E_Q[ytil x] / 2``: ``Q0`` is the
+    worst case whose gradient vanishes (docs/theory.md section 3). Returns its divergence
+    from ``P`` (KL: the I-projection ``Q0 ∝ P exp(a . ytil x)``; chi-square: the
+    quadratic programme of :func:`collapse_radius`), which is ``rho_0``, and its weights
+    (``None`` and ``inf`` when no such ``Q0`` exists).
+    """
+    z = data.ytil[:, None] * data.x
+    w = data.weights
+    if isinstance(ambiguity, KL):
+        return _kl_projection(z, w)
+    if not isinstance(ambiguity, ChiSquare):
+        raise ValueError(f"zero_gradient_mixture: ambiguity must be KL or ChiSquare, "
+                         f"got {ambiguity!r}")
+    import cvxpy as cp
+
+    q = cp.Variable(z.shape[0], nonneg=True)
+    prob = cp.Problem(cp.Minimize(w @ cp.square(q - 1)),
+                      [w @ q == 1, (z * w[:, None]).T @ q == 0])
+    prob.solve(solver=cp.CLARABEL)
+    if prob.status not in ("optimal", "optimal_inaccurate"):
+        return math.inf, None
+    qw = np.clip(q.value, 0.0, None) * w
+    return float(prob.value), qw / qw.sum()
+
+
+def _kl_projection(z: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray | None]:
+    """``-min_a log E_w exp(a . z)`` by damped Newton (convex; ``inf`` if unbounded),
+    and the weights ``Q0 ∝ w exp(a* . z)``."""
     from scipy.special import logsumexp
 
     a = np.zeros(z.shape[1])
@@ -421,7 +442,7 @@ def _kl_projection(z: np.ndarray, w: np.ndarray) -> float:
         try:
             step = np.linalg.solve(H + 1e-14 * np.eye(z.shape[1]), g)
         except np.linalg.LinAlgError:
-            return math.inf
+            return math.inf, None
         t = 1.0
         while t > 1e-12:
             new = f(a - t * step)
@@ -430,10 +451,11 @@ def _kl_projection(z: np.ndarray, w: np.ndarray) -> float:
             t /= 2
         a, old, val = a - t * step, val, new
         if np.linalg.norm(a) > 1e6:
-            return math.inf
+            return math.inf, None
         if abs(old - val) <= 1e-15 * max(1.0, abs(val)) and np.linalg.norm(g) < 1e-10:
             break
-    return float(-val)
+    lp = logw + z @ a
+    return float(-val), np.exp(lp - logsumexp(lp))
 
 
 def asymptotic_covariance(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,

@@ -32,6 +32,7 @@ import numpy as np
 
 from ._validation import check_finite_array, check_nonnegative, check_positive, check_weights
 from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
+from .asymptotics import KINK_TOL, zero_gradient_mixture
 from .losses import sigmoid, softplus
 
 __all__ = [
@@ -86,16 +87,40 @@ def growth_constant(x, weights, beta: float, B: float) -> float:
     return strong_convexity(beta, B, lam, x_max)
 
 
-def robust_growth(ambiguity: AmbiguitySet, data, worst_case, beta: float, B: float) -> float:
-    """Growth constant of ``L_U(.; data)`` at its minimiser, from the solver's worst case.
+def robust_growth(ambiguity: AmbiguitySet, data, worst_case, beta: float, B: float,
+                  theta=None, theta_ref=None) -> float:
+    """Growth constant of ``L_U(.; data)`` at its minimiser, from a zero-gradient worst case.
+
+    The growth argument (docs/theory.md section 3) needs a worst case ``Q*`` at the
+    minimiser whose gradient ``E_Q* grad l`` is zero. Away from ``theta_ref`` the
+    solver's worst case is unique and has it. At ``theta = theta_ref`` (pass ``theta``
+    and ``theta_ref`` to detect it) every reweighting is a worst case and the solver's
+    generally has a non-zero gradient, so:
+
+    * KL and chi-square: the zero-gradient mixture ``Q0`` of
+      :func:`simulator.asymptotics.zero_gradient_mixture` (in the ball whenever
+      ``theta_ref`` is optimal) gives the constant;
+    * Wasserstein p = 2 and p = 1 with finite ``kappa``: no valid constant is computed
+      (``nan``).
 
     For Wasserstein ``p = 1``, ``kappa = inf`` the objective is ``E_P l + rho b``
-    (convex penalty), so the nominal atoms ``data`` give the growth; its worst case
-    sends a vanishing mass arbitrarily far and would give ``0``. Otherwise the worst
-    case ``Q*`` is used (:func:`growth_constant`; docs/theory.md section 3).
+    (convex penalty), so the nominal atoms ``data`` give the growth anywhere; its worst
+    case sends a vanishing mass arbitrarily far and would give ``0``. DPO uses ``data``.
     """
-    if isinstance(ambiguity, Wasserstein) and ambiguity.p == 1 and math.isinf(ambiguity.kappa):
+    if isinstance(ambiguity, Nominal) or ambiguity.rho == 0 or (
+            isinstance(ambiguity, Wasserstein) and ambiguity.p == 1
+            and math.isinf(ambiguity.kappa)):
         return growth_constant(data.x, data.weights, beta, B)
+    if theta is not None:
+        theta = np.asarray(theta, dtype=np.float64)
+        ref = np.zeros_like(theta) if theta_ref is None else np.asarray(theta_ref, np.float64)
+        if np.linalg.norm(theta - ref) <= KINK_TOL * max(1.0, float(np.linalg.norm(ref))):
+            if isinstance(ambiguity, KL | ChiSquare):
+                div, q0 = zero_gradient_mixture(data, ambiguity)
+                if q0 is None or div > ambiguity.rho * (1 + 1e-6):
+                    return math.nan
+                return growth_constant(data.x, q0, beta, B)
+            return math.nan
     return growth_constant(worst_case.x, worst_case.weights, beta, B)
 
 

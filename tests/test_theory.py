@@ -128,6 +128,28 @@ def test_growth_of_robust_objective_around_optimum(world, amb):
         assert gain >= gamma / 2 * np.sum((th - star.theta) ** 2) - 1e-7
 
 
+def test_growth_at_theta_ref_uses_the_zero_gradient_mixture():
+    """At the chi-square collapse radius theta* = theta_ref and the solver's worst case has
+    a non-zero gradient there: its growth constant overstated the growth (the inequality
+    failed with ratio 0.90); the zero-gradient mixture Q0 gives a constant that holds."""
+    env = sim.FiniteEnv.random(20, 6, 4, beta=1.0, seed=0, theta_norm=2.0)
+    pop = env.population()
+    amb = sim.ChiSquare(sim.collapse_radius(pop, sim.ChiSquare(1.0)) * (1 + 1e-6))
+    star = sim.solve(pop, amb)
+    assert np.linalg.norm(star.theta) == 0.0
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((1000, env.dim))
+    thetas = 0.01 * u / np.linalg.norm(u, axis=1, keepdims=True)
+    gamma = theory.robust_growth(amb, pop, star.worst_case, env.beta, 0.01, theta=star.theta)
+    gains = np.array([sim.robust_objective(t, pop, amb).value - star.value for t in thetas])
+    ratio = gains / (gamma / 2 * np.sum(thetas**2, axis=1))
+    assert ratio.min() >= 1.0
+    # Wasserstein p = 2 at theta_ref: no valid constant is computed
+    w2 = sim.Wasserstein(2 * sim.collapse_radius(pop, sim.Wasserstein(1.0, p=2)), p=2)
+    s2 = sim.solve(pop, w2)
+    assert math.isnan(theory.robust_growth(w2, pop, s2.worst_case, 1.0, 1.0, theta=s2.theta))
+
+
 @pytest.mark.parametrize("amb", METHODS, ids=lambda a: a.name)
 def test_bounds_hold_in_at_least_1_minus_delta_of_seeds(world, amb):
     env, pop = world
