@@ -96,7 +96,8 @@ def ambiguity(method: str, rho: float) -> sim.AmbiguitySet:
 def make_env(cfg: dict[str, Any]) -> sim.FiniteEnv:
     """The environment of the configuration (``FiniteEnv.random``)."""
     return sim.FiniteEnv.random(cfg["n_states"], cfg["n_actions"], cfg["dim"], cfg["beta"],
-                                seed=cfg["env_seed"], theta_norm=cfg["theta_norm"])
+                                seed=cfg["env_seed"], theta_norm=cfg["theta_norm"],
+                                coverage_scale=cfg.get("coverage_scale", 1.0))
 
 
 @functools.lru_cache(maxsize=256)
@@ -118,7 +119,8 @@ def _prediction(env_key: tuple, method: str, rho: float, solver: str) -> sim.Asy
 
 def _env_key(cfg: dict[str, Any]) -> tuple:
     return tuple(sorted((k, cfg[k]) for k in ("n_states", "n_actions", "dim", "beta",
-                                              "env_seed", "theta_norm")))
+                                              "env_seed", "theta_norm", "coverage_scale")
+                        if k in cfg))
 
 
 def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:

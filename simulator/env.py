@@ -134,12 +134,16 @@ class FiniteEnv:
     @classmethod
     def random(cls, n_states: int = 20, n_actions: int = 6, dim: int = 4, beta: float = 1.0,
                seed: int | None = 0, theta_norm: float = 2.0, feature_norm: float = 1.0,
-               **kwargs) -> FiniteEnv:
+               coverage_scale: float = 1.0, **kwargs) -> FiniteEnv:
         """Random realizable environment.
 
         Features are drawn uniformly in direction with norms uniform in
         ``[feature_norm / 2, feature_norm]``; ``theta_true`` is a random
         direction scaled to ``theta_norm``; ``theta_ref = 0`` unless given.
+        ``coverage_scale`` in ``(0, 1]`` multiplies the last feature coordinate (after
+        the draw, so the world is otherwise the same): the coverage
+        ``lambda_min(Sigma_P)`` shrinks roughly like ``coverage_scale^2`` while
+        ``||phi|| <= 1`` still holds.
         """
         for name, v in (("n_states", n_states), ("n_actions", n_actions), ("dim", dim)):
             if int(v) != v or v < 1:
@@ -152,6 +156,9 @@ class FiniteEnv:
         g = rng.standard_normal((n_states, n_actions, dim))
         g /= np.linalg.norm(g, axis=2, keepdims=True)
         phi = g * rng.uniform(feature_norm / 2, feature_norm, (n_states, n_actions, 1))
+        if not 0 < coverage_scale <= 1:
+            raise ValueError(f"coverage_scale must be in (0, 1], got {coverage_scale!r}")
+        phi[..., -1] *= coverage_scale
         u = rng.standard_normal(dim)
         theta_true = check_nonnegative(theta_norm, "theta_norm") * u / np.linalg.norm(u)
         return cls.from_parameter(phi, theta_true, beta=beta, **kwargs)
