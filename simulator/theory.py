@@ -12,7 +12,9 @@ every margin obeys ``|m| <= M = 2 beta B x_max`` (``= 4 beta B``). Then
 
 Two bounds on ``||theta_hat_n - theta*||_2`` (derivations in docs/theory.md):
 
-* :func:`slow_rate` -- valid with probability ``>= 1 - delta``: a uniform deviation
+* :func:`slow_rate` -- valid with probability ``>= 1 - delta`` for a *fixed* ball ``B`` and
+  a fixed dual range (with ``B`` and ``dual_lo`` taken from the sample, as the ``rates``
+  experiment does, it is a plug-in heuristic; docs/theory.md section 9): a uniform deviation
   ``eps_n`` of the robust objective (Rademacher complexity of the margin class,
   contraction, McDiarmid, and a union bound over a grid of the dual variable) plus
   quadratic growth give ``excess risk <= 2 eps_n`` and
