@@ -23,7 +23,10 @@ eigenvector of the predicted covariance when regular, else of ``Sigma_P``), ``wa
 ``regular``, ``norm_star``, ``dual_star``, ``solve_failed``.
 
 ``regimes_summary.csv``, per ``(method, ratio, n)``: ``rho0``, ``rho``, ``frac_ref``
-(share of ``theta_hat = theta_ref``), ``frac_dual_zero``, ``err_q10``, ``err_median``,
+(share of ``theta_hat = theta_ref``), ``pred_frac_ref`` (its prediction
+``Phi(sqrt(n) (rho - rho_0) / sd)``: ``theta_hat = theta_ref`` exactly when the sample's
+collapse radius is at most ``rho``, and that radius is asymptotically normal with the
+``sd`` of ``sim.collapse_influence``), ``frac_dual_zero``, ``err_q10``, ``err_median``,
 ``err_q90``, ``sqrt_n_err`` (measured median of ``sqrt(n) err``), ``pred_sqrt_n_err``
 (sandwich), ``ratio_meas_pred`` with the bootstrap 95% interval ``ratio_lo``,
 ``ratio_hi`` (seeds resampled), ``shapiro_p`` (Shapiro-Wilk p-value of ``z_proj``;
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import shapiro
+from scipy.stats import norm, shapiro
 
 import simulator as sim
 
@@ -160,9 +163,14 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
     ``(method, ratio)`` (RMS slope rule of ``rates``)."""
     if "status" in df.columns:
         df = df[df["status"] == "ok"]
+    pop = rates.make_env(cfg).population()
+    collapse = {m: sim.collapse_influence(pop, ambiguity(m, 1.0, cfg["kappa"]))
+                for m in df["method"].unique()}
     out, slopes = [], []
     for (method, ratio), g in df.groupby(["method", "ratio"], sort=False):
         ok = g[g["solve_failed"] == 0]
+        rho0, infl = collapse[method]
+        sd = math.sqrt(float(pop.weights @ infl**2))
         for n, h in g.groupby("n"):
             k = h[h["solve_failed"] == 0]
             err = k["err_l2"].to_numpy()
@@ -177,6 +185,7 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
                 "method": method, "ratio": ratio, "n": int(n),
                 "rho0": float(h["rho0"].iloc[0]), "rho": float(h["rho"].iloc[0]),
                 "frac_ref": float(k["at_ref"].mean()) if len(k) else math.nan,
+                "pred_frac_ref": float(norm.cdf(math.sqrt(n) * (ratio - 1) * rho0 / sd)),
                 "frac_dual_zero": float(k["dual_zero"].mean()) if len(k) else math.nan,
                 "err_q10": q[0], "err_median": q[1], "err_q90": q[2],
                 "sqrt_n_err": meas, "pred_sqrt_n_err": pred,

@@ -3,7 +3,8 @@
 Against ``rho / rho_0`` (``rho_0`` the collapse radius): the measured / predicted ratio
 of the median of ``sqrt(n) ||theta_hat - theta*||`` (solid, left axis; 1 is a perfect
 prediction, the grey band is +-10%), and the share of seeds with ``theta_hat =
-theta_ref`` exactly (dashed, right axis), one colour per ``n``. From
+theta_ref`` exactly (dashed, right axis) with its prediction ``Phi(sqrt(n)(rho - rho_0)/sd)``
+(dotted, ``sim.collapse_influence``), one colour per ``n``. From
 ``regimes_summary.csv``.
 """
 
@@ -40,6 +41,8 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
             c = cmap(k / max(len(ns) - 1, 1))
             ax.plot(h["ratio"], h["ratio_meas_pred"], "o-", color=c, ms=3, label=f"n={n:g}")
             right.plot(h["ratio"], h["frac_ref"], "s--", color=c, ms=3, alpha=0.8)
+            if "pred_frac_ref" in h:
+                right.plot(h["ratio"], h["pred_frac_ref"], ":", color=c, lw=1.5, alpha=0.9)
         ax.set_ylim(0, 3)
         right.set_ylim(-0.03, 1.03)
         ax.set_xlabel("rho / rho_0")
@@ -52,5 +55,5 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
                     color="0.4")
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Regimes: sandwich prediction (solid, grey band +-10%) and collapse to "
-                 "theta_ref (dashed) through the collapse radius")
+                 "theta_ref (dashed; dotted: predicted) through the collapse radius")
     return [save(fig, Path(out_dir) / "regimes.png")]

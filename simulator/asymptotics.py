@@ -40,7 +40,8 @@ from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
 from .data import PreferenceData
 from .losses import softplus
 
-__all__ = ["Asymptotics", "asymptotic_covariance", "collapse_radius", "zero_gradient_mixture"]
+__all__ = ["Asymptotics", "asymptotic_covariance", "collapse_radius", "collapse_influence",
+           "collapse_probability", "zero_gradient_mixture"]
 
 #: Draws of the fixed-seed Monte Carlo for the law of the Gaussian quadratic forms
 #: ``||Z||^2``, ``Z ~ N(0, Sigma)``: the relative standard error of a median is about
@@ -379,17 +380,81 @@ def collapse_radius(data: PreferenceData, ambiguity: AmbiguitySet, beta: float =
         if ambiguity.p != 1:
             raise ValueError("collapse_radius: no closed form for Wasserstein p = 2 with finite "
                              f"kappa, got {ambiguity!r}")
-        import cvxpy as cp
-
-        e = cp.Variable(z.shape[1])
-        obj = cp.Maximize(w @ (z @ e) / 2 - w @ cp.pos(z @ e - ambiguity.kappa))
-        prob = cp.Problem(obj, [cp.norm(e, 2) <= 1])
-        prob.solve(solver=cp.CLARABEL)
-        return float(prob.value)
+        return _w1_flip_collapse(z, w, ambiguity.kappa)[0]
     if isinstance(ambiguity, KL | ChiSquare):
         return zero_gradient_mixture(data, ambiguity)[0]
     raise ValueError(f"collapse_radius: ambiguity must be KL, ChiSquare or Wasserstein, "
                      f"got {ambiguity!r}")
+
+
+def _w1_flip_collapse(z: np.ndarray, w: np.ndarray, kappa: float) -> tuple[float, np.ndarray]:
+    """``max_{||e|| <= 1} E_w[z.e / 2 - (z.e - kappa)_+]`` and its maximiser (Clarabel)."""
+    import cvxpy as cp
+
+    e = cp.Variable(z.shape[1])
+    obj = cp.Maximize(w @ (z @ e) / 2 - w @ cp.pos(z @ e - kappa))
+    prob = cp.Problem(obj, [cp.norm(e, 2) <= 1])
+    prob.solve(solver=cp.CLARABEL)
+    return float(prob.value), np.asarray(e.value, dtype=np.float64)
+
+
+def collapse_influence(data: PreferenceData, ambiguity: AmbiguitySet) -> tuple[float, np.ndarray]:
+    """``rho_0(P)`` and its influence function at every atom (docs/theory.md section 10).
+
+    ``theta_hat_n = theta_ref`` exactly when the *sample* collapse radius
+    ``rho_0(P_n) <= rho``, and ``sqrt(n)(rho_0(P_n) - rho_0) -> N(0, E IF^2)``, so the
+    share of samples that collapse is about ``Phi(sqrt(n) (rho - rho_0) / sd)``,
+    ``sd = sqrt(E_P IF^2)`` (:func:`collapse_probability`). By the envelope theorem:
+
+    * W1 / W2 with ``kappa = inf``: ``IF = u . (ytil x - E ytil x) / c``, ``u`` the direction
+      of ``E ytil x``, ``c = 2`` (p = 1) or 1 (p = 2);
+    * W1 with finite ``kappa``: ``IF = h_e*(z) - rho_0`` with
+      ``h_e(z) = ytil e.x / 2 - (ytil e.x - kappa)_+`` at the maximiser ``e*``;
+    * KL and chi-square (``rho_0 = min E_P phi(q)`` subject to ``E_P q = 1``,
+      ``E_P q ytil x = 0``): ``IF = phi(q0) - a (q0 - 1) - b . q0 ytil x - rho_0``, where the
+      multipliers solve ``phi'(q0) = a + b . ytil x`` on the atoms with ``q0 > 0``
+      (``phi(q) = q log q`` gives ``IF = 1 - q0``; ``phi(q) = (q - 1)^2``).
+    """
+    z = data.ytil[:, None] * data.x
+    w = data.weights
+    mean = w @ z
+    if isinstance(ambiguity, Wasserstein):
+        if math.isinf(ambiguity.kappa):
+            c = 2.0 if ambiguity.p == 1 else 1.0
+            norm = float(np.linalg.norm(mean))
+            return norm / c, (z - mean) @ (mean / norm) / c
+        if ambiguity.p != 1:
+            raise ValueError("collapse_influence: not derived for Wasserstein p = 2 with finite "
+                             f"kappa, got {ambiguity!r}")
+        rho0, e = _w1_flip_collapse(z, w, ambiguity.kappa)
+        h = z @ e / 2 - np.maximum(z @ e - ambiguity.kappa, 0.0)
+        return rho0, h - rho0
+    rho0, q0w = zero_gradient_mixture(data, ambiguity)
+    if q0w is None:
+        return rho0, np.full(data.n, math.nan)
+    q0 = np.where(w > 0, q0w / np.where(w > 0, w, 1.0), 0.0)
+    if isinstance(ambiguity, KL):
+        return rho0, 1.0 - q0
+    pos = q0 > BRANCH_TOL
+    design = np.column_stack([np.ones(int(pos.sum())), z[pos]])
+    coef = np.linalg.lstsq(design, 2 * (q0[pos] - 1), rcond=None)[0]
+    a, b = coef[0], coef[1:]
+    return rho0, (q0 - 1) ** 2 - a * (q0 - 1) - q0 * (z @ b) - rho0
+
+
+def collapse_probability(data: PreferenceData, ambiguity: AmbiguitySet, n: float) -> float:
+    """Predicted ``P(theta_hat_n = theta_ref) = Phi(sqrt(n) (rho - rho_0) / sd)``.
+
+    ``rho = ambiguity.rho``; ``rho_0`` and ``sd`` from :func:`collapse_influence`. The
+    first-order normal approximation of the law of the sample collapse radius.
+    """
+    from scipy.stats import norm
+
+    rho0, infl = collapse_influence(data, ambiguity)
+    sd = math.sqrt(float(data.weights @ infl**2))
+    if not sd > 0:
+        return float(ambiguity.rho >= rho0)
+    return float(norm.cdf(math.sqrt(check_positive(n, "n")) * (ambiguity.rho - rho0) / sd))
 
 
 def zero_gradient_mixture(data: PreferenceData, ambiguity: AmbiguitySet

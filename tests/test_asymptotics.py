@@ -134,3 +134,38 @@ def test_w2_maximiser_is_global_in_the_non_concave_regime():
         brute = (softplus(b * grid[None, :] - m[:, None]) - lam * grid[None, :] ** 2).max(axis=1)
         got = softplus(b * t - m) - lam * t**2
         assert np.all(got >= brute - 1e-12)
+
+
+@pytest.mark.parametrize("amb", [sim.KL(1.0), sim.ChiSquare(1.0), sim.Wasserstein(1.0, p=1),
+                                 sim.Wasserstein(1.0, p=2),
+                                 sim.Wasserstein(1.0, p=1, kappa=1.0)], ids=repr)
+def test_collapse_influence_matches_finite_differences(amb):
+    env = sim.FiniteEnv.random(4, 3, 2, beta=1.0, seed=5, theta_norm=1.0)
+    pop = env.population()
+    rho0, infl = sim.collapse_influence(pop, amb)
+    assert rho0 == pytest.approx(sim.collapse_radius(pop, amb), rel=1e-9)
+    assert abs(pop.weights @ infl) < 1e-9
+    eps = 1e-5
+    for i in (0, 5, 11):
+        vals = []
+        for e in (eps, -eps):
+            w = (1 - e) * pop.weights
+            w[i] += e
+            vals.append(sim.collapse_radius(sim.PreferenceData(pop.x, pop.y, w), amb))
+        assert (vals[0] - vals[1]) / (2 * eps) == pytest.approx(infl[i], rel=1e-5, abs=1e-7)
+
+
+def test_collapse_probability_matches_the_law_of_the_sample_collapse_radius():
+    """theta_hat = theta_ref iff rho_0(P_n) <= rho: the share of 2000 multinomial samples with
+    rho_0(P_n) <= rho (closed form for W1, no solver) against Phi(sqrt(n)(rho - rho_0)/sd)."""
+    env = sim.FiniteEnv.random(7, 4, 3, beta=1.0, seed=99, theta_norm=2.5)
+    pop = env.population()
+    base = sim.Wasserstein(1.0, p=1)
+    rho0 = sim.collapse_radius(pop, base)
+    n = 10_000
+    draws = np.array([sim.collapse_radius(env.sample(n, seed, merged=True), base)
+                      for seed in range(2000)])
+    for ratio in (0.97, 0.99, 1.0, 1.02):
+        amb = sim.Wasserstein(ratio * rho0, p=1)
+        pred = sim.collapse_probability(pop, amb, n)
+        assert np.mean(draws <= amb.rho) == pytest.approx(pred, abs=0.035)  # 3 binomial sd
