@@ -20,6 +20,9 @@ Two bounds on ``||theta_hat_n - theta*||_2`` (derivations in docs/theory.md):
   quadratic growth give ``excess risk <= 2 eps_n`` and
   ``||theta_hat - theta*|| <= 2 sqrt(eps_n / gamma)``: ``O(n^{-1/4})``
   (``O(n^{-1/8})`` for chi-square, whose dual involves a square root).
+* :func:`uniform_slow_rate` -- the same bound with a union bound over dyadic grids of ``B``
+  and ``dual_lo``: valid with probability ``>= 1 - delta`` although both are chosen from
+  the sample.
 * :func:`fast_rate` -- a deterministic, data-dependent inequality
   ``||theta_hat - theta*|| <= 2 ||grad L_n(theta*)|| / gamma_n``: the plug-in form of
   the ``O(n^{-1/2})`` argument.
@@ -46,6 +49,7 @@ __all__ = [
     "rademacher_bound",
     "SlowRate",
     "slow_rate",
+    "uniform_slow_rate",
     "fast_rate",
     "grid_size",
 ]
@@ -229,6 +233,46 @@ def slow_rate(ambiguity: AmbiguitySet, n: int, delta: float, beta: float, B: flo
         raise ValueError(f"no slow-rate bound is derived for {ambiguity!r}")
     err = 2 * math.sqrt(eps / gamma) if gamma > 0 else math.inf
     return SlowRate(deviation=eps, excess_risk=2 * eps, error=err)
+
+
+#: Normaliser of the union-bound weights ``c_k = 1 / (Z (|k| + 1)^2)`` over the integers:
+#: ``Z = sum_{k in Z} 1 / (|k| + 1)^2 = 2 zeta(2) - 1 = pi^2 / 3 - 1``, so ``sum_k c_k = 1``.
+_GRID_Z = math.pi**2 / 3 - 1
+
+
+def _grid_weight(k: int) -> float:
+    """Share ``c_k = 1 / (Z (|k| + 1)^2)`` of ``delta`` given to grid point ``k``."""
+    return 1.0 / (_GRID_Z * (abs(k) + 1) ** 2)
+
+
+def uniform_slow_rate(ambiguity: AmbiguitySet, n: int, delta: float, beta: float, B: float,
+                      gamma_at, dual_lo: float | None = None, x_max: float = 2.0) -> SlowRate:
+    """:func:`slow_rate` made valid for a ball ``B`` and a ``dual_lo`` chosen from the sample.
+
+    Union bound over dyadic grids (docs/theory.md section 9): the ball radius is rounded up
+    to ``B_k = 2^k`` (``k = ceil(log2 B)``), the dual lower bound down to
+    ``lambda_j = 2^-j`` (``j = ceil(-log2 dual_lo)``), and the pair ``(k, j)`` gets the level
+    ``delta c_k c_j`` with ``c_k = 1 / (Z (|k| + 1)^2)``; the levels of all pairs sum to at
+    most ``delta``, so with probability ``>= 1 - delta`` the bound holds simultaneously at
+    every grid point, in particular at the data-dependent one.
+
+    Parameters
+    ----------
+    gamma_at : callable
+        ``gamma_at(B_k)``: the growth constant at ``theta*`` for the rounded ball (a
+        deterministic function of the population).
+    Other parameters as in :func:`slow_rate`.
+    """
+    B = check_positive(B, "B")
+    k = math.ceil(math.log2(B))
+    level = delta * _grid_weight(k)
+    lo = None
+    if dual_lo is not None:
+        j = math.ceil(-math.log2(check_positive(dual_lo, "dual_lo")))
+        lo = 2.0**-j
+        level *= _grid_weight(j)
+    Bk = 2.0**k
+    return slow_rate(ambiguity, n, level, beta, Bk, gamma_at(Bk), dual_lo=lo, x_max=x_max)
 
 
 def _dual_lo(dual_lo: float | None) -> float:

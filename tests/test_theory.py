@@ -177,3 +177,27 @@ def test_bounds_hold_in_at_least_1_minus_delta_of_seeds(world, amb):
     assert np.mean(inside_slow) >= 1 - delta
     assert np.mean(inside_dev) >= 1 - delta
     assert np.mean(inside_fast) == 1.0  # deterministic inequality
+
+
+def test_uniform_slow_rate_is_the_slow_rate_at_the_grid_point_with_its_share_of_delta():
+    amb, n, delta, beta = sim.KL(0.1), 1000, 0.1, 1.0
+    z = math.pi**2 / 3 - 1
+    calls = []
+
+    def gamma_at(b):
+        calls.append(b)
+        return 0.01 / b
+
+    got = theory.uniform_slow_rate(amb, n, delta, beta, 1.5, gamma_at, dual_lo=0.3)
+    # B = 1.5 -> B_1 = 2 (weight 1 / (4 Z)); lambda_lo = 0.3 -> 2^-2 (weight 1 / (9 Z))
+    want = theory.slow_rate(amb, n, delta / (4 * z) / (9 * z), beta, 2.0, 0.005, dual_lo=0.25)
+    assert calls == [2.0]
+    assert got.error == pytest.approx(want.error, rel=1e-14)
+    plain = theory.slow_rate(amb, n, delta, beta, 1.5, 0.01 / 1.5, dual_lo=0.3)
+    assert got.error > plain.error  # the price of uniformity
+    # the shares of all grid pairs sum to at most 1
+    k = np.arange(-2000, 2001)
+    share = 1 / (z * (np.abs(k) + 1) ** 2)
+    assert share.sum() <= 1 and share.sum() > 1 - 1e-3
+    with pytest.raises(ValueError, match="B"):
+        theory.uniform_slow_rate(amb, n, delta, beta, 0.0, gamma_at, dual_lo=0.3)
