@@ -57,7 +57,7 @@ def test_invariants_of_the_errors(quick):
     assert ((robust["norm_star"] < cfg["theta_norm"]) & (robust["norm_star"] > 0.3)).all()
 
 
-def test_slopes_and_bound_coverage(quick):
+def test_slopes_and_deterministic_bounds(quick):
     _, cfg, df, summary = quick
     s = summary.set_index("method")
     # parametric rate for DPO: slope near -1/2 (wide interval for a small quick grid)
@@ -65,8 +65,10 @@ def test_slopes_and_bound_coverage(quick):
     assert (summary["slope_lo"] <= summary["slope"]).all()
     assert (summary["slope"] <= summary["slope_hi"]).all()
     assert (summary["slope_hi"] < -0.15).all()  # every method's error shrinks with n
-    assert (summary["bound_coverage"] >= 1 - cfg["delta"]).all()
+    # the plug-in fast bound is a deterministic inequality (it fails if gamma_n is wrong);
+    # the union-bound slow rate is never below the plug-in one
     assert (summary["fast_bound_coverage"] == 1.0).all()
+    assert (df["bound_uniform"] >= df["bound"]).all()
 
 
 def test_prediction_before_sampling_matches_the_measurement(quick):
@@ -91,7 +93,8 @@ def _rows(errs: dict[int, list[float]], method="kldpo", rho=0.1) -> pd.DataFrame
         for seed, e in enumerate(vals):
             rows.append({"method": method, "rho": rho, "seed": seed, "n": n, "err_l2": e,
                          "excess_risk": e**2, "err_truth": e + 1, "bound": 1.0,
-                         "bound_fast": 1.0, "shift_in_ball": 0.0, "pred_err_median": 0.1,
+                         "bound_fast": 1.0, "bound_uniform": 1.0, "shift_in_ball": 0.0,
+                         "pred_err_median": 0.1,
                          "in_ellipsoid": 1.0, "gamma": 0.1, "dual_star": 0.0,
                          "norm_star": 0.0, "status": "ok"})
     return pd.DataFrame(rows)

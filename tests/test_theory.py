@@ -151,32 +151,27 @@ def test_growth_at_theta_ref_uses_the_zero_gradient_mixture():
 
 
 @pytest.mark.parametrize("amb", METHODS, ids=lambda a: a.name)
-def test_bounds_hold_in_at_least_1_minus_delta_of_seeds(world, amb):
+def test_fast_bound_and_excess_risk_decomposition_hold_in_every_seed(world, amb):
+    """Deterministic steps of the bounds, per seed (docs/theory.md sections 5-6): the
+    excess risk is at most the two deviations it is split into, and ``err <= 2 ||g|| /
+    gamma_n``. Both fail if the growth constant or a gradient is wrong. (The coverage of the
+    slow-rate bound is not tested: it is hundreds of times the error, so it cannot fail; the
+    sharp checks are the sandwich Monte Carlo tests of test_asymptotics.py.)"""
     env, pop = world
-    delta, n, seeds = 0.2, 200, range(15)
+    n = 200
     star = sim.solve(pop, amb, beta=env.beta)
-    x_max = float(np.linalg.norm(pop.x, axis=1).max())
-    inside_slow, inside_fast, inside_dev = [], [], []
-    for seed in seeds:
+    for seed in range(15):
         data = env.sample(n, seed)
         sol = sim.solve(data, amb, beta=env.beta)
         at_hat = sim.robust_objective(sol.theta, pop, amb, beta=env.beta)
         at_star = sim.robust_objective(star.theta, data, amb, beta=env.beta)
+        dev_hat = abs(at_hat.value - sol.value)
+        dev_star = abs(at_star.value - star.value)
+        assert at_hat.value - star.value <= dev_hat + dev_star + 1e-10
         B = max(np.linalg.norm(star.theta), np.linalg.norm(sol.theta))
-        gamma = theory.robust_growth(amb, pop, star.worst_case, env.beta, B)
-        gamma_n = theory.robust_growth(amb, data, sol.worst_case, env.beta, B)
-        duals = [d for d in (star.dual, sol.dual, at_hat.dual, at_star.dual) if d is not None]
-        lo = min(duals) if duals else None
-        slow = theory.slow_rate(amb, n, delta, env.beta, B, gamma, dual_lo=lo, x_max=x_max)
+        gamma_n = theory.robust_growth(amb, data, sol.worst_case, env.beta, B, theta=sol.theta)
         err = np.linalg.norm(sol.theta - star.theta)
-        inside_slow.append(err <= slow.error)
-        inside_dev.append(abs(at_star.value - star.value) <= slow.deviation
-                          and at_hat.value - star.value <= slow.excess_risk)
-        fast = theory.fast_rate(np.linalg.norm(at_star.grad), gamma_n)
-        inside_fast.append(err <= fast * (1 + 1e-6) + 1e-6)
-    assert np.mean(inside_slow) >= 1 - delta
-    assert np.mean(inside_dev) >= 1 - delta
-    assert np.mean(inside_fast) == 1.0  # deterministic inequality
+        assert err <= theory.fast_rate(np.linalg.norm(at_star.grad), gamma_n) * (1 + 1e-6) + 1e-6
 
 
 def test_uniform_slow_rate_is_the_slow_rate_at_the_grid_point_with_its_share_of_delta():
