@@ -20,15 +20,20 @@ chi-square), ``dual_zero`` (1 when the dual is 0: ``lambda_hat = 0`` for KL and
 Wasserstein), ``z_proj = sqrt(n) (theta_hat - theta*) . u`` (``u`` the leading
 eigenvector of the predicted covariance when regular, else of ``Sigma_P``), ``wald``
 (Wald statistic, NaN when not regular), ``in_ellipsoid``, ``pred_err_median``,
-``regular``, ``norm_star``, ``dual_star``, ``solve_failed``.
+``regular``, ``norm_star``, ``dual_star``, ``solve_failed``, ``rho0_hat`` (the collapse
+radius of the sample itself, ``sim.collapse_radius``) and ``collapse_hat`` (1 when
+``rho0_hat <= rho``: then, and only then, ``theta_hat = theta_ref`` is the exact optimum,
+a check of the solver independent of it).
 
 ``regimes_summary.csv``, per ``(method, ratio, n)``: ``rho0``, ``rho``, ``frac_ref``
 (share of ``theta_hat = theta_ref``), ``pred_frac_ref`` (its prediction
 ``Phi(sqrt(n) (rho - rho_0) / sd)``: ``theta_hat = theta_ref`` exactly when the sample's
 collapse radius is at most ``rho``, and that radius is asymptotically normal with the
-``sd`` of ``sim.collapse_influence``), ``frac_dual_zero``, ``err_q10``, ``err_median``,
-``err_q90``, ``sqrt_n_err`` (measured median of ``sqrt(n) err``), ``pred_sqrt_n_err``
-(sandwich), ``ratio_meas_pred`` with the bootstrap 95% interval ``ratio_lo``,
+``sd`` of ``sim.collapse_influence``), ``frac_dual_zero``, ``frac_collapse_hat`` (share of
+samples with ``rho0_hat <= rho``, failed solves included), ``n_disagree`` (solved samples
+whose ``at_ref`` differs from ``collapse_hat``: wrong answers of the solver), ``err_q10``,
+``err_median``, ``err_q90``, ``sqrt_n_err`` (measured median of ``sqrt(n) err``),
+``pred_sqrt_n_err`` (sandwich), ``ratio_meas_pred`` with the bootstrap 95% interval ``ratio_lo``,
 ``ratio_hi`` (seeds resampled), ``shapiro_p`` (Shapiro-Wilk p-value of ``z_proj``;
 NaN when fewer than 3 distinct values), ``ellipsoid_coverage``, ``dual_q10``,
 ``dual_median``, ``dual_q90``, ``regular``, ``n_ok``, ``n_failed``.
@@ -104,6 +109,15 @@ def _world(env_key: tuple, method: str, ratio: float):
     return env, pop, rho0, amb, star, pred, u
 
 
+@functools.lru_cache(maxsize=4096)
+def _sample_collapse(env_key: tuple, method: str, seed: int, n: int) -> float:
+    """``rho_0(P_n)``, the collapse radius of the sample itself (the same for every ratio)."""
+    cfg = dict(env_key)
+    env = rates.make_env(cfg)
+    data = env.sample(n, np.random.default_rng([seed, n]), merged=True)
+    return sim.collapse_radius(data, ambiguity(method, 1.0, cfg["kappa"]), beta=env.beta)
+
+
 def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One cell per ``(method, ratio, seed)``."""
     bad = [m for m in cfg["methods"] if m not in METHODS]
@@ -122,7 +136,9 @@ def run_cell(cell: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for n in cfg["n_grid"]:
         data = env.sample(n, np.random.default_rng([cell["seed"], n]), merged=True)
+        rho0_hat = _sample_collapse(_env_key(cfg), cell["method"], cell["seed"], n)
         row = {"n": n, "rho0": rho0, "rho": amb.rho, "regular": float(pred.regular),
+               "rho0_hat": rho0_hat, "collapse_hat": float(rho0_hat <= amb.rho),
                "norm_star": float(np.linalg.norm(star.theta - env.theta_ref)),
                "dual_star": math.nan if star.dual is None else float(star.dual),
                "pred_err_median": pred.error_quantile(0.5, n) if pred.regular else math.nan}
@@ -187,6 +203,8 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
                 "frac_ref": float(k["at_ref"].mean()) if len(k) else math.nan,
                 "pred_frac_ref": float(norm.cdf(math.sqrt(n) * (ratio - 1) * rho0 / sd)),
                 "frac_dual_zero": float(k["dual_zero"].mean()) if len(k) else math.nan,
+                "frac_collapse_hat": float(h["collapse_hat"].mean()),
+                "n_disagree": int((k["at_ref"] != k["collapse_hat"]).sum()),
                 "err_q10": q[0], "err_median": q[1], "err_q90": q[2],
                 "sqrt_n_err": meas, "pred_sqrt_n_err": pred,
                 "ratio_meas_pred": meas / pred if pred > 0 else math.nan,

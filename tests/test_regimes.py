@@ -44,6 +44,20 @@ def test_collapse_radius_is_where_theta_ref_becomes_exact(quick):
     assert (s.loc[("kldpo", 0.5), "frac_dual_zero"] == 0.0).all()
 
 
+def test_theta_ref_exactly_when_the_sample_collapse_radius_allows_it(quick):
+    """theta_hat = theta_ref is the exact optimum iff rho_0(P_n) <= rho: the solver's answers
+    agree with that solver-free test on every W1 and W2 sample (kappa = inf)."""
+    _, _, df, summary = quick
+    w = df[df["method"].isin(["wdpo1", "wdpo2"]) & (df["solve_failed"] == 0)]
+    assert (w["at_ref"] == w["collapse_hat"]).all()
+    assert (summary[summary["method"].isin(["wdpo1", "wdpo2"])]["n_disagree"] == 0).all()
+    # the predicted collapse share is 1/2 at rho_0 and moves to 0 / 1 on either side
+    s = summary.set_index(["method", "ratio", "n"]).sort_index()
+    np.testing.assert_allclose(s.loc[("wdpo1", 1.0), "pred_frac_ref"], 0.5, atol=1e-9)
+    assert (s.loc[("wdpo1", 0.5), "pred_frac_ref"] < 1e-3).all()
+    assert (s.loc[("wdpo1", 1.2), "pred_frac_ref"] > 0.99).all()
+
+
 def test_sandwich_holds_inside_and_prediction_ratio_is_reported(quick):
     _, _, _, summary = quick
     inside = summary[(summary["ratio"] == 0.5) & (summary["n"] == summary["n"].max())]
