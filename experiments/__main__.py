@@ -45,6 +45,10 @@ EXPERIMENTS: dict[str, tuple[str, str | None, str]] = {
                "scalable approximations against the exact robust optima (SPEC 4)"),
     "llm": ("experiments.llm", "torch",
             "the torch backend on a small causal language model (SPEC 7)"),
+    "regimes": ("experiments.regimes", None,
+                "where the sqrt(n) Gaussian limit fails: radius swept through rho_0 (SPEC 5.1)"),
+    "constants": ("experiments.constants", None,
+                  "how the sqrt(n) error constant and the bound constants scale (SPEC 5)"),
 }
 
 

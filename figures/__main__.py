@@ -16,6 +16,8 @@ __all__ = ["FIGURE_MODULES", "main", "plot_all"]
 #: ``figures/`` in the working directory cannot hide it.
 FIGURE_MODULES: dict[str, tuple[str, ...]] = {
     "rates": ("figures.rates", "figures.coverage"),
+    "regimes": ("figures.regimes",),
+    "constants": ("figures.constants",),
 }
 
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m figures", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Draw the PNG figures of every experiment whose results exist "
-                    "(rates.png, coverage.png, shift.png, and those of approx and llm), "
+                    "(rates.png, coverage.png, shift.png, regimes.png, constants.png, and those of "
+                    "approx and llm), "
                     "from the saved CSV files only.")
     parser.add_argument("--results", metavar="DIR", default="results",
                         help="results directory written by the experiments")

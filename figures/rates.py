@@ -1,9 +1,10 @@
 """``rates.png``: parameter error against n on log-log axes, one panel per method.
 
 For each radius: the median of ``err_l2`` over seeds with its 10-90% band, the
-fitted slope (from ``rates_summary.csv``), the median slow-rate bound (dashed) and
-the median plug-in fast-rate bound (dash-dotted); grey guides show ``n^{-1/4}`` and
-``n^{-1/2}`` anchored at the first median.
+fitted slope (from ``rates_summary.csv``), the sandwich prediction made before sampling
+(black dotted median with a hatched 10-90% band, ``sim.asymptotic_covariance``), the
+median slow-rate bound (dashed; a plug-in heuristic) and the median plug-in fast-rate bound
+(dash-dotted); grey guides show ``n^{-1/4}`` and ``n^{-1/2}`` anchored at the first median.
 """
 
 from __future__ import annotations
@@ -44,10 +45,17 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
             ls = styles[k % len(styles)]
             ax.plot(n, q[0.5], ls, color=color(method), marker="o", ms=3, label=text)
             ax.fill_between(n, q[0.1], q[0.9], color=color(method), alpha=0.15)
+            if "pred_err_median" in h and h["pred_err_median"].notna().any():
+                pred = h.groupby("n")[["pred_err_q10", "pred_err_median", "pred_err_q90"]].median()
+                ax.plot(n, pred["pred_err_median"], ":", color="black", lw=1.2,
+                        label="predicted median (sandwich)" if k == 0 else None)
+                ax.fill_between(n, pred["pred_err_q10"], pred["pred_err_q90"], facecolor="none",
+                                edgecolor="0.3", hatch="///", lw=0, alpha=0.5,
+                                label="predicted 10-90%" if k == 0 else None)
             bound = h.groupby("n")["bound"].median()
             if np.isfinite(bound).any():
                 ax.plot(n, bound, "--", color=color(method), lw=1, alpha=0.7,
-                        label="slow-rate bound" if k == 0 else None)
+                        label="slow-rate bound (plug-in)" if k == 0 else None)
             fast = h.groupby("n")["bound_fast"].median()
             ax.plot(n, fast, "-.", color=color(method), lw=1, alpha=0.7,
                     label="plug-in fast bound" if k == 0 else None)
@@ -62,5 +70,6 @@ def plot(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_xlabel("n (preference pairs)")
         ax.set_ylabel("||theta_hat - theta*||_2")
         ax.legend(fontsize=7)
-    fig.suptitle("Rates: error of the empirical robust optimum (median, 10-90% band)")
+    fig.suptitle("Rates: error of the empirical robust optimum (median, 10-90% band) "
+                 "against the sandwich prediction")
     return [save(fig, Path(out_dir) / "rates.png")]

@@ -6,6 +6,13 @@ See ``../shared/SPEC.md`` (mirrored in docs/) for the mathematics.
 from . import theory
 from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
 from .approx_check import ApproximationReport, check_approximation
+from .asymptotics import (
+    Asymptotics,
+    asymptotic_covariance,
+    collapse_influence,
+    collapse_probability,
+    collapse_radius,
+)
 from .data import PreferenceData
 from .env import FiniteEnv, realizable_reward
 from .losses import (
@@ -43,6 +50,8 @@ __all__ = [
     "SURROGATES", "surrogate_loss", "surrogate_grad", "surrogate_value_and_grad",
     "surrogate_weights", "train", "solve_surrogate", "batch_fixed_point", "TrainResult",
     "check_approximation", "ApproximationReport",
+    "Asymptotics", "asymptotic_covariance", "collapse_radius", "collapse_influence",
+    "collapse_probability",
 ]
 
 __version__ = "0.1.0"

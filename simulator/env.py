@@ -134,12 +134,16 @@ class FiniteEnv:
     @classmethod
     def random(cls, n_states: int = 20, n_actions: int = 6, dim: int = 4, beta: float = 1.0,
                seed: int | None = 0, theta_norm: float = 2.0, feature_norm: float = 1.0,
-               **kwargs) -> FiniteEnv:
+               coverage_scale: float = 1.0, **kwargs) -> FiniteEnv:
         """Random realizable environment.
 
         Features are drawn uniformly in direction with norms uniform in
         ``[feature_norm / 2, feature_norm]``; ``theta_true`` is a random
         direction scaled to ``theta_norm``; ``theta_ref = 0`` unless given.
+        ``coverage_scale`` in ``(0, 1]`` multiplies the last feature coordinate (after
+        the draw, so the world is otherwise the same): the coverage
+        ``lambda_min(Sigma_P)`` shrinks roughly like ``coverage_scale^2`` while
+        ``||phi|| <= 1`` still holds.
         """
         for name, v in (("n_states", n_states), ("n_actions", n_actions), ("dim", dim)):
             if int(v) != v or v < 1:
@@ -152,6 +156,9 @@ class FiniteEnv:
         g = rng.standard_normal((n_states, n_actions, dim))
         g /= np.linalg.norm(g, axis=2, keepdims=True)
         phi = g * rng.uniform(feature_norm / 2, feature_norm, (n_states, n_actions, 1))
+        if not 0 < coverage_scale <= 1:
+            raise ValueError(f"coverage_scale must be in (0, 1], got {coverage_scale!r}")
+        phi[..., -1] *= coverage_scale
         u = rng.standard_normal(dim)
         theta_true = check_nonnegative(theta_norm, "theta_norm") * u / np.linalg.norm(u)
         return cls.from_parameter(phi, theta_true, beta=beta, **kwargs)
@@ -198,16 +205,52 @@ class FiniteEnv:
         y = np.concatenate([np.ones_like(pw), np.zeros_like(pw)])[keep]
         return self._atoms(ss, aa1, aa2, y, w[keep] / w[keep].sum())
 
-    def sample(self, n: int, seed: int | np.random.Generator | None = None) -> PreferenceData:
-        """``n`` i.i.d. preference samples with weights ``1/n``."""
+    def sample(self, n: int, seed: int | np.random.Generator | None = None,
+               merged: bool = False) -> PreferenceData:
+        """``n`` i.i.d. preference samples.
+
+        Parameters
+        ----------
+        n : int
+            Number of pairs.
+        seed : int, Generator or None
+            Randomness.
+        merged : bool
+            ``False``: the ``n`` draws themselves, weights ``1/n`` (cost ``O(n)``).
+            ``True``: the same law, drawn as distinct atoms: the counts of ``n`` i.i.d.
+            draws over the population atoms are exactly ``Multinomial(n, P)``, so the
+            sample is the population atoms with ``count > 0`` and weights ``count / n``
+            (cost ``O(|atoms|)`` whatever ``n``; every objective is a function of the
+            weighted distribution, so the estimators are the same as on the unmerged
+            draws). The random streams differ, so the two modes give different
+            (equally distributed) samples for one seed.
+        """
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         rng = np.random.default_rng(seed)
+        if merged:
+            return self.sample_counts(int(n), rng)
         s, a1, a2, pw = self._pairs()
         k = rng.choice(pw.shape[0], size=int(n), p=pw / pw.sum())
         s, a1, a2 = s[k], a1[k], a2[k]
         y = (rng.random(int(n)) < self.preference_prob()[s, a1, a2]).astype(np.float64)
         return self._atoms(s, a1, a2, y, None)
+
+    def sample_counts(self, n: int, seed: int | np.random.Generator | None = None
+                      ) -> PreferenceData:
+        """``n`` i.i.d. pairs as distinct atoms with weights ``count / n`` (``O(|atoms|)``).
+
+        ``count ~ Multinomial(n, P)`` over the atoms of :meth:`population`; atoms drawn
+        zero times are left out. See :meth:`sample` with ``merged=True``.
+        """
+        if int(n) != n or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        rng = np.random.default_rng(seed)
+        pop = self.population()
+        counts = rng.multinomial(int(n), pop.weights)
+        keep = np.flatnonzero(counts)
+        return PreferenceData(pop.x[keep], pop.y[keep], counts[keep] / float(n),
+                              states=pop.states[keep], actions=pop.actions[keep])
 
     def coverage(self) -> np.ndarray:
         """``Sigma_P = E_P[x x^T]`` on the population."""

@@ -12,12 +12,17 @@ every margin obeys ``|m| <= M = 2 beta B x_max`` (``= 4 beta B``). Then
 
 Two bounds on ``||theta_hat_n - theta*||_2`` (derivations in docs/theory.md):
 
-* :func:`slow_rate` -- valid with probability ``>= 1 - delta``: a uniform deviation
+* :func:`slow_rate` -- valid with probability ``>= 1 - delta`` for a *fixed* ball ``B`` and
+  a fixed dual range (with ``B`` and ``dual_lo`` taken from the sample, as the ``rates``
+  experiment does, it is a plug-in heuristic; docs/theory.md section 9): a uniform deviation
   ``eps_n`` of the robust objective (Rademacher complexity of the margin class,
   contraction, McDiarmid, and a union bound over a grid of the dual variable) plus
   quadratic growth give ``excess risk <= 2 eps_n`` and
   ``||theta_hat - theta*|| <= 2 sqrt(eps_n / gamma)``: ``O(n^{-1/4})``
   (``O(n^{-1/8})`` for chi-square, whose dual involves a square root).
+* :func:`uniform_slow_rate` -- the same bound with a union bound over dyadic grids of ``B``
+  and ``dual_lo``: valid with probability ``>= 1 - delta`` although both are chosen from
+  the sample.
 * :func:`fast_rate` -- a deterministic, data-dependent inequality
   ``||theta_hat - theta*|| <= 2 ||grad L_n(theta*)|| / gamma_n``: the plug-in form of
   the ``O(n^{-1/2})`` argument.
@@ -32,6 +37,7 @@ import numpy as np
 
 from ._validation import check_finite_array, check_nonnegative, check_positive, check_weights
 from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
+from .asymptotics import KINK_TOL, zero_gradient_mixture
 from .losses import sigmoid, softplus
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "rademacher_bound",
     "SlowRate",
     "slow_rate",
+    "uniform_slow_rate",
     "fast_rate",
     "grid_size",
 ]
@@ -86,16 +93,40 @@ def growth_constant(x, weights, beta: float, B: float) -> float:
     return strong_convexity(beta, B, lam, x_max)
 
 
-def robust_growth(ambiguity: AmbiguitySet, data, worst_case, beta: float, B: float) -> float:
-    """Growth constant of ``L_U(.; data)`` at its minimiser, from the solver's worst case.
+def robust_growth(ambiguity: AmbiguitySet, data, worst_case, beta: float, B: float,
+                  theta=None, theta_ref=None) -> float:
+    """Growth constant of ``L_U(.; data)`` at its minimiser, from a zero-gradient worst case.
+
+    The growth argument (docs/theory.md section 3) needs a worst case ``Q*`` at the
+    minimiser whose gradient ``E_Q* grad l`` is zero. Away from ``theta_ref`` the
+    solver's worst case is unique and has it. At ``theta = theta_ref`` (pass ``theta``
+    and ``theta_ref`` to detect it) every reweighting is a worst case and the solver's
+    generally has a non-zero gradient, so:
+
+    * KL and chi-square: the zero-gradient mixture ``Q0`` of
+      :func:`simulator.asymptotics.zero_gradient_mixture` (in the ball whenever
+      ``theta_ref`` is optimal) gives the constant;
+    * Wasserstein p = 2 and p = 1 with finite ``kappa``: no valid constant is computed
+      (``nan``).
 
     For Wasserstein ``p = 1``, ``kappa = inf`` the objective is ``E_P l + rho b``
-    (convex penalty), so the nominal atoms ``data`` give the growth; its worst case
-    sends a vanishing mass arbitrarily far and would give ``0``. Otherwise the worst
-    case ``Q*`` is used (:func:`growth_constant`; docs/theory.md section 3).
+    (convex penalty), so the nominal atoms ``data`` give the growth anywhere; its worst
+    case sends a vanishing mass arbitrarily far and would give ``0``. DPO uses ``data``.
     """
-    if isinstance(ambiguity, Wasserstein) and ambiguity.p == 1 and math.isinf(ambiguity.kappa):
+    if isinstance(ambiguity, Nominal) or ambiguity.rho == 0 or (
+            isinstance(ambiguity, Wasserstein) and ambiguity.p == 1
+            and math.isinf(ambiguity.kappa)):
         return growth_constant(data.x, data.weights, beta, B)
+    if theta is not None:
+        theta = np.asarray(theta, dtype=np.float64)
+        ref = np.zeros_like(theta) if theta_ref is None else np.asarray(theta_ref, np.float64)
+        if np.linalg.norm(theta - ref) <= KINK_TOL * max(1.0, float(np.linalg.norm(ref))):
+            if isinstance(ambiguity, KL | ChiSquare):
+                div, q0 = zero_gradient_mixture(data, ambiguity)
+                if q0 is None or div > ambiguity.rho * (1 + 1e-6):
+                    return math.nan
+                return growth_constant(data.x, q0, beta, B)
+            return math.nan
     return growth_constant(worst_case.x, worst_case.weights, beta, B)
 
 
@@ -202,6 +233,46 @@ def slow_rate(ambiguity: AmbiguitySet, n: int, delta: float, beta: float, B: flo
         raise ValueError(f"no slow-rate bound is derived for {ambiguity!r}")
     err = 2 * math.sqrt(eps / gamma) if gamma > 0 else math.inf
     return SlowRate(deviation=eps, excess_risk=2 * eps, error=err)
+
+
+#: Normaliser of the union-bound weights ``c_k = 1 / (Z (|k| + 1)^2)`` over the integers:
+#: ``Z = sum_{k in Z} 1 / (|k| + 1)^2 = 2 zeta(2) - 1 = pi^2 / 3 - 1``, so ``sum_k c_k = 1``.
+_GRID_Z = math.pi**2 / 3 - 1
+
+
+def _grid_weight(k: int) -> float:
+    """Share ``c_k = 1 / (Z (|k| + 1)^2)`` of ``delta`` given to grid point ``k``."""
+    return 1.0 / (_GRID_Z * (abs(k) + 1) ** 2)
+
+
+def uniform_slow_rate(ambiguity: AmbiguitySet, n: int, delta: float, beta: float, B: float,
+                      gamma_at, dual_lo: float | None = None, x_max: float = 2.0) -> SlowRate:
+    """:func:`slow_rate` made valid for a ball ``B`` and a ``dual_lo`` chosen from the sample.
+
+    Union bound over dyadic grids (docs/theory.md section 9): the ball radius is rounded up
+    to ``B_k = 2^k`` (``k = ceil(log2 B)``), the dual lower bound down to
+    ``lambda_j = 2^-j`` (``j = ceil(-log2 dual_lo)``), and the pair ``(k, j)`` gets the level
+    ``delta c_k c_j`` with ``c_k = 1 / (Z (|k| + 1)^2)``; the levels of all pairs sum to at
+    most ``delta``, so with probability ``>= 1 - delta`` the bound holds simultaneously at
+    every grid point, in particular at the data-dependent one.
+
+    Parameters
+    ----------
+    gamma_at : callable
+        ``gamma_at(B_k)``: the growth constant at ``theta*`` for the rounded ball (a
+        deterministic function of the population).
+    Other parameters as in :func:`slow_rate`.
+    """
+    B = check_positive(B, "B")
+    k = math.ceil(math.log2(B))
+    level = delta * _grid_weight(k)
+    lo = None
+    if dual_lo is not None:
+        j = math.ceil(-math.log2(check_positive(dual_lo, "dual_lo")))
+        lo = 2.0**-j
+        level *= _grid_weight(j)
+    Bk = 2.0**k
+    return slow_rate(ambiguity, n, level, beta, Bk, gamma_at(Bk), dual_lo=lo, x_max=x_max)
 
 
 def _dual_lo(dual_lo: float | None) -> float:
