@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from typing import Any
 
 import numpy as np
@@ -65,6 +64,8 @@ from scipy.special import rel_entr
 
 import simulator as sim
 from simulator import theory
+
+from .runner import add_failed_count
 
 NAME = "rates"
 DESCRIPTION = ("Sample complexity (SPEC 5): error of the empirical robust optimum theta_hat_n "
@@ -302,33 +303,15 @@ def _median_interval(values: np.ndarray, n_boot: int, seed: int) -> tuple[float,
     return float(lo), float(hi)
 
 
-def _failed_cells(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[tuple, list[int]]:
-    """Seeds of the grid with no rows, per ``(method, rho)`` (failed or missing cells)."""
-    out = {}
-    for cell in cells(cfg):
-        key = (cell["method"], cell["rho"])
-        g = df[(df["method"] == key[0]) & np.isclose(df["rho"], key[1])]
-        if cell["seed"] not in set(g["seed"]):
-            out.setdefault(key, []).append(cell["seed"])
-    return out
-
-
 def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """``rates_summary``: slopes, predictions and coverage per ``(method, rho)``.
 
     Rules (docs/experiments.md): slopes of the root-mean-square error over seeds
     (:func:`loglog_slope`), on the seeds with every ``n``; ``frac_exact`` the share of
     rows with ``theta_hat == theta*``; ``slope_note`` names degenerate cases (one seed,
-    one ``n``, all-exact columns); ``n_failed`` counts the cells of the grid without
-    rows, which are also named in a printed warning.
+    one ``n``, all-exact columns); ``n_failed`` counts the failed cells of the row
+    (:func:`experiments.runner.add_failed_count`; the runner names them in a warning).
     """
-    if "status" in df.columns:
-        df = df[df["status"] == "ok"]
-    failed = _failed_cells(df, cfg)
-    for (method, rho), seeds in failed.items():
-        print(f"warning: rates_summary: {method} rho={rho:g}: {len(seeds)} of "
-              f"{cfg['n_seeds']} cells failed or are missing (seeds {seeds}); the summary "
-              "uses the others", file=sys.stderr)
     out = []
     for (method, rho), g in df.groupby(["method", "rho"], sort=False):
         err = g.pivot_table(index="seed", columns="n", values="err_l2").dropna()
@@ -356,18 +339,14 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
         row["fast_sqrt_n"] = float(np.median(last["bound_fast"] * np.sqrt(last["n"])))
         row["gamma"] = float(np.median(last["gamma"]))
         row["n_seeds"] = int(g["seed"].nunique())
-        row["n_failed"] = len(failed.get((method, rho), []))
         row["dual_star"] = float(last["dual_star"].median())
         row["norm_star"] = float(last["norm_star"].median())
         out.append(row)
-    seen = {(r["method"], r["rho"]) for r in out}
-    for (method, rho), seeds in failed.items():  # every cell of the row failed
-        if not any(m == method and math.isclose(r, rho) for m, r in seen):
-            out.append({"method": method, "rho": rho, "n_seeds": 0, "n_failed": len(seeds),
-                        "slope_note": "every cell failed"})
-    table = pd.DataFrame(out).reindex(columns=list(SUMMARY_COLUMNS))
-    return {"rates_summary": table}
-
+    table = pd.DataFrame(out, columns=[c for c in SUMMARY_COLUMNS if c != "n_failed"])
+    table = add_failed_count(table, df, ["method", "rho"])
+    table.loc[table["n_seeds"].isna(), "slope_note"] = "every cell failed"
+    table["n_seeds"] = table["n_seeds"].fillna(0).astype(int)
+    return {"rates_summary": table.reindex(columns=list(SUMMARY_COLUMNS))}
 
 
 def validate(cfg: dict[str, Any]) -> None:

@@ -100,7 +100,7 @@ def _rows(errs: dict[int, list[float]], method="kldpo", rho=0.1) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def test_summary_rules_for_exact_zeros_degenerate_grids_and_failed_cells(capsys):
+def test_summary_rules_for_exact_zeros_degenerate_grids_and_failed_cells():
     cfg = {"methods": ["kldpo"], "rhos": [0.1], "schedule_c": 0.0, "seed": 0, "n_seeds": 4,
            "n_boot": 200}
     # exact zeros: the RMS slope stays defined (errors 0.5 n^-1/2 on two of four seeds)
@@ -120,13 +120,17 @@ def test_summary_rules_for_exact_zeros_degenerate_grids_and_failed_cells(capsys)
     one = dict(cfg, n_seeds=1)
     row = summarize(_rows({100: [0.1], 1000: [0.03]}), one)["rates_summary"].iloc[0]
     assert "one seed" in row["slope_note"] and row["slope_lo"] == row["slope_hi"]
-    # failed cells: counted per row and named in a warning
-    capsys.readouterr()
+    # failed cells (the runner's df.attrs["failed"]): counted per row; a row whose cells
+    # all failed is kept and said so
     df = _rows({100: [0.1, 0.2, 0.3, 0.4], 1000: [0.03, 0.06, 0.1, 0.1]})
     df = df[df["seed"] != 2]
-    row = summarize(df, cfg)["rates_summary"].iloc[0]
-    assert row["n_failed"] == 1 and row["n_seeds"] == 3
-    assert "kldpo rho=0.1: 1 of 4 cells failed" in capsys.readouterr().err
+    df.attrs["failed"] = pd.DataFrame({"cell_id": ["a", "b"], "error": ["x", "y"],
+                                       "method": ["kldpo", "wdpo1"], "rho": [0.1, 0.2],
+                                       "seed": [2, 0]})
+    table = summarize(df, cfg)["rates_summary"].set_index("method")
+    assert table.loc["kldpo", "n_failed"] == 1 and table.loc["kldpo", "n_seeds"] == 3
+    assert table.loc["wdpo1", "n_failed"] == 1 and table.loc["wdpo1", "n_seeds"] == 0
+    assert table.loc["wdpo1", "slope_note"] == "every cell failed"
 
 
 def test_merged_sampler_is_multinomial():
