@@ -127,3 +127,16 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
             row[f"{key}_factor"] = float(g[key].iloc[-1] / g[key].iloc[0])
         scaling.append(row)
     return {"constants_summary": summary, "constants_scaling": pd.DataFrame(scaling)}
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell runs (:mod:`experiments.validation`)."""
+    from . import validation as v
+
+    v.check(cfg, {"methods": v.one_of(*rates.METHODS), "beta_values": v.POSITIVE,
+                  "theta_norm_values": v.NONNEGATIVE, "coverage_scale_values": v.POSITIVE,
+                  "rho_values": v.POSITIVE, "n": v.POSITIVE_INT, "rho": v.POSITIVE,
+                  "coverage_scale": v.POSITIVE,
+                  "delta": v.PROBABILITY, "n_boot": v.POSITIVE_INT,
+                  "solver": v.one_of(*v.SOLVERS), "shift_noise": v.UNIT_INTERVAL,
+                  **v.ENV_SCHEMA})

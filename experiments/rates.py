@@ -357,4 +357,5 @@ def validate(cfg: dict[str, Any]) -> None:
                   "delta": v.PROBABILITY, "n_boot": v.POSITIVE_INT,
                   "solver": v.one_of(*v.SOLVERS), "schedule_c": v.NONNEGATIVE,
                   "schedule_a": v.NONNEGATIVE, "shift_noise": v.UNIT_INTERVAL,
+                  "coverage_scale": v.POSITIVE,
                   **v.ENV_SCHEMA})

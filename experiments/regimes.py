@@ -223,3 +223,12 @@ def summarize(df: pd.DataFrame, cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
                        "slope_hi": hi, "slope_note": rates._slope_note(table),
                        "n_seeds": int(table.shape[0])})
     return {"regimes_summary": pd.DataFrame(out), "regimes_slopes": pd.DataFrame(slopes)}
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every key before any cell runs (:mod:`experiments.validation`)."""
+    from . import validation as v
+
+    v.check(cfg, {"methods": v.one_of(*METHODS), "ratios": v.POSITIVE,
+                  "n_grid": v.POSITIVE_INT, "n_boot": v.POSITIVE_INT, "kappa": v.POSITIVE,
+                  "solver": v.one_of(*v.SOLVERS), **v.ENV_SCHEMA})

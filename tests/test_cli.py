@@ -127,6 +127,13 @@ def test_dask_needs_scheduler_and_bad_flag_values(capsys, tmp_path):
     ("approx", ["--batch-sizes", "8,-1"], "batch_sizes"),
     ("approx", ["--tau-surrogates", "wdpo-gr"], "tau_surrogates"),
     ("llm", ["--rho", "-1"], "rho"),
+    ("llm", ["--mixing", "harmonic"], "mixing"),
+    ("llm", ["--grad-accum", "0"], "grad_accum"),
+    ("rates", ["--coverage-scale", "0"], "coverage_scale"),
+    ("regimes", ["--ratios", "0,1"], "ratios"),
+    ("regimes", ["--methods", "kl"], "methods"),
+    ("constants", ["--n", "0"], "n"),
+    ("constants", ["--beta-values", "1,-2"], "beta_values"),
     ("llm", ["--n-embd", "30", "--n-head", "4"], "n_embd"),
 ])
 def test_bad_values_are_refused_up_front_naming_the_key(name, flags, key, tmp_path, capsys):
