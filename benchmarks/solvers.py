@@ -81,6 +81,13 @@ COLUMNS = ["data", "n", "d", "set", "solver", "time_s", "ratio", "passes", "iter
 LBFGS_OPTIONS = {"maxiter": 20_000, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-10}
 #: scikit-learn's stopping tolerance (newton-cholesky: gradient; lbfgs: projected gradient).
 SKLEARN_TOL = 1e-10
+#: The clock of every timing, set by ``--clock``: process CPU time by default. On this
+#: shared 2-core machine (load averages of 8 to 12 while other engineers' jobs run) wall
+#: time measured the scheduler: a 0.6 ms pass took 0.6 to 30 ms, and a d = 64 DPO solve
+#: with two BLAS threads 4.5 s (a thread waiting for its descheduled partner). CPU time
+#: of a single-threaded run (``--threads 1``) counts only the work of the solver.
+clock = time.process_time
+
 #: Chunks of the one-pass timing and their least duration (s): long enough to span
 #: several scheduler time slices, short enough to cost under a second per set.
 PASS_REPS = 4
@@ -118,15 +125,15 @@ def time_pass(A: np.ndarray, w: np.ndarray) -> float:
     by the scheduler on a loaded machine).
     """
     delta = np.full(A.shape[1], 0.1 / math.sqrt(A.shape[1]))
-    t0 = time.perf_counter()
+    t0 = clock()
     float(w @ sim.softplus(-(A @ delta)))
-    per_chunk = max(1, math.ceil(PASS_CHUNK_S / max(time.perf_counter() - t0, 1e-9)))
+    per_chunk = max(1, math.ceil(PASS_CHUNK_S / max(clock() - t0, 1e-9)))
     best = math.inf
     for _ in range(PASS_REPS):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(per_chunk):
             float(w @ sim.softplus(-(A @ delta)))
-        best = min(best, (time.perf_counter() - t0) / per_chunk)
+        best = min(best, (clock() - t0) / per_chunk)
     return best
 
 
@@ -256,7 +263,7 @@ def dro_fit(lm, name, data, amb, beta):
 # -------------------------------------------------------------------------------- rows
 def run_peer(peer, name, data, amb, beta, lm):
     """``(theta, seconds, iterations, status)`` of ``peer`` on the problem, or ``theta=None``."""
-    t0 = time.perf_counter()
+    t0 = clock()
     try:
         if peer == "cvxpy":
             sol = sim.solve(data, amb, beta=beta, solver="cvxpy")
@@ -268,8 +275,8 @@ def run_peer(peer, name, data, amb, beta, lm):
         else:
             theta, iters, status = dro_fit(lm, name, data, amb, beta)
     except Exception as exc:  # noqa: BLE001 - a benchmark reports every failure as a row
-        return None, time.perf_counter() - t0, 0, f"failed: {type(exc).__name__}: {str(exc)[:60]}"
-    return theta, time.perf_counter() - t0, iters, status
+        return None, clock() - t0, 0, f"failed: {type(exc).__name__}: {str(exc)[:60]}"
+    return theta, clock() - t0, iters, status
 
 
 def fmt(v) -> str:
@@ -297,21 +304,21 @@ def bench_one(kind, n, d, name, data, A, args, lm, emit) -> None:
     emit({**base, "solver": "one pass", "time_s": pass_s, "passes": 1.0})
     if args.memory:
         tracemalloc.start()
-    t0 = time.perf_counter()
+    t0 = clock()
     try:
         sol = sim.solve(data, amb, beta=args.beta, solver="dual")
     except (RuntimeError, ValueError) as exc:
-        emit({**base, "solver": "dual", "time_s": time.perf_counter() - t0,
+        emit({**base, "solver": "dual", "time_s": clock() - t0,
               "status": f"failed: {str(exc)[:60]}"})
         return
-    t_dual = time.perf_counter() - t0
+    t_dual = clock() - t0
     peak = tracemalloc.get_traced_memory()[1] / 2**20 if args.memory else math.nan
     if args.memory:
         tracemalloc.stop()
     for _ in range(args.repeat - 1):  # the fastest of the repeats: the least disturbed one
-        t0 = time.perf_counter()
+        t0 = clock()
         sim.solve(data, amb, beta=args.beta, solver="dual")
-        t_dual = min(t_dual, time.perf_counter() - t0)
+        t_dual = min(t_dual, clock() - t0)
     emit({**base, "solver": "dual", "time_s": t_dual, "ratio": 1.0, "passes": t_dual / pass_s,
           "iters": sol.iterations, "peak_mb": peak, "gap": sol.gap,
           "opt_gap": sol.info.get("optimality_gap", math.nan), "status": sol.status})
@@ -339,18 +346,20 @@ def bench_one(kind, n, d, name, data, A, args, lm, emit) -> None:
         emit(row)
 
 
-def limit_scipy_blas():
-    """Run scipy's own OpenBLAS (not numpy's) on one thread; returns the limiter to keep.
+def limit_blas(threads: int | None):
+    """Limit every BLAS to ``threads`` (``None``: numpy's as it is, scipy's own to one).
 
-    scipy's L-BFGS-B (and scikit-learn's Cholesky) call scipy's bundled OpenBLAS on tiny
-    ``d x d`` blocks; with two threads on this shared 2-core machine each call of
-    L-BFGS-B's ``setulb`` took about 6 ms instead of microseconds (0.3 s instead of
-    0.008 s for a KL solve at n = 1e3), which would time thread wake-ups, not the method.
-    The ``n x d`` products of every solver run in numpy's OpenBLAS, left as it is.
+    Returns the limiter, to be kept alive. scipy's L-BFGS-B (and scikit-learn's Cholesky)
+    call scipy's bundled OpenBLAS on tiny ``d x d`` blocks; with two threads on this
+    shared machine each call of L-BFGS-B's ``setulb`` took about 6 ms instead of
+    microseconds (0.3 s instead of 0.008 s for a KL solve at n = 1e3), which times thread
+    wake-ups, not the method; so that one runs on one thread in every mode.
     """
     from threadpoolctl import ThreadpoolController
 
     ctl = ThreadpoolController()
+    if threads is not None:
+        return ctl.limit(limits=threads, user_api="blas")
     paths = [lc.filepath for lc in ctl.lib_controllers if "scipy.libs" in lc.filepath]
     return ctl.select(filepath=paths).limit(limits=1) if paths else None
 
@@ -391,6 +400,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="time the dual solver and the non-conic peers this many times and "
                         "report the fastest (default 1; cvxpy and dro run once)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="process CPU time (default: robust on a shared machine) or wall time")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads of every solver (default 1; 0: numpy's default)")
     p.add_argument("--quick", action="store_true", help="n = 1e4 and d = 8 only")
     p.add_argument("--csv", type=pathlib.Path, help="append the rows to this CSV file")
     p.add_argument("--markdown", type=pathlib.Path,
@@ -418,9 +431,12 @@ def main(argv=None) -> int:
             writer.writerow(row)
             fh.flush()
 
-    limiter = limit_scipy_blas()  # noqa: F841 - kept alive for the whole run
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    limiter = limit_blas(args.threads or None)  # noqa: F841 - kept alive for the whole run
     warm_up(args, lm)
-    print(f"dro: {'installed' if lm is not None else 'not installed'}")
+    print(f"dro: {'installed' if lm is not None else 'not installed'}; clock: {args.clock}; "
+          f"BLAS threads: {args.threads or 'default'}")
     print(" ".join(f"{c:>11}" for c in COLUMNS))
     touched = False
     for kind in args.data:
