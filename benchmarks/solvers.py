@@ -283,9 +283,9 @@ def fmt(v) -> str:
     return f"{v:>11.4g}" if isinstance(v, float) else f"{v!s:>11}"
 
 
-def profile_dual(data, amb, beta, top: int = 14) -> None:
-    """Print where one dual solve spends its time, by function (cProfile, call counts)."""
-    prof = cProfile.Profile()
+def profile_dual(data, amb, beta, top: int = 20) -> None:
+    """Print where one dual solve spends its time, by function (cProfile on ``clock``)."""
+    prof = cProfile.Profile(clock)
     prof.enable()
     sim.solve(data, amb, beta=beta, solver="dual")
     prof.disable()
