@@ -304,6 +304,22 @@ def test_separable_data_raise_before_any_conic_solve(scale):
             solve_cvxpy(data, amb, solvers=[("CLARABEL", {"max_iter": 1})])
 
 
+def test_weakly_separable_data_depend_on_the_worst_case():
+    # e = (1, 0) keeps every margin >= 0 and the first one > 0, but no direction makes all
+    # three positive: DPO has no minimiser, nor have KL / chi-square when Q* charges atom 0;
+    # at a large radius Q* sits on the tied atoms 1, 2, whose losses l(t) and l(-t) give
+    # L >= max(l(t), l(-t)) >= log 2 = L(theta_ref): a minimiser exists
+    data = sim.PreferenceData(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]), [1, 1, 1])
+    for amb in (sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1)):
+        with pytest.raises(ValueError, match="data are linearly separable along theta - "
+                           r"theta_ref = t \* array\(\[ 1\., -?0\.\]\)"):
+            solve_cvxpy(data, amb)
+    for amb in (sim.KL(5.0), sim.ChiSquare(5.0)):
+        sol = solve_cvxpy(data, amb)
+        assert sol.value == pytest.approx(np.log(2.0), rel=1e-9)
+        np.testing.assert_allclose(sol.worst_case.weights, [0.0, 0.5, 0.5], atol=1e-7)
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e8])
 @pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.2), sim.Wasserstein(0.1, p=1),
                                  sim.Wasserstein(0.05, p=1, kappa=1.0)])
