@@ -260,13 +260,85 @@ def test_fallback_after_clarabel_failure(data):
 
 
 def test_all_solvers_fail_names_statuses(data):
-    with pytest.raises(ValueError, match="CLARABEL: user_limit.*SCS.*CLARABEL \\(rescaled\\)"):
+    with pytest.raises(ValueError, match="CLARABEL \\(rescaled\\): user_limit.*SCS.*CLARABEL: "):
         solve_cvxpy(data, sim.KL(0.1), solvers=[("CLARABEL", {"max_iter": 2}),
                                                 ("SCS", {"max_iters": 3})])
-    try:
+    with pytest.raises(ConicSolveError) as err:
         solve_cvxpy(data, sim.Nominal(), solvers=[("CLARABEL", {"max_iter": 1})])
-    except ConicSolveError as err:
-        assert [a["rescaled"] for a in err.attempts] == [False, True]
+    assert [a["rescaled"] for a in err.value.attempts] == [True, False]
+
+
+def test_budget_per_attempt_is_passed_and_named(data):
+    # defect 7: each attempt runs under a time and iteration budget given in the solver's
+    # own option names, and the error says which budget ran out
+    with pytest.raises(ConicSolveError, match=r"CLARABEL \(rescaled\): user_limit \(time limit "
+                       r"1e-06 s ran out\).*raise time_limit / max_iter") as err:
+        solve_cvxpy(data, sim.KL(0.1), solvers=["CLARABEL", "SCS"], time_limit=1e-6)
+    clarabel, scs = err.value.attempts[:2]
+    assert clarabel["options"] == {"time_limit": 1e-6, "max_iter": 500}
+    assert scs["options"] == {"time_limit_secs": 1e-6, "max_iters": 200_000}
+    assert scs["budget"] == "time limit 1e-06 s"
+    with pytest.raises(ConicSolveError, match=r"\(iteration limit 2 ran out\)") as err:
+        solve_cvxpy(data, sim.KL(0.1), solvers=["CLARABEL"], max_iter=2)
+    assert [a["budget"] for a in err.value.attempts] == ["iteration limit 2"] * 2
+    # options given in the chain override the budget
+    sol = solve_cvxpy(data, sim.KL(0.1), solvers=[("CLARABEL", {"max_iter": 200})], max_iter=2)
+    assert sol.info["attempts"][0]["options"]["max_iter"] == 200
+
+
+def _strictly_separable(n=200, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    return x, (x @ rng.standard_normal(d) > 0).astype(float)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-12, 1e8])
+def test_separable_data_raise_before_any_conic_solve(scale):
+    # defect 7: separable KL data (n = 200) ran every solver of the chain for 543 s and
+    # raised ConicSolveError; the separability check now runs first and is scale-free,
+    # so a chain that cannot solve anything is never reached
+    x, y = _strictly_separable()
+    data = sim.PreferenceData(scale * x, y)
+    for amb in (sim.Nominal(), sim.KL(0.1), sim.KL(5.0), sim.ChiSquare(0.3)):
+        with pytest.raises(ValueError, match="data are linearly separable"):
+            solve_cvxpy(data, amb, solvers=[("CLARABEL", {"max_iter": 1})])
+
+
+def test_weakly_separable_data_depend_on_the_worst_case():
+    # e = (1, 0) keeps every margin >= 0 and the first one > 0, but no direction makes all
+    # three positive: DPO has no minimiser, nor have KL / chi-square when Q* charges atom 0;
+    # at a large radius Q* sits on the tied atoms 1, 2, whose losses l(t) and l(-t) give
+    # L >= max(l(t), l(-t)) >= log 2 = L(theta_ref): a minimiser exists
+    data = sim.PreferenceData(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]), [1, 1, 1])
+    for amb in (sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1)):
+        with pytest.raises(ValueError, match="data are linearly separable along theta - "
+                           r"theta_ref = t \* array\(\[ 1\., -?0\.\]\)"):
+            solve_cvxpy(data, amb)
+    for amb in (sim.KL(5.0), sim.ChiSquare(5.0)):
+        sol = solve_cvxpy(data, amb)
+        assert sol.value == pytest.approx(np.log(2.0), rel=1e-9)
+        np.testing.assert_allclose(sol.worst_case.weights, [0.0, 0.5, 0.5], atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e8])
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.2), sim.Wasserstein(0.1, p=1),
+                                 sim.Wasserstein(0.05, p=1, kappa=1.0)])
+def test_feature_scale_equivariance(data, amb, scale):
+    # defect 7: features x 1e-12 were called "linearly separable" and features x 1e8 ran
+    # for 1104 s; scaling the features (and rho, kappa of Wasserstein) by c maps theta - theta_ref
+    # to (theta - theta_ref) / c, and the equilibrated problem (tried first) solves it
+    ref = solve_cvxpy(data, amb, beta=BETA, theta_ref=THETA_REF)
+    scaled = sim.PreferenceData(scale * data.x, data.y)
+    amb_c = sim.Wasserstein(scale * amb.rho, p=1, kappa=scale * amb.kappa) if isinstance(
+        amb, sim.Wasserstein) else amb
+    sol = solve_cvxpy(scaled, amb_c, beta=BETA, theta_ref=THETA_REF / scale)
+    assert sol.info["rescaled"]
+    np.testing.assert_allclose(scale * sol.theta, scale * sol.theta_ref + ref.theta - THETA_REF,
+                               atol=1e-5)
+    assert sol.value == pytest.approx(ref.value, rel=1e-7)
+    if isinstance(amb, sim.Wasserstein):  # lambda is loss per unit of transport
+        assert scale * sol.dual == pytest.approx(ref.dual, rel=1e-5, abs=1e-8)
+    _check_certificate(sol, scaled)
 
 
 @pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.2), sim.Wasserstein(0.1, p=1),
@@ -317,3 +389,8 @@ def test_bad_input(data):
         solve_cvxpy(data, sim.KL(0.1), solvers=("CLARABEL", {}))
     with pytest.raises(ValueError, match="rescale"):
         solve_cvxpy(data, sim.KL(0.1), rescale="yes")
+    with pytest.raises(ValueError, match="time_limit"):
+        solve_cvxpy(data, sim.KL(0.1), time_limit=0.0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+            solve_cvxpy(data, sim.KL(0.1), max_iter=bad)

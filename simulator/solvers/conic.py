@@ -21,16 +21,20 @@ cone):
 Wasserstein ``p = 2`` has no conic form here and is refused in favour of
 ``solver="dual"``.
 
-The solver chain (Clarabel at tight then looser tolerances, SCS at tight
-tolerances, Clarabel at its defaults, then any other installed exponential-cone
-solver) is tried on the problem as written, then on
-a rescaled copy (equilibrated parameter columns, objective and weight rows
-multiplied by ``n``). A status other than ``optimal`` never produces an answer:
-when the whole chain fails :class:`ConicSolveError` (a ``ValueError``) names
-every status. The certificate (worst-case distribution, its primal value
-``E_{Q*} l``, the gap to the conic optimum and the Danskin gradient) is built
-from the conic solution with the closed forms of docs/formulations.md, not from
-the dual solver, so that the two solvers check each other.
+Before any conic solve, a scale-free linear program decides whether the data are
+linearly separable (then DPO, KL and chi-square have no minimiser and a
+``ValueError`` says so at once). The solver chain (Clarabel at tight then looser
+tolerances, SCS at tight tolerances, Clarabel at its defaults, then any other
+installed exponential-cone solver) is tried on a rescaled copy (equilibrated
+parameter columns, objective and weight rows multiplied by ``n``: invariant under
+a scaling of the features or of beta), then on the problem as written; every
+attempt runs under a time and iteration budget. A status other than ``optimal``
+never produces an answer: when the whole chain fails :class:`ConicSolveError`
+(a ``ValueError``) names every status and every budget that ran out. The
+certificate (worst-case distribution, its primal value ``E_{Q*} l``, the gap to
+the conic optimum and the Danskin gradient) is built from the conic solution with
+the closed forms of docs/formulations.md, not from the dual solver, so that the
+two solvers check each other.
 """
 
 from __future__ import annotations
@@ -63,29 +67,100 @@ DEFAULT_SOLVERS: tuple[tuple[str, dict], ...] = (
     ("CLARABEL", {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, **_SHORT_STEP}),
     ("CLARABEL", {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10,
                   "static_regularization_constant": 1e-10}),
-    ("SCS", {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 200_000}),
+    ("SCS", {"eps_abs": 1e-9, "eps_rel": 1e-9}),
     ("CLARABEL", {}),
-    ("ECOS", {"abstol": 1e-9, "reltol": 1e-9, "feastol": 1e-9, "max_iters": 500}),
+    ("ECOS", {"abstol": 1e-9, "reltol": 1e-9, "feastol": 1e-9}),
     ("MOSEK", {}),
 )
+
+#: Default budget of one attempt (one solver of the chain on one scaling). 120 s is
+#: about 3x the slowest successful attempt measured on a KL or chi-square problem at
+#: n = 1e4 (about 45 s), so it stops only solves that were not going to finish: a
+#: stalled interior-point method or SCS crawling on a problem without a minimiser.
+DEFAULT_TIME_LIMIT = 120.0
+#: Interior-point solvers converge in 20-80 iterations here; 500 (ECOS's old chain
+#: setting) leaves room for the slow exponential-cone problems and stops the stalls.
+DEFAULT_MAX_ITER = 500
+#: SCS is a first-order method: about 400 of its iterations per interior-point
+#: iteration (200,000 at the default budget, the old chain's SCS setting).
+_SCS_ITERS_PER_IPM_ITER = 400
+
+#: Each solver's own option names for ``(time limit in s, iteration limit)`` and the
+#: factor applied to ``max_iter``; ECOS has no time limit, MOSEK takes its parameters
+#: in one dictionary (see :func:`_budget_options`).
+_BUDGET_KEYS = {
+    "CLARABEL": ("time_limit", "max_iter", 1),
+    "SCS": ("time_limit_secs", "max_iters", _SCS_ITERS_PER_IPM_ITER),
+    "ECOS": (None, "max_iters", 1),
+}
+_MOSEK_KEYS = ("MSK_DPAR_OPTIMIZER_MAX_TIME", "MSK_IPAR_INTPNT_MAX_ITERATIONS")
+
+#: An attempt that stopped at or above this fraction of its time limit is reported as
+#: having run out of time (the solver's clock starts after cvxpy's compilation).
+_TIME_USED = 0.95
+
+#: Separability LP: rows of ``A`` are normalised (after equilibrating its columns), so
+#: margins ``a_i . e / ||a_i||`` are O(1) whatever the feature scale; a separating
+#: direction must reach this normalised margin, ten times HiGHS's feasibility
+#: tolerance (1e-7), below which a "direction" is constraint violation, not separation.
+_SEPARATION_TOL = 1e-6
 
 #: Mass moved to infinity by the Wasserstein ``p = 1`` certificate is chosen so
 #: that the unattained part of the supremum costs at most this (absolute) value.
 _MOVE_TOL = 1e-11
 
-#: ``||theta - theta_ref||`` below this is read as ``theta = theta_ref`` (solver noise).
-_ZERO_DELTA = 1e-9
+#: ``max_i |m_i| = beta ||theta - theta_ref|| max_i ||x_i||`` below this is read as
+#: ``theta = theta_ref`` (solver noise); measured on the margins, so scale-free.
+_ZERO_MARGIN = 1e-9
 
 
 class ConicSolveError(ValueError):
-    """No solver of the chain reached ``optimal``; ``attempts`` lists what was tried."""
+    """No solver of the chain reached ``optimal``; ``attempts`` lists what was tried.
 
-    def __init__(self, attempts: list[dict]) -> None:
+    Each attempt whose budget ran out says which one (``budget`` of its record:
+    ``"time limit 120 s"`` or ``"iteration limit 500"``); ``note`` is appended.
+    """
+
+    def __init__(self, attempts: list[dict], note: str = "") -> None:
         self.attempts = attempts
         tried = ", ".join(
             f"{a['solver']}{' (rescaled)' if a['rescaled'] else ''}: {a['status']}"
+            + (f" ({a['budget']} ran out)" if a.get("budget") else "")
             for a in attempts)
-        super().__init__(f"cvxpy did not reach optimality with any solver; statuses: {tried}")
+        msg = f"cvxpy did not reach optimality with any solver; statuses: {tried}"
+        if any(a.get("budget") for a in attempts):
+            msg += "; raise time_limit / max_iter of solve_cvxpy to give each attempt more"
+        super().__init__(msg + (f"; {note}" if note else ""))
+
+
+def _budget_options(name: str, time_limit: float, max_iter: int) -> dict:
+    """The per-attempt budget in solver ``name``'s own option names (none if unknown)."""
+    if name == "MOSEK":
+        return {"mosek_params": dict(zip(_MOSEK_KEYS, (time_limit, max_iter), strict=True))}
+    if name not in _BUDGET_KEYS:
+        return {}
+    time_key, iter_key, factor = _BUDGET_KEYS[name]
+    opts = {iter_key: max_iter * factor}
+    if time_key is not None:
+        opts[time_key] = time_limit
+    return opts
+
+
+def _budget_ran_out(name: str, opts: dict, time_s: float, iterations: int | None) -> str:
+    """Which budget of ``opts`` an unsuccessful attempt exhausted, ``""`` if none."""
+    if name == "MOSEK":
+        params = opts.get("mosek_params", {})
+        time_limit, iter_limit = (params.get(k) for k in _MOSEK_KEYS)
+    elif name in _BUDGET_KEYS:
+        time_key, iter_key, _ = _BUDGET_KEYS[name]
+        time_limit, iter_limit = opts.get(time_key), opts.get(iter_key)
+    else:
+        return ""
+    if time_limit is not None and time_s >= _TIME_USED * time_limit:
+        return f"time limit {time_limit:g} s"
+    if iter_limit is not None and iterations is not None and iterations >= iter_limit:
+        return f"iteration limit {iter_limit}"
+    return ""
 
 
 def _chain(solvers) -> list[tuple[str, dict]]:
@@ -128,22 +203,27 @@ def _build(form: str, amb: AmbiguitySet, A: np.ndarray, w: np.ndarray, beta: flo
            rescale: bool):
     """The cvxpy problem of ``form``; returns ``(problem, delta_of, handles)``.
 
-    ``delta_of()`` maps the solved variable back to ``theta - theta_ref``.
-    With ``rescale`` the columns of ``A`` are equilibrated (``delta = v / c``)
-    and objective and weight rows are multiplied by ``n``.
+    ``delta_of()`` maps the solved variable back to ``theta - theta_ref`` and
+    ``h["dual_scale"]`` the Wasserstein multiplier back to ``lambda``.
+    With ``rescale`` the columns of ``A`` are equilibrated (``delta = v / c``),
+    objective and weight rows are multiplied by ``n``, and the transport terms are
+    measured in units of the RMS row norm ``g = sqrt(E ||A_i||^2)`` (``rho / g``,
+    ``kappa / g``, ``lambda g``): scaling the features, ``rho`` and ``kappa`` by any
+    ``c`` leaves the rescaled problem unchanged.
     """
     import cvxpy as cp  # deferred: importing cvxpy costs ~0.4 s per process
 
     n, d = A.shape
     col = np.sqrt(w @ A**2) if rescale else np.ones(d)
     col = np.where(col > 0, col, 1.0)
+    g = float(np.linalg.norm(col)) if rescale else 1.0
     k = float(n) if rescale else 1.0
     v = cp.Variable(d)
     m = (A / col) @ v
-    delta_norm = beta * cp.norm(cp.multiply(1.0 / col, v), 2)
-    rho = amb.rho
+    delta_norm = beta * cp.norm(cp.multiply(g / col, v), 2)  # g beta ||delta||
+    rho = amb.rho / g if form in ("w1", "w1kappa") else amb.rho  # a transport radius
     wk = k * w
-    h: dict = {}
+    h: dict = {"dual_scale": g}
     if form in ("nominal", "w1"):
         obj = wk @ cp.logistic(-m)
         if form == "w1":
@@ -164,7 +244,7 @@ def _build(form: str, amb: AmbiguitySet, A: np.ndarray, w: np.ndarray, beta: flo
             h["dual"] = eta
         else:  # w1kappa
             lam = cp.Variable(nonneg=True)
-            cons += [cp.logistic(m) - lam * amb.kappa <= s, delta_norm <= lam]
+            cons += [cp.logistic(m) - lam * (amb.kappa / g) <= s, delta_norm <= lam]
             obj = k * lam * rho + wk @ s
             h["dual"] = lam
         h["cons"] = cons
@@ -172,20 +252,29 @@ def _build(form: str, amb: AmbiguitySet, A: np.ndarray, w: np.ndarray, beta: flo
     return cp.Problem(cp.Minimize(obj), cons), (lambda: v.value / col), h
 
 
-def _attempt(form, amb, A, w, beta, chain, rescales, verbose):
-    """Run the chain on each of ``rescales``; return the first optimal problem and the log."""
+def _attempt(form, amb, A, w, beta, chain, rescales, verbose, time_limit, max_iter, note=""):
+    """Run the chain on each of ``rescales``; return the first optimal problem and the log.
+
+    Every attempt gets the budget ``time_limit`` / ``max_iter`` in its solver's own
+    option names (options given in ``chain`` take precedence); an unsuccessful
+    attempt records in ``budget`` which of them ran out.
+    """
     import cvxpy as cp
 
     installed = set(cp.installed_solvers())
     log: list[dict] = []
     for rescale in rescales:
-        for name, opts in chain:
+        built = None
+        for name, chain_opts in chain:
+            opts = {**_budget_options(name, time_limit, max_iter), **chain_opts}
             entry = {"solver": name, "rescaled": rescale, "options": opts}
             log.append(entry)
             if name not in installed:
                 entry.update(status="not installed", time_s=0.0)
                 continue
-            prob, delta_of, h = _build(form, amb, A, w, beta, rescale)
+            if built is None:  # one compilation per scaling, shared by its solvers
+                built = _build(form, amb, A, w, beta, rescale)
+            prob, delta_of, h = built
             t0 = time.perf_counter()
             try:
                 with warnings.catch_warnings():  # the status is recorded instead
@@ -197,31 +286,60 @@ def _attempt(form, amb, A, w, beta, chain, rescales, verbose):
             entry.update(status=status, time_s=time.perf_counter() - t0)
             if status == cp.OPTIMAL:
                 return prob, delta_of, h, entry, log
-    raise ConicSolveError(log)
+            stats = prob.solver_stats
+            entry["budget"] = _budget_ran_out(name, opts, entry["time_s"],
+                                              stats.num_iters if stats is not None else None)
+    raise ConicSolveError(log, note)
 
 
-def _check_attained(A: np.ndarray, w: np.ndarray, q: np.ndarray, delta: np.ndarray) -> None:
-    """Raise if the objective decreases forever along a separating direction.
+def _separating_direction(A: np.ndarray, w: np.ndarray, q: np.ndarray | None = None
+                          ) -> np.ndarray | None:
+    """A direction along which the losses without a norm term decrease forever, or ``None``.
 
-    Without a norm term (DPO, KL, chi-square) the infimum is not attained when some
-    direction ``e`` has ``A e >= 0`` on the support of ``P`` and ``A e > 0`` on atoms
-    that the worst case ``Q*`` charges: along ``theta_ref + t e`` those losses fall
-    to 0 and the robust objective with them. The LP
-    ``max sum_i q_i (A e)_i`` s.t. ``A e >= 0`` (where ``w > 0``), ``|e|_inf <= 1``
-    finds such a direction; conic solvers then stop at a large ``theta`` and call it
-    optimal, which must not be returned as a minimiser.
+    ``q is None`` (strict separation): ``max t`` s.t. ``a_i . e >= t ||a_i||`` on every
+    atom of positive weight, ``|e|_inf <= 1``; a positive ``t`` lowers every loss
+    along ``theta_ref + t e``, hence every robust objective (a supremum over a compact
+    set of distributions), which then has no minimiser. Otherwise (weak separation
+    charged by ``q``): ``max sum_i q_i a_i . e / ||a_i||`` s.t. ``a_i . e >= 0``.
+    The columns of ``A`` are equilibrated and its rows normalised first, so the
+    answer does not depend on the scale of the features or of beta. Atoms with
+    ``a_i = 0`` have a constant loss and are left out. Returns the unit direction in
+    the original coordinates.
     """
-    rows = A[w > 0]
-    res = linprog(-(q @ A), A_ub=-rows, b_ub=np.zeros(rows.shape[0]), bounds=(-1.0, 1.0),
-                  method="highs")
-    scale = float(np.abs(A).sum(axis=1).max())
-    if res.status == 0 and -res.fun > 1e-6 * scale:
-        e = res.x / np.linalg.norm(res.x)
-        raise ValueError(
-            f"data are linearly separable along theta - theta_ref = t * {np.round(e, 4)!r}: "
-            "the objective keeps decreasing as t -> inf and has no minimiser (the conic "
-            f"solver stopped at ||theta - theta_ref|| = {np.linalg.norm(delta):.3g}); use "
-            "more data or a Wasserstein set")
+    col = np.sqrt(w @ A**2)
+    col = np.where(col > 0, col, 1.0)
+    rows = A[w > 0] / col
+    norms = np.linalg.norm(rows, axis=1)
+    live = norms > 0
+    if not live.any():
+        return None
+    rows = rows[live] / norms[live, None]
+    k, d = rows.shape
+    if q is None:
+        c = np.zeros(d + 1)
+        c[-1] = -1.0
+        res = linprog(c, A_ub=np.hstack([-rows, np.ones((k, 1))]), b_ub=np.zeros(k),
+                      bounds=[(-1.0, 1.0)] * d + [(None, 1.0)], method="highs")
+        found, e = res.status == 0 and -res.fun > _SEPARATION_TOL, res.x[:d]
+    else:
+        qk = q[w > 0][live]
+        res = linprog(-(qk @ rows), A_ub=-rows, b_ub=np.zeros(k), bounds=(-1.0, 1.0),
+                      method="highs")
+        found, e = res.status == 0 and -res.fun > _SEPARATION_TOL * qk.sum(), res.x
+    if not found:
+        return None
+    e = e / col
+    return e / np.linalg.norm(e)
+
+
+def _separable_error(e: np.ndarray, delta: np.ndarray | None = None) -> ValueError:
+    """The documented error for data without a minimiser along ``theta_ref + t e``."""
+    where = "" if delta is None else (
+        f" (the conic solver stopped at ||theta - theta_ref|| = {np.linalg.norm(delta):.3g})")
+    return ValueError(
+        f"data are linearly separable along theta - theta_ref = t * {np.round(e, 4)!r}: "
+        f"the objective keeps decreasing as t -> inf and has no minimiser{where}; use "
+        "more data or a Wasserstein set")
 
 
 # ---------------------------------------------------------------------- certificates
@@ -296,7 +414,8 @@ def _w1_certificate(data, m, delta, beta, rho, kappa, flip):
     ys = np.concatenate([data.y, 1.0 - data.y])
     src = np.concatenate([np.arange(n), np.arange(n)])
     dnorm = float(np.linalg.norm(delta))
-    if dnorm <= _ZERO_DELTA:  # theta = theta_ref up to solver accuracy: no direction to move
+    xmax = float(np.sqrt(np.max(np.einsum("ij,ij->i", data.x, data.x))))
+    if beta * dnorm * xmax <= _ZERO_MARGIN:  # theta = theta_ref up to solver accuracy
         dnorm = 0.0
     cost = spent
     if mu > 0 and dnorm > 0:
@@ -328,7 +447,9 @@ def _w1_certificate(data, m, delta, beta, rho, kappa, flip):
 
 def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
                 theta_ref: np.ndarray | None = None, solvers=None,
-                verbose: bool = False, rescale: bool | None = None) -> Solution:
+                verbose: bool = False, rescale: bool | None = None,
+                time_limit: float = DEFAULT_TIME_LIMIT,
+                max_iter: int = DEFAULT_MAX_ITER) -> Solution:
     """Minimise the robust DPO objective with cvxpy (the reference solver, SPEC 3.4).
 
     Parameters
@@ -345,12 +466,22 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
         The solver chain with cvxpy options; default :data:`DEFAULT_SOLVERS`
         (Clarabel at tolerance 1e-12 then 1e-10, SCS at ``eps = 1e-9``, Clarabel
         at its defaults, ECOS, MOSEK; uninstalled ones are skipped). Each is
-        tried on the plain problem, then on the rescaled one.
+        tried on the rescaled problem, then on the plain one.
     verbose : bool
         Passed to ``cvxpy.Problem.solve``.
     rescale : bool, optional
-        ``None`` (default): the chain on the problem as written, then on the
-        rescaled problem; ``False`` / ``True``: only the plain / rescaled one.
+        ``None`` (default): the chain on the rescaled problem (equilibrated
+        columns, invariant under a scaling of the features or of beta), then on
+        the problem as written; ``True`` / ``False``: only the rescaled / plain one.
+    time_limit : float
+        Wall-clock budget in seconds of each attempt (one solver on one scaling),
+        default :data:`DEFAULT_TIME_LIMIT` = 120 s: Clarabel ``time_limit``, SCS
+        ``time_limit_secs``, MOSEK ``MSK_DPAR_OPTIMIZER_MAX_TIME`` (ECOS has none).
+    max_iter : int
+        Iteration budget of each attempt, default :data:`DEFAULT_MAX_ITER` = 500:
+        Clarabel ``max_iter``, ECOS ``max_iters``, MOSEK
+        ``MSK_IPAR_INTPNT_MAX_ITERATIONS``; SCS, a first-order method, gets
+        ``max_iters = 400 * max_iter``. Options given in ``solvers`` override both.
 
     Returns
     -------
@@ -360,13 +491,17 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
         ``rho = 0`` and ``None`` for Nominal; ``worst_case``, ``primal_value =
         E_{Q*} l`` and ``gap = |value - primal_value| / max(1, |value|)`` are the
         certificate; ``grad_norm`` is the Danskin gradient norm at ``theta``.
-        ``info["attempts"]`` records every solver tried with its status and time.
+        ``info["attempts"]`` records every solver tried with its status, time,
+        options and (unsuccessful attempts) the ``budget`` that ran out.
 
     Raises
     ------
     ValueError
-        On bad arguments, on ``Wasserstein(p=2)``, and (:class:`ConicSolveError`)
-        when no solver of the chain reports ``optimal``.
+        On bad arguments, on ``Wasserstein(p=2)``; before any conic solve when
+        the data are linearly separable and the set has no norm term (DPO, KL,
+        chi-square, ``rho = 0``), so that no minimiser exists; and
+        (:class:`ConicSolveError`) when no solver of the chain reports
+        ``optimal``, naming each status and each budget that ran out.
     """
     t_start = time.perf_counter()
     if not isinstance(data, PreferenceData):
@@ -377,17 +512,35 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
     chain = _chain(solvers)
     if rescale not in (None, False, True):
         raise ValueError(f"rescale must be None, False or True, got {rescale!r}")
-    rescales = (False, True) if rescale is None else (bool(rescale),)
+    rescales = (True, False) if rescale is None else (bool(rescale),)
+    time_limit = check_positive(time_limit, "time_limit")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     A = (data.ytil * beta)[:, None] * data.x
-    prob, delta_of, h, used, log = _attempt(form, ambiguity, A, data.weights, beta, chain,
-                                            rescales, verbose)
+    w = data.weights
+    rho = ambiguity.rho
+    dpo_like = form == "nominal" or rho == 0.0
+    # Once, before any conic solve (a conic solver does not notice a missing minimiser
+    # and may run for its whole budget): strict separation leaves no minimiser for
+    # any set without a norm term, weak separation none for DPO; for KL and
+    # chi-square a weak one matters only if the worst case charges it (checked after).
+    weak = None
+    if form in ("nominal", "kl", "chi2") or rho == 0.0:
+        weak = _separating_direction(A, w, w)
+        if weak is not None:
+            strict = weak if dpo_like else _separating_direction(A, w)
+            if strict is not None:
+                raise _separable_error(strict)
+    note = "" if weak is None else (
+        f"the data are weakly separable along {np.round(weak, 4)!r}, so the minimiser "
+        "may not exist")
+    prob, delta_of, h, used, log = _attempt(form, ambiguity, A, w, beta, chain, rescales,
+                                            verbose, time_limit, int(max_iter), note)
     delta = np.asarray(delta_of(), dtype=np.float64)
     theta = theta_ref + delta
     value = float(prob.value) / h["scale"]
     m = margins(theta, data.x, data.y, beta, theta_ref)
     loss = dpo_loss(m)
-    w = data.weights
-    rho = ambiguity.rho
     extra: dict = {}
     if form in ("w1", "w1kappa"):
         if form == "w1":
@@ -395,7 +548,7 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
             dual = beta * float(np.linalg.norm(delta))
         else:
             flip = np.asarray(h["cons"][1].dual_value, dtype=np.float64) / h["scale"]
-            dual = float(h["dual"].value)
+            dual = float(h["dual"].value) / h["dual_scale"]
         wc, grad, extra = _w1_certificate(data, m, delta, beta, rho,
                                           getattr(ambiguity, "kappa", math.inf), flip)
     else:
@@ -409,8 +562,10 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
             certificate = _kl_certificate if form == "kl" else _chi2_certificate
             wc, extra = certificate(data, loss, dual, s_dual)
         grad = wc.weights @ dpo_grad_theta(m, data.x, data.y, beta)
-    if form in ("nominal", "kl", "chi2") or rho == 0.0:  # no norm term keeps theta bounded
-        _check_attained(A, w, w if rho == 0.0 else wc.weights, delta)
+    if weak is not None:  # KL / chi-square, weakly separable: does Q* charge the direction?
+        e = _separating_direction(A, w, wc.weights)
+        if e is not None:
+            raise _separable_error(e, delta)
     primal = float(wc.weights @ dpo_loss(margins(theta, wc.x, wc.y, beta, theta_ref)))
     info = {"attempts": log, "form": form, "rescaled": used["rescaled"], **extra}
     return Solution(
