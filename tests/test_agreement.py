@@ -14,32 +14,11 @@ import math
 
 import numpy as np
 import pytest
-from scipy.special import expit
 
 import simulator as sim
 from simulator.solvers.conic import ConicSolveError
 
-KINDS = ("dpo", "kldpo", "chi2dpo", "wdpo1", "wdpo1_kappa")
-
-
-def _case(seed: int, kind: str):
-    """A random problem: size, dimension, weights, beta, reference and radius all vary."""
-    rng = np.random.default_rng(seed)
-    d = int(rng.integers(2, 6))
-    n = int(rng.choice([30, 100, 300]))
-    beta = float(rng.uniform(0.3, 2.0))
-    theta_true = rng.normal(size=d) * rng.uniform(1.0, 4.0)
-    x = rng.normal(size=(n, d))
-    x *= rng.uniform(0.2, 2.0) / np.maximum(1.0, np.linalg.norm(x, axis=1))[:, None]
-    y = (rng.uniform(size=n) < expit(beta * x @ theta_true)).astype(float)
-    w = rng.dirichlet(np.ones(n) * rng.uniform(0.5, 5.0)) if seed % 2 else None
-    ref = rng.normal(size=d) * 0.3 if seed % 3 else None
-    rho = float(np.exp(rng.uniform(np.log(0.005), np.log(0.5))))
-    kappa = float(rng.uniform(0.2, 3.0))
-    amb = {"dpo": sim.Nominal(), "kldpo": sim.KL(rho), "chi2dpo": sim.ChiSquare(rho),
-           "wdpo1": sim.Wasserstein(rho / 3, p=1),
-           "wdpo1_kappa": sim.Wasserstein(rho / 3, p=1, kappa=kappa)}[kind]
-    return sim.PreferenceData(x, y, w), amb, beta, ref
+KINDS = ("dpo", "kldpo", "chi2dpo", "wdpo1", "wdpo1_kappa")  # random_case kinds
 
 
 def _certified(sol, grad_tol: float) -> bool:
@@ -51,8 +30,8 @@ def _certified(sol, grad_tol: float) -> bool:
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("kind", KINDS)
-def test_dual_agrees_with_cvxpy(kind, seed):
-    data, amb, beta, ref = _case(100 * KINDS.index(kind) + seed, kind)
+def test_dual_agrees_with_cvxpy(kind, seed, random_case):
+    data, amb, beta, ref = random_case(100 * KINDS.index(kind) + seed, kind)
     sol = sim.solve(data, amb, beta=beta, theta_ref=ref, solver="dual")
     assert sol.gap < 1e-8
     try:

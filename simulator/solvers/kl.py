@@ -1,0 +1,142 @@
+"""The KL ball ``{Q << P : KL(Q || P) <= rho}`` (KLDPO, SPEC 3.1).
+
+Inner evaluation: ``F = min_{lambda > 0} lambda rho + lambda log E_P exp(l / lambda)``;
+``lambda*`` solves ``KL(Q_lambda || P) = rho`` with ``Q_lambda ∝ P exp(l / lambda)`` (a
+monotone 1-D root, safeguarded Newton in ``log(1/lambda)``); ``lambda* = 0`` and
+``F = max l`` once ``rho >= -log P(argmax l)``. Hessian of ``F``: ``E_Q hess l + s
+[Cov_Q(grad l) - c c^T / Var_Q l]``, ``c = Cov_Q(grad l, l)``, ``s = 1 / lambda``.
+
+``delta = 0`` is optimal iff ``min_nu log E_P exp(nu . a) >= -rho`` (the I-projection of
+``P`` onto ``{E_Q a = 0}`` lies in the ball). Conic form: ``conic.py`` (form ``"kl"``,
+an exponential cone per atom).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+from .core import Atoms, InnerResult, SetMethods, concave_max_above, reweighting_result, top_atoms
+from .nominal import nominal_result
+
+__all__ = ["KLState", "METHODS"]
+
+#: Iterations of the root search for ``lambda*`` (it needs a few dozen at most).
+_ROOT_ITERS = 300
+#: The root search stops once ``|KL - rho| <= _ROOT_TOL max(rho, 1)``: rounding of ``KL``.
+_ROOT_TOL = 1e-15
+#: Trust region of a Newton step in ``log(1 / lambda)`` (``lambda`` changes 20-fold at most).
+_TRUST = 3.0
+#: Step in ``log(1 / lambda)`` while the root is bracketed on one side only.
+_EXPAND = 2.0
+#: Smallest variance of the losses used for the first guess ``sqrt(2 rho / Var_P l)``.
+_TINY = 1e-300
+
+
+@dataclass(frozen=True)
+class KLState:
+    """Warm start of the KL root search: the last ``lambda*``."""
+
+    lam: float | None = None
+
+    def transfer(self) -> KLState:
+        """The state to start another problem (a subsample's solution) with."""
+        return self
+
+
+@dataclass(frozen=True)
+class _Tilt:
+    """``Q_s ∝ P exp(s z)`` at ``s = 1 / lambda``: ``KL(Q_s || P)``, ``Var_Q z``, ``Q``, and
+    ``log E_P exp(s z)``."""
+
+    kl: float
+    var: float
+    q: np.ndarray
+    lse: float
+
+
+def _tilt(w: np.ndarray, z: np.ndarray, s: float) -> _Tilt:
+    # z <= 0 with z = 0 on atoms of positive weight: exp cannot overflow
+    e = w * np.exp(s * z)
+    tot = float(e.sum())
+    q = e / tot
+    ez = float(q @ z)
+    return _Tilt(s * ez - math.log(tot), float(q @ (z - ez) ** 2), q, math.log(tot))
+
+
+def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
+    rho = amb.rho
+    if rho == 0.0:
+        return nominal_result(at, m, l, hess, dual=math.inf)
+    top, lmax = top_atoms(at, l)
+    pmax = float(at.w[top].sum())
+    if rho >= -math.log(pmax):
+        q = np.where(top, at.w, 0.0) / pmax
+        return reweighting_result(at, m, q, lmax, 0.0, None, hess, state=state)
+    z = l - lmax
+    w = at.w
+    var_p = float(w @ (z - w @ z) ** 2)
+    s = (1.0 / state.lam if state is not None and state.lam
+         else math.sqrt(2.0 * rho / max(var_p, _TINY)))
+    lo, hi = 0.0, math.inf
+    for _ in range(_ROOT_ITERS):
+        tilt = _tilt(w, z, s)
+        kl, var = tilt.kl, tilt.var
+        if abs(kl - rho) <= _ROOT_TOL * max(rho, 1.0):
+            break
+        if kl < rho:
+            lo = s
+        else:
+            hi = s
+        u = math.log(s)
+        nxt = u - (kl - rho) / (s * s * var) if var > 0 else math.nan
+        nxt = min(max(nxt, u - _TRUST), u + _TRUST)
+        lo_u = math.log(lo) if lo > 0 else -math.inf
+        hi_u = math.log(hi) if math.isfinite(hi) else math.inf
+        if not lo_u < nxt < hi_u:
+            if math.isinf(hi_u):
+                nxt = u + _EXPAND
+            elif math.isinf(lo_u):
+                nxt = u - _EXPAND
+            else:
+                nxt = 0.5 * (lo_u + hi_u)
+        if math.isfinite(lo_u) and math.isfinite(hi_u) and hi_u - lo_u <= _ROOT_TOL * abs(hi_u):
+            break
+        s = math.exp(nxt)
+    else:
+        raise RuntimeError("KL dual root search did not converge (status: max_iter)")
+    lam = 1.0 / s
+    q, var = tilt.q, tilt.var
+    value = lmax + (rho + tilt.lse) * lam
+
+    def extra(g):
+        gbar = q @ g
+        gc = g - gbar
+        cov = (gc * q[:, None]).T @ gc
+        c = (q * (z - q @ z)) @ g
+        return s * (cov - np.outer(c, c) / var) if var > 0 else s * cov
+
+    return reweighting_result(at, m, q, value, lam, extra, hess, state=KLState(lam))
+
+
+def _zero_is_optimal(at: Atoms, amb) -> bool:
+    a, w = at.a, at.w
+
+    def neg_lse(nu):  # concave: -log E exp(nu . a)
+        z = a @ nu
+        lse = logsumexp(z, b=w)
+        q = w * np.exp(z - lse)
+        mean = q @ a
+        ac = a - mean
+        return -lse, -mean, -(ac * q[:, None]).T @ ac
+
+    return not concave_max_above(neg_lse, np.zeros(a.shape[1]), amb.rho)
+
+
+METHODS = SetMethods(
+    name="kldpo", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
+    coercive=lambda amb: False,
+    conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
