@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .core import Atoms, InnerResult, SetMethods, concave_max_above, reweighting_result, top_atoms
+from .core import Atoms, InnerResult, SetMethods, concave_max, reweighting_result, top_atoms
 from .nominal import nominal_result
 
 __all__ = ["METHODS"]
@@ -87,7 +87,7 @@ def _zero_is_optimal(at: Atoms, amb) -> bool:
 
     y0 = np.zeros(a.shape[1] + 1)
     y0[0] = 1.0
-    return not concave_max_above(dual_chi2, y0, amb.rho)
+    return concave_max(dual_chi2, y0, amb.rho).above is False
 
 
 METHODS = SetMethods(

@@ -12,9 +12,10 @@ Every robust objective is ``F(delta) = L_U(theta_ref + delta)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.special import expit
@@ -24,9 +25,13 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
-           "concave_max_above", "newton", "primal_value", "psd_solve", "reweighted",
+           "ConcaveMax", "concave_max", "newton", "primal_value", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "weighted_hess"]
 
+#: The normalised problem (``Atoms.scale``) must keep ``theta ~ 1 / scale`` and its square
+#: far from overflow and underflow (double precision spans 1e-308 .. 1e308).
+_MIN_SCALE = 1e-150
+_MAX_SCALE = 1e150
 #: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
 #: a PSD Hessian fails: from none up to 1e-5, below which a Newton step stays a descent
 #: direction that the line search can shorten.
@@ -54,33 +59,62 @@ _DIVERGED = 1e8
 _TOWARDS_ZERO = 0.5
 #: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
 _TIE_TOL = 1e-14
-#: Damped Newton iterations of :func:`concave_max_above` (it converges in a handful).
+#: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
 _CONCAVE_ITERS = 200
-#: :func:`concave_max_above` has converged when the Newton decrement is below this
+#: :func:`concave_max` has converged when the Newton decrement is below this
 #: (relative): double precision.
 _CONCAVE_TOL = 1e-15
-#: Smallest line-search step of :func:`concave_max_above`.
+#: Smallest line-search step of :func:`concave_max`.
 _CONCAVE_MIN_STEP = 1e-12
 
 
 @dataclass(frozen=True, eq=False)
 class Atoms:
-    """The data of one problem in the form the solvers use (``a = ytil beta x``)."""
+    """The data of one problem in the form the solvers use: ``a = ytil beta x / scale``.
+
+    ``beta`` is the temperature divided by ``scale`` too, so that ``m = a . delta`` and
+    ``b = beta ||delta||`` are those of the caller's problem at ``theta - theta_ref =
+    delta / scale``: the solvers work on the normalised parameter ``delta = scale (theta -
+    theta_ref)``, in which every tolerance is relative to the problem's own scale.
+    """
 
     x: np.ndarray
     y: np.ndarray
     w: np.ndarray
     a: np.ndarray
     beta: float
+    scale: float = 1.0
 
     @classmethod
-    def from_data(cls, data: PreferenceData, beta: float) -> Atoms:
-        return cls(data.x, data.y, data.weights, (data.ytil * beta)[:, None] * data.x, beta)
+    def from_data(cls, data: PreferenceData, beta: float, normalise: bool = False) -> Atoms:
+        """The atoms of ``data``; with ``normalise``, ``scale`` is the root mean square
+        ``sqrt(E_P ||ytil beta x||^2)`` (1 if every atom is 0).
+
+        Raises
+        ------
+        ValueError
+            When that scale is outside ``[_MIN_SCALE, _MAX_SCALE]``: double precision
+            cannot then represent ``theta`` (``O(1 / scale)``) and the margins together.
+        """
+        a = (data.ytil * beta)[:, None] * data.x
+        if not normalise:
+            return cls(data.x, data.y, data.weights, a, beta)
+        top = float(np.max(np.abs(a)))
+        if top == 0.0:
+            return cls(data.x, data.y, data.weights, a, beta)
+        scale = top * math.sqrt(float(data.weights @ np.einsum("ij,ij->i", a / top, a / top)))
+        if not _MIN_SCALE <= scale <= _MAX_SCALE:
+            raise ValueError(
+                f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
+                f"[{_MIN_SCALE:g}, {_MAX_SCALE:g}]: double precision cannot represent the "
+                "minimiser theta (of order 1 / scale); rescale the features or beta")
+        a *= 1.0 / scale
+        return cls(data.x, data.y, data.weights, a, beta / scale, scale)
 
     def subset(self, idx: np.ndarray) -> Atoms:
         """The atoms ``idx``, weights renormalised."""
         w = self.w[idx]
-        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta)
+        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta, self.scale)
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,17 +222,35 @@ def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, du
 # --- damped Newton ----------------------------------------------------------------------
 
 
-def concave_max_above(fun, y0: np.ndarray, level: float) -> bool:
-    """Whether ``max_y fun(y) > level`` for a concave ``fun`` returning (value, grad, hess)."""
+class ConcaveMax(NamedTuple):
+    """:func:`concave_max`'s answer: ``above`` is ``True`` when a point with a value above
+    the level was found, ``False`` when the maximum was reached below it (Newton decrement
+    at rounding), ``None`` when neither could be established; ``y`` is the last point."""
+
+    above: bool | None
+    y: np.ndarray
+
+
+def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
+    """Whether ``max_y fun(y) > level`` for a concave ``fun`` returning (value, grad, hess).
+
+    Damped Newton ascent; where the Hessian is singular along the gradient (an unbounded
+    direction, as for a single atom) a gradient step long enough to pass ``level`` on the
+    linear model is tried instead.
+    """
     y = y0
     val, g, h = fun(y)
     for _ in range(_CONCAVE_ITERS):
         if val > level:
-            return True
+            return ConcaveMax(True, y)
         step = psd_solve(-h, g)
         dec = float(g @ step)
+        if not (np.all(np.isfinite(step)) and math.isfinite(dec)):
+            gg = float(g @ g)
+            step = g * max(1.0, 2.0 * (level - val) / gg) if gg > 0 else np.zeros_like(g)
+            dec = float(g @ step)
         if dec <= _CONCAVE_TOL * max(1.0, abs(val)):  # converged to double precision
-            return False
+            return ConcaveMax(False, y)
         t = 1.0
         while t > _CONCAVE_MIN_STEP:
             nv, ng, nh = fun(y + t * step)
@@ -206,9 +258,9 @@ def concave_max_above(fun, y0: np.ndarray, level: float) -> bool:
                 break
             t *= 0.5
         else:
-            return val > level
+            return ConcaveMax(True if val > level else None, y)
         y, val, g, h = y + t * step, nv, ng, nh
-    return val > level
+    return ConcaveMax(True if val > level else None, y)
 
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,

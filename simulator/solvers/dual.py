@@ -140,7 +140,10 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     data, ambiguity, beta, theta_ref
         As in :func:`simulator.solve`.
     tol : float
-        Stop when ``||grad_theta L_U||_inf <= tol``.
+        Stop when ``||grad||_inf <= tol`` for the gradient in the normalised parameter
+        ``scale (theta - theta_ref)``, ``scale = sqrt(E_P ||beta x||^2)``: relative to the
+        problem's own scale, so that scaling the features (and a Wasserstein radius) by
+        ``c`` maps ``theta - theta_ref`` to ``(theta - theta_ref) / c``, and ``beta`` likewise.
     max_iter : int
         Newton iterations allowed.
 
@@ -159,21 +162,21 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         When Newton's method does not converge (the message names the status).
     """
     t0 = time.perf_counter()
-    prob = prepare(data, ambiguity, beta, theta_ref)
+    prob = prepare(data, ambiguity, beta, theta_ref, normalise=True)
     at, beta, theta_ref = prob.atoms, prob.beta, prob.theta_ref
     tol = check_positive(tol, "tol")
     max_iter = check_positive_int(max_iter, "max_iter")
     zero = _zero_is_optimal(at, ambiguity)
     found = (Minimum(np.zeros(data.d), 0, None) if zero
              else _minimise(at, ambiguity, tol, max_iter))
-    delta = found.delta
+    delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     if not methods(ambiguity).coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
     res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
-    theta = theta_ref + delta
+    theta = theta_ref + delta / at.scale
     primal = primal_value(res.worst_case, theta, beta, theta_ref)
     info = {"zero_kink": zero, **found.info}
     wc = res.worst_case
@@ -184,7 +187,7 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         theta=theta, value=res.value, dual=res.dual, worst_case=wc, primal_value=primal,
         gap=abs(res.value - primal) / max(1.0, abs(res.value)), status="optimal",
         solver="dual", ambiguity=ambiguity, beta=beta, theta_ref=theta_ref,
-        grad_norm=0.0 if zero else float(np.linalg.norm(res.grad)),
+        grad_norm=0.0 if zero else float(np.linalg.norm(res.grad)) * at.scale,
         iterations=found.iterations, solve_time_s=time.perf_counter() - t0, info=info)
 
 

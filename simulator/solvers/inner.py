@@ -42,13 +42,14 @@ class Problem:
     theta_ref: np.ndarray
 
 
-def prepare(data, ambiguity, beta, theta_ref) -> Problem:
-    """Validate the common arguments of ``solve`` / ``robust_objective``."""
+def prepare(data, ambiguity, beta, theta_ref, normalise: bool = False) -> Problem:
+    """Validate the common arguments of ``solve`` / ``robust_objective``; ``normalise``
+    builds the normalised atoms (:class:`Atoms`) the minimisers work with."""
     check_data(data)
     methods(ambiguity)
     beta = check_positive(beta, "beta")
     theta_ref = check_theta(theta_ref, data.d, "theta_ref")
-    return Problem(Atoms.from_data(data, beta), beta, theta_ref)
+    return Problem(Atoms.from_data(data, beta, normalise), beta, theta_ref)
 
 
 def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: bool = False,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
-from .core import Atoms, InnerResult, SetMethods, concave_max_above, reweighting_result, top_atoms
+from .core import Atoms, InnerResult, SetMethods, concave_max, reweighting_result, top_atoms
 from .nominal import nominal_result
 
 __all__ = ["KLState", "METHODS"]
@@ -133,7 +133,7 @@ def _zero_is_optimal(at: Atoms, amb) -> bool:
         ac = a - mean
         return -lse, -mean, -(ac * q[:, None]).T @ ac
 
-    return not concave_max_above(neg_lse, np.zeros(a.shape[1]), amb.rho)
+    return concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho).above is False
 
 
 METHODS = SetMethods(

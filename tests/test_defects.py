@@ -1,0 +1,76 @@
+"""Regression tests of the dual solver's defects of issue 9, each reproduced on the old code.
+
+1. scale-free stopping (tiny beta, tiny or huge features): equivariance ``theta -> theta / c``;
+2. a one-sample KL problem was "certified" at theta_ref although it has no minimiser;
+3. KL stalled when lambda* is small (near the radius where the optimum collapses);
+4. KL's root search for lambda* did not stop on large samples;
+6. ``d = 0`` features were accepted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import simulator as sim
+
+SETS = [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1), sim.Wasserstein(0.05, p=1),
+        sim.Wasserstein(0.05, p=1, kappa=1.0), sim.Wasserstein(0.05, p=2),
+        sim.Wasserstein(0.05, p=2, kappa=1.0)]
+
+
+@pytest.fixture(scope="module")
+def env_sample():
+    return sim.FiniteEnv.random(20, 6, 4, seed=0).sample(1000, seed=1)
+
+
+def _scaled(amb, c):
+    """The set that scaling the features by ``c`` maps ``amb`` to: radius ``c rho`` and flip
+    price ``c^p kappa`` (the ground cost ``||x - x'||^p + kappa 1[y != y']`` scales by ``c^p``)."""
+    if not isinstance(amb, sim.Wasserstein):
+        return amb
+    return sim.Wasserstein(amb.rho * c, p=amb.p, kappa=amb.kappa * c**amb.p)
+
+
+@pytest.mark.parametrize("beta", [1e-10, 1e-8, 1e6])
+def test_defect1_tiny_beta_is_solved(env_sample, beta):
+    """Issue repro: beta = 1e-10 stopped after 0 iterations at a point 9x too far out."""
+    base = sim.solve(env_sample, sim.KL(0.1))
+    sol = sim.solve(env_sample, sim.KL(0.1), beta=beta)
+    assert sol.iterations > 0
+    np.testing.assert_allclose(sol.theta * beta, base.theta, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [1e-12, 1e-6, 1e3, 1e8])
+@pytest.mark.parametrize("amb", SETS, ids=repr)
+def test_defect1_feature_scaling_is_equivariant(env_sample, amb, c):
+    """Features x c (and the Wasserstein ball with them): theta / c, the same value."""
+    base = sim.solve(env_sample, amb)
+    sol = sim.solve(sim.PreferenceData(env_sample.x * c, env_sample.y), _scaled(amb, c))
+    np.testing.assert_allclose(sol.theta * c, base.theta, rtol=1e-9,
+                               atol=1e-9 * np.max(np.abs(base.theta)))
+    assert sol.value == pytest.approx(base.value, rel=1e-12)
+
+
+def test_defect1_unrepresentable_scale_is_a_named_error(env_sample):
+    with pytest.raises(ValueError, match="scale"):
+        sim.solve(sim.PreferenceData(env_sample.x * 1e-200, env_sample.y), sim.KL(0.1))
+
+
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.1), sim.Nominal()], ids=repr)
+def test_defect2_one_sample_has_no_minimiser(amb):
+    """One atom: the ball is {P}, the data are separable, and the objective decreases along
+    the atom (0.054 at 10 x) below log 2; the old KL zero test certified theta_ref."""
+    data = sim.PreferenceData([[0.5, -0.2]], [1])
+    far = sim.robust_objective(10 * data.x[0], data, amb).value
+    assert far < 0.06 < np.log(2)
+    with pytest.raises(RuntimeError, match="unbounded"):
+        sim.solve(data, amb)
+
+
+def test_defect6_no_features_is_rejected():
+    data = sim.PreferenceData(np.zeros((3, 0)), [1, 0, 1])
+    for call in (lambda: sim.solve(data, sim.KL(0.1)),
+                 lambda: sim.robust_objective(np.zeros(0), data, sim.KL(0.1))):
+        with pytest.raises(ValueError, match="d >= 1"):
+            call()
