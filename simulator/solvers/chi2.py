@@ -16,7 +16,15 @@ import math
 
 import numpy as np
 
-from .core import Atoms, InnerResult, SetMethods, concave_max, reweighting_result, top_atoms
+from .core import (
+    Atoms,
+    InnerResult,
+    SetMethods,
+    concave_max,
+    logistic_gap,
+    reweighting_result,
+    top_atoms,
+)
 from .nominal import nominal_result
 
 __all__ = ["METHODS"]
@@ -73,7 +81,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     return reweighting_result(at, m, q, value, lmax + eta, extra, hess, q_hess=c * w * r / nrm)
 
 
-def _zero_is_optimal(at: Atoms, amb) -> bool:
+def _zero_test(at: Atoms, amb) -> float | None:
+    """``delta = 0`` is optimal iff ``max_{g, nu} 2 g - 1 - E_P (g + nu . a)_+^2 <= rho``;
+    ``Q ∝ P (g + nu . a)_+`` at the maximiser (mixed with ``P`` into the ball if rounding left
+    it outside) is the witness whose logistic regression bounds ``min F`` below."""
     a, w = at.a, at.w
     at1 = np.hstack([np.ones((a.shape[0], 1)), a])
 
@@ -87,10 +98,20 @@ def _zero_is_optimal(at: Atoms, amb) -> bool:
 
     y0 = np.zeros(a.shape[1] + 1)
     y0[0] = 1.0
-    return concave_max(dual_chi2, y0, amb.rho).above is False
+    found = concave_max(dual_chi2, y0, amb.rho)
+    if found.above is not False:
+        return None
+    q = w * np.maximum(at1 @ found.y, 0.0)
+    q = q / q.sum()
+    pos = w > 0
+    div = float(q[pos] @ (q[pos] / w[pos])) - 1.0
+    if div > amb.rho:  # chi2((1 - t) Q + t P) = (1 - t)^2 chi2(Q) = rho
+        t = 1.0 - math.sqrt(amb.rho / div)
+        q = (1.0 - t) * q + t * w
+    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0))
 
 
 METHODS = SetMethods(
-    name="chi2dpo", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
+    name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test,
     coercive=lambda amb: False,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

@@ -29,7 +29,7 @@ import numpy as np
 from .._validation import check_positive, check_positive_int
 from ..ambiguity import AmbiguitySet
 from ..data import PreferenceData
-from .core import Atoms, Minimum, Stalled, newton, primal_value, psd_solve
+from .core import Atoms, Minimum, Stalled, newton, primal_value, psd_solve, worst_case_gap
 from .inner import evaluate_inner, prepare
 from .registry import methods
 from .result import Solution
@@ -41,19 +41,29 @@ _SOLVERS = ("dual", "cvxpy")
 #: Problems with more atoms are started from the solution on a subsample of this size
 #: (measured faster than 1e5 on both benchmark data sets; benchmarks/README.md).
 _SUBSAMPLE_N = 50_000
+#: Default certified relative optimality gap: Newton to ``tol = 1e-10`` leaves about 1e-20
+#: and rounding 1e-16 (1e-13 for the unattained p = 1 suprema); 1e-9 is what the p = 1,
+#: finite-kappa homotopy guarantees.
+_GAP_TOL = 1e-9
 #: A stall within this fraction of the starting point's norm is "caught at the kink at 0".
 _NEAR_ZERO = 1e-2
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
 
 
-def _zero_is_optimal(at: Atoms, amb: AmbiguitySet) -> bool:
-    """Whether ``delta = 0`` minimises ``F`` (see the module docstring)."""
+def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
+    """``None`` unless ``delta = 0`` provably minimises ``F``; else its certified relative
+    gap (see the module docstring)."""
     if float(np.linalg.norm(at.w @ at.a)) == 0.0:
-        return True
+        return 0.0  # every gradient at 0 vanishes
     if amb.rho == 0.0:
-        return False
-    return methods(amb).zero_is_optimal(at, amb)
+        return None
+    return methods(amb).zero_test(at, amb)
+
+
+def _zero_is_optimal(at: Atoms, amb: AmbiguitySet) -> bool:
+    """Whether ``delta = 0`` minimises ``F``."""
+    return _zero_test(at, amb) is not None
 
 
 def _start(at: Atoms) -> np.ndarray:
@@ -132,7 +142,8 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
 
 
 def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
-               theta_ref=None, tol: float = 1e-10, max_iter: int = 100) -> Solution:
+               theta_ref=None, tol: float = 1e-10, max_iter: int = 100,
+               gap_tol: float = _GAP_TOL) -> Solution:
     """Minimise the exact robust objective by Newton's method on the dual (SPEC 3.4).
 
     Parameters
@@ -146,39 +157,55 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         ``c`` maps ``theta - theta_ref`` to ``(theta - theta_ref) / c``, and ``beta`` likewise.
     max_iter : int
         Newton iterations allowed.
+    gap_tol : float
+        The certified relative optimality gap a solution must reach to be returned.
 
     Returns
     -------
     Solution
         With ``solver="dual"`` and the certificate of :func:`robust_objective` at the
         returned ``theta``; ``info["zero_kink"]`` tells whether ``theta = theta_ref``
-        was certified optimal by the subdifferential test.
+        was certified optimal by the subdifferential test, and ``info["optimality_gap"]``
+        is a certified upper bound on ``(L_U(theta) - min L_U) / max(1, |L_U(theta)|)``
+        (weak duality; the bound each set uses is in docs/formulations.md).
 
     Raises
     ------
     ValueError
         On bad arguments.
     RuntimeError
-        When Newton's method does not converge (the message names the status).
+        When Newton's method does not converge, or its answer cannot be certified to
+        ``gap_tol`` (status ``uncertified``); the message names the status.
     """
     t0 = time.perf_counter()
     prob = prepare(data, ambiguity, beta, theta_ref, normalise=True)
     at, beta, theta_ref = prob.atoms, prob.beta, prob.theta_ref
     tol = check_positive(tol, "tol")
     max_iter = check_positive_int(max_iter, "max_iter")
-    zero = _zero_is_optimal(at, ambiguity)
-    found = (Minimum(np.zeros(data.d), 0, None) if zero
+    gap_tol = check_positive(gap_tol, "gap_tol")
+    mod = methods(ambiguity)
+    zero_gap = _zero_test(at, ambiguity)
+    zero = zero_gap is not None
+    found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
              else _minimise(at, ambiguity, tol, max_iter))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
-    if not methods(ambiguity).coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
+    if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
     res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
+    info = {"zero_kink": zero, **found.info}
+    if not zero:
+        info["optimality_gap"] = (mod.certify or worst_case_gap)(at, ambiguity, delta, res,
+                                                                  found.info)
+    if not info["optimality_gap"] <= gap_tol:
+        raise RuntimeError(
+            f"dual solver could not certify {ambiguity!r} (status: uncertified): the certified "
+            f"optimality gap is {info['optimality_gap']:.3e} > gap_tol = {gap_tol:g} after "
+            f"{found.iterations} iterations")
     theta = theta_ref + delta / at.scale
     primal = primal_value(res.worst_case, theta, beta, theta_ref)
-    info = {"zero_kink": zero, **found.info}
     wc = res.worst_case
     if wc.budget is not None:
         info["transport_cost"] = wc.transport_cost
@@ -210,7 +237,7 @@ def solve(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0, thet
         ``"cvxpy"``: the conic reference (:func:`simulator.solvers.conic.solve_cvxpy`,
         not Wasserstein p = 2).
     **options
-        Passed to the solver (``tol``, ``max_iter`` for ``dual``; ``solvers``,
+        Passed to the solver (``tol``, ``max_iter``, ``gap_tol`` for ``dual``; ``solvers``,
         ``verbose``, ``rescale`` for ``cvxpy``).
 
     Returns
@@ -224,7 +251,7 @@ def solve(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0, thet
         On bad arguments or an unknown solver; ``cvxpy`` raises when no conic solver
         reports optimal.
     RuntimeError
-        When the dual solver does not converge.
+        When the dual solver does not converge or cannot certify its answer.
     """
     if solver == "dual":
         return solve_dual(data, ambiguity, beta, theta_ref, **options)

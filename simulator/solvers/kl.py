@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
-from .core import Atoms, InnerResult, SetMethods, concave_max, reweighting_result, top_atoms
+from .core import (
+    Atoms,
+    InnerResult,
+    SetMethods,
+    concave_max,
+    logistic_gap,
+    reweighting_result,
+    top_atoms,
+)
 from .nominal import nominal_result
 
 __all__ = ["KLState", "METHODS"]
@@ -122,7 +130,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     return reweighting_result(at, m, q, value, lam, extra, hess, state=KLState(lam))
 
 
-def _zero_is_optimal(at: Atoms, amb) -> bool:
+def _zero_test(at: Atoms, amb) -> float | None:
+    """``delta = 0`` is optimal iff ``max_nu -log E_P exp(nu . a) <= rho``; the tilt
+    ``Q_nu ∝ P exp(nu . a)`` at the maximiser (mixed with ``P`` into the ball if rounding
+    left it outside) is the witness whose logistic regression bounds ``min F`` below."""
     a, w = at.a, at.w
 
     def neg_lse(nu):  # concave: -log E exp(nu . a)
@@ -133,10 +144,20 @@ def _zero_is_optimal(at: Atoms, amb) -> bool:
         ac = a - mean
         return -lse, -mean, -(ac * q[:, None]).T @ ac
 
-    return concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho).above is False
+    found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
+    if found.above is not False:
+        return None
+    z = a @ found.y
+    q = w * np.exp(z - logsumexp(z, b=w))
+    pos = q > 0
+    kl = float(q[pos] @ np.log(q[pos] / w[pos]))
+    if kl > amb.rho:  # KL((1 - t) Q + t P || P) <= (1 - t) KL(Q || P) = rho
+        t = 1.0 - amb.rho / kl
+        q = (1.0 - t) * q + t * w
+    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0))
 
 
 METHODS = SetMethods(
-    name="kldpo", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
+    name="kldpo", evaluate=_evaluate, zero_test=_zero_test,
     coercive=lambda amb: False,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
