@@ -34,7 +34,14 @@ __all__ = ["KLState", "METHODS"]
 
 #: Iterations of the root search for ``lambda*`` (it needs a few dozen at most).
 _ROOT_ITERS = 300
-#: The root search stops once ``|KL - rho| <= _ROOT_TOL max(rho, 1)``: rounding of ``KL``.
+#: The root search stops once ``|KL - rho|`` is within the rounding of ``KL = s E_Q z - log
+#: E_P exp(s z)``: ``_SUM_EPS (|s E_Q z| + |log E_P exp(s z)| + rho)``. numpy's pairwise sums
+#: of ``n`` terms err by about ``log2(n)`` ulps, so 64 ulps cover every ``n`` (on 1e5+ atoms
+#: the old absolute 1e-15 was unreachable) ...
+_SUM_EPS = 64 * 2.0**-52
+#: ... or once the bracket (or the Newton step) in ``u = log(1 / lambda)`` is below
+#: ``_ROOT_TOL max(1, |u|)``: a few ulps of ``u`` (the old purely relative width could not be
+#: reached near ``lambda = 1``, ``u = 0``).
 _ROOT_TOL = 1e-15
 #: Trust region of a Newton step in ``log(1 / lambda)`` (``lambda`` changes 20-fold at most).
 _TRUST = 3.0
@@ -57,13 +64,14 @@ class KLState:
 
 @dataclass(frozen=True)
 class _Tilt:
-    """``Q_s ∝ P exp(s z)`` at ``s = 1 / lambda``: ``KL(Q_s || P)``, ``Var_Q z``, ``Q``, and
-    ``log E_P exp(s z)``."""
+    """``Q_s ∝ P exp(s z)`` at ``s = 1 / lambda``: ``KL(Q_s || P)``, ``Var_Q z``, ``Q``,
+    ``log E_P exp(s z)`` and the rounding ``noise`` of ``KL``."""
 
     kl: float
     var: float
     q: np.ndarray
     lse: float
+    noise: float
 
 
 def _tilt(w: np.ndarray, z: np.ndarray, s: float) -> _Tilt:
@@ -72,7 +80,9 @@ def _tilt(w: np.ndarray, z: np.ndarray, s: float) -> _Tilt:
     tot = float(e.sum())
     q = e / tot
     ez = float(q @ z)
-    return _Tilt(s * ez - math.log(tot), float(q @ (z - ez) ** 2), q, math.log(tot))
+    lse = math.log(tot)
+    return _Tilt(s * ez - lse, float(q @ (z - ez) ** 2), q, lse,
+                 _SUM_EPS * (abs(s * ez) + abs(lse)))
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
@@ -93,7 +103,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     for _ in range(_ROOT_ITERS):
         tilt = _tilt(w, z, s)
         kl, var = tilt.kl, tilt.var
-        if abs(kl - rho) <= _ROOT_TOL * max(rho, 1.0):
+        if abs(kl - rho) <= tilt.noise + _SUM_EPS * rho:
             break
         if kl < rho:
             lo = s
@@ -111,7 +121,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
                 nxt = u - _EXPAND
             else:
                 nxt = 0.5 * (lo_u + hi_u)
-        if math.isfinite(lo_u) and math.isfinite(hi_u) and hi_u - lo_u <= _ROOT_TOL * abs(hi_u):
+        width = _ROOT_TOL * max(1.0, abs(u))
+        if hi_u - lo_u <= width or abs(nxt - u) <= width:
             break
         s = math.exp(nxt)
     else:
