@@ -112,3 +112,45 @@ def test_kl_root_search_stops_on_rounding(lam, monkeypatch):
     assert len(calls) <= 12  # a few safeguarded Newton steps, no bisection to rounding
     assert ev.dual == pytest.approx(lam, rel=1e-9)
     assert ev.value == pytest.approx(exact.value, rel=1e-14)
+
+
+# --- distinct atoms ----------------------------------------------------------------------
+
+
+def test_merged_data_are_exact():
+    env = sim.FiniteEnv.random(5, 3, 3, seed=1, theta_norm=3.0)
+    data = env.sample(3000, seed=2)
+    merged, inverse = data.merged()
+    assert merged.n < 2 * 5 * 3 * 2 + 1  # at most 2 |S| |A| (|A| - 1) distinct atoms
+    np.testing.assert_array_equal(merged.x[inverse], data.x)
+    np.testing.assert_array_equal(merged.y[inverse], data.y)
+    np.testing.assert_allclose(np.bincount(inverse, data.weights), merged.weights, atol=1e-15)
+    assert len({tuple(r) for r in np.column_stack([merged.x, merged.y])}) == merged.n
+
+
+@pytest.mark.parametrize("amb", SETS, ids=repr)
+def test_merged_solve_equals_unmerged(amb):
+    """Solving on the distinct atoms gives the same optimum, and its worst case, mapped back
+    to the caller's atoms, has the same primal value and transport cost and the caller's P as
+    first marginal."""
+    env = sim.FiniteEnv.random(5, 3, 3, beta=0.9, seed=1, theta_norm=3.0)
+    data = env.sample(400, seed=2)
+    a = sim.solve(data, amb, beta=0.9)
+    b = sim.solve(data, amb, beta=0.9, merge=False)
+    assert a.info["distinct_atoms"] < data.n and "distinct_atoms" not in b.info
+    np.testing.assert_allclose(a.theta, b.theta, atol=1e-8)
+    assert a.value == pytest.approx(b.value, rel=1e-12)
+    assert a.primal_value == pytest.approx(b.primal_value, rel=1e-12)
+    wc = a.worst_case
+    assert wc.source.max() < data.n
+    if wc.budget is not None:  # a coupling: its first marginal is the caller's P
+        np.testing.assert_allclose(np.bincount(wc.source, wc.weights, minlength=data.n),
+                                   data.weights, atol=1e-15)
+        moved = np.linalg.norm(wc.x - data.x[wc.source], axis=1) ** amb.p + np.where(
+            wc.y != data.y[wc.source], amb.kappa if np.isfinite(amb.kappa) else 0.0, 0.0)
+        assert wc.weights @ moved == pytest.approx(b.worst_case.transport_cost, rel=1e-6)
+        assert wc.transport_cost == pytest.approx(b.worst_case.transport_cost, rel=1e-6)
+    else:  # reweighting sets: the same weight on every caller's atom
+        np.testing.assert_allclose(np.bincount(wc.source, wc.weights, minlength=data.n),
+                                   np.bincount(b.worst_case.source, b.worst_case.weights,
+                                               minlength=data.n), atol=1e-10)

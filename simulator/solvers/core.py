@@ -27,7 +27,7 @@ from .result import WorstCase
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
            "ConcaveMax", "concave_max", "curvature_bound", "logistic_gap",
            "newton", "primal_value", "psd_solve", "reweighted",
-           "reweighting_result", "top_atoms", "weighted_hess",
+           "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
            "worst_case_gap"]
 
 #: The normalised problem (``Atoms.scale``) must keep ``theta ~ 1 / scale`` and its square
@@ -186,6 +186,28 @@ def primal_value(wc: WorstCase, theta: np.ndarray, beta: float, theta_ref: np.nd
     """``E_{Q*} l`` recomputed from the atoms of the worst case."""
     return float(wc.weights @ dpo_loss(margins(theta, wc.x, wc.y, beta, theta_ref)))
 
+
+def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
+    """The worst case of merged atoms (:meth:`PreferenceData.merged`) on the caller's atoms.
+
+    Worst-case atom ``k`` from merged atom ``j = wc.source[k]`` is split among the caller's
+    copies ``i`` of ``j`` (``inverse[i] = j``) in proportion to their weights ``w_i`` (equally
+    where the copies weigh 0): the same distribution, with a coupling of the same cost whose
+    first marginal is the caller's ``P``.
+    """
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=int(inverse.max()) + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    group_w = np.bincount(inverse, w, minlength=counts.size)
+    reps = counts[wc.source]
+    k = np.repeat(np.arange(wc.source.size), reps)
+    offset = np.arange(k.size) - np.repeat(np.cumsum(reps) - reps, reps)
+    src = order[starts[wc.source[k]] + offset]
+    j = inverse[src]
+    share = np.where(group_w[j] > 0, w[src] / np.where(group_w[j] > 0, group_w[j], 1.0),
+                     1.0 / counts[j])
+    return WorstCase(wc.weights[k] * share, wc.x[k], wc.y[k], src, wc.transport_cost,
+                     wc.budget)
 
 # --- the reweighting sets (nominal, KL, chi-square) -------------------------------------
 

@@ -26,10 +26,19 @@ import time
 
 import numpy as np
 
-from .._validation import check_positive, check_positive_int
+from .._validation import check_data, check_positive, check_positive_int
 from ..ambiguity import AmbiguitySet
 from ..data import PreferenceData
-from .core import Atoms, Minimum, Stalled, newton, primal_value, psd_solve, worst_case_gap
+from .core import (
+    Atoms,
+    Minimum,
+    Stalled,
+    newton,
+    primal_value,
+    psd_solve,
+    unmerge,
+    worst_case_gap,
+)
 from .inner import evaluate_inner, prepare
 from .registry import methods
 from .result import Solution
@@ -143,7 +152,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
 
 def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
                theta_ref=None, tol: float = 1e-10, max_iter: int = 100,
-               gap_tol: float = _GAP_TOL) -> Solution:
+               gap_tol: float = _GAP_TOL, merge: bool = True) -> Solution:
     """Minimise the exact robust objective by Newton's method on the dual (SPEC 3.4).
 
     Parameters
@@ -159,6 +168,10 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         Newton iterations allowed.
     gap_tol : float
         The certified relative optimality gap a solution must reach to be returned.
+    merge : bool
+        Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)``) and map the
+        worst case back to the caller's atoms; the answer is the same (a speed-up for
+        samples of a finite world).
 
     Returns
     -------
@@ -178,6 +191,14 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         ``gap_tol`` (status ``uncertified``); the message names the status.
     """
     t0 = time.perf_counter()
+    check_data(data)
+    inverse = None
+    if merge:
+        distinct, inverse = data.merged()
+        if distinct.n == data.n:
+            inverse = None
+        else:
+            data, caller = distinct, data
     prob = prepare(data, ambiguity, beta, theta_ref, normalise=True)
     at, beta, theta_ref = prob.atoms, prob.beta, prob.theta_ref
     tol = check_positive(tol, "tol")
@@ -205,8 +226,11 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
             f"optimality gap is {info['optimality_gap']:.3e} > gap_tol = {gap_tol:g} after "
             f"{found.iterations} iterations")
     theta = theta_ref + delta / at.scale
-    primal = primal_value(res.worst_case, theta, beta, theta_ref)
     wc = res.worst_case
+    if inverse is not None:
+        wc = unmerge(wc, inverse, caller.weights)
+        info["distinct_atoms"] = data.n
+    primal = primal_value(wc, theta, beta, theta_ref)
     if wc.budget is not None:
         info["transport_cost"] = wc.transport_cost
         info["budget"] = wc.budget
@@ -237,8 +261,8 @@ def solve(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0, thet
         ``"cvxpy"``: the conic reference (:func:`simulator.solvers.conic.solve_cvxpy`,
         not Wasserstein p = 2).
     **options
-        Passed to the solver (``tol``, ``max_iter``, ``gap_tol`` for ``dual``; ``solvers``,
-        ``verbose``, ``rescale`` for ``cvxpy``).
+        Passed to the solver (``tol``, ``max_iter``, ``gap_tol``, ``merge`` for ``dual``;
+        ``solvers``, ``verbose``, ``rescale`` for ``cvxpy``).
 
     Returns
     -------
