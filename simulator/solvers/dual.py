@@ -67,7 +67,10 @@ def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
         return 0.0  # every gradient at 0 vanishes
     if amb.rho == 0.0:
         return None
-    return methods(amb).zero_test(at, amb)
+    mod = methods(amb)
+    if mod.zero_test is not None:
+        return mod.zero_test(at, amb)
+    return 0.0 if mod.zero_is_optimal(at, amb) else None
 
 
 def _zero_is_optimal(at: Atoms, amb: AmbiguitySet) -> bool:

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import lsq_linear
 from scipy.special import expit
 
 from ..losses import softplus
-from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, logistic_gap, worst_case_gap
+from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled
 from .nominal import nominal_result
 from .result import WorstCase
 
@@ -655,7 +654,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     value = hi.lam * rho**2 + float(w @ hi.value)
     share = np.zeros(n)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
-        switch = _switching(hi, lo)
+        switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
         extra = float(w @ np.where(switch, lo.cost - hi.cost, 0.0))
         theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
         share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
@@ -690,9 +689,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
 
 
-def _zero_test(at: Atoms, amb) -> float | None:
-    """The subgradient test (exact, closed form): optimal with gap 0, or ``None``."""
-    return 0.0 if 0.5 * float(np.linalg.norm(at.w @ at.a)) <= 0.5 * amb.rho * at.beta else None
+def _zero_is_optimal(at: Atoms, amb) -> bool:
+    return 0.5 * float(np.linalg.norm(at.w @ at.a)) <= 0.5 * amb.rho * at.beta
 
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
@@ -863,70 +861,8 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
     return None
 
 
-# --- the certificate ------------------------------------------------------------------------
-
-#: Weight of the budget row in the least-squares choice of the split shares (relative to the
-#: gradient rows): the budget is then met to about 1e-6 of the gradient scale, and the shares
-#: are scaled back into the ball afterwards.
-_BUDGET_WEIGHT = 1e6
-
-
-def _switching(hi: Moves, lo: Moves) -> np.ndarray:
-    """Atoms whose moves differ between the ends of a bracket at a jump of ``E cost``."""
-    return (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
-
-
-def _moved_atoms(at: Atoms, mv: Moves, rows: np.ndarray, u: np.ndarray, b: float) -> np.ndarray:
-    """``ytil' beta x'`` of the atoms ``rows`` after the moves ``mv``."""
-    y = np.where(mv.flip[rows], 1.0 - at.y[rows], at.y[rows])
-    sgn = 2.0 * y - 1.0
-    x = at.x[rows] - (sgn * mv.tau[rows] / b)[:, None] * u[None, :]
-    return (sgn * at.beta)[:, None] * x
-
-
-def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
-    """Certified relative gap by weak duality: :func:`~.core.worst_case_gap` through the
-    evaluation's worst case and, where atoms split between two moves (a kink of ``F``), also
-    through the split shares that make the worst case's gradient smallest (a bounded least
-    squares problem; any shares within the budget give a distribution in the ball).
-
-    A fallback: the Wasserstein p = 2 module may replace it with a sharper bound.
-    """
-    gap = worst_case_gap(at, amb, delta, res, info)
-    state = res.state
-    if not isinstance(state, W2State) or state.pair is None or state.pair.lo is state.pair.hi:
-        return gap
-    hi, lo, w = state.pair.hi, state.pair.lo, at.w
-    idx = np.flatnonzero(_switching(hi, lo) & (w > 0))
-    if idx.size == 0:
-        return gap
-    dn = float(np.linalg.norm(delta))
-    u, b = delta / dn, at.beta * dn
-    a_hi = _moved_atoms(at, hi, np.arange(w.size), u, b)
-    a_lo = _moved_atoms(at, lo, idx, u, b)
-    g_hi = -(w * expit(-(a_hi @ delta)))[:, None] * a_hi
-    g_lo = -expit(-(a_lo @ delta))[:, None] * a_lo
-    cols = (w[idx][:, None] * (g_lo - g_hi[idx] / w[idx][:, None])).T  # (d, |idx|)
-    c = w[idx] * (lo.cost[idx] - hi.cost[idx])
-    room = amb.rho**2 - float(w @ hi.cost)
-    scale = _BUDGET_WEIGHT * max(float(np.linalg.norm(cols)), 1e-300) / max(
-        float(np.linalg.norm(c)), 1e-300)
-    fit = lsq_linear(np.vstack([cols, scale * c[None, :]]),
-                     np.append(-g_hi.sum(axis=0), scale * room), bounds=(0.0, 1.0))
-    s = fit.x
-    spent = float(c @ s)
-    if spent > room > 0:
-        s = s * (room / spent)
-    elif spent > room:
-        return gap
-    q_hi = w.copy()
-    q_hi[idx] *= 1.0 - s
-    split = logistic_gap(np.vstack([a_hi, a_lo]), np.concatenate([q_hi, w[idx] * s]), delta,
-                         res.value) / max(1.0, abs(res.value))
-    return min(gap, split)
-
 METHODS = SetMethods(
-    name="wdpo2", evaluate=_evaluate, zero_test=_zero_test,
-    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback, certify=_certificate,
+    name="wdpo2", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
+    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback,
     conic="none: conic.py refuses p = 2 (no conic form of the per-atom sup); see "
           "tests/test_inner.py for the brute-force check")
