@@ -154,3 +154,47 @@ def test_merged_solve_equals_unmerged(amb):
         np.testing.assert_allclose(np.bincount(wc.source, wc.weights, minlength=data.n),
                                    np.bincount(b.worst_case.source, b.worst_case.weights,
                                                minlength=data.n), atol=1e-10)
+
+
+# --- defect 3: KL near the collapse radius -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def collapse_world():
+    """The issue's world and its population's collapse radius rho_0 (bisection on the exact
+    subgradient test at theta_ref)."""
+    from simulator.solvers import dual
+    from simulator.solvers.core import Atoms
+
+    env = sim.FiniteEnv.random(7, 4, 3, beta=1, seed=99, theta_norm=2.5)
+    pop = env.population()
+    at = Atoms.from_data(pop, 1.0, normalise=True)
+    lo, hi = 1e-4, 10.0
+    for _ in range(50):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if dual._zero_is_optimal(at, sim.KL(mid)) else (mid, hi)
+    return env, pop, hi
+
+
+@pytest.mark.parametrize("frac", [0.99, 0.995, 0.999])
+def test_defect3_kl_near_the_collapse_radius(collapse_world, frac):
+    """lambda* -> 0 as rho -> rho_0: Newton from the nominal start was caught at the kink at
+    theta_ref ('stagnated'); it now restarts along the steepest descent direction there.
+    The answer is certified and agrees with cvxpy."""
+    env, pop, rho0 = collapse_world
+    amb = sim.KL(frac * rho0)
+    sol = sim.solve(pop, amb)
+    assert not sol.info["zero_kink"] and sol.info["optimality_gap"] <= 1e-12
+    assert 0 < sol.dual < 0.01 and sol.value < np.log(2)
+    ref = sim.solve(pop, amb, solver="cvxpy")
+    assert sol.value <= ref.value + 1e-12
+    assert sol.value == pytest.approx(ref.value, rel=1e-9)
+    np.testing.assert_allclose(sol.theta, ref.theta, atol=1e-4 * np.max(np.abs(sol.theta)))
+
+
+def test_defect3_sample_near_the_population_collapse_radius(collapse_world):
+    """The sample (seed 1) on which the old solver stalled at iteration 7."""
+    env, _, rho0 = collapse_world
+    data = env.sample(10_000, seed=1)
+    sol = sim.solve(data, sim.KL(0.97 * rho0))
+    assert sol.info["optimality_gap"] <= 1e-12 and sol.value <= np.log(2)

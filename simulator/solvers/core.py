@@ -468,6 +468,10 @@ class SetMethods:
         ``(F(delta) - min F) / max(1, |F(delta)|)`` from the exact evaluation ``res`` at
         ``delta`` (with its worst case) and the minimisation's ``info``; ``None`` means
         :func:`worst_case_gap` (weak duality through the worst case).
+    descent_at_zero : callable or None
+        ``(at, ambiguity) -> ndarray | None``: a descent direction of ``F`` at ``delta = 0``
+        for the restart when Newton is caught at that kink; ``None`` means ``E_P a`` (the
+        nominal gradient's direction).
     conic : str
         Where the set's conic form lives (``simulator.solvers.conic``), or why none.
     """
@@ -480,4 +484,5 @@ class SetMethods:
     minimise: Callable | None = None
     stall_fallback: Callable | None = None
     certify: Callable | None = None
+    descent_at_zero: Callable | None = None
     conic: str = ""

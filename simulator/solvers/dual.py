@@ -140,14 +140,17 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
     scale = float(np.linalg.norm(delta))
     if float(np.linalg.norm(stall.delta)) < _NEAR_ZERO * scale:
         # caught at the kink at delta = 0, which the subdifferential test showed is not
-        # optimal: restart from the best point along E a (a descent direction there)
-        v = (at.w @ at.a) * (scale / float(np.linalg.norm(at.w @ at.a)))
-        ts = 2.0 ** -np.arange(0, _RESTART_GRID)
-        vals = [evaluate_inner(at, t * v, amb, worst=False).value for t in ts]
-        try:
-            return run(ts[int(np.argmin(vals))] * v, None)
-        except Stalled as exc:
-            stall = exc
+        # optimal: restart from the best point along a descent direction there (the set's
+        # steepest one, then E_P a)
+        steepest = None if mod.descent_at_zero is None else mod.descent_at_zero(at, amb)
+        for v in ([] if steepest is None else [steepest]) + [at.w @ at.a]:
+            v = v * (scale / float(np.linalg.norm(v)))
+            ts = 2.0 ** -np.arange(0, _RESTART_GRID)
+            vals = [evaluate_inner(at, t * v, amb, worst=False).value for t in ts]
+            try:
+                return run(ts[int(np.argmin(vals))] * v, None)
+            except Stalled as exc:
+                stall = exc
     if mod.stall_fallback is None:
         raise stall
     return mod.stall_fallback(at, amb, stall, tol)
