@@ -112,12 +112,14 @@ class PreferenceData:
         """The distribution on the distinct atoms: repeated ``(x, y)`` rows merged exactly.
 
         Every objective of the simulator is a function of the weighted distribution, so the
-        merged data (each distinct atom once, carrying the summed weight of its copies, in
-        order of first appearance; ``states`` / ``actions`` dropped) define the same
-        problem. ``O(n d)``: the bit patterns of the rows are hashed (multiply-xorshift),
-        grouped by hash (``pandas.factorize``) and every row is checked against its
-        group's first row; a hash collision (distinct rows, one hash) is thereby detected,
-        and the rows are then merged by sorting (``np.unique``) instead.
+        merged data (each distinct atom once, carrying the summed weight of its copies;
+        ``states`` / ``actions`` dropped) define the same problem. The bit patterns of the
+        rows are hashed to one 64-bit key each (multiply-xorshift, ``O(n d)``), the keys are
+        grouped (a sort of ``n`` integers) and every row is checked against its group's first
+        row; a hash collision (distinct rows, one key) is thereby detected, and the rows are
+        then merged by sorting them (``np.unique``) instead. Data without repeated atoms are
+        returned as they are (at once when the first feature alone is distinct, as for
+        continuous features).
 
         Returns
         -------
@@ -125,8 +127,8 @@ class PreferenceData:
         inverse : ndarray of int (n,)
             ``merged`` atom of each of this data set's atoms.
         """
-        import pandas as pd  # deferred: only the solvers merge
-
+        if self.d and np.unique(self.x[:, 0]).size == self.n:  # one distinct column suffices
+            return self, np.arange(self.n)
         rows = np.ascontiguousarray(np.column_stack([self.x, self.y]))
         rows[rows == 0.0] = 0.0  # -0.0 and 0.0 are the same feature value
         keys = np.zeros(self.n, dtype=np.uint64)
@@ -134,9 +136,10 @@ class PreferenceData:
             for j, bits in enumerate(rows.view(np.uint64).T):  # d + 1 passes of n words
                 h = bits * _HASH_MULT[j % _HASH_MULT.size]
                 keys = (keys ^ (h ^ (h >> np.uint64(29)))) * _HASH_MULT[-1]
-        inverse, _ = pd.factorize(keys)
-        first = np.full(int(inverse.max()) + 1, -1, dtype=np.int64)
-        first[inverse[::-1]] = np.arange(self.n - 1, -1, -1)  # first member of each group
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        if first.size == self.n:  # distinct keys: distinct atoms
+            return self, np.arange(self.n)
+        inverse = inverse.ravel()
         if not np.array_equal(rows, rows[first[inverse]]):  # a hash collision: sort instead
             _, first, inverse = np.unique(rows, axis=0, return_index=True,
                                           return_inverse=True)
