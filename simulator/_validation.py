@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "check_data",
     "check_finite_array",
+    "check_positive_int",
     "check_labels",
     "check_weights",
     "check_nonnegative",
@@ -90,3 +92,27 @@ def check_theta(theta, d: int, name: str = "theta") -> np.ndarray:
     if arr.shape[0] != d:
         raise ValueError(f"{name} must have length {d} (the feature dimension), got {arr.shape[0]}")
     return arr
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int after checking it is an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if not (isinstance(value, float | np.floating) and float(value).is_integer()):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    v = int(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return v
+
+
+def check_data(data, name: str = "data"):
+    """Return ``data`` after checking it is a :class:`~simulator.PreferenceData` with at
+    least one feature (``d >= 1``) and one atom of positive weight."""
+    from .data import PreferenceData  # deferred: data.py imports this module
+
+    if not isinstance(data, PreferenceData):
+        raise ValueError(f"{name} must be a PreferenceData, got {type(data).__name__}")
+    if data.d < 1:
+        raise ValueError(f"{name} must have at least one feature (d >= 1), got x of shape "
+                         f"{data.x.shape}")
+    return data

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 from ._validation import check_nonnegative, check_positive
 
-__all__ = ["AmbiguitySet", "Nominal", "KL", "ChiSquare", "Wasserstein"]
+__all__ = ["AmbiguitySet", "Nominal", "KL", "ChiSquare", "Wasserstein", "METHOD_NAMES"]
+
+#: The method names of the sets, in the order tables list them (``AmbiguitySet.name``).
+METHOD_NAMES = ("dpo", "kldpo", "chi2dpo", "wdpo1", "wdpo2")
 
 
 class AmbiguitySet:
@@ -26,8 +29,33 @@ class AmbiguitySet:
 
     @property
     def name(self) -> str:
-        """Short method name used in experiment tables."""
+        """Short method name used in experiment tables (one of :data:`METHOD_NAMES`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def from_name(name: str, rho: float = 0.0, **options) -> AmbiguitySet:
+        """The set called ``name`` (see :data:`METHOD_NAMES`) with radius ``rho``.
+
+        ``AmbiguitySet.from_name(s.name, s.rho, ...)`` rebuilds ``s``: ``"dpo"`` is
+        :class:`Nominal` (``rho`` must be 0), ``"kldpo"`` :class:`KL`, ``"chi2dpo"``
+        :class:`ChiSquare`, ``"wdpo1"`` / ``"wdpo2"`` :class:`Wasserstein` with ``p = 1`` /
+        ``2``; ``options`` (only ``kappa``, Wasserstein only) are passed on.
+
+        Raises
+        ------
+        ValueError
+            On an unknown name, an option the set does not take, or a bad radius.
+        """
+        makers = {"dpo": Nominal, "kldpo": KL, "chi2dpo": ChiSquare,
+                  "wdpo1": lambda rho, **kw: Wasserstein(rho, p=1, **kw),
+                  "wdpo2": lambda rho, **kw: Wasserstein(rho, p=2, **kw)}
+        if name not in makers:
+            raise ValueError(f"name must be one of {METHOD_NAMES}, got {name!r}")
+        allowed = {"kappa"} if name.startswith("wdpo") else set()
+        extra = sorted(set(options) - allowed)
+        if extra:
+            raise ValueError(f"{name} takes no option {extra[0]!r} (options: {sorted(allowed)})")
+        return makers[name](rho, **options)
 
 
 @dataclass(frozen=True)

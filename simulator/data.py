@@ -18,6 +18,12 @@ from ._validation import check_finite_array, check_labels, check_weights
 
 __all__ = ["PreferenceData"]
 
+#: Odd 64-bit multipliers of the row hash of :meth:`PreferenceData.merged` (splitmix64's
+#: constants and golden-ratio relatives: any odd constants with mixed bits serve).
+_HASH_MULT = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
+                       0xD6E8FEB86659FD93, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9],
+                      dtype=np.uint64)
+
 
 @dataclass(frozen=True, eq=False)
 class PreferenceData:
@@ -101,6 +107,45 @@ class PreferenceData:
             states=None if self.states is None else self.states[idx],
             actions=None if self.actions is None else self.actions[idx],
         )
+
+    def merged(self) -> tuple[PreferenceData, np.ndarray]:
+        """The distribution on the distinct atoms: repeated ``(x, y)`` rows merged exactly.
+
+        Every objective of the simulator is a function of the weighted distribution, so the
+        merged data (each distinct atom once, carrying the summed weight of its copies;
+        ``states`` / ``actions`` dropped) define the same problem. The bit patterns of the
+        rows are hashed to one 64-bit key each (multiply-xorshift, ``O(n d)``), the keys are
+        grouped (a sort of ``n`` integers) and every row is checked against its group's first
+        row; a hash collision (distinct rows, one key) is thereby detected, and the rows are
+        then merged by sorting them (``np.unique``) instead. Data without repeated atoms are
+        returned as they are (at once when the first feature alone is distinct, as for
+        continuous features).
+
+        Returns
+        -------
+        merged : PreferenceData
+        inverse : ndarray of int (n,)
+            ``merged`` atom of each of this data set's atoms.
+        """
+        if self.d and np.unique(self.x[:, 0]).size == self.n:  # one distinct column suffices
+            return self, np.arange(self.n)
+        rows = np.ascontiguousarray(np.column_stack([self.x, self.y]))
+        rows[rows == 0.0] = 0.0  # -0.0 and 0.0 are the same feature value
+        keys = np.zeros(self.n, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j, bits in enumerate(rows.view(np.uint64).T):  # d + 1 passes of n words
+                h = bits * _HASH_MULT[j % _HASH_MULT.size]
+                keys = (keys ^ (h ^ (h >> np.uint64(29)))) * _HASH_MULT[-1]
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        if first.size == self.n:  # distinct keys: distinct atoms
+            return self, np.arange(self.n)
+        inverse = inverse.ravel()
+        if not np.array_equal(rows, rows[first[inverse]]):  # a hash collision: sort instead
+            _, first, inverse = np.unique(rows, axis=0, return_index=True,
+                                          return_inverse=True)
+            inverse = inverse.ravel()
+        w = np.bincount(inverse, self.weights, minlength=first.size)
+        return PreferenceData(self.x[first], self.y[first], w / w.sum()), inverse
 
     def flipped(self) -> PreferenceData:
         """The same atoms with every label flipped."""

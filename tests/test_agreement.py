@@ -1,73 +1,43 @@
 """The ``dual`` solver against the cvxpy reference on randomised problems (SPEC 3.4).
 
-Agreement: ``|theta_dual - theta_cvxpy|_inf <= 1e-5`` and relative objective gap
-``<= 1e-7`` wherever cvxpy reports optimal (it raises otherwise, and the case is then
-checked to be solved by ``dual`` with a valid certificate). Where theta differs by more
-(seen for chi-square on flat objectives, ``||theta|| ~ 9``, and for Wasserstein p = 1 with
-finite kappa), the test requires the exact objective at cvxpy's theta to be the larger
-one and the dual solution to be certified (stationary, or a duality gap below 1e-12).
+Agreement (SPEC 3.4): ``|theta_dual - theta_cvxpy|_inf <= 1e-5``, relative objective gap
+``<= 1e-7`` and dual variables within ``1e-6`` (relative) wherever cvxpy reports optimal;
+every dual solution is certified (``info["optimality_gap"] <= 1e-12``). Where theta differs
+by more (seen for chi-square on a flat objective, ``||theta|| ~ 9``, where Clarabel cannot
+reach tighter tolerances), the test requires the exact objective at cvxpy's theta to be the
+larger one.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-from scipy.special import expit
 
 import simulator as sim
 from simulator.solvers.conic import ConicSolveError
 
-KINDS = ("dpo", "kldpo", "chi2dpo", "wdpo1", "wdpo1_kappa")
-
-
-def _case(seed: int, kind: str):
-    """A random problem: size, dimension, weights, beta, reference and radius all vary."""
-    rng = np.random.default_rng(seed)
-    d = int(rng.integers(2, 6))
-    n = int(rng.choice([30, 100, 300]))
-    beta = float(rng.uniform(0.3, 2.0))
-    theta_true = rng.normal(size=d) * rng.uniform(1.0, 4.0)
-    x = rng.normal(size=(n, d))
-    x *= rng.uniform(0.2, 2.0) / np.maximum(1.0, np.linalg.norm(x, axis=1))[:, None]
-    y = (rng.uniform(size=n) < expit(beta * x @ theta_true)).astype(float)
-    w = rng.dirichlet(np.ones(n) * rng.uniform(0.5, 5.0)) if seed % 2 else None
-    ref = rng.normal(size=d) * 0.3 if seed % 3 else None
-    rho = float(np.exp(rng.uniform(np.log(0.005), np.log(0.5))))
-    kappa = float(rng.uniform(0.2, 3.0))
-    amb = {"dpo": sim.Nominal(), "kldpo": sim.KL(rho), "chi2dpo": sim.ChiSquare(rho),
-           "wdpo1": sim.Wasserstein(rho / 3, p=1),
-           "wdpo1_kappa": sim.Wasserstein(rho / 3, p=1, kappa=kappa)}[kind]
-    return sim.PreferenceData(x, y, w), amb, beta, ref
-
-
-def _certified(sol, grad_tol: float) -> bool:
-    """Optimal by the subdifferential test at 0, a vanishing gradient, or (p = 1 with
-    finite kappa, where F has kinks) a duality gap below 1e-12."""
-    return (sol.info["zero_kink"] or sol.grad_norm < grad_tol
-            or sol.info.get("optimality_gap", math.inf) <= 1e-12)
+KINDS = ("dpo", "kldpo", "chi2dpo", "wdpo1", "wdpo1_kappa")  # random_case kinds
 
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("kind", KINDS)
-def test_dual_agrees_with_cvxpy(kind, seed):
-    data, amb, beta, ref = _case(100 * KINDS.index(kind) + seed, kind)
+def test_dual_agrees_with_cvxpy(kind, seed, random_case):
+    data, amb, beta, ref = random_case(100 * KINDS.index(kind) + seed, kind)
     sol = sim.solve(data, amb, beta=beta, theta_ref=ref, solver="dual")
-    assert sol.gap < 1e-8
+    assert sol.gap < 1e-8 and sol.info["optimality_gap"] <= 1e-12
     try:
         ref_sol = sim.solve(data, amb, beta=beta, theta_ref=ref, solver="cvxpy")
-    except ConicSolveError:  # cvxpy failed: the dual solution must still be certified
-        assert _certified(sol, 1e-6)
+    except ConicSolveError:  # cvxpy failed: the dual solution is certified (above)
         return
     assert abs(sol.value - ref_sol.value) <= 1e-7 * max(1.0, abs(ref_sol.value))
     if np.max(np.abs(sol.theta - ref_sol.theta)) > 1e-5:
         # Only allowed where the objective is so flat that Clarabel's stopping rule leaves
-        # theta loose: then the exact objective at cvxpy's theta must be the worse one and
-        # the dual solution stationary.
+        # theta loose (it reports optimal_inaccurate at tighter tolerances): then the exact
+        # objective at cvxpy's theta must be the worse one (the dual solution is certified).
         at_cvx = sim.robust_objective(ref_sol.theta, data, amb, beta=beta, theta_ref=ref)
-        assert at_cvx.value > sol.value and _certified(sol, 1e-9)
+        assert at_cvx.value > sol.value
         assert np.max(np.abs(sol.theta - ref_sol.theta)) <= 1e-4
+        return
     if sol.dual is not None and ref_sol.dual is not None and np.isfinite(sol.dual) \
             and abs(sol.dual) > 1e-3:
-        assert sol.dual == pytest.approx(ref_sol.dual, rel=1e-3)
+        assert sol.dual == pytest.approx(ref_sol.dual, rel=1e-6)

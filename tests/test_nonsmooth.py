@@ -13,20 +13,11 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 from scipy.special import expit
-from test_agreement import _case
 
 import simulator as sim
-from simulator.solvers import dual, wasserstein1, wasserstein2
+from simulator.solvers import core, dual, wasserstein1, wasserstein2
 from simulator.solvers.inner import Atoms, evaluate_inner
 from simulator.solvers.wasserstein1 import _flip_threshold, w1_lagrangian
-
-
-def _gaussian(n, d=4, seed=0, beta=1.0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    y = (rng.random(n) < expit(beta * x @ rng.standard_normal(d) * 2.0)).astype(float)
-    return sim.PreferenceData(x, y)
-
 
 # --- Wasserstein p = 1, finite kappa ------------------------------------------------------
 
@@ -52,38 +43,38 @@ def test_flip_threshold_matches_brentq(mu, t0):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_w1_lagrangian_is_a_lower_bound(seed):
+def test_w1_lagrangian_is_a_lower_bound(seed, gaussian_data):
     """Weak duality: min L_q <= F(delta) for every q in Q and every delta."""
-    data = _gaussian(300, seed=seed)
+    data = gaussian_data(300, seed=seed)
     amb = sim.Wasserstein(0.1, p=1, kappa=0.7)
     at = Atoms.from_data(data, 1.0)
     rng = np.random.default_rng(seed)
     q = at.w * rng.random(at.w.size)
     q *= min(1.0, amb.rho / amb.kappa / q.sum()) * rng.random()
-    lower = dual._w1_lower_bound(at, amb, rng.standard_normal(4), q, 1e-10, 100)
+    lower = wasserstein1.lower_bound(at, amb, rng.standard_normal(4), q, 1e-10, 100)
     objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
     for delta in rng.standard_normal((50, 4)) * 2:
         assert evaluate_inner(at, delta, amb, worst=False).value >= lower - 1e-12
-        assert objective(delta, {}).value >= lower - 1e-12
+        assert objective(delta, None).value >= lower - 1e-12
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_w1_face_polish_equals_the_plain_homotopy(seed, monkeypatch):
+def test_w1_face_polish_equals_the_plain_homotopy(seed, monkeypatch, gaussian_data):
     """The polished face and the homotopy run down to mu = 1e-11: the same minimiser."""
-    data = _gaussian(400, seed=seed)
+    data = gaussian_data(400, seed=seed)
     amb = sim.Wasserstein(0.05 + 0.05 * seed, p=1, kappa=0.5 + 0.3 * seed)
     sol = sim.solve(data, amb)
     assert sol.info["optimality_gap"] <= 1e-13
-    monkeypatch.setattr(dual, "polish_face", lambda *args, **kwargs: None)
-    monkeypatch.setattr(dual, "_GAP_TOL", 0.0)  # run every stage
-    monkeypatch.setattr(dual, "_GAP_MAX", math.inf)
+    monkeypatch.setattr(wasserstein1, "polish_face", lambda *args, **kwargs: None)
+    monkeypatch.setattr(wasserstein1, "GAP_TOL", 0.0)  # run every stage
+    monkeypatch.setattr(wasserstein1, "GAP_MAX", math.inf)
     plain = sim.solve(data, amb)
     np.testing.assert_allclose(sol.theta, plain.theta, atol=1e-8)
     assert sol.value <= plain.value + 1e-13
 
 
-def test_w1_certificate_bounds_every_perturbation():
-    data = _gaussian(500, seed=7)
+def test_w1_certificate_bounds_every_perturbation(gaussian_data):
+    data = gaussian_data(500, seed=7)
     amb = sim.Wasserstein(0.08, p=1, kappa=0.9)
     sol = sim.solve(data, amb)
     gap = sol.info["optimality_gap"]
@@ -95,10 +86,10 @@ def test_w1_certificate_bounds_every_perturbation():
             assert val >= sol.value - gap * max(1.0, sol.value) - 1e-15
 
 
-def test_w1_reference_optimal_through_flips_alone():
+def test_w1_reference_optimal_through_flips_alone(random_case):
     """theta_ref is the minimiser only because of label flips (the kappa = inf test says
     no): the homotopy tends to it and the certificate proves it."""
-    data, amb, beta, ref = _case(94, "wdpo1_kappa")
+    data, amb, beta, ref = random_case(94, "wdpo1_kappa")
     at = Atoms.from_data(data, beta)
     assert not dual._zero_is_optimal(at, amb)
     sol = sim.solve(data, amb, beta=beta, theta_ref=ref)
@@ -213,8 +204,8 @@ SETS = [sim.KL(0.1), sim.ChiSquare(0.1), sim.Wasserstein(0.05, p=1),
 
 
 @pytest.mark.parametrize("amb", SETS, ids=repr)
-def test_subsample_start_changes_nothing(amb, monkeypatch):
-    data = _gaussian(4000, seed=11)
+def test_subsample_start_changes_nothing(amb, monkeypatch, gaussian_data):
+    data = gaussian_data(4000, seed=11)
     plain = sim.solve(data, amb)
     monkeypatch.setattr(dual, "_SUBSAMPLE_N", 500)
     started = sim.solve(data, amb)
@@ -222,16 +213,16 @@ def test_subsample_start_changes_nothing(amb, monkeypatch):
     assert started.value == pytest.approx(plain.value, rel=1e-12)
 
 
-def test_smoothing_gap_estimate_bounds_the_certified_gap():
+def test_smoothing_gap_estimate_bounds_the_certified_gap(gaussian_data):
     """The cheap estimate is an upper bound on F(delta) - L_q(delta) (to rounding)."""
-    data = _gaussian(2000, seed=5)
+    data = gaussian_data(2000, seed=5)
     amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
     at = Atoms.from_data(data, 1.0)
-    delta, _, warm = dual._newton(
+    run = core.newton(
         lambda d, w: wasserstein1.smoothed_w1(at, d, amb.rho, amb.kappa, 1e-3, w),
         dual._start(at), 1e-9, 100, "test")
-    q = warm["w1_q"]
-    estimate = wasserstein1.smoothing_gap(at, delta, q, warm["w1"], amb.rho, amb.kappa)
+    delta, q = run.delta, run.state.q
+    estimate = wasserstein1.smoothing_gap(at, delta, q, run.state.lam, amb.rho, amb.kappa)
     exact = evaluate_inner(at, delta, amb, worst=False).value
-    lagrangian = w1_lagrangian(at, q, amb.rho, amb.kappa)(delta, {}).value
+    lagrangian = w1_lagrangian(at, q, amb.rho, amb.kappa)(delta, None).value
     assert 0.0 <= exact - lagrangian <= estimate * max(1.0, lagrangian) + 1e-15

@@ -78,7 +78,8 @@ class Solution:
     value, dual, worst_case, primal_value, gap
         As in :class:`Evaluation`, at ``theta``.
     status : str
-        ``"optimal"`` (anything else raises before a Solution is returned).
+        ``"optimal"`` (anything else raises before a Solution is returned; for ``dual``
+        only when ``info["optimality_gap"]`` is at most ``gap_tol``).
     solver : str
         ``"dual"`` or ``"cvxpy:<SOLVER>"``.
     ambiguity : AmbiguitySet
@@ -92,11 +93,12 @@ class Solution:
         solves a subsample, whose iterations are not counted).
     solve_time_s : float
     info : dict
-        Solver-specific extras: ``zero_kink`` (``theta_ref`` certified optimal by the
-        subdifferential test), ``transport_cost`` / ``budget`` (Wasserstein),
-        ``optimality_gap`` (Wasserstein p = 1 with finite kappa: the certified relative
-        bound ``(L_U(theta) - min L_U) / max(1, L_U(theta))``, from weak duality; see
-        docs/formulations.md), and for ``cvxpy`` the fallback chain tried.
+        Solver-specific extras. ``dual``: ``optimality_gap`` (every set: a certified upper
+        bound on ``(L_U(theta) - min L_U) / max(1, |L_U(theta)|)`` by weak duality, at most
+        the solve's ``gap_tol``; docs/formulations.md says which bound each set uses),
+        ``zero_kink`` (``theta_ref`` certified optimal by the subdifferential test),
+        ``distinct_atoms`` (when repeated atoms were merged), ``transport_cost`` /
+        ``budget`` (Wasserstein); ``cvxpy``: the fallback chain tried.
     """
 
     theta: np.ndarray

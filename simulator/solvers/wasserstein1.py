@@ -1,6 +1,9 @@
-"""The Wasserstein p = 1 ball with finite label-flip price: smoothing, faces, certificates.
+"""The Wasserstein p = 1 ball (SPEC 3.3): inner evaluation, smoothing, faces, certificates.
 
-The Shafieezadeh-Abadeh, Mohajerin Esfahani and Kuhn (2015) dual (SPEC 3.3)
+``kappa = inf``: ``F(delta) = E_P l + rho b`` exactly (a norm penalty, ``b = beta ||delta||``);
+``delta = 0`` is optimal iff ``||E_P a|| / 2 <= rho beta``. Plain Newton minimises it.
+
+Finite ``kappa``: the Shafieezadeh-Abadeh, Mohajerin Esfahani and Kuhn (2015) dual (SPEC 3.3)
 
     F(delta) = E_P l + min_{lambda >= b} lambda rho + E_P (m - lambda kappa)_+,
     b = beta ||delta||,
@@ -26,24 +29,113 @@ so for every ``q in Q`` the smooth, strictly convex Lagrangian
 ``L_q(delta) = E_P l + q . m + (rho - kappa sum q) b`` has ``min L_q <= min F`` (weak
 duality), and ``F(delta) - min L_q`` bounds the suboptimality of ``delta``. The shares of
 a solved face, or the smoothed shares ``q_i = w_i sigmoid((m_i - lambda kappa) / mu)``
-(which make ``delta_mu`` stationary for ``L_q``), supply ``q``.
+(which make ``delta_mu`` stationary for ``L_q``), supply ``q``; :func:`minimise` runs the
+homotopy and returns the certified gap as ``info["optimality_gap"]``.
+
+The suprema are not attained (mass moved ever further): the worst case moves a mass
+``eps`` of one atom far enough that its primal value is within ``_MOVE_TOL max(1, |L|)``
+of ``L``. For finite ``kappa`` the ``kappa = inf`` test of ``delta = 0`` is used: it is
+sufficient (a larger ball has larger directional derivatives). Conic forms: ``conic.py``
+(forms ``"w1"`` and ``"w1kappa"``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 
 from ..losses import softplus
-from .inner import Atoms, InnerResult, weighted_hess
+from .core import (
+    Atoms,
+    InnerResult,
+    Minimum,
+    SetMethods,
+    Stalled,
+    logistic_gap,
+    newton,
+    weighted_hess,
+)
+from .result import WorstCase
 
-__all__ = ["polish_face", "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
+__all__ = ["METHODS", "W1SmoothState", "lower_bound", "minimise", "polish_face", "smoothed_w1",
+           "smoothing_gap", "w1_lagrangian"]
+
+#: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``):
+#: ten times the rounding of an ``n``-term sum.
+_MOVE_TOL = 1e-13
 
 #: Atoms farther than this many ``mu`` from the flip threshold have share 0 or 1 (to 4e-18).
 _WINDOW = 40.0
+#: Growth factor of the steps that bracket the flip threshold.
+_BRACKET_GROWTH = 4.0
+#: The bracket is bisected while more atoms than this are in the window (a pass costs more
+#: than Brent's bookkeeping) and it is wider than ``_BISECT_WIDTH mu``.
+_BISECT_ATOMS = 4096
+_BISECT_WIDTH = 16.0
+#: Brent's iteration budget (it needs about 50 at double precision).
+_BRENT_ITERS = 500
+#: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
+#: threshold (outside it the share is within 1e-3 of 0 or 1: ``mu`` resolves the face).
+_FACE_SHARE = 1e-3
+#: Rounding allowance of the face's shares and threshold (relative).
+_FACE_ROUND = 1e-12
+#: Smallest backtracking step of the face Newton before it gives up.
+_FACE_MIN_STEP = 1e-6
+
+#: Smoothing parameters of the homotopy.
+MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
+#: Stages below this may stop on rounding (the previous stage's minimiser is kept).
+MU_SAFE = 1e-8
+#: First smoothing stage when starting from a subsample's minimiser.
+MU_WARM = 1e-3
+#: The homotopy certifies its stages by a duality gap from this ``mu`` on ...
+MU_CHECK = 1e-3
+#: ... and stops once the relative gap is below ``GAP_TOL`` (it must end below ``GAP_MAX``):
+#: the gap is computed to about 1e-15, and 1e-9 is the least that keeps theta within 1e-5.
+GAP_TOL = 1e-13
+GAP_MAX = 1e-9
+#: Stage tolerance ``max(tol, _STAGE_TOL mu)``: a stage only needs to warm-start the next.
+_STAGE_TOL = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class W1SmoothState:
+    """Warm start of the smoothed problem: ``lambda`` and the flip shares ``q`` at the
+    last point, ``q = w sigmoid((m - lambda kappa) / mu)``."""
+
+    lam: float
+    q: np.ndarray
+
+
+class _Face(NamedTuple):
+    """A point on one face of the finite-kappa ``F``: ``delta`` and the exact flip masses."""
+
+    delta: np.ndarray
+    q: np.ndarray
+
+
+class _FaceSolution(NamedTuple):
+    delta: np.ndarray
+    t: float
+    r: np.ndarray
+
+
+@dataclass(frozen=True)
+class _FarMove:
+    """A mass ``eps`` of atom ``k`` (flipped or not) moved to ``x`` with label ``y``, at
+    transport cost ``cost``."""
+
+    flipped: bool
+    k: int
+    eps: float
+    x: np.ndarray
+    y: float
+    cost: float
 
 
 def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: float,
@@ -83,7 +175,7 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
             else:
                 hi = t
             restrict(lo, hi)
-            step *= 4.0
+            step *= _BRACKET_GROWTH
     else:
         if t0 is not None and t0 > t_min:
             lo = t0
@@ -98,8 +190,8 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
             else:
                 hi = t
             restrict(lo, hi)
-            step *= 4.0
-    while sub["m"].size > 4096 and hi - lo > 16.0 * mu:
+            step *= _BRACKET_GROWTH
+    while sub["m"].size > _BISECT_ATOMS and hi - lo > _BISECT_WIDTH * mu:
         t = 0.5 * (lo + hi)
         if excess(t) > 0:
             lo = t
@@ -107,7 +199,8 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
             hi = t
         restrict(lo, hi)
     if excess(hi) < 0 < excess(lo):
-        t = brentq(excess, lo, hi, xtol=1e-300, rtol=4.0 * np.finfo(float).eps, maxiter=500)
+        t = brentq(excess, lo, hi, xtol=1e-300, rtol=4.0 * np.finfo(float).eps,
+                   maxiter=_BRENT_ITERS)
     else:  # the mass meets c at an end of the bracket to rounding
         t = hi if abs(excess(hi)) <= abs(excess(lo)) else lo
     p = expit((m - t) / mu)
@@ -124,21 +217,19 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
-                warm: dict | None = None) -> InnerResult:
+                state: W1SmoothState | None = None) -> InnerResult:
     """``F_mu(delta)`` with its gradient and Hessian (no worst case: see the module docstring).
 
-    ``warm`` (a dict, updated in place) carries ``lambda`` between calls and receives
-    the flip shares ``q = w sigmoid((m - lambda kappa) / mu)`` under ``"w1_q"``.
+    ``state`` warm-starts ``lambda``; the result's ``state`` holds ``lambda`` and the flip
+    shares ``q = w sigmoid((m - lambda kappa) / mu)``.
     """
-    warm = {} if warm is None else warm
     w, a, beta = at.w, at.a, at.beta
     m = a @ delta
     dn = float(np.linalg.norm(delta))
     b = beta * dn
-    t0 = warm.get("w1")
+    t0 = None if state is None else state.lam
     t, p = _flip_threshold(m, w, b * kappa, rho / kappa, mu, None if t0 is None else t0 * kappa)
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
-    warm["w1"], warm["w1_q"] = lam, w * p
     s = expit(-m)
     value = lam * rho + float(w @ (softplus(-m) + mu * softplus((m - t) / mu)))
     grad = (w * (p - s)) @ a
@@ -159,7 +250,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         return (h + np.outer(g_dl, db) + np.outer(db, g_dl) + g_ll * np.outer(db, db)
                 + g_l * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return InnerResult(value, lam, grad, hess, None)
+    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, w * p))
 
 
 def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
@@ -206,15 +297,19 @@ def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float):
     """``L_q(delta) = E_P l + q . m + (rho - kappa sum q) beta ||delta||`` for ``q`` in ``Q``.
 
     ``q`` is scaled down if rounding left ``kappa sum q`` above ``rho``. Returns a function
-    ``(delta, warm) -> InnerResult`` (value, gradient, Hessian) for Newton's method; its
+    ``(delta, state) -> InnerResult`` (value, gradient, Hessian) for Newton's method; its
     minimum is a lower bound on ``min_delta F`` (see the module docstring).
     """
+    qa, nu = _lagrangian_terms(at, q, rho, kappa)
+    return lambda delta, state: _lagrangian(at, delta, qa, nu)
+
+
+def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
+    """``(q . a, nu)`` of :func:`w1_lagrangian` for ``q`` clipped into ``Q``."""
     q = np.clip(q, 0.0, at.w)
     if kappa * float(q.sum()) > rho:
         q = q * (rho / (kappa * float(q.sum())))
-    qa = q @ at.a
-    nu = max(rho - kappa * float(q.sum()), 0.0) * at.beta
-    return lambda delta, warm: _lagrangian(at, delta, qa, nu)
+    return q @ at.a, max(rho - kappa * float(q.sum()), 0.0) * at.beta
 
 
 def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
@@ -223,8 +318,8 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     """Newton's method on the optimality system of ``min F`` on one face (see polish_face).
 
     ``tied`` holds one representative atom per group of identical atoms, ``big_w`` the
-    groups' weights and ``r0`` their starting shares. Returns ``(delta, t, r)`` or
-    ``None`` if Newton stalls.
+    groups' weights and ``r0`` their starting shares. Returns the face's ``delta``,
+    threshold ``t`` and group shares ``r``, or ``None`` if Newton stalls.
     """
     w, a, beta, d = at.w, at.a, at.beta, delta.size
     groups, k = a[tied], tied.size
@@ -254,11 +349,12 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     for _ in range(max_iter):
         if np.max(np.abs(res)) <= tol:
             delta, r = z[:d], z[d + (0 if clamped else 1):]
-            return delta, (kappa * beta * float(np.linalg.norm(delta)) if clamped else z[d]), r
+            return _FaceSolution(
+                delta, kappa * beta * float(np.linalg.norm(delta)) if clamped else z[d], r)
         norm = float(np.linalg.norm(res))
         step = np.linalg.lstsq(jac, -res, rcond=None)[0]
         step_len = 1.0
-        while step_len > 1e-6:
+        while step_len > _FACE_MIN_STEP:
             new = residual(z + step_len * step)
             if float(np.linalg.norm(new[0])) < (1.0 - 1e-4 * step_len) * norm:
                 break
@@ -287,14 +383,14 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     An active-set loop then moves groups with ``r_j < 0`` (``> 1``) to share 0 (1),
     atoms that crossed ``t`` into the tied set, and switches between ``lambda = b`` and
     ``lambda > b`` when ``nu < 0`` or ``t < kappa b``, and solves again (``rounds``
-    times at most). Returns ``(delta, q)`` with the exact shares ``q``, or ``None``
+    times at most). Returns the face's ``delta`` with the exact shares ``q``, or ``None``
     (more groups than unknowns, or Newton stalled). The caller certifies the answer by
     the duality gap, so a wrong face costs time, never accuracy.
     """
     w, a, beta, d = at.w, at.a, at.beta, delta.size
     share = np.divide(q, w, out=np.zeros_like(q), where=w > 0)
-    tied_mask = (share > 1e-3) & (share < 1.0 - 1e-3)
-    full = share >= 1.0 - 1e-3
+    tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
+    full = share >= 1.0 - _FACE_SHARE
     clamped = lam <= beta * float(np.linalg.norm(delta))
     t = lam * kappa
     for _ in range(rounds):
@@ -311,19 +407,19 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
                           tol, max_iter)
         if out is None:
             return None
-        delta, t, r = out
+        delta, t, r = out.delta, out.t, out.r
         m = at.a @ delta
-        eps = 1e-12 * max(1.0, abs(t))
+        eps = _FACE_ROUND * max(1.0, abs(t))
         r_atoms = r[inverse]
-        below, above = r_atoms < -1e-12, r_atoms > 1.0 + 1e-12
+        below, above = r_atoms < -_FACE_ROUND, r_atoms > 1.0 + _FACE_ROUND
         crossed = (~tied_mask & (full & (m < t - eps) | ~full & (m > t + eps))) & (w > 0)
         flipped = float(w[full].sum() + r @ big_w)
-        switch = (rho - kappa * flipped < -1e-12) if clamped else (
+        switch = (rho - kappa * flipped < -_FACE_ROUND) if clamped else (
             t < kappa * beta * float(np.linalg.norm(delta)) * (1.0 - 1e-15))
         if not (below.any() or above.any() or crossed.any() or switch):
             share = full.astype(np.float64)
             share[idx] = np.clip(r_atoms, 0.0, 1.0)
-            return delta, w * share
+            return _Face(delta, w * share)
         full = full.copy()
         full[idx[above]] = True
         tied_mask = tied_mask.copy()
@@ -334,3 +430,207 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
         share = full.astype(np.float64)
         share[idx[~(below | above)]] = np.clip(r_atoms[~(below | above)], 0.0, 1.0)
     return None
+
+
+# --- the exact inner evaluation -------------------------------------------------------------
+
+
+def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, delta: np.ndarray,
+               mu: float, value: float) -> _FarMove:
+    """A mass ``eps`` of the lowest-margin kept atom, moved by ``mu / eps`` along ``-ytil u``.
+
+    ``keep`` / ``flip`` are the masses left in place and flipped. Moving ``eps`` by ``t``
+    gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so that this shortfall is
+    at most ``_MOVE_TOL max(1, |value|)``.
+    """
+    dn = float(np.linalg.norm(delta))
+    # candidates: the kept atoms at margin m and the flipped ones at margin -m
+    marg = np.where(keep > 0, m, np.inf)
+    marg_f = np.where(flip > 0, -m, np.inf)
+    k, k_f = int(np.argmin(marg)), int(np.argmin(marg_f))
+    flipped = bool(marg_f[k_f] < marg[k])
+    k = k_f if flipped else k
+    mk = float(marg_f[k] if flipped else marg[k])
+    eps = min(float((flip if flipped else keep)[k]),
+              _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
+    t = mu / eps
+    y_k = 1.0 - at.y[k] if flipped else at.y[k]
+    x_new = at.x[k] - (2.0 * y_k - 1.0) * t * delta / dn
+    return _FarMove(flipped, k, eps, x_new, float(y_k), eps * t)
+
+
+def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
+    beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
+    dn = float(np.linalg.norm(delta))
+    b = beta * dn
+    flip = np.zeros_like(w)
+    if math.isinf(kappa):
+        lam, mu = b, rho
+        value = float(w @ l) + rho * b
+    else:
+        # only atoms with m > b kappa can be flipped: sort those (by decreasing margin)
+        cand = np.flatnonzero(m > b * kappa)
+        order = cand[np.argsort(-m[cand], kind="stable")]
+        cum = np.cumsum(w[order])
+        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # atoms fully affordable
+        v_q = max(0.0, float(m[order[j]])) if j < order.size else 0.0
+        lam = max(b, v_q / kappa)
+        thr = v_q if v_q / kappa > b else lam * kappa
+        full = m > thr
+        flip = np.where(full, w, 0.0)
+        mu = rho - kappa * float(flip.sum())
+        if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
+            tie = (m == thr) & (w > 0)
+            flip = flip + np.where(tie, w, 0.0) * (mu / kappa) / float(w[tie].sum())
+            mu = 0.0
+        mu = max(mu, 0.0)
+        value = lam * rho + float(w @ l) + float(w @ np.where(full, m - thr, 0.0))
+    s = expit(-m)
+    grad = -(w * s) @ at.a + flip @ at.a
+    if dn > 0:
+        grad = grad + mu * beta * delta / dn
+
+    def h():
+        out = weighted_hess(at, w * s * (1.0 - s))
+        if dn > 0:
+            u = delta / dn
+            out = out + (mu * beta / dn) * (np.eye(delta.size) - np.outer(u, u))
+        return out
+    wc = None
+    if worst:
+        keep = w - flip
+        cost = kappa * float(flip.sum()) if flip.any() else 0.0
+        far = None
+        if mu > 0 and dn > 0:
+            far = _moved_far(at, keep, flip, m, delta, mu, value)
+            (flip if far.flipped else keep)[far.k] -= far.eps
+            cost += far.cost
+        stay, flp = np.flatnonzero(keep > 0), np.flatnonzero(flip > 0)
+        weights = [keep[stay], flip[flp]]
+        xs, ys, srcs = [at.x[stay], at.x[flp]], [at.y[stay], 1.0 - at.y[flp]], [stay, flp]
+        if far is not None:
+            weights.append(np.array([far.eps]))
+            xs.append(far.x[None, :])
+            ys.append(np.array([far.y]))
+            srcs.append(np.array([far.k]))
+        wc = WorstCase(np.concatenate(weights), np.concatenate(xs), np.concatenate(ys),
+                       np.concatenate(srcs), float(cost), float(rho))
+    return InnerResult(float(value), float(lam), grad, h if hess else None, wc)
+
+
+def _zero_test(at: Atoms, amb) -> float | None:
+    """The subgradient test (exact, closed form): optimal with gap 0, or ``None``."""
+    return 0.0 if 0.5 * float(np.linalg.norm(at.w @ at.a)) <= amb.rho * at.beta else None
+
+
+def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
+    """Certified relative gap: the homotopy's duality gap for finite ``kappa`` (``rho > 0``);
+    otherwise ``F >= E_P l + rho beta u . delta'`` (``u = delta / ||delta||``), a logistic
+    regression plus a linear term that equals ``F`` at ``delta``, bounded by
+    :func:`~.core.logistic_gap` (the worst case's far-moved mass would make the generic bound
+    useless)."""
+    if math.isfinite(amb.kappa) and amb.rho > 0:
+        return info.get("optimality_gap", math.inf)
+    dn = float(np.linalg.norm(delta))
+    linear = amb.rho * at.beta * delta / dn if dn > 0 and amb.rho > 0 else None
+    return logistic_gap(at.a, at.w, delta, res.value, linear) / max(1.0, abs(res.value))
+
+
+# --- the homotopy ------------------------------------------------------------------------
+
+
+def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
+                max_iter: int) -> float:
+    """A certified lower bound on ``min_delta L_q(delta)``, hence on ``min F``
+    (:func:`w1_lagrangian`).
+
+    Newton from ``delta`` (where ``L_q`` is nearly stationary); at its last point ``L_q``
+    is bounded below by the logistic loss plus the linear term ``(q . a + nu u) . delta'``
+    (``nu ||delta'|| >= nu u . delta'``), equal to it there, whose minimum
+    :func:`~.core.logistic_gap` bounds.
+    """
+    objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
+    try:
+        delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
+    except Stalled as exc:  # rounding-level stall: still a valid point to bound from
+        delta = exc.delta
+    res = objective(delta, None)
+    dn = float(np.linalg.norm(delta))
+    qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
+    linear = qa + (nu * delta / dn if dn > 0 else 0.0)
+    return res.value - logistic_gap(at.a, at.w, delta, res.value, linear)
+
+
+class _Certified(NamedTuple):
+    gap: float
+    delta: np.ndarray
+
+
+def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
+             max_iter: int) -> _Certified:
+    """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
+    through flips alone) and its relative gap to ``min L_q``."""
+    upper = _evaluate(at, delta, at.a @ delta, softplus(-(at.a @ delta)), amb, False, False,
+                      None).value
+    if upper > math.log(2.0):
+        upper, delta = math.log(2.0), np.zeros_like(delta)
+    lower = lower_bound(at, amb, delta, q, tol, max_iter)
+    return _Certified(max(upper - lower, 0.0) / max(1.0, abs(upper)), delta)
+
+
+def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
+              mu_first: float) -> Minimum:
+    """Minimise the finite-kappa ``F`` through the smoothed ``F_mu`` (module docstring).
+
+    From ``mu = MU_CHECK`` on, each stage's minimiser is first polished on the face it
+    points to (:func:`polish_face`), and the candidates are certified by the duality gap
+    ``F(delta) - min L_q`` (:func:`lower_bound`); the homotopy stops at the first relative
+    gap below ``GAP_TOL``, reported as ``info["optimality_gap"]``.
+    """
+    label, total, state = repr(amb), 0, None
+    q = None
+    for mu in (mu for mu in MU_PATH if mu <= mu_first):
+        stage_tol = tol if mu == MU_PATH[-1] else max(tol, _STAGE_TOL * mu)  # warm starts
+        try:
+            run = newton(lambda d, st, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, st),
+                         delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})", state)
+        except Stalled:
+            if mu >= MU_SAFE:
+                raise
+            break  # below MU_SAFE the minimiser has stopped moving at double precision
+        total += run.iterations
+        delta, state = run.delta, run.state
+        q = state.q
+        if mu > MU_CHECK:
+            continue
+        face = polish_face(at, delta, q, state.lam, amb.rho, amb.kappa, tol)
+        if face is not None:
+            cert = _certify(at, amb, face.delta, face.q, tol, max_iter)
+            if cert.gap <= GAP_TOL:
+                return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa) <= 0.5 * GAP_TOL:
+            cert = _certify(at, amb, delta, q, tol, max_iter)
+            if cert.gap <= GAP_TOL:
+                return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+    cert = _certify(at, amb, delta, q, tol, max_iter)
+    if not cert.gap <= GAP_MAX:
+        raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
+                           f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
+                           "homotopy")
+    return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+
+
+def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
+             warm_started: bool) -> Minimum | None:
+    """The homotopy for finite ``kappa`` and ``rho > 0`` (from ``MU_WARM`` when started at a
+    subsample's minimiser, where the coarse stages would only move away from it); ``None``
+    otherwise (plain Newton minimises ``E l + rho b``)."""
+    if math.isinf(amb.kappa) or amb.rho == 0.0:
+        return None
+    return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0])
+
+
+METHODS = SetMethods(
+    name="wdpo1", evaluate=_evaluate, zero_test=_zero_test, certify=_certificate,
+    coercive=lambda amb: amb.rho > 0, minimise=minimise,
+    conic="simulator.solvers.conic: forms 'w1' (norm penalty) and 'w1kappa' (SA 2015)")

@@ -23,21 +23,82 @@ minimising ``G(lambda) = lambda rho^2 + E_P max(branches)`` (``G' = rho^2 - E co
 by safeguarded Newton steps in ``log lambda`` and, where ``lambda*`` sits at a
 jump of ``E cost`` (an atom with two maximisers), splits the mass of the atoms
 that switch so that the budget ``rho^2`` is met exactly.
+
+On top of that search this module evaluates ``F`` with its Danskin gradient and Hessian
+(:func:`w2_blocks`; at a tie the Schur complement of the KKT matrix), and, where Newton
+on ``F`` stalls at a kink away from ``delta = 0``, solves the KKT system with an active
+set of tied atoms (:func:`kink_fallback`). ``delta = 0`` is optimal iff
+``||E_P a|| / 2 <= rho beta / 2`` for ``kappa = inf``; for finite ``kappa`` that test is
+only sufficient. There is no conic form (``conic.py`` refuses p = 2).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import expit
 
 from ..losses import softplus
+from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled
+from .nominal import nominal_result
+from .result import WorstCase
 
-__all__ = ["best_move", "Moves", "solve_lambda"]
+__all__ = ["METHODS", "BestMove", "Bracket", "MoveRoots", "Moves", "Roots", "W2Blocks",
+           "W2State", "best_move", "solve_lambda", "w2_blocks"]
 
+#: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
+#: The per-atom roots are resolved to this (relative to ``max(1, |tau|)``): double precision.
+_ROOT_TOL = 1e-15
+#: ``lambda*`` search: iterations allowed (a few dozen are used).
+_LAMBDA_ITERS = 300
+#: ... it stops when ``|E cost - rho^2| <= _BUDGET_TOL rho^2`` (rounding of an n-term sum) ...
+_BUDGET_TOL = 1e-14
+#: ... or the bracket in ``log lambda`` is below ``_BRACKET_TOL`` (relative): double precision.
+_BRACKET_TOL = 1e-15
+#: Below this bracket width in ``log lambda`` the jumps of ``E cost`` are located exactly.
+_JUMP_WIDTH = 1e-3
+#: Trust region of the unbracketed steps in ``log lambda`` (lambda changes 4x at most).
+_TRUST = 1.4
+#: An earlier search's jump is reused when within this (relative) of the warm start ...
+_JUMP_REUSE = 1e-4
+#: ... searching for its switch points in ``lam0 (1 -+ _JUMP_WINDOW)``.
+_JUMP_WINDOW = 1e-3
+#: Switch points strictly inside that window (relative margin at its ends).
+_JUMP_INSIDE = 1e-12
+#: Iterations of the scalar switch-point search (safeguarded Newton; bisection bound).
+_SWITCH_ITERS = 100
+
+
+class Roots(NamedTuple):
+    """The local maximisers of every atom on the right and left pieces of ``psi`` (0 where
+    a piece has none) and whether they exist."""
+
+    tau_right: np.ndarray
+    tau_left: np.ndarray
+    right_exists: np.ndarray
+    left_exists: np.ndarray
+
+
+class BestMove(NamedTuple):
+    """:func:`best_move`'s answer (see there)."""
+
+    tau: np.ndarray
+    value: np.ndarray
+    tau_alt: np.ndarray
+    value_alt: np.ndarray
+    roots: Roots
+
+
+class MoveRoots(NamedTuple):
+    """Warm starts of :func:`_moves`: the roots of the kept and of the flipped branch."""
+
+    plain: Roots
+    flipped: Roots | None = None
 
 
 def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
@@ -76,13 +137,13 @@ def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
         bad = ~((new >= li) & (new <= hi_))
         new = np.where(bad, 0.5 * (li + hi_), new)
         tau[act], lo[act], hi[act] = new, li, hi_
-        scale = 1e-15 * np.maximum(1.0, np.abs(new))
+        scale = _ROOT_TOL * np.maximum(1.0, np.abs(new))
         keep = bad | ((step > scale) & ~(nxt_err <= 0.1 * scale))
         act = np.flatnonzero(keep) if isinstance(act, slice) else act[keep]
     return tau
 
 
-def best_move(m: np.ndarray, k: float, start: tuple | None = None):
+def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
     """Global maximiser of ``f(tau) = softplus(tau - m) - (k/2) tau^2`` over ``tau >= 0``.
 
     Parameters
@@ -91,18 +152,16 @@ def best_move(m: np.ndarray, k: float, start: tuple | None = None):
         Margins of the atoms.
     k : float
         ``2 lambda / b^2 > 0``.
-    start : (tau_right, tau_left), optional
+    start : Roots, optional
         Warm starts for the two local maximisers (the ``roots`` of an earlier call).
 
     Returns
     -------
-    tau, value : arrays
-        The global maximiser ``tau*`` and ``f(tau*)``.
-    tau_alt, value_alt : arrays
-        The other local maximiser and its value where ``f`` has two (``nan``
-        elsewhere), used to detect ties.
-    roots : (tau_right, tau_left, right_exists, left_exists)
-        The roots on both pieces (for warm starts; 0 where a piece has none).
+    BestMove
+        ``tau``, ``value``: the global maximiser ``tau*`` and ``f(tau*)``; ``tau_alt``,
+        ``value_alt``: the other local maximiser and its value where ``f`` has two
+        (``nan`` elsewhere), used to detect ties; ``roots``: the roots on both pieces
+        (for warm starts).
     """
     m = np.asarray(m, dtype=np.float64)
     k = float(k)
@@ -126,13 +185,13 @@ def best_move(m: np.ndarray, k: float, start: tuple | None = None):
     mi = m[i]
     lo = np.clip(mi + s_k, 0.0, top)
     hi = np.full_like(mi, top)
-    tau_r[i] = _root(mi, k, lo, hi, hi if start is None else start[0][i])
+    tau_r[i] = _root(mi, k, lo, hi, hi if start is None else start.tau_right[i])
     f_r[i] = softplus(tau_r[i] - mi) - 0.5 * k * tau_r[i] ** 2
     i = np.flatnonzero(l_ok)
     mi = m[i]
     lo = np.zeros_like(mi)
     tau_l[i] = _root(mi, k, lo, np.clip(mi - s_k, 0.0, top), lo if start is None
-                     else start[1][i])
+                     else start.tau_left[i])
     f_l[i] = softplus(tau_l[i] - mi) - 0.5 * k * tau_l[i] ** 2
     right = f_r >= f_l
     tau = np.where(right, tau_r, tau_l)
@@ -140,7 +199,7 @@ def best_move(m: np.ndarray, k: float, start: tuple | None = None):
     both = r_ok & l_ok
     tau_alt = np.where(both, np.where(right, tau_l, tau_r), np.nan)
     value_alt = np.where(both, np.where(right, f_l, f_r), np.nan)
-    return tau, value, tau_alt, value_alt, (tau_r, tau_l, r_ok, l_ok)
+    return BestMove(tau, value, tau_alt, value_alt, Roots(tau_r, tau_l, r_ok, l_ok))
 
 
 @dataclass(frozen=True)
@@ -158,36 +217,55 @@ class Moves:
     flip: np.ndarray
     value: np.ndarray
     cost: np.ndarray
-    roots: tuple = ()
+    roots: MoveRoots | None = None
     right: np.ndarray | None = None
 
 
-def _moves(m: np.ndarray, b: float, lam: float, kappa: float, start: tuple = ()) -> Moves:
+class Bracket(NamedTuple):
+    """The moves at the ends ``lambda_lo <= lambda* <= lambda_hi`` of :func:`solve_lambda`'s
+    final bracket (``lo is hi`` when the budget was met at a single point)."""
+
+    hi: Moves
+    lo: Moves
+
+
+class _Probe(NamedTuple):
+    """The moves at one ``lambda`` and ``G'(lambda) = E cost - rho^2`` there (negated)."""
+
+    moves: Moves
+    g: float
+
+
+def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
+           start: MoveRoots | None = None) -> Moves:
     k = 2.0 * lam / b**2
-    tau, val, _, _, roots = best_move(m, k, start[0] if start else None)
-    right = roots[2] & (tau == roots[0])
+    start = start or None  # () from older callers: no warm start
+    plain = best_move(m, k, None if start is None else start.plain)
+    tau, val, roots0 = plain.tau, plain.value, plain.roots
+    right = roots0.right_exists & (tau == roots0.tau_right)
     flip = np.zeros(m.shape, dtype=bool)
-    roots = (roots,)
+    roots = MoveRoots(roots0)
     if np.isfinite(kappa):
         # softplus(tau + m) <= softplus(m) + tau, so the flipped branch is worth at most
         # softplus(m) + b^2 / (4 lambda) - lambda kappa, and the unflipped one at least
         # softplus(-m): flipping can win only where m > lambda kappa - b^2 / (4 lambda).
         cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
-        prev = start[1] if len(start) > 1 else None
-        roots_f = tuple(np.zeros_like(r) for r in roots[0]) if prev is None else tuple(
-            r.copy() for r in prev)
+        prev = None if start is None else start.flipped
+        roots_f = Roots(*(np.zeros_like(r) for r in roots0)) if prev is None else Roots(
+            *(r.copy() for r in prev))
         flip = np.zeros(m.shape, dtype=bool)
         if cand.size:
-            tau_f, val_f, _, _, sub = best_move(
-                -m[cand], k, None if prev is None else (prev[0][cand], prev[1][cand]))
+            flipped = best_move(-m[cand], k, None if prev is None else Roots(
+                *(r[cand] for r in prev)))
+            sub = flipped.roots
             for full, part in zip(roots_f, sub, strict=True):
                 full[cand] = part
-            val_f = val_f - lam * kappa
+            tau_f, val_f = flipped.tau, flipped.value - lam * kappa
             win = val_f > val[cand]
             flip[cand[win]] = True
             tau[cand[win]], val[cand[win]] = tau_f[win], val_f[win]
-            right[cand[win]] = (sub[2] & (tau_f == sub[0]))[win]
-        roots = roots + (roots_f,)
+            right[cand[win]] = (sub.right_exists & (tau_f == sub.tau_right))[win]
+        roots = MoveRoots(roots0, roots_f)
     cost = (tau / b) ** 2 + np.where(flip, kappa, 0.0)
     return Moves(lam, tau, flip, val, cost, roots, right)
 
@@ -198,11 +276,12 @@ def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
     ``lambda``; the value is ``nan`` where that local maximiser does not exist."""
     k = 2.0 * lam / b**2
     mm = np.where(flip, -m, m)
-    tau_r, tau_l, r_ok, l_ok = best_move(mm, k)[4]
-    tau = np.where(right, tau_r, tau_l)
+    roots = best_move(mm, k).roots
+    tau = np.where(right, roots.tau_right, roots.tau_left)
     price = np.where(flip, kappa, 0.0)
     val = softplus(tau - mm) - 0.5 * k * tau**2 - lam * price
-    return np.where(np.where(right, r_ok, l_ok), val, np.nan), (tau / b) ** 2 + price
+    exists = np.where(right, roots.right_exists, roots.left_exists)
+    return np.where(exists, val, np.nan), (tau / b) ** 2 + price
 
 
 def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
@@ -224,7 +303,7 @@ def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
     for i in range(mi.size):  # a few distinct keys; one scalar root each
         left, right = bracket
         lam = 0.5 * (left + right)
-        for _ in range(100):
+        for _ in range(_SWITCH_ITERS):
             va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
             vb, cb = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in b_branch))
             diff = va[0] - vb[0]
@@ -260,18 +339,28 @@ _MAX_SWITCH = 16
 _SWITCH_EPS = 1e-13
 
 
-def _bracket_jump(m, w, b, kappa, lo, hi, g):
-    """Narrow a bracket ``lo = (moves, g > 0)``, ``hi = (moves, g <= 0)`` at its switches.
+@dataclass(frozen=True)
+class _Narrowed:
+    """:func:`_bracket_jump`'s answer: the narrowed bracket ``(lo, hi)`` and the next
+    ``lambda`` to try, or ``found``, the bracket whose ends straddle ``lambda*`` at a jump."""
+
+    lo: _Probe | None = None
+    hi: _Probe | None = None
+    lam: float = math.nan
+    found: Bracket | None = None
+
+
+def _bracket_jump(m, w, b, kappa, lo: _Probe, hi: _Probe, g) -> _Narrowed | None:
+    """Narrow a bracket ``lo`` (``g > 0``), ``hi`` (``g <= 0``) at its switches.
 
     Atoms whose move differs between the ends switch inside the bracket, at the points and
     with the cost drops of :func:`_switch_points`. A model of ``g`` (linear between the
     ends once the known drops are taken out, minus the drops passed) predicts where ``g``
     changes sign: at a switch, ``g`` is evaluated just below and above it, and if the sign
-    changes there ``lambda*`` is that switch and ``(hi, lo)`` moves are returned;
-    otherwise ``(lo, hi, next lambda)`` with the narrowed bracket and the model's root.
-    ``None`` if there are no or too many switching atoms.
+    changes there ``lambda*`` is that switch (``found``); otherwise the narrowed bracket
+    and the model's root. ``None`` if there are no or too many switching atoms.
     """
-    a, c = lo[0], hi[0]
+    a, c = lo.moves, hi.moves
     # moving between pieces is continuous where there is one maximiser (k >= 1/4)
     idx = np.flatnonzero((a.flip != c.flip) | (
         (a.right != c.right) if 2.0 * a.lam / b**2 < 0.25 else False))
@@ -280,102 +369,104 @@ def _bracket_jump(m, w, b, kappa, lo, hi, g):
     pts, drop = _switch_points(m, b, kappa, a, c, idx)
     order = np.argsort(pts)
     pts, jump = pts[order], (w[idx] * drop)[order]
-    slope = (hi[1] - lo[1] + float(jump.sum())) / (c.lam - a.lam)
-    before = lo[1] + slope * (pts - a.lam) - np.concatenate([[0.0], np.cumsum(jump)[:-1]])
+    slope = (hi.g - lo.g + float(jump.sum())) / (c.lam - a.lam)
+    before = lo.g + slope * (pts - a.lam) - np.concatenate([[0.0], np.cumsum(jump)[:-1]])
     after = before - jump
     crossed = np.flatnonzero(after <= 0)
     j = int(crossed[0]) if crossed.size else pts.size
     if j == pts.size or before[j] <= 0:  # the model's root is between switches
         passed = float(jump[:j].sum())
-        nxt = a.lam + (passed - lo[1]) / slope if slope < 0 else math.nan
+        nxt = a.lam + (passed - lo.g) / slope if slope < 0 else math.nan
         if not a.lam < nxt < c.lam:
             nxt = math.sqrt(a.lam * c.lam)
-        return lo, hi, nxt
+        return _Narrowed(lo, hi, nxt)
     s = float(pts[j])
     # both sides of the switch, or the bracket's end where the switch is closer than that
     below = g(s * (1.0 - _SWITCH_EPS)) if s * (1.0 - 2 * _SWITCH_EPS) > a.lam else lo
     above = g(s * (1.0 + _SWITCH_EPS)) if s * (1.0 + 2 * _SWITCH_EPS) < c.lam else hi
-    for mv, gv in (below, above):
-        if gv > 0:
-            lo = (mv, gv)
+    for probe in (below, above):
+        if probe.g > 0:
+            lo = probe
         else:
-            hi = (mv, gv)
-    if below[1] > 0 >= above[1]:
-        return above[0], below[0]
-    return lo, hi, math.sqrt(lo[0].lam * hi[0].lam)
+            hi = probe
+    if below.g > 0 >= above.g:
+        return _Narrowed(found=Bracket(above.moves, below.moves))
+    return _Narrowed(lo, hi, math.sqrt(lo.moves.lam * hi.moves.lam))
 
 
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
-                 lam0: float | None = None, start: tuple = (),
-                 jump: tuple | None = None) -> tuple[Moves, Moves]:
+                 lam0: float | None = None, start: MoveRoots | None = None,
+                 jump: Bracket | None = None) -> Bracket:
     """Minimise ``G(lambda) = lambda rho^2 + E_P phi`` over ``lambda > 0`` (``b, rho > 0``).
 
-    ``jump``, the ``(hi, lo)`` result of an earlier search that ended at a jump of
-    ``E cost`` within ``1e-4`` (relative) of ``lam0``, is tried first: the switch points
-    of its switching atoms are recomputed near ``lam0`` and, if one is still there,
-    ``G'`` is evaluated on both sides of it (two evaluations when ``lambda*`` is still
-    at that jump).
+    ``start`` warm-starts the per-atom roots. ``jump``, the result of an earlier search
+    that ended at a jump of ``E cost`` within ``_JUMP_REUSE`` (relative) of ``lam0``, is
+    tried first: the switch points of its switching atoms are recomputed near ``lam0`` and,
+    if one is still there, ``G'`` is evaluated on both sides of it (two evaluations when
+    ``lambda*`` is still at that jump).
 
     Returns
     -------
-    hi, lo : Moves
+    Bracket
         The moves at the two ends ``lambda_lo <= lambda* <= lambda_hi`` of the final
         bracket (``lo is hi`` when ``E cost = rho^2`` was met at a single point);
         otherwise ``E cost`` jumps across ``lambda*`` and the caller mixes the moves
         of the atoms that switch between ``lo`` and ``hi``.
     """
     r2 = rho**2
-    last = [start]
+    roots = start or None
 
-    def g(lam):
-        mv = _moves(m, b, lam, kappa, last[0])
-        last[0] = mv.roots
-        return mv, float(w @ mv.cost) - r2
+    def g(lam: float) -> _Probe:
+        nonlocal roots
+        mv = _moves(m, b, lam, kappa, roots)
+        roots = mv.roots
+        return _Probe(mv, float(w @ mv.cost) - r2)
 
     lam = lam0 if lam0 is not None and lam0 > 0 else b / (2.0 * rho)
-    lo = hi = None  # (moves, g) with g > 0 (lambda too small) and g <= 0
+    lo = hi = None  # probes with g > 0 (lambda too small) and g <= 0
     last_side, prev, damp = 0, None, [1.0, 1.0]  # damp: Illinois factors of (lo, hi)
-    if (jump is not None and jump[0] is not jump[1] and lam0 is not None
-            and abs(jump[0].lam - lam0) <= 1e-4 * lam0):  # late Newton steps only
-        a, c = jump[1], jump[0]
+    if (jump is not None and jump.hi is not jump.lo and lam0 is not None
+            and abs(jump.hi.lam - lam0) <= _JUMP_REUSE * lam0):  # late Newton steps only
+        a, c = jump.lo, jump.hi
         idx = np.flatnonzero(a.flip != c.flip)
         if 0 < np.unique(m[idx]).size <= _MAX_SWITCH:
-            ends = (lam0 * (1 - 1e-3), lam0 * (1 + 1e-3))
+            ends = (lam0 * (1 - _JUMP_WINDOW), lam0 * (1 + _JUMP_WINDOW))
             pts, _ = _switch_points(m, b, kappa, a, c, idx, ends)
-            pts = pts[(pts > ends[0] * (1 + 1e-12)) & (pts < ends[1] * (1 - 1e-12))]
+            pts = pts[(pts > ends[0] * (1 + _JUMP_INSIDE)) & (pts < ends[1] * (1 - _JUMP_INSIDE))]
             if pts.size:  # the old switches are still near lam0
                 s = float(np.median(pts))
                 below, above = g(s * (1.0 - _SWITCH_EPS)), g(s * (1.0 + _SWITCH_EPS))
-                if below[1] > 0 >= above[1]:
-                    return above[0], below[0]
-                for mv, gv in (below, above):
-                    if gv > 0:
-                        lo = (mv, gv)
+                if below.g > 0 >= above.g:
+                    return Bracket(above.moves, below.moves)
+                for probe in (below, above):
+                    if probe.g > 0:
+                        lo = probe
                     else:
-                        hi = (mv, gv)
-                lam = math.sqrt(lo[0].lam * hi[0].lam) if lo and hi else (
-                    lo or hi)[0].lam * (1.01 if lo else 0.99)
-    for _ in range(300):
-        mv, gv = g(lam)
+                        hi = probe
+                lam = math.sqrt(lo.moves.lam * hi.moves.lam) if lo and hi else (
+                    lo or hi).moves.lam * (1.01 if lo else 0.99)
+    for _ in range(_LAMBDA_ITERS):
+        probe = g(lam)
+        mv, gv = probe
         if gv > 0:
-            lo = (mv, gv)
+            lo = probe
         else:
-            hi = (mv, gv)
-        if abs(gv) <= 1e-14 * r2:
-            return mv, mv
+            hi = probe
+        if abs(gv) <= _BUDGET_TOL * r2:
+            return Bracket(mv, mv)
         u = math.log(lam)
-        llo = math.log(lo[0].lam) if lo else -math.inf
-        lhi = math.log(hi[0].lam) if hi else math.inf
-        if lo and hi and lhi - llo <= 1e-15 * max(1.0, abs(lhi)):
+        llo = math.log(lo.moves.lam) if lo else -math.inf
+        lhi = math.log(hi.moves.lam) if hi else math.inf
+        if lo and hi and lhi - llo <= _BRACKET_TOL * max(1.0, abs(lhi)):
             break
-        if lo and hi and lhi - llo < 1e-3:
+        if lo and hi and lhi - llo < _JUMP_WIDTH:
             # With many atoms E cost has many small jumps (an atom switching branches);
             # rather than bisect onto one, locate the switches in the bracket exactly.
-            jump = _bracket_jump(m, w, b, kappa, lo, hi, g)
-            if isinstance(jump, tuple) and len(jump) == 2 and isinstance(jump[0], Moves):
-                return jump
-            if jump is not None:
-                lo, hi, lam = jump
+            narrowed = _bracket_jump(m, w, b, kappa, lo, hi, g)
+            if narrowed is not None and narrowed.found is not None:
+                return narrowed.found
+            if narrowed is not None:
+                lo, hi, lam = narrowed.lo, narrowed.hi, narrowed.lam
                 continue
         if lo and hi:
             # Illinois regula falsi on log E cost against log lambda: the secant sees the
@@ -385,8 +476,8 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
                 damp[1 if side > 0 else 0] *= 0.5
             damp[0 if side > 0 else 1] = 1.0
             last_side = side
-            h_lo = damp[0] * math.log1p(lo[1] / r2)
-            h_hi = damp[1] * math.log1p(hi[1] / r2)
+            h_lo = damp[0] * math.log1p(lo.g / r2)
+            h_hi = damp[1] * math.log1p(hi.g / r2)
             nxt = llo + (lhi - llo) * h_lo / (h_lo - h_hi)
             if not llo < nxt < lhi:
                 nxt = 0.5 * (llo + lhi)
@@ -397,13 +488,381 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             if prev is None:
                 slope = float(w @ _dcost_dlam(m, mv, b)) * lam / (gv + r2)
             else:
-                slope = (cost - prev[1]) / (u - prev[0]) if u != prev[0] else math.nan
-            prev = (u, cost)
+                slope = (cost - prev.cost) / (u - prev.u) if u != prev.u else math.nan
+            prev = _Secant(u, cost)
             nxt = u - (cost - math.log(r2)) / slope if slope < 0 else (
-                u + 1.4 if gv > 0 else u - 1.4)
-            nxt = min(max(nxt, u - 1.4), u + 1.4)  # a trust region: lambda changes 4x at most
+                u + _TRUST if gv > 0 else u - _TRUST)
+            nxt = min(max(nxt, u - _TRUST), u + _TRUST)
         lam = math.exp(nxt)
     else:
         raise RuntimeError("Wasserstein p=2 dual search did not converge (status: max_iter)")
     # E cost jumps across lambda*: the caller mixes the moves of the switching atoms.
-    return hi[0], lo[0]
+    return Bracket(hi.moves, lo.moves)
+
+
+class _Secant(NamedTuple):
+    """The last unbracketed point of the ``lambda*`` search: ``log lambda``, ``log E cost``."""
+
+    u: float
+    cost: float
+
+
+# --- the inner evaluation of F ----------------------------------------------------------------
+
+#: Two moves of one atom with ``tau`` closer than this (relative to ``1 + tau``) are the same.
+_SAME_MOVE = 1e-7
+#: Floor of ``D = 2 lambda - b^2 sigmoid'`` (``> 0`` at a strict local maximum).
+_TINY = 1e-300
+#: A first-order guess of ``lambda*`` along a step is used only above this fraction of the
+#: last ``lambda*`` (a guess that far off means the linearisation broke down).
+_GUESS_FLOOR = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class W2State:
+    """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
+    point ``at`` they belong to with its bracket ``pair``, and ``slope``, a function
+    returning ``d lambda* / d delta = -G_ld / G_ll`` there (``None`` at a tie)."""
+
+    lam: float | None = None
+    roots: MoveRoots | None = None
+    at: np.ndarray | None = None
+    pair: Bracket | None = None
+    slope: Callable[[], np.ndarray] | None = None
+
+    def transfer(self) -> W2State:
+        """The state to start another problem (a subsample's solution) with: ``lambda*``."""
+        return W2State(lam=self.lam)
+
+
+class W2Blocks(NamedTuple):
+    """Derivatives of ``sum_k q_k V_k`` (see :func:`w2_blocks`)."""
+
+    g_d: np.ndarray
+    g_l: float
+    h_dd: np.ndarray
+    h_dl: np.ndarray
+    h_ll: float
+
+
+def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) -> W2Blocks:
+    """Derivatives of ``sum_k q_k V_k`` for the Wasserstein p = 2 moves ``(tau_k, flip_k)``.
+
+    ``V_k(delta, lambda) = softplus(tau_k - s_k m_k) - lambda t_k^2`` (``s_k = -1`` if
+    flipped, ``t = tau / b``) is the envelope value of one local maximiser; with
+    ``f(t; m, b, lambda) = softplus(b t - m) - lambda t^2`` its second derivatives are
+    ``f_xy + f_xt f_ty / D``, ``D = 2 lambda - b^2 sigmoid'``, chained through
+    ``m = a . delta`` and ``b = beta ||delta||``. The gradient in ``lambda`` is without
+    ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``).
+    """
+    dn = float(np.linalg.norm(delta))
+    u = delta / dn
+    sgn = np.where(flip, -1.0, 1.0)
+    t = tau / b
+    sg = expit(tau - sgn * m)
+    sp = sg * (1.0 - sg)
+    dd = np.maximum(2.0 * lam - b * b * sp, _TINY)
+    f_tm, f_tb, f_tl = -b * sp, sg + tau * sp, -2.0 * t
+    bu = beta * u
+    g_d = -(q * sg * sgn) @ a + float(q @ (t * sg)) * bu
+    g_l = -float(q @ t**2)
+    h_dd = None
+    if dd_block:
+        v_mm = sp + f_tm**2 / dd
+        v_mb = -t * sp + f_tm * f_tb / dd
+        v_bb = t**2 * sp + f_tb**2 / dd
+        p = (q * v_mb * sgn) @ a
+        h_dd = ((a * (q * v_mm)[:, None]).T @ a + np.outer(p, bu) + np.outer(bu, p)
+                + float(q @ v_bb) * np.outer(bu, bu)
+                + float(q @ (t * sg)) * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
+    h_dl = (q * f_tm * f_tl / dd * sgn) @ a + float(q @ (f_tb * f_tl / dd)) * bu
+    h_ll = float(q @ (f_tl**2 / dd))
+    return W2Blocks(g_d, g_l, h_dd, h_dl, h_ll)
+
+
+def _hessian(at: Atoms, m, mv: Moves, b, delta) -> np.ndarray:
+    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``."""
+    blk = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta)
+    if blk.h_ll > 0:
+        return blk.h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll
+    return blk.h_dd
+
+
+def _slope(at: Atoms, m, mv: Moves, b, delta) -> np.ndarray | None:
+    """``d lambda* / d delta = -G_ld / G_ll`` on the branches of ``mv`` (``O(n d)``)."""
+    blk = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta, dd_block=False)
+    return -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
+
+
+def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> np.ndarray:
+    """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
+
+    There ``lambda*(delta)`` keeps the split atoms tied and their shares keep the budget
+    met, so ``F`` is the partial minimum of ``G`` over ``lambda`` subject to the ties: its
+    Hessian is the Schur complement of the KKT matrix
+    ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
+    ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
+    ``(delta, lambda)``.
+    """
+    w, beta = at.w, at.beta
+    blocks = [w2_blocks(at.a, q, m, mv.tau, mv.flip, b, mv.lam, beta, delta)
+              for mv, q in ((hi, w * (1.0 - share)), (lo, w * share))]
+    h_dd = blocks[0].h_dd + blocks[1].h_dd
+    h_dl = blocks[0].h_dl + blocks[1].h_dl
+    h_ll = blocks[0].h_ll + blocks[1].h_ll
+    cols = []
+    for i in np.flatnonzero(share > 0):
+        diff = []
+        for mv in (lo, hi):
+            one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
+                            mv.flip[i:i + 1], b, mv.lam, beta, delta, dd_block=False)
+            diff.append(np.append(one.g_d, one.g_l - (kappa if mv.flip[i] else 0.0)))
+        cols.append(w[i] * (diff[0] - diff[1]))
+    c = np.array(cols).T  # (d + 1, |S|)
+    d = delta.size
+    border = np.column_stack([h_dl, c[:d]])  # couplings of delta with (lambda, ties)
+    inner = np.zeros((1 + c.shape[1],) * 2)
+    inner[0, 0], inner[0, 1:], inner[1:, 0] = h_ll, c[d], c[d]
+    return h_dd - border @ np.linalg.pinv(inner) @ border.T
+
+
+def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
+    beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
+    n = w.size
+    if rho == 0.0:
+        res = nominal_result(at, m, l, hess, dual=math.inf)
+        wc = WorstCase(at.w, at.x, at.y, np.arange(n), 0.0, 0.0)
+        return InnerResult(res.value, math.inf, res.grad, res.hess, wc)
+    dn = float(np.linalg.norm(delta))
+    b = beta * dn
+    if b == 0.0:  # theta = theta_ref: every loss is log 2 and moving gains nothing
+        res = nominal_result(at, m, l, hess, dual=0.0)
+        wc = WorstCase(w, at.x, at.y, np.arange(n), 0.0, rho**2) if worst else None
+        return InnerResult(res.value, 0.0, res.grad, res.hess, wc, state)
+    state = W2State() if state is None else state
+    lam0 = state.lam
+    if lam0 is not None and state.at is not None and np.array_equal(delta, state.at):
+        pair = state.pair  # evaluated already
+    else:
+        if lam0 is not None and state.slope is not None and state.at is not None:
+            slope = state.slope()  # a first-order guess along the step
+            if slope is not None:
+                guess = lam0 + float(slope @ (delta - state.at))
+                lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
+        pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
+    hi, lo = pair.hi, pair.lo
+    value = hi.lam * rho**2 + float(w @ hi.value)
+    share = np.zeros(n)
+    if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
+        switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
+        extra = float(w @ np.where(switch, lo.cost - hi.cost, 0.0))
+        theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
+        share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
+    tied = bool(share.any())
+    new_state = W2State(hi.lam, hi.roots, delta, pair, None if tied else (
+        lambda: _slope(at, m, hi, b, delta)))
+    u = delta / dn
+    parts = [(hi, w * (1.0 - share))] + ([(lo, w * share)] if tied else [])
+    grad = np.zeros(delta.size)
+    xs, ys, srcs, qs, cost = [], [], [], [], 0.0
+    for mv, q in parts:
+        sgn = np.where(mv.flip, -1.0, 1.0)
+        sg = expit(mv.tau - sgn * m)
+        grad = grad + (q * sg * -sgn) @ at.a + float(q @ (sg * mv.tau / b)) * beta * u
+        cost += float(q @ mv.cost)
+        if worst:
+            keep = q > 0
+            ynew = np.where(mv.flip, 1.0 - at.y, at.y)[keep]
+            shift = ((2.0 * ynew - 1.0) * mv.tau[keep] / b)[:, None] * u[None, :]
+            xs.append(at.x[keep] - shift)
+            ys.append(ynew)
+            srcs.append(np.flatnonzero(keep))
+            qs.append(q[keep])
+    h = None
+    if hess:
+        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if tied
+             else (lambda: _hessian(at, m, hi, b, delta)))
+    wc = None
+    if worst:
+        wc = WorstCase(np.concatenate(qs), np.concatenate(xs), np.concatenate(ys),
+                       np.concatenate(srcs), cost, rho**2)
+    return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
+
+
+def _zero_is_optimal(at: Atoms, amb) -> bool:
+    return 0.5 * float(np.linalg.norm(at.w @ at.a)) <= 0.5 * amb.rho * at.beta
+
+
+# --- minimisers at a kink of F ------------------------------------------------------------------
+
+#: Tie levels of the active-set loop: atoms whose two best moves are this close (relative).
+_TIE_LEVELS = (1e-5, 1e-3, 1e-2)
+#: Active-set rounds per tie level.
+_TIE_ROUNDS = 4
+#: KKT Newton iterations (quadratic convergence: a handful are used).
+_KKT_ITERS = 100
+#: The KKT residual is solved when the budget is met to ``_KKT_BUDGET rho^2`` and the ties to
+#: ``_KKT_TIE`` (rounding of an n-term sum and of one loss).
+_KKT_BUDGET = 1e-12
+_KKT_TIE = 1e-15
+#: A share outside ``[-_SHARE_ROUND, 1 + _SHARE_ROUND]`` means the atom is not tied.
+_SHARE_ROUND = 1e-9
+#: Smallest KKT backtracking step before the solve gives up.
+_KKT_MIN_STEP = 1e-8
+#: Residual decrease fraction demanded of a KKT step (Armijo's customary 1e-4).
+_KKT_ARMIJO = 1e-4
+
+
+class _Candidates(NamedTuple):
+    """Every local maximiser of every atom at ``(delta, lambda)``: arrays of shape (n, C)."""
+
+    m: np.ndarray
+    b: float
+    tau: np.ndarray
+    flip: np.ndarray
+    value: np.ndarray
+
+
+def _candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float) -> _Candidates:
+    m = at.a @ delta
+    b = at.beta * float(np.linalg.norm(delta))
+    k = 2.0 * lam / b**2
+    taus, flips, vals = [], [], []
+    for sign in ((1.0, -1.0) if math.isfinite(kappa) else (1.0,)):
+        roots = best_move(sign * m, k).roots
+        for tau, ok in ((roots.tau_right, roots.right_exists),
+                        (roots.tau_left, roots.left_exists)):
+            val = softplus(tau - sign * m) - 0.5 * k * tau**2 - (lam * kappa if sign < 0 else 0)
+            taus.append(tau)
+            flips.append(np.full(m.shape, sign < 0))
+            vals.append(np.where(ok, val, -np.inf))
+    return _Candidates(m, b, np.column_stack(taus), np.column_stack(flips),
+                       np.column_stack(vals))
+
+
+def kink_fallback(at: Atoms, amb, stall: Stalled, tol: float) -> Minimum:
+    """Newton on the KKT system where the p = 2 minimiser sits at a kink of ``F``.
+
+    There atoms ``T`` (typically two with nearly equal margins) have two maximisers of
+    equal value at ``lambda*`` and the optimal coupling splits each between them with
+    shares ``xi_i``. Unknowns ``(delta, lambda, xi)``; equations: the Danskin gradient of
+    the mixture vanishes, the mixture spends ``rho^2``, and ``w_i (V_i^1 - V_i^0) = 0`` on
+    ``T``. ``T`` is chosen by an active-set loop: the atoms whose two best moves are within
+    ``_TIE_LEVELS`` (relative) at the stalled point, less those whose share leaves
+    ``[0, 1]`` in a solve. On failure ``stall`` is re-raised.
+    """
+    state = stall.state
+    if not isinstance(state, W2State) or state.lam is None:
+        raise stall
+    delta, lam = stall.delta, state.lam
+    vals = _candidates(at, delta, lam, amb.kappa).value
+    order = np.argsort(-vals, axis=1)
+    rows = np.arange(at.w.size)
+    v1, v2 = vals[rows, order[:, 0]], vals[rows, order[:, 1]]
+    close = (at.w > 0) & np.isfinite(v2)
+    gap = np.where(close, (v1 - v2) / (1.0 + np.abs(v1)), np.inf)
+    tried = set()
+    for level in _TIE_LEVELS:
+        tied = gap <= level
+        for _ in range(_TIE_ROUNDS):
+            key = tuple(np.flatnonzero(tied))
+            if not key or key in tried:
+                break
+            tried.add(key)
+            out = _kink_solve(at, amb, delta, lam, tol, np.flatnonzero(tied), order)
+            if out is None:
+                break
+            if out.minimum is None:  # atoms whose share left [0, 1]: not tied
+                tied[out.outside] = False
+                continue
+            return out.minimum
+    raise stall
+
+
+@dataclass(frozen=True, eq=False)
+class _KinkOutcome:
+    """A KKT solve's answer: the ``minimum``, or the tied atoms whose share left [0, 1]."""
+
+    minimum: Minimum | None = None
+    outside: np.ndarray | None = None
+
+
+def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
+                ti: np.ndarray, order: np.ndarray) -> _KinkOutcome | None:
+    """One KKT solve of :func:`kink_fallback` with tied atoms ``ti`` (``None``: failed)."""
+    kappa, rho2, w, d = amb.kappa, amb.rho**2, at.w, delta.size
+    rows = np.arange(w.size)
+    # identical atoms behave identically: one representative each, carrying their weight
+    _, first, inverse = np.unique(at.a[ti], axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    wt = np.bincount(inverse, w[ti])
+    groups = ti[first]
+    if groups.size > d + 1:
+        return None
+    rest = w.copy()
+    rest[ti] = 0.0
+    c0, c1 = order[groups, 0], order[groups, 1]
+
+    def residual(delta, lam, xi):
+        cand = _candidates(at, delta, lam, kappa)
+        m, b, taus, flips, vals = cand
+        best = np.argmax(vals, axis=1)
+        blk = w2_blocks(at.a, rest, m, taus[rows, best], flips[rows, best], b, lam, at.beta,
+                        delta)
+        g_d, g_l, h_dd, h_dl, h_ll = blk
+        g_l -= kappa * float(rest @ flips[rows, best]) if math.isfinite(kappa) else 0.0
+        cols, res_t = [], []
+        for j, i in enumerate(groups):
+            grads, values = [], []
+            for c, share in ((c0[j], 1.0 - xi[j]), (c1[j], xi[j])):
+                one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], taus[i:i + 1, c],
+                                flips[i:i + 1, c], b, lam, at.beta, delta)
+                gl = one.g_l - (kappa if flips[i, c] else 0.0)
+                g_d, g_l = g_d + wt[j] * share * one.g_d, g_l + wt[j] * share * gl
+                h_dd, h_dl = h_dd + wt[j] * share * one.h_dd, h_dl + wt[j] * share * one.h_dl
+                h_ll += wt[j] * share * one.h_ll
+                grads.append(np.append(one.g_d, gl))
+                values.append(vals[i, c])
+            cols.append(wt[j] * (grads[1] - grads[0]))
+            res_t.append(wt[j] * (values[1] - values[0]))
+        res = np.concatenate([g_d, [rho2 + g_l], res_t])
+        jac = np.zeros((d + 1 + groups.size,) * 2)
+        cmat = np.array(cols).T
+        jac[:d, :d], jac[:d, d], jac[d, :d], jac[d, d] = h_dd, h_dl, h_dl, h_ll
+        jac[:d + 1, d + 1:], jac[d + 1:, :d + 1] = cmat, cmat.T
+        return res, jac
+
+    # shares that meet the budget at the start, then Newton on the KKT residual
+    xi = np.full(groups.size, 0.5)
+    res, jac = residual(delta, lam, xi)
+    shift = np.linalg.lstsq(jac[d:d + 1, d + 1:], -res[d:d + 1], rcond=None)[0]
+    xi = np.clip(xi + shift, 0.0, 1.0)
+    res, jac = residual(delta, lam, xi)
+    for it in range(_KKT_ITERS):
+        if (np.max(np.abs(res[:d])) <= tol and abs(res[d]) <= _KKT_BUDGET * rho2
+                and np.max(np.abs(res[d + 1:]), initial=0.0) <= _KKT_TIE):
+            outside = (xi < -_SHARE_ROUND) | (xi > 1 + _SHARE_ROUND)
+            if outside.any():
+                return _KinkOutcome(outside=ti[np.isin(inverse, np.flatnonzero(outside))])
+            return _KinkOutcome(minimum=Minimum(delta, it, W2State(lam=lam)))
+        step = np.linalg.lstsq(jac, -res, rcond=None)[0]
+        t, norm0 = 1.0, float(np.linalg.norm(res))
+        while t > _KKT_MIN_STEP:
+            cand = (delta + t * step[:d], lam + t * step[d], xi + t * step[d + 1:])
+            if cand[1] > 0:
+                new = residual(*cand)
+                if (np.isfinite(new[0]).all()
+                        and np.linalg.norm(new[0]) < (1 - _KKT_ARMIJO * t) * norm0):
+                    break
+            t *= 0.5
+        else:
+            return None
+        (delta, lam, xi), (res, jac) = cand, new
+    return None
+
+
+METHODS = SetMethods(
+    name="wdpo2", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
+    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback,
+    conic="none: conic.py refuses p = 2 (no conic form of the per-atom sup); see "
+          "tests/test_inner.py for the brute-force check")

@@ -1,0 +1,117 @@
+"""The chi-square ball ``{Q << P : E_P (dQ/dP - 1)^2 <= rho}`` (SPEC 3.2).
+
+Inner evaluation: ``F = min_eta eta + sqrt(1 + rho) sqrt(E_P (l - eta)_+^2)``, solved
+exactly on the sorted losses (on each interval between consecutive losses the minimiser
+is a closed form); ``Q* ∝ P (l - eta*)_+``. The Hessian of ``F`` is the Schur complement
+of the joint Hessian of ``eta + c sqrt(E r^2)``, ``r = (l - eta)_+``.
+
+``delta = 0`` is optimal iff ``max_{g, nu} 2 g - 1 - E_P (g + nu . a)_+^2 <= rho`` (the dual
+of the smallest chi-square divergence with ``E_Q a = 0``). Conic form: ``conic.py``
+(form ``"chi2"``, a second-order cone).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .core import (
+    Atoms,
+    InnerResult,
+    SetMethods,
+    concave_max,
+    logistic_gap,
+    reweighting_result,
+    top_atoms,
+)
+from .nominal import nominal_result
+
+__all__ = ["METHODS"]
+
+
+def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
+    rho = amb.rho
+    if rho == 0.0:
+        return nominal_result(at, m, l, hess, dual=-math.inf)
+    top, lmax = top_atoms(at, l)
+    w = at.w
+    c2 = 1.0 + rho
+    c = math.sqrt(c2)
+    z = l - lmax
+    order = np.argsort(-z, kind="stable")
+    zs, ws = z[order], w[order]
+    a0, a1, a2 = np.cumsum(ws), np.cumsum(ws * zs), np.cumsum(ws * zs**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = np.where(a0 > 0, a1 / a0, 0.0)
+        var = np.clip(np.where(a0 > 0, a2 / a0, 0.0) - mu**2, 0.0, None)
+        den = c2 * a0 - 1.0
+        eta_k = np.where(den > 0, mu - np.sqrt(var / np.where(den > 0, den, 1.0)), -np.inf)
+    left = np.append(zs[1:], -np.inf)
+    eta_c = np.clip(eta_k, left, zs)
+    f = eta_c + c * np.sqrt(np.clip(a2 - 2 * eta_c * a1 + eta_c**2 * a0, 0.0, None))
+    k = int(np.argmin(f))
+    eta = float(eta_c[k])
+    if den[k] > 0 and eta_k[k] > left[k]:  # interior stationary point: two-pass refinement
+        act = order[: k + 1]
+        wa = w[act]
+        mu_k = float(wa @ z[act]) / float(wa.sum())
+        var_k = float(wa @ (z[act] - mu_k) ** 2) / float(wa.sum())
+        eta = min(mu_k - math.sqrt(var_k / (c2 * float(wa.sum()) - 1.0)), float(zs[k]))
+    r = np.maximum(z - eta, 0.0)
+    er = float(w @ r)
+    if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
+        q = np.where(top, w, 0.0)
+        q = q / q.sum()
+        return reweighting_result(at, m, q, lmax, lmax, None, hess)
+    nrm = math.sqrt(float(w @ r**2))
+    q = w * r / er
+    value = lmax + eta + c * nrm
+    act = (r > 0).astype(np.float64)
+
+    def extra(g):
+        # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2).
+        erg = (w * r) @ g
+        eag = (w * act) @ g
+        h_dd = c * ((g * (w * act)[:, None]).T @ g / nrm - np.outer(erg, erg) / nrm**3)
+        h_de = c * (-eag / nrm + erg * er / nrm**3)
+        h_ee = c * (float(w @ act) / nrm - er**2 / nrm**3)
+        return h_dd - np.outer(h_de, h_de) / h_ee if h_ee > 0 else h_dd
+
+    return reweighting_result(at, m, q, value, lmax + eta, extra, hess, q_hess=c * w * r / nrm)
+
+
+def _zero_test(at: Atoms, amb) -> float | None:
+    """``delta = 0`` is optimal iff ``max_{g, nu} 2 g - 1 - E_P (g + nu . a)_+^2 <= rho``;
+    ``Q ∝ P (g + nu . a)_+`` at the maximiser (mixed with ``P`` into the ball if rounding left
+    it outside) is the witness whose logistic regression bounds ``min F`` below."""
+    a, w = at.a, at.w
+    at1 = np.hstack([np.ones((a.shape[0], 1)), a])
+
+    def dual_chi2(y):  # concave: 2 g - 1 - E (g + nu . a)_+^2
+        r = np.maximum(at1 @ y, 0.0)
+        e0 = np.zeros_like(y)
+        e0[0] = 2.0
+        act = w * (r > 0)
+        return (2.0 * y[0] - 1.0 - float(w @ r**2), e0 - 2.0 * (w * r) @ at1,
+                -2.0 * (at1 * act[:, None]).T @ at1)
+
+    y0 = np.zeros(a.shape[1] + 1)
+    y0[0] = 1.0
+    found = concave_max(dual_chi2, y0, amb.rho)
+    if found.above is not False:
+        return None
+    q = w * np.maximum(at1 @ found.y, 0.0)
+    q = q / q.sum()
+    pos = w > 0
+    div = float(q[pos] @ (q[pos] / w[pos])) - 1.0
+    if div > amb.rho:  # chi2((1 - t) Q + t P) = (1 - t)^2 chi2(Q) = rho
+        t = 1.0 - math.sqrt(amb.rho / div)
+        q = (1.0 - t) * q + t * w
+    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0))
+
+
+METHODS = SetMethods(
+    name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test,
+    coercive=lambda amb: False,
+    conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

@@ -1,0 +1,488 @@
+"""Shared core of the exact solvers: atoms, inner results, the PSD solve, damped Newton.
+
+Nothing here knows about a particular ambiguity set: the set modules
+(:mod:`.nominal`, :mod:`.kl`, :mod:`.chi2`, :mod:`.wasserstein1`, :mod:`.wasserstein2`)
+build on it, and :mod:`.registry` maps each set to its module.
+
+Notation (SPEC 3, docs/formulations.md): ``a_i = ytil_i beta x_i``, ``delta = theta -
+theta_ref``, margins ``m_i = a_i . delta``, losses ``l_i = softplus(-m_i)``, per-atom
+gradients ``-sigmoid(-m_i) a_i`` and Hessians ``sigmoid(m_i) sigmoid(-m_i) a_i a_i^T``.
+Every robust objective is ``F(delta) = L_U(theta_ref + delta)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy.special import expit
+
+from ..data import PreferenceData
+from ..losses import dpo_loss, margins
+from .result import WorstCase
+
+__all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
+           "ConcaveMax", "concave_max", "curvature_bound", "logistic_gap",
+           "newton", "primal_value", "psd_solve", "reweighted",
+           "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
+           "worst_case_gap"]
+
+#: The normalised problem (``Atoms.scale``) must keep ``theta ~ 1 / scale`` and its square
+#: far from overflow and underflow (double precision spans 1e-308 .. 1e308).
+_MIN_SCALE = 1e-150
+_MAX_SCALE = 1e150
+#: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
+#: a PSD Hessian fails: from none up to 1e-5, below which a Newton step stays a descent
+#: direction that the line search can shorten.
+_PSD_REGS = (0.0, 1e-14, 1e-11, 1e-8, 1e-5)
+#: Newton stops once its step is below this (relative to ``1 + ||delta||_inf``): a few
+#: ulps of the iterate, where the step no longer changes it.
+_STEP_TOL = 1e-13
+#: Armijo's sufficient-decrease fraction (the customary 1e-4).
+_ARMIJO = 1e-4
+#: Rounding of an ``n``-term sum, relative to ``max(1, |F|)``: a step that raises ``F`` by
+#: less than this is accepted if it lowers the gradient.
+_SUM_ROUNDING = 1e-13
+#: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
+_MIN_STEP = 1e-10
+#: When the line search fails with ``||grad||_inf <= _NEAR_TOL * tol`` the iterate is
+#: accepted: the gradient is within rounding of the tolerance.
+_NEAR_TOL = 1e3
+#: A step damped below this (six halvings) counts as heavily damped ...
+_SHORT_STEP = 1.0 / 64
+#: ... and this many in a row mean the iterates sit at a kink (status ``stagnated``).
+_MAX_SHORT = 8
+#: Iterates farther than this from ``theta_ref`` mean no minimiser (status ``unbounded``).
+_DIVERGED = 1e8
+#: A Newton step ending below this fraction of the current norm heads for the kink at 0.
+_TOWARDS_ZERO = 0.5
+#: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
+_TIE_TOL = 1e-14
+#: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
+_CONCAVE_ITERS = 200
+#: :func:`concave_max` has converged when the Newton decrement is below this
+#: (relative): double precision.
+_CONCAVE_TOL = 1e-15
+#: Smallest line-search step of :func:`concave_max`.
+_CONCAVE_MIN_STEP = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class Atoms:
+    """The data of one problem in the form the solvers use: ``a = ytil beta x / scale``.
+
+    ``beta`` is the temperature divided by ``scale`` too, so that ``m = a . delta`` and
+    ``b = beta ||delta||`` are those of the caller's problem at ``theta - theta_ref =
+    delta / scale``: the solvers work on the normalised parameter ``delta = scale (theta -
+    theta_ref)``, in which every tolerance is relative to the problem's own scale.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    a: np.ndarray
+    beta: float
+    scale: float = 1.0
+
+    @classmethod
+    def from_data(cls, data: PreferenceData, beta: float, normalise: bool = False) -> Atoms:
+        """The atoms of ``data``; with ``normalise``, ``scale`` is the root mean square
+        ``sqrt(E_P ||ytil beta x||^2)`` (1 if every atom is 0).
+
+        Raises
+        ------
+        ValueError
+            When that scale is outside ``[_MIN_SCALE, _MAX_SCALE]``: double precision
+            cannot then represent ``theta`` (``O(1 / scale)``) and the margins together.
+        """
+        a = (data.ytil * beta)[:, None] * data.x
+        if not normalise:
+            return cls(data.x, data.y, data.weights, a, beta)
+        top = float(np.max(np.abs(a)))
+        if top == 0.0:
+            return cls(data.x, data.y, data.weights, a, beta)
+        scale = top * math.sqrt(float(data.weights @ np.einsum("ij,ij->i", a / top, a / top)))
+        if not _MIN_SCALE <= scale <= _MAX_SCALE:
+            raise ValueError(
+                f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
+                f"[{_MIN_SCALE:g}, {_MAX_SCALE:g}]: double precision cannot represent the "
+                "minimiser theta (of order 1 / scale); rescale the features or beta")
+        a *= 1.0 / scale
+        return cls(data.x, data.y, data.weights, a, beta / scale, scale)
+
+    def subset(self, idx: np.ndarray) -> Atoms:
+        """The atoms ``idx``, weights renormalised."""
+        w = self.w[idx]
+        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta, self.scale)
+
+
+@dataclass(frozen=True, eq=False)
+class InnerResult:
+    """``F(delta)``, its dual variable, Danskin gradient, optional Hessian and worst case.
+
+    ``hess`` is a function of no arguments returning the Hessian (computed only when
+    called, so that line searches do not pay for it), or ``None`` if not requested.
+    ``state`` is the set's warm-start state at ``delta`` (a frozen dataclass of the set's
+    module, or ``None``), passed to the next evaluation.
+    """
+
+    value: float
+    dual: float | None
+    grad: np.ndarray
+    hess: Callable[[], np.ndarray] | None
+    worst_case: WorstCase | None
+    state: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class NewtonRun:
+    """Where a Newton run stopped: the iterate, its iterations and warm-start state."""
+
+    delta: np.ndarray
+    iterations: int
+    state: Any
+
+
+@dataclass(frozen=True, eq=False)
+class Minimum:
+    """A minimiser of ``F`` as a set module returns it; ``info`` is what the solve reports
+    (for example ``optimality_gap``), kept apart from the warm-start ``state``."""
+
+    delta: np.ndarray
+    iterations: int
+    state: Any
+    info: dict = field(default_factory=dict)
+
+
+class Stalled(RuntimeError):
+    """Newton stopped without converging; ``delta`` and ``state`` hold the last iterate."""
+
+    def __init__(self, message: str, delta: np.ndarray, state: Any) -> None:
+        super().__init__(message)
+        self.delta, self.state = delta, state
+
+
+def weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
+    """``sum_i c_i a_i a_i^T``."""
+    return (at.a * c[:, None]).T @ at.a
+
+
+def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Solve ``h s = g`` for a symmetric PSD ``h``, regularising if it is singular."""
+    scale = max(float(np.trace(h)) / h.shape[0], 1e-300)
+    for reg in _PSD_REGS:
+        try:
+            c = np.linalg.cholesky(h + reg * scale * np.eye(h.shape[0]))
+        except np.linalg.LinAlgError:
+            continue
+        return np.linalg.solve(c.T, np.linalg.solve(c, g))
+    return np.linalg.lstsq(h, g, rcond=None)[0]
+
+
+def primal_value(wc: WorstCase, theta: np.ndarray, beta: float, theta_ref: np.ndarray) -> float:
+    """``E_{Q*} l`` recomputed from the atoms of the worst case."""
+    return float(wc.weights @ dpo_loss(margins(theta, wc.x, wc.y, beta, theta_ref)))
+
+
+def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
+    """The worst case of merged atoms (:meth:`PreferenceData.merged`) on the caller's atoms.
+
+    Worst-case atom ``k`` from merged atom ``j = wc.source[k]`` is split among the caller's
+    copies ``i`` of ``j`` (``inverse[i] = j``) in proportion to their weights ``w_i`` (equally
+    where the copies weigh 0): the same distribution, with a coupling of the same cost whose
+    first marginal is the caller's ``P``.
+    """
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=int(inverse.max()) + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    group_w = np.bincount(inverse, w, minlength=counts.size)
+    reps = counts[wc.source]
+    k = np.repeat(np.arange(wc.source.size), reps)
+    offset = np.arange(k.size) - np.repeat(np.cumsum(reps) - reps, reps)
+    src = order[starts[wc.source[k]] + offset]
+    j = inverse[src]
+    share = np.where(group_w[j] > 0, w[src] / np.where(group_w[j] > 0, group_w[j], 1.0),
+                     1.0 / counts[j])
+    return WorstCase(wc.weights[k] * share, wc.x[k], wc.y[k], src, wc.transport_cost,
+                     wc.budget)
+
+# --- the reweighting sets (nominal, KL, chi-square) -------------------------------------
+
+
+def reweighted(at: Atoms, q: np.ndarray) -> WorstCase:
+    """The worst case that keeps the atoms and reweights them to ``q``."""
+    return WorstCase(q, at.x, at.y, np.arange(at.x.shape[0]))
+
+
+def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
+    """Indicator of the max-loss atoms (ties within ``_TIE_TOL``) among positive weights,
+    and the largest loss."""
+    pos = at.w > 0
+    lmax = float(l[pos].max())
+    return pos & (l >= lmax - _TIE_TOL * max(1.0, abs(lmax))), lmax
+
+
+def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, dual,
+                       hess_extra, hess: bool, q_hess: np.ndarray | None = None,
+                       state: Any = None) -> InnerResult:
+    """Danskin gradient ``E_Q grad l`` and Hessian ``E_{q_hess} hess l + hess_extra(g)``
+    (``g`` the per-atom loss gradients) of a reweighting set's ``F``."""
+    s = expit(-m)
+    grad = -(q * s) @ at.a
+
+    def h():
+        out = weighted_hess(at, (q if q_hess is None else q_hess) * s * (1.0 - s))
+        if hess_extra is not None:
+            out = out + hess_extra(-s[:, None] * at.a)
+        return out
+
+    return InnerResult(float(value), dual, grad, h if hess else None, reweighted(at, q),
+                       state)
+
+
+# --- damped Newton ----------------------------------------------------------------------
+
+
+class ConcaveMax(NamedTuple):
+    """:func:`concave_max`'s answer: ``above`` is ``True`` when a point with a value above
+    the level was found, ``False`` when the maximum was reached below it (Newton decrement
+    at rounding), ``None`` when neither could be established; ``y`` is the last point."""
+
+    above: bool | None
+    y: np.ndarray
+
+
+def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
+    """Whether ``max_y fun(y) > level`` for a concave ``fun`` returning (value, grad, hess).
+
+    Damped Newton ascent; where the Hessian is singular along the gradient (an unbounded
+    direction, as for a single atom) a gradient step long enough to pass ``level`` on the
+    linear model is tried instead.
+    """
+    y = y0
+    val, g, h = fun(y)
+    for _ in range(_CONCAVE_ITERS):
+        if val > level:
+            return ConcaveMax(True, y)
+        step = psd_solve(-h, g)
+        dec = float(g @ step)
+        if not (np.all(np.isfinite(step)) and math.isfinite(dec)):
+            gg = float(g @ g)
+            step = g * max(1.0, 2.0 * (level - val) / gg) if gg > 0 else np.zeros_like(g)
+            dec = float(g @ step)
+        if dec <= _CONCAVE_TOL * max(1.0, abs(val)):  # converged to double precision
+            return ConcaveMax(False, y)
+        t = 1.0
+        while t > _CONCAVE_MIN_STEP:
+            nv, ng, nh = fun(y + t * step)
+            if nv >= val + _ARMIJO * t * dec:
+                break
+            t *= 0.5
+        else:
+            return ConcaveMax(True if val > level else None, y)
+        y, val, g, h = y + t * step, nv, ng, nh
+    return ConcaveMax(True if val > level else None, y)
+
+
+def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
+           state: Any = None) -> NewtonRun:
+    """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
+
+    ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
+    ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
+    the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``.
+
+    Raises
+    ------
+    Stalled
+        ``line_search_failed``, ``stagnated`` or ``max_iter`` (with the last iterate).
+    RuntimeError
+        ``unbounded``: the iterates left every bounded region.
+    """
+    cur = objective(delta, state)
+    state = cur.state
+    short = 0  # consecutive heavily damped steps: the sign of a kink
+    gn = float(np.max(np.abs(cur.grad)))
+    for it in range(max_iter):
+        g = cur.grad
+        gn = float(np.max(np.abs(g)))
+        if gn <= tol:
+            return NewtonRun(delta, it, state)
+        step = -psd_solve(cur.hess(), g)
+        if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
+            return NewtonRun(delta, it, state)  # the Newton step (the distance) is tiny
+        dec = -float(g @ step)
+        if not dec > 0:
+            step, dec = -g, float(g @ g)
+        t = 1.0
+        while True:
+            cand = delta + t * step
+            new = objective(cand, state)
+            slack = _SUM_ROUNDING * max(1.0, abs(cur.value))
+            if new.value <= cur.value - _ARMIJO * t * dec or (
+                    new.value <= cur.value + slack
+                    and float(np.max(np.abs(new.grad))) < gn):
+                break
+            t *= 0.5
+            if t < _MIN_STEP:
+                if gn <= _NEAR_TOL * tol:  # converged to the accuracy the arithmetic allows
+                    return NewtonRun(delta, it, state)
+                raise Stalled(
+                    f"dual solver stalled (status: line_search_failed) at iteration {it} "
+                    f"with gradient norm {gn:.3e} for {label}", delta, state)
+        # A step towards the kink at delta = 0 (not a minimiser here) may overshoot into it;
+        # keep halving while that improves F.
+        while t > _MIN_STEP and np.linalg.norm(cand) < _TOWARDS_ZERO * np.linalg.norm(delta):
+            half = objective(delta + 0.5 * t * step, state)
+            if not half.value < new.value:
+                break
+            t *= 0.5
+            cand, new = delta + t * step, half
+        delta, cur, state = cand, new, new.state
+        short = short + 1 if t < _SHORT_STEP else 0
+        if short >= _MAX_SHORT:
+            raise Stalled(f"dual solver stalled (status: stagnated) at iteration {it} "
+                          f"with gradient norm {gn:.3e} for {label}", delta, state)
+        if float(np.linalg.norm(delta)) > _DIVERGED:
+            raise RuntimeError(
+                f"dual solver diverged (status: unbounded): ||theta - theta_ref|| > "
+                f"{_DIVERGED:.1e}; the data may be separable so that {label} has no minimiser")
+    raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
+                  f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
+
+
+# --- certificates ---------------------------------------------------------------------------
+
+#: Eigenvalues of a Hessian below this fraction of the largest span its null space (the
+#: directions no atom sees): double precision resolves about 1e-16 of the spectrum.
+_RANK_TOL = 1e-12
+#: A gradient component outside the Hessian's range above this (relative to the largest
+#: atom norm) is a real linear direction (the function is unbounded along it), not rounding.
+_NULL_GRAD = 1e-12
+#: Below this ``gamma`` the series of ``gamma + (1 - gamma) log(1 - gamma)`` is used
+#: (the closed form cancels there).
+_SERIES_GAMMA = 1e-3
+
+
+def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float) -> float:
+    """Upper bound on ``f(delta) - inf f`` for ``f = sum_i q_i softplus(-a_i . delta) + c .
+    delta`` from its gradient and Hessian at ``delta`` and ``radius = max_i ||a_i||``.
+
+    Along any line, ``h(t) = f(delta + t D)`` has ``|h'''| <= R ||D|| h''`` (the logistic
+    loss has ``|l'''| <= l''``), so (Bach 2010, Lemma 1) ``f(delta + D) >= f + g . D +
+    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2``. With ``mu`` the smallest
+    eigenvalue of ``H`` on its range (``f`` is constant along the null space when ``g`` has
+    no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2) (gamma + (1 -
+    gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2 mu)``), and
+    ``inf`` when ``gamma >= 1``.
+    """
+    gn = float(np.linalg.norm(grad))
+    if gn == 0.0:
+        return 0.0
+    evals, evecs = np.linalg.eigh(hess)
+    top = float(evals[-1])
+    if not top > 0 or not radius > 0:
+        return math.inf
+    keep = evals > _RANK_TOL * top
+    basis = evecs[:, keep]
+    g_range = basis.T @ grad
+    if float(np.linalg.norm(grad - basis @ g_range)) > _NULL_GRAD * radius:
+        return math.inf
+    mu = float(evals[keep][0])
+    gamma = radius * float(np.linalg.norm(g_range)) / mu
+    if not gamma < 1.0:
+        return math.inf
+    # gamma + (1 - gamma) log(1 - gamma) = sum_{k >= 2} gamma^k / (k (k - 1))
+    tail = (gamma**2 / 2 + gamma**3 / 6 + gamma**4 / 12 if gamma < _SERIES_GAMMA
+            else gamma + (1.0 - gamma) * math.log1p(-gamma))
+    return mu / radius**2 * tail
+
+
+def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
+                 linear: np.ndarray | None = None) -> float:
+    """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
+    (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta``."""
+    keep = q > 0
+    a, q = a[keep], q[keep]
+    m = a @ delta
+    s = expit(-m)
+    value = float(q @ dpo_loss(m))
+    grad = -(q * s) @ a
+    if linear is not None:
+        value += float(linear @ delta)
+        grad = grad + linear
+    hess = (a * (q * s * (1.0 - s))[:, None]).T @ a
+    radius = float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a))))
+    return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
+
+
+def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
+    """Certified relative gap of ``delta`` by weak duality through the worst case ``Q*``.
+
+    ``Q*`` lies in the ambiguity set, so ``min F >= min_theta E_{Q*} l(theta)``, a weighted
+    logistic regression on ``Q*``'s atoms (moved and relabelled for Wasserstein sets), bounded
+    below by :func:`logistic_gap`; at the minimiser ``Q*`` is a saddle point and the bound is
+    about ``||grad||^2 / (2 mu)``.
+    """
+    wc = res.worst_case
+    a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
+    return logistic_gap(a, wc.weights, delta, res.value) / max(1.0, abs(res.value))
+
+
+# --- the interface of a set module --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetMethods:
+    """What one ambiguity set's module supplies to the front ends (see :mod:`.registry`).
+
+    Attributes
+    ----------
+    name : str
+        The set's method name (``AmbiguitySet.name``): the registry key.
+    evaluate : callable
+        ``(at, delta, m, l, ambiguity, hess, worst, state) -> InnerResult``: ``F(delta)``
+        with ``m = A delta`` and ``l = softplus(-m)`` precomputed.
+    zero_test : callable or None
+        ``(at, ambiguity) -> float | None``: ``None`` unless ``0`` is (provably) in the
+        subdifferential of ``F`` at ``delta = 0``, else the certified relative optimality
+        gap of ``delta = 0``; called for ``rho > 0`` and ``E_P a != 0``.
+    zero_is_optimal : callable or None
+        ``(at, ambiguity) -> bool``, used when ``zero_test`` is ``None``: an exact test
+        (a closed form), so that ``True`` certifies ``delta = 0`` with gap 0.
+    coercive : callable
+        ``ambiguity -> bool``: whether ``F`` grows without bound (so that separable data
+        still have a minimiser).
+    minimise : callable or None
+        ``(at, ambiguity, delta0, tol, max_iter, warm_started) -> Minimum | None``: a
+        special minimisation (the p = 1, finite-kappa homotopy); ``None`` (or a ``None``
+        result) means damped Newton on ``evaluate``.
+    stall_fallback : callable or None
+        ``(at, ambiguity, stall, tol) -> Minimum``: what to try when Newton stalls away
+        from ``delta = 0`` (the p = 2 kink solve); it re-raises ``stall`` on failure.
+    certify : callable or None
+        ``(at, ambiguity, delta, res, info) -> float``: a certified upper bound on
+        ``(F(delta) - min F) / max(1, |F(delta)|)`` from the exact evaluation ``res`` at
+        ``delta`` (with its worst case) and the minimisation's ``info``; ``None`` means
+        :func:`worst_case_gap` (weak duality through the worst case).
+    descent_at_zero : callable or None
+        ``(at, ambiguity) -> ndarray | None``: a descent direction of ``F`` at ``delta = 0``
+        for the restart when Newton is caught at that kink; ``None`` means ``E_P a`` (the
+        nominal gradient's direction).
+    conic : str
+        Where the set's conic form lives (``simulator.solvers.conic``), or why none.
+    """
+
+    name: str
+    evaluate: Callable
+    coercive: Callable
+    zero_test: Callable | None = None
+    zero_is_optimal: Callable | None = None
+    minimise: Callable | None = None
+    stall_fallback: Callable | None = None
+    certify: Callable | None = None
+    descent_at_zero: Callable | None = None
+    conic: str = ""

@@ -1,0 +1,33 @@
+"""The registry of ambiguity sets: ``AmbiguitySet.name`` -> the module that solves it.
+
+Each set module (:mod:`.nominal`, :mod:`.kl`, :mod:`.chi2`, :mod:`.wasserstein1`,
+:mod:`.wasserstein2`) exports a :class:`~.core.SetMethods` named ``METHODS``; the front
+ends (:mod:`.inner`, :mod:`.dual`) look the set up here instead of testing its type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..ambiguity import AmbiguitySet
+from . import chi2, kl, nominal, wasserstein1, wasserstein2
+from .core import SetMethods
+from .w2_certificate import w2_fallback_certificate
+
+__all__ = ["SETS", "methods"]
+
+#: Every set the dual solver knows, by method name. A set module without a certificate of
+#: its own gets the fallback of :mod:`.w2_certificate` (p = 2) or the generic weak-duality
+#: bound of :func:`~.core.worst_case_gap` (``certify=None``).
+SETS: dict[str, SetMethods] = {mod.METHODS.name: mod.METHODS
+                               for mod in (nominal, kl, chi2, wasserstein1, wasserstein2)}
+if SETS["wdpo2"].certify is None:
+    SETS["wdpo2"] = replace(SETS["wdpo2"], certify=w2_fallback_certificate)
+
+
+def methods(ambiguity: AmbiguitySet) -> SetMethods:
+    """The module of ``ambiguity``'s set, or ``ValueError`` naming the bad argument."""
+    if not isinstance(ambiguity, AmbiguitySet) or ambiguity.name not in SETS:
+        raise ValueError(f"ambiguity must be Nominal, KL, ChiSquare or Wasserstein, "
+                         f"got {ambiguity!r}")
+    return SETS[ambiguity.name]
