@@ -198,3 +198,21 @@ def test_defect3_sample_near_the_population_collapse_radius(collapse_world):
     data = env.sample(10_000, seed=1)
     sol = sim.solve(data, sim.KL(0.97 * rho0))
     assert sol.info["optimality_gap"] <= 1e-12 and sol.value <= np.log(2)
+
+
+def test_chi2_sample_at_the_collapse_radius_is_not_left_at_theta_ref(collapse_world):
+    """A sample whose own collapse radius (0.5907) exceeds the population's (rho_0 = 0.5878):
+    theta_ref is not optimal, yet Newton's step test stopped *on* the kink there (main first
+    returned theta_ref labelled optimal, then 'uncertified'). It now restarts along the
+    steepest descent direction of the chi-square ball and agrees with cvxpy."""
+    env, pop, _ = collapse_world
+    rho0 = sim.collapse_radius(pop, sim.ChiSquare(1.0), beta=env.beta)
+    data = env.sample(100_000, np.random.default_rng([6, 100_000]), merged=True)
+    assert sim.collapse_radius(data, sim.ChiSquare(1.0), beta=env.beta) > rho0
+    amb = sim.ChiSquare(rho0)
+    sol = sim.solve(data, amb)
+    ref = sim.solve(data, amb, solver="cvxpy")
+    assert not sol.info["zero_kink"] and sol.info["optimality_gap"] <= 1e-12
+    assert np.linalg.norm(sol.theta) > 1e-4 and sol.value < np.log(2)
+    assert sol.value <= ref.value + 1e-12
+    np.testing.assert_allclose(sol.theta, ref.theta, atol=1e-5)

@@ -22,6 +22,7 @@ from .core import (
     SetMethods,
     concave_max,
     logistic_gap,
+    min_norm_mean,
     reweighting_result,
     top_atoms,
 )
@@ -111,7 +112,26 @@ def _zero_test(at: Atoms, amb) -> float | None:
     return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0))
 
 
+def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
+    """The steepest descent direction of ``F`` at ``delta = 0`` (not optimal there):
+    :func:`.core.min_norm_mean` over ``Q_nu ∝ P r``, ``r = (1 + nu . a)_+`` (the KKT form of
+    the minimiser of ``||E_Q a||`` in the chi-square ball), with ``S = E_P r``, ``T = E_P
+    r^2``: ``c = E_P r a / S``, ``chi2 = T / S^2 - 1``."""
+    a, w = at.a, at.w
+
+    def family(nu):
+        r = np.maximum(1.0 + a @ nu, 0.0)
+        wr, wact = w * r, w * (r > 0)
+        big_s, big_t = float(wr.sum()), float(wr @ r)
+        c = wr @ a / big_s
+        jac = ((a - c) * wact[:, None]).T @ a / big_s
+        ddiv = 2.0 * (wr @ a) / big_s**2 - 2.0 * big_t * (wact @ a) / big_s**3
+        return c, jac, big_t / big_s**2 - 1.0, ddiv
+
+    return min_norm_mean(family, a.shape[1], amb.rho)
+
+
 METHODS = SetMethods(
-    name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test,
+    name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

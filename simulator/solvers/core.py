@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy.optimize import minimize
 from scipy.special import expit
 
 from ..data import PreferenceData
@@ -25,7 +26,7 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
-           "ConcaveMax", "concave_max", "curvature_bound", "logistic_gap",
+           "ConcaveMax", "concave_max", "min_norm_mean", "curvature_bound", "logistic_gap",
            "newton", "primal_value", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
            "worst_case_gap"]
@@ -430,6 +431,38 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     wc = res.worst_case
     a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
     return logistic_gap(a, wc.weights, delta, res.value) / max(1.0, abs(res.value))
+
+
+#: SLSQP's tolerance and iteration budget for the steepest descent direction at 0 (only the
+#: direction is needed: a few digits suffice, and it converges in a few dozen steps).
+_DESCENT_FTOL = 1e-14
+_DESCENT_ITERS = 200
+#: Rounding allowance of a divergence summed over the atoms (a few ulps per term, pairwise).
+_DIV_EPS = 64 * 2.0**-52
+
+
+def min_norm_mean(family: Callable, d: int, rho: float) -> np.ndarray | None:
+    """``c* = argmin ||E_Q a||`` over the distributions ``Q_nu`` of a ``d``-parameter family
+    with divergence ``<= rho``: the steepest descent direction of ``F`` at ``delta = 0``.
+
+    ``F'(0; D) = -min_Q E_Q a . D / 2`` over the ball, most negative on the unit sphere at
+    ``D = c* / ||c*||``; by the KKT conditions of ``min ||E_Q a||^2 / 2`` the minimising ``Q``
+    lies in a family fixed by the set (KL: tilts ``P exp(nu . a)``; chi-square: ``P (1 + nu
+    . a)_+``). ``family(nu)`` returns ``(c, dc/dnu, divergence, d divergence/dnu)``; SLSQP
+    with these exact derivatives, from ``nu = 0`` (``Q = P``). ``None`` if the search fails.
+    """
+    def objective(nu):
+        c, jac = family(nu)[:2]
+        return 0.5 * float(c @ c), jac.T @ c
+
+    found = minimize(objective, np.zeros(d), jac=True, method="SLSQP",
+                     constraints=[{"type": "ineq", "fun": lambda nu: rho - family(nu)[2],
+                                   "jac": lambda nu: -family(nu)[3]}],
+                     options={"ftol": _DESCENT_FTOL, "maxiter": _DESCENT_ITERS})
+    c, _, div, _ = family(found.x)
+    if not (np.all(np.isfinite(c)) and div <= rho + _DIV_EPS * max(rho, 1.0) and np.any(c)):
+        return None
+    return c
 
 
 # --- the interface of a set module --------------------------------------------------------

@@ -56,6 +56,10 @@ _SUBSAMPLE_N = 50_000
 _GAP_TOL = 1e-9
 #: A stall within this fraction of the starting point's norm is "caught at the kink at 0".
 _NEAR_ZERO = 1e-2
+#: A Newton run that *converged* to within this fraction of ``_NEAR_ZERO * scale`` ended on
+#: the kink at 0 itself (round-off-sized iterates, about 1e-15 of the start, where the
+#: subdifferential test already said 0 is not optimal); restarted like a stall.
+_EPS_ZERO = 1e-8
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
 
@@ -129,15 +133,20 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
     def objective(d, st):
         return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
 
+    scale = float(np.linalg.norm(delta))
+
     def run(d, st) -> Minimum:
+        # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
+        # size while the one-sided gradient there stays large): that is a stall too
         out = newton(objective, d, tol, max_iter, label, st)
+        if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
+            raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state)
 
     try:
         return run(delta, state)
     except Stalled as exc:
         stall = exc
-    scale = float(np.linalg.norm(delta))
     if float(np.linalg.norm(stall.delta)) < _NEAR_ZERO * scale:
         # caught at the kink at delta = 0, which the subdifferential test showed is not
         # optimal: restart from the best point along a descent direction there (the set's

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 from .core import (
@@ -26,6 +25,7 @@ from .core import (
     SetMethods,
     concave_max,
     logistic_gap,
+    min_norm_mean,
     reweighting_result,
     top_atoms,
 )
@@ -48,10 +48,6 @@ _ROOT_TOL = 1e-15
 _TRUST = 3.0
 #: Step in ``log(1 / lambda)`` while the root is bracketed on one side only.
 _EXPAND = 2.0
-#: SLSQP's tolerance and iteration budget for the steepest descent direction at 0 (only the
-#: direction is needed: a few digits suffice, and it converges in a few dozen steps).
-_DESCENT_FTOL = 1e-14
-_DESCENT_ITERS = 200
 #: Smallest variance of the losses used for the first guess ``sqrt(2 rho / Var_P l)``.
 _TINY = 1e-300
 
@@ -174,17 +170,12 @@ def _zero_test(at: Atoms, amb) -> float | None:
 
 
 def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
-    """The steepest descent direction of ``F`` at ``delta = 0`` (not optimal there): the
-    min-norm point ``c*`` of the subdifferential's image ``{E_Q a : KL(Q || P) <= rho}``.
-
-    ``F'(0; delta) = -min_Q E_Q a . delta / 2`` is most negative on the unit sphere at
-    ``c* / ||c*||``. By the KKT conditions of ``min ||E_Q a||^2 / 2`` over the ball, ``Q`` is a
-    tilt ``Q_nu ∝ P exp(nu . a)``, so ``nu`` (``d`` unknowns) is found by SLSQP with exact
-    derivatives (``d c / d nu = Cov_{Q_nu} a``). Near the collapse radius ``c*`` is far
-    from ``E_P a`` (the nominal direction), along which Newton is caught at the kink.
-    ``None`` if the search fails.
-    """
-    a, w, rho = at.a, at.w, amb.rho
+    """The steepest descent direction of ``F`` at ``delta = 0`` (not optimal there):
+    :func:`.core.min_norm_mean` over the tilts ``Q_nu ∝ P exp(nu . a)``, whose mean has
+    ``d c / d nu = Cov_{Q_nu} a`` and ``KL = nu . c - log E_P exp(nu . a)``. Near the collapse
+    radius ``c*`` is far from ``E_P a`` (the nominal direction), along which Newton is caught
+    at the kink."""
+    a, w = at.a, at.w
 
     def tilt(nu):
         z = a @ nu
@@ -192,27 +183,11 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
         q = w * np.exp(z - lse)
         c = q @ a
         ac = a - c
-        return lse, c, (ac * q[:, None]).T @ ac
+        cov = (ac * q[:, None]).T @ ac
+        return c, cov, float(nu @ c) - lse, cov @ nu
 
-    def objective(nu):
-        _, c, cov = tilt(nu)
-        return 0.5 * float(c @ c), cov @ c
+    return min_norm_mean(tilt, a.shape[1], amb.rho)
 
-    def budget(nu):  # rho - KL(Q_nu || P) >= 0
-        lse, c, _ = tilt(nu)
-        return rho - (float(nu @ c) - lse)
-
-    def budget_grad(nu):
-        return -(tilt(nu)[2] @ nu)
-
-    found = minimize(objective, np.zeros(a.shape[1]), jac=True, method="SLSQP",
-                     constraints=[{"type": "ineq", "fun": budget, "jac": budget_grad}],
-                     options={"ftol": _DESCENT_FTOL, "maxiter": _DESCENT_ITERS})
-    c = tilt(found.x)[1]
-    if not (np.all(np.isfinite(c)) and budget(found.x) >= -_SUM_EPS * max(rho, 1.0)
-            and np.any(c)):
-        return None
-    return c
 
 METHODS = SetMethods(
     name="kldpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
