@@ -201,7 +201,7 @@ def add_arguments(parser) -> None:
                         help="wdpo-sq: gradient w.r.t. both responses (pair) or x")
     parser.add_argument("--clip", type=float, default=None, help="kldpo-clip: weight cap")
     parser.add_argument("--beta-prime", type=float, default=None, help="drdpo: beta'")
-    parser.add_argument("--ambiguity", choices=("kl", "chi2", "wdpo1", "wdpo2"), default=None,
+    parser.add_argument("--ambiguity", choices=sim.METHOD_NAMES[1:], default=None,
                         help="exact problem (default: the one the surrogate approximates; "
                              "needed for drdpo and dpo)")
 
@@ -213,12 +213,10 @@ def run_special(args, cfg: dict[str, Any]) -> bool:
     if args.ambiguity is None:
         if SURROGATES[args.surrogate].robust_to == "Nominal":
             raise ValueError(f"surrogate {args.surrogate!r} approximates no ambiguity set: "
-                             "give --ambiguity kl|chi2|wdpo1|wdpo2")
+                             f"give --ambiguity {'|'.join(sim.METHOD_NAMES[1:])}")
         amb = ambiguity_for(args.surrogate, args.rho)
     else:
-        amb = {"kl": sim.KL, "chi2": sim.ChiSquare,
-               "wdpo1": functools.partial(sim.Wasserstein, p=1),
-               "wdpo2": functools.partial(sim.Wasserstein, p=2)}[args.ambiguity](args.rho)
+        amb = sim.AmbiguitySet.from_name(args.ambiguity, args.rho)
     given = {k: v for k, v in (("tau", args.tau), ("p", args.p), ("view", args.view),
                                ("clip", args.clip), ("beta_prime", args.beta_prime))
              if v is not None}

@@ -73,7 +73,7 @@ DESCRIPTION = ("Sample complexity (SPEC 5): error of the empirical robust optimu
                "WDPO (p=1, 2) over a log grid of n and many seeds, with the slow-rate and "
                "plug-in fast-rate bounds of simulator.theory.")
 
-METHODS = ("dpo", "kldpo", "chi2dpo", "wdpo1", "wdpo2")
+METHODS = sim.METHOD_NAMES
 SUMMARY_COLUMNS = ("method", "rho", "slope", "slope_lo", "slope_hi", "slope_excess",
                    "slope_excess_lo", "slope_excess_hi", "slope_truth", "slope_truth_lo",
                    "slope_truth_hi", "slope_note", "frac_exact", "shift_in_ball",
@@ -84,16 +84,8 @@ SUMMARY_COLUMNS = ("method", "rho", "slope", "slope_lo", "slope_hi", "slope_exce
 
 
 def ambiguity(method: str, rho: float) -> sim.AmbiguitySet:
-    """The ambiguity set of a method name at radius ``rho``."""
-    if method == "dpo":
-        return sim.Nominal()
-    if method == "kldpo":
-        return sim.KL(rho)
-    if method == "chi2dpo":
-        return sim.ChiSquare(rho)
-    if method in ("wdpo1", "wdpo2"):
-        return sim.Wasserstein(rho, p=int(method[-1]))
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    """The ambiguity set of a method name at radius ``rho`` (``AmbiguitySet.from_name``)."""
+    return sim.AmbiguitySet.from_name(method, rho)
 
 
 def make_env(cfg: dict[str, Any]) -> sim.FiniteEnv:

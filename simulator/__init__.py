@@ -4,7 +4,7 @@ See ``../shared/SPEC.md`` (mirrored in docs/) for the mathematics.
 """
 
 from . import theory
-from .ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
+from .ambiguity import KL, METHOD_NAMES, AmbiguitySet, ChiSquare, Nominal, Wasserstein
 from .approx_check import ApproximationReport, check_approximation
 from .asymptotics import (
     Asymptotics,
@@ -39,7 +39,7 @@ from .surrogates import (
 )
 
 __all__ = [
-    "AmbiguitySet", "Nominal", "KL", "ChiSquare", "Wasserstein",
+    "AmbiguitySet", "Nominal", "KL", "ChiSquare", "Wasserstein", "METHOD_NAMES",
     "PreferenceData", "FiniteEnv", "realizable_reward", "LogLinearPolicy",
     "softplus", "sigmoid", "log_sigmoid", "margins", "dpo_loss", "dpo_grad_theta",
     "dpo_grad_x", "dpo_hessian_theta",
