@@ -36,7 +36,14 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 from .distributed import GlobalBatch
-from .losses import AGGREGATIONS, aggregate, aggregation_params, dpo_losses
+from .losses import (
+    AGGREGATIONS,
+    WindowAggregate,
+    aggregate_window,
+    aggregation_params,
+    dpo_losses,
+    weight_summary,
+)
 from .pairs import PairTensors, TokenizedPairs
 from .wasserstein import WASSERSTEIN_FORMS, WASSERSTEIN_MODES, wasserstein_loss
 
@@ -270,8 +277,15 @@ class Trainer:
     def _net(self):
         return self.ddp if self.ddp is not None else self.model
 
-    def micro_batch_loss(self, b: PairTensors) -> dict:
-        """Loss (for ``backward``) and statistics of one micro-batch."""
+    def micro_batch_loss(self, b: PairTensors, window: WindowAggregate | None = None,
+                         k: int = 0) -> dict:
+        """Loss (for ``backward``) and statistics of one micro-batch.
+
+        ``window``: the coefficients of the whole accumulation window from the
+        pre-pass of :meth:`train` (micro-batch ``k`` of it); ``None``: the
+        micro-batch is its own aggregation batch. The returned ``losses`` are the
+        detached per-sample losses (what the pre-pass collects).
+        """
         cfg, net, n = self.cfg, self._net(), b.index.shape[0]
         ref = self.ref_logps[b.index].to(torch.float32 if cfg.bf16 else torch.float64)
         ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -302,24 +316,23 @@ class Trainer:
             weights = torch.full((n,), 1.0 / (n * self.world), device=self.device)  # drop_last
             lp, value, dpo_l = saved["lp"], res.value, res.losses
             penalty = float(res.penalty)
-            loss = res.loss
+            loss, summary = res.loss, weight_summary(self.batch.gather(weights)[0])
         else:
             l, lp = losses_at()
-            agg = aggregate(l, cfg.method, tau=cfg.tau, clip=cfg.clip, rho=cfg.rho,
-                            beta_prime=cfg.beta_prime, batch=self.batch)
-            loss, weights, value, dpo_l, penalty = agg.loss, agg.weights, agg.value, \
-                l.detach(), 0.0
+            if window is None:
+                window = aggregate_window([l.detach()], cfg.method, tau=cfg.tau, clip=cfg.clip,
+                                          rho=cfg.rho, beta_prime=cfg.beta_prime,
+                                          batch=self.batch)
+                k = 0
+            loss, value, dpo_l, penalty = window.loss(k, l), window.value, l.detach(), 0.0
+            summary = weight_summary(window.global_weights)
             lp = lp.detach()
         # statistics of the global batch (identical on every rank)
         margin = self.batch.gather(cfg.beta * ((lp[:n] - ref_c) - (lp[n:] - ref_r)))[0].double()
-        c = self.batch.gather(weights.double())[0]
-        w = c * c.shape[0]
-        return {"loss": loss, "value": float(value),
+        return {"loss": loss, "losses": dpo_l, "value": float(value),
                 "dpo_loss": float(self.batch.gather(dpo_l.double())[0].mean()),
                 "penalty": penalty, "reward_margin": float(margin.mean()),
-                "accuracy": float((margin > 0).double().mean()),
-                "weight_max": float(w.max()), "weight_min": float(w.min()),
-                "weight_ess": float(c.sum() ** 2 / (c**2).sum() / c.shape[0])}
+                "accuracy": float((margin > 0).double().mean()), **summary}
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -387,13 +400,22 @@ class Trainer:
         while self.step < last:
             self.opt.zero_grad(set_to_none=True)
             stats = []
-            for k in range(cfg.grad_accum):
-                micro = self.step * cfg.grad_accum + k
-                b = self.data.collate(self._indices(micro)).to(self.device)
+            batches = [self.data.collate(self._indices(self.step * cfg.grad_accum + k))
+                       .to(self.device) for k in range(cfg.grad_accum)]
+            window = None
+            if cfg.grad_accum > 1 and cfg.method not in ("dpo", "wdpo"):
+                # pre-pass: the robust weights span the whole window (losses.aggregate_window)
+                with torch.no_grad():
+                    pre = [self.micro_batch_loss(b)["losses"] for b in batches]
+                window = aggregate_window(pre, cfg.method, tau=cfg.tau, clip=cfg.clip,
+                                          rho=cfg.rho, beta_prime=cfg.beta_prime,
+                                          batch=self.batch)
+            for k, b in enumerate(batches):
                 sync = k == cfg.grad_accum - 1 or self.ddp is None
                 ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
                 with ctx:
-                    st = self.micro_batch_loss(b)
+                    st = self.micro_batch_loss(b, window, k)
+                    st.pop("losses")
                     _backward(st.pop("loss") / cfg.grad_accum)
                 stats.append(st)
             grad_norm = torch.nn.utils.clip_grad_norm_(
