@@ -65,7 +65,8 @@ from .distributed import GlobalBatch
 from .losses import check_tensor
 
 __all__ = ["WASSERSTEIN_MODES", "WASSERSTEIN_FORMS", "WassersteinResult", "wasserstein_loss",
-           "default_fd_eps"]
+           "wasserstein_value", "default_fd_eps", "SecondDerivativeError",
+           "lacks_second_derivative"]
 
 WASSERSTEIN_MODES = ("double-backward", "finite-difference")
 WASSERSTEIN_FORMS = ("squared", "gr")
@@ -117,6 +118,30 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+class SecondDerivativeError(RuntimeError):
+    """A kernel of the model has no second derivative, which double-backward mode needs."""
+
+
+# Fragments of torch's messages when a kernel cannot be differentiated twice: an op without a
+# derivative formula (fused attention backward), an ``out=`` op inside a custom backward (TRL's
+# chunked log-prob head), ``@once_differentiable`` functions.
+_SECOND_DERIVATIVE_MESSAGES = ("derivative for", "don't support automatic differentiation",
+                               "once_differentiable", "differentiate twice")
+
+
+def lacks_second_derivative(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's error for a kernel that cannot be differentiated twice."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _SECOND_DERIVATIVE_MESSAGES)
+
+
+def second_derivative_error(detail: str) -> SecondDerivativeError:
+    """The error for a model whose kernels lack the second derivative double backward needs."""
+    return SecondDerivativeError(
+        "wdpo mode 'double-backward' needs second derivatives of every kernel of the model, but "
+        f"one has none ({detail}); fused kernels such as TRL's fused LM head or flash/sdpa "
+        "attention do not provide them: use mode 'finite-difference' (no second derivatives)")
+
+
 def _first_pass(embed_fn, loss_fn, create_graph: bool, extra: list[torch.Tensor]):
     emb = tuple(embed_fn())
     if not emb:
@@ -131,12 +156,18 @@ def _first_pass(embed_fn, loss_fn, create_graph: bool, extra: list[torch.Tensor]
         grads = torch.autograd.grad(l.sum(), list(emb) + extra, create_graph=create_graph,
                                     allow_unused=True)
     except RuntimeError as exc:
+        if create_graph and lacks_second_derivative(exc):
+            raise second_derivative_error(str(exc)) from exc
         raise ValueError(f"the loss cannot be differentiated w.r.t. the embeddings: {exc}") \
             from exc
     g = grads[: len(emb)]
     if any(gk is None for gk in g):
         raise ValueError("the embeddings cannot be reached: loss_fn does not depend on every "
                          "tensor returned by embed_fn (does the model use inputs_embeds?)")
+    if create_graph and not all(gk.requires_grad for gk in g):
+        # a backward that ran outside autograd (e.g. a custom kernel): the penalty would get
+        # no parameter gradient, silently
+        raise second_derivative_error("the embedding gradient is not differentiable")
     return emb, l, g, grads[len(emb):]
 
 
@@ -193,11 +224,7 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
     ValueError
         On bad arguments, NaN losses, or embeddings the loss does not depend on.
     """
-    rho = float(rho)
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    if form not in WASSERSTEIN_FORMS:
-        raise ValueError(f"form must be one of {WASSERSTEIN_FORMS}, got {form!r}")
+    rho = _check_rho_form(rho, form)
     if mode not in WASSERSTEIN_MODES:
         raise ValueError(f"mode must be one of {WASSERSTEIN_MODES}, got {mode!r}")
     if fd_scheme not in ("forward", "central"):
@@ -212,6 +239,41 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
                               no_sync or contextlib.nullcontext)
 
 
+def _check_rho_form(rho, form: str) -> float:
+    rho = float(rho)
+    if not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if form not in WASSERSTEIN_FORMS:
+        raise ValueError(f"form must be one of {WASSERSTEIN_FORMS}, got {form!r}")
+    return rho
+
+
+def _penalty(rho: float, form: str, mean_q: torch.Tensor) -> torch.Tensor:
+    return rho * mean_q if form == "squared" else rho * torch.sqrt(mean_q)
+
+
+def wasserstein_value(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
+                      loss_fn: Callable[..., torch.Tensor], rho: float, *,
+                      form: str = "squared", batch: GlobalBatch | None = None
+                      ) -> WassersteinResult:
+    """The WDPO surrogate's value, without any parameter gradient (evaluation).
+
+    Runs one forward and one backward to the embeddings only (``g_i``, hence
+    ``q_i``), under ``torch.enable_grad`` so that it works inside ``torch.no_grad``
+    (an evaluation loop); no parameter's ``.grad`` is touched. Arguments as
+    :func:`wasserstein_loss`; ``loss`` of the result is the detached value.
+    """
+    rho = _check_rho_form(rho, form)
+    batch = batch or GlobalBatch()
+    with torch.enable_grad():
+        _, l, g, _ = _first_pass(embed_fn, loss_fn, False, [])
+    q = _per_sample_sq(tuple(gk.detach() for gk in g))
+    _, mean_l, mean_q = _global_stats(l, q, batch)
+    penalty = _penalty(rho, form, mean_q)
+    value = mean_l + penalty
+    return WassersteinResult(value.to(l.dtype), value, penalty, l.detach(), q, float("nan"))
+
+
 def _global_stats(l, q, batch: GlobalBatch):
     n = batch.sum(torch.tensor(float(l.shape[0]), dtype=torch.float64, device=l.device))
     mean_l = batch.sum(l.detach().double().sum()) / n
@@ -224,11 +286,10 @@ def _double_backward(embed_fn, loss_fn, rho, form, batch):
     q = _per_sample_sq(g)
     n, mean_l, mean_q = _global_stats(l, q, batch)
     w = batch.world_size
+    penalty = _penalty(rho, form, mean_q)
     if form == "squared":
-        penalty = rho * mean_q
         surrogate = w * (l + rho * q).sum() / n
     else:
-        penalty = rho * torch.sqrt(mean_q)
         coef = rho / (2.0 * torch.sqrt(mean_q)) if float(mean_q) > 0 else 0.0 * mean_q
         surrogate = w * (l.sum() + coef * q.sum()) / n
     value = mean_l + penalty
@@ -244,14 +305,16 @@ def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, bat
     q = _per_sample_sq(g)
     n, mean_l, mean_q = _global_stats(l, q, batch)
     dtype = l.dtype
-    fd_eps = default_fd_eps(emb[0].dtype) if fd_eps is None else float(fd_eps)
+    # the step follows the coarser precision of the embeddings and the log-probabilities
+    # (a float32 LM head under a float64 model rounds at float32)
+    coarse = max((emb[0].dtype, dtype), key=lambda d: torch.finfo(d).eps)
+    fd_eps = default_fd_eps(coarse) if fd_eps is None else float(fd_eps)
     if not math.isfinite(fd_eps) or fd_eps <= 0:
         raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps!r}")
+    penalty = _penalty(rho, form, mean_q)
     if form == "squared":
-        penalty = rho * mean_q
         a = 2.0 * rho / n
     else:
-        penalty = rho * torch.sqrt(mean_q)
         a = rho / (n * torch.sqrt(mean_q)) if float(mean_q) > 0 else 0.0 * n
     value = mean_l + penalty
     gmax = batch.max(max(gk.detach().double().norm(dim=-1).max() for gk in g))

@@ -1,0 +1,148 @@
+"""RobustDPOTrainer against TRL's DPOTrainer on a tiny random GPT-2 (SPEC 4, 7; no download).
+
+The tokenizer is a word-level ``PreTrainedTokenizerFast`` built here; the model is a
+1-layer GPT-2 in float64 without dropout; TRL's fused LM head evaluates the
+log-probabilities with float32 statistics, so agreements are at float32 level.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from simulator.torch_backend.trl import RobustDPOConfig, RobustDPOTrainer  # noqa: E402
+
+N_WORDS = 14
+BETA = 0.5
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(N_WORDS)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def _dataset(n=8, seed=0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def sent(k):
+        return " ".join(f"w{int(i)}" for i in torch.randint(0, N_WORDS, (k,), generator=g))
+
+    return Dataset.from_dict({"prompt": [sent(2 + i % 3) for i in range(n)],
+                              "chosen": [" " + sent(3 + i % 4) for i in range(n)],
+                              "rejected": [" " + sent(4) for i in range(n)]})
+
+
+def _model(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    conf = GPT2Config(vocab_size=N_WORDS + 2, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                      eos_token_id=1, pad_token_id=0)
+    model = GPT2LMHeadModel(conf).double()
+    for p in model.parameters():
+        p.data.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _args(cls=RobustDPOConfig, batch=8, acc=1, steps=3, **kw):
+    return cls(output_dir=kw.pop("output_dir", "unused"), per_device_train_batch_size=batch,
+               per_device_eval_batch_size=batch, gradient_accumulation_steps=acc,
+               max_steps=steps, learning_rate=1e-2, beta=BETA, max_grad_norm=0.0,
+               lr_scheduler_type="constant", report_to="none", logging_steps=1,
+               save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, **kw)
+
+
+def _train(cls_trainer, args, n=8, model=None, **kw):
+    model = _model() if model is None else model
+    tr = cls_trainer(model, ref_model=None if kw.pop("peft", False) else copy.deepcopy(model),
+                     args=args, train_dataset=_dataset(n), processing_class=_tokenizer(), **kw)
+    tr.train()
+    return tr
+
+
+def _params(tr):
+    return torch.cat([p.detach().flatten() for p in tr.model.parameters()])
+
+
+def _logs(tr, key):
+    return [h[key] for h in tr.state.log_history if key in h]
+
+
+def test_dpo_is_trl_sigmoid(tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    ours = _train(RobustDPOTrainer, _args(output_dir=tmp_path, robust_method="dpo", batch=4,
+                                          acc=2))
+    trl = _train(DPOTrainer, _args(DPOConfig, output_dir=tmp_path, batch=4, acc=2))
+    np.testing.assert_allclose(_logs(ours, "loss"), _logs(trl, "loss"), rtol=1e-6)
+    for key in ("rewards/margins", "rewards/chosen", "logps/rejected", "rewards/accuracies"):
+        np.testing.assert_allclose(_logs(ours, key), _logs(trl, key), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(_params(ours), _params(trl), rtol=0, atol=1e-6)
+    start = torch.cat([p.detach().flatten() for p in _model().parameters()])
+    assert float((_params(trl) - start).abs().max()) > 1e-2  # training moved the parameters
+
+
+@pytest.mark.parametrize("method,extra", [("kldpo-tau", {"tau": 0.5}), ("chi2-var", {"rho": 0.5})])
+def test_accumulation_window_equals_one_batch(tmp_path, method, extra, monkeypatch):
+    # 8 pairs: each optimizer step sees all of them, as 1 x 8 or 2 x 4 micro-batches
+    def run(batch, acc):
+        return _train(RobustDPOTrainer, _args(output_dir=tmp_path, robust_method=method,
+                                              batch=batch, acc=acc, **extra))
+
+    one, two = run(8, 1), run(4, 2)
+    torch.testing.assert_close(_params(two), _params(one), rtol=0, atol=1e-6)
+    for key in ("loss", "robust/objective", "robust/weight_max", "robust/weight_ess"):
+        np.testing.assert_allclose(_logs(two, key), _logs(one, key), rtol=1e-6)
+    assert _logs(one, "robust/weight_max")[-1] > 1.05  # the weights are not uniform
+    # without the pre-pass (per-micro-batch weights) the parameters move measurably
+    monkeypatch.setattr(RobustDPOTrainer, "_window_method", property(lambda self: False))
+    assert float((_params(run(4, 2)) - _params(one)).abs().max()) > 1e-4
+
+
+def _ddp_worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        tr = _train(RobustDPOTrainer, _args(output_dir=os.path.dirname(out_path),
+                                            robust_method="kldpo-tau", tau=0.5, batch=4))
+        if rank == 0:
+            torch.save({"params": _params(tr), "loss": _logs(tr, "loss"),
+                        "weight_max": _logs(tr, "robust/weight_max")}, out_path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_on_the_concatenated_batch(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_torch_distributed import _spawn
+
+    out = tmp_path / "rank0.pt"
+    _spawn(_ddp_worker, out)
+    got = torch.load(out, weights_only=False)
+    one = _train(RobustDPOTrainer, _args(output_dir=tmp_path, robust_method="kldpo-tau",
+                                         tau=0.5, batch=8))
+    torch.testing.assert_close(got["params"], _params(one), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["loss"], _logs(one, "loss"), rtol=1e-6)
+    np.testing.assert_allclose(got["weight_max"], _logs(one, "robust/weight_max"), rtol=1e-6)
