@@ -240,3 +240,19 @@ def test_float32_step_follows_the_log_probabilities_and_central_default_is_accur
     assert tb.default_fd_eps(torch.float32, "central") != tb.default_fd_eps(torch.float64,
                                                                              "central")
     assert eps_mixed == pytest.approx(eps_f32, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["kl-var", "chi2-var"])
+def test_variance_weights_ignore_round_off_spread(name):
+    # At the first step (policy = reference) every loss is log 2 up to forward-pass round-off;
+    # sqrt(Var) has no gradient there and dev / sd is noise: the weights must be DPO's, not
+    # O(1) garbage that changes with the thread count (it moved a trained model by 0.03).
+    noise = torch.tensor([1.0, -2.0, 0.5, 0.5]) * 1e-16
+    l = torch.full((4,), np.log(2.0), dtype=torch.float64) + noise
+    agg = tb.aggregate(l, name, rho=0.3)
+    torch.testing.assert_close(agg.weights, torch.full((4,), 0.25, dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    # a real spread keeps its robust weights
+    agg = tb.aggregate(l + torch.tensor([0.0, 1e-6, 0.0, 0.0], dtype=torch.float64), name,
+                       rho=0.3)
+    assert float(agg.weights.max()) > 0.3

@@ -55,6 +55,10 @@ __all__ = ["AGGREGATIONS", "Aggregate", "WindowAggregate", "aggregate", "aggrega
            "aggregation_params", "check_tensor", "dpo_losses", "dpo_margins", "weight_summary"]
 
 AGGREGATIONS = ("dpo", "kldpo-tau", "kldpo-clip", "kl-var", "chi2-var", "drdpo")
+# The variance forms use the DPO coefficients when sd(l) is at round-off level, sd <=
+# _SD_ROUNDOFF * eps * max|l|: forward-pass noise in the losses (about beta * eps * |log-prob|,
+# log-probabilities of a few hundred nats) stays below it in float64 and float32.
+_SD_ROUNDOFF = 1024
 
 
 def check_tensor(t, name: str, ndim: int | None = None) -> torch.Tensor:
@@ -160,8 +164,10 @@ def _coefficients(l: torch.Tensor, method: str, prm: dict) -> tuple[torch.Tensor
     mean = l.mean()
     dev = l - mean
     sd = torch.sqrt(torch.clamp((dev**2).mean(), min=0.0))
-    if float(sd) == 0.0:
-        return mean, torch.full_like(l, 1.0 / n)
+    if float(sd) <= _SD_ROUNDOFF * torch.finfo(l.dtype).eps * float(l.abs().max()):
+        # round-off spread (e.g. the first step, policy = reference: every l_i = log 2):
+        # sqrt(Var) is not differentiable there and dev / sd would be noise
+        return mean + math.sqrt(coef) * sd, torch.full_like(l, 1.0 / n)
     return mean + math.sqrt(coef) * sd, (1.0 + math.sqrt(coef) * dev / sd) / n
 
 
