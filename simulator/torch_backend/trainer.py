@@ -45,7 +45,14 @@ from .losses import (
     weight_summary,
 )
 from .pairs import PairTensors, TokenizedPairs
-from .wasserstein import WASSERSTEIN_FORMS, WASSERSTEIN_MODES, wasserstein_loss
+from .wasserstein import (
+    WASSERSTEIN_FORMS,
+    WASSERSTEIN_MODES,
+    WassersteinWindow,
+    wasserstein_loss,
+    wasserstein_value,
+    wasserstein_window,
+)
 
 __all__ = ["METHODS", "TrainConfig", "Trainer", "sequence_logps", "pick_device",
            "init_distributed", "METRIC_COLUMNS"]
@@ -277,14 +284,17 @@ class Trainer:
     def _net(self):
         return self.ddp if self.ddp is not None else self.model
 
-    def micro_batch_loss(self, b: PairTensors, window: WindowAggregate | None = None,
+    def micro_batch_loss(self, b: PairTensors,
+                         window: WindowAggregate | WassersteinWindow | None = None,
                          k: int = 0) -> dict:
         """Loss (for ``backward``) and statistics of one micro-batch.
 
         ``window``: the coefficients of the whole accumulation window from the
-        pre-pass of :meth:`train` (micro-batch ``k`` of it); ``None``: the
-        micro-batch is its own aggregation batch. The returned ``losses`` are the
-        detached per-sample losses (what the pre-pass collects).
+        pre-pass of :meth:`train` (micro-batch ``k`` of it; for ``wdpo`` its
+        :class:`.wasserstein.WassersteinWindow`); ``None``: the micro-batch is its
+        own aggregation batch. Under ``torch.no_grad`` (the pre-pass) ``wdpo`` gives
+        its value only. The returned ``losses`` and ``wdpo_stats`` are what the
+        pre-pass collects.
         """
         cfg, net, n = self.cfg, self._net(), b.index.shape[0]
         ref = self.ref_logps[b.index].to(torch.float32 if cfg.bf16 else torch.float64)
@@ -309,14 +319,20 @@ class Trainer:
                 saved.setdefault("lp", lp.detach())
                 return l
 
-            res = wasserstein_loss(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
-                                   mode=cfg.wdpo_mode, params=self.model.parameters(),
-                                   fd_eps=cfg.fd_eps, fd_scheme=cfg.fd_scheme, batch=self.batch,
-                                   no_sync=None if self.ddp is None else self.ddp.no_sync)
+            if torch.is_grad_enabled():
+                res = wasserstein_loss(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
+                                       mode=cfg.wdpo_mode, params=self.model.parameters(),
+                                       fd_eps=cfg.fd_eps, fd_scheme=cfg.fd_scheme,
+                                       batch=self.batch, window=window,
+                                       no_sync=None if self.ddp is None else self.ddp.no_sync)
+            else:  # the pre-pass (or an evaluation): value and statistics, no parameter grad
+                res = wasserstein_value(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
+                                        batch=self.batch)
             weights = torch.full((n,), 1.0 / (n * self.world), device=self.device)  # drop_last
             lp, value, dpo_l = saved["lp"], res.value, res.losses
             penalty = float(res.penalty)
             loss, summary = res.loss, weight_summary(self.batch.gather(weights)[0])
+            stats = res.stats
         else:
             l, lp = losses_at()
             if window is None:
@@ -325,11 +341,11 @@ class Trainer:
                                           batch=self.batch)
                 k = 0
             loss, value, dpo_l, penalty = window.loss(k, l), window.value, l.detach(), 0.0
-            summary = weight_summary(window.global_weights)
+            summary, stats = weight_summary(window.global_weights), None
             lp = lp.detach()
         # statistics of the global batch (identical on every rank)
         margin = self.batch.gather(cfg.beta * ((lp[:n] - ref_c) - (lp[n:] - ref_r)))[0].double()
-        return {"loss": loss, "losses": dpo_l, "value": float(value),
+        return {"loss": loss, "losses": dpo_l, "wdpo_stats": stats, "value": float(value),
                 "dpo_loss": float(self.batch.gather(dpo_l.double())[0].mean()),
                 "penalty": penalty, "reward_margin": float(margin.mean()),
                 "accuracy": float((margin > 0).double().mean()), **summary}
@@ -403,19 +419,21 @@ class Trainer:
             batches = [self.data.collate(self._indices(self.step * cfg.grad_accum + k))
                        .to(self.device) for k in range(cfg.grad_accum)]
             window = None
-            if cfg.grad_accum > 1 and cfg.method not in ("dpo", "wdpo"):
-                # pre-pass: the robust weights span the whole window (losses.aggregate_window)
+            if cfg.grad_accum > 1 and (cfg.method not in ("dpo", "wdpo") or
+                                       (cfg.method, cfg.wdpo_form) == ("wdpo", "gr")):
+                # pre-pass: the robust weights (the gr normaliser) span the whole window
                 with torch.no_grad():
-                    pre = [self.micro_batch_loss(b)["losses"] for b in batches]
-                window = aggregate_window(pre, cfg.method, tau=cfg.tau, clip=cfg.clip,
-                                          rho=cfg.rho, beta_prime=cfg.beta_prime,
-                                          batch=self.batch)
+                    pre = [self.micro_batch_loss(b) for b in batches]
+                window = wasserstein_window([p["wdpo_stats"] for p in pre]) \
+                    if cfg.method == "wdpo" else aggregate_window(
+                        [p["losses"] for p in pre], cfg.method, tau=cfg.tau, clip=cfg.clip,
+                        rho=cfg.rho, beta_prime=cfg.beta_prime, batch=self.batch)
             for k, b in enumerate(batches):
                 sync = k == cfg.grad_accum - 1 or self.ddp is None
                 ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
                 with ctx:
                     st = self.micro_batch_loss(b, window, k)
-                    st.pop("losses")
+                    del st["losses"], st["wdpo_stats"]
                     _backward(st.pop("loss") / cfg.grad_accum)
                 stats.append(st)
             grad_norm = torch.nn.utils.clip_grad_norm_(

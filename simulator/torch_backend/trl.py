@@ -23,7 +23,10 @@ What is overridden (the narrowest hooks of ``DPOTrainer`` and ``transformers.Tra
   processes, and the robust coefficients are computed once for the whole global
   window; each micro-batch's loss then uses them (:class:`.losses.WindowAggregate`),
   and the reference log-probabilities of the pre-pass are reused, so the window costs
-  one extra policy forward per micro-batch, and nothing when there is one micro-batch;
+  one extra policy forward per micro-batch, and nothing when there is one micro-batch
+  (``wdpo`` with ``wdpo_form="gr"``: a forward and a backward to the embeddings per
+  micro-batch give the window's normaliser ``sqrt(mean q)`` and finite-difference step,
+  :func:`.wasserstein.wasserstein_window`; ``dpo`` and ``wdpo`` ``squared`` need none);
 * ``training_step``: attaches the micro-batch's window entry, and turns torch's error
   for a kernel without second derivatives into :class:`.wasserstein.SecondDerivativeError`.
 
@@ -53,6 +56,7 @@ from .wasserstein import (
     second_derivative_error,
     wasserstein_loss,
     wasserstein_value,
+    wasserstein_window,
 )
 
 __all__ = ["ROBUST_METHODS", "RobustDPOConfig", "RobustDPOTrainer"]
@@ -148,8 +152,10 @@ class RobustDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------ the window
     @property
     def _window_method(self) -> bool:
-        """Whether the coefficients depend on the losses (then the window needs a pre-pass)."""
-        return self.args.robust_method not in ("dpo", "wdpo")
+        """Whether the weights depend on the batch (then the window needs a pre-pass)."""
+        a = self.args
+        return a.robust_method not in ("dpo", "wdpo") or (a.robust_method, a.wdpo_form) == (
+            "wdpo", "gr")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """TRL/transformers' window of micro-batches, plus the robust pre-pass over it."""
@@ -164,17 +170,22 @@ class RobustDPOTrainer(DPOTrainer):
         """Detached losses of every micro-batch, the window's coefficients, reused references."""
         a = self.args
         self.model.train()
-        losses, refs = [], []
+        pre, refs = [], []
         for raw in batches:
             inputs = self._prepare_inputs(raw)
             with self.compute_loss_context_manager(), \
                     disable_gradient_checkpointing(self.model, a.gradient_checkpointing_kwargs):
                 ref = self._reference_logps(inputs)
-                pc, pr = self._policy_logps(self.model, inputs)
-            losses.append(dpo_losses(pc, pr, ref[0].to(pc.dtype), ref[1].to(pc.dtype), a.beta))
+                if a.robust_method == "wdpo":  # the gr normaliser: value and statistics
+                    pre.append(self._wdpo(self.model, inputs, ref)[0].stats)
+                else:
+                    pc, pr = self._policy_logps(self.model, inputs)
+                    pre.append(dpo_losses(pc, pr, ref[0].to(pc.dtype), ref[1].to(pc.dtype),
+                                          a.beta))
             refs.append(ref)
-        window = aggregate_window(losses, a.robust_method, tau=a.tau, clip=a.clip, rho=a.rho,
-                                  beta_prime=a.beta_prime, batch=self.robust_batch)
+        window = wasserstein_window(pre) if a.robust_method == "wdpo" else aggregate_window(
+            pre, a.robust_method, tau=a.tau, clip=a.clip, rho=a.rho, beta_prime=a.beta_prime,
+            batch=self.robust_batch)
         return {id(raw): (window, k, refs[k]) for k, raw in enumerate(batches)}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -218,7 +229,12 @@ class RobustDPOTrainer(DPOTrainer):
         micro, self._micro = self._micro, None
         ref = micro[2] if micro is not None else self._reference_logps(inputs)
         if a.robust_method == "wdpo":
-            loss, (pc, pr), extra = self._wdpo_loss(model, inputs, ref)
+            res, (pc, pr) = self._wdpo(model, inputs, ref, None if micro is None else micro[0])
+            uniform = self.robust_batch.gather(torch.ones(pc.shape[0], dtype=torch.float64,
+                                                          device=pc.device))[0]
+            loss = res.loss
+            extra = {"objective": float(res.value), "penalty": float(res.penalty),
+                     **weight_summary(uniform / uniform.shape[0])}
         else:
             pc, pr = self._policy_logps(model, inputs)
             l = dpo_losses(pc, pr, ref[0].to(pc.dtype), ref[1].to(pc.dtype), a.beta)
@@ -237,7 +253,8 @@ class RobustDPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _wdpo_loss(self, model, inputs: dict, ref):
+    def _wdpo(self, model, inputs: dict, ref, window=None):
+        """WDPO result and the policy log-probabilities (the value only under ``no_grad``)."""
         a = self.args
         ids = inputs["input_ids"]
         n = ids.shape[0] // 2
@@ -256,14 +273,11 @@ class RobustDPOTrainer(DPOTrainer):
             res = wasserstein_loss(embed_fn, loss_fn, a.rho, form=a.wdpo_form, mode=a.wdpo_mode,
                                    params=model.parameters(), fd_eps=a.fd_eps,
                                    fd_scheme=a.fd_scheme, batch=self.robust_batch,
-                                   no_sync=getattr(model, "no_sync", None))
-        else:  # evaluation: the value, with the embedding gradient under enable_grad
+                                   no_sync=getattr(model, "no_sync", None), window=window)
+        else:  # evaluation or the window pre-pass: embedding gradient under enable_grad
             res = wasserstein_value(embed_fn, loss_fn, a.rho, form=a.wdpo_form,
                                     batch=self.robust_batch)
-        uniform = torch.ones(n, dtype=torch.float64, device=ids.device)
-        extra = {"objective": float(res.value), "penalty": float(res.penalty),
-                 **weight_summary(self.robust_batch.gather(uniform)[0])}
-        return res.loss, saved["logps"], extra
+        return res, saved["logps"]
 
     def _log_metrics(self, mode: str, inputs: dict, pc, pr, ref, extra: dict) -> None:
         gather = self.robust_batch.gather

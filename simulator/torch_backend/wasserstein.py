@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +68,8 @@ from .distributed import GlobalBatch
 from .losses import check_tensor
 
 __all__ = ["WASSERSTEIN_MODES", "WASSERSTEIN_FORMS", "WassersteinResult", "wasserstein_loss",
-           "wasserstein_value", "default_fd_eps", "SecondDerivativeError",
-           "lacks_second_derivative"]
+           "wasserstein_value", "wasserstein_window", "WassersteinWindow", "default_fd_eps",
+           "SecondDerivativeError", "lacks_second_derivative"]
 
 WASSERSTEIN_MODES = ("double-backward", "finite-difference")
 WASSERSTEIN_FORMS = ("squared", "gr")
@@ -94,6 +94,8 @@ class WassersteinResult:
         This process's ``q_i = ||grad_e l_i||^2`` (detached).
     eps : float
         Finite-difference step (``nan`` in double-backward mode).
+    stats : WassersteinWindow
+        The batch statistics used (global over processes; over the window when one was given).
     """
 
     loss: torch.Tensor
@@ -102,6 +104,53 @@ class WassersteinResult:
     losses: torch.Tensor
     grad_sq: torch.Tensor
     eps: float
+    stats: WassersteinWindow
+
+
+@dataclass
+class WassersteinWindow:
+    """Batch statistics of the surrogate, global over processes (float64 scalars).
+
+    Over one micro-batch (``micro_batches = 1``) or, combined by
+    :func:`wasserstein_window`, over the accumulation window of one optimizer step:
+    sample count ``n``, sums of ``l_i`` and ``q_i``, the largest embedding-gradient
+    norm ``gmax`` and the sum of squares and count of the embedding vectors (the
+    finite-difference step).
+    """
+
+    n: torch.Tensor
+    sum_l: torch.Tensor
+    sum_q: torch.Tensor
+    gmax: torch.Tensor
+    e_sq: torch.Tensor
+    e_count: torch.Tensor
+    micro_batches: int = 1
+
+    @property
+    def mean_l(self) -> torch.Tensor:
+        return self.sum_l / self.n
+
+    @property
+    def mean_q(self) -> torch.Tensor:
+        return self.sum_q / self.n
+
+
+def wasserstein_window(micro: Sequence[WassersteinWindow]) -> WassersteinWindow:
+    """The statistics of an accumulation window from those of its micro-batches.
+
+    ``micro``: the ``stats`` of :func:`wasserstein_value` on every micro-batch of one
+    optimizer step (the no-grad pre-pass: one forward and one backward to the
+    embeddings per micro-batch). Passed as ``window`` to :func:`wasserstein_loss`, the
+    ``gr`` normaliser ``sqrt(mean q)``, ``N`` and the finite-difference step are those
+    of the window, and the loss is scaled by ``K W`` (the trainer divides by ``K``).
+    """
+    if not micro:
+        raise ValueError("micro must hold the statistics of at least one micro-batch, got none")
+    return WassersteinWindow(sum(m.n for m in micro), sum(m.sum_l for m in micro),
+                             sum(m.sum_q for m in micro),
+                             torch.stack([m.gmax for m in micro]).max(),
+                             sum(m.e_sq for m in micro), sum(m.e_count for m in micro),
+                             sum(m.micro_batches for m in micro))
 
 
 # Default relative steps per precision and scheme. float32: near the optima sqrt(u) (forward)
@@ -200,8 +249,8 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
                      form: str = "squared", mode: str = "finite-difference",
                      params: Iterable[torch.Tensor] | None = None, fd_eps: float | None = None,
                      fd_scheme: str = "forward", batch: GlobalBatch | None = None,
-                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> WassersteinResult:
+                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     window: WassersteinWindow | None = None) -> WassersteinResult:
     """WDPO surrogate with the embedding-gradient penalty (module docstring for the maths).
 
     Parameters
@@ -230,6 +279,9 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
         Context manager factory entered around the first pass in
         finite-difference mode (``ddp_model.no_sync``), whose gradients are
         folded into the loss instead of being reduced.
+    window : WassersteinWindow, optional
+        Statistics of the whole accumulation window (:func:`wasserstein_window`);
+        default: this micro-batch's.
 
     Returns
     -------
@@ -247,12 +299,12 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
         raise ValueError(f"fd_scheme must be 'forward' or 'central', got {fd_scheme!r}")
     batch = batch or GlobalBatch()
     if mode == "double-backward":
-        return _double_backward(embed_fn, loss_fn, rho, form, batch)
+        return _double_backward(embed_fn, loss_fn, rho, form, batch, window)
     if params is None:
         raise ValueError("params must list the trainable parameters in finite-difference mode")
     params = [p for p in params if p.requires_grad]
     return _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, fd_scheme, batch,
-                              no_sync or contextlib.nullcontext)
+                              no_sync or contextlib.nullcontext, window)
 
 
 def _check_rho_form(rho, form: str) -> float:
@@ -282,26 +334,32 @@ def wasserstein_value(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
     rho = _check_rho_form(rho, form)
     batch = batch or GlobalBatch()
     with torch.enable_grad():
-        _, l, g, _ = _first_pass(embed_fn, loss_fn, False, [])
-    q = _per_sample_sq(tuple(gk.detach() for gk in g))
-    _, mean_l, mean_q = _global_stats(l, q, batch)
-    penalty = _penalty(rho, form, mean_q)
-    value = mean_l + penalty
-    return WassersteinResult(value.to(l.dtype), value, penalty, l.detach(), q, float("nan"))
+        emb, l, g, _ = _first_pass(embed_fn, loss_fn, False, [])
+    g = tuple(gk.detach() for gk in g)
+    q = _per_sample_sq(g)
+    st = _stats(emb, l, q, g, batch)
+    penalty = _penalty(rho, form, st.mean_q)
+    value = st.mean_l + penalty
+    return WassersteinResult(value.to(l.dtype), value, penalty, l.detach(), q, float("nan"), st)
 
 
-def _global_stats(l, q, batch: GlobalBatch):
-    n = batch.sum(torch.tensor(float(l.shape[0]), dtype=torch.float64, device=l.device))
-    mean_l = batch.sum(l.detach().double().sum()) / n
-    mean_q = batch.sum(q.detach().double().sum()) / n
-    return n, mean_l, mean_q
+def _stats(emb, l, q, g, batch: GlobalBatch) -> WassersteinWindow:
+    """This micro-batch's statistics, reduced over the processes."""
+    f64 = {"dtype": torch.float64, "device": l.device}
+    return WassersteinWindow(
+        batch.sum(torch.tensor(float(l.shape[0]), **f64)), batch.sum(l.detach().double().sum()),
+        batch.sum(q.detach().double().sum()),
+        batch.max(max(gk.detach().double().norm(dim=-1).max() for gk in g)),
+        batch.sum(sum(e.detach().double().pow(2).sum() for e in emb)),
+        batch.sum(torch.tensor(float(sum(e[..., 0].numel() for e in emb)), **f64)))
 
 
-def _double_backward(embed_fn, loss_fn, rho, form, batch):
+def _double_backward(embed_fn, loss_fn, rho, form, batch, window):
     emb, l, g, _ = _first_pass(embed_fn, loss_fn, True, [])
     q = _per_sample_sq(g)
-    n, mean_l, mean_q = _global_stats(l, q, batch)
-    w = batch.world_size
+    st = _stats(emb, l, q, g, batch) if window is None else window
+    n, mean_l, mean_q = st.n, st.mean_l, st.mean_q
+    w = batch.world_size * st.micro_batches
     penalty = _penalty(rho, form, mean_q)
     if form == "squared":
         surrogate = w * (l + rho * q).sum() / n
@@ -310,16 +368,18 @@ def _double_backward(embed_fn, loss_fn, rho, form, batch):
         surrogate = w * (l.sum() + coef * q.sum()) / n
     value = mean_l + penalty
     return WassersteinResult(_shifted(surrogate.to(l.dtype), value), value, penalty,
-                             l.detach(), q.detach(), float("nan"))
+                             l.detach(), q.detach(), float("nan"), st)
 
 
-def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, batch, no_sync):
+def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, batch, no_sync,
+                       window):
     rng = _rng_state()
     with no_sync():
         emb, l, g, g_params = _first_pass(embed_fn, loss_fn, False, params)
     g = tuple(gk.detach() for gk in g)
     q = _per_sample_sq(g)
-    n, mean_l, mean_q = _global_stats(l, q, batch)
+    st = _stats(emb, l, q, g, batch) if window is None else window
+    n, mean_l, mean_q = st.n, st.mean_l, st.mean_q
     dtype = l.dtype
     # the step follows the coarser precision of the embeddings and the log-probabilities
     # (a float32 LM head under a float64 model rounds at float32)
@@ -333,15 +393,12 @@ def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, bat
     else:
         a = rho / (n * torch.sqrt(mean_q)) if float(mean_q) > 0 else 0.0 * n
     value = mean_l + penalty
-    gmax = batch.max(max(gk.detach().double().norm(dim=-1).max() for gk in g))
-    e_sq = batch.sum(sum(e.detach().double().pow(2).sum() for e in emb))
-    e_count = batch.sum(torch.tensor(float(sum(e[..., 0].numel() for e in emb)),
-                                     dtype=torch.float64, device=l.device))
-    w = batch.world_size
+    gmax = st.gmax
+    w = batch.world_size * st.micro_batches
     if float(a) == 0.0 or float(gmax) == 0.0:
         eps, first, terms = float("nan"), 1.0 / n, []
     else:
-        eps = float(fd_eps * torch.sqrt(e_sq / e_count) / gmax)
+        eps = float(fd_eps * torch.sqrt(st.e_sq / st.e_count) / gmax)
         if eps == 0.0:
             eps = fd_eps / float(gmax)
         if scheme == "forward":
@@ -360,4 +417,4 @@ def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, bat
     if not isinstance(surrogate, torch.Tensor):
         raise ValueError("params must hold at least one tensor the loss depends on")
     return WassersteinResult(_shifted(surrogate.to(dtype), value), value, penalty,
-                             l.detach(), q.detach(), eps)
+                             l.detach(), q.detach(), eps, st)
