@@ -43,11 +43,12 @@ Both need ``grad_theta q_i``, and two ways to get it are implemented:
     The step is one scalar for the whole (global) batch:
     ``eps = fd_eps * rms_t ||e_t|| / max_t ||g_t||`` over the embedding vectors
     ``t`` (tokens), so the largest move is ``fd_eps`` times the typical embedding
-    norm. Default ``fd_eps`` (:func:`default_fd_eps`) by the *coarser* precision of the
-    embeddings and the per-sample losses (a float32 LM head under a float64 model rounds
-    at float32): ``1e-4`` in float64; in float32 ``3e-4`` (forward) and ``1e-3``
-    (central); ``1e-2`` in half precision (round-off of the difference grows like
-    ``unit roundoff / fd_eps``, truncation like ``fd_eps`` or ``fd_eps^2``).
+    norm. Default ``fd_eps`` (:func:`default_fd_eps`) by the *coarsest* precision of the
+    embeddings, the per-sample losses (a float32 LM head under a float64 model rounds
+    at float32) and an active ``torch.autocast``: ``1e-4`` in float64; in float32 ``3e-4``
+    (forward) and ``1e-3`` (central); ``1e-2`` in half precision (round-off of the
+    difference grows like ``unit roundoff / fd_eps``, truncation like ``fd_eps`` or
+    ``fd_eps^2``).
     The random-number state is restored before each pass so that dropout masks agree.
 
 Under ``torch.distributed`` every batch statistic (``N``, ``mean q``, ``eps``)
@@ -381,9 +382,13 @@ def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, bat
     st = _stats(emb, l, q, g, batch) if window is None else window
     n, mean_l, mean_q = st.n, st.mean_l, st.mean_q
     dtype = l.dtype
-    # the step follows the coarser precision of the embeddings and the log-probabilities
-    # (a float32 LM head under a float64 model rounds at float32)
-    coarse = max((emb[0].dtype, dtype), key=lambda d: torch.finfo(d).eps)
+    # the step follows the coarsest precision of the computation: the embeddings, the
+    # log-probabilities (a float32 LM head under a float64 model rounds at float32) and an
+    # active autocast (TRL's default bf16 mixed precision computes in bf16 on float32 tensors)
+    device = emb[0].device.type
+    dtypes = [emb[0].dtype, dtype] + ([torch.get_autocast_dtype(device)]
+                                      if torch.is_autocast_enabled(device) else [])
+    coarse = max(dtypes, key=lambda d: torch.finfo(d).eps)
     fd_eps = default_fd_eps(coarse, scheme) if fd_eps is None else float(fd_eps)
     if not math.isfinite(fd_eps) or fd_eps <= 0:
         raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps!r}")
