@@ -185,3 +185,74 @@ def test_bad_inputs_raise_clear_errors():
         tb.wasserstein_loss(lambda: (e,), lambda a: a @ w, 0.1, mode="exact")
     with pytest.raises(ValueError, match="leading dimension"):
         tb.wasserstein_loss(lambda: (e,), lambda a: (a @ w)[:2], 0.1, params=[w])
+
+
+def _gpt2_pairs():
+    from simulator.torch_backend.pairs import TokenizedPairs
+
+    g = torch.Generator().manual_seed(1)
+    recs = [{"prompt": torch.randint(0, 16, (3,), generator=g).tolist(),
+             "chosen": torch.randint(0, 16, (4 + i % 3,), generator=g).tolist(),
+             "rejected": torch.randint(0, 16, (5,), generator=g).tolist()} for i in range(6)]
+    return TokenizedPairs(recs).collate(range(6)), torch.randn(2, 6, generator=g,
+                                                              dtype=torch.float64)
+
+
+def test_float32_step_follows_the_log_probabilities_and_central_default_is_accurate():
+    # A float32 computation (TRL's fused head rounds at float32 even under a float64 model):
+    # the default step is float32's, chosen by the coarser of the embeddings' and the losses'
+    # dtypes. Central differences at that step: penalty-gradient error 1.45e-4 against float64
+    # double backward (float64's step 1e-4 gives 1.5e-3 here).
+    from simulator.torch_backend.trainer import sequence_logps
+
+    b, ref = _gpt2_pairs()
+
+    def penalty_grad(model, mode, dtype, fd_eps=None, emb_dtype=None):
+        def embed_fn():
+            e = model.get_input_embeddings()(b.input_ids)
+            e = e if emb_dtype is None else e.to(emb_dtype)
+            return e[:6], e[6:]
+
+        def loss_fn(ec, er):
+            lp = sequence_logps(model, b.input_ids, b.attention_mask, b.loss_mask,
+                                torch.cat([ec, er]).to(dtype))
+            return tb.dpo_losses(lp[:6], lp[6:], ref[0].to(dtype), ref[1].to(dtype), 0.5)
+
+        out = []
+        for rho in (0.0, 0.2):
+            model.zero_grad()
+            res = tb.wasserstein_loss(embed_fn, loss_fn, rho, mode=mode, fd_scheme="central",
+                                      fd_eps=fd_eps, params=model.parameters())
+            res.loss.backward()
+            out.append(torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+        return out[1] - out[0], res.eps
+
+    exact, _ = penalty_grad(_tiny_gpt2(), "double-backward", torch.float64)
+    m32 = _tiny_gpt2().float()
+    got, eps = penalty_grad(m32, "finite-difference", torch.float32)
+    assert ((got - exact).norm() / exact.norm()).item() < 2e-4
+    # float64 embeddings, float32 losses: the step is float32's, not float64's
+    _, eps_mixed = penalty_grad(m32, "finite-difference", torch.float32,
+                                emb_dtype=torch.float64)
+    _, eps_f32 = penalty_grad(m32, "finite-difference", torch.float32,
+                              fd_eps=tb.default_fd_eps(torch.float32, "central"),
+                              emb_dtype=torch.float64)
+    assert tb.default_fd_eps(torch.float32, "central") != tb.default_fd_eps(torch.float64,
+                                                                             "central")
+    assert eps_mixed == pytest.approx(eps_f32, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["kl-var", "chi2-var"])
+def test_variance_weights_ignore_round_off_spread(name):
+    # At the first step (policy = reference) every loss is log 2 up to forward-pass round-off;
+    # sqrt(Var) has no gradient there and dev / sd is noise: the weights must be DPO's, not
+    # O(1) garbage that changes with the thread count (it moved a trained model by 0.03).
+    noise = torch.tensor([1.0, -2.0, 0.5, 0.5]) * 1e-16
+    l = torch.full((4,), np.log(2.0), dtype=torch.float64) + noise
+    agg = tb.aggregate(l, name, rho=0.3)
+    torch.testing.assert_close(agg.weights, torch.full((4,), 0.25, dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    # a real spread keeps its robust weights
+    agg = tb.aggregate(l + torch.tensor([0.0, 1e-6, 0.0, 0.0], dtype=torch.float64), name,
+                       rho=0.3)
+    assert float(agg.weights.max()) > 0.3

@@ -40,9 +40,23 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 from .distributed import GlobalBatch
-from .losses import AGGREGATIONS, aggregate, aggregation_params, dpo_losses
+from .losses import (
+    AGGREGATIONS,
+    WindowAggregate,
+    aggregate_window,
+    aggregation_params,
+    dpo_losses,
+    weight_summary,
+)
 from .pairs import PairTensors, TokenizedPairs
-from .wasserstein import WASSERSTEIN_FORMS, WASSERSTEIN_MODES, wasserstein_loss
+from .wasserstein import (
+    WASSERSTEIN_FORMS,
+    WASSERSTEIN_MODES,
+    WassersteinWindow,
+    wasserstein_loss,
+    wasserstein_value,
+    wasserstein_window,
+)
 
 __all__ = ["METHODS", "SCHEDULES", "TrainConfig", "lr_factor", "Trainer", "sequence_logps",
            "pick_device", "init_distributed", "METRIC_COLUMNS"]
@@ -338,8 +352,18 @@ class Trainer:
     def _net(self):
         return self.ddp if self.ddp is not None else self.model
 
-    def micro_batch_loss(self, b: PairTensors) -> dict:
-        """Loss (for ``backward``) and statistics of one micro-batch."""
+    def micro_batch_loss(self, b: PairTensors,
+                         window: WindowAggregate | WassersteinWindow | None = None,
+                         k: int = 0) -> dict:
+        """Loss (for ``backward``) and statistics of one micro-batch.
+
+        ``window``: the coefficients of the whole accumulation window from the
+        pre-pass of :meth:`train` (micro-batch ``k`` of it; for ``wdpo`` its
+        :class:`.wasserstein.WassersteinWindow`); ``None``: the micro-batch is its
+        own aggregation batch. Under ``torch.no_grad`` (the pre-pass) ``wdpo`` gives
+        its value only. The returned ``losses`` and ``wdpo_stats`` are what the
+        pre-pass collects.
+        """
         cfg, net, n = self.cfg, self._net(), b.index.shape[0]
         ref = self.ref_logps[b.index].to(torch.float32 if cfg.bf16 else torch.float64)
         ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -363,31 +387,36 @@ class Trainer:
                 saved.setdefault("lp", lp.detach())
                 return l
 
-            res = wasserstein_loss(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
-                                   mode=cfg.wdpo_mode, params=self.model.parameters(),
-                                   fd_eps=cfg.fd_eps, fd_scheme=cfg.fd_scheme, batch=self.batch,
-                                   no_sync=None if self.ddp is None else self.ddp.no_sync)
+            if torch.is_grad_enabled():
+                res = wasserstein_loss(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
+                                       mode=cfg.wdpo_mode, params=self.model.parameters(),
+                                       fd_eps=cfg.fd_eps, fd_scheme=cfg.fd_scheme,
+                                       batch=self.batch, window=window,
+                                       no_sync=None if self.ddp is None else self.ddp.no_sync)
+            else:  # the pre-pass (or an evaluation): value and statistics, no parameter grad
+                res = wasserstein_value(embed_fn, loss_fn, cfg.rho, form=cfg.wdpo_form,
+                                        batch=self.batch)
             weights = torch.full((n,), 1.0 / (n * self.world), device=self.device)  # drop_last
             lp, value, dpo_l = saved["lp"], res.value, res.losses
             penalty = float(res.penalty)
-            loss = res.loss
+            loss, summary = res.loss, weight_summary(self.batch.gather(weights)[0])
+            stats = res.stats
         else:
             l, lp = losses_at()
-            agg = aggregate(l, cfg.method, tau=cfg.tau, clip=cfg.clip, rho=cfg.rho,
-                            beta_prime=cfg.beta_prime, batch=self.batch)
-            loss, weights, value, dpo_l, penalty = agg.loss, agg.weights, agg.value, \
-                l.detach(), 0.0
+            if window is None:
+                window = aggregate_window([l.detach()], cfg.method, tau=cfg.tau, clip=cfg.clip,
+                                          rho=cfg.rho, beta_prime=cfg.beta_prime,
+                                          batch=self.batch)
+                k = 0
+            loss, value, dpo_l, penalty = window.loss(k, l), window.value, l.detach(), 0.0
+            summary, stats = weight_summary(window.global_weights), None
             lp = lp.detach()
         # statistics of the global batch (identical on every rank)
         margin = self.batch.gather(cfg.beta * ((lp[:n] - ref_c) - (lp[n:] - ref_r)))[0].double()
-        c = self.batch.gather(weights.double())[0]
-        w = c * c.shape[0]
-        return {"loss": loss, "value": float(value),
+        return {"loss": loss, "losses": dpo_l, "wdpo_stats": stats, "value": float(value),
                 "dpo_loss": float(self.batch.gather(dpo_l.double())[0].mean()),
                 "penalty": penalty, "reward_margin": float(margin.mean()),
-                "accuracy": float((margin > 0).double().mean()),
-                "weight_max": float(w.max()), "weight_min": float(w.min()),
-                "weight_ess": float(c.sum() ** 2 / (c**2).sum() / c.shape[0])}
+                "accuracy": float((margin > 0).double().mean()), **summary}
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -500,13 +529,24 @@ class Trainer:
         while self.step < last:
             self.opt.zero_grad(set_to_none=True)
             stats = []
-            for k in range(cfg.grad_accum):
-                micro = self.step * cfg.grad_accum + k
-                b = self.data.collate(self._indices(micro)).to(self.device)
+            batches = [self.data.collate(self._indices(self.step * cfg.grad_accum + k))
+                       .to(self.device) for k in range(cfg.grad_accum)]
+            window = None
+            if cfg.grad_accum > 1 and (cfg.method not in ("dpo", "wdpo") or
+                                       (cfg.method, cfg.wdpo_form) == ("wdpo", "gr")):
+                # pre-pass: the robust weights (the gr normaliser) span the whole window
+                with torch.no_grad():
+                    pre = [self.micro_batch_loss(b) for b in batches]
+                window = wasserstein_window([p["wdpo_stats"] for p in pre]) \
+                    if cfg.method == "wdpo" else aggregate_window(
+                        [p["losses"] for p in pre], cfg.method, tau=cfg.tau, clip=cfg.clip,
+                        rho=cfg.rho, beta_prime=cfg.beta_prime, batch=self.batch)
+            for k, b in enumerate(batches):
                 sync = k == cfg.grad_accum - 1 or self.ddp is None
                 ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
                 with ctx:
-                    st = self.micro_batch_loss(b)
+                    st = self.micro_batch_loss(b, window, k)
+                    del st["losses"], st["wdpo_stats"]
                     _backward(st.pop("loss") / cfg.grad_accum)
                 stats.append(st)
             grad_norm = torch.nn.utils.clip_grad_norm_(

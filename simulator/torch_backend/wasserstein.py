@@ -43,8 +43,12 @@ Both need ``grad_theta q_i``, and two ways to get it are implemented:
     The step is one scalar for the whole (global) batch:
     ``eps = fd_eps * rms_t ||e_t|| / max_t ||g_t||`` over the embedding vectors
     ``t`` (tokens), so the largest move is ``fd_eps`` times the typical embedding
-    norm. Default ``fd_eps``: ``1e-4`` in float64, ``1e-2`` in lower precision
-    (round-off of the difference grows like ``unit roundoff / fd_eps``).
+    norm. Default ``fd_eps`` (:func:`default_fd_eps`) by the *coarsest* precision of the
+    embeddings, the per-sample losses (a float32 LM head under a float64 model rounds
+    at float32) and an active ``torch.autocast``: ``1e-4`` in float64; in float32 ``3e-4``
+    (forward) and ``1e-3`` (central); ``1e-2`` in half precision (round-off of the
+    difference grows like ``unit roundoff / fd_eps``, truncation like ``fd_eps`` or
+    ``fd_eps^2``).
     The random-number state is restored before each pass so that dropout masks agree.
 
 Under ``torch.distributed`` every batch statistic (``N``, ``mean q``, ``eps``)
@@ -56,7 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +69,8 @@ from .distributed import GlobalBatch
 from .losses import check_tensor
 
 __all__ = ["WASSERSTEIN_MODES", "WASSERSTEIN_FORMS", "WassersteinResult", "wasserstein_loss",
-           "default_fd_eps"]
+           "wasserstein_value", "wasserstein_window", "WassersteinWindow", "default_fd_eps",
+           "SecondDerivativeError", "lacks_second_derivative"]
 
 WASSERSTEIN_MODES = ("double-backward", "finite-difference")
 WASSERSTEIN_FORMS = ("squared", "gr")
@@ -90,6 +95,8 @@ class WassersteinResult:
         This process's ``q_i = ||grad_e l_i||^2`` (detached).
     eps : float
         Finite-difference step (``nan`` in double-backward mode).
+    stats : WassersteinWindow
+        The batch statistics used (global over processes; over the window when one was given).
     """
 
     loss: torch.Tensor
@@ -98,11 +105,71 @@ class WassersteinResult:
     losses: torch.Tensor
     grad_sq: torch.Tensor
     eps: float
+    stats: WassersteinWindow
 
 
-def default_fd_eps(dtype: torch.dtype) -> float:
-    """Default relative finite-difference step: ``1e-4`` in float64, else ``1e-2``."""
-    return 1e-4 if dtype == torch.float64 else 1e-2
+@dataclass
+class WassersteinWindow:
+    """Batch statistics of the surrogate, global over processes (float64 scalars).
+
+    Over one micro-batch (``micro_batches = 1``) or, combined by
+    :func:`wasserstein_window`, over the accumulation window of one optimizer step:
+    sample count ``n``, sums of ``l_i`` and ``q_i``, the largest embedding-gradient
+    norm ``gmax`` and the sum of squares and count of the embedding vectors (the
+    finite-difference step).
+    """
+
+    n: torch.Tensor
+    sum_l: torch.Tensor
+    sum_q: torch.Tensor
+    gmax: torch.Tensor
+    e_sq: torch.Tensor
+    e_count: torch.Tensor
+    micro_batches: int = 1
+
+    @property
+    def mean_l(self) -> torch.Tensor:
+        return self.sum_l / self.n
+
+    @property
+    def mean_q(self) -> torch.Tensor:
+        return self.sum_q / self.n
+
+
+def wasserstein_window(micro: Sequence[WassersteinWindow]) -> WassersteinWindow:
+    """The statistics of an accumulation window from those of its micro-batches.
+
+    ``micro``: the ``stats`` of :func:`wasserstein_value` on every micro-batch of one
+    optimizer step (the no-grad pre-pass: one forward and one backward to the
+    embeddings per micro-batch). Passed as ``window`` to :func:`wasserstein_loss`, the
+    ``gr`` normaliser ``sqrt(mean q)``, ``N`` and the finite-difference step are those
+    of the window, and the loss is scaled by ``K W`` (the trainer divides by ``K``).
+    """
+    if not micro:
+        raise ValueError("micro must hold the statistics of at least one micro-batch, got none")
+    return WassersteinWindow(sum(m.n for m in micro), sum(m.sum_l for m in micro),
+                             sum(m.sum_q for m in micro),
+                             torch.stack([m.gmax for m in micro]).max(),
+                             sum(m.e_sq for m in micro), sum(m.e_count for m in micro),
+                             sum(m.micro_batches for m in micro))
+
+
+# Default relative steps per precision and scheme. float32: near the optima sqrt(u) (forward)
+# and u^(1/3) (central), u = 6e-8; measured on two small GPT-2s against float64 double
+# backward (relative error of the penalty gradient): forward 9e-4-1.3e-3 at 3e-4 (the former
+# 1e-2: 6e-3-3.6e-2), central 6e-5-1.5e-4 at 1e-3. Half precision keeps 1e-2 (u = 4e-3).
+_FD_EPS = {torch.float64: {"forward": 1e-4, "central": 1e-4},
+           torch.float32: {"forward": 3e-4, "central": 1e-3}}
+_FD_EPS_HALF = 1e-2
+
+
+def default_fd_eps(dtype: torch.dtype, scheme: str = "forward") -> float:
+    """Default relative finite-difference step for a computation in ``dtype``.
+
+    ``1e-4`` in float64; in float32 ``3e-4`` (``forward``) or ``1e-3`` (``central``);
+    ``1e-2`` in bfloat16/float16.
+    """
+    return _FD_EPS.get(dtype, {}).get(scheme, _FD_EPS_HALF)
 
 
 def _rng_state():
@@ -115,6 +182,30 @@ def _set_rng_state(state) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+class SecondDerivativeError(RuntimeError):
+    """A kernel of the model has no second derivative, which double-backward mode needs."""
+
+
+# Fragments of torch's messages when a kernel cannot be differentiated twice: an op without a
+# derivative formula (fused attention backward), an ``out=`` op inside a custom backward (TRL's
+# chunked log-prob head), ``@once_differentiable`` functions.
+_SECOND_DERIVATIVE_MESSAGES = ("derivative for", "don't support automatic differentiation",
+                               "once_differentiable", "differentiate twice")
+
+
+def lacks_second_derivative(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's error for a kernel that cannot be differentiated twice."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _SECOND_DERIVATIVE_MESSAGES)
+
+
+def second_derivative_error(detail: str) -> SecondDerivativeError:
+    """The error for a model whose kernels lack the second derivative double backward needs."""
+    return SecondDerivativeError(
+        "wdpo mode 'double-backward' needs second derivatives of every kernel of the model, but "
+        f"one has none ({detail}); fused kernels such as TRL's fused LM head or flash/sdpa "
+        "attention do not provide them: use mode 'finite-difference' (no second derivatives)")
 
 
 def _first_pass(embed_fn, loss_fn, create_graph: bool, extra: list[torch.Tensor]):
@@ -131,12 +222,18 @@ def _first_pass(embed_fn, loss_fn, create_graph: bool, extra: list[torch.Tensor]
         grads = torch.autograd.grad(l.sum(), list(emb) + extra, create_graph=create_graph,
                                     allow_unused=True)
     except RuntimeError as exc:
+        if create_graph and lacks_second_derivative(exc):
+            raise second_derivative_error(str(exc)) from exc
         raise ValueError(f"the loss cannot be differentiated w.r.t. the embeddings: {exc}") \
             from exc
     g = grads[: len(emb)]
     if any(gk is None for gk in g):
         raise ValueError("the embeddings cannot be reached: loss_fn does not depend on every "
                          "tensor returned by embed_fn (does the model use inputs_embeds?)")
+    if create_graph and not all(gk.requires_grad for gk in g):
+        # a backward that ran outside autograd (e.g. a custom kernel): the penalty would get
+        # no parameter gradient, silently
+        raise second_derivative_error("the embedding gradient is not differentiable")
     return emb, l, g, grads[len(emb):]
 
 
@@ -153,8 +250,8 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
                      form: str = "squared", mode: str = "finite-difference",
                      params: Iterable[torch.Tensor] | None = None, fd_eps: float | None = None,
                      fd_scheme: str = "forward", batch: GlobalBatch | None = None,
-                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> WassersteinResult:
+                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     window: WassersteinWindow | None = None) -> WassersteinResult:
     """WDPO surrogate with the embedding-gradient penalty (module docstring for the maths).
 
     Parameters
@@ -183,6 +280,9 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
         Context manager factory entered around the first pass in
         finite-difference mode (``ddp_model.no_sync``), whose gradients are
         folded into the loss instead of being reduced.
+    window : WassersteinWindow, optional
+        Statistics of the whole accumulation window (:func:`wasserstein_window`);
+        default: this micro-batch's.
 
     Returns
     -------
@@ -193,76 +293,117 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
     ValueError
         On bad arguments, NaN losses, or embeddings the loss does not depend on.
     """
-    rho = float(rho)
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    if form not in WASSERSTEIN_FORMS:
-        raise ValueError(f"form must be one of {WASSERSTEIN_FORMS}, got {form!r}")
+    rho = _check_rho_form(rho, form)
     if mode not in WASSERSTEIN_MODES:
         raise ValueError(f"mode must be one of {WASSERSTEIN_MODES}, got {mode!r}")
     if fd_scheme not in ("forward", "central"):
         raise ValueError(f"fd_scheme must be 'forward' or 'central', got {fd_scheme!r}")
     batch = batch or GlobalBatch()
     if mode == "double-backward":
-        return _double_backward(embed_fn, loss_fn, rho, form, batch)
+        return _double_backward(embed_fn, loss_fn, rho, form, batch, window)
     if params is None:
         raise ValueError("params must list the trainable parameters in finite-difference mode")
     params = [p for p in params if p.requires_grad]
     return _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, fd_scheme, batch,
-                              no_sync or contextlib.nullcontext)
+                              no_sync or contextlib.nullcontext, window)
 
 
-def _global_stats(l, q, batch: GlobalBatch):
-    n = batch.sum(torch.tensor(float(l.shape[0]), dtype=torch.float64, device=l.device))
-    mean_l = batch.sum(l.detach().double().sum()) / n
-    mean_q = batch.sum(q.detach().double().sum()) / n
-    return n, mean_l, mean_q
+def _check_rho_form(rho, form: str) -> float:
+    rho = float(rho)
+    if not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if form not in WASSERSTEIN_FORMS:
+        raise ValueError(f"form must be one of {WASSERSTEIN_FORMS}, got {form!r}")
+    return rho
 
 
-def _double_backward(embed_fn, loss_fn, rho, form, batch):
+def _penalty(rho: float, form: str, mean_q: torch.Tensor) -> torch.Tensor:
+    return rho * mean_q if form == "squared" else rho * torch.sqrt(mean_q)
+
+
+def wasserstein_value(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
+                      loss_fn: Callable[..., torch.Tensor], rho: float, *,
+                      form: str = "squared", batch: GlobalBatch | None = None
+                      ) -> WassersteinResult:
+    """The WDPO surrogate's value, without any parameter gradient (evaluation).
+
+    Runs one forward and one backward to the embeddings only (``g_i``, hence
+    ``q_i``), under ``torch.enable_grad`` so that it works inside ``torch.no_grad``
+    (an evaluation loop); no parameter's ``.grad`` is touched. Arguments as
+    :func:`wasserstein_loss`; ``loss`` of the result is the detached value.
+    """
+    rho = _check_rho_form(rho, form)
+    batch = batch or GlobalBatch()
+    with torch.enable_grad():
+        emb, l, g, _ = _first_pass(embed_fn, loss_fn, False, [])
+    g = tuple(gk.detach() for gk in g)
+    q = _per_sample_sq(g)
+    st = _stats(emb, l, q, g, batch)
+    penalty = _penalty(rho, form, st.mean_q)
+    value = st.mean_l + penalty
+    return WassersteinResult(value.to(l.dtype), value, penalty, l.detach(), q, float("nan"), st)
+
+
+def _stats(emb, l, q, g, batch: GlobalBatch) -> WassersteinWindow:
+    """This micro-batch's statistics, reduced over the processes."""
+    f64 = {"dtype": torch.float64, "device": l.device}
+    return WassersteinWindow(
+        batch.sum(torch.tensor(float(l.shape[0]), **f64)), batch.sum(l.detach().double().sum()),
+        batch.sum(q.detach().double().sum()),
+        batch.max(max(gk.detach().double().norm(dim=-1).max() for gk in g)),
+        batch.sum(sum(e.detach().double().pow(2).sum() for e in emb)),
+        batch.sum(torch.tensor(float(sum(e[..., 0].numel() for e in emb)), **f64)))
+
+
+def _double_backward(embed_fn, loss_fn, rho, form, batch, window):
     emb, l, g, _ = _first_pass(embed_fn, loss_fn, True, [])
     q = _per_sample_sq(g)
-    n, mean_l, mean_q = _global_stats(l, q, batch)
-    w = batch.world_size
+    st = _stats(emb, l, q, g, batch) if window is None else window
+    n, mean_l, mean_q = st.n, st.mean_l, st.mean_q
+    w = batch.world_size * st.micro_batches
+    penalty = _penalty(rho, form, mean_q)
     if form == "squared":
-        penalty = rho * mean_q
         surrogate = w * (l + rho * q).sum() / n
     else:
-        penalty = rho * torch.sqrt(mean_q)
         coef = rho / (2.0 * torch.sqrt(mean_q)) if float(mean_q) > 0 else 0.0 * mean_q
         surrogate = w * (l.sum() + coef * q.sum()) / n
     value = mean_l + penalty
     return WassersteinResult(_shifted(surrogate.to(l.dtype), value), value, penalty,
-                             l.detach(), q.detach(), float("nan"))
+                             l.detach(), q.detach(), float("nan"), st)
 
 
-def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, batch, no_sync):
+def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, batch, no_sync,
+                       window):
     rng = _rng_state()
     with no_sync():
         emb, l, g, g_params = _first_pass(embed_fn, loss_fn, False, params)
     g = tuple(gk.detach() for gk in g)
     q = _per_sample_sq(g)
-    n, mean_l, mean_q = _global_stats(l, q, batch)
+    st = _stats(emb, l, q, g, batch) if window is None else window
+    n, mean_l, mean_q = st.n, st.mean_l, st.mean_q
     dtype = l.dtype
-    fd_eps = default_fd_eps(emb[0].dtype) if fd_eps is None else float(fd_eps)
+    # the step follows the coarsest precision of the computation: the embeddings, the
+    # log-probabilities (a float32 LM head under a float64 model rounds at float32) and an
+    # active autocast (TRL's default bf16 mixed precision computes in bf16 on float32 tensors)
+    device = emb[0].device.type
+    dtypes = [emb[0].dtype, dtype] + ([torch.get_autocast_dtype(device)]
+                                      if torch.is_autocast_enabled(device) else [])
+    coarse = max(dtypes, key=lambda d: torch.finfo(d).eps)
+    fd_eps = default_fd_eps(coarse, scheme) if fd_eps is None else float(fd_eps)
     if not math.isfinite(fd_eps) or fd_eps <= 0:
         raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps!r}")
+    penalty = _penalty(rho, form, mean_q)
     if form == "squared":
-        penalty = rho * mean_q
         a = 2.0 * rho / n
     else:
-        penalty = rho * torch.sqrt(mean_q)
         a = rho / (n * torch.sqrt(mean_q)) if float(mean_q) > 0 else 0.0 * n
     value = mean_l + penalty
-    gmax = batch.max(max(gk.detach().double().norm(dim=-1).max() for gk in g))
-    e_sq = batch.sum(sum(e.detach().double().pow(2).sum() for e in emb))
-    e_count = batch.sum(torch.tensor(float(sum(e[..., 0].numel() for e in emb)),
-                                     dtype=torch.float64, device=l.device))
-    w = batch.world_size
+    gmax = st.gmax
+    w = batch.world_size * st.micro_batches
     if float(a) == 0.0 or float(gmax) == 0.0:
         eps, first, terms = float("nan"), 1.0 / n, []
     else:
-        eps = float(fd_eps * torch.sqrt(e_sq / e_count) / gmax)
+        eps = float(fd_eps * torch.sqrt(st.e_sq / st.e_count) / gmax)
         if eps == 0.0:
             eps = fd_eps / float(gmax)
         if scheme == "forward":
@@ -281,4 +422,4 @@ def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, bat
     if not isinstance(surrogate, torch.Tensor):
         raise ValueError("params must hold at least one tensor the loss depends on")
     return WassersteinResult(_shifted(surrogate.to(dtype), value), value, penalty,
-                             l.detach(), q.detach(), eps)
+                             l.detach(), q.detach(), eps, st)
