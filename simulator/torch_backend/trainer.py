@@ -6,8 +6,9 @@
 * Reference log-probabilities are computed once, before training, with a frozen
   copy of the initial model (or a given reference model) and cached (also on
   disk as ``reference_logps.pt``).
-* AdamW with a linear warm-up, gradient accumulation (each micro-batch is one
-  aggregation batch; the accumulated gradient is the mean over micro-batches),
+* AdamW with a linear warm-up, gradient accumulation (the robust weights span the
+  whole accumulation window and every process: a no-grad pre-pass feeds
+  :func:`.losses.aggregate_window`, SPEC 7; the gradient is that of the window),
   optional gradient clipping, a tqdm progress bar, one CSV row of metrics per
   optimizer step, checkpoints (model, optimizer, scheduler, random state) and
   exact resume: the data order is a function of ``(seed, epoch)`` only.
