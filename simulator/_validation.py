@@ -67,9 +67,17 @@ def check_weights(w, n: int, name: str = "weights", atol: float = 1e-9) -> np.nd
     return arr / total
 
 
+def _as_float(value, name: str, bound: str) -> float:
+    """``float(value)``, or a ``ValueError`` naming ``name`` for ``None``, text, ..."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {bound}, got {value!r}") from None
+
+
 def check_nonnegative(value, name: str) -> float:
     """Return ``value`` as a float after checking it is finite and >= 0."""
-    v = float(value)
+    v = _as_float(value, name, "a finite number >= 0")
     if not np.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return v
@@ -77,9 +85,9 @@ def check_nonnegative(value, name: str) -> float:
 
 def check_positive(value, name: str, allow_inf: bool = False) -> float:
     """Return ``value`` as a float after checking it is > 0 (and finite unless allowed)."""
-    v = float(value)
+    bound = "> 0" if allow_inf else "a finite number > 0"
+    v = _as_float(value, name, bound)
     if np.isnan(v) or v <= 0 or (np.isinf(v) and not allow_inf):
-        bound = "> 0" if allow_inf else "a finite number > 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return v
 

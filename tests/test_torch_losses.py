@@ -256,3 +256,13 @@ def test_variance_weights_ignore_round_off_spread(name):
     agg = tb.aggregate(l + torch.tensor([0.0, 1e-6, 0.0, 0.0], dtype=torch.float64), name,
                        rho=0.3)
     assert float(agg.weights.max()) > 0.3
+
+
+@pytest.mark.parametrize(("kw", "name"), [({"tau": None}, "tau"), ({"tau": "x"}, "tau"),
+                                          ({"tau": 1.0, "clip": -1.0}, "clip")])
+def test_aggregation_parameters_are_named_errors(kw, name):
+    """The torch backend shares simulator._validation: None or text is a ValueError naming
+    the argument (not a TypeError from float())."""
+    method = "kldpo-clip" if "clip" in kw else "kldpo-tau"
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number > 0, got"):
+        tb.aggregate(torch.ones(4, dtype=torch.float64), method, **kw)

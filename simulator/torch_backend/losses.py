@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_nonnegative, check_positive
 from .distributed import GlobalBatch
 
 __all__ = ["AGGREGATIONS", "Aggregate", "WindowAggregate", "aggregate", "aggregate_window",
@@ -77,20 +78,6 @@ def check_tensor(t, name: str, ndim: int | None = None) -> torch.Tensor:
     return t
 
 
-def _positive(value, name: str) -> float:
-    v = float(value) if value is not None else float("nan")
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
-
-
-def _nonnegative(value, name: str) -> float:
-    v = float(value) if value is not None else float("nan")
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
-
-
 def dpo_margins(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                 reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
                 beta: float) -> torch.Tensor:
@@ -101,7 +88,7 @@ def dpo_margins(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.
     ValueError
         On tensors that are not 1-D, of different lengths, or hold NaN/inf; on ``beta <= 0``.
     """
-    beta = _positive(beta, "beta")
+    beta = check_positive(beta, "beta")
     names = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
              "reference_rejected_logps")
     ts = [check_tensor(t, n, ndim=1) for t, n in zip(
@@ -176,11 +163,11 @@ def aggregation_params(method: str, tau=None, clip=10.0, rho=None, beta_prime=No
     if method not in AGGREGATIONS:
         raise ValueError(f"method must be one of {AGGREGATIONS}, got {method!r}")
     if method in ("kldpo-tau", "kldpo-clip"):
-        return {"tau": _positive(tau, "tau"), "clip": _positive(clip, "clip")}
+        return {"tau": check_positive(tau, "tau"), "clip": check_positive(clip, "clip")}
     if method in ("kl-var", "chi2-var"):
-        return {"rho": _nonnegative(rho, "rho")}
+        return {"rho": check_nonnegative(rho, "rho")}
     if method == "drdpo":
-        return {"beta_prime": _positive(beta_prime, "beta_prime")}
+        return {"beta_prime": check_positive(beta_prime, "beta_prime")}
     return {}
 
 

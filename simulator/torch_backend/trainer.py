@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from .._validation import check_nonnegative, check_positive, check_positive_int
 from .distributed import GlobalBatch
 from .losses import (
     AGGREGATIONS,
@@ -215,24 +216,15 @@ class TrainConfig:
         if self.method != "wdpo":  # the aggregation's own parameter checks, up front
             aggregation_params(self.method, self.tau, self.clip, self.rho, self.beta_prime)
         for name in ("batch_size", "grad_accum", "max_steps"):
-            v = getattr(self, name)
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("beta", "lr"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            check_positive_int(getattr(self, name), name)
         for name in ("warmup_steps", "checkpoint_every"):
-            v = getattr(self, name)
-            if int(v) != v or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            check_positive_int(getattr(self, name), name, minimum=0)
+        for name in ("beta", "lr"):
+            check_positive(getattr(self, name), name)
         for name in ("weight_decay", "max_grad_norm"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.fd_eps is not None and not (math.isfinite(self.fd_eps) and self.fd_eps > 0):
-            raise ValueError(f"fd_eps must be a finite number > 0 (or None: by dtype), "
-                             f"got {self.fd_eps!r}")
+            check_nonnegative(getattr(self, name), name)
+        if self.fd_eps is not None:
+            check_positive(self.fd_eps, "fd_eps")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 

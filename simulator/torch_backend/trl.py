@@ -40,13 +40,13 @@ are not logged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from .._validation import check_nonnegative, check_positive
 from .distributed import GlobalBatch
 from .losses import AGGREGATIONS, aggregate_window, aggregation_params, dpo_losses, weight_summary
 from .wasserstein import (
@@ -108,17 +108,15 @@ class RobustDPOConfig(DPOConfig):
             raise ValueError(f"robust_method must be one of {ROBUST_METHODS}, "
                              f"got {self.robust_method!r}")
         if self.robust_method == "wdpo":
-            if self.rho is None or not math.isfinite(self.rho) or self.rho < 0:
-                raise ValueError(f"rho must be a finite number >= 0 for robust_method 'wdpo', "
-                                 f"got {self.rho!r}")
+            check_nonnegative(self.rho, "rho")
             for name, allowed in (("wdpo_form", WASSERSTEIN_FORMS),
                                   ("wdpo_mode", WASSERSTEIN_MODES),
                                   ("fd_scheme", ("forward", "central"))):
                 value = getattr(self, name)
                 if value not in allowed:
                     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-            if self.fd_eps is not None and not (math.isfinite(self.fd_eps) and self.fd_eps > 0):
-                raise ValueError(f"fd_eps must be a finite number > 0 or None, got {self.fd_eps!r}")
+            if self.fd_eps is not None:
+                check_positive(self.fd_eps, "fd_eps")
         else:
             aggregation_params(self.robust_method, self.tau, self.clip, self.rho, self.beta_prime)
         for name, plain in (("loss_type", ["sigmoid"]), ("f_divergence_type", "reverse_kl"),

@@ -59,12 +59,12 @@ yields the concatenated-batch gradient (see :mod:`.distributed`).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_nonnegative, check_positive
 from .distributed import GlobalBatch
 from .losses import check_tensor
 
@@ -309,9 +309,7 @@ def wasserstein_loss(embed_fn: Callable[[], tuple[torch.Tensor, ...]],
 
 
 def _check_rho_form(rho, form: str) -> float:
-    rho = float(rho)
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    rho = check_nonnegative(rho, "rho")
     if form not in WASSERSTEIN_FORMS:
         raise ValueError(f"form must be one of {WASSERSTEIN_FORMS}, got {form!r}")
     return rho
@@ -389,9 +387,7 @@ def _finite_difference(embed_fn, loss_fn, rho, form, params, fd_eps, scheme, bat
     dtypes = [emb[0].dtype, dtype] + ([torch.get_autocast_dtype(device)]
                                       if torch.is_autocast_enabled(device) else [])
     coarse = max(dtypes, key=lambda d: torch.finfo(d).eps)
-    fd_eps = default_fd_eps(coarse, scheme) if fd_eps is None else float(fd_eps)
-    if not math.isfinite(fd_eps) or fd_eps <= 0:
-        raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps!r}")
+    fd_eps = default_fd_eps(coarse, scheme) if fd_eps is None else check_positive(fd_eps, "fd_eps")
     penalty = _penalty(rho, form, mean_q)
     if form == "squared":
         a = 2.0 * rho / n
