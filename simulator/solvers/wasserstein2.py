@@ -43,7 +43,7 @@ import numpy as np
 from scipy.special import expit
 
 from ..losses import softplus
-from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled
+from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, weighted_hess
 from .nominal import nominal_result
 from .result import WorstCase
 
@@ -477,7 +477,8 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             damp[0 if side > 0 else 1] = 1.0
             last_side = side
             h_lo = damp[0] * math.log1p(lo.g / r2)
-            h_hi = damp[1] * math.log1p(hi.g / r2)
+            # E cost = 0 (no atom moves at lambda_hi): log E cost floored, still below the root
+            h_hi = damp[1] * math.log(max(hi.g + r2, _TINY) / r2)
             nxt = llo + (lhi - llo) * h_lo / (h_lo - h_hi)
             if not llo < nxt < lhi:
                 nxt = 0.5 * (llo + lhi)
@@ -689,8 +690,94 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
 
 
+# --- the exact test at delta = 0 ------------------------------------------------------------
+
+#: First smoothing width of the flip-share test, relative to ``max(kappa, rho^2, ||E ytil x||^2)``
+#: (the scale of the hinge arguments ``4 ytil x . nu - kappa``).
+_FLIP_MU_START = 1e-1
+#: Each stage divides the width by this ...
+_FLIP_MU_FACTOR = 10.0
+#: ... down to this (relative): below it the hinges are resolved to double precision.
+_FLIP_MU_MIN = 1e-15
+#: Newton iterations per smoothing stage (a strongly concave, smooth problem: a handful).
+_FLIP_NEWTON_ITERS = 50
+#: A stage's Newton has converged when its decrement is below this (relative): rounding.
+_FLIP_DEC_TOL = 1e-15
+
+
+def flip_shares(at: Atoms, amb) -> np.ndarray | None:
+    """Flip shares ``f`` that certify ``delta = 0`` optimal, or ``None`` (SPEC 3.3).
+
+    With ``xh_i = ytil_i x_i`` and ``g_f = E_P xh - 2 sum_i f_i xh_i``, the distribution
+    ``Q_f`` that flips a mass ``f_i in [0, w_i]`` of each atom and moves every atom by
+    ``-ytil' g_f`` (``ytil'`` its label after the flip) costs ``||g_f||^2 + kappa sum f`` and
+    has ``E_Q ytil' x' = 0``, so ``E_Q l(theta)`` has gradient 0 at ``theta_ref``: if the cost
+    is at most ``rho^2``, weak duality gives ``min F >= min E_Q l = log 2 = F(0)``. Conversely
+    ``F'(0; v) = (beta / 2) sup_Q E_Q[-ytil' x' . v]`` for ``||v|| = 1``, so ``0`` is optimal iff
+    ``min_f psi(f) = ||g_f||^2 + kappa sum f <= rho^2``; by duality (``||g||^2 = max_nu 2 nu . g
+    - ||nu||^2``) ``min_f psi = max_nu Psi(nu)``, ``Psi(nu) = 2 nu . E xh - ||nu||^2 - E (4 xh .
+    nu - kappa)_+``, and any ``nu`` with ``Psi(nu) > rho^2`` proves ``0`` not optimal. ``Psi``
+    is maximised by Newton on its smoothing (``(z)_+ -> mu softplus(z / mu)``) for decreasing
+    ``mu``, whose maximiser gives both ``nu`` and ``f_i = w_i sigmoid(z_i / mu)``; the loop
+    stops at the first certificate either way. ``None`` also when neither is reached (``min
+    psi = rho^2`` to rounding). For ``kappa = inf`` only ``f = 0`` is allowed: the closed
+    form ``||E xh|| <= rho``.
+    """
+    xh = at.a / at.beta
+    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
+    w, r2, kappa = at.w, amb.rho**2, amb.kappa
+    mean = w @ xh
+    if float(mean @ mean) <= r2:
+        return np.zeros_like(w)
+    if not math.isfinite(kappa):
+        return None
+
+    def primal(f: np.ndarray) -> float:
+        g = mean - 2.0 * (f @ xh)
+        return float(g @ g) + kappa * float(f.sum())
+
+    def dual(nu: np.ndarray) -> float:
+        z = 4.0 * (xh @ nu) - kappa
+        return 2.0 * float(nu @ mean) - float(nu @ nu) - float(w @ np.maximum(z, 0.0))
+
+    nu = mean.copy()
+    if dual(nu) > r2:  # the kappa = inf certificate of descent often holds already
+        return None
+    scale = max(kappa, r2, float(mean @ mean))
+    mu = _FLIP_MU_START * scale
+
+    def smooth(nu):
+        z = (4.0 * (xh @ nu) - kappa) / mu
+        s = expit(z)
+        return (2.0 * float(nu @ mean) - float(nu @ nu) - mu * float(w @ softplus(z)),
+                2.0 * mean - 2.0 * nu - 4.0 * ((w * s) @ xh), s)
+
+    while mu >= _FLIP_MU_MIN * scale:
+        val, grad, s = smooth(nu)
+        for _ in range(_FLIP_NEWTON_ITERS):
+            h = 2.0 * np.eye(nu.size) + (16.0 / mu) * weighted_hess(unit, w * s * (1.0 - s))
+            step = np.linalg.solve(h, grad)
+            dec = float(grad @ step)
+            if not dec > _FLIP_DEC_TOL * max(1.0, abs(val)):
+                break
+            t = 1.0
+            while True:
+                nv, ng, ns = smooth(nu + t * step)
+                if nv >= val + 1e-4 * t * dec or t < _FLIP_DEC_TOL:
+                    break
+                t *= 0.5
+            nu, val, grad, s = nu + t * step, nv, ng, ns
+        f = w * s
+        if primal(f) <= r2:
+            return f
+        if dual(nu) > r2:
+            return None
+        mu /= _FLIP_MU_FACTOR
+    return None
+
+
 def _zero_is_optimal(at: Atoms, amb) -> bool:
-    return 0.5 * float(np.linalg.norm(at.w @ at.a)) <= 0.5 * amb.rho * at.beta
+    return flip_shares(at, amb) is not None
 
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
