@@ -12,6 +12,7 @@ Every robust objective is ``F(delta) = L_U(theta_ref + delta)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,8 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
-           "concave_max_above", "newton", "primal_value", "psd_solve", "reweighted",
+           "concave_max_above", "curvature_bound", "logistic_gap", "newton", "primal_value",
+           "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "weighted_hess"]
 
 #: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
@@ -278,6 +280,71 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
 
 
+# --- certificates ---------------------------------------------------------------------------
+
+#: Eigenvalues of a Hessian below this fraction of the largest span its null space (the
+#: directions no atom sees): double precision resolves about 1e-16 of the spectrum.
+_RANK_TOL = 1e-12
+#: A gradient component outside the Hessian's range above this (relative to the largest
+#: atom norm) is a real linear direction (the function is unbounded along it), not rounding.
+_NULL_GRAD = 1e-12
+#: Below this ``gamma`` the series of ``gamma + (1 - gamma) log(1 - gamma)`` is used
+#: (the closed form cancels there).
+_SERIES_GAMMA = 1e-3
+
+
+def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float) -> float:
+    """Upper bound on ``f(delta) - inf f`` for ``f = sum_i q_i softplus(-a_i . delta) + c .
+    delta`` from its gradient and Hessian at ``delta`` and ``radius = max_i ||a_i||``.
+
+    Along any line, ``h(t) = f(delta + t D)`` has ``|h'''| <= R ||D|| h''`` (the logistic
+    loss has ``|l'''| <= l''``), so (Bach 2010, Lemma 1) ``f(delta + D) >= f + g . D +
+    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2``. With ``mu`` the smallest
+    eigenvalue of ``H`` on its range (``f`` is constant along the null space when ``g`` has
+    no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2) (gamma + (1 -
+    gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2 mu)``), and
+    ``inf`` when ``gamma >= 1``.
+    """
+    gn = float(np.linalg.norm(grad))
+    if gn == 0.0:
+        return 0.0
+    evals, evecs = np.linalg.eigh(hess)
+    top = float(evals[-1])
+    if not top > 0 or not radius > 0:
+        return math.inf
+    keep = evals > _RANK_TOL * top
+    basis = evecs[:, keep]
+    g_range = basis.T @ grad
+    if float(np.linalg.norm(grad - basis @ g_range)) > _NULL_GRAD * radius:
+        return math.inf
+    mu = float(evals[keep][0])
+    gamma = radius * float(np.linalg.norm(g_range)) / mu
+    if not gamma < 1.0:
+        return math.inf
+    # gamma + (1 - gamma) log(1 - gamma) = sum_{k >= 2} gamma^k / (k (k - 1))
+    tail = (gamma**2 / 2 + gamma**3 / 6 + gamma**4 / 12 if gamma < _SERIES_GAMMA
+            else gamma + (1.0 - gamma) * math.log1p(-gamma))
+    return mu / radius**2 * tail
+
+
+def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
+                 linear: np.ndarray | None = None) -> float:
+    """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
+    (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta``."""
+    keep = q > 0
+    a, q = a[keep], q[keep]
+    m = a @ delta
+    s = expit(-m)
+    value = float(q @ dpo_loss(m))
+    grad = -(q * s) @ a
+    if linear is not None:
+        value += float(linear @ delta)
+        grad = grad + linear
+    hess = (a * (q * s * (1.0 - s))[:, None]).T @ a
+    radius = float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a))))
+    return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
+
+
 # --- the interface of a set module --------------------------------------------------------
 
 
@@ -305,6 +372,10 @@ class SetMethods:
     stall_fallback : callable or None
         ``(at, ambiguity, stall, tol) -> Minimum``: what to try when Newton stalls away
         from ``delta = 0`` (the p = 2 kink solve); it re-raises ``stall`` on failure.
+    certify : callable or None
+        ``(at, ambiguity, delta, res, info) -> float``: a certified upper bound on
+        ``(F(delta) - min F) / max(1, |F(delta)|)`` from the exact evaluation ``res`` at
+        ``delta`` (with its worst case) and the minimisation's ``info``.
     conic : str
         Where the set's conic form lives (``simulator.solvers.conic``), or why none.
     """
@@ -315,4 +386,5 @@ class SetMethods:
     coercive: Callable
     minimise: Callable | None = None
     stall_fallback: Callable | None = None
+    certify: Callable | None = None
     conic: str = ""

@@ -176,6 +176,9 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     theta = theta_ref + delta
     primal = primal_value(res.worst_case, theta, beta, theta_ref)
     info = {"zero_kink": zero, **found.info}
+    if methods(ambiguity).certify is not None:
+        info.setdefault("optimality_gap", methods(ambiguity).certify(
+            at, ambiguity, delta, res, found.info))
     wc = res.worst_case
     if wc.budget is not None:
         info["transport_cost"] = wc.transport_cost

@@ -28,8 +28,10 @@ On top of that search this module evaluates ``F`` with its Danskin gradient and 
 (:func:`w2_blocks`; at a tie the Schur complement of the KKT matrix), and, where Newton
 on ``F`` stalls at a kink away from ``delta = 0``, solves the KKT system with an active
 set of tied atoms (:func:`kink_fallback`). ``delta = 0`` is optimal iff
-``||E_P a|| / 2 <= rho beta / 2`` for ``kappa = inf``; for finite ``kappa`` that test is
-only sufficient. There is no conic form (``conic.py`` refuses p = 2).
+``||E_P a|| / 2 <= rho beta / 2`` for ``kappa = inf``; for finite ``kappa`` the exact test
+is :func:`flip_shares` (a distribution in the ball with ``E_Q ytil' x' = 0``). Every answer
+is certified by weak duality (:func:`certify`). There is no conic form (``conic.py``
+refuses p = 2).
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy.optimize import lsq_linear
 from scipy.special import expit
 
 from ..losses import softplus
-from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, weighted_hess
+from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, logistic_gap, weighted_hess
 from .nominal import nominal_result
 from .result import WorstCase
 
 __all__ = ["METHODS", "BestMove", "Bracket", "MoveRoots", "Moves", "Roots", "W2Blocks",
-           "W2State", "best_move", "solve_lambda", "w2_blocks"]
+           "W2State", "best_move", "certify", "flip_shares", "solve_lambda", "w2_blocks"]
 
 #: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
@@ -606,8 +609,10 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     ``(delta, lambda)``.
     """
     w, beta = at.w, at.beta
-    blocks = [w2_blocks(at.a, q, m, mv.tau, mv.flip, b, mv.lam, beta, delta)
-              for mv, q in ((hi, w * (1.0 - share)), (lo, w * share))]
+    split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
+    blocks = [w2_blocks(at.a, w * (1.0 - share), m, hi.tau, hi.flip, b, hi.lam, beta, delta),
+              w2_blocks(at.a[split], (w * share)[split], m[split], lo.tau[split],
+                        lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
     h_ll = blocks[0].h_ll + blocks[1].h_ll
@@ -625,6 +630,13 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     inner = np.zeros((1 + c.shape[1],) * 2)
     inner[0, 0], inner[0, 1:], inner[1:, 0] = h_ll, c[d], c[d]
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
+
+
+def _moved(at: Atoms, keep, tau, flip, b: float, u: np.ndarray):
+    """Features and labels of atoms ``keep`` after their moves ``(tau, flip)``: ``x`` moved by
+    ``t = tau / b`` along ``-ytil' u`` (``ytil'`` the label after the flip)."""
+    ynew = np.where(flip, 1.0 - at.y, at.y)[keep]
+    return at.x[keep] - ((2.0 * ynew - 1.0) * tau[keep] / b)[:, None] * u[None, :], ynew
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
@@ -673,10 +685,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         cost += float(q @ mv.cost)
         if worst:
             keep = q > 0
-            ynew = np.where(mv.flip, 1.0 - at.y, at.y)[keep]
-            shift = ((2.0 * ynew - 1.0) * mv.tau[keep] / b)[:, None] * u[None, :]
-            xs.append(at.x[keep] - shift)
-            ys.append(ynew)
+            xk, yk = _moved(at, keep, mv.tau, mv.flip, b, u)
+            xs.append(xk)
+            ys.append(yk)
             srcs.append(np.flatnonzero(keep))
             qs.append(q[keep])
     h = None
@@ -701,6 +712,9 @@ _FLIP_MU_FACTOR = 10.0
 _FLIP_MU_MIN = 1e-15
 #: Newton iterations per smoothing stage (a strongly concave, smooth problem: a handful).
 _FLIP_NEWTON_ITERS = 50
+#: Points ``2^-j E xh`` (``j <= _FLIP_RAY``) tried first: the hinges vanish once ``2^-j`` is
+#: below ``kappa / (4 max xh . E xh)``, and then ``Psi > rho^2`` whenever ``||E xh|| >> rho``.
+_FLIP_RAY = 30
 #: A stage's Newton has converged when its decrement is below this (relative): rounding.
 _FLIP_DEC_TOL = 1e-15
 
@@ -740,9 +754,15 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
         z = 4.0 * (xh @ nu) - kappa
         return 2.0 * float(nu @ mean) - float(nu @ nu) - float(w @ np.maximum(z, 0.0))
 
+    # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
+    # certificate of descent usually holds on this ray already
+    z, mm = xh @ mean, float(mean @ mean)
+    act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
+    for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
+        act = act[4.0 * c * z[act] > kappa]
+        if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
+            return None
     nu = mean.copy()
-    if dual(nu) > r2:  # the kappa = inf certificate of descent often holds already
-        return None
     scale = max(kappa, r2, float(mean @ mean))
     mu = _FLIP_MU_START * scale
 
@@ -778,6 +798,94 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
 
 def _zero_is_optimal(at: Atoms, amb) -> bool:
     return flip_shares(at, amb) is not None
+
+
+#: A worst case whose recomputed transport cost exceeds ``rho^2`` (by rounding) is mixed with
+#: ``P`` at a weight this much (relative) below ``rho^2 / cost``: a few ulps of safety.
+_MIX_ROUND = 4.0 * np.finfo(float).eps
+
+
+def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
+    """Certified upper bound on ``(F(delta) - min F) / max(1, |F(delta)|)`` (weak duality).
+
+    ``delta = 0``: ``0`` when :func:`flip_shares` certifies it (``Q_f`` has ``min_theta E_Q l
+    = log 2 = F(0)``), else ``inf``. Otherwise the worst case ``Q*`` of ``res`` (every atom
+    moved by its ``t*``, flipped where that wins, split atoms with both moves) is in the ball:
+    its transport cost is recomputed from its atoms (``||x' - x||^2 + kappa 1[y' != y]``) and,
+    where rounding puts it above ``rho^2``, ``Q*`` is mixed with ``P`` (the coupling that keeps
+    a share of ``P`` in place costs that share less). So ``min F >= min_theta E_Q l``, a
+    weighted logistic regression bounded below by :func:`~.core.logistic_gap`; at the
+    minimiser ``E_{Q*} l`` is stationary (Danskin) and the bound is about ``||grad||^2 / (2
+    mu)``. ``info`` is not used.
+    """
+    if not np.any(delta):
+        return 0.0 if flip_shares(at, amb) is not None else math.inf
+    wc = res.worst_case
+    gap = _weak_duality_gap(at, amb, delta, res.value, wc.weights, wc.x, wc.y, wc.source)
+    if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
+        gap = min(gap, _kink_gap(at, amb, delta, res.value, res.dual))
+    return gap
+
+
+#: Above this certified gap the mixture of tied moves that :func:`_kink_gap` fits is tried
+#: too (the evaluation's own split is one subgradient, not the stationary one, at a kink).
+_KINK_CERTIFY = 1e-12
+
+
+def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> float:
+    """:func:`_weak_duality_gap` of the mixture of every atom's two best moves at ``lambda``
+    whose shares (in ``[0, 1]``, on atoms tied within ``_TIE_LEVELS[-1]``) make the Danskin
+    gradient of ``E_Q l`` smallest and spend the budget (bounded least squares)."""
+    cand = _candidates(at, delta, lam, amb.kappa)
+    rows = np.arange(at.w.size)
+    order = np.argsort(-cand.value, axis=1)
+    c0, c1 = order[:, 0], order[:, 1]
+    v1, v2 = cand.value[rows, c0], cand.value[rows, c1]
+    tied = np.flatnonzero((at.w > 0) & np.isfinite(v2)
+                          & ((v1 - v2) <= _TIE_LEVELS[-1] * (1.0 + np.abs(v1))))
+    if tied.size == 0:
+        return math.inf
+    b, u = cand.b, delta / float(np.linalg.norm(delta))
+
+    def per_atom(c):
+        tau, flip = cand.tau[rows, c], cand.flip[rows, c]
+        sgn = np.where(flip, -1.0, 1.0)
+        sg = expit(tau - sgn * cand.m)
+        grad = (-sgn * sg)[:, None] * at.a + (sg * tau / b)[:, None] * (at.beta * u)[None, :]
+        return tau, flip, grad, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
+
+    tau0, flip0, g0, k0 = per_atom(c0)
+    tau1, flip1, g1, k1 = per_atom(c1)
+    w = at.w
+    cols = (w[tied, None] * (g1[tied] - g0[tied])).T
+    dcost = w[tied] * (k1[tied] - k0[tied])
+    weight = max(float(np.linalg.norm(cols)), 1.0) / max(float(np.linalg.norm(dcost)), 1e-300)
+    lhs = np.vstack([cols, weight * dcost[None, :]])
+    rhs = np.append(-(w @ g0), weight * (amb.rho**2 - float(w @ k0)))
+    xi = np.zeros(w.size)
+    xi[tied] = lsq_linear(lhs, rhs, bounds=(0.0, 1.0)).x
+    both = np.flatnonzero(xi > 0)
+    x0, y0 = _moved(at, rows, tau0, flip0, b, u)
+    x1, y1 = _moved(at, both, tau1, flip1, b, u)
+    q = np.concatenate([w * (1.0 - xi), w[both] * xi[both]])
+    return _weak_duality_gap(at, amb, delta, value, q, np.vstack([x0, x1]),
+                             np.concatenate([y0, y1]), np.concatenate([rows, both]))
+
+
+def _weak_duality_gap(at: Atoms, amb, delta, value, q, x, y, source) -> float:
+    """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
+    of atoms ``(x, y)`` with weights ``q`` moved from ``source``: mixed with ``P`` first where
+    its recomputed transport cost exceeds ``rho^2``, so that it lies in the ball."""
+    shift = x - at.x[source]
+    flipped = y != at.y[source]
+    cost = float(q @ (np.einsum("ij,ij->i", shift, shift) + np.where(flipped, amb.kappa, 0.0)))
+    budget = amb.rho**2
+    if cost > budget:
+        share = budget / cost * (1.0 - _MIX_ROUND)
+        q = np.concatenate([q * share, at.w * (1.0 - share)])
+        x, y = np.vstack([x, at.x]), np.concatenate([y, at.y])
+    a = ((2.0 * y - 1.0) * at.beta)[:, None] * x
+    return logistic_gap(a, q, delta, value) / max(1.0, abs(value))
 
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
@@ -950,6 +1058,6 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
 
 METHODS = SetMethods(
     name="wdpo2", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
-    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback,
+    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback, certify=certify,
     conic="none: conic.py refuses p = 2 (no conic form of the per-atom sup); see "
-          "tests/test_inner.py for the brute-force check")
+          "tests/test_w2.py for the brute-force check")
