@@ -998,12 +998,13 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
     rest[ti] = 0.0
     c0, c1 = order[groups, 0], order[groups, 1]
 
-    def residual(delta, lam, xi):
+    def residual(delta, lam, xi, full=False):
+        """The KKT residual and, with ``full``, its Jacobian (``O(n d^2)``; else ``None``)."""
         cand = _candidates(at, delta, lam, kappa)
         m, b, taus, flips, vals = cand
         best = np.argmax(vals, axis=1)
         blk = w2_blocks(at.a, rest, m, taus[rows, best], flips[rows, best], b, lam, at.beta,
-                        delta)
+                        delta, dd_block=full)
         g_d, g_l, h_dd, h_dl, h_ll = blk
         g_l -= kappa * float(rest @ flips[rows, best]) if math.isfinite(kappa) else 0.0
         cols, res_t = [], []
@@ -1011,16 +1012,20 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
             grads, values = [], []
             for c, share in ((c0[j], 1.0 - xi[j]), (c1[j], xi[j])):
                 one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], taus[i:i + 1, c],
-                                flips[i:i + 1, c], b, lam, at.beta, delta)
+                                flips[i:i + 1, c], b, lam, at.beta, delta, dd_block=full)
                 gl = one.g_l - (kappa if flips[i, c] else 0.0)
                 g_d, g_l = g_d + wt[j] * share * one.g_d, g_l + wt[j] * share * gl
-                h_dd, h_dl = h_dd + wt[j] * share * one.h_dd, h_dl + wt[j] * share * one.h_dl
+                if full:
+                    h_dd = h_dd + wt[j] * share * one.h_dd
+                h_dl = h_dl + wt[j] * share * one.h_dl
                 h_ll += wt[j] * share * one.h_ll
                 grads.append(np.append(one.g_d, gl))
                 values.append(vals[i, c])
             cols.append(wt[j] * (grads[1] - grads[0]))
             res_t.append(wt[j] * (values[1] - values[0]))
         res = np.concatenate([g_d, [rho2 + g_l], res_t])
+        if not full:
+            return res, None
         jac = np.zeros((d + 1 + groups.size,) * 2)
         cmat = np.array(cols).T
         jac[:d, :d], jac[:d, d], jac[d, :d], jac[d, d] = h_dd, h_dl, h_dl, h_ll
@@ -1029,10 +1034,10 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
 
     # shares that meet the budget at the start, then Newton on the KKT residual
     xi = np.full(groups.size, 0.5)
-    res, jac = residual(delta, lam, xi)
+    res, jac = residual(delta, lam, xi, full=True)
     shift = np.linalg.lstsq(jac[d:d + 1, d + 1:], -res[d:d + 1], rcond=None)[0]
     xi = np.clip(xi + shift, 0.0, 1.0)
-    res, jac = residual(delta, lam, xi)
+    res, jac = residual(delta, lam, xi, full=True)
     for it in range(_KKT_ITERS):
         if (np.max(np.abs(res[:d])) <= tol and abs(res[d]) <= _KKT_BUDGET * rho2
                 and np.max(np.abs(res[d + 1:]), initial=0.0) <= _KKT_TIE):
@@ -1040,6 +1045,8 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
             if outside.any():
                 return _KinkOutcome(outside=ti[np.isin(inverse, np.flatnonzero(outside))])
             return _KinkOutcome(minimum=Minimum(delta, it, W2State(lam=lam)))
+        if jac is None:  # the Jacobian only where a step is taken (trials need the residual)
+            jac = residual(delta, lam, xi, full=True)[1]
         step = np.linalg.lstsq(jac, -res, rcond=None)[0]
         t, norm0 = 1.0, float(np.linalg.norm(res))
         while t > _KKT_MIN_STEP:
