@@ -483,9 +483,6 @@ class SetMethods:
         ``(at, ambiguity) -> float | None``: ``None`` unless ``0`` is (provably) in the
         subdifferential of ``F`` at ``delta = 0``, else the certified relative optimality
         gap of ``delta = 0``; called for ``rho > 0`` and ``E_P a != 0``.
-    zero_is_optimal : callable or None
-        ``(at, ambiguity) -> bool``, used when ``zero_test`` is ``None``: an exact test
-        (a closed form), so that ``True`` certifies ``delta = 0`` with gap 0.
     coercive : callable
         ``ambiguity -> bool``: whether ``F`` grows without bound (so that separable data
         still have a minimiser).
@@ -513,7 +510,6 @@ class SetMethods:
     evaluate: Callable
     coercive: Callable
     zero_test: Callable | None = None
-    zero_is_optimal: Callable | None = None
     minimise: Callable | None = None
     stall_fallback: Callable | None = None
     certify: Callable | None = None

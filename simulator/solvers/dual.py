@@ -12,7 +12,7 @@ data is vectorised, ``O(n d^2)``.
 ``F`` is not differentiable at ``delta = 0`` (all losses tie at ``log 2``, and
 ``b = beta ||delta||`` has a kink) for every set with ``rho > 0``. Whether ``delta = 0`` is
 the minimiser (``0`` in the subdifferential there) is decided first, by the set's
-``zero_is_optimal``. A set may bring its own minimisation (the p = 1, finite-kappa
+``zero_test``. A set may bring its own minimisation (the p = 1, finite-kappa
 homotopy of :mod:`.wasserstein1`) and its own fallback where Newton stalls at a kink
 (the p = 2 KKT solve of :mod:`.wasserstein2`). Nominal, KL and chi-square on separable
 data have no minimiser (all margins positive at the returned point): that raises. If
@@ -71,10 +71,7 @@ def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
         return 0.0  # every gradient at 0 vanishes
     if amb.rho == 0.0:
         return None
-    mod = methods(amb)
-    if mod.zero_test is not None:
-        return mod.zero_test(at, amb)
-    return 0.0 if mod.zero_is_optimal(at, amb) else None
+    return methods(amb).zero_test(at, amb)
 
 
 def _zero_is_optimal(at: Atoms, amb: AmbiguitySet) -> bool:

@@ -7,22 +7,17 @@ ends (:mod:`.inner`, :mod:`.dual`) look the set up here instead of testing its t
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..ambiguity import AmbiguitySet
 from . import chi2, kl, nominal, wasserstein1, wasserstein2
 from .core import SetMethods
-from .w2_certificate import w2_fallback_certificate
 
 __all__ = ["SETS", "methods"]
 
 #: Every set the dual solver knows, by method name. A set module without a certificate of
-#: its own gets the fallback of :mod:`.w2_certificate` (p = 2) or the generic weak-duality
-#: bound of :func:`~.core.worst_case_gap` (``certify=None``).
+#: its own (``certify=None``) gets the generic weak-duality bound
+#: :func:`~.core.worst_case_gap`.
 SETS: dict[str, SetMethods] = {mod.METHODS.name: mod.METHODS
                                for mod in (nominal, kl, chi2, wasserstein1, wasserstein2)}
-if SETS["wdpo2"].certify is None:
-    SETS["wdpo2"] = replace(SETS["wdpo2"], certify=w2_fallback_certificate)
 
 
 def methods(ambiguity: AmbiguitySet) -> SetMethods:

@@ -28,8 +28,10 @@ On top of that search this module evaluates ``F`` with its Danskin gradient and 
 (:func:`w2_blocks`; at a tie the Schur complement of the KKT matrix), and, where Newton
 on ``F`` stalls at a kink away from ``delta = 0``, solves the KKT system with an active
 set of tied atoms (:func:`kink_fallback`). ``delta = 0`` is optimal iff
-``||E_P a|| / 2 <= rho beta / 2`` for ``kappa = inf``; for finite ``kappa`` that test is
-only sufficient. There is no conic form (``conic.py`` refuses p = 2).
+``||E_P a|| / 2 <= rho beta / 2`` for ``kappa = inf``; for finite ``kappa`` the exact test
+is :func:`flip_shares` (a distribution in the ball with ``E_Q ytil' x' = 0``). Every answer
+is certified by weak duality (:func:`certify`). There is no conic form (``conic.py``
+refuses p = 2).
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy.optimize import lsq_linear
 from scipy.special import expit
 
 from ..losses import softplus
-from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled
+from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, logistic_gap, weighted_hess
 from .nominal import nominal_result
 from .result import WorstCase
 
 __all__ = ["METHODS", "BestMove", "Bracket", "MoveRoots", "Moves", "Roots", "W2Blocks",
-           "W2State", "best_move", "solve_lambda", "w2_blocks"]
+           "W2State", "best_move", "certify", "flip_shares", "solve_lambda", "w2_blocks"]
 
 #: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
@@ -477,7 +480,8 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             damp[0 if side > 0 else 1] = 1.0
             last_side = side
             h_lo = damp[0] * math.log1p(lo.g / r2)
-            h_hi = damp[1] * math.log1p(hi.g / r2)
+            # E cost = 0 (no atom moves at lambda_hi): log E cost floored, still below the root
+            h_hi = damp[1] * math.log(max(hi.g + r2, _TINY) / r2)
             nxt = llo + (lhi - llo) * h_lo / (h_lo - h_hi)
             if not llo < nxt < lhi:
                 nxt = 0.5 * (llo + lhi)
@@ -605,8 +609,10 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     ``(delta, lambda)``.
     """
     w, beta = at.w, at.beta
-    blocks = [w2_blocks(at.a, q, m, mv.tau, mv.flip, b, mv.lam, beta, delta)
-              for mv, q in ((hi, w * (1.0 - share)), (lo, w * share))]
+    split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
+    blocks = [w2_blocks(at.a, w * (1.0 - share), m, hi.tau, hi.flip, b, hi.lam, beta, delta),
+              w2_blocks(at.a[split], (w * share)[split], m[split], lo.tau[split],
+                        lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
     h_ll = blocks[0].h_ll + blocks[1].h_ll
@@ -624,6 +630,13 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     inner = np.zeros((1 + c.shape[1],) * 2)
     inner[0, 0], inner[0, 1:], inner[1:, 0] = h_ll, c[d], c[d]
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
+
+
+def _moved(at: Atoms, keep, tau, flip, b: float, u: np.ndarray):
+    """Features and labels of atoms ``keep`` after their moves ``(tau, flip)``: ``x`` moved by
+    ``t = tau / b`` along ``-ytil' u`` (``ytil'`` the label after the flip)."""
+    ynew = np.where(flip, 1.0 - at.y, at.y)[keep]
+    return at.x[keep] - ((2.0 * ynew - 1.0) * tau[keep] / b)[:, None] * u[None, :], ynew
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
@@ -672,10 +685,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         cost += float(q @ mv.cost)
         if worst:
             keep = q > 0
-            ynew = np.where(mv.flip, 1.0 - at.y, at.y)[keep]
-            shift = ((2.0 * ynew - 1.0) * mv.tau[keep] / b)[:, None] * u[None, :]
-            xs.append(at.x[keep] - shift)
-            ys.append(ynew)
+            xk, yk = _moved(at, keep, mv.tau, mv.flip, b, u)
+            xs.append(xk)
+            ys.append(yk)
             srcs.append(np.flatnonzero(keep))
             qs.append(q[keep])
     h = None
@@ -689,8 +701,193 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
 
 
-def _zero_is_optimal(at: Atoms, amb) -> bool:
-    return 0.5 * float(np.linalg.norm(at.w @ at.a)) <= 0.5 * amb.rho * at.beta
+# --- the exact test at delta = 0 ------------------------------------------------------------
+
+#: First smoothing width of the flip-share test, relative to ``max(kappa, rho^2, ||E ytil x||^2)``
+#: (the scale of the hinge arguments ``4 ytil x . nu - kappa``).
+_FLIP_MU_START = 1e-1
+#: Each stage divides the width by this ...
+_FLIP_MU_FACTOR = 10.0
+#: ... down to this (relative): below it the hinges are resolved to double precision.
+_FLIP_MU_MIN = 1e-15
+#: Newton iterations per smoothing stage (a strongly concave, smooth problem: a handful).
+_FLIP_NEWTON_ITERS = 50
+#: Points ``2^-j E xh`` (``j <= _FLIP_RAY``) tried first: the hinges vanish once ``2^-j`` is
+#: below ``kappa / (4 max xh . E xh)``, and then ``Psi > rho^2`` whenever ``||E xh|| >> rho``.
+_FLIP_RAY = 30
+#: A stage's Newton has converged when its decrement is below this (relative): rounding.
+_FLIP_DEC_TOL = 1e-15
+
+
+def flip_shares(at: Atoms, amb) -> np.ndarray | None:
+    """Flip shares ``f`` that certify ``delta = 0`` optimal, or ``None`` (SPEC 3.3).
+
+    With ``xh_i = ytil_i x_i`` and ``g_f = E_P xh - 2 sum_i f_i xh_i``, the distribution
+    ``Q_f`` that flips a mass ``f_i in [0, w_i]`` of each atom and moves every atom by
+    ``-ytil' g_f`` (``ytil'`` its label after the flip) costs ``||g_f||^2 + kappa sum f`` and
+    has ``E_Q ytil' x' = 0``, so ``E_Q l(theta)`` has gradient 0 at ``theta_ref``: if the cost
+    is at most ``rho^2``, weak duality gives ``min F >= min E_Q l = log 2 = F(0)``. Conversely
+    ``F'(0; v) = (beta / 2) sup_Q E_Q[-ytil' x' . v]`` for ``||v|| = 1``, so ``0`` is optimal iff
+    ``min_f psi(f) = ||g_f||^2 + kappa sum f <= rho^2``; by duality (``||g||^2 = max_nu 2 nu . g
+    - ||nu||^2``) ``min_f psi = max_nu Psi(nu)``, ``Psi(nu) = 2 nu . E xh - ||nu||^2 - E (4 xh .
+    nu - kappa)_+``, and any ``nu`` with ``Psi(nu) > rho^2`` proves ``0`` not optimal. ``Psi``
+    is maximised by Newton on its smoothing (``(z)_+ -> mu softplus(z / mu)``) for decreasing
+    ``mu``, whose maximiser gives both ``nu`` and ``f_i = w_i sigmoid(z_i / mu)``; the loop
+    stops at the first certificate either way. ``None`` also when neither is reached (``min
+    psi = rho^2`` to rounding). For ``kappa = inf`` only ``f = 0`` is allowed: the closed
+    form ``||E xh|| <= rho``.
+    """
+    xh = at.a / at.beta
+    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
+    w, r2, kappa = at.w, amb.rho**2, amb.kappa
+    mean = w @ xh
+    if float(mean @ mean) <= r2:
+        return np.zeros_like(w)
+    if not math.isfinite(kappa):
+        return None
+
+    def primal(f: np.ndarray) -> float:
+        g = mean - 2.0 * (f @ xh)
+        return float(g @ g) + kappa * float(f.sum())
+
+    def dual(nu: np.ndarray) -> float:
+        z = 4.0 * (xh @ nu) - kappa
+        return 2.0 * float(nu @ mean) - float(nu @ nu) - float(w @ np.maximum(z, 0.0))
+
+    # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
+    # certificate of descent usually holds on this ray already
+    z, mm = xh @ mean, float(mean @ mean)
+    act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
+    for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
+        act = act[4.0 * c * z[act] > kappa]
+        if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
+            return None
+    nu = mean.copy()
+    scale = max(kappa, r2, float(mean @ mean))
+    mu = _FLIP_MU_START * scale
+
+    def smooth(nu):
+        z = (4.0 * (xh @ nu) - kappa) / mu
+        s = expit(z)
+        return (2.0 * float(nu @ mean) - float(nu @ nu) - mu * float(w @ softplus(z)),
+                2.0 * mean - 2.0 * nu - 4.0 * ((w * s) @ xh), s)
+
+    while mu >= _FLIP_MU_MIN * scale:
+        val, grad, s = smooth(nu)
+        for _ in range(_FLIP_NEWTON_ITERS):
+            h = 2.0 * np.eye(nu.size) + (16.0 / mu) * weighted_hess(unit, w * s * (1.0 - s))
+            step = np.linalg.solve(h, grad)
+            dec = float(grad @ step)
+            if not dec > _FLIP_DEC_TOL * max(1.0, abs(val)):
+                break
+            t = 1.0
+            while True:
+                nv, ng, ns = smooth(nu + t * step)
+                if nv >= val + 1e-4 * t * dec or t < _FLIP_DEC_TOL:
+                    break
+                t *= 0.5
+            nu, val, grad, s = nu + t * step, nv, ng, ns
+        f = w * s
+        if primal(f) <= r2:
+            return f
+        if dual(nu) > r2:
+            return None
+        mu /= _FLIP_MU_FACTOR
+    return None
+
+
+def _zero_test(at: Atoms, amb) -> float | None:
+    """Gap 0 when :func:`flip_shares` finds a zero-gradient distribution in the ball (exact
+    in both directions), else ``None``."""
+    return 0.0 if flip_shares(at, amb) is not None else None
+
+
+#: A worst case whose recomputed transport cost exceeds ``rho^2`` (by rounding) is mixed with
+#: ``P`` at a weight this much (relative) below ``rho^2 / cost``: a few ulps of safety.
+_MIX_ROUND = 4.0 * np.finfo(float).eps
+
+
+def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
+    """Certified upper bound on ``(F(delta) - min F) / max(1, |F(delta)|)`` (weak duality).
+
+    ``delta = 0``: ``0`` when :func:`flip_shares` certifies it (``Q_f`` has ``min_theta E_Q l
+    = log 2 = F(0)``), else ``inf``. Otherwise the worst case ``Q*`` of ``res`` (every atom
+    moved by its ``t*``, flipped where that wins, split atoms with both moves) is in the ball:
+    its transport cost is recomputed from its atoms (``||x' - x||^2 + kappa 1[y' != y]``) and,
+    where rounding puts it above ``rho^2``, ``Q*`` is mixed with ``P`` (the coupling that keeps
+    a share of ``P`` in place costs that share less). So ``min F >= min_theta E_Q l``, a
+    weighted logistic regression bounded below by :func:`~.core.logistic_gap`; at the
+    minimiser ``E_{Q*} l`` is stationary (Danskin) and the bound is about ``||grad||^2 / (2
+    mu)``. ``info`` is not used.
+    """
+    if not np.any(delta):
+        return 0.0 if flip_shares(at, amb) is not None else math.inf
+    wc = res.worst_case
+    gap = _weak_duality_gap(at, amb, delta, res.value, wc.weights, wc.x, wc.y, wc.source)
+    if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
+        gap = min(gap, _kink_gap(at, amb, delta, res.value, res.dual))
+    return gap
+
+
+#: Above this certified gap the mixture of tied moves that :func:`_kink_gap` fits is tried
+#: too (the evaluation's own split is one subgradient, not the stationary one, at a kink).
+_KINK_CERTIFY = 1e-12
+
+
+def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> float:
+    """:func:`_weak_duality_gap` of the mixture of every atom's two best moves at ``lambda``
+    whose shares (in ``[0, 1]``, on atoms tied within ``_TIE_LEVELS[-1]``) make the Danskin
+    gradient of ``E_Q l`` smallest and spend the budget (bounded least squares)."""
+    cand = _candidates(at, delta, lam, amb.kappa)
+    rows = np.arange(at.w.size)
+    order = np.argsort(-cand.value, axis=1)
+    c0, c1 = order[:, 0], order[:, 1]
+    v1, v2 = cand.value[rows, c0], cand.value[rows, c1]
+    tied = np.flatnonzero((at.w > 0) & np.isfinite(v2)
+                          & ((v1 - v2) <= _TIE_LEVELS[-1] * (1.0 + np.abs(v1))))
+    if tied.size == 0:
+        return math.inf
+    b, u = cand.b, delta / float(np.linalg.norm(delta))
+
+    def per_atom(c):
+        tau, flip = cand.tau[rows, c], cand.flip[rows, c]
+        sgn = np.where(flip, -1.0, 1.0)
+        sg = expit(tau - sgn * cand.m)
+        grad = (-sgn * sg)[:, None] * at.a + (sg * tau / b)[:, None] * (at.beta * u)[None, :]
+        return tau, flip, grad, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
+
+    tau0, flip0, g0, k0 = per_atom(c0)
+    tau1, flip1, g1, k1 = per_atom(c1)
+    w = at.w
+    cols = (w[tied, None] * (g1[tied] - g0[tied])).T
+    dcost = w[tied] * (k1[tied] - k0[tied])
+    weight = max(float(np.linalg.norm(cols)), 1.0) / max(float(np.linalg.norm(dcost)), 1e-300)
+    lhs = np.vstack([cols, weight * dcost[None, :]])
+    rhs = np.append(-(w @ g0), weight * (amb.rho**2 - float(w @ k0)))
+    xi = np.zeros(w.size)
+    xi[tied] = lsq_linear(lhs, rhs, bounds=(0.0, 1.0)).x
+    both = np.flatnonzero(xi > 0)
+    x0, y0 = _moved(at, rows, tau0, flip0, b, u)
+    x1, y1 = _moved(at, both, tau1, flip1, b, u)
+    q = np.concatenate([w * (1.0 - xi), w[both] * xi[both]])
+    return _weak_duality_gap(at, amb, delta, value, q, np.vstack([x0, x1]),
+                             np.concatenate([y0, y1]), np.concatenate([rows, both]))
+
+
+def _weak_duality_gap(at: Atoms, amb, delta, value, q, x, y, source) -> float:
+    """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
+    of atoms ``(x, y)`` with weights ``q`` moved from ``source``: mixed with ``P`` first where
+    its recomputed transport cost exceeds ``rho^2``, so that it lies in the ball."""
+    shift = x - at.x[source]
+    flipped = y != at.y[source]
+    cost = float(q @ (np.einsum("ij,ij->i", shift, shift) + np.where(flipped, amb.kappa, 0.0)))
+    budget = amb.rho**2
+    if cost > budget:
+        share = budget / cost * (1.0 - _MIX_ROUND)
+        q = np.concatenate([q * share, at.w * (1.0 - share)])
+        x, y = np.vstack([x, at.x]), np.concatenate([y, at.y])
+    a = ((2.0 * y - 1.0) * at.beta)[:, None] * x
+    return logistic_gap(a, q, delta, value) / max(1.0, abs(value))
 
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
@@ -803,12 +1000,13 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
     rest[ti] = 0.0
     c0, c1 = order[groups, 0], order[groups, 1]
 
-    def residual(delta, lam, xi):
+    def residual(delta, lam, xi, full=False):
+        """The KKT residual and, with ``full``, its Jacobian (``O(n d^2)``; else ``None``)."""
         cand = _candidates(at, delta, lam, kappa)
         m, b, taus, flips, vals = cand
         best = np.argmax(vals, axis=1)
         blk = w2_blocks(at.a, rest, m, taus[rows, best], flips[rows, best], b, lam, at.beta,
-                        delta)
+                        delta, dd_block=full)
         g_d, g_l, h_dd, h_dl, h_ll = blk
         g_l -= kappa * float(rest @ flips[rows, best]) if math.isfinite(kappa) else 0.0
         cols, res_t = [], []
@@ -816,16 +1014,20 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
             grads, values = [], []
             for c, share in ((c0[j], 1.0 - xi[j]), (c1[j], xi[j])):
                 one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], taus[i:i + 1, c],
-                                flips[i:i + 1, c], b, lam, at.beta, delta)
+                                flips[i:i + 1, c], b, lam, at.beta, delta, dd_block=full)
                 gl = one.g_l - (kappa if flips[i, c] else 0.0)
                 g_d, g_l = g_d + wt[j] * share * one.g_d, g_l + wt[j] * share * gl
-                h_dd, h_dl = h_dd + wt[j] * share * one.h_dd, h_dl + wt[j] * share * one.h_dl
+                if full:
+                    h_dd = h_dd + wt[j] * share * one.h_dd
+                h_dl = h_dl + wt[j] * share * one.h_dl
                 h_ll += wt[j] * share * one.h_ll
                 grads.append(np.append(one.g_d, gl))
                 values.append(vals[i, c])
             cols.append(wt[j] * (grads[1] - grads[0]))
             res_t.append(wt[j] * (values[1] - values[0]))
         res = np.concatenate([g_d, [rho2 + g_l], res_t])
+        if not full:
+            return res, None
         jac = np.zeros((d + 1 + groups.size,) * 2)
         cmat = np.array(cols).T
         jac[:d, :d], jac[:d, d], jac[d, :d], jac[d, d] = h_dd, h_dl, h_dl, h_ll
@@ -834,10 +1036,10 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
 
     # shares that meet the budget at the start, then Newton on the KKT residual
     xi = np.full(groups.size, 0.5)
-    res, jac = residual(delta, lam, xi)
+    res, jac = residual(delta, lam, xi, full=True)
     shift = np.linalg.lstsq(jac[d:d + 1, d + 1:], -res[d:d + 1], rcond=None)[0]
     xi = np.clip(xi + shift, 0.0, 1.0)
-    res, jac = residual(delta, lam, xi)
+    res, jac = residual(delta, lam, xi, full=True)
     for it in range(_KKT_ITERS):
         if (np.max(np.abs(res[:d])) <= tol and abs(res[d]) <= _KKT_BUDGET * rho2
                 and np.max(np.abs(res[d + 1:]), initial=0.0) <= _KKT_TIE):
@@ -845,6 +1047,8 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
             if outside.any():
                 return _KinkOutcome(outside=ti[np.isin(inverse, np.flatnonzero(outside))])
             return _KinkOutcome(minimum=Minimum(delta, it, W2State(lam=lam)))
+        if jac is None:  # the Jacobian only where a step is taken (trials need the residual)
+            jac = residual(delta, lam, xi, full=True)[1]
         step = np.linalg.lstsq(jac, -res, rcond=None)[0]
         t, norm0 = 1.0, float(np.linalg.norm(res))
         while t > _KKT_MIN_STEP:
@@ -862,7 +1066,7 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
 
 
 METHODS = SetMethods(
-    name="wdpo2", evaluate=_evaluate, zero_is_optimal=_zero_is_optimal,
-    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback,
+    name="wdpo2", evaluate=_evaluate, zero_test=_zero_test,
+    coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback, certify=certify,
     conic="none: conic.py refuses p = 2 (no conic form of the per-atom sup); see "
-          "tests/test_inner.py for the brute-force check")
+          "tests/test_w2.py for the brute-force check")
