@@ -113,5 +113,5 @@ def _zero_test(at: Atoms, amb) -> float | None:
 
 METHODS = SetMethods(
     name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test,
-    coercive=lambda amb: False,
+    coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

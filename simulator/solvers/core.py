@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy.optimize import minimize
 from scipy.special import expit
 
 from ..data import PreferenceData
@@ -26,7 +27,7 @@ from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
            "ConcaveMax", "concave_max", "curvature_bound", "logistic_gap",
-           "newton", "primal_value", "psd_solve", "reweighted",
+           "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
            "worst_case_gap"]
 
@@ -59,6 +60,11 @@ _MAX_SHORT = 8
 _DIVERGED = 1e8
 #: A Newton step ending below this fraction of the current norm heads for the kink at 0.
 _TOWARDS_ZERO = 0.5
+#: Iterations of L-BFGS in :func:`quasi_newton` (it needs a few hundred at most on the
+#: benchmark problems; Newton then polishes whatever is left).
+_QN_ITERS = 2000
+#: Correction pairs L-BFGS stores (scipy's default 10 needed about 1.5x the iterations).
+_QN_PAIRS = 20
 #: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
 _TIE_TOL = 1e-14
 #: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
@@ -287,6 +293,12 @@ def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
     return ConcaveMax(True if val > level else None, y)
 
 
+def _diverged(label: str) -> RuntimeError:
+    return RuntimeError(
+        f"dual solver diverged (status: unbounded): ||theta - theta_ref|| > "
+        f"{_DIVERGED:.1e}; the data may be separable so that {label} has no minimiser")
+
+
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
            state: Any = None) -> NewtonRun:
     """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
@@ -347,11 +359,41 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             raise Stalled(f"dual solver stalled (status: stagnated) at iteration {it} "
                           f"with gradient norm {gn:.3e} for {label}", delta, state)
         if float(np.linalg.norm(delta)) > _DIVERGED:
-            raise RuntimeError(
-                f"dual solver diverged (status: unbounded): ||theta - theta_ref|| > "
-                f"{_DIVERGED:.1e}; the data may be separable so that {label} has no minimiser")
+            raise _diverged(label)
     raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
+
+
+def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
+                 state: Any = None) -> NewtonRun:
+    """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
+
+    The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
+    instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until
+    ``||grad||_inf <= tol`` or its line search meets rounding; :func:`newton` then checks
+    the same stopping test and, where the gradient is still above ``tol``, takes the
+    (usually one) Newton step that reaches it, so both paths stop at the same test.
+    Each evaluation's warm-start ``state`` seeds the next one.
+
+    Raises
+    ------
+    Stalled, RuntimeError
+        As :func:`newton` (``unbounded`` also when L-BFGS leaves every bounded region).
+    """
+    last = {"state": state}
+
+    def fun(x):
+        if float(np.linalg.norm(x)) > _DIVERGED:
+            raise _diverged(label)
+        res = objective(x, last["state"])
+        last["state"] = res.state
+        return res.value, res.grad
+
+    found = minimize(fun, delta, jac=True, method="L-BFGS-B",
+                     options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
+                              "maxcor": _QN_PAIRS})
+    run = newton(objective, found.x, tol, max_iter, label, last["state"])
+    return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state)
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -468,6 +510,10 @@ class SetMethods:
         ``(F(delta) - min F) / max(1, |F(delta)|)`` from the exact evaluation ``res`` at
         ``delta`` (with its worst case) and the minimisation's ``info``; ``None`` means
         :func:`worst_case_gap` (weak duality through the worst case).
+    smooth : callable
+        ``ambiguity -> bool``: whether ``F`` is continuously differentiable away from
+        ``delta = 0``, so that the Hessian-free :func:`quasi_newton` may minimise it above
+        the crossover dimension (:mod:`.dual`); ``False`` keeps damped Newton.
     descent_at_zero : callable or None
         ``(at, ambiguity) -> ndarray | None``: a descent direction of ``F`` at ``delta = 0``
         for the restart when Newton is caught at that kink; ``None`` means ``E_P a`` (the
@@ -484,5 +530,6 @@ class SetMethods:
     minimise: Callable | None = None
     stall_fallback: Callable | None = None
     certify: Callable | None = None
+    smooth: Callable = lambda amb: False
     descent_at_zero: Callable | None = None
     conic: str = ""

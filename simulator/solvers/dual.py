@@ -36,6 +36,7 @@ from .core import (
     newton,
     primal_value,
     psd_solve,
+    quasi_newton,
     unmerge,
     worst_case_gap,
 )
@@ -46,6 +47,7 @@ from .result import Solution
 __all__ = ["solve", "solve_dual"]
 
 _SOLVERS = ("dual", "cvxpy")
+_METHODS = ("auto", "newton", "lbfgs")
 
 #: Problems with more atoms are started from the solution on a subsample of this size
 #: (measured faster than 1e5 on both benchmark data sets; benchmarks/README.md).
@@ -56,6 +58,13 @@ _SUBSAMPLE_N = 50_000
 _GAP_TOL = 1e-9
 #: A stall within this fraction of the starting point's norm is "caught at the kink at 0".
 _NEAR_ZERO = 1e-2
+#: ``method="auto"`` minimises a smooth ``F`` (``SetMethods.smooth``) by L-BFGS above this
+#: dimension, by Newton up to it. Measured (benchmarks/crossover.py, n = 2e4 Gaussian
+#: features, CPU time, one BLAS thread; benchmarks/README.md): Newton's time over L-BFGS's
+#: was 0.47-1.14 at d = 4, 0.75 (chi-square) to 1.59 at d = 32 and 1.32-2.06 at d = 64,
+#: 1.8-2.0 at d = 128: Newton's dense Hessian (``O(n d^2)`` a step) starts to cost more
+#: than L-BFGS's extra ``O(n d)`` iterations between d = 32 and 64.
+QUASI_NEWTON_MIN_D = 32
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
 
@@ -89,7 +98,8 @@ def _transfer(state):
     return None if state is None else state.transfer()
 
 
-def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
+def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
+                     quasi: bool):
     """Starting point and dual state from the same problem on a random subsample.
 
     For ``n > _SUBSAMPLE_N`` atoms, ``_SUBSAMPLE_N`` of them (a fixed-seed draw, weights
@@ -107,7 +117,7 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     if _zero_is_optimal(sub, amb):
         return None
     try:
-        found = _minimise(sub, amb, tol, max_iter)
+        found = _minimise(sub, amb, tol, max_iter, quasi)
     except RuntimeError:
         return None
     if not np.any(found.delta):
@@ -115,11 +125,21 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     return Minimum(found.delta, 0, _transfer(found.state))
 
 
-def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimum:
-    """Newton on the exact ``F``, or the set's own minimisation, with the fallbacks above."""
+def _quasi(at: Atoms, amb: AmbiguitySet, method: str) -> bool:
+    """Whether ``method`` means :func:`quasi_newton` (L-BFGS) for this problem: for a smooth
+    ``F`` only, with ``"auto"`` above ``QUASI_NEWTON_MIN_D``."""
+    big = at.a.shape[1] > QUASI_NEWTON_MIN_D
+    return methods(amb).smooth(amb) and (method == "lbfgs" or (method == "auto" and big))
+
+
+def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
+              quasi: bool = False) -> Minimum:
+    """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F``, or the set's own
+    minimisation, with the fallbacks above."""
     label = repr(amb)
     mod = methods(amb)
-    first = _subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N else None
+    first = (_subsample_start(at, amb, tol, max_iter, quasi) if at.w.size > _SUBSAMPLE_N
+             else None)
     delta, state = (first.delta, first.state) if first is not None else (_start(at), None)
     if mod.minimise is not None:
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
@@ -130,7 +150,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
         return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
 
     def run(d, st) -> Minimum:
-        out = newton(objective, d, tol, max_iter, label, st)
+        out = (quasi_newton if quasi else newton)(objective, d, tol, max_iter, label, st)
         return Minimum(out.delta, out.iterations, out.state)
 
     try:
@@ -158,7 +178,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
 
 def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
                theta_ref=None, tol: float = 1e-10, max_iter: int = 100,
-               gap_tol: float = _GAP_TOL, merge: bool = True) -> Solution:
+               gap_tol: float = _GAP_TOL, merge: bool = True, method: str = "auto") -> Solution:
     """Minimise the exact robust objective by Newton's method on the dual (SPEC 3.4).
 
     Parameters
@@ -178,6 +198,13 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)``) and map the
         worst case back to the caller's atoms; the answer is the same (a speed-up for
         samples of a finite world).
+    method : {"auto", "newton", "lbfgs"}
+        How a smooth ``F`` (DPO, KL, chi-square, Wasserstein p = 1 with ``kappa = inf``) is
+        minimised: ``"newton"``, damped Newton (a dense ``d x d`` Hessian per step,
+        ``O(n d^2)``); ``"lbfgs"``, L-BFGS on values and gradients (``O(n d)`` per step)
+        polished by Newton to the same stopping test; ``"auto"``, L-BFGS for ``d >
+        QUASI_NEWTON_MIN_D``. The other sets always use their own method. Either way the
+        answer is certified; ``info["method"]`` says which ran.
 
     Returns
     -------
@@ -210,11 +237,14 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     tol = check_positive(tol, "tol")
     max_iter = check_positive_int(max_iter, "max_iter")
     gap_tol = check_positive(gap_tol, "gap_tol")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    quasi = _quasi(at, ambiguity, method)
     mod = methods(ambiguity)
     zero_gap = _zero_test(at, ambiguity)
     zero = zero_gap is not None
     found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
-             else _minimise(at, ambiguity, tol, max_iter))
+             else _minimise(at, ambiguity, tol, max_iter, quasi))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
@@ -222,7 +252,7 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
     res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
-    info = {"zero_kink": zero, **found.info}
+    info = {"zero_kink": zero, "method": "lbfgs" if quasi else "newton", **found.info}
     if not zero:
         info["optimality_gap"] = (mod.certify or worst_case_gap)(at, ambiguity, delta, res,
                                                                   found.info)
@@ -267,8 +297,8 @@ def solve(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0, thet
         ``"cvxpy"``: the conic reference (:func:`simulator.solvers.conic.solve_cvxpy`,
         not Wasserstein p = 2).
     **options
-        Passed to the solver (``tol``, ``max_iter``, ``gap_tol``, ``merge`` for ``dual``;
-        ``solvers``, ``verbose``, ``rescale`` for ``cvxpy``).
+        Passed to the solver (``tol``, ``max_iter``, ``gap_tol``, ``merge``, ``method``
+        for ``dual``; ``solvers``, ``verbose``, ``rescale`` for ``cvxpy``).
 
     Returns
     -------

@@ -216,5 +216,5 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 METHODS = SetMethods(
     name="kldpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
-    coercive=lambda amb: False,
+    coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
