@@ -94,7 +94,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
         e0[0] = 2.0
         act = w * (r > 0)
         return (2.0 * y[0] - 1.0 - float(w @ r**2), e0 - 2.0 * (w * r) @ at1,
-                -2.0 * (at1 * act[:, None]).T @ at1)
+                lambda: -2.0 * (at1 * act[:, None]).T @ at1)
 
     y0 = np.zeros(a.shape[1] + 1)
     y0[0] = 1.0

@@ -264,7 +264,9 @@ class ConcaveMax(NamedTuple):
 def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
     """Whether ``max_y fun(y) > level`` for a concave ``fun`` returning (value, grad, hess).
 
-    Damped Newton ascent; where the Hessian is singular along the gradient (an unbounded
+    ``hess`` may be a function of no arguments (called only where a Newton step is taken:
+    a trial point above ``level`` never pays for its ``O(n d^2)`` Hessian). Damped Newton
+    ascent; where the Hessian is singular along the gradient (an unbounded
     direction, as for a single atom) a gradient step long enough to pass ``level`` on the
     linear model is tried instead.
     """
@@ -273,7 +275,7 @@ def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
     for _ in range(_CONCAVE_ITERS):
         if val > level:
             return ConcaveMax(True, y)
-        step = psd_solve(-h, g)
+        step = psd_solve(-(h() if callable(h) else h), g)
         dec = float(g @ step)
         if not (np.all(np.isfinite(step)) and math.isfinite(dec)):
             gg = float(g @ g)

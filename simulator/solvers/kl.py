@@ -158,7 +158,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
         q = w * np.exp(z - lse)
         mean = q @ a
         ac = a - mean
-        return -lse, -mean, -(ac * q[:, None]).T @ ac
+        return -lse, -mean, lambda: -(ac * q[:, None]).T @ ac
 
     found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
     if found.above is not False:
