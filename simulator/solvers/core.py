@@ -35,6 +35,9 @@ __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalle
 #: far from overflow and underflow (double precision spans 1e-308 .. 1e308).
 _MIN_SCALE = 1e-150
 _MAX_SCALE = 1e150
+#: Entries of ``a`` between this and its inverse have squares (and sums of ``d`` squares)
+#: far from overflow and underflow.
+_SQUARE_SAFE = 1e-100
 #: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
 #: a PSD Hessian fails: from none up to 1e-5, below which a Newton step stays a descent
 #: direction that the line search can shorten.
@@ -69,6 +72,11 @@ _QN_PAIRS = 20
 _TIE_TOL = 1e-14
 #: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
 _CONCAVE_ITERS = 200
+#: Before its Newton steps :func:`concave_max` probes the gradient ray at up to this many
+#: steps ``2^k (level - value) / ||g||^2``, ``k = 1, 2, ...`` (doubling spans a 2^12-fold
+#: range of curvature along the ray; each probe costs one ``O(n d)`` pass, a Newton step
+#: ``O(n d^2)``).
+_CONCAVE_PROBES = 12
 #: :func:`concave_max` has converged when the Newton decrement is below this
 #: (relative): double precision.
 _CONCAVE_TOL = 1e-15
@@ -107,10 +115,13 @@ class Atoms:
         a = (data.ytil * beta)[:, None] * data.x
         if not normalise:
             return cls(data.x, data.y, data.weights, a, beta)
-        top = float(np.max(np.abs(a)))
+        top = max(float(a.max()), -float(a.min()))  # max |a| without an n x d temporary
         if top == 0.0:
             return cls(data.x, data.y, data.weights, a, beta)
-        scale = top * math.sqrt(float(data.weights @ np.einsum("ij,ij->i", a / top, a / top)))
+        # rescaled by 1 / top only where the squares could overflow or underflow
+        b = a if _SQUARE_SAFE <= top <= 1.0 / _SQUARE_SAFE else a / top
+        scale = (top if b is not a else 1.0) * math.sqrt(
+            float(data.weights @ np.einsum("ij,ij->i", b, b)))
         if not _MIN_SCALE <= scale <= _MAX_SCALE:
             raise ValueError(
                 f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
@@ -172,8 +183,10 @@ class Stalled(RuntimeError):
 
 
 def weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
-    """``sum_i c_i a_i a_i^T``."""
-    return (at.a * c[:, None]).T @ at.a
+    """``sum_i c_i a_i a_i^T`` for ``c >= 0``, as ``b^T b`` with ``b_i = sqrt(c_i) a_i``:
+    numpy computes ``b.T @ b`` as a symmetric rank-k update, half the work of a product."""
+    b = at.a * np.sqrt(c)[:, None]
+    return b.T @ b
 
 
 def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -266,12 +279,25 @@ def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
 
     ``hess`` may be a function of no arguments (called only where a Newton step is taken:
     a trial point above ``level`` never pays for its ``O(n d^2)`` Hessian). Damped Newton
-    ascent; where the Hessian is singular along the gradient (an unbounded
-    direction, as for a single atom) a gradient step long enough to pass ``level`` on the
-    linear model is tried instead.
+    ascent, after probing the gradient ray (``_CONCAVE_PROBES``; on concave ``fun`` no
+    step shorter than ``(level - value) / ||g||^2`` can pass ``level``), which settles the
+    usual case (the maximum far above ``level``) without a Hessian. Where the Hessian is
+    singular along the gradient (an unbounded direction, as for a single atom) a gradient
+    step long enough to pass ``level`` on the linear model is tried instead.
     """
     y = y0
     val, g, h = fun(y)
+    gg = float(g @ g)
+    if val <= level and gg > 0:
+        best = -math.inf
+        for k in range(1, _CONCAVE_PROBES + 1):
+            cand = y + (2.0**k * (level - val) / gg) * g
+            probe = fun(cand)[0]
+            if probe > level:
+                return ConcaveMax(True, cand)
+            if not probe > best:  # past the maximum along the ray
+                break
+            best = probe
     for _ in range(_CONCAVE_ITERS):
         if val > level:
             return ConcaveMax(True, y)
@@ -450,7 +476,8 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
     """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
     (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta``."""
     keep = q > 0
-    a, q = a[keep], q[keep]
+    if not keep.all():
+        a, q = a[keep], q[keep]
     m = a @ delta
     s = expit(-m)
     value = float(q @ dpo_loss(m))
@@ -458,7 +485,8 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
     if linear is not None:
         value += float(linear @ delta)
         grad = grad + linear
-    hess = (a * (q * s * (1.0 - s))[:, None]).T @ a
+    b = a * np.sqrt(q * s * (1.0 - s))[:, None]
+    hess = b.T @ b  # a symmetric rank-k update, as in weighted_hess
     radius = float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a))))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
 
@@ -472,7 +500,8 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     about ``||grad||^2 / (2 mu)``.
     """
     wc = res.worst_case
-    a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
+    same = wc.x is at.x and wc.y is at.y  # a reweighting: the atoms' own a
+    a = at.a if same else ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
     return logistic_gap(a, wc.weights, delta, res.value) / max(1.0, abs(res.value))
 
 

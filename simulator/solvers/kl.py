@@ -157,8 +157,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
         lse = logsumexp(z, b=w)
         q = w * np.exp(z - lse)
         mean = q @ a
-        ac = a - mean
-        return -lse, -mean, lambda: -(ac * q[:, None]).T @ ac
+        return -lse, -mean, lambda: -((a - mean) * q[:, None]).T @ (a - mean)
 
     found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
     if found.above is not False:
