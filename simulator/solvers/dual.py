@@ -17,7 +17,10 @@ homotopy of :mod:`.wasserstein1`) and its own fallback where Newton stalls at a 
 (the p = 2 KKT solve of :mod:`.wasserstein2`). Nominal, KL and chi-square on separable
 data have no minimiser (all margins positive at the returned point): that raises. If
 Newton stalls near ``delta = 0`` it restarts along ``E_P a``. Problems with more than
-``_SUBSAMPLE_N`` atoms start from the minimiser of a subsample. See docs/formulations.md.
+``_SUBSAMPLE_N`` atoms start Newton from the minimiser of a subsample. Above
+``QUASI_NEWTON_MIN_D`` (or with ``method="lbfgs"``) the smooth sets are minimised by
+L-BFGS on values and gradients instead, polished by Newton to the same stopping test
+(:func:`simulator.solvers.core.quasi_newton`), with the same certificate. See docs/formulations.md.
 """
 
 from __future__ import annotations
@@ -103,8 +106,7 @@ def _transfer(state):
     return None if state is None else state.transfer()
 
 
-def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
-                     quasi: bool):
+def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     """Starting point and dual state from the same problem on a random subsample.
 
     For ``n > _SUBSAMPLE_N`` atoms, ``_SUBSAMPLE_N`` of them (a fixed-seed draw, weights
@@ -122,7 +124,7 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
     if _zero_is_optimal(sub, amb):
         return None
     try:
-        found = _minimise(sub, amb, tol, max_iter, quasi)
+        found = _minimise(sub, amb, tol, max_iter)
     except RuntimeError:
         return None
     if not np.any(found.delta):
@@ -143,7 +145,10 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
     minimisation, with the fallbacks above."""
     label = repr(amb)
     mod = methods(amb)
-    first = (_subsample_start(at, amb, tol, max_iter, quasi) if at.w.size > _SUBSAMPLE_N
+    # L-BFGS starts from scratch: its curvature pairs do not carry over from a subsample,
+    # and at n = 1e5 (Gaussian data) the subsample start made it 1.1-2.2x slower at d = 64
+    # and d = 512 (benchmarks/README.md)
+    first = (_subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N and not quasi
              else None)
     delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
     if mod.minimise is not None:
