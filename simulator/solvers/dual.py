@@ -63,10 +63,10 @@ _GAP_TOL = 1e-9
 _NEAR_ZERO = 1e-2
 #: ``method="auto"`` minimises a smooth ``F`` (``SetMethods.smooth``) by L-BFGS above this
 #: dimension, by Newton up to it. Measured (benchmarks/crossover.py, n = 2e4 Gaussian
-#: features, CPU time, one BLAS thread; benchmarks/README.md): Newton's time over L-BFGS's
-#: was 0.47-1.14 at d = 4, 0.75 (chi-square) to 1.59 at d = 32 and 1.32-2.06 at d = 64,
-#: 1.8-2.0 at d = 128: Newton's dense Hessian (``O(n d^2)`` a step) starts to cost more
-#: than L-BFGS's extra ``O(n d)`` iterations between d = 32 and 64.
+#: features, CPU time, one BLAS thread; benchmarks/README.md), Newton's time over L-BFGS's:
+#: 0.24 (chi-square) to 1.52 at d = 8, 0.80 (chi-square) to 2.18 at d = 32, 1.58-3.20 at
+#: d = 48 and 1.18-2.94 up to d = 128: Newton's dense Hessian (``O(n d^2)`` a step) costs
+#: more than L-BFGS's extra ``O(n d)`` iterations for every smooth set above d = 32.
 QUASI_NEWTON_MIN_D = 32
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
