@@ -288,3 +288,24 @@ def test_lbfgs_path_on_separable_data_raises():
     for amb in (sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1)):
         with pytest.raises(RuntimeError, match="unbounded"):
             sim.solve(data, amb, method="lbfgs")
+
+
+@pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1),
+                                 sim.Wasserstein(0.05, p=1)], ids=repr)
+def test_subset_curvature_certificate_is_valid_and_looser(amb, monkeypatch):
+    """The certificate from the Hessian of a subset of the atoms (below the full one) bounds
+    the gap from above: at least the full-Hessian bound, and still below gap_tol."""
+    from simulator.solvers import core
+
+    data, ref = _problem(seed=4, n=1200, d=_HIGH_D)
+    full = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    monkeypatch.setattr(core, "_CERT_ATOMS", 3 * _HIGH_D)  # every 10th atom: 120 atoms
+    sub = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    np.testing.assert_array_equal(sub.theta, full.theta)
+    assert full.info["optimality_gap"] <= sub.info["optimality_gap"] <= 1e-13
+    if amb.name in ("dpo", "chi2dpo"):  # the curvature term dominates: strictly looser
+        assert sub.info["optimality_gap"] > full.info["optimality_gap"]
+    # too few atoms for full rank: the full Hessian is used instead
+    monkeypatch.setattr(core, "_CERT_ATOMS", _HIGH_D // 4)
+    few = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    assert few.info["optimality_gap"] == full.info["optimality_gap"]
