@@ -10,6 +10,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, logsumexp
 
 import simulator as sim
+from simulator.solvers.dual import QUASI_NEWTON_MIN_D
 
 BETA = 0.9
 
@@ -242,3 +243,69 @@ def test_w2_minimiser_near_the_zero_kink():
     sol = sim.solve(data, amb, beta=env.beta)
     assert not sol.info["zero_kink"] and sol.value < math.log(2) and sol.gap < 1e-12
     _no_descent(sol, data, amb, env.beta, None)
+
+
+# --- the high-dimensional path: L-BFGS polished by Newton (method="lbfgs" / "auto") --------
+
+_HIGH_D = QUASI_NEWTON_MIN_D + 8
+_SMOOTH_SETS = [sim.Nominal(), sim.KL(0.1), sim.KL(2.0), sim.ChiSquare(0.1), sim.ChiSquare(1.5),
+                sim.Wasserstein(0.05, p=1)]
+
+
+@pytest.mark.parametrize("amb", _SMOOTH_SETS, ids=repr)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lbfgs_path_agrees_with_newton_and_is_certified(amb, seed):
+    """Above the crossover ``auto`` runs L-BFGS: the same minimiser as Newton, certified."""
+    data, ref = _problem(seed=seed, n=1200, d=_HIGH_D, weights=seed == 1)
+    newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton")
+    auto = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    assert newton.info["method"] == "newton" and auto.info["method"] == "lbfgs"
+    assert auto.status == "optimal" and auto.info["optimality_gap"] <= 1e-9
+    np.testing.assert_allclose(auto.theta, newton.theta, rtol=0,
+                               atol=1e-6 * np.linalg.norm(newton.theta - ref))
+    assert abs(auto.value - newton.value) <= 1e-10
+    if newton.dual is not None:
+        assert abs(auto.dual - newton.dual) <= 1e-6 * max(1.0, abs(newton.dual))
+
+
+def test_method_auto_keeps_newton_at_low_dimension_and_checks_its_argument():
+    data, ref = _problem(d=QUASI_NEWTON_MIN_D)
+    assert sim.solve(data, sim.KL(0.1), beta=BETA, theta_ref=ref).info["method"] == "newton"
+    low = sim.solve(data, sim.KL(0.1), beta=BETA, theta_ref=ref, method="lbfgs")
+    assert low.info["method"] == "lbfgs" and low.info["optimality_gap"] <= 1e-9
+    # a non-smooth F (finite kappa) keeps its own minimisation whatever the method
+    w1k = sim.solve(data, sim.Wasserstein(0.05, p=1, kappa=1.0), beta=BETA, method="lbfgs")
+    assert w1k.info["method"] == "newton"
+    with pytest.raises(ValueError, match="method must be one of"):
+        sim.solve(data, sim.KL(0.1), method="bfgs")
+
+
+def test_lbfgs_path_on_separable_data_raises():
+    """Separable data have no minimiser: L-BFGS must not return a point as optimal."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, _HIGH_D))  # n < d: separable
+    data = sim.PreferenceData(x, (rng.uniform(size=60) < 0.5).astype(float))
+    for amb in (sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1)):
+        with pytest.raises(RuntimeError, match="unbounded"):
+            sim.solve(data, amb, method="lbfgs")
+
+
+@pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1),
+                                 sim.Wasserstein(0.05, p=1)], ids=repr)
+def test_subset_curvature_certificate_is_valid_and_looser(amb, monkeypatch):
+    """The certificate from the Hessian of a subset of the atoms (below the full one) bounds
+    the gap from above: at least the full-Hessian bound, and still below gap_tol."""
+    from simulator.solvers import core
+
+    data, ref = _problem(seed=4, n=1200, d=_HIGH_D)
+    full = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    monkeypatch.setattr(core, "_CERT_ATOMS", 3 * _HIGH_D)  # every 10th atom: 120 atoms
+    sub = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    np.testing.assert_array_equal(sub.theta, full.theta)
+    assert full.info["optimality_gap"] <= sub.info["optimality_gap"] <= 1e-13
+    if amb.name in ("dpo", "chi2dpo"):  # the curvature term dominates: strictly looser
+        assert sub.info["optimality_gap"] > full.info["optimality_gap"]
+    # too few atoms for full rank: the full Hessian is used instead
+    monkeypatch.setattr(core, "_CERT_ATOMS", _HIGH_D // 4)
+    few = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    assert few.info["optimality_gap"] == full.info["optimality_gap"]

@@ -87,22 +87,26 @@ def _zero_test(at: Atoms, amb) -> float | None:
     ``Q ∝ P (g + nu . a)_+`` at the maximiser (mixed with ``P`` into the ball if rounding left
     it outside) is the witness whose logistic regression bounds ``min F`` below."""
     a, w = at.a, at.w
-    at1 = np.hstack([np.ones((a.shape[0], 1)), a])
 
-    def dual_chi2(y):  # concave: 2 g - 1 - E (g + nu . a)_+^2
-        r = np.maximum(at1 @ y, 0.0)
-        e0 = np.zeros_like(y)
-        e0[0] = 2.0
+    def dual_chi2(y):  # concave: 2 g - 1 - E (g + nu . a)_+^2, with y = (g, nu)
+        r = np.maximum(y[0] + a @ y[1:], 0.0)
         act = w * (r > 0)
-        return (2.0 * y[0] - 1.0 - float(w @ r**2), e0 - 2.0 * (w * r) @ at1,
-                -2.0 * (at1 * act[:, None]).T @ at1)
+        grad = np.concatenate([[2.0 - 2.0 * float(w @ r)], -2.0 * (w * r) @ a])
+
+        def hess():  # -2 E_act (1, a)(1, a)^T in blocks, without an n x (d + 1) copy
+            v = act @ a
+            b = a * np.sqrt(act)[:, None]
+            return -2.0 * np.block([[np.array([[act.sum()]]), v[None, :]],
+                                    [v[:, None], b.T @ b]])
+
+        return 2.0 * y[0] - 1.0 - float(w @ r**2), grad, hess
 
     y0 = np.zeros(a.shape[1] + 1)
     y0[0] = 1.0
     found = concave_max(dual_chi2, y0, amb.rho)
     if found.above is not False:
         return None
-    q = w * np.maximum(at1 @ found.y, 0.0)
+    q = w * np.maximum(found.y[0] + a @ found.y[1:], 0.0)
     q = q / q.sum()
     pos = w > 0
     div = float(q[pos] @ (q[pos] / w[pos])) - 1.0
@@ -133,5 +137,5 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 METHODS = SetMethods(
     name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
-    coercive=lambda amb: False,
+    coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

@@ -27,7 +27,7 @@ from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
            "ConcaveMax", "concave_max", "min_norm_mean", "curvature_bound", "logistic_gap",
-           "newton", "primal_value", "psd_solve", "reweighted",
+           "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
            "worst_case_gap"]
 
@@ -35,6 +35,9 @@ __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalle
 #: far from overflow and underflow (double precision spans 1e-308 .. 1e308).
 _MIN_SCALE = 1e-150
 _MAX_SCALE = 1e150
+#: Entries of ``a`` between this and its inverse have squares (and sums of ``d`` squares)
+#: far from overflow and underflow.
+_SQUARE_SAFE = 1e-100
 #: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
 #: a PSD Hessian fails: from none up to 1e-5, below which a Newton step stays a descent
 #: direction that the line search can shorten.
@@ -60,10 +63,20 @@ _MAX_SHORT = 8
 _DIVERGED = 1e8
 #: A Newton step ending below this fraction of the current norm heads for the kink at 0.
 _TOWARDS_ZERO = 0.5
+#: Iterations of L-BFGS in :func:`quasi_newton` (it needs a few hundred at most on the
+#: benchmark problems; Newton then polishes whatever is left).
+_QN_ITERS = 2000
+#: Correction pairs L-BFGS stores (scipy's default 10 needed about 1.5x the iterations).
+_QN_PAIRS = 20
 #: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
 _TIE_TOL = 1e-14
 #: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
 _CONCAVE_ITERS = 200
+#: Before its Newton steps :func:`concave_max` probes the gradient ray at up to this many
+#: steps ``2^k (level - value) / ||g||^2``, ``k = 1, 2, ...`` (doubling spans a 2^12-fold
+#: range of curvature along the ray; each probe costs one ``O(n d)`` pass, a Newton step
+#: ``O(n d^2)``).
+_CONCAVE_PROBES = 12
 #: :func:`concave_max` has converged when the Newton decrement is below this
 #: (relative): double precision.
 _CONCAVE_TOL = 1e-15
@@ -102,10 +115,13 @@ class Atoms:
         a = (data.ytil * beta)[:, None] * data.x
         if not normalise:
             return cls(data.x, data.y, data.weights, a, beta)
-        top = float(np.max(np.abs(a)))
+        top = max(float(a.max()), -float(a.min()))  # max |a| without an n x d temporary
         if top == 0.0:
             return cls(data.x, data.y, data.weights, a, beta)
-        scale = top * math.sqrt(float(data.weights @ np.einsum("ij,ij->i", a / top, a / top)))
+        # rescaled by 1 / top only where the squares could overflow or underflow
+        b = a if _SQUARE_SAFE <= top <= 1.0 / _SQUARE_SAFE else a / top
+        scale = (top if b is not a else 1.0) * math.sqrt(
+            float(data.weights @ np.einsum("ij,ij->i", b, b)))
         if not _MIN_SCALE <= scale <= _MAX_SCALE:
             raise ValueError(
                 f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
@@ -167,8 +183,10 @@ class Stalled(RuntimeError):
 
 
 def weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
-    """``sum_i c_i a_i a_i^T``."""
-    return (at.a * c[:, None]).T @ at.a
+    """``sum_i c_i a_i a_i^T`` for ``c >= 0``, as ``b^T b`` with ``b_i = sqrt(c_i) a_i``:
+    numpy computes ``b.T @ b`` as a symmetric rank-k update, half the work of a product."""
+    b = at.a * np.sqrt(c)[:, None]
+    return b.T @ b
 
 
 def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -259,16 +277,31 @@ class ConcaveMax(NamedTuple):
 def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
     """Whether ``max_y fun(y) > level`` for a concave ``fun`` returning (value, grad, hess).
 
-    Damped Newton ascent; where the Hessian is singular along the gradient (an unbounded
-    direction, as for a single atom) a gradient step long enough to pass ``level`` on the
-    linear model is tried instead.
+    ``hess`` may be a function of no arguments (called only where a Newton step is taken:
+    a trial point above ``level`` never pays for its ``O(n d^2)`` Hessian). Damped Newton
+    ascent, after probing the gradient ray (``_CONCAVE_PROBES``; on concave ``fun`` no
+    step shorter than ``(level - value) / ||g||^2`` can pass ``level``), which settles the
+    usual case (the maximum far above ``level``) without a Hessian. Where the Hessian is
+    singular along the gradient (an unbounded direction, as for a single atom) a gradient
+    step long enough to pass ``level`` on the linear model is tried instead.
     """
     y = y0
     val, g, h = fun(y)
+    gg = float(g @ g)
+    if val <= level and gg > 0:
+        best = -math.inf
+        for k in range(1, _CONCAVE_PROBES + 1):
+            cand = y + (2.0**k * (level - val) / gg) * g
+            probe = fun(cand)[0]
+            if probe > level:
+                return ConcaveMax(True, cand)
+            if not probe > best:  # past the maximum along the ray
+                break
+            best = probe
     for _ in range(_CONCAVE_ITERS):
         if val > level:
             return ConcaveMax(True, y)
-        step = psd_solve(-h, g)
+        step = psd_solve(-(h() if callable(h) else h), g)
         dec = float(g @ step)
         if not (np.all(np.isfinite(step)) and math.isfinite(dec)):
             gg = float(g @ g)
@@ -286,6 +319,12 @@ def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
             return ConcaveMax(True if val > level else None, y)
         y, val, g, h = y + t * step, nv, ng, nh
     return ConcaveMax(True if val > level else None, y)
+
+
+def _diverged(label: str) -> RuntimeError:
+    return RuntimeError(
+        f"dual solver diverged (status: unbounded): ||theta - theta_ref|| > "
+        f"{_DIVERGED:.1e}; the data may be separable so that {label} has no minimiser")
 
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
@@ -348,11 +387,41 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             raise Stalled(f"dual solver stalled (status: stagnated) at iteration {it} "
                           f"with gradient norm {gn:.3e} for {label}", delta, state)
         if float(np.linalg.norm(delta)) > _DIVERGED:
-            raise RuntimeError(
-                f"dual solver diverged (status: unbounded): ||theta - theta_ref|| > "
-                f"{_DIVERGED:.1e}; the data may be separable so that {label} has no minimiser")
+            raise _diverged(label)
     raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
+
+
+def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
+                 state: Any = None) -> NewtonRun:
+    """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
+
+    The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
+    instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until
+    ``||grad||_inf <= tol`` or its line search meets rounding; :func:`newton` then checks
+    the same stopping test and, where the gradient is still above ``tol``, takes the
+    (usually one) Newton step that reaches it, so both paths stop at the same test.
+    Each evaluation's warm-start ``state`` seeds the next one.
+
+    Raises
+    ------
+    Stalled, RuntimeError
+        As :func:`newton` (``unbounded`` also when L-BFGS leaves every bounded region).
+    """
+    last = {"state": state}
+
+    def fun(x):
+        if float(np.linalg.norm(x)) > _DIVERGED:
+            raise _diverged(label)
+        res = objective(x, last["state"])
+        last["state"] = res.state
+        return res.value, res.grad
+
+    found = minimize(fun, delta, jac=True, method="L-BFGS-B",
+                     options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
+                              "maxcor": _QN_PAIRS})
+    run = newton(objective, found.x, tol, max_iter, label, last["state"])
+    return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state)
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -363,12 +432,21 @@ _RANK_TOL = 1e-12
 #: A gradient component outside the Hessian's range above this (relative to the largest
 #: atom norm) is a real linear direction (the function is unbounded along it), not rounding.
 _NULL_GRAD = 1e-12
+#: :func:`logistic_gap` on more atoms than this first bounds the curvature by every
+#: ``n / _CERT_ATOMS``-th atom alone (a smaller PSD matrix, so still a valid bound, about
+#: ``n / _CERT_ATOMS`` times looser): ``O(_CERT_ATOMS d^2)`` instead of ``O(n d^2)``, 10x
+#: less at n = 1e5 ...
+_CERT_ATOMS = 10_000
+#: ... and keeps that bound when it is below this (absolute; the full bound is about
+#: ``||g||^2 / (2 mu)``, 1e-20 .. 1e-16 at ``tol = 1e-10``), else computes the full one.
+_CERT_SUBSET_OK = 1e-13
 #: Below this ``gamma`` the series of ``gamma + (1 - gamma) log(1 - gamma)`` is used
 #: (the closed form cancels there).
 _SERIES_GAMMA = 1e-3
 
 
-def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float) -> float:
+def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
+                    full_rank: bool = False) -> float:
     """Upper bound on ``f(delta) - inf f`` for ``f = sum_i q_i softplus(-a_i . delta) + c .
     delta`` from its gradient and Hessian at ``delta`` and ``radius = max_i ||a_i||``.
 
@@ -378,7 +456,9 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float) -> float:
     eigenvalue of ``H`` on its range (``f`` is constant along the null space when ``g`` has
     no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2) (gamma + (1 -
     gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2 mu)``), and
-    ``inf`` when ``gamma >= 1``.
+    ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below the Hessian (``D^T hess D <= D^T H
+    D``) gives a valid bound when it has full rank (``full_rank``: ``inf`` otherwise, since
+    its null space need not be one along which ``f`` is constant).
     """
     gn = float(np.linalg.norm(grad))
     if gn == 0.0:
@@ -388,6 +468,8 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float) -> float:
     if not top > 0 or not radius > 0:
         return math.inf
     keep = evals > _RANK_TOL * top
+    if full_rank and not keep.all():
+        return math.inf
     basis = evecs[:, keep]
     g_range = basis.T @ grad
     if float(np.linalg.norm(grad - basis @ g_range)) > _NULL_GRAD * radius:
@@ -405,9 +487,11 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float) -> float:
 def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
                  linear: np.ndarray | None = None) -> float:
     """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
-    (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta``."""
+    (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta`` (from the
+    Hessian of every ``n / _CERT_ATOMS``-th atom when that bound is small enough)."""
     keep = q > 0
-    a, q = a[keep], q[keep]
+    if not keep.all():
+        a, q = a[keep], q[keep]
     m = a @ delta
     s = expit(-m)
     value = float(q @ dpo_loss(m))
@@ -415,8 +499,16 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
     if linear is not None:
         value += float(linear @ delta)
         grad = grad + linear
-    hess = (a * (q * s * (1.0 - s))[:, None]).T @ a
+    curv = q * s * (1.0 - s)
     radius = float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a))))
+    if q.size > _CERT_ATOMS:  # sum over a subset <= the Hessian: a cheaper, looser bound
+        step = q.size // _CERT_ATOMS
+        b = a[::step] * np.sqrt(curv[::step])[:, None]
+        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True)
+        if bound <= _CERT_SUBSET_OK:
+            return max(upper - value, 0.0) + bound
+    b = a * np.sqrt(curv)[:, None]
+    hess = b.T @ b  # a symmetric rank-k update, as in weighted_hess
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
 
 
@@ -429,7 +521,8 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     about ``||grad||^2 / (2 mu)``.
     """
     wc = res.worst_case
-    a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
+    same = wc.x is at.x and wc.y is at.y  # a reweighting: the atoms' own a
+    a = at.a if same else ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
     return logistic_gap(a, wc.weights, delta, res.value) / max(1.0, abs(res.value))
 
 
@@ -498,6 +591,10 @@ class SetMethods:
         ``(F(delta) - min F) / max(1, |F(delta)|)`` from the exact evaluation ``res`` at
         ``delta`` (with its worst case) and the minimisation's ``info``; ``None`` means
         :func:`worst_case_gap` (weak duality through the worst case).
+    smooth : callable
+        ``ambiguity -> bool``: whether ``F`` is continuously differentiable away from
+        ``delta = 0``, so that the Hessian-free :func:`quasi_newton` may minimise it above
+        the crossover dimension (:mod:`.dual`); ``False`` keeps damped Newton.
     descent_at_zero : callable or None
         ``(at, ambiguity) -> ndarray | None``: a descent direction of ``F`` at ``delta = 0``
         for the restart when Newton is caught at that kink; ``None`` means ``E_P a`` (the
@@ -513,5 +610,6 @@ class SetMethods:
     minimise: Callable | None = None
     stall_fallback: Callable | None = None
     certify: Callable | None = None
+    smooth: Callable = lambda amb: False
     descent_at_zero: Callable | None = None
     conic: str = ""

@@ -17,7 +17,10 @@ homotopy of :mod:`.wasserstein1`) and its own fallback where Newton stalls at a 
 (the p = 2 KKT solve of :mod:`.wasserstein2`). Nominal, KL and chi-square on separable
 data have no minimiser (all margins positive at the returned point): that raises. If
 Newton stalls near ``delta = 0`` it restarts along ``E_P a``. Problems with more than
-``_SUBSAMPLE_N`` atoms start from the minimiser of a subsample. See docs/formulations.md.
+``_SUBSAMPLE_N`` atoms start Newton from the minimiser of a subsample. Above
+``QUASI_NEWTON_MIN_D`` (or with ``method="lbfgs"``) the smooth sets are minimised by
+L-BFGS on values and gradients instead, polished by Newton to the same stopping test
+(:func:`simulator.solvers.core.quasi_newton`), with the same certificate. See docs/formulations.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .core import (
     newton,
     primal_value,
     psd_solve,
+    quasi_newton,
     unmerge,
     worst_case_gap,
 )
@@ -46,6 +50,7 @@ from .result import Solution
 __all__ = ["solve", "solve_dual"]
 
 _SOLVERS = ("dual", "cvxpy")
+_METHODS = ("auto", "newton", "lbfgs")
 
 #: Problems with more atoms are started from the solution on a subsample of this size
 #: (measured faster than 1e5 on both benchmark data sets; benchmarks/README.md).
@@ -60,6 +65,13 @@ _NEAR_ZERO = 1e-2
 #: the kink at 0 itself (round-off-sized iterates, about 1e-15 of the start, where the
 #: subdifferential test already said 0 is not optimal); restarted like a stall.
 _EPS_ZERO = 1e-8
+#: ``method="auto"`` minimises a smooth ``F`` (``SetMethods.smooth``) by L-BFGS above this
+#: dimension, by Newton up to it. Measured (benchmarks/crossover.py, n = 2e4 Gaussian
+#: features, CPU time, one BLAS thread; benchmarks/README.md), Newton's time over L-BFGS's:
+#: 0.24 (chi-square) to 1.52 at d = 8, 0.80 (chi-square) to 2.18 at d = 32, 1.58-3.20 at
+#: d = 48 and 1.18-2.94 up to d = 128: Newton's dense Hessian (``O(n d^2)`` a step) costs
+#: more than L-BFGS's extra ``O(n d)`` iterations for every smooth set above d = 32.
+QUASI_NEWTON_MIN_D = 32
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
 
@@ -79,10 +91,15 @@ def _zero_is_optimal(at: Atoms, amb: AmbiguitySet) -> bool:
     return _zero_test(at, amb) is not None
 
 
-def _start(at: Atoms) -> np.ndarray:
-    """First Newton step of ``E_P l`` from ``delta = 0`` (``H = E a a^T / 4``, ``g = -E a / 2``)."""
+def _start(at: Atoms, quasi: bool = False) -> np.ndarray:
+    """First Newton step of ``E_P l`` from ``delta = 0`` (``H = E a a^T / 4``, ``g = -E a / 2``);
+    with ``quasi``, the Hessian-free Newton step along ``v = E_P a`` only, ``2 ||v||^2 v /
+    E_P (a . v)^2`` (one ``O(n d)`` pass instead of the ``O(n d^2)`` Hessian)."""
+    v = at.w @ at.a
+    if quasi:
+        return 2.0 * float(v @ v) / float(at.w @ (at.a @ v) ** 2) * v
     h = 0.25 * (at.a * at.w[:, None]).T @ at.a
-    return psd_solve(h, 0.5 * (at.w @ at.a))
+    return psd_solve(h, 0.5 * v)
 
 
 def _transfer(state):
@@ -116,12 +133,25 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     return Minimum(found.delta, 0, _transfer(found.state))
 
 
-def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimum:
-    """Newton on the exact ``F``, or the set's own minimisation, with the fallbacks above."""
+def _quasi(at: Atoms, amb: AmbiguitySet, method: str) -> bool:
+    """Whether ``method`` means :func:`quasi_newton` (L-BFGS) for this problem: for a smooth
+    ``F`` only, with ``"auto"`` above ``QUASI_NEWTON_MIN_D``."""
+    big = at.a.shape[1] > QUASI_NEWTON_MIN_D
+    return methods(amb).smooth(amb) and (method == "lbfgs" or (method == "auto" and big))
+
+
+def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
+              quasi: bool = False) -> Minimum:
+    """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F``, or the set's own
+    minimisation, with the fallbacks above."""
     label = repr(amb)
     mod = methods(amb)
-    first = _subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N else None
-    delta, state = (first.delta, first.state) if first is not None else (_start(at), None)
+    # L-BFGS starts from scratch: its curvature pairs do not carry over from a subsample,
+    # and at n = 1e5 (Gaussian data) the subsample start made it 1.1-2.2x slower at d = 64
+    # and d = 512 (benchmarks/README.md)
+    first = (_subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N and not quasi
+             else None)
+    delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
     if mod.minimise is not None:
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
         if special is not None:
@@ -135,7 +165,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
     def run(d, st) -> Minimum:
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
-        out = newton(objective, d, tol, max_iter, label, st)
+        out = (quasi_newton if quasi else newton)(objective, d, tol, max_iter, label, st)
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state)
@@ -164,7 +194,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int) -> Minimu
 
 def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
                theta_ref=None, tol: float = 1e-10, max_iter: int = 100,
-               gap_tol: float = _GAP_TOL, merge: bool = True) -> Solution:
+               gap_tol: float = _GAP_TOL, merge: bool = True, method: str = "auto") -> Solution:
     """Minimise the exact robust objective by Newton's method on the dual (SPEC 3.4).
 
     Parameters
@@ -184,6 +214,13 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)``) and map the
         worst case back to the caller's atoms; the answer is the same (a speed-up for
         samples of a finite world).
+    method : {"auto", "newton", "lbfgs"}
+        How a smooth ``F`` (DPO, KL, chi-square, Wasserstein p = 1 with ``kappa = inf``) is
+        minimised: ``"newton"``, damped Newton (a dense ``d x d`` Hessian per step,
+        ``O(n d^2)``); ``"lbfgs"``, L-BFGS on values and gradients (``O(n d)`` per step)
+        polished by Newton to the same stopping test; ``"auto"``, L-BFGS for ``d >
+        QUASI_NEWTON_MIN_D``. The other sets always use their own method. Either way the
+        answer is certified; ``info["method"]`` says which ran.
 
     Returns
     -------
@@ -216,11 +253,14 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     tol = check_positive(tol, "tol")
     max_iter = check_positive_int(max_iter, "max_iter")
     gap_tol = check_positive(gap_tol, "gap_tol")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    quasi = _quasi(at, ambiguity, method)
     mod = methods(ambiguity)
     zero_gap = _zero_test(at, ambiguity)
     zero = zero_gap is not None
     found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
-             else _minimise(at, ambiguity, tol, max_iter))
+             else _minimise(at, ambiguity, tol, max_iter, quasi))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
@@ -228,7 +268,7 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
     res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
-    info = {"zero_kink": zero, **found.info}
+    info = {"zero_kink": zero, "method": "lbfgs" if quasi else "newton", **found.info}
     if not zero:
         info["optimality_gap"] = (mod.certify or worst_case_gap)(at, ambiguity, delta, res,
                                                                   found.info)
@@ -273,8 +313,8 @@ def solve(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0, thet
         ``"cvxpy"``: the conic reference (:func:`simulator.solvers.conic.solve_cvxpy`,
         not Wasserstein p = 2).
     **options
-        Passed to the solver (``tol``, ``max_iter``, ``gap_tol``, ``merge`` for ``dual``;
-        ``solvers``, ``verbose``, ``rescale`` for ``cvxpy``).
+        Passed to the solver (``tol``, ``max_iter``, ``gap_tol``, ``merge``, ``method``
+        for ``dual``; ``solvers``, ``verbose``, ``rescale`` for ``cvxpy``).
 
     Returns
     -------

@@ -153,8 +153,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
         lse = logsumexp(z, b=w)
         q = w * np.exp(z - lse)
         mean = q @ a
-        ac = a - mean
-        return -lse, -mean, -(ac * q[:, None]).T @ ac
+        return -lse, -mean, lambda: -((a - mean) * q[:, None]).T @ (a - mean)
 
     found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
     if found.above is not False:
@@ -191,5 +190,5 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 METHODS = SetMethods(
     name="kldpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
-    coercive=lambda amb: False,
+    coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")

@@ -30,5 +30,5 @@ def _evaluate(at, delta, m, l, amb, hess, worst, state) -> InnerResult:
 METHODS = SetMethods(
     name="dpo", evaluate=_evaluate,
     zero_test=lambda at, amb: None,  # rho = 0: only E_P a = 0 makes 0 optimal
-    coercive=lambda amb: False,
+    coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'nominal', min E_P softplus(-m)")
