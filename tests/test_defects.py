@@ -216,3 +216,30 @@ def test_chi2_sample_at_the_collapse_radius_is_not_left_at_theta_ref(collapse_wo
     assert np.linalg.norm(sol.theta) > 1e-4 and sol.value < np.log(2)
     assert sol.value <= ref.value + 1e-12
     np.testing.assert_allclose(sol.theta, ref.theta, atol=1e-5)
+
+
+def test_w1_finite_kappa_theta_ref_certified_above_the_collapse_radius(collapse_world):
+    """Wasserstein p = 1, kappa = 1, just above the collapse radius: main's homotopy raised
+    'gap' (the old zero test was the kappa = inf one). The flip-share test now certifies
+    theta_ref; it agrees with the collapse radius computed independently (cvxpy dual), and
+    below that radius it never certifies."""
+    from simulator.solvers.core import Atoms
+    from simulator.solvers.wasserstein1 import METHODS
+
+    env, pop, _ = collapse_world
+    data = env.sample(10_000, np.random.default_rng([0, 10_000]), merged=True)
+    rho0 = sim.collapse_radius(data, sim.Wasserstein(1.0, p=1, kappa=1.0))
+    sol = sim.solve(data, sim.Wasserstein(1.03 * rho0, p=1, kappa=1.0))
+    assert sol.info["zero_kink"] and sol.info["optimality_gap"] == 0.0
+    np.testing.assert_array_equal(sol.theta, 0.0)
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n = int(rng.integers(2, 12))
+        x = rng.normal(size=(n, 2))
+        d = sim.PreferenceData(x, rng.integers(0, 2, n), rng.dirichlet(np.ones(n)))
+        kappa = float(rng.choice([0.05, 0.3, 1.0, 3.0]))
+        r0 = sim.collapse_radius(d, sim.Wasserstein(1.0, p=1, kappa=kappa))
+        at = Atoms.from_data(d, 1.0)
+        for frac, certified in ((0.98, False), (1.02, True)):
+            got = METHODS.zero_test(at, sim.Wasserstein(frac * r0, p=1, kappa=kappa))
+            assert (got == 0.0) == certified, (trial, frac, r0, kappa)

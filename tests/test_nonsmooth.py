@@ -88,10 +88,12 @@ def test_w1_certificate_bounds_every_perturbation(gaussian_data):
 
 def test_w1_reference_optimal_through_flips_alone(random_case):
     """theta_ref is the minimiser only because of label flips (the kappa = inf test says
-    no): the homotopy tends to it and the certificate proves it."""
+    no): the flip-share zero test proves it (before it, the homotopy tended to it and its
+    certificate proved it)."""
     data, amb, beta, ref = random_case(94, "wdpo1_kappa")
     at = Atoms.from_data(data, beta)
-    assert not dual._zero_is_optimal(at, amb)
+    assert not dual._zero_is_optimal(at, sim.Wasserstein(amb.rho, p=1))
+    assert dual._zero_is_optimal(at, amb)
     sol = sim.solve(data, amb, beta=beta, theta_ref=ref)
     assert np.all(sol.theta == ref) and sol.value == pytest.approx(math.log(2), abs=1e-15)
     assert sol.info["optimality_gap"] <= 1e-13
