@@ -263,8 +263,9 @@ def uniform_slow_rate(ambiguity: AmbiguitySet, n: int, delta: float, beta: float
         deterministic function of the population).
     Other parameters as in :func:`slow_rate`.
     """
-    B = check_positive(B, "B")
-    k = math.ceil(math.log2(B))
+    B = check_nonnegative(B, "B")
+    # B = 0 (theta_hat = theta* = theta_ref = 0): every grid ball holds it; the unit one
+    k = math.ceil(math.log2(B)) if B > 0 else 0
     level = delta * _grid_weight(k)
     lo = None
     if dual_lo is not None:

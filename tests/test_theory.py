@@ -194,5 +194,11 @@ def test_uniform_slow_rate_is_the_slow_rate_at_the_grid_point_with_its_share_of_
     k = np.arange(-2000, 2001)
     share = 1 / (z * (np.abs(k) + 1) ** 2)
     assert share.sum() <= 1 and share.sum() > 1 - 1e-3
+    # B = 0 (both estimates at theta_ref = 0): the unit ball B_0 = 1 with its weight 1 / Z
+    calls.clear()
+    zero = theory.uniform_slow_rate(amb, n, delta, beta, 0.0, gamma_at, dual_lo=0.3)
+    assert calls == [1.0]
+    want = theory.slow_rate(amb, n, delta / z / (9 * z), beta, 1.0, 0.01, dual_lo=0.25)
+    assert zero.error == pytest.approx(want.error, rel=1e-14)
     with pytest.raises(ValueError, match="B"):
-        theory.uniform_slow_rate(amb, n, delta, beta, 0.0, gamma_at, dual_lo=0.3)
+        theory.uniform_slow_rate(amb, n, delta, beta, -1.0, gamma_at, dual_lo=0.3)
