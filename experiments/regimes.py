@@ -10,8 +10,8 @@ At each radius the population optimum ``theta*`` and the sandwich law
 ``theta_hat_n`` is solved on a multinomial sample (``FiniteEnv.sample(merged=True)``).
 
 A cell is one ``(method, ratio, seed)`` and loops over ``n``. A sample whose solve
-raises (the solver on main can stall near ``rho_0``) gives a row with
-``solve_failed = 1`` and NaN results; the summary counts them.
+raises (a named solver error) gives a row with ``solve_failed = 1`` and NaN results; the
+summary counts them.
 
 Columns of ``regimes.csv`` (besides the runner's): ``method``, ``ratio``, ``seed``,
 ``n``, ``rho0``, ``rho``, ``err_l2 = ||theta_hat - theta*||``, ``at_ref`` (1 when
@@ -95,13 +95,7 @@ def _world(env_key: tuple, method: str, ratio: float):
                                   theta_ref=env.theta_ref)
         star = SimpleNamespace(theta=env.theta_ref.copy(), dual=at.dual)
     else:
-        try:
-            star = sim.solve(pop, amb, beta=env.beta, theta_ref=env.theta_ref,
-                             solver=cfg["solver"])
-        except RuntimeError:  # the dual solver near rho_0: Clarabel's exponential cone
-            if method not in ("kldpo", "chi2dpo"):
-                raise
-            star = sim.solve(pop, amb, beta=env.beta, theta_ref=env.theta_ref, solver="cvxpy")
+        star = sim.solve(pop, amb, beta=env.beta, theta_ref=env.theta_ref, solver=cfg["solver"])
     pred = sim.asymptotic_covariance(pop, amb, beta=env.beta, theta_ref=env.theta_ref,
                                      solution=star)
     basis = pred.cov if pred.regular else pop.coverage()
