@@ -122,16 +122,10 @@ def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One cell per ``(method, rho, seed)``; ``dpo`` only at ``rho = 0``.
 
     With a radius schedule (``schedule_c > 0``) the only radius is ``rho = schedule_c``,
-    and the cell uses ``rho_n = schedule_c n^{-schedule_a}`` at each ``n``.
+    and the cell uses ``rho_n = schedule_c n^{-schedule_a}`` at each ``n``. The keys are
+    checked by :func:`validate`.
     """
-    bad = [m for m in cfg["methods"] if m not in METHODS]
-    if bad:
-        raise ValueError(f"methods must be among {METHODS}, got {bad}")
     radii = [cfg["schedule_c"]] if cfg["schedule_c"] > 0 else cfg["rhos"]
-    if any(r <= 0 for r in radii):
-        raise ValueError(f"rhos must be > 0, got {cfg['rhos']}")
-    if cfg["schedule_c"] < 0:
-        raise ValueError(f"schedule_c must be >= 0, got {cfg['schedule_c']}")
     out = []
     for method in cfg["methods"]:
         for rho in ([0.0] if method == "dpo" else radii):
