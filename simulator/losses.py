@@ -34,7 +34,14 @@ def softplus(t):
     (the solvers evaluate it on every atom at every iteration).
     """
     t = np.asarray(t, dtype=np.float64)
-    return np.maximum(t, 0.0) + np.log1p(np.exp(-np.abs(t)))
+    if t.ndim == 0:
+        return np.maximum(t, 0.0) + np.log1p(np.exp(-np.abs(t)))
+    out = np.abs(t)  # one n-vector, worked in place: every temporary costs page faults
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    np.log1p(out, out=out)
+    out += np.maximum(t, 0.0)
+    return out
 
 
 def sigmoid(t):

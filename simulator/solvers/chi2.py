@@ -64,22 +64,28 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return reweighting_result(at, m, q, lmax, lmax, None, hess)
+        return reweighting_result(at, m, q, lmax, lmax, hess)
     nrm = math.sqrt(float(w @ r**2))
     q = w * r / er
     value = lmax + eta + c * nrm
     act = (r > 0).astype(np.float64)
 
-    def extra(g):
-        # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2).
-        erg = (w * r) @ g
-        eag = (w * act) @ g
-        h_dd = c * ((g * (w * act)[:, None]).T @ g / nrm - np.outer(erg, erg) / nrm**3)
+    def parts(sg, grad):
+        # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2), with
+        # the per-atom loss gradients g_i = -sg_i a_i: E_{c w r / nrm} hess l + h_dd -
+        # h_de h_de^T / h_ee, h_dd = c (E_P act g g^T / nrm - erg erg^T / nrm^3)
+        wa = w * act
+        curv = (c / nrm) * sg * (w * r * (1.0 - sg) + wa * sg)
+        erg = -((w * r * sg) @ at.a)
+        eag = -((wa * sg) @ at.a)
         h_de = c * (-eag / nrm + erg * er / nrm**3)
         h_ee = c * (float(w @ act) / nrm - er**2 / nrm**3)
-        return h_dd - np.outer(h_de, h_de) / h_ee if h_ee > 0 else h_dd
+        low = [(-c / nrm**3, erg)]
+        if h_ee > 0:
+            low.append((-1.0 / h_ee, h_de))
+        return curv, low
 
-    return reweighting_result(at, m, q, value, lmax + eta, extra, hess, q_hess=c * w * r / nrm)
+    return reweighting_result(at, m, q, value, lmax + eta, hess, parts)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:

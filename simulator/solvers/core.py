@@ -25,7 +25,7 @@ from ..data import PreferenceData
 from ..losses import dpo_loss, margins
 from .result import WorstCase
 
-__all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
+__all__ = ["Atoms", "InnerResult", "atom_radius", "Minimum", "NewtonRun", "SetMethods", "Stalled",
            "ConcaveMax", "concave_max", "min_norm_mean", "curvature_bound", "logistic_gap",
            "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
@@ -38,6 +38,14 @@ _MAX_SCALE = 1e150
 #: Entries of ``a`` between this and its inverse have squares (and sums of ``d`` squares)
 #: far from overflow and underflow.
 _SQUARE_SAFE = 1e-100
+#: Relative allowance on the computed ``max_i ||a_i||`` for its rounding (a sum of ``d``
+#: squares, a square root and a division: a few ulps), so that ``Atoms.radius`` bounds it.
+_RADIUS_ULPS = 1e-12
+#: Entries per chunk of the chunked ``n x d`` passes (:func:`weighted_hess`,
+#: :func:`atom_radius`): 2^18 doubles = 2 MB, about a last-level-cache share, so that a
+#: chunk's temporaries stay in cache and no ``n x d`` temporary is allocated (the memory
+#: target of issue 9: peak <= 4x the data at n = 1e7).
+_CHUNK_ENTRIES = 2**18
 #: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
 #: a PSD Hessian fails: from none up to 1e-5, below which a Newton step stays a descent
 #: direction that the line search can shorten.
@@ -100,6 +108,12 @@ class Atoms:
     a: np.ndarray
     beta: float
     scale: float = 1.0
+    radius: float | None = None
+
+    def max_norm(self) -> float:
+        """An upper bound on ``max_i ||a_i||`` (exact unless a subset's atoms): ``radius``
+        when :meth:`from_data` computed it, else one ``O(n d)`` pass."""
+        return self.radius if self.radius is not None else atom_radius(self.a)
 
     @classmethod
     def from_data(cls, data: PreferenceData, beta: float, normalise: bool = False) -> Atoms:
@@ -120,20 +134,38 @@ class Atoms:
             return cls(data.x, data.y, data.weights, a, beta)
         # rescaled by 1 / top only where the squares could overflow or underflow
         b = a if _SQUARE_SAFE <= top <= 1.0 / _SQUARE_SAFE else a / top
-        scale = (top if b is not a else 1.0) * math.sqrt(
-            float(data.weights @ np.einsum("ij,ij->i", b, b)))
+        sq = np.einsum("ij,ij->i", b, b)
+        unit = top if b is not a else 1.0
+        scale = unit * math.sqrt(float(data.weights @ sq))
         if not _MIN_SCALE <= scale <= _MAX_SCALE:
             raise ValueError(
                 f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
                 f"[{_MIN_SCALE:g}, {_MAX_SCALE:g}]: double precision cannot represent the "
                 "minimiser theta (of order 1 / scale); rescale the features or beta")
         a *= 1.0 / scale
-        return cls(data.x, data.y, data.weights, a, beta / scale, scale)
+        # max ||a_i|| after the scaling, with a few ulps to spare: an upper bound
+        radius = unit * math.sqrt(float(sq.max())) / scale * (1.0 + _RADIUS_ULPS)
+        return cls(data.x, data.y, data.weights, a, beta / scale, scale, radius)
 
     def subset(self, idx: np.ndarray) -> Atoms:
-        """The atoms ``idx``, weights renormalised."""
+        """The atoms ``idx``, weights renormalised (``radius`` stays an upper bound)."""
         w = self.w[idx]
-        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta, self.scale)
+        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta, self.scale,
+                     self.radius)
+
+
+def atom_radius(a: np.ndarray) -> float:
+    """``max_i ||a_i||`` (one ``O(n d)`` pass, in chunks: no ``n x d`` temporary)."""
+    top = 0.0
+    for lo in range(0, a.shape[0], _chunk_rows(a)):
+        blk = a[lo:lo + _chunk_rows(a)]
+        top = max(top, float(np.einsum("ij,ij->i", blk, blk).max(initial=0.0)))
+    return math.sqrt(top)
+
+
+def _chunk_rows(a: np.ndarray) -> int:
+    """Rows per chunk of an ``n x d`` pass: about ``_CHUNK_ENTRIES`` entries."""
+    return max(1, _CHUNK_ENTRIES // max(1, a.shape[1]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,7 +175,9 @@ class InnerResult:
     ``hess`` is a function of no arguments returning the Hessian (computed only when
     called, so that line searches do not pay for it), or ``None`` if not requested.
     ``state`` is the set's warm-start state at ``delta`` (a frozen dataclass of the set's
-    module, or ``None``), passed to the next evaluation.
+    module, or ``None``), passed to the next evaluation. ``margins`` and ``losses`` are
+    ``m = a delta`` and ``l = softplus(-m)`` on the problem's atoms (set by
+    :func:`simulator.solvers.inner.evaluate_inner`; the certificate reuses them).
     """
 
     value: float
@@ -152,26 +186,32 @@ class InnerResult:
     hess: Callable[[], np.ndarray] | None
     worst_case: WorstCase | None
     state: Any = None
+    margins: np.ndarray | None = None
+    losses: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class NewtonRun:
-    """Where a Newton run stopped: the iterate, its iterations and warm-start state."""
+    """Where a Newton run stopped: the iterate, its iterations and warm-start state, and
+    the objective's evaluation there (reused by the front end instead of a repeat)."""
 
     delta: np.ndarray
     iterations: int
     state: Any
+    result: InnerResult | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class Minimum:
     """A minimiser of ``F`` as a set module returns it; ``info`` is what the solve reports
-    (for example ``optimality_gap``), kept apart from the warm-start ``state``."""
+    (for example ``optimality_gap``), kept apart from the warm-start ``state``; ``result``
+    is the evaluation at ``delta`` when the minimisation ended on one."""
 
     delta: np.ndarray
     iterations: int
     state: Any
     info: dict = field(default_factory=dict)
+    result: InnerResult | None = None
 
 
 class Stalled(RuntimeError):
@@ -182,11 +222,19 @@ class Stalled(RuntimeError):
         self.delta, self.state = delta, state
 
 
-def weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
-    """``sum_i c_i a_i a_i^T`` for ``c >= 0``, as ``b^T b`` with ``b_i = sqrt(c_i) a_i``:
-    numpy computes ``b.T @ b`` as a symmetric rank-k update, half the work of a product."""
-    b = at.a * np.sqrt(c)[:, None]
-    return b.T @ b
+def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``sum_i c_i a_i a_i^T`` for ``c >= 0`` (``at``: atoms or the ``n x d`` matrix ``a``),
+    as ``sum_k b_k^T b_k`` over chunks of rows ``b_i = sqrt(c_i) a_i``: numpy computes
+    ``b.T @ b`` as a symmetric rank-k update (half the work of a product), and the chunks
+    keep the temporaries in cache instead of an ``n x d`` copy."""
+    a = at.a if isinstance(at, Atoms) else at
+    r = np.sqrt(c)
+    step = _chunk_rows(a)
+    out = np.zeros((a.shape[1], a.shape[1]))
+    for lo in range(0, a.shape[0], step):
+        b = a[lo:lo + step] * r[lo:lo + step, None]
+        out += b.T @ b
+    return out
 
 
 def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -245,17 +293,27 @@ def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, dual,
-                       hess_extra, hess: bool, q_hess: np.ndarray | None = None,
+                       hess: bool, parts: Callable | None = None,
                        state: Any = None) -> InnerResult:
-    """Danskin gradient ``E_Q grad l`` and Hessian ``E_{q_hess} hess l + hess_extra(g)``
-    (``g`` the per-atom loss gradients) of a reweighting set's ``F``."""
+    """Danskin gradient ``E_Q grad l = -E_Q sigmoid(-m) a`` and Hessian of a reweighting
+    set's ``F``.
+
+    The Hessian is ``sum_i c_i a_i a_i^T + sum_k k_k u_k u_k^T``, one chunked rank-n
+    update (:func:`weighted_hess`) plus rank-one terms, with ``(c, [(k_k, u_k), ...]) =
+    parts(s, grad)`` (``s = sigmoid(-m)``); without ``parts`` it is ``E_Q hess l``, ``c = q s
+    (1 - s)``. Every reweighting set's Schur complement has that form (:mod:`.kl`,
+    :mod:`.chi2`): no ``n x d`` temporary is built.
+    """
     s = expit(-m)
     grad = -(q * s) @ at.a
 
     def h():
-        out = weighted_hess(at, (q if q_hess is None else q_hess) * s * (1.0 - s))
-        if hess_extra is not None:
-            out = out + hess_extra(-s[:, None] * at.a)
+        if parts is None:
+            return weighted_hess(at, q * s * (1.0 - s))
+        curv, low_rank = parts(s, grad)
+        out = weighted_hess(at, curv)
+        for k, u in low_rank:
+            out += k * np.outer(u, u)
         return out
 
     return InnerResult(float(value), dual, grad, h if hess else None, reweighted(at, q),
@@ -350,10 +408,10 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
         g = cur.grad
         gn = float(np.max(np.abs(g)))
         if gn <= tol:
-            return NewtonRun(delta, it, state)
+            return NewtonRun(delta, it, state, cur)
         step = -psd_solve(cur.hess(), g)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
-            return NewtonRun(delta, it, state)  # the Newton step (the distance) is tiny
+            return NewtonRun(delta, it, state, cur)  # the Newton step (the distance) is tiny
         dec = -float(g @ step)
         if not dec > 0:
             step, dec = -g, float(g @ g)
@@ -369,7 +427,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             t *= 0.5
             if t < _MIN_STEP:
                 if gn <= _NEAR_TOL * tol:  # converged to the accuracy the arithmetic allows
-                    return NewtonRun(delta, it, state)
+                    return NewtonRun(delta, it, state, cur)
                 raise Stalled(
                     f"dual solver stalled (status: line_search_failed) at iteration {it} "
                     f"with gradient norm {gn:.3e} for {label}", delta, state)
@@ -421,7 +479,7 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
                      options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
                               "maxcor": _QN_PAIRS})
     run = newton(objective, found.x, tol, max_iter, label, last["state"])
-    return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state)
+    return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state, run.result)
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -485,31 +543,37 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
 
 
 def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
-                 linear: np.ndarray | None = None) -> float:
+                 linear: np.ndarray | None = None, m: np.ndarray | None = None,
+                 l: np.ndarray | None = None, radius: float | None = None) -> float:
     """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
     (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta`` (from the
-    Hessian of every ``n / _CERT_ATOMS``-th atom when that bound is small enough)."""
+    Hessian of every ``n / _CERT_ATOMS``-th atom when that bound is small enough).
+
+    ``m = a delta``, ``l = softplus(-m)`` and an upper bound ``radius >= max_i ||a_i||`` may
+    be passed when known (they are recomputed otherwise)."""
     keep = q > 0
     if not keep.all():
         a, q = a[keep], q[keep]
-    m = a @ delta
+        m = None if m is None else m[keep]
+        l = None if l is None else l[keep]
+    if m is None:
+        m = a @ delta
     s = expit(-m)
-    value = float(q @ dpo_loss(m))
+    value = float(q @ (dpo_loss(m) if l is None else l))
     grad = -(q * s) @ a
     if linear is not None:
         value += float(linear @ delta)
         grad = grad + linear
     curv = q * s * (1.0 - s)
-    radius = float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a))))
+    if radius is None:
+        radius = atom_radius(a)
     if q.size > _CERT_ATOMS:  # sum over a subset <= the Hessian: a cheaper, looser bound
         step = q.size // _CERT_ATOMS
         b = a[::step] * np.sqrt(curv[::step])[:, None]
         bound = curvature_bound(grad, b.T @ b, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    b = a * np.sqrt(curv)[:, None]
-    hess = b.T @ b  # a symmetric rank-k update, as in weighted_hess
-    return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
+    return max(upper - value, 0.0) + curvature_bound(grad, weighted_hess(a, curv), radius)
 
 
 def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
@@ -521,9 +585,13 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     about ``||grad||^2 / (2 mu)``.
     """
     wc = res.worst_case
-    same = wc.x is at.x and wc.y is at.y  # a reweighting: the atoms' own a
-    a = at.a if same else ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
-    return logistic_gap(a, wc.weights, delta, res.value) / max(1.0, abs(res.value))
+    if wc.x is at.x and wc.y is at.y:  # a reweighting: the atoms' own a, m and l
+        gap = logistic_gap(at.a, wc.weights, delta, res.value, m=res.margins, l=res.losses,
+                           radius=at.max_norm())
+    else:
+        a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
+        gap = logistic_gap(a, wc.weights, delta, res.value)
+    return gap / max(1.0, abs(res.value))
 
 
 #: SLSQP's tolerance and iteration budget for the steepest descent direction at 0 (only the

@@ -72,8 +72,23 @@ _EPS_ZERO = 1e-8
 #: d = 48 and 1.18-2.94 up to d = 128: Newton's dense Hessian (``O(n d^2)`` a step) costs
 #: more than L-BFGS's extra ``O(n d)`` iterations for every smooth set above d = 32.
 QUASI_NEWTON_MIN_D = 32
+#: ``merge=True`` merges the atoms of more than this many only when this many of them (the
+#: first) hold repeats (:func:`_worth_merging`). The merge is a sort of ``n`` keys (about 5
+#: passes at n = 1e6); a sample of a finite world with ``K`` distinct atoms shows at most
+#: ``K`` distinct among its first ``_MERGE_PROBE`` (``K = 1200`` in the default ``rates``
+#: world), continuous features none repeated: 4096 rows tell them apart for ``O(4096 d)``.
+_MERGE_PROBE = 4096
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
+
+
+def _worth_merging(data: PreferenceData) -> bool:
+    """Whether merging repeated atoms may pay: always for at most ``_MERGE_PROBE`` atoms, else
+    when at most half of the first ``_MERGE_PROBE`` are distinct."""
+    if data.n <= _MERGE_PROBE:
+        return True
+    head = PreferenceData(data.x[:_MERGE_PROBE], data.y[:_MERGE_PROBE])
+    return 2 * head.merged()[0].n <= _MERGE_PROBE
 
 
 def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
@@ -168,7 +183,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
         out = (quasi_newton if quasi else newton)(objective, d, tol, max_iter, label, st)
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
-        return Minimum(out.delta, out.iterations, out.state)
+        return Minimum(out.delta, out.iterations, out.state, result=out.result)
 
     try:
         return run(delta, state)
@@ -211,9 +226,10 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     gap_tol : float
         The certified relative optimality gap a solution must reach to be returned.
     merge : bool
-        Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)``) and map the
-        worst case back to the caller's atoms; the answer is the same (a speed-up for
-        samples of a finite world).
+        Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)`` and a sort of
+        ``n`` keys) and map the worst case back to the caller's atoms; the answer is the same
+        (a speed-up for samples of a finite world). Above ``_MERGE_PROBE = 4096`` atoms the
+        merge is done only when at most half of the first 4096 are distinct.
     method : {"auto", "newton", "lbfgs"}
         How a smooth ``F`` (DPO, KL, chi-square, Wasserstein p = 1 with ``kappa = inf``) is
         minimised: ``"newton"``, damped Newton (a dense ``d x d`` Hessian per step,
@@ -242,7 +258,7 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     t0 = time.perf_counter()
     check_data(data)
     inverse = None
-    if merge:
+    if merge and _worth_merging(data):
         distinct, inverse = data.merged()
         if distinct.n == data.n:
             inverse = None
@@ -267,7 +283,9 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
-    res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
+    res = found.result  # Newton's last evaluation, when it carries the worst case
+    if res is None or res.worst_case is None:
+        res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
     info = {"zero_kink": zero, "method": "lbfgs" if quasi else "newton", **found.info}
     if not zero:
         info["optimality_gap"] = (mod.certify or worst_case_gap)(at, ambiguity, delta, res,

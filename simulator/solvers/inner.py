@@ -16,7 +16,7 @@ found through :mod:`simulator.solvers.registry`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,9 @@ def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: 
     ``state`` (the ``state`` of an earlier result) warm-starts the dual variable.
     """
     m = at.a @ delta
-    return methods(ambiguity).evaluate(at, delta, m, dpo_loss(m), ambiguity, hess, worst, state)
+    l = dpo_loss(m)
+    res = methods(ambiguity).evaluate(at, delta, m, l, ambiguity, hess, worst, state)
+    return replace(res, margins=m, losses=l)
 
 
 def robust_objective(theta, data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
 
 from .core import (
     Atoms,
@@ -28,6 +27,7 @@ from .core import (
     min_norm_mean,
     reweighting_result,
     top_atoms,
+    weighted_hess,
 )
 from .nominal import nominal_result
 
@@ -75,15 +75,20 @@ class _Tilt:
     noise: float
 
 
-def _tilt(w: np.ndarray, z: np.ndarray, s: float) -> _Tilt:
+def _tilt(w: np.ndarray, z: np.ndarray, s: float, buf: np.ndarray) -> _Tilt:
+    """The tilt at ``s``, worked in place: ``q`` is ``buf`` (overwritten by the next call);
+    the variance is a second, centred pass (``E z^2 - (E z)^2`` would cancel)."""
     # z <= 0 with z = 0 on atoms of positive weight: exp cannot overflow
-    e = w * np.exp(s * z)
-    tot = float(e.sum())
-    q = e / tot
+    q = np.multiply(z, s, out=buf)
+    np.exp(q, out=q)
+    q *= w
+    tot = float(q.sum())
+    q *= 1.0 / tot
     ez = float(q @ z)
     lse = math.log(tot)
-    return _Tilt(s * ez - lse, float(q @ (z - ez) ** 2), q, lse,
-                 _SUM_EPS * (abs(s * ez) + abs(lse)))
+    zc = z - ez
+    zc *= zc
+    return _Tilt(s * ez - lse, float(q @ zc), q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)))
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
@@ -94,15 +99,18 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     pmax = float(at.w[top].sum())
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
-        return reweighting_result(at, m, q, lmax, 0.0, None, hess, state=state)
+        return reweighting_result(at, m, q, lmax, 0.0, hess, state=state)
     z = l - lmax
     w = at.w
-    var_p = float(w @ (z - w @ z) ** 2)
-    s = (1.0 / state.lam if state is not None and state.lam
-         else math.sqrt(2.0 * rho / max(var_p, _TINY)))
+    if state is not None and state.lam:
+        s = 1.0 / state.lam
+    else:
+        zc = z - w @ z
+        s = math.sqrt(2.0 * rho / max(float(w @ (zc * zc)), _TINY))
     lo, hi = 0.0, math.inf
+    buf = np.empty_like(z)
     for _ in range(_ROOT_ITERS):
-        tilt = _tilt(w, z, s)
+        tilt = _tilt(w, z, s, buf)
         kl, var = tilt.kl, tilt.var
         if abs(kl - rho) <= tilt.noise + _SUM_EPS * rho:
             break
@@ -132,14 +140,18 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     q, var = tilt.q, tilt.var
     value = lmax + (rho + tilt.lse) * lam
 
-    def extra(g):
-        gbar = q @ g
-        gc = g - gbar
-        cov = (gc * q[:, None]).T @ gc
-        c = (q * (z - q @ z)) @ g
-        return s * (cov - np.outer(c, c) / var) if var > 0 else s * cov
+    def parts(sg, grad):
+        # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q z] with g_i = -sg_i a_i: Cov_Q(g) =
+        # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (z - E_Q z) sg a
+        qs = q * sg
+        curv = qs * (1.0 - sg + s * sg)
+        low = [(-s, grad)]
+        if var > 0:
+            c = -((qs * (z - float(q @ z))) @ at.a)
+            low.append((-s / var, c))
+        return curv, low
 
-    return reweighting_result(at, m, q, value, lam, extra, hess, state=KLState(lam))
+    return reweighting_result(at, m, q, value, lam, hess, parts, state=KLState(lam))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -148,24 +160,34 @@ def _zero_test(at: Atoms, amb) -> float | None:
     left it outside) is the witness whose logistic regression bounds ``min F`` below."""
     a, w = at.a, at.w
 
-    def neg_lse(nu):  # concave: -log E exp(nu . a)
-        z = a @ nu
-        lse = logsumexp(z, b=w)
-        q = w * np.exp(z - lse)
+    def neg_lse(nu):  # concave: -log E exp(nu . a), Hessian -Cov_Q a
+        lse, q = _tilted(a, w, nu)
         mean = q @ a
-        return -lse, -mean, lambda: -((a - mean) * q[:, None]).T @ (a - mean)
+        return -lse, -mean, lambda: np.outer(mean, mean) - weighted_hess(at, q)
 
     found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
     if found.above is not False:
         return None
-    z = a @ found.y
-    q = w * np.exp(z - logsumexp(z, b=w))
+    q = _tilted(a, w, found.y)[1]
     pos = q > 0
     kl = float(q[pos] @ np.log(q[pos] / w[pos]))
     if kl > amb.rho:  # KL((1 - t) Q + t P || P) <= (1 - t) KL(Q || P) = rho
         t = 1.0 - amb.rho / kl
         q = (1.0 - t) * q + t * w
-    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0))
+    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0), radius=at.max_norm())
+
+
+def _tilted(a: np.ndarray, w: np.ndarray, nu: np.ndarray) -> tuple[float, np.ndarray]:
+    """``log E_P exp(nu . a)`` and the tilt ``Q ∝ P exp(nu . a)``, shifted by the largest
+    exponent over positive weights (no overflow), worked in place."""
+    q = a @ nu
+    top = float(q[w > 0].max())
+    q -= top
+    np.exp(q, out=q)
+    q *= w
+    tot = float(q.sum())
+    q *= 1.0 / tot
+    return top + math.log(tot), q
 
 
 def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
@@ -177,12 +199,9 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
     a, w = at.a, at.w
 
     def tilt(nu):
-        z = a @ nu
-        lse = logsumexp(z, b=w)
-        q = w * np.exp(z - lse)
+        lse, q = _tilted(a, w, nu)
         c = q @ a
-        ac = a - c
-        cov = (ac * q[:, None]).T @ ac
+        cov = weighted_hess(at, q) - np.outer(c, c)
         return c, cov, float(nu @ c) - lse, cov @ nu
 
     return min_norm_mean(tilt, a.shape[1], amb.rho)

@@ -7,9 +7,8 @@ set, which calls :func:`nominal_result` with its own limiting dual variable.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit
 
-from .core import Atoms, InnerResult, SetMethods, reweighted, weighted_hess
+from .core import Atoms, InnerResult, SetMethods, reweighting_result
 
 __all__ = ["METHODS", "nominal_result"]
 
@@ -17,10 +16,7 @@ __all__ = ["METHODS", "nominal_result"]
 def nominal_result(at: Atoms, m: np.ndarray, l: np.ndarray, hess: bool,
                    dual: float | None = None) -> InnerResult:
     """``E_P l`` with its gradient, Hessian ``E_P sigmoid' a a^T`` and the worst case ``P``."""
-    s = expit(-m)
-    grad = -(at.w * s) @ at.a
-    h = (lambda: weighted_hess(at, at.w * s * (1.0 - s))) if hess else None
-    return InnerResult(float(at.w @ l), dual, grad, h, reweighted(at, at.w))
+    return reweighting_result(at, m, at.w, float(at.w @ l), dual, hess)
 
 
 def _evaluate(at, delta, m, l, amb, hess, worst, state) -> InnerResult:
