@@ -386,9 +386,10 @@ def _diverged(label: str) -> RuntimeError:
 
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
-           state: Any = None) -> NewtonRun:
+           state: Any = None, start: InnerResult | None = None) -> NewtonRun:
     """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
 
+    ``start``, when given, is ``objective(delta, state)`` already computed.
     ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
     ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
     the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``.
@@ -400,7 +401,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     RuntimeError
         ``unbounded``: the iterates left every bounded region.
     """
-    cur = objective(delta, state)
+    cur = objective(delta, state) if start is None else start
     state = cur.state
     short = 0  # consecutive heavily damped steps: the sign of a kink
     gn = float(np.max(np.abs(cur.grad)))

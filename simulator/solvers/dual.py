@@ -25,6 +25,7 @@ L-BFGS on values and gradients instead, polished by Newton to the same stopping 
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -78,6 +79,11 @@ QUASI_NEWTON_MIN_D = 32
 #: ``K`` distinct among its first ``_MERGE_PROBE`` (``K = 1200`` in the default ``rates``
 #: world), continuous features none repeated: 4096 rows tell them apart for ``O(4096 d)``.
 _MERGE_PROBE = 4096
+#: Every set has ``F(0) = log 2`` (all losses are ``log 2`` at ``theta_ref``, whatever the
+#: atoms): a start with ``F`` below ``log 2 (1 - _BELOW_ZERO)`` proves ``delta = 0`` is not
+#: the minimiser without the zero test. 1e-12 is above the rounding of an ``n``-term sum
+#: (``core._SUM_ROUNDING``, 1e-13).
+_BELOW_ZERO = 1e-12
 #: The restart along ``E_P a`` tries the steps ``2^0, 2^-1, ..., 2^-(_RESTART_GRID - 1)``.
 _RESTART_GRID = 40
 
@@ -128,9 +134,10 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     For ``n > _SUBSAMPLE_N`` atoms, ``_SUBSAMPLE_N`` of them (a fixed-seed draw, weights
     renormalised) are solved first; their minimiser is within ``O(n_sub^-1/2)`` of the
     full one, so Newton on the full data needs only its last, quadratic steps and the
-    dual searches start close to ``lambda*``. Returns a :class:`Minimum`, or ``None``
-    when the subsample's minimiser is ``delta = 0`` or its solve fails (the caller
-    then starts from scratch).
+    dual searches start close to ``lambda*``. Returns a :class:`Minimum` whose ``result``
+    is the full problem's evaluation there (Newton's first), or ``None`` when the
+    subsample's minimiser is ``delta = 0`` or its solve fails (the caller then starts
+    from scratch).
     """
     n = at.w.size
     idx = np.sort(np.random.default_rng(0).choice(n, _SUBSAMPLE_N, replace=False))
@@ -140,12 +147,14 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     if _zero_is_optimal(sub, amb):
         return None
     try:
-        found = _minimise(sub, amb, tol, max_iter)
+        found = _minimise(sub, amb, tol, max_iter, first=_first(sub, amb, tol, max_iter, False))
     except RuntimeError:
         return None
     if not np.any(found.delta):
         return None
-    return Minimum(found.delta, 0, _transfer(found.state))
+    res = evaluate_inner(at, found.delta, amb, hess=True, worst=False,
+                         state=_transfer(found.state))
+    return Minimum(found.delta, 0, res.state, result=res)
 
 
 def _quasi(at: Atoms, amb: AmbiguitySet, method: str) -> bool:
@@ -155,17 +164,25 @@ def _quasi(at: Atoms, amb: AmbiguitySet, method: str) -> bool:
     return methods(amb).smooth(amb) and (method == "lbfgs" or (method == "auto" and big))
 
 
+def _first(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
+           quasi: bool) -> Minimum | None:
+    """The subsample start of a problem with more than ``_SUBSAMPLE_N`` atoms, if any.
+
+    L-BFGS starts from scratch: its curvature pairs do not carry over from a subsample, and
+    at n = 1e5 (Gaussian data) the subsample start made it 1.1-2.2x slower at d = 64 and
+    d = 512 (benchmarks/README.md)."""
+    if at.w.size > _SUBSAMPLE_N and not quasi:
+        return _subsample_start(at, amb, tol, max_iter)
+    return None
+
+
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
-              quasi: bool = False) -> Minimum:
-    """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F``, or the set's own
+              quasi: bool = False, first: Minimum | None = None) -> Minimum:
+    """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F`` from ``first`` (a
+    subsample start, with its evaluation) or the first Newton step, or the set's own
     minimisation, with the fallbacks above."""
     label = repr(amb)
     mod = methods(amb)
-    # L-BFGS starts from scratch: its curvature pairs do not carry over from a subsample,
-    # and at n = 1e5 (Gaussian data) the subsample start made it 1.1-2.2x slower at d = 64
-    # and d = 512 (benchmarks/README.md)
-    first = (_subsample_start(at, amb, tol, max_iter) if at.w.size > _SUBSAMPLE_N and not quasi
-             else None)
     delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
     if mod.minimise is not None:
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
@@ -177,16 +194,17 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
 
     scale = float(np.linalg.norm(delta))
 
-    def run(d, st) -> Minimum:
+    def run(d, st, start=None) -> Minimum:
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
-        out = (quasi_newton if quasi else newton)(objective, d, tol, max_iter, label, st)
+        out = (quasi_newton(objective, d, tol, max_iter, label, st) if quasi
+               else newton(objective, d, tol, max_iter, label, st, start))
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)
 
     try:
-        return run(delta, state)
+        return run(delta, state, None if first is None else first.result)
     except Stalled as exc:
         stall = exc
     if float(np.linalg.norm(stall.delta)) < _NEAR_ZERO * scale:
@@ -273,10 +291,14 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     quasi = _quasi(at, ambiguity, method)
     mod = methods(ambiguity)
-    zero_gap = _zero_test(at, ambiguity)
+    first = _first(at, ambiguity, tol, max_iter, quasi)
+    if first is not None and first.result.value < math.log(2.0) * (1.0 - _BELOW_ZERO):
+        zero_gap = None  # F(first) < F(0) = log 2: delta = 0 is not the minimiser
+    else:
+        zero_gap = _zero_test(at, ambiguity)
     zero = zero_gap is not None
     found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
-             else _minimise(at, ambiguity, tol, max_iter, quasi))
+             else _minimise(at, ambiguity, tol, max_iter, quasi, first))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
