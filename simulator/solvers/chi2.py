@@ -64,7 +64,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return reweighting_result(at, m, q, lmax, lmax, hess)
+        return reweighting_result(at, m, q, lmax, lmax, hess, l=l)
     nrm = math.sqrt(float(w @ r**2))
     q = w * r / er
     value = lmax + eta + c * nrm
@@ -85,7 +85,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             low.append((-1.0 / h_ee, h_de))
         return curv, low
 
-    return reweighting_result(at, m, q, value, lmax + eta, hess, parts)
+    return reweighting_result(at, m, q, value, lmax + eta, hess, parts, l=l)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:

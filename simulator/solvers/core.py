@@ -27,7 +27,7 @@ from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "atom_radius", "Minimum", "NewtonRun", "SetMethods", "Stalled",
            "ConcaveMax", "concave_max", "min_norm_mean", "curvature_bound", "logistic_gap",
-           "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
+           "loss_sigmoid", "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
            "worst_case_gap"]
 
@@ -292,9 +292,20 @@ def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
     return pos & (l >= lmax - _TIE_TOL * max(1.0, abs(lmax))), lmax
 
 
+def loss_sigmoid(l: np.ndarray) -> np.ndarray:
+    """``sigmoid(-m) = 1 - exp(-l)`` from the losses ``l = softplus(-m)``: one vectorised
+    ``exp`` (several times faster than ``expit``), to an absolute error of an ulp of 1 (the
+    relative error grows only where ``sigmoid(-m) < 1e-8``, whose gradient and curvature
+    contributions are that small). The certificates use ``expit`` itself."""
+    s = np.negative(l)
+    np.exp(s, out=s)
+    np.subtract(1.0, s, out=s)
+    return s
+
+
 def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, dual,
                        hess: bool, parts: Callable | None = None,
-                       state: Any = None) -> InnerResult:
+                       state: Any = None, l: np.ndarray | None = None) -> InnerResult:
     """Danskin gradient ``E_Q grad l = -E_Q sigmoid(-m) a`` and Hessian of a reweighting
     set's ``F``.
 
@@ -302,9 +313,10 @@ def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, du
     update (:func:`weighted_hess`) plus rank-one terms, with ``(c, [(k_k, u_k), ...]) =
     parts(s, grad)`` (``s = sigmoid(-m)``); without ``parts`` it is ``E_Q hess l``, ``c = q s
     (1 - s)``. Every reweighting set's Schur complement has that form (:mod:`.kl`,
-    :mod:`.chi2`): no ``n x d`` temporary is built.
+    :mod:`.chi2`): no ``n x d`` temporary is built. With the losses ``l``, ``s`` is
+    :func:`loss_sigmoid` of them.
     """
-    s = expit(-m)
+    s = expit(-m) if l is None else loss_sigmoid(l)
     grad = -(q * s) @ at.a
 
     def h():

@@ -99,7 +99,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     pmax = float(at.w[top].sum())
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
-        return reweighting_result(at, m, q, lmax, 0.0, hess, state=state)
+        return reweighting_result(at, m, q, lmax, 0.0, hess, state=state, l=l)
     z = l - lmax
     w = at.w
     if state is not None and state.lam:
@@ -151,7 +151,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             low.append((-s / var, c))
         return curv, low
 
-    return reweighting_result(at, m, q, value, lam, hess, parts, state=KLState(lam))
+    return reweighting_result(at, m, q, value, lam, hess, parts, state=KLState(lam), l=l)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:

@@ -16,7 +16,7 @@ __all__ = ["METHODS", "nominal_result"]
 def nominal_result(at: Atoms, m: np.ndarray, l: np.ndarray, hess: bool,
                    dual: float | None = None) -> InnerResult:
     """``E_P l`` with its gradient, Hessian ``E_P sigmoid' a a^T`` and the worst case ``P``."""
-    return reweighting_result(at, m, at.w, float(at.w @ l), dual, hess)
+    return reweighting_result(at, m, at.w, float(at.w @ l), dual, hess, l=l)
 
 
 def _evaluate(at, delta, m, l, amb, hess, worst, state) -> InnerResult:
