@@ -105,7 +105,7 @@ def test_kl_root_search_stops_on_rounding(lam, monkeypatch):
         calls.append(s)
         out = tilt(w, z, s, buf)
         jitter = out.noise * (noise.random() - 0.5) * 0.6
-        return klmod._Tilt(out.kl + jitter, out.var, out.q, out.lse, out.noise)
+        return klmod._Tilt(out.kl + jitter, out.var, out.q, out.lse, out.noise, out.skew)
 
     monkeypatch.setattr(klmod, "_tilt", noisy)
     ev = sim.robust_objective(theta, data, sim.KL(rho))

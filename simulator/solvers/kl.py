@@ -66,13 +66,15 @@ class KLState:
 @dataclass(frozen=True)
 class _Tilt:
     """``Q_s ∝ P exp(s z)`` at ``s = 1 / lambda``: ``KL(Q_s || P)``, ``Var_Q z``, ``Q``,
-    ``log E_P exp(s z)`` and the rounding ``noise`` of ``KL``."""
+    ``log E_P exp(s z)``, the rounding ``noise`` of ``KL`` and the third central moment
+    ``E_Q (z - E_Q z)^3`` (for Halley's step)."""
 
     kl: float
     var: float
     q: np.ndarray
     lse: float
     noise: float
+    skew: float
 
 
 def _tilt(w: np.ndarray, z: np.ndarray, s: float, buf: np.ndarray) -> _Tilt:
@@ -87,8 +89,21 @@ def _tilt(w: np.ndarray, z: np.ndarray, s: float, buf: np.ndarray) -> _Tilt:
     ez = float(q @ z)
     lse = math.log(tot)
     zc = z - ez
-    zc *= zc
-    return _Tilt(s * ez - lse, float(q @ zc), q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)))
+    zc2 = zc * zc
+    var = float(q @ zc2)
+    zc2 *= zc
+    return _Tilt(s * ez - lse, var, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)),
+                 float(q @ zc2))
+
+
+def _halley(f: float, s: float, var: float, skew: float) -> float:
+    """Halley's step for ``f(u) = KL(Q_s || P) - rho`` in ``u = log s``: ``f' = s^2 Var_Q z``,
+    ``f'' = 2 f' + s^3 E_Q (z - E_Q z)^3``; Newton's step where Halley's correction is not
+    within ``[1/2, 2]`` of it (far from the root, where the cubic model is no better)."""
+    d1 = s * s * var
+    d2 = 2.0 * d1 + s**3 * skew
+    den = 1.0 - f * d2 / (2.0 * d1 * d1)
+    return f / d1 / den if 0.5 <= den <= 2.0 else f / d1
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
@@ -119,7 +134,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         else:
             hi = s
         u = math.log(s)
-        nxt = u - (kl - rho) / (s * s * var) if var > 0 else math.nan
+        nxt = u - _halley(kl - rho, s, var, tilt.skew) if var > 0 else math.nan
         nxt = min(max(nxt, u - _TRUST), u + _TRUST)
         lo_u = math.log(lo) if lo > 0 else -math.inf
         hi_u = math.log(hi) if math.isfinite(hi) else math.inf
