@@ -101,9 +101,11 @@ def _halley(f: float, s: float, var: float, skew: float) -> float:
     ``f'' = 2 f' + s^3 E_Q (z - E_Q z)^3``; Newton's step where Halley's correction is not
     within ``[1/2, 2]`` of it (far from the root, where the cubic model is no better)."""
     d1 = s * s * var
-    d2 = 2.0 * d1 + s**3 * skew
-    den = 1.0 - f * d2 / (2.0 * d1 * d1)
-    return f / d1 / den if 0.5 <= den <= 2.0 else f / d1
+    if d1 == 0.0:  # underflow: no derivative information (the caller bisects)
+        return math.nan
+    step = f / d1
+    den = 1.0 - 0.5 * step * (2.0 + s * skew / var)  # 1 - f f'' / (2 f'^2)
+    return step / den if 0.5 <= den <= 2.0 else step
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
