@@ -192,6 +192,22 @@ def test_defect3_kl_near_the_collapse_radius(collapse_world, frac):
     np.testing.assert_allclose(sol.theta, ref.theta, atol=1e-4 * np.max(np.abs(sol.theta)))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_defect4_large_unmerged_samples_of_a_finite_world(collapse_world, seed):
+    """Defect 4: 1e5 pairs of the issue's world, every atom kept (``merge=False``), at half
+    and 0.97 of the collapse radius: the root search stops on rounding, each answer is
+    certified and equals the merged solve (at most 168 distinct atoms)."""
+    env, _, rho0 = collapse_world
+    data = env.sample(100_000, seed=seed)
+    for frac in (0.5, 0.97):
+        full = sim.solve(data, sim.KL(frac * rho0), merge=False)
+        merged = sim.solve(data, sim.KL(frac * rho0))
+        assert full.info["optimality_gap"] <= 1e-12 and "distinct_atoms" not in full.info
+        assert merged.info["distinct_atoms"] <= 2 * 7 * 4 * 3  # 2 |S| |A| (|A| - 1)
+        np.testing.assert_allclose(full.theta, merged.theta, atol=1e-8)
+        assert full.value == pytest.approx(merged.value, rel=1e-13)
+
+
 def test_defect3_sample_near_the_population_collapse_radius(collapse_world):
     """The sample (seed 1) on which the old solver stalled at iteration 7."""
     env, _, rho0 = collapse_world
