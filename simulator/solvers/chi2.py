@@ -59,32 +59,39 @@ class Chi2State:
         return self
 
 
-def _all_active(w: np.ndarray, z: np.ndarray, c2: float) -> float:
+def _all_active(w: np.ndarray, z: np.ndarray, c2: float, buf: np.ndarray) -> float:
     """The stationary point with every atom active, ``E z - sqrt(Var z / rho)`` (two-pass
-    mean and variance; SPEC 3.2's closed form): never above ``eta*``."""
+    mean and variance, in the scratch array ``buf``; SPEC 3.2's closed form): never above
+    ``eta*``."""
     a0 = float(w.sum())
     mu = float(w @ z) / a0
-    dev = z - mu
-    return mu - math.sqrt(float((w * dev) @ dev) / a0 / (c2 * a0 - 1.0))
+    dev = np.subtract(z, mu, out=buf)
+    var = float(w @ np.square(dev, out=dev)) / a0
+    return mu - math.sqrt(var / (c2 * a0 - 1.0))
 
 
-def _active_sums(w: np.ndarray, z: np.ndarray, eta: float):
-    """``r = (z - eta)_+``, the active set ``r > 0``, its size and ``E_P r``, ``E_P r^2``,
-    ``P(r > 0)``: one vectorised pass of the search."""
-    r = z - eta
-    act = r > 0.0
+def _active_sums(w: np.ndarray, z: np.ndarray, eta: float, r: np.ndarray, wr: np.ndarray,
+                 act: np.ndarray):
+    """``r = (z - eta)_+``, the active set ``act = r > 0``, its size and ``E_P r``, ``E_P
+    r^2``, ``P(act)``: one vectorised pass of the search, in preallocated arrays (fresh
+    ``n``-arrays cost as much again in page faults at n = 1e6)."""
+    np.subtract(z, eta, out=r)
+    np.greater(r, 0.0, out=act)
     np.maximum(r, 0.0, out=r)
-    wr = w * r
-    return r, act, int(np.count_nonzero(act)), float(wr.sum()), float(wr @ r), float(w @ act)
+    np.multiply(w, r, out=wr)
+    return int(np.count_nonzero(act)), float(wr.sum()), float(wr @ r), float(w @ act)
 
 
 def _two_pass(w: np.ndarray, eta: float, r: np.ndarray, act: np.ndarray, s1: float,
-              a0: float, c2: float) -> float:
+              a0: float, c2: float, buf: np.ndarray) -> float:
     """The closed form on the active set ``act`` of ``eta`` (``r = (z - eta)_+``, ``s1 = E_P
-    r``, ``a0 = P(act)``) with a two-pass variance: exact to rounding."""
+    r``, ``a0 = P(act)``) with a two-pass variance (in the scratch array ``buf``): exact to
+    rounding."""
     m1 = s1 / a0
-    dev = np.where(act, r - m1, 0.0)
-    return eta + m1 - math.sqrt(float((w * dev) @ dev) / a0 / (c2 * a0 - 1.0))
+    dev = np.subtract(r, m1, out=buf)
+    dev *= act
+    var = float(w @ np.square(dev, out=dev)) / a0
+    return eta + m1 - math.sqrt(var / (c2 * a0 - 1.0))
 
 
 def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> float:
@@ -111,13 +118,14 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
     :func:`_sorted_minimiser`.
     """
     n = z.size
+    r, wr, act = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
     lo, hi = -math.inf, 0.0  # derivative <= 0 at lo, > 0 at hi
     cold = eta0 is None or not eta0 < 0.0
-    eta, src = (_all_active(w, z, c2), n) if cold else (eta0, -1)  # src: size of eta's set
+    eta, src = (_all_active(w, z, c2, r), n) if cold else (eta0, -1)  # src: size of eta's set
     for _ in range(_SEARCH_ITERS):
-        r, act, count, s1, s2, a0 = _active_sums(w, z, eta)
+        count, s1, s2, a0 = _active_sums(w, z, eta, r, wr, act)
         if count == src:  # eta is the stationary point of its own active set
-            return _two_pass(w, eta, r, act, s1, a0, c2)
+            return _two_pass(w, eta, r, act, s1, a0, c2, wr)
         if s2 > 0.0 and c2 * s1 * s1 >= s2:
             lo = eta
         else:
@@ -127,10 +135,10 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
             nxt = eta + m1 - math.sqrt(max(s2 / a0 - m1 * m1, 0.0) / (c2 * a0 - 1.0))
             nxt = min(max(nxt, lo), hi)  # outside the bracket: rounding at eta*
             if nxt == eta:  # eta's own closed form, to rounding
-                return _two_pass(w, eta, r, act, s1, a0, c2)
+                return _two_pass(w, eta, r, act, s1, a0, c2, wr)
             eta, src = nxt, count
         elif not cold:  # no stationary point on this set (only right of eta*)
-            eta, src, cold = _all_active(w, z, c2), n, True
+            eta, src, cold = _all_active(w, z, c2, r), n, True
         else:
             break
     return _sorted_minimiser(w, z, c2)
