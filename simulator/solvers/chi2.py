@@ -31,6 +31,7 @@ from .core import (
     min_norm_mean,
     reweighting_result,
     top_atoms,
+    weighted_hess,
 )
 from .nominal import nominal_result
 
@@ -216,25 +217,34 @@ def _zero_test(at: Atoms, amb) -> float | None:
     it outside) is the witness whose logistic regression bounds ``min F`` below."""
     a, w = at.a, at.w
 
+    def hinge(y):  # (g + nu . a)_+, without the product with a at nu = 0 (the start)
+        if not y[1:].any():
+            return np.full(w.size, max(float(y[0]), 0.0))
+        return np.maximum(y[0] + a @ y[1:], 0.0)
+
+    def value(y):  # the value alone, for concave_max's probes: no gradient pass
+        r = hinge(y)
+        return 2.0 * y[0] - 1.0 - float((w * r) @ r)
+
     def dual_chi2(y):  # concave: 2 g - 1 - E (g + nu . a)_+^2, with y = (g, nu)
-        r = np.maximum(y[0] + a @ y[1:], 0.0)
-        act = w * (r > 0)
-        grad = np.concatenate([[2.0 - 2.0 * float(w @ r)], -2.0 * (w * r) @ a])
+        r = hinge(y)
+        wr = w * r
+        grad = np.concatenate([[2.0 - 2.0 * float(wr.sum())], -2.0 * wr @ a])
 
         def hess():  # -2 E_act (1, a)(1, a)^T in blocks, without an n x (d + 1) copy
+            act = w * (r > 0)
             v = act @ a
-            b = a * np.sqrt(act)[:, None]
             return -2.0 * np.block([[np.array([[act.sum()]]), v[None, :]],
-                                    [v[:, None], b.T @ b]])
+                                    [v[:, None], weighted_hess(at, act)]])
 
-        return 2.0 * y[0] - 1.0 - float(w @ r**2), grad, hess
+        return 2.0 * y[0] - 1.0 - float(wr @ r), grad, hess
 
     y0 = np.zeros(a.shape[1] + 1)
     y0[0] = 1.0
-    found = concave_max(dual_chi2, y0, amb.rho)
+    found = concave_max(dual_chi2, y0, amb.rho, value=value)
     if found.above is not False:
         return None
-    q = w * np.maximum(found.y[0] + a @ found.y[1:], 0.0)
+    q = w * hinge(found.y)
     q = q / q.sum()
     pos = w > 0
     div = float(q[pos] @ (q[pos] / w[pos])) - 1.0
