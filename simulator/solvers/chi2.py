@@ -39,13 +39,13 @@ __all__ = ["Chi2State", "METHODS"]
 
 
 #: Iterations of the active-set search for ``eta*`` before the sorted closed form takes
-#: over. Each costs about a fifth of a data pass at n = 1e6 (a few elementwise operations),
-#: the sort of the losses about ten passes (measured: 156 ms against 15.6 ms a pass): past
-#: 40 iterations the sort is cheaper. The search is a Newton iteration on the exact
-#: piecewise-quadratic model and needs 2 to 4 from a warm start, about 8 from a cold one
-#: (measured on 1e4 .. 1e6 Gaussian and environment losses); it always terminates, in at
-#: most about ``2 n`` iterations, so the bound only caps adversarial spacings of the losses
-#: (and a ping-pong of rounding across a breakpoint within rounding of ``eta*``).
+#: over. Each costs a fifth to a third of a data pass at n = 1e6 (a few elementwise
+#: operations), the sort of the losses 10 to 15 passes (benchmarks/chi2_search.py): past
+#: about 40 iterations the sort would have been cheaper. The search is a Newton iteration on
+#: the exact piecewise-quadratic model and needs 1 to 3 iterations from a warm start, 1 to 6
+#: from a cold one on Gaussian losses (up to 16 on the heavy-tailed losses of
+#: tests/test_chi2.py); it always terminates, in at most about ``2 n`` iterations, so the
+#: bound only caps adversarial spacings of the losses.
 _SEARCH_ITERS = 40
 
 
@@ -125,7 +125,7 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
     n = z.size
     r, wr, act = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
     lo, hi = -math.inf, 0.0  # derivative <= 0 at lo, > 0 at hi
-    cold = eta0 is None or not eta0 < 0.0
+    cold = eta0 is None or not -math.inf < eta0 < 0.0
     eta, src = (_all_active(w, z, c2, r), n) if cold else (eta0, -1)  # src: size of eta's set
     for _ in range(_SEARCH_ITERS):
         count, s1, s2, a0 = _active_sums(w, z, eta, r, wr, act)
