@@ -60,15 +60,27 @@ class Chi2State:
         return self
 
 
-def _all_active(w: np.ndarray, z: np.ndarray, c2: float, buf: np.ndarray) -> float:
-    """The stationary point with every atom active, ``E z - sqrt(Var z / rho)`` (two-pass
-    mean and variance, in the scratch array ``buf``; SPEC 3.2's closed form): never above
-    ``eta*``."""
-    a0 = float(w.sum())
-    mu = float(np.multiply(w, z, out=buf).sum()) / a0
+def _closed_form(w: np.ndarray, z: np.ndarray, c2: float, a0: float, buf: np.ndarray,
+                 act: np.ndarray | None = None) -> float:
+    """``eta_A = mu_A - sqrt(V_A / (c2 a0 - 1))`` of the set ``A = act`` of mass ``a0``
+    (every atom if ``None``: SPEC 3.2's ``E z - sqrt(Var z / rho)``), with a two-pass mean
+    and variance of ``z`` itself (in the scratch array ``buf``): exact to rounding however
+    far from ``A`` the search started."""
+    wz = np.multiply(w, z, out=buf)
+    if act is not None:
+        wz *= act
+    mu = float(wz.sum()) / a0
     dev = np.subtract(z, mu, out=buf)
-    var = float((np.square(dev, out=dev) * w).sum()) / a0
-    return mu - math.sqrt(var / (c2 * a0 - 1.0))
+    if act is not None:
+        dev *= act
+    np.square(dev, out=dev)
+    dev *= w
+    return mu - math.sqrt(float(dev.sum()) / a0 / (c2 * a0 - 1.0))
+
+
+def _count_above(z: np.ndarray, eta: float, buf: np.ndarray) -> int:
+    """The size of ``{z > eta}`` (``buf``: a boolean scratch array)."""
+    return int(np.count_nonzero(np.greater(z, eta, out=buf)))
 
 
 def _active_sums(w: np.ndarray, z: np.ndarray, eta: float, r: np.ndarray, wr: np.ndarray,
@@ -86,19 +98,6 @@ def _active_sums(w: np.ndarray, z: np.ndarray, eta: float, r: np.ndarray, wr: np
     return int(np.count_nonzero(act)), float(wr.sum()), float(wr @ r), a0
 
 
-def _two_pass(w: np.ndarray, eta: float, r: np.ndarray, act: np.ndarray, s1: float,
-              a0: float, c2: float, buf: np.ndarray) -> float:
-    """The closed form on the active set ``act`` of ``eta`` (``r = (z - eta)_+``, ``s1 = E_P
-    r``, ``a0 = P(act)``) with a two-pass variance (in the scratch array ``buf``): exact to
-    rounding."""
-    m1 = s1 / a0
-    dev = np.subtract(r, m1, out=buf)
-    dev *= act
-    np.square(dev, out=dev)
-    var = float((dev * w).sum()) / a0
-    return eta + m1 - math.sqrt(var / (c2 * a0 - 1.0))
-
-
 def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> float:
     """``eta* = argmin_eta eta + c sqrt(E_P (z - eta)_+^2)``, ``c^2 = c2 = 1 + rho``, for
     ``z <= 0`` with ``max z = 0`` on the positive weights and ``c2 P(z = 0) < 1`` (so
@@ -114,23 +113,26 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
     iterates rise, the active sets shrink). From ``eta > eta*``: ``psi_A(eta) = psi(eta) <
     0``, so ``eta_A < eta`` (they fall, the sets grow), or ``c2 a0 <= 1`` and the
     all-active point (``<= eta*``) follows. Hence it terminates, and exactly: once
-    ``{z > eta_A} = A`` (equal counts: the sets are nested), ``eta_A`` is a stationary
-    point of the convex ``C^1`` function, its minimiser; the closed form is then recomputed
-    with a two-pass variance. A candidate outside the bracket of the derivative's signs seen
-    so far (rounding at ``eta*``) is clipped to it, and one equal to its own ``eta`` ends the
-    search; ``_SEARCH_ITERS`` iterations, or a set without stationary point after the
-    all-active one (rounding at the max-loss boundary), hand over to
-    :func:`_sorted_minimiser`.
+    ``{z > eta_A} = A`` (equal counts, one comparison pass: the sets are nested), ``eta_A``
+    is a stationary point of the convex ``C^1`` function, its minimiser; the closed form is
+    then recomputed on ``A`` with a two-pass variance. A candidate outside the bracket of
+    the derivative's signs seen so far (rounding at ``eta*``) is clipped to it;
+    ``_SEARCH_ITERS`` iterations, or a set without stationary point after the all-active
+    one (rounding at the max-loss boundary), hand over to :func:`_sorted_minimiser`.
     """
     n = z.size
-    r, wr, act = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
+    r, wr = np.empty(n), np.empty(n)
+    act, above = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
     lo, hi = -math.inf, 0.0  # derivative <= 0 at lo, > 0 at hi
     cold = eta0 is None or not -math.inf < eta0 < 0.0
-    eta, src = (_all_active(w, z, c2, r), n) if cold else (eta0, -1)  # src: size of eta's set
+    if cold:
+        eta = _closed_form(w, z, c2, float(w.sum()), r)
+        if _count_above(z, eta, above) == n:  # every atom active: eta*
+            return eta
+    else:
+        eta = eta0
     for _ in range(_SEARCH_ITERS):
         count, s1, s2, a0 = _active_sums(w, z, eta, r, wr, act)
-        if count == src:  # eta is the stationary point of its own active set
-            return _two_pass(w, eta, r, act, s1, a0, c2, wr)
         if s2 > 0.0 and c2 * s1 * s1 >= s2:
             lo = eta
         else:
@@ -139,11 +141,14 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
             m1 = s1 / a0
             nxt = eta + m1 - math.sqrt(max(s2 / a0 - m1 * m1, 0.0) / (c2 * a0 - 1.0))
             nxt = min(max(nxt, lo), hi)  # outside the bracket: rounding at eta*
-            if nxt == eta:  # eta's own closed form, to rounding
-                return _two_pass(w, eta, r, act, s1, a0, c2, wr)
-            eta, src = nxt, count
+            if _count_above(z, nxt, above) == count:
+                # the closed form's own active set is act (nested sets: equal counts)
+                return _closed_form(w, z, c2, a0, wr, act)
+            eta = nxt
         elif not cold:  # no stationary point on this set (only right of eta*)
-            eta, src, cold = _all_active(w, z, c2, r), n, True
+            eta, cold = _closed_form(w, z, c2, float(w.sum()), r), True
+            if _count_above(z, eta, above) == n:
+                return eta
         else:
             break
     return _sorted_minimiser(w, z, c2)
