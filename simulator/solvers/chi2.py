@@ -40,10 +40,10 @@ __all__ = ["Chi2State", "METHODS"]
 
 #: Iterations of the active-set search for ``eta*`` before the sorted closed form takes
 #: over. Each costs a fifth to a third of a data pass at n = 1e6 (a few elementwise
-#: operations), the sort of the losses 10 to 15 passes (benchmarks/chi2_search.py): past
+#: operations), the sort of the losses 10 to 20 passes (benchmarks/chi2_search.py): past
 #: about 40 iterations the sort would have been cheaper. The search is a Newton iteration on
-#: the exact piecewise-quadratic model and needs 1 to 3 iterations from a warm start, 1 to 6
-#: from a cold one on Gaussian losses (up to 16 on the heavy-tailed losses of
+#: the exact piecewise-quadratic model and needs 1 or 2 iterations from a warm start, 0 to 5
+#: from a cold one on Gaussian losses (up to 15 on the heavy-tailed losses of
 #: tests/test_chi2.py); it always terminates, in at most about ``2 n`` iterations, so the
 #: bound only caps adversarial spacings of the losses.
 _SEARCH_ITERS = 40
