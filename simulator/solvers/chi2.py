@@ -1,9 +1,14 @@
 """The chi-square ball ``{Q << P : E_P (dQ/dP - 1)^2 <= rho}`` (SPEC 3.2).
 
-Inner evaluation: ``F = min_eta eta + sqrt(1 + rho) sqrt(E_P (l - eta)_+^2)``, solved
-exactly on the sorted losses (on each interval between consecutive losses the minimiser
-is a closed form); ``Q* ∝ P (l - eta*)_+``. The Hessian of ``F`` is the Schur complement
-of the joint Hessian of ``eta + c sqrt(E r^2)``, ``r = (l - eta)_+``.
+Inner evaluation: ``F = min_eta eta + sqrt(1 + rho) sqrt(E_P (l - eta)_+^2)``, convex and
+continuously differentiable in ``eta`` (while some mass lies above ``eta``). On the active
+set ``A = {l > eta}`` (mass ``a0``, mean ``mu``, variance ``V``) its only stationary point
+is ``mu - sqrt(V / ((1 + rho) a0 - 1))``; :func:`_minimiser` iterates this closed form on
+the active set of the previous iterate (a Newton step on the exact piecewise-quadratic
+model, warm-started at the last ``eta*``, ``Chi2State``) and stops exactly when the
+candidate's active set is the one it was computed from: then it is the minimiser. ``Q* ∝
+P (l - eta*)_+``. The Hessian of ``F`` is the Schur complement of the joint Hessian of
+``eta + c sqrt(E r^2)``, ``r = (l - eta)_+``.
 
 ``delta = 0`` is optimal iff ``max_{g, nu} 2 g - 1 - E_P (g + nu . a)_+^2 <= rho`` (the dual
 of the smallest chi-square divergence with ``E_Q a = 0``). Conic form: ``conic.py``
@@ -13,6 +18,7 @@ of the smallest chi-square divergence with ``E_Q a = 0``). Conic form: ``conic.p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,21 +31,134 @@ from .core import (
     min_norm_mean,
     reweighting_result,
     top_atoms,
+    weighted_hess,
 )
 from .nominal import nominal_result
 
-__all__ = ["METHODS"]
+__all__ = ["Chi2State", "METHODS"]
 
 
-def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
-    rho = amb.rho
-    if rho == 0.0:
-        return nominal_result(at, m, l, hess, dual=-math.inf)
-    top, lmax = top_atoms(at, l)
-    w = at.w
-    c2 = 1.0 + rho
+#: Iterations of the active-set search for ``eta*`` before the sorted closed form takes
+#: over. Each costs a fifth to a third of a data pass at n = 1e6 (a few elementwise
+#: operations), the sort of the losses 10 to 20 passes (benchmarks/chi2_search.py): past
+#: about 40 iterations the sort would have been cheaper. The search is a Newton iteration on
+#: the exact piecewise-quadratic model and needs 1 or 2 iterations from a warm start, 0 to 5
+#: from a cold one on Gaussian losses (up to 15 on the heavy-tailed losses of
+#: tests/test_chi2.py); it always terminates, in at most about ``2 n`` iterations, so the
+#: bound only caps adversarial spacings of the losses.
+_SEARCH_ITERS = 40
+
+
+@dataclass(frozen=True)
+class Chi2State:
+    """Warm start of the search for ``eta*``: the last ``eta*`` (in units of the loss)."""
+
+    eta: float | None = None
+
+    def transfer(self) -> Chi2State:
+        """The state to start another problem (a subsample's solution) with."""
+        return self
+
+
+def _closed_form(w: np.ndarray, z: np.ndarray, c2: float, a0: float, buf: np.ndarray,
+                 act: np.ndarray | None = None) -> float:
+    """``eta_A = mu_A - sqrt(V_A / (c2 a0 - 1))`` of the set ``A = act`` of mass ``a0``
+    (every atom if ``None``: SPEC 3.2's ``E z - sqrt(Var z / rho)``), with a two-pass mean
+    and variance of ``z`` itself (in the scratch array ``buf``): exact to rounding however
+    far from ``A`` the search started."""
+    wz = np.multiply(w, z, out=buf)
+    if act is not None:
+        wz *= act
+    mu = float(wz.sum()) / a0
+    dev = np.subtract(z, mu, out=buf)
+    if act is not None:
+        dev *= act
+    np.square(dev, out=dev)
+    dev *= w
+    return mu - math.sqrt(float(dev.sum()) / a0 / (c2 * a0 - 1.0))
+
+
+def _count_above(z: np.ndarray, eta: float, buf: np.ndarray) -> int:
+    """The size of ``{z > eta}`` (``buf``: a boolean scratch array)."""
+    return int(np.count_nonzero(np.greater(z, eta, out=buf)))
+
+
+def _active_sums(w: np.ndarray, z: np.ndarray, eta: float, r: np.ndarray, wr: np.ndarray,
+                 act: np.ndarray):
+    """``r = (z - eta)_+``, the active set ``act = r > 0``, its size and ``E_P r``, ``E_P
+    r^2``, ``P(act)``: one vectorised pass of the search, in preallocated arrays (fresh
+    ``n``-arrays cost as much again in page faults at n = 1e6). The masses are pairwise
+    sums: a BLAS dot of ``n`` equal weights ``1 / n`` errs by about ``1e-13`` at n = 1e6,
+    which the closed form amplifies by ``1 / ((1 + rho) P(A) - 1)``."""
+    np.subtract(z, eta, out=r)
+    np.greater(r, 0.0, out=act)
+    np.maximum(r, 0.0, out=r)
+    a0 = float(np.multiply(w, act, out=wr).sum())
+    np.multiply(w, r, out=wr)
+    return int(np.count_nonzero(act)), float(wr.sum()), float(wr @ r), a0
+
+
+def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> float:
+    """``eta* = argmin_eta eta + c sqrt(E_P (z - eta)_+^2)``, ``c^2 = c2 = 1 + rho``, for
+    ``z <= 0`` with ``max z = 0`` on the positive weights and ``c2 P(z = 0) < 1`` (so
+    ``eta* < 0``), from ``eta0`` (``None``: cold).
+
+    With ``S1 = E (z - eta)_+``, ``S2 = E (z - eta)_+^2``, the derivative ``1 - c S1 /
+    sqrt(S2)`` is increasing (``F`` is convex) and ``<= 0`` iff ``psi = c2 S1^2 - S2 >= 0``.
+    On a fixed set ``A`` (mass ``a0``, mean ``mu``, variance ``V``), ``psi_A(eta) = a0
+    ((c2 a0 - 1) (mu - eta)^2 - V)`` decreases for ``eta < mu`` to its root ``eta_A = mu -
+    sqrt(V / (c2 a0 - 1))``, the closed form. Each iteration sets ``eta <- eta_A`` for ``A =
+    {z > eta}``. From ``eta <= eta*``: ``A`` holds every atom above later points, whose
+    terms only lower ``psi_A`` below ``psi`` there, so ``eta <= eta_A <= eta*`` (the
+    iterates rise, the active sets shrink). From ``eta > eta*``: ``psi_A(eta) = psi(eta) <
+    0``, so ``eta_A < eta`` (they fall, the sets grow), or ``c2 a0 <= 1`` and the
+    all-active point (``<= eta*``) follows. Hence it terminates, and exactly: once
+    ``{z > eta_A} = A`` (equal counts, one comparison pass: the sets are nested), ``eta_A``
+    is a stationary point of the convex ``C^1`` function, its minimiser; the closed form is
+    then recomputed on ``A`` with a two-pass variance. A candidate outside the bracket of
+    the derivative's signs seen so far (rounding at ``eta*``) is clipped to it;
+    ``_SEARCH_ITERS`` iterations, or a set without stationary point after the all-active
+    one (rounding at the max-loss boundary), hand over to :func:`_sorted_minimiser`.
+    """
+    n = z.size
+    r, wr = np.empty(n), np.empty(n)
+    act, above = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
+    lo, hi = -math.inf, 0.0  # derivative <= 0 at lo, > 0 at hi
+    cold = eta0 is None or not -math.inf < eta0 < 0.0
+    if cold:
+        eta = _closed_form(w, z, c2, float(w.sum()), r)
+        if _count_above(z, eta, above) == n:  # every atom active: eta*
+            return eta
+    else:
+        eta = eta0
+    for _ in range(_SEARCH_ITERS):
+        count, s1, s2, a0 = _active_sums(w, z, eta, r, wr, act)
+        if s2 > 0.0 and c2 * s1 * s1 >= s2:
+            lo = eta
+        else:
+            hi = eta
+        if c2 * a0 > 1.0:
+            m1 = s1 / a0
+            nxt = eta + m1 - math.sqrt(max(s2 / a0 - m1 * m1, 0.0) / (c2 * a0 - 1.0))
+            nxt = min(max(nxt, lo), hi)  # outside the bracket: rounding at eta*
+            if _count_above(z, nxt, above) == count:
+                # the closed form's own active set is act (nested sets: equal counts)
+                return _closed_form(w, z, c2, a0, wr, act)
+            eta = nxt
+        elif not cold:  # no stationary point on this set (only right of eta*)
+            eta, cold = _closed_form(w, z, c2, float(w.sum()), r), True
+            if _count_above(z, eta, above) == n:
+                return eta
+        else:
+            break
+    return _sorted_minimiser(w, z, c2)
+
+
+def _sorted_minimiser(w: np.ndarray, z: np.ndarray, c2: float) -> float:
+    """:func:`_minimiser` by sorting: on each interval between consecutive sorted ``z`` the
+    active set is fixed, and the best of the clipped closed forms is the exact minimum
+    (refined by a two-pass mean and variance when interior)."""
     c = math.sqrt(c2)
-    z = l - lmax
     order = np.argsort(-z, kind="stable")
     zs, ws = z[order], w[order]
     a0, a1, a2 = np.cumsum(ws), np.cumsum(ws * zs), np.cumsum(ws * zs**2)
@@ -59,12 +178,30 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         mu_k = float(wa @ z[act]) / float(wa.sum())
         var_k = float(wa @ (z[act] - mu_k) ** 2) / float(wa.sum())
         eta = min(mu_k - math.sqrt(var_k / (c2 * float(wa.sum()) - 1.0)), float(zs[k]))
+    return eta
+
+
+def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
+    rho = amb.rho
+    if rho == 0.0:
+        return nominal_result(at, m, l, hess, dual=-math.inf)
+    top, lmax = top_atoms(at, l)
+    w = at.w
+    c2 = 1.0 + rho
+    c = math.sqrt(c2)
+    z = l - lmax
+    idx = np.flatnonzero(top)
+    if c2 * float(w[idx] @ (z[idx] == 0.0)) >= 1.0:  # eta* = max l: F' <= 0 below it
+        eta = 0.0
+    else:
+        eta0 = None if state is None or state.eta is None else state.eta - lmax
+        eta = _minimiser(w, z, c2, eta0)
     r = np.maximum(z - eta, 0.0)
     er = float(w @ r)
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return reweighting_result(at, m, q, lmax, lmax, hess, l=l)
+        return reweighting_result(at, m, q, lmax, lmax, hess, state=Chi2State(lmax), l=l)
     nrm = math.sqrt(float(w @ r**2))
     q = w * r / er
     value = lmax + eta + c * nrm
@@ -85,7 +222,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             low.append((-1.0 / h_ee, h_de))
         return curv, low
 
-    return reweighting_result(at, m, q, value, lmax + eta, hess, parts, l=l)
+    return reweighting_result(at, m, q, value, lmax + eta, hess, parts,
+                              state=Chi2State(lmax + eta), l=l)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -94,32 +232,41 @@ def _zero_test(at: Atoms, amb) -> float | None:
     it outside) is the witness whose logistic regression bounds ``min F`` below."""
     a, w = at.a, at.w
 
+    def hinge(y):  # (g + nu . a)_+, without the product with a at nu = 0 (the start)
+        if not y[1:].any():
+            return np.full(w.size, max(float(y[0]), 0.0))
+        return np.maximum(y[0] + a @ y[1:], 0.0)
+
+    def value(y):  # the value alone, for concave_max's probes: no gradient pass
+        r = hinge(y)
+        return 2.0 * y[0] - 1.0 - float((w * r) @ r)
+
     def dual_chi2(y):  # concave: 2 g - 1 - E (g + nu . a)_+^2, with y = (g, nu)
-        r = np.maximum(y[0] + a @ y[1:], 0.0)
-        act = w * (r > 0)
-        grad = np.concatenate([[2.0 - 2.0 * float(w @ r)], -2.0 * (w * r) @ a])
+        r = hinge(y)
+        wr = w * r
+        grad = np.concatenate([[2.0 - 2.0 * float(wr.sum())], -2.0 * wr @ a])
 
         def hess():  # -2 E_act (1, a)(1, a)^T in blocks, without an n x (d + 1) copy
+            act = w * (r > 0)
             v = act @ a
-            b = a * np.sqrt(act)[:, None]
             return -2.0 * np.block([[np.array([[act.sum()]]), v[None, :]],
-                                    [v[:, None], b.T @ b]])
+                                    [v[:, None], weighted_hess(at, act)]])
 
-        return 2.0 * y[0] - 1.0 - float(w @ r**2), grad, hess
+        return 2.0 * y[0] - 1.0 - float(wr @ r), grad, hess
 
     y0 = np.zeros(a.shape[1] + 1)
     y0[0] = 1.0
-    found = concave_max(dual_chi2, y0, amb.rho)
+    found = concave_max(dual_chi2, y0, amb.rho, value=value)
     if found.above is not False:
         return None
-    q = w * np.maximum(found.y[0] + a @ found.y[1:], 0.0)
+    q = w * hinge(found.y)
     q = q / q.sum()
     pos = w > 0
     div = float(q[pos] @ (q[pos] / w[pos])) - 1.0
     if div > amb.rho:  # chi2((1 - t) Q + t P) = (1 - t)^2 chi2(Q) = rho
         t = 1.0 - math.sqrt(amb.rho / div)
         q = (1.0 - t) * q + t * w
-    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0))
+    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0), radius=at.max_norm())
 
 
 def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:

@@ -341,7 +341,8 @@ class ConcaveMax(NamedTuple):
     y: np.ndarray
 
 
-def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
+def concave_max(fun, y0: np.ndarray, level: float,
+                value: Callable | None = None) -> ConcaveMax:
     """Whether ``max_y fun(y) > level`` for a concave ``fun`` returning (value, grad, hess).
 
     ``hess`` may be a function of no arguments (called only where a Newton step is taken:
@@ -350,7 +351,8 @@ def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
     step shorter than ``(level - value) / ||g||^2`` can pass ``level``), which settles the
     usual case (the maximum far above ``level``) without a Hessian. Where the Hessian is
     singular along the gradient (an unbounded direction, as for a single atom) a gradient
-    step long enough to pass ``level`` on the linear model is tried instead.
+    step long enough to pass ``level`` on the linear model is tried instead. ``value``
+    (optional) returns ``fun``'s value alone: the probes need no gradient.
     """
     y = y0
     val, g, h = fun(y)
@@ -359,7 +361,7 @@ def concave_max(fun, y0: np.ndarray, level: float) -> ConcaveMax:
         best = -math.inf
         for k in range(1, _CONCAVE_PROBES + 1):
             cand = y + (2.0**k * (level - val) / gg) * g
-            probe = fun(cand)[0]
+            probe = value(cand) if value is not None else fun(cand)[0]
             if probe > level:
                 return ConcaveMax(True, cand)
             if not probe > best:  # past the maximum along the ray
