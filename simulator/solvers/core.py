@@ -59,6 +59,13 @@ _ARMIJO = 1e-4
 #: Rounding of an ``n``-term sum, relative to ``max(1, |F|)``: a step that raises ``F`` by
 #: less than this is accepted if it lowers the gradient.
 _SUM_ROUNDING = 1e-13
+#: A full Newton step that cut ``||grad||_inf`` by at least this factor keeps its Hessian
+#: for the next step (the chord method): near the minimiser the Hessian changes by
+#: ``O(||step||)``, so the old one still gains two digits a step at no ``O(n d^2)`` cost. On
+#: the benchmark problems (n = 1e6, d = 8) the last two of three full-data steps reuse the
+#: first one's Hessian with the same gradients to within a factor of 10 (``1e-3, 1e-5,
+#: 1e-8, 1e-11``); a slower step takes a fresh Hessian.
+_CHORD_RATIO = 1e-2
 #: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
 _MIN_STEP = 1e-10
 #: When the line search fails with ``||grad||_inf <= _NEAR_TOL * tol`` the iterate is
@@ -403,7 +410,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     ``start``, when given, is ``objective(delta, state)`` already computed.
     ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
     ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
-    the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``.
+    the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``. A full step that cut the
+    gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step.
 
     Raises
     ------
@@ -416,12 +424,15 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     state = cur.state
     short = 0  # consecutive heavily damped steps: the sign of a kink
     gn = float(np.max(np.abs(cur.grad)))
+    h = None  # the Hessian in use (kept by the chord rule)
     for it in range(max_iter):
         g = cur.grad
         gn = float(np.max(np.abs(g)))
         if gn <= tol:
             return NewtonRun(delta, it, state, cur)
-        step = -psd_solve(cur.hess(), g)
+        if h is None:
+            h = cur.hess()
+        step = -psd_solve(h, g)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
             return NewtonRun(delta, it, state, cur)  # the Newton step (the distance) is tiny
         dec = -float(g @ step)
@@ -451,6 +462,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                 break
             t *= 0.5
             cand, new = delta + t * step, half
+        if not (t == 1.0 and float(np.max(np.abs(new.grad))) <= _CHORD_RATIO * gn):
+            h = None
         delta, cur, state = cand, new, new.state
         short = short + 1 if t < _SHORT_STEP else 0
         if short >= _MAX_SHORT:
