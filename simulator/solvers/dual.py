@@ -43,6 +43,7 @@ from .core import (
     psd_solve,
     quasi_newton,
     unmerge,
+    weighted_hess,
     worst_case_gap,
 )
 from .inner import evaluate_inner, prepare
@@ -125,8 +126,7 @@ def _start(at: Atoms, quasi: bool = False) -> np.ndarray:
     v = at.w @ at.a
     if quasi:
         return 2.0 * float(v @ v) / float(at.w @ (at.a @ v) ** 2) * v
-    h = 0.25 * (at.a * at.w[:, None]).T @ at.a
-    return psd_solve(h, 0.5 * v)
+    return psd_solve(weighted_hess(at, 0.25 * at.w), 0.5 * v)
 
 
 def _transfer(state):
