@@ -26,7 +26,8 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "Minimum", "NewtonRun", "SetMethods", "Stalled",
-           "ConcaveMax", "concave_max", "min_norm_mean", "curvature_bound", "logistic_gap",
+           "ConcaveMax", "cg_solve", "concave_max", "min_norm_mean", "curvature_bound",
+           "logistic_gap", "logistic_hvp",
            "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
            "worst_case_gap"]
@@ -68,6 +69,12 @@ _TOWARDS_ZERO = 0.5
 _QN_ITERS = 2000
 #: Correction pairs L-BFGS stores (scipy's default 10 needed about 1.5x the iterations).
 _QN_PAIRS = 20
+#: :func:`cg_solve` stops at this residual (relative to ``||g||``): each inexact Newton step
+#: then cuts the gradient about 1e4-fold, so the polish from L-BFGS's last point (within a
+#: few orders of the tolerance) takes one or two steps ...
+_CG_TOL = 1e-4
+#: ... of at most this many Hessian-vector products (two ``O(n d)`` passes each).
+_CG_ITERS = 200
 #: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
 _TIE_TOL = 1e-14
 #: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
@@ -143,7 +150,10 @@ class InnerResult:
     ``hess`` is a function of no arguments returning the Hessian (computed only when
     called, so that line searches do not pay for it), or ``None`` if not requested.
     ``state`` is the set's warm-start state at ``delta`` (a frozen dataclass of the set's
-    module, or ``None``), passed to the next evaluation.
+    module, or ``None``), passed to the next evaluation. ``hvp``, where the set supplies
+    it, is ``v -> H v`` without forming ``H`` (two ``O(n d)`` passes, e.g.
+    :func:`logistic_hvp`): :func:`quasi_newton`'s Newton polish then solves by conjugate
+    gradients instead of the ``O(n d^2)`` dense Hessian; ``None`` means use ``hess``.
     """
 
     value: float
@@ -152,6 +162,7 @@ class InnerResult:
     hess: Callable[[], np.ndarray] | None
     worst_case: WorstCase | None
     state: Any = None
+    hvp: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,6 +198,13 @@ def weighted_hess(at: Atoms, c: np.ndarray) -> np.ndarray:
     numpy computes ``b.T @ b`` as a symmetric rank-k update, half the work of a product."""
     b = at.a * np.sqrt(c)[:, None]
     return b.T @ b
+
+
+def logistic_hvp(at: Atoms, c: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``v -> sum_i c_i a_i (a_i . v)``: the product with :func:`weighted_hess`'s matrix in
+    two ``O(n d)`` passes, without forming it (``c = w sigmoid(m) sigmoid(-m)`` gives the
+    nominal Hessian of SPEC 3, ``E_P sigmoid'(m) a a^T``)."""
+    return lambda v: (c * (at.a @ v)) @ at.a
 
 
 def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -328,12 +346,14 @@ def _diverged(label: str) -> RuntimeError:
 
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
-           state: Any = None) -> NewtonRun:
+           state: Any = None, hessian_free: bool = False) -> NewtonRun:
     """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
 
     ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
     ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
-    the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``.
+    the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``. With ``hessian_free``, an
+    evaluation that supplies ``hvp`` gets its step by :func:`cg_solve` (inexact Newton)
+    instead of the dense Hessian.
 
     Raises
     ------
@@ -351,7 +371,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
         gn = float(np.max(np.abs(g)))
         if gn <= tol:
             return NewtonRun(delta, it, state)
-        step = -psd_solve(cur.hess(), g)
+        step = -(cg_solve(cur.hvp, g) if hessian_free and cur.hvp is not None
+                 else psd_solve(cur.hess(), g))
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
             return NewtonRun(delta, it, state)  # the Newton step (the distance) is tiny
         dec = -float(g @ step)
@@ -392,35 +413,72 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
 
 
+def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray) -> np.ndarray:
+    """Conjugate gradients for ``H s = g`` (``H`` PSD, given by ``hvp``), stopped once the
+    residual is below ``_CG_TOL ||g||`` or after ``min(d, _CG_ITERS)`` products: the inexact
+    Newton step of :func:`newton`'s Hessian-free polish. Where ``H`` is singular along a
+    search direction the iterate so far is returned (``g`` itself if that is zero), a
+    descent direction either way."""
+    x = np.zeros_like(g)
+    r = g.copy()
+    p = r.copy()
+    rr = float(r @ r)
+    stop = _CG_TOL**2 * rr
+    for _ in range(min(g.size, _CG_ITERS)):
+        hp = hvp(p)
+        php = float(p @ hp)
+        if not php > 0:
+            break
+        alpha = rr / php
+        x += alpha * p
+        r -= alpha * hp
+        rr, rr_old = float(r @ r), rr
+        if rr <= stop:
+            break
+        p = r + (rr / rr_old) * p
+    return x if np.any(x) else g.copy()
+
+
 def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                  state: Any = None) -> NewtonRun:
     """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
 
     The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
     instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until
-    ``||grad||_inf <= tol`` or its line search meets rounding; :func:`newton` then checks
-    the same stopping test and, where the gradient is still above ``tol``, takes the
-    (usually one) Newton step that reaches it, so both paths stop at the same test.
-    Each evaluation's warm-start ``state`` seeds the next one.
+    ``||grad||_inf <= tol`` (scipy's test on the projected gradient: the same as Newton's)
+    or its line search meets rounding. The last evaluation is kept: where it already meets
+    the test it is the answer (no further pass); otherwise :func:`newton` polishes from it
+    (``hessian_free``: conjugate-gradient steps on ``InnerResult.hvp`` where the set
+    supplies it, else the dense Hessian), so both paths stop at the same test. Each
+    evaluation's warm-start ``state`` seeds the next one.
 
     Raises
     ------
     Stalled, RuntimeError
         As :func:`newton` (``unbounded`` also when L-BFGS leaves every bounded region).
     """
-    last = {"state": state}
+    last: dict = {"state": state, "x": None, "res": None}
 
     def fun(x):
         if float(np.linalg.norm(x)) > _DIVERGED:
             raise _diverged(label)
         res = objective(x, last["state"])
-        last["state"] = res.state
+        last.update(state=res.state, x=x.copy(), res=res)
         return res.value, res.grad
 
     found = minimize(fun, delta, jac=True, method="L-BFGS-B",
                      options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
                               "maxcor": _QN_PAIRS})
-    run = newton(objective, found.x, tol, max_iter, label, last["state"])
+    res = last["res"]
+    if last["x"] is None or not np.array_equal(last["x"], found.x):
+        res = objective(found.x, last["state"])  # scipy returned an earlier point
+    if float(np.max(np.abs(res.grad))) <= tol:
+        return NewtonRun(found.x, int(found.nit), res.state)
+
+    def polish(d, st):  # the first call is at found.x, evaluated already
+        return res if d is found.x else objective(d, st)
+
+    run = newton(polish, found.x, tol, max_iter, label, res.state, hessian_free=True)
     return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state)
 
 
