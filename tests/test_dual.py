@@ -298,6 +298,7 @@ def test_subset_curvature_certificate_is_valid_and_looser(amb, monkeypatch):
     from simulator.solvers import core
 
     data, ref = _problem(seed=4, n=1200, d=_HIGH_D)
+    monkeypatch.setattr(core, "_CERT_PER_D", 10**9)  # only the _CERT_ATOMS subset
     full = sim.solve(data, amb, beta=BETA, theta_ref=ref)
     monkeypatch.setattr(core, "_CERT_ATOMS", 3 * _HIGH_D)  # every 10th atom: 120 atoms
     sub = sim.solve(data, amb, beta=BETA, theta_ref=ref)
@@ -309,3 +310,28 @@ def test_subset_curvature_certificate_is_valid_and_looser(amb, monkeypatch):
     monkeypatch.setattr(core, "_CERT_ATOMS", _HIGH_D // 4)
     few = sim.solve(data, amb, beta=BETA, theta_ref=ref)
     assert few.info["optimality_gap"] == full.info["optimality_gap"]
+
+
+def test_subset_certificate_bounds_the_true_gap(monkeypatch):
+    """Away from the minimiser (true gap 1e-12 .. 1e-8) the bound from the smallest subset
+    (``_CERT_PER_D d`` atoms, accepted whatever its size) is still above the true gap and
+    above the full-Hessian bound: the subset's Hessian lies below the full one."""
+    from simulator.solvers import core
+
+    data, ref = _problem(seed=5, n=3000, d=_HIGH_D, ref=False)
+    a = (2 * data.y - 1)[:, None] * BETA * data.x
+    star = sim.solve(data, sim.Nominal(), beta=BETA, method="newton", tol=1e-13).theta
+    f = _dpo_fun(data, np.zeros(_HIGH_D))
+    rng = np.random.default_rng(0)
+    for eps in (1e-6, 1e-5, 1e-4):
+        delta = star + eps * rng.normal(size=_HIGH_D)
+        true_gap = f(delta)[0] - f(star)[0]
+        monkeypatch.setattr(core, "_CERT_SUBSET_OK", math.inf)
+        sub = core.logistic_gap(a, data.weights, delta, f(delta)[0])
+        monkeypatch.setattr(core, "_CERT_PER_D", 10**9)
+        monkeypatch.setattr(core, "_CERT_ATOMS", 10**9)
+        full = core.logistic_gap(a, data.weights, delta, f(delta)[0])
+        monkeypatch.undo()
+        assert true_gap > 0 and math.isfinite(sub)
+        assert true_gap <= full * (1 + 1e-6) and full < sub
+
