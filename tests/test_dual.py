@@ -335,3 +335,54 @@ def test_subset_certificate_bounds_the_true_gap(monkeypatch):
         assert true_gap > 0 and math.isfinite(sub)
         assert true_gap <= full * (1 + 1e-6) and full < sub
 
+
+def test_hessian_vector_products_match_the_dense_hessians():
+    """``logistic_hvp`` and the W1 evaluation's ``hvp`` against the dense Hessian; ``cg_solve``
+    solves with it to its relative residual."""
+    from simulator.solvers import core
+    from simulator.solvers.inner import evaluate_inner, prepare
+
+    data, ref = _problem(seed=6, n=500, d=_HIGH_D)
+    rng = np.random.default_rng(1)
+    delta, v = rng.normal(size=_HIGH_D), rng.normal(size=_HIGH_D)
+    for amb in (sim.Nominal(), sim.Wasserstein(0.05, p=1), sim.Wasserstein(0.05, p=1, kappa=1.0)):
+        at = prepare(data, amb, BETA, ref, normalise=True).atoms
+        res = evaluate_inner(at, delta, amb, hess=True, worst=False)
+        h = res.hess()
+        hv = res.hvp if res.hvp is not None else core.logistic_hvp(
+            at, at.w * expit(at.a @ delta) * expit(-(at.a @ delta)))
+        np.testing.assert_allclose(hv(v), h @ v, rtol=1e-12, atol=1e-14 * np.abs(h).max())
+        s = core.cg_solve(hv, res.grad)
+        assert np.linalg.norm(h @ s - res.grad) <= core._CG_TOL * np.linalg.norm(res.grad)
+
+
+@pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1),
+                                 sim.Wasserstein(0.01, p=1)], ids=repr)
+def test_polish_after_a_short_lbfgs_run(amb, monkeypatch):
+    """L-BFGS stopped after 3 iterations: the polish (conjugate gradients on ``hvp`` for W1,
+    the dense Hessian otherwise) reaches the same certified minimiser as Newton."""
+    from simulator.solvers import core
+
+    data, ref = _problem(seed=7, n=1500, d=_HIGH_D, scale=8.0)
+    newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton")
+    monkeypatch.setattr(core, "_QN_ITERS", 3)
+    short = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="lbfgs")
+    assert not short.info["zero_kink"] and short.info["optimality_gap"] <= 1e-9
+    assert short.iterations > 3
+    np.testing.assert_allclose(short.theta, newton.theta, rtol=0,
+                               atol=1e-6 * np.linalg.norm(newton.theta - ref))
+    assert abs(short.value - newton.value) <= 1e-12
+
+
+@pytest.mark.parametrize("amb", _SMOOTH_SETS, ids=repr)
+@pytest.mark.parametrize("d", [40, 100])
+def test_lbfgs_and_newton_agree_at_high_dimension(amb, d):
+    """Randomised problems at d = 40 and 100 (d = 100 above n / 20): both paths to
+    ``tol = 1e-12`` give theta within 1e-8 (relative) and values to rounding."""
+    data, ref = _problem(seed=d, n=2500, d=d, weights=True)
+    newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton", tol=1e-12)
+    lbfgs = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="lbfgs", tol=1e-12)
+    assert lbfgs.info["method"] == "lbfgs" and lbfgs.info["optimality_gap"] <= 1e-9
+    np.testing.assert_allclose(lbfgs.theta, newton.theta, rtol=0,
+                               atol=1e-8 * np.linalg.norm(newton.theta - ref))
+    assert abs(lbfgs.value - newton.value) <= 1e-14 * max(1.0, abs(newton.value))
