@@ -67,7 +67,9 @@ _TOWARDS_ZERO = 0.5
 #: Iterations of L-BFGS in :func:`quasi_newton` (it needs a few hundred at most on the
 #: benchmark problems; Newton then polishes whatever is left).
 _QN_ITERS = 2000
-#: Correction pairs L-BFGS stores (scipy's default 10 needed about 1.5x the iterations).
+#: Correction pairs L-BFGS stores (scipy's default 10 needed about 1.5x the iterations on
+#: the environment data; on Gaussian features, n = 2e4 .. 1e5, d = 64 .. 512, 10, 20 and
+#: 40 pairs took the same evaluations, 5 up to 15% more: the cost per pair is O(d)).
 _QN_PAIRS = 20
 #: :func:`cg_solve` stops at this residual (relative to ``||g||``): each inexact Newton step
 #: then cuts the gradient about 1e4-fold, so the polish from L-BFGS's last point (within a
