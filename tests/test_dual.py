@@ -337,8 +337,8 @@ def test_subset_certificate_bounds_the_true_gap(monkeypatch):
 
 
 def test_hessian_vector_products_match_the_dense_hessians():
-    """``logistic_hvp`` and the W1 evaluation's ``hvp`` against the dense Hessian; ``cg_solve``
-    solves with it to its relative residual."""
+    """``logistic_hvp``, the W1 evaluation's ``hvp`` and the forward differences of KL and
+    chi-square against the dense Hessians; ``cg_solve`` solves to its relative residual."""
     from simulator.solvers import core
     from simulator.solvers.inner import evaluate_inner, prepare
 
@@ -354,13 +354,24 @@ def test_hessian_vector_products_match_the_dense_hessians():
         np.testing.assert_allclose(hv(v), h @ v, rtol=1e-12, atol=1e-14 * np.abs(h).max())
         s = core.cg_solve(hv, res.grad)
         assert np.linalg.norm(h @ s - res.grad) <= core._CG_TOL * np.linalg.norm(res.grad)
+    for amb in (sim.KL(0.1), sim.ChiSquare(0.1)):  # no hvp: forward differences
+        at = prepare(data, amb, BETA, ref, normalise=True).atoms
+
+        def objective(d, st, at=at, amb=amb):
+            return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
+
+        res = objective(delta, None)
+        hv = core._difference_hvp(objective, delta, res)(v)
+        hd = res.hess() @ v
+        assert np.linalg.norm(hv - hd) <= 1e-6 * np.linalg.norm(hd)
 
 
 @pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1),
                                  sim.Wasserstein(0.01, p=1)], ids=repr)
 def test_polish_after_a_short_lbfgs_run(amb, monkeypatch):
     """L-BFGS stopped after 3 iterations: the polish (conjugate gradients on ``hvp`` for W1,
-    the dense Hessian otherwise) reaches the same certified minimiser as Newton."""
+    on forward differences of the gradient otherwise) reaches the same certified minimiser
+    as Newton."""
     from simulator.solvers import core
 
     data, ref = _problem(seed=7, n=1500, d=_HIGH_D, scale=8.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -77,6 +77,10 @@ _QN_PAIRS = 20
 _CG_TOL = 1e-4
 #: ... of at most this many Hessian-vector products (two ``O(n d)`` passes each).
 _CG_ITERS = 200
+#: Step of the forward-difference Hessian-vector product (relative to ``1 + ||delta||``):
+#: ``sqrt(eps)`` balances the ``O(h)`` truncation against the ``O(eps / h)`` rounding of
+#: the gradients, a relative error of about 1e-8, far below ``_CG_TOL``.
+_DIFF_STEP = 2.0**-26
 #: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
 _TIE_TOL = 1e-14
 #: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
@@ -441,6 +445,16 @@ def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray) -> np.ndarr
     return x if np.any(x) else g.copy()
 
 
+def _difference_hvp(objective, delta: np.ndarray, res: InnerResult):
+    """``v -> (grad F(delta + h v) - grad F(delta)) / h``, ``h = _DIFF_STEP (1 + ||delta||) /
+    ||v||``: a Hessian-vector product for a set without ``hvp``, one evaluation (two
+    ``O(n d)`` passes, as an exact product) with relative error about ``_DIFF_STEP``."""
+    def hvp(v):
+        h = _DIFF_STEP * (1.0 + float(np.linalg.norm(delta))) / float(np.linalg.norm(v))
+        return (objective(delta + h * v, res.state).grad - res.grad) / h
+    return hvp
+
+
 def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                  state: Any = None) -> NewtonRun:
     """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
@@ -451,7 +465,8 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     or its line search meets rounding. The last evaluation is kept: where it already meets
     the test it is the answer (no further pass); otherwise :func:`newton` polishes from it
     (``hessian_free``: conjugate-gradient steps on ``InnerResult.hvp`` where the set
-    supplies it, else the dense Hessian), so both paths stop at the same test. Each
+    supplies it, else on forward differences of the gradient, :func:`_difference_hvp`:
+    never the ``O(n d^2)`` dense Hessian), so both paths stop at the same test. Each
     evaluation's warm-start ``state`` seeds the next one.
 
     Raises
@@ -478,7 +493,9 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
         return NewtonRun(found.x, int(found.nit), res.state)
 
     def polish(d, st):  # the first call is at found.x, evaluated already
-        return res if d is found.x else objective(d, st)
+        out = res if d is found.x else objective(d, st)
+        return out if out.hvp is not None else replace(out, hvp=_difference_hvp(objective, d,
+                                                                               out))
 
     run = newton(polish, found.x, tol, max_iter, label, res.state, hessian_free=True)
     return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state)
