@@ -300,3 +300,18 @@ def test_loss_sigmoid_matches_expit_to_an_ulp_of_one():
     assert np.max(np.abs(s - ref)) <= 2.0**-52
     big = ref > 1e-3
     assert np.max(np.abs(s[big] - ref[big]) / ref[big]) <= 1e-13
+
+
+@pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1)], ids=repr)
+def test_reweighting_hvp_is_the_dense_hessian_times_v(amb, gaussian_data):
+    """The Hessian-vector product of the reweighting sets against the dense Hessian (both from
+    the same parts), at a random point, to rounding."""
+    from simulator.solvers.core import Atoms
+    from simulator.solvers.inner import evaluate_inner
+
+    at = Atoms.from_data(gaussian_data(3000, seed=4), 1.0, normalise=True)
+    rng = np.random.default_rng(0)
+    res = evaluate_inner(at, rng.normal(size=at.a.shape[1]), amb, hess=True)
+    for _ in range(3):
+        v = rng.normal(size=at.a.shape[1])
+        np.testing.assert_allclose(res.hvp(v), res.hess() @ v, rtol=1e-12, atol=1e-15)

@@ -298,6 +298,7 @@ def test_subset_curvature_certificate_is_valid_and_looser(amb, monkeypatch):
     from simulator.solvers import core
 
     data, ref = _problem(seed=4, n=1200, d=_HIGH_D)
+    monkeypatch.setattr(core, "_CERT_PER_D", 10**9)  # only the _CERT_ATOMS subset
     full = sim.solve(data, amb, beta=BETA, theta_ref=ref)
     monkeypatch.setattr(core, "_CERT_ATOMS", 3 * _HIGH_D)  # every 10th atom: 120 atoms
     sub = sim.solve(data, amb, beta=BETA, theta_ref=ref)
@@ -309,3 +310,90 @@ def test_subset_curvature_certificate_is_valid_and_looser(amb, monkeypatch):
     monkeypatch.setattr(core, "_CERT_ATOMS", _HIGH_D // 4)
     few = sim.solve(data, amb, beta=BETA, theta_ref=ref)
     assert few.info["optimality_gap"] == full.info["optimality_gap"]
+
+
+def test_subset_certificate_bounds_the_true_gap(monkeypatch):
+    """Away from the minimiser (true gap 1e-12 .. 1e-8) the bound from the smallest subset
+    (``_CERT_PER_D d`` atoms, accepted whatever its size) is still above the true gap and
+    above the full-Hessian bound: the subset's Hessian lies below the full one."""
+    from simulator.solvers import core
+
+    data, ref = _problem(seed=5, n=3000, d=_HIGH_D, ref=False)
+    a = (2 * data.y - 1)[:, None] * BETA * data.x
+    star = sim.solve(data, sim.Nominal(), beta=BETA, method="newton", tol=1e-13).theta
+    f = _dpo_fun(data, np.zeros(_HIGH_D))
+    rng = np.random.default_rng(0)
+    for eps in (1e-6, 1e-5, 1e-4):
+        delta = star + eps * rng.normal(size=_HIGH_D)
+        true_gap = f(delta)[0] - f(star)[0]
+        monkeypatch.setattr(core, "_CERT_SUBSET_OK", math.inf)
+        sub = core.logistic_gap(a, data.weights, delta, f(delta)[0])
+        monkeypatch.setattr(core, "_CERT_PER_D", 10**9)
+        monkeypatch.setattr(core, "_CERT_ATOMS", 10**9)
+        full = core.logistic_gap(a, data.weights, delta, f(delta)[0])
+        monkeypatch.undo()
+        assert true_gap > 0 and math.isfinite(sub)
+        assert true_gap <= full * (1 + 1e-6) and full < sub
+
+
+def test_hessian_vector_products_match_the_dense_hessians():
+    """``logistic_hvp``, the W1 evaluation's ``hvp`` and the forward differences of KL and
+    chi-square against the dense Hessians; ``cg_solve`` solves to its relative residual."""
+    from simulator.solvers import core
+    from simulator.solvers.inner import evaluate_inner, prepare
+
+    data, ref = _problem(seed=6, n=500, d=_HIGH_D)
+    rng = np.random.default_rng(1)
+    delta, v = rng.normal(size=_HIGH_D), rng.normal(size=_HIGH_D)
+    for amb in (sim.Nominal(), sim.Wasserstein(0.05, p=1), sim.Wasserstein(0.05, p=1, kappa=1.0)):
+        at = prepare(data, amb, BETA, ref, normalise=True).atoms
+        res = evaluate_inner(at, delta, amb, hess=True, worst=False)
+        h = res.hess()
+        hv = res.hvp if res.hvp is not None else core.logistic_hvp(
+            at, at.w * expit(at.a @ delta) * expit(-(at.a @ delta)))
+        np.testing.assert_allclose(hv(v), h @ v, rtol=1e-12, atol=1e-14 * np.abs(h).max())
+        s = core.cg_solve(hv, res.grad)
+        assert np.linalg.norm(h @ s - res.grad) <= core._CG_TOL * np.linalg.norm(res.grad)
+    for amb in (sim.KL(0.1), sim.ChiSquare(0.1)):  # no hvp: forward differences
+        at = prepare(data, amb, BETA, ref, normalise=True).atoms
+
+        def objective(d, st, at=at, amb=amb):
+            return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
+
+        res = objective(delta, None)
+        hv = core._difference_hvp(objective, delta, res)(v)
+        hd = res.hess() @ v
+        assert np.linalg.norm(hv - hd) <= 1e-6 * np.linalg.norm(hd)
+
+
+@pytest.mark.parametrize("amb", [sim.Nominal(), sim.KL(0.1), sim.ChiSquare(0.1),
+                                 sim.Wasserstein(0.01, p=1)], ids=repr)
+def test_polish_after_a_short_lbfgs_run(amb, monkeypatch):
+    """L-BFGS stopped after 3 iterations: the polish (conjugate gradients on ``hvp`` for W1,
+    on forward differences of the gradient otherwise) reaches the same certified minimiser
+    as Newton."""
+    from simulator.solvers import core
+
+    data, ref = _problem(seed=7, n=1500, d=_HIGH_D, scale=8.0)
+    newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton")
+    monkeypatch.setattr(core, "_QN_ITERS", 3)
+    short = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="lbfgs")
+    assert not short.info["zero_kink"] and short.info["optimality_gap"] <= 1e-9
+    assert short.iterations > 3
+    np.testing.assert_allclose(short.theta, newton.theta, rtol=0,
+                               atol=1e-6 * np.linalg.norm(newton.theta - ref))
+    assert abs(short.value - newton.value) <= 1e-12
+
+
+@pytest.mark.parametrize("amb", _SMOOTH_SETS, ids=repr)
+@pytest.mark.parametrize("d", [40, 100])
+def test_lbfgs_and_newton_agree_at_high_dimension(amb, d):
+    """Randomised problems at d = 40 and 100 (d = 100 above n / 20): both paths to
+    ``tol = 1e-12`` give theta within 1e-8 (relative) and values to rounding."""
+    data, ref = _problem(seed=d, n=2500, d=d, weights=True)
+    newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton", tol=1e-12)
+    lbfgs = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="lbfgs", tol=1e-12)
+    assert lbfgs.info["method"] == "lbfgs" and lbfgs.info["optimality_gap"] <= 1e-9
+    np.testing.assert_allclose(lbfgs.theta, newton.theta, rtol=0,
+                               atol=1e-8 * np.linalg.norm(newton.theta - ref))
+    assert abs(lbfgs.value - newton.value) <= 1e-14 * max(1.0, abs(newton.value))

@@ -74,11 +74,12 @@ _NEAR_ZERO = 1e-2
 #: subdifferential test already said 0 is not optimal); restarted like a stall.
 _EPS_ZERO = 1e-8
 #: ``method="auto"`` minimises a smooth ``F`` (``SetMethods.smooth``) by L-BFGS above this
-#: dimension, by Newton up to it. Measured (benchmarks/crossover.py, n = 2e4 Gaussian
-#: features, CPU time, one BLAS thread; benchmarks/README.md), Newton's time over L-BFGS's:
-#: 0.24 (chi-square) to 1.52 at d = 8, 0.80 (chi-square) to 2.18 at d = 32, 1.58-3.20 at
-#: d = 48 and 1.18-2.94 up to d = 128: Newton's dense Hessian (``O(n d^2)`` a step) costs
-#: more than L-BFGS's extra ``O(n d)`` iterations for every smooth set above d = 32.
+#: dimension, by Newton up to it. Measured (benchmarks/crossover.py --repeat 3, n = 2e4
+#: Gaussian features, CPU time, one BLAS thread; benchmarks/README.md), Newton's time over
+#: L-BFGS's after the Hessian-free polish and the 8 d-atom certificate: 0.96-2.36 at d = 16,
+#: 1.25-2.57 at d = 24, 0.44 (chi-square) to 4.36 at d = 32, 1.19-2.68 at d = 48 and 64,
+#: 1.39-2.54 at d = 128: L-BFGS wins for every smooth set above d = 32 (at 32 chi-square
+#: still loses, below it the ratios are within noise of 1 for some set).
 QUASI_NEWTON_MIN_D = 32
 #: ``merge=True`` merges the atoms of more than this many only when this many of them (the
 #: first) hold repeats (:func:`_worth_merging`). The merge is a sort of ``n`` keys (about 5

@@ -57,6 +57,7 @@ from .core import (
     SetMethods,
     Stalled,
     logistic_gap,
+    logistic_hvp,
     newton,
     weighted_hess,
 )
@@ -496,6 +497,13 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             u = delta / dn
             out = out + (mu * beta / dn) * (np.eye(delta.size) - np.outer(u, u))
         return out
+
+    def hvp(v):  # h() @ v in two O(n d) passes
+        out = logistic_hvp(at, w * s * (1.0 - s))(v)
+        if dn > 0:
+            u = delta / dn
+            out = out + (mu * beta / dn) * (v - u * float(u @ v))
+        return out
     wc = None
     if worst:
         keep = w - flip
@@ -515,7 +523,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             srcs.append(np.array([far.k]))
         wc = WorstCase(np.concatenate(weights), np.concatenate(xs), np.concatenate(ys),
                        np.concatenate(srcs), float(cost), float(rho))
-    return InnerResult(float(value), float(lam), grad, h if hess else None, wc)
+    return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
+                       hvp=hvp if hess else None)
 
 
 #: Values of ``s`` tried by the finite-kappa zero test: geometric with ratio ``2^(1/8)``
