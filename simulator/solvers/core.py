@@ -39,6 +39,10 @@ _MAX_SCALE = 1e150
 #: Entries of ``a`` between this and its inverse have squares (and sums of ``d`` squares)
 #: far from overflow and underflow.
 _SQUARE_SAFE = 1e-100
+#: :meth:`Atoms.from_data` takes the scale from ``E_P ||x||^2`` directly when that is at
+#: least this and every ``||x_i||^2`` at most its inverse: no square overflows, and squares
+#: that underflow (each below 1e-308) change the mean by less than 1e-108 of itself.
+_MEAN_SQ_SAFE = 1e-200
 #: Relative allowance on the computed ``max_i ||a_i||`` for its rounding (a sum of ``d``
 #: squares, a square root and a division: a few ulps), so that ``Atoms.radius`` bounds it.
 _RADIUS_ULPS = 1e-12
@@ -147,6 +151,17 @@ class Atoms:
             When that scale is outside ``[_MIN_SCALE, _MAX_SCALE]``: double precision
             cannot then represent ``theta`` (``O(1 / scale)``) and the margins together.
         """
+        if normalise:
+            # ||ytil beta x_i|| = beta ||x_i||: the scale from the rows' squared norms, then
+            # a in one product (two passes), where those squares are safely representable
+            sq = np.einsum("ij,ij->i", data.x, data.x)
+            mean_sq, top_sq = float(data.weights @ sq), float(sq.max())
+            if _MEAN_SQ_SAFE <= mean_sq and top_sq <= 1.0 / _MEAN_SQ_SAFE:
+                rms = math.sqrt(mean_sq)
+                scale = _check_scale(beta * rms)
+                a = data.x * (data.ytil / rms)[:, None]
+                radius = math.sqrt(top_sq) / rms * (1.0 + _RADIUS_ULPS)
+                return cls(data.x, data.y, data.weights, a, 1.0 / rms, scale, radius)
         a = (data.ytil * beta)[:, None] * data.x
         if not normalise:
             return cls(data.x, data.y, data.weights, a, beta)
@@ -157,12 +172,7 @@ class Atoms:
         b = a if _SQUARE_SAFE <= top <= 1.0 / _SQUARE_SAFE else a / top
         sq = np.einsum("ij,ij->i", b, b)
         unit = top if b is not a else 1.0
-        scale = unit * math.sqrt(float(data.weights @ sq))
-        if not _MIN_SCALE <= scale <= _MAX_SCALE:
-            raise ValueError(
-                f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
-                f"[{_MIN_SCALE:g}, {_MAX_SCALE:g}]: double precision cannot represent the "
-                "minimiser theta (of order 1 / scale); rescale the features or beta")
+        scale = _check_scale(unit * math.sqrt(float(data.weights @ sq)))
         a *= 1.0 / scale
         # max ||a_i|| after the scaling, with a few ulps to spare: an upper bound
         radius = unit * math.sqrt(float(sq.max())) / scale * (1.0 + _RADIUS_ULPS)
@@ -173,6 +183,16 @@ class Atoms:
         w = self.w[idx]
         return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta, self.scale,
                      self.radius)
+
+
+def _check_scale(scale: float) -> float:
+    """``scale`` if double precision can hold ``theta ~ 1 / scale`` and the margins together."""
+    if not _MIN_SCALE <= scale <= _MAX_SCALE:
+        raise ValueError(
+            f"beta * x has scale {scale:.3e} (root mean square of ytil beta x), outside "
+            f"[{_MIN_SCALE:g}, {_MAX_SCALE:g}]: double precision cannot represent the "
+            "minimiser theta (of order 1 / scale); rescale the features or beta")
+    return scale
 
 
 def atom_radius(a: np.ndarray) -> float:

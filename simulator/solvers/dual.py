@@ -348,10 +348,13 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
             f"{found.iterations} iterations")
     theta = theta_ref + delta / at.scale
     wc = res.worst_case
+    if wc.x is at.x and wc.y is at.y and res.losses is not None:
+        primal = float(wc.weights @ res.losses)  # a reweighting: E_{Q*} l on the same atoms
+    else:
+        primal = primal_value(wc, theta, beta, theta_ref)
     if inverse is not None:
         wc = unmerge(wc, inverse, caller.weights)
         info["distinct_atoms"] = data.n
-    primal = primal_value(wc, theta, beta, theta_ref)
     if wc.budget is not None:
         info["transport_cost"] = wc.transport_cost
         info["budget"] = wc.budget
