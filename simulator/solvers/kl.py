@@ -77,23 +77,25 @@ class _Tilt:
     skew: float
 
 
-def _tilt(w: np.ndarray, z: np.ndarray, s: float, buf: np.ndarray) -> _Tilt:
-    """The tilt at ``s``, worked in place: ``q`` is ``buf`` (overwritten by the next call);
-    the variance is a second, centred pass (``E z^2 - (E z)^2`` would cancel)."""
+def _tilt(w: np.ndarray, z: np.ndarray, s: float, buf: tuple) -> _Tilt:
+    """The tilt at ``s``, worked in place in the three n-vectors ``buf`` (overwritten by the
+    next call; ``q`` is the first); the moments are centred passes (``E z^2 - (E z)^2``
+    would cancel)."""
     # z <= 0 with z = 0 on atoms of positive weight: exp cannot overflow
-    q = np.multiply(z, s, out=buf)
+    q, zc, zk = buf
+    np.multiply(z, s, out=q)
     np.exp(q, out=q)
     q *= w
     tot = float(q.sum())
     q *= 1.0 / tot
     ez = float(q @ z)
     lse = math.log(tot)
-    zc = z - ez
-    zc2 = zc * zc
-    var = float(q @ zc2)
-    zc2 *= zc
+    np.subtract(z, ez, out=zc)
+    np.multiply(zc, zc, out=zk)
+    var = float(q @ zk)
+    zk *= zc
     return _Tilt(s * ez - lse, var, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)),
-                 float(q @ zc2))
+                 float(q @ zk))
 
 
 def _halley(f: float, s: float, var: float, skew: float) -> float:
@@ -125,7 +127,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         zc = z - w @ z
         s = math.sqrt(2.0 * rho / max(float(w @ (zc * zc)), _TINY))
     lo, hi = 0.0, math.inf
-    buf = np.empty_like(z)
+    buf = (np.empty_like(z), np.empty_like(z), np.empty_like(z))  # q and two scratch rows
     for _ in range(_ROOT_ITERS):
         tilt = _tilt(w, z, s, buf)
         kl, var = tilt.kl, tilt.var
