@@ -435,6 +435,20 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
 # --- the exact inner evaluation -------------------------------------------------------------
 
 
+def _lowest(m: np.ndarray, mass: np.ndarray, sign: float) -> tuple[int, float]:
+    """Index and value of the smallest ``sign m_i`` over the atoms with ``mass_i > 0``
+    (``(-1, inf)`` if there are none), without an ``n``-array where every mass is positive."""
+    pos = mass > 0
+    if pos.all():
+        k = int(np.argmin(m) if sign > 0 else np.argmax(m))
+    else:
+        idx = np.flatnonzero(pos)
+        if idx.size == 0:
+            return -1, math.inf
+        k = int(idx[np.argmin(sign * m[idx])])
+    return k, sign * float(m[k])
+
+
 def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, delta: np.ndarray,
                mu: float, value: float) -> _FarMove:
     """A mass ``eps`` of the lowest-margin kept atom, moved by ``mu / eps`` along ``-ytil u``.
@@ -445,18 +459,26 @@ def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, del
     """
     dn = float(np.linalg.norm(delta))
     # candidates: the kept atoms at margin m and the flipped ones at margin -m
-    marg = np.where(keep > 0, m, np.inf)
-    marg_f = np.where(flip > 0, -m, np.inf)
-    k, k_f = int(np.argmin(marg)), int(np.argmin(marg_f))
-    flipped = bool(marg_f[k_f] < marg[k])
-    k = k_f if flipped else k
-    mk = float(marg_f[k] if flipped else marg[k])
+    k, mk = _lowest(m, keep, 1.0)
+    k_f, mk_f = _lowest(m, flip, -1.0)
+    flipped = mk_f < mk
+    k, mk = (k_f, mk_f) if flipped else (k, mk)
     eps = min(float((flip if flipped else keep)[k]),
               _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
     t = mu / eps
     y_k = 1.0 - at.y[k] if flipped else at.y[k]
     x_new = at.x[k] - (2.0 * y_k - 1.0) * t * delta / dn
     return _FarMove(flipped, k, eps, x_new, float(y_k), eps * t)
+
+
+def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
+    """``(weights, x, y, source)`` of the worst-case atoms with positive ``mass`` (labels
+    flipped if ``flipped``); the caller's arrays themselves (no ``n x d`` gather) when every
+    atom has positive mass."""
+    idx = np.flatnonzero(mass > 0)
+    if idx.size == mass.size:
+        return mass, at.x, 1.0 - at.y if flipped else at.y, np.arange(mass.size)
+    return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
@@ -486,7 +508,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         mu = max(mu, 0.0)
         value = lam * rho + float(w @ l) + float(w @ np.where(full, m - thr, 0.0))
     s = expit(-m)
-    grad = -(w * s) @ at.a + flip @ at.a
+    grad = (flip - w * s) @ at.a  # one product with A (flip = 0 for kappa = inf)
     if dn > 0:
         grad = grad + mu * beta * delta / dn
 
@@ -505,16 +527,13 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             far = _moved_far(at, keep, flip, m, delta, mu, value)
             (flip if far.flipped else keep)[far.k] -= far.eps
             cost += far.cost
-        stay, flp = np.flatnonzero(keep > 0), np.flatnonzero(flip > 0)
-        weights = [keep[stay], flip[flp]]
-        xs, ys, srcs = [at.x[stay], at.x[flp]], [at.y[stay], 1.0 - at.y[flp]], [stay, flp]
+        parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
         if far is not None:
-            weights.append(np.array([far.eps]))
-            xs.append(far.x[None, :])
-            ys.append(np.array([far.y]))
-            srcs.append(np.array([far.k]))
-        wc = WorstCase(np.concatenate(weights), np.concatenate(xs), np.concatenate(ys),
-                       np.concatenate(srcs), float(cost), float(rho))
+            parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
+                           np.array([far.k])))
+        parts = [part for part in parts if part[0].size]
+        wc = WorstCase(*(np.concatenate([part[j] for part in parts]) for j in range(4)),
+                       float(cost), float(rho))
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc)
 
 
