@@ -30,7 +30,7 @@ def test_flip_threshold_matches_brentq(mu, t0):
     w = rng.random(m.size)
     w /= w.sum()
     c = 0.05
-    t, p = _flip_threshold(m, w, -0.5, c, mu, t0)
+    t, p, _ = _flip_threshold(m, w, -0.5, c, mu, t0)
     assert abs(float(w @ p) - c) <= 1e-15  # the budget is met to rounding
     excess = lambda s: float(w @ expit((m - s) / mu)) - c  # noqa: E731
     # the mass is flat between atoms at small mu: compare the masses, not the roots
@@ -38,7 +38,7 @@ def test_flip_threshold_matches_brentq(mu, t0):
     lo, hi = sorted((t, root))
     assert excess(lo - 1e-9) >= -1e-15 and excess(hi + 1e-9) <= 1e-15
     # threshold at t_min when the budget is not all flipped there
-    t, p = _flip_threshold(m, w, 2.5, c, mu, t0)
+    t, p, _ = _flip_threshold(m, w, 2.5, c, mu, t0)
     assert t == 2.5 and float(w @ p) <= c
 
 

@@ -77,6 +77,9 @@ _BRACKET_GROWTH = 4.0
 #: than Brent's bookkeeping) and it is wider than ``_BISECT_WIDTH mu``.
 _BISECT_ATOMS = 4096
 _BISECT_WIDTH = 16.0
+#: Atoms of the subsample whose weighted quantile is the first guess of the threshold
+#: (its error, about ``n_sub^-1/2`` of the margins' spread, is bracketed in a few tries).
+_QUANTILE_ATOMS = 10_000
 #: Brent's iteration budget (it needs about 50 at double precision).
 _BRENT_ITERS = 500
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
@@ -138,59 +141,65 @@ class _FarMove:
     cost: float
 
 
+class _Threshold(NamedTuple):
+    """The flip threshold ``t``, the shares ``p_i = sigmoid((m_i - t) / mu)`` and the atoms
+    ``window`` within ``_WINDOW mu`` of ``t`` (a superset; elsewhere ``p`` is 0 or 1)."""
+
+    t: float
+    p: np.ndarray
+    window: np.ndarray
+
+
+def _mass_quantile(m: np.ndarray, w: np.ndarray, c: float) -> float:
+    """Estimate of the ``t`` with ``sum_{m_i > t} w_i = c`` from every ``k``-th atom
+    (``_QUANTILE_ATOMS`` of them): only the first guess of :func:`_flip_threshold`."""
+    k = max(1, m.size // _QUANTILE_ATOMS)
+    ms, ws = m[::k], w[::k]
+    order = np.argsort(-ms)
+    cum = np.cumsum(ws[order]) * (float(w.sum()) / max(float(ws.sum()), 1e-300))
+    return float(ms[order[min(int(np.searchsorted(cum, c)), order.size - 1)]])
+
+
 def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: float,
-                    t0: float | None) -> tuple[float, np.ndarray]:
+                    t0: float | None) -> _Threshold:
     """Threshold ``t >= t_min`` with ``sum_i w_i sigmoid((m_i - t) / mu) = c`` and its shares.
 
-    Returns ``t_min`` if the flipped mass there is already ``<= c``. The decreasing mass
-    is bracketed from the warm start ``t0`` (steps growing 4-fold from ``_WINDOW mu``),
-    the bracket is bisected while it is wide, and Brent's method finishes. Atoms more
-    than ``_WINDOW mu`` outside the bracket have shares fixed at 0 or 1 and are dropped
-    from later passes, so at small ``mu`` (a nearly discontinuous mass) most steps cost
-    little.
+    Returns ``t_min`` if the flipped mass there is already ``<= c``. Atoms more than
+    ``_WINDOW mu`` from an interval ``[lo, hi]`` have shares 0 or 1 there (to 4e-18), so the
+    mass on ``[lo, hi]`` needs only the atoms near it: the interval is centred at the warm
+    start ``t0`` (or an estimate from a subsample of the margins), ``_WINDOW mu`` wide on
+    each side, and moved and widened 4-fold until it brackets the root (each try costs
+    comparisons over the margins, no exponentials). The bracket is then bisected while
+    it is wide, and Brent's method finishes, on the atoms near it alone.
     """
-    sub = {"i": np.arange(m.size), "m": m, "w": w, "base": 0.0}
+    win = _WINDOW * mu
+    center = _mass_quantile(m, w, c) if t0 is None else t0
+    half = win
+    sub = {}
 
     def excess(t: float) -> float:
         return sub["base"] + float(sub["w"] @ expit((sub["m"] - t) / mu)) - c
 
     def restrict(lo: float, hi: float) -> None:
         ms, ws = sub["m"], sub["w"]
-        top = ms >= hi + _WINDOW * mu
-        keep = ~top & (ms > lo - _WINDOW * mu)
+        top = ms >= hi + win
+        keep = ~top & (ms > lo - win)
         sub.update(i=sub["i"][keep], m=ms[keep], w=ws[keep],
                    base=sub["base"] + float(ws[top].sum()))
 
-    lo, hi = t_min, math.inf
-    if t0 is not None and t0 > t_min and not excess(t0) > 0:
-        hi = t0  # the warm start is above the root: step down from it
-        restrict(-math.inf, hi)
-        step, found = _WINDOW * mu, False
-        while not found:
-            t = max(hi - step, t_min)
-            if excess(t) > 0:
-                lo, found = t, True
-            elif t == t_min:  # lambda = b: the budget is not all flipped
-                return t_min, expit((m - t_min) / mu)
-            else:
-                hi = t
-            restrict(lo, hi)
-            step *= _BRACKET_GROWTH
-    else:
-        if t0 is not None and t0 > t_min:
-            lo = t0
-        elif not excess(t_min) > 0:  # lambda = b: the budget is not all flipped
-            return t_min, expit((m - t_min) / mu)
-        restrict(lo, hi)
-        step = _WINDOW * mu
-        while math.isinf(hi):  # step up from lo
-            t = lo + step
-            if excess(t) > 0:
-                lo = t
-            else:
-                hi = t
-            restrict(lo, hi)
-            step *= _BRACKET_GROWTH
+    while True:
+        lo = max(center - half, t_min)
+        hi = max(center + half, lo + win)
+        i = np.flatnonzero((m > lo - win) & (m < hi + win))
+        sub.update(i=i, m=m[i], w=w[i], base=float(w @ (m >= hi + win)))
+        if excess(hi) > 0:  # the root is above hi
+            center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
+        elif excess(lo) > 0:
+            break
+        elif lo == t_min:  # lambda = b: the budget is not all flipped
+            return _Threshold(t_min, _shares(m, t_min, mu, i), i)
+        else:  # the root is below lo
+            center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
     while sub["m"].size > _BISECT_ATOMS and hi - lo > _BISECT_WIDTH * mu:
         t = 0.5 * (lo + hi)
         if excess(t) > 0:
@@ -203,17 +212,25 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
                    maxiter=_BRENT_ITERS)
     else:  # the mass meets c at an end of the bracket to rounding
         t = hi if abs(excess(hi)) <= abs(excess(lo)) else lo
-    p = expit((m - t) / mu)
+    i = sub["i"]
+    p = _shares(m, t, mu, i)
     # t is resolved only to rounding, which at small mu leaves sum w p off by much more:
     # one first-order step in t, applied to p (in the window: elsewhere p(1 - p) < 4e-18),
     # meets the budget to rounding.
-    i = sub["i"]
     pi = p[i]
     dp = pi * (1.0 - pi)
     sens = float(w[i] @ dp)
     if sens > 0:
         p[i] = np.clip(pi + (c - float(w @ p)) * dp / sens, 0.0, 1.0)
-    return t, p
+    return _Threshold(t, p, i)
+
+
+def _shares(m: np.ndarray, t: float, mu: float, window: np.ndarray) -> np.ndarray:
+    """``sigmoid((m - t) / mu)`` on the atoms ``window`` (every atom within ``_WINDOW mu``
+    of ``t``), 0 or 1 elsewhere."""
+    p = (m > t).astype(np.float64)
+    p[window] = expit((m[window] - t) / mu)
+    return p
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -228,21 +245,27 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     dn = float(np.linalg.norm(delta))
     b = beta * dn
     t0 = None if state is None else state.lam
-    t, p = _flip_threshold(m, w, b * kappa, rho / kappa, mu, None if t0 is None else t0 * kappa)
+    t, p, i = _flip_threshold(m, w, b * kappa, rho / kappa, mu,
+                              None if t0 is None else t0 * kappa)
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
     s = expit(-m)
-    value = lam * rho + float(w @ (softplus(-m) + mu * softplus((m - t) / mu)))
+    # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
+    # outside the window
+    value = lam * rho + float(w @ (softplus(-m) + np.maximum(m - t, 0.0))) + mu * float(
+        w[i] @ np.log1p(np.exp(-np.abs(m[i] - t) / mu)))
     grad = (w * (p - s)) @ a
-    curv = p * (1.0 - p) / mu
+    wc = w[i] * p[i] * (1.0 - p[i]) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * float(w @ p)
     clamped = not (lam > b or dn == 0.0)
     if clamped:  # lambda = b(delta): chain rule through b = beta ||delta||
         grad = grad + g_l * beta * delta / dn
 
     def hess():
-        h = weighted_hess(at, w * (s * (1.0 - s) + curv))
-        g_dl = -kappa * (w * curv) @ a
-        g_ll = kappa**2 * float(w @ curv)
+        ai = a[i]
+        bi = ai * np.sqrt(wc)[:, None]
+        h = weighted_hess(at, w * s * (1.0 - s)) + bi.T @ bi
+        g_dl = -kappa * (wc @ ai)
+        g_ll = kappa**2 * float(wc.sum())
         if not clamped:  # lambda interior: Schur complement
             return h - np.outer(g_dl, g_dl) / g_ll if g_ll > 0 else h
         u = delta / dn
@@ -559,25 +582,26 @@ def _zero_test(at: Atoms, amb) -> float | None:
     s^2``, the p = 2 flip test (:func:`.wasserstein2.flip_shares`) with radius ``sqrt(4 s rho -
     s^2)`` and price ``4 s kappa``; every candidate ``f`` is checked on ``psi`` itself.
     """
-    if 0.5 * float(np.linalg.norm(at.w @ at.a)) <= amb.rho * at.beta:
+    ea = at.w @ at.a
+    if 0.5 * float(np.linalg.norm(ea)) <= amb.rho * at.beta:
         return 0.0
     if not math.isfinite(amb.kappa):
         return None
     from ..ambiguity import Wasserstein
     from .wasserstein2 import flip_shares
 
-    xh = at.a / at.beta
-    mean = at.w @ xh
+    mean = ea / at.beta  # E xh, without the n x d array xh = a / beta
     norm = float(np.linalg.norm(mean))
     # the dual at e = E xh / ||E xh|| above rho proves delta = 0 not optimal (one pass)
-    if 0.5 * norm - float(at.w @ np.maximum(xh @ mean / norm - amb.kappa, 0.0)) > amb.rho:
+    proj = (at.a @ mean) / (at.beta * norm)
+    if 0.5 * norm - float(at.w @ np.maximum(proj - amb.kappa, 0.0)) > amb.rho:
         return None
     s_top = min(norm, 2.0 * amb.rho)
     for s in s_top * 2.0 ** (-np.arange(_ZERO_S_STEPS) / _ZERO_S_PER_OCTAVE):
         r2 = 4.0 * s * amb.rho - s * s
         f = flip_shares(at, Wasserstein(math.sqrt(r2), p=2, kappa=4.0 * s * amb.kappa))
         if f is not None:
-            g = mean - 2.0 * (f @ xh)
+            g = mean - 2.0 * (f @ at.a) / at.beta
             if 0.5 * float(np.linalg.norm(g)) + amb.kappa * float(f.sum()) <= amb.rho:
                 return 0.0
     return None
