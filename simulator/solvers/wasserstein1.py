@@ -525,12 +525,13 @@ def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, del
 
 
 def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
-    """``(weights, x, y, source)`` of the worst-case atoms with positive ``mass`` (labels
-    flipped if ``flipped``); the caller's arrays themselves (no ``n x d`` gather) when every
-    atom has positive mass."""
-    idx = np.flatnonzero(mass > 0)
-    if idx.size == mass.size:
+    """``(weights, x, y, source)`` of the worst-case atoms at the nominal features with
+    ``mass`` (labels flipped if ``flipped``): every atom, zero masses included, when at least
+    half have positive mass (the caller's ``x`` itself: no ``n x d`` gather, which would
+    cost a copy of the features in time and memory), else those with positive mass."""
+    if 2 * int(np.count_nonzero(mass > 0)) >= mass.size:
         return mass, at.x, 1.0 - at.y if flipped else at.y, np.arange(mass.size)
+    idx = np.flatnonzero(mass > 0)
     return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
 
 
