@@ -80,6 +80,8 @@ _BISECT_WIDTH = 16.0
 #: Atoms of the subsample whose weighted quantile is the first guess of the threshold
 #: (its error, about ``n_sub^-1/2`` of the margins' spread, is bracketed in a few tries).
 _QUANTILE_ATOMS = 10_000
+#: Atoms beyond twice the expected count that :func:`_top_margins` partitions off first.
+_TOP_SLACK = 64
 #: Brent's iteration budget (it needs about 50 at double precision).
 _BRENT_ITERS = 500
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
@@ -115,12 +117,13 @@ _STAGE_TOL = 1e-3
 @dataclass(frozen=True, eq=False)
 class W1SmoothState:
     """Warm start of the smoothed problem: ``lambda`` and the flip shares ``q`` at the
-    last point, ``q = w sigmoid((m - lambda kappa) / mu)``, and the homotopy's
-    :class:`_LogisticHessian`."""
+    last point, ``q = w sigmoid((m - lambda kappa) / mu)``, the homotopy's
+    :class:`_LogisticHessian` and ``E_P l`` there."""
 
     lam: float
     q: np.ndarray
     hess: _LogisticHessian | None = None
+    loss: float | None = None
 
 
 class _LogisticHessian:
@@ -277,7 +280,8 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     s = expit(-m)
     # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
     # outside the window
-    value = lam * rho + float(w @ (softplus(-m) + np.maximum(m - t, 0.0))) + mu * float(
+    loss = float(w @ softplus(-m))
+    value = lam * rho + loss + float(w @ np.maximum(m - t, 0.0)) + mu * float(
         w[i] @ np.log1p(np.exp(-np.abs(m[i] - t) / mu)))
     grad = (w * (p - s)) @ a
     wc = w[i] * p[i] * (1.0 - p[i]) / mu  # w p (1 - p) / mu: 0 outside the window
@@ -299,11 +303,12 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         return (h + np.outer(g_dl, db) + np.outer(db, g_dl) + g_ll * np.outer(db, db)
                 + g_l * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, w * p, cache))
+    return InnerResult(value, lam, grad, hess, None,
+                       W1SmoothState(lam, w * p, cache, loss))
 
 
 def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
-                  kappa: float) -> float:
+                  kappa: float, loss: float | None = None) -> float:
     """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify.
 
     With ``t = lam kappa >= kappa b`` the threshold of the smoothed shares ``q``,
@@ -311,11 +316,13 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: 
     is feasible in the dual of ``F``). ``delta`` is stationary for ``L_q``, so
     ``L_q(delta)`` is ``min L_q`` to second order; the estimate is the smaller of that
     bound and ``log 2 - L_q(delta)`` (the candidate ``delta = 0``, where ``F = log 2``),
-    relative to ``max(1, F)``.
+    relative to ``max(1, F)``. ``loss`` is ``E_P l`` at ``delta`` if known
+    (``W1SmoothState.loss``).
     """
     m = at.a @ delta
     x = m - lam * kappa
-    lagrangian = float(at.w @ softplus(-m) + q @ m) + (
+    loss = float(at.w @ softplus(-m)) if loss is None else loss
+    lagrangian = loss + float(q @ m) + (
         (rho - kappa * float(q.sum())) * at.beta * float(np.linalg.norm(delta)))
     gap = min(float(at.w @ np.maximum(x, 0.0) - q @ x), math.log(2.0) - lagrangian)
     return gap / max(1.0, lagrangian)
@@ -535,6 +542,24 @@ def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
     return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
 
 
+def _top_margins(m: np.ndarray, w: np.ndarray, cand: np.ndarray, rho: float,
+                 kappa: float) -> np.ndarray:
+    """The candidates ``cand`` by decreasing margin, only as many as carry a mass ``f``
+    with ``kappa f > rho`` (all of them if they carry less): the largest ``k`` by a
+    partition (``O(n)``), ``k`` from the mean weight and grown 4-fold until enough, then
+    sorted."""
+    mc = -m[cand]
+    k = min(cand.size, int(2.0 * (rho / kappa) * cand.size
+                           / max(float(w[cand].sum()), 1e-300)) + _TOP_SLACK)
+    while k < cand.size:
+        top = cand[np.argpartition(mc, k)[:k]]
+        top = top[np.argsort(-m[top], kind="stable")]
+        if kappa * np.cumsum(w[top])[-1] > rho:
+            return top
+        k *= 4
+    return cand[np.argsort(mc, kind="stable")]
+
+
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     dn = float(np.linalg.norm(delta))
@@ -544,9 +569,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         lam, mu = b, rho
         value = float(w @ l) + rho * b
     else:
-        # only atoms with m > b kappa can be flipped: sort those (by decreasing margin)
-        cand = np.flatnonzero(m > b * kappa)
-        order = cand[np.argsort(-m[cand], kind="stable")]
+        # only atoms with m > b kappa can be flipped: the largest of those, sorted
+        order = _top_margins(m, w, np.flatnonzero(m > b * kappa), rho, kappa)
         cum = np.cumsum(w[order])
         j = int(np.searchsorted(kappa * cum, rho, side="right"))  # atoms fully affordable
         v_q = max(0.0, float(m[order[j]])) if j < order.size else 0.0
@@ -664,12 +688,17 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     (``nu ||delta'|| >= nu u . delta'``), equal to it there, whose minimum
     :func:`~.core.logistic_gap` bounds.
     """
-    objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
+    lagrangian, last = w1_lagrangian(at, q, amb.rho, amb.kappa), {}
+
+    def objective(d, state):
+        last["delta"], last["res"] = d, lagrangian(d, state)
+        return last["res"]
+
     try:
         delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
     except Stalled as exc:  # rounding-level stall: still a valid point to bound from
         delta = exc.delta
-    res = objective(delta, None)
+    res = last["res"] if last.get("delta") is delta else lagrangian(delta, None)
     dn = float(np.linalg.norm(delta))
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
@@ -685,8 +714,8 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
              max_iter: int) -> _Certified:
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
-    upper = _evaluate(at, delta, at.a @ delta, softplus(-(at.a @ delta)), amb, False, False,
-                      None).value
+    m = at.a @ delta
+    upper = _evaluate(at, delta, m, softplus(-m), amb, False, False, None).value
     if upper > math.log(2.0):
         upper, delta = math.log(2.0), np.zeros_like(delta)
     lower = lower_bound(at, amb, delta, q, tol, max_iter)
@@ -723,7 +752,8 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
             cert = _certify(at, amb, face.delta, face.q, tol, max_iter)
             if cert.gap <= GAP_TOL:
                 return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
-        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa) <= 0.5 * GAP_TOL:
+        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
+                         state.loss) <= 0.5 * GAP_TOL:
             cert = _certify(at, amb, delta, q, tol, max_iter)
             if cert.gap <= GAP_TOL:
                 return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
