@@ -118,16 +118,29 @@ _STAGE_TOL = 1e-3
 class W1SmoothState:
     """Warm start of the smoothed problem: ``lambda`` and the flip shares ``q`` at the
     last point, ``q = w sigmoid((m - lambda kappa) / mu)``, the homotopy's
-    :class:`_LogisticHessian` and ``E_P l`` there."""
+    :class:`_Logistic` and ``E_P l`` there."""
 
     lam: float
     q: np.ndarray
-    hess: _LogisticHessian | None = None
+    hess: _Logistic | None = None
     loss: float | None = None
 
 
-class _LogisticHessian:
-    """``H(m) = sum_i w_i s_i (1 - s_i) a_i a_i^T`` (``s = sigmoid(-m)``), rebuilt only when
+class _LogisticPoint(NamedTuple):
+    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, gradient."""
+
+    delta: np.ndarray
+    m: np.ndarray
+    l: np.ndarray
+    s: np.ndarray
+    value: float
+    grad: np.ndarray
+
+
+class _Logistic:
+    """``E_P l`` for one homotopy: the last point evaluated (:meth:`point`: the face
+    polish, its rounds and the certificate evaluate the same ``delta`` again), and the
+    Hessian ``H(m) = sum_i w_i s_i (1 - s_i) a_i a_i^T`` (:meth:`hess`), rebuilt only when
     the margins have moved by more than ``_HESS_REUSE`` since it was last built: a Newton
     direction within 1e-4 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``
     (values, gradients and certificates never use it)."""
@@ -135,12 +148,27 @@ class _LogisticHessian:
     def __init__(self) -> None:
         self.m: np.ndarray | None = None
         self.h: np.ndarray | None = None
+        self.last: _LogisticPoint | None = None
 
-    def __call__(self, at: Atoms, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    def hess(self, at: Atoms, m: np.ndarray, s: np.ndarray) -> np.ndarray:
         if (self.m is None or self.m.shape != m.shape
                 or not float(np.max(np.abs(m - self.m))) <= _HESS_REUSE):
             self.m, self.h = m, weighted_hess(at, at.w * s * (1.0 - s))
         return self.h
+
+    def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
+        last = self.last
+        if (last is None or last.m.shape != at.w.shape
+                or not np.array_equal(last.delta, delta)):
+            self.last = last = _logistic_point(at, delta)
+        return last
+
+
+def _logistic_point(at: Atoms, delta: np.ndarray) -> _LogisticPoint:
+    m = at.a @ delta
+    l = softplus(-m)
+    s = _sigmoid_neg(l)
+    return _LogisticPoint(delta.copy(), m, l, s, float(at.w @ l), -(at.w * s) @ at.a)
 
 
 class _Face(NamedTuple):
@@ -279,7 +307,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     dn = float(np.linalg.norm(delta))
     b = beta * dn
     t0 = None if state is None else state.lam
-    cache = _LogisticHessian() if state is None or state.hess is None else state.hess
+    cache = _Logistic() if state is None or state.hess is None else state.hess
     t, p, i = _flip_threshold(m, w, b * kappa, rho / kappa, mu,
                               None if t0 is None else t0 * kappa)
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
@@ -300,7 +328,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     def hess():
         ai = a[i]
         bi = ai * np.sqrt(wc)[:, None]
-        h = cache(at, m, s) + bi.T @ bi
+        h = cache.hess(at, m, s) + bi.T @ bi
         g_dl = -kappa * (wc @ ai)
         g_ll = kappa**2 * float(wc.sum())
         if not clamped:  # lambda interior: Schur complement
@@ -336,38 +364,40 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: 
 
 
 def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float,
-                cache: _LogisticHessian | None = None) -> InnerResult:
+                cache: _Logistic | None = None) -> InnerResult:
     """``E_P l + qa . delta + nu ||delta||`` with its gradient and (lazy) Hessian.
 
     ``L_q`` of :func:`w1_lagrangian` with ``qa = q . a`` and ``nu = (rho - kappa sum q)
     beta``; also the stationarity part of the face system of :func:`_solve_face`. The
-    Hessian of ``E_P l`` comes from ``cache`` when given (:class:`_LogisticHessian`).
+    terms of ``E_P l`` come from ``cache`` when given (:class:`_Logistic`).
     """
-    m = at.a @ delta
+    pt = _logistic_point(at, delta) if cache is None else cache.point(at, delta)
     dn = float(np.linalg.norm(delta))
-    l = softplus(-m)
-    s = _sigmoid_neg(l)
     u = delta / dn if dn > 0 else np.zeros_like(delta)
 
     def hess():
-        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache(at, m, s)
+        s = pt.s
+        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache.hess(
+            at, pt.m, s)
         if dn > 0:
             h = h + (nu / dn) * (np.eye(delta.size) - np.outer(u, u))
         return h
 
-    value = float(at.w @ l) + float(qa @ delta) + nu * dn
-    return InnerResult(value, None, -(at.w * s) @ at.a + qa + nu * u, hess, None)
+    value = pt.value + float(qa @ delta) + nu * dn
+    return InnerResult(value, None, pt.grad + qa + nu * u, hess, None)
 
 
-def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float):
+def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float,
+                  cache: _Logistic | None = None):
     """``L_q(delta) = E_P l + q . m + (rho - kappa sum q) beta ||delta||`` for ``q`` in ``Q``.
 
     ``q`` is scaled down if rounding left ``kappa sum q`` above ``rho``. Returns a function
     ``(delta, state) -> InnerResult`` (value, gradient, Hessian) for Newton's method; its
-    minimum is a lower bound on ``min_delta F`` (see the module docstring).
+    minimum is a lower bound on ``min_delta F`` (see the module docstring). ``cache``: as
+    for :func:`_lagrangian`.
     """
     qa, nu = _lagrangian_terms(at, q, rho, kappa)
-    return lambda delta, state: _lagrangian(at, delta, qa, nu)
+    return lambda delta, state: _lagrangian(at, delta, qa, nu, cache)
 
 
 def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
@@ -380,7 +410,7 @@ def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
 
 def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
                 r0: np.ndarray, full: np.ndarray, clamped: bool, rho: float, kappa: float,
-                tol: float, max_iter: int, cache: _LogisticHessian | None = None):
+                tol: float, max_iter: int, cache: _Logistic | None = None):
     """Newton's method on the optimality system of ``min F`` on one face (see polish_face).
 
     ``tied`` holds one representative atom per group of identical atoms, ``big_w`` the
@@ -433,7 +463,7 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
 
 def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
                 kappa: float, tol: float, rounds: int = 4, max_iter: int = 10,
-                cache: _LogisticHessian | None = None):
+                cache: _Logistic | None = None):
     """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to.
 
     Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are taken to tie at
@@ -453,9 +483,10 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     times at most). Returns the face's ``delta`` with the exact shares ``q``, or ``None``
     (more groups than unknowns, or Newton stalled). The caller certifies the answer by
     the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
-    homotopy's :class:`_LogisticHessian`) supplies the Hessian of ``E_P l``.
+    homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
     w, a, beta, d = at.w, at.a, at.beta, delta.size
+    cache = _Logistic() if cache is None else cache
     share = np.divide(q, w, out=np.zeros_like(q), where=w > 0)
     tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
     full = share >= 1.0 - _FACE_SHARE
@@ -476,7 +507,7 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
         if out is None:
             return None
         delta, t, r = out.delta, out.t, out.r
-        m = at.a @ delta
+        m = cache.point(at, delta).m
         eps = _FACE_ROUND * max(1.0, abs(t))
         r_atoms = r[inverse]
         below, above = r_atoms < -_FACE_ROUND, r_atoms > 1.0 + _FACE_ROUND
@@ -687,26 +718,22 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
 
 
 def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
-                max_iter: int) -> float:
+                max_iter: int, cache: _Logistic | None = None) -> float:
     """A certified lower bound on ``min_delta L_q(delta)``, hence on ``min F``
     (:func:`w1_lagrangian`).
 
     Newton from ``delta`` (where ``L_q`` is nearly stationary); at its last point ``L_q``
     is bounded below by the logistic loss plus the linear term ``(q . a + nu u) . delta'``
     (``nu ||delta'|| >= nu u . delta'``), equal to it there, whose minimum
-    :func:`~.core.logistic_gap` bounds.
+    :func:`~.core.logistic_gap` bounds. ``cache``: the homotopy's :class:`_Logistic`.
     """
-    lagrangian, last = w1_lagrangian(at, q, amb.rho, amb.kappa), {}
-
-    def objective(d, state):
-        last["delta"], last["res"] = d, lagrangian(d, state)
-        return last["res"]
-
+    objective = w1_lagrangian(at, q, amb.rho, amb.kappa,
+                              _Logistic() if cache is None else cache)
     try:
         delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
     except Stalled as exc:  # rounding-level stall: still a valid point to bound from
         delta = exc.delta
-    res = last["res"] if last.get("delta") is delta else lagrangian(delta, None)
+    res = objective(delta, None)  # Newton's last evaluation when delta is its last point
     dn = float(np.linalg.norm(delta))
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
@@ -719,14 +746,14 @@ class _Certified(NamedTuple):
 
 
 def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
-             max_iter: int) -> _Certified:
+             max_iter: int, cache: _Logistic) -> _Certified:
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
-    m = at.a @ delta
-    upper = _evaluate(at, delta, m, softplus(-m), amb, False, False, None).value
+    pt = cache.point(at, delta)
+    upper = _evaluate(at, delta, pt.m, pt.l, amb, False, False, None).value
     if upper > math.log(2.0):
         upper, delta = math.log(2.0), np.zeros_like(delta)
-    lower = lower_bound(at, amb, delta, q, tol, max_iter)
+    lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
     return _Certified(max(upper - lower, 0.0) / max(1.0, abs(upper)), delta)
 
 
@@ -757,15 +784,15 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
             continue
         face = polish_face(at, delta, q, state.lam, amb.rho, amb.kappa, tol, cache=state.hess)
         if face is not None:
-            cert = _certify(at, amb, face.delta, face.q, tol, max_iter)
+            cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
         if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
                          state.loss) <= 0.5 * GAP_TOL:
-            cert = _certify(at, amb, delta, q, tol, max_iter)
+            cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
-    cert = _certify(at, amb, delta, q, tol, max_iter)
+    cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
