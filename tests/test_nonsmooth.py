@@ -73,6 +73,29 @@ def test_w1_face_polish_equals_the_plain_homotopy(seed, monkeypatch, gaussian_da
     assert sol.value <= plain.value + 1e-13
 
 
+def test_w1_face_polish_starts_from_the_atoms_nearest_the_threshold(monkeypatch,
+                                                                    gaussian_data):
+    """A window of 11 atoms (a face ties at most d + 1 = 5): started from those nearest the
+    threshold, the polish finds the exact face (certified gap 0, the solver's minimiser);
+    without that start it gives up."""
+    data = gaussian_data(20_000, seed=3)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    at, mu = Atoms.from_data(data, 1.0), 5e-4
+    run = core.newton(lambda d, st: wasserstein1.smoothed_w1(at, d, amb.rho, amb.kappa, mu, st),
+                      dual._start(at), 1e-3 * mu, 100, "test")
+    share = run.state.q / at.w
+    assert 5 < np.count_nonzero((share > 1e-3) & (share < 1 - 1e-3)) <= 4 * 5
+    face = wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+                                    amb.kappa, 1e-10)
+    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+                                 wasserstein1._Logistic())
+    assert cert.gap <= 1e-13
+    np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
+    monkeypatch.setattr(wasserstein1, "_FACE_TRIM", 1)
+    assert wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+                                    amb.kappa, 1e-10) is None
+
+
 def test_w1_certificate_bounds_every_perturbation(gaussian_data):
     data = gaussian_data(500, seed=7)
     amb = sim.Wasserstein(0.08, p=1, kappa=0.9)

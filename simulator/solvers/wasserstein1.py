@@ -87,6 +87,10 @@ _BRENT_ITERS = 500
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
 #: threshold (outside it the share is within 1e-3 of 0 or 1: ``mu`` resolves the face).
 _FACE_SHARE = 1e-3
+#: With up to this many times as many atoms in the window as a face can tie, the face
+#: polish starts from the atoms nearest the threshold (more: the smoothing has not yet
+#: resolved the face).
+_FACE_TRIM = 4
 #: Rounding allowance of the face's shares and threshold (relative).
 _FACE_ROUND = 1e-12
 #: Smallest backtracking step of the face Newton before it gives up.
@@ -468,7 +472,10 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
 
     Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are taken to tie at
     the flip threshold ``t`` (identical atoms merged into groups ``j`` of weight ``W_j``);
-    the rest keep share 1 or 0. Newton's method then solves the optimality system of
+    the rest keep share 1 or 0. A face ties at most ``d + 1`` atoms (``d`` if ``lambda =
+    b``); with more in the window (up to ``_FACE_TRIM`` times as many) the polish starts
+    from half that many, those nearest the threshold (shares nearest 1/2), the others on
+    their side of it. Newton's method then solves the optimality system of
     ``min F`` on that face, unknowns ``delta``, the groups' shares ``r_j`` and (when
     ``lambda > b``) ``t``:
 
@@ -492,6 +499,14 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     full = share >= 1.0 - _FACE_SHARE
     clamped = lam <= beta * float(np.linalg.norm(delta))
     t = lam * kappa
+    idx = np.flatnonzero(tied_mask)
+    limit = d + (0 if clamped else 1)
+    if limit < idx.size <= _FACE_TRIM * limit:
+        # too many atoms in the window for one face: start from those nearest the threshold
+        # (shares nearest 1/2), the others on their side of it; the rounds below move atoms
+        out = idx[np.argsort(np.abs(share[idx] - 0.5), kind="stable")[limit // 2:]]
+        tied_mask[out] = False
+        full[out] = share[out] >= 0.5
     for _ in range(rounds):
         idx = np.flatnonzero(tied_mask)
         if idx.size == 0:
