@@ -307,22 +307,21 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     shares ``q = w sigmoid((m - lambda kappa) / mu)``.
     """
     w, a, beta = at.w, at.a, at.beta
-    m = a @ delta
+    cache = _Logistic() if state is None or state.hess is None else state.hess
+    pt = cache.point(at, delta)  # E_P l: the last stage's last point starts the next stage
+    m, s = pt.m, pt.s
     dn = float(np.linalg.norm(delta))
     b = beta * dn
     t0 = None if state is None else state.lam
-    cache = _Logistic() if state is None or state.hess is None else state.hess
     t, p, i = _flip_threshold(m, w, b * kappa, rho / kappa, mu,
                               None if t0 is None else t0 * kappa)
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
-    l = softplus(-m)
-    s = _sigmoid_neg(l)
     # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
     # outside the window
-    loss = float(w @ l)
+    loss = pt.value
     value = lam * rho + loss + float(w @ np.maximum(m - t, 0.0)) + mu * float(
         w[i] @ np.log1p(np.exp(-np.abs(m[i] - t) / mu)))
-    grad = (w * (p - s)) @ a
+    grad = pt.grad + (w * p) @ a
     wc = w[i] * p[i] * (1.0 - p[i]) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * float(w @ p)
     clamped = not (lam > b or dn == 0.0)
