@@ -121,13 +121,12 @@ _STAGE_TOL = 1e-3
 @dataclass(frozen=True, eq=False)
 class W1SmoothState:
     """Warm start of the smoothed problem: ``lambda`` and the flip shares ``q`` at the
-    last point, ``q = w sigmoid((m - lambda kappa) / mu)``, the homotopy's
-    :class:`_Logistic` and ``E_P l`` there."""
+    last point, ``q = w sigmoid((m - lambda kappa) / mu)``, and the homotopy's
+    :class:`_Logistic`."""
 
     lam: float
     q: np.ndarray
     hess: _Logistic | None = None
-    loss: float | None = None
 
 
 class _LogisticPoint(NamedTuple):
@@ -318,8 +317,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
     # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
     # outside the window
-    loss = pt.value
-    value = lam * rho + loss + float(w @ np.maximum(m - t, 0.0)) + mu * float(
+    value = lam * rho + pt.value + float(w @ np.maximum(m - t, 0.0)) + mu * float(
         w[i] @ np.log1p(np.exp(-np.abs(m[i] - t) / mu)))
     grad = pt.grad + (w * p) @ a
     wc = w[i] * p[i] * (1.0 - p[i]) / mu  # w p (1 - p) / mu: 0 outside the window
@@ -341,12 +339,11 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         return (h + np.outer(g_dl, db) + np.outer(db, g_dl) + g_ll * np.outer(db, db)
                 + g_l * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return InnerResult(value, lam, grad, hess, None,
-                       W1SmoothState(lam, w * p, cache, loss))
+    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, w * p, cache))
 
 
 def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
-                  kappa: float, loss: float | None = None) -> float:
+                  kappa: float, point: _LogisticPoint | None = None) -> float:
     """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify.
 
     With ``t = lam kappa >= kappa b`` the threshold of the smoothed shares ``q``,
@@ -354,13 +351,13 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: 
     is feasible in the dual of ``F``). ``delta`` is stationary for ``L_q``, so
     ``L_q(delta)`` is ``min L_q`` to second order; the estimate is the smaller of that
     bound and ``log 2 - L_q(delta)`` (the candidate ``delta = 0``, where ``F = log 2``),
-    relative to ``max(1, F)``. ``loss`` is ``E_P l`` at ``delta`` if known
-    (``W1SmoothState.loss``).
+    relative to ``max(1, F)``. ``point``: ``E_P l`` at ``delta`` if known (the homotopy's
+    :class:`_Logistic`).
     """
-    m = at.a @ delta
+    point = _logistic_point(at, delta) if point is None else point
+    m = point.m
     x = m - lam * kappa
-    loss = float(at.w @ softplus(-m)) if loss is None else loss
-    lagrangian = loss + float(q @ m) + (
+    lagrangian = point.value + float(q @ m) + (
         (rho - kappa * float(q.sum())) * at.beta * float(np.linalg.norm(delta)))
     gap = min(float(at.w @ np.maximum(x, 0.0) - q @ x), math.log(2.0) - lagrangian)
     return gap / max(1.0, lagrangian)
@@ -802,7 +799,7 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
             if cert.gap <= GAP_TOL:
                 return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
         if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
-                         state.loss) <= 0.5 * GAP_TOL:
+                         state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
             cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
