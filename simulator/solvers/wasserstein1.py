@@ -62,8 +62,8 @@ from .core import (
 )
 from .result import WorstCase
 
-__all__ = ["METHODS", "W1SmoothState", "lower_bound", "minimise", "polish_face", "smoothed_w1",
-           "smoothing_gap", "w1_lagrangian"]
+__all__ = ["METHODS", "W1SmoothState", "W1Threshold", "lower_bound", "minimise", "polish_face",
+           "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
 
 #: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``):
 #: ten times the rounding of an ``n``-term sum.
@@ -127,6 +127,20 @@ class W1SmoothState:
     lam: float
     q: np.ndarray
     hess: _Logistic | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class W1Threshold:
+    """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
+    cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
+    certified ``delta`` reuses it instead of partitioning the margins again."""
+
+    delta: np.ndarray
+    k: int
+
+    def transfer(self) -> None:
+        """Nothing starts another problem (the threshold is that of these atoms)."""
+        return None
 
 
 class _LogisticPoint(NamedTuple):
@@ -619,11 +633,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         lam, mu = b, rho
         value = float(w @ l) + rho * b
     else:
-        # only atoms with m > b kappa can be flipped: the largest of those, sorted
-        order = _top_margins(m, w, np.flatnonzero(m > b * kappa), rho, kappa)
-        cum = np.cumsum(w[order])
-        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # atoms fully affordable
-        v_q = max(0.0, float(m[order[j]])) if j < order.size else 0.0
+        if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
+            k = state.k  # the certificate's evaluation at this delta
+        else:
+            # only atoms with m > b kappa can be flipped: the largest of those, sorted
+            order = _top_margins(m, w, np.flatnonzero(m > b * kappa), rho, kappa)
+            cum = np.cumsum(w[order])
+            j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
+            k = int(order[j]) if j < order.size else -1
+        v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
         lam = max(b, v_q / kappa)
         thr = v_q if v_q / kappa > b else lam * kappa
         full = m > thr
@@ -662,7 +680,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         parts = [part for part in parts if part[0].size]
         wc = WorstCase(*(np.concatenate([part[j] for part in parts]) for j in range(4)),
                        float(cost), float(rho))
-    return InnerResult(float(value), float(lam), grad, h if hess else None, wc)
+    return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
+                       None if math.isinf(kappa) else W1Threshold(delta.copy(), k))
 
 
 #: Values of ``s`` tried by the finite-kappa zero test: geometric with ratio ``2^(1/8)``
@@ -754,6 +773,7 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
 class _Certified(NamedTuple):
     gap: float
     delta: np.ndarray
+    state: W1Threshold | None
 
 
 def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
@@ -761,11 +781,12 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
     pt = cache.point(at, delta)
-    upper = _evaluate(at, delta, pt.m, pt.l, amb, False, False, None).value
+    res = _evaluate(at, delta, pt.m, pt.l, amb, False, False, None)
+    upper, state = res.value, res.state
     if upper > math.log(2.0):
-        upper, delta = math.log(2.0), np.zeros_like(delta)
+        upper, delta, state = math.log(2.0), np.zeros_like(delta), None
     lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
-    return _Certified(max(upper - lower, 0.0) / max(1.0, abs(upper)), delta)
+    return _Certified(max(upper - lower, 0.0) / max(1.0, abs(upper)), delta, state)
 
 
 def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
@@ -797,18 +818,18 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
         if face is not None:
             cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
         if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
                          state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
             cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
     cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
                            "homotopy")
-    return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+    return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
