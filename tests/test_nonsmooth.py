@@ -96,6 +96,19 @@ def test_w1_face_polish_starts_from_the_atoms_nearest_the_threshold(monkeypatch,
                                     amb.kappa, 1e-10) is None
 
 
+def test_w1_final_evaluation_reusing_the_threshold_is_the_exact_one(gaussian_data):
+    """The solve's last evaluation takes the flip threshold of the certificate's: the same
+    value, dual and worst case as a fresh exact evaluation at its theta."""
+    data = gaussian_data(3000, seed=2)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    sol = sim.solve(data, amb)
+    ev = sim.robust_objective(sol.theta, data, amb)
+    assert sol.value == pytest.approx(ev.value, rel=1e-14)
+    assert sol.dual == pytest.approx(ev.dual, rel=1e-12)
+    assert sol.primal_value == pytest.approx(ev.primal_value, rel=1e-13)
+    assert sol.info["transport_cost"] == pytest.approx(ev.worst_case.transport_cost, rel=1e-12)
+
+
 def test_w1_certificate_bounds_every_perturbation(gaussian_data):
     data = gaussian_data(500, seed=7)
     amb = sim.Wasserstein(0.08, p=1, kappa=0.9)
