@@ -138,6 +138,32 @@ def test_w1_finite_kappa_against_breakpoints(kappa, rho):
                                atol=1e-15)
 
 
+@pytest.mark.parametrize(("tilt", "kappa", "rho"), [(0.0, 0.3, 0.05), (0.0, 0.2, 0.05),
+                                                     (4.0, 0.2, 2e-5), (4.0, 0.2, 8e-5)])
+def test_w1_finite_kappa_against_all_breakpoints_many_atoms(tilt, kappa, rho):
+    """Every breakpoint of the piecewise-linear dual at once (one sort, cumulative sums),
+    at sizes where the evaluation partitions off the largest margins; ``tilt`` puts little
+    weight on the large margins, so that the first partition carries too little mass
+    (grown 4-fold: to part of the candidates, and to all of them)."""
+    data, theta, ref = _problem(6, n=20_000)
+    l, m = _losses(data, theta, ref)
+    w = np.exp(-tilt * m)
+    w /= w.sum()
+    data = sim.PreferenceData(data.x, data.y, w)
+    b = BETA * np.linalg.norm(theta - ref)
+    order = np.argsort(-m)
+    ms, cw, cwm = m[order], np.cumsum(w[order]), np.cumsum(w[order] * m[order])
+    lam = np.concatenate([[b], ms[ms / kappa > b] / kappa])
+    # sum_i w_i (m_i - lam kappa)_+ over the margins above lam kappa, for every lam
+    above = np.searchsorted(-ms, -lam * kappa, side="left")
+    idx = np.maximum(above - 1, 0)
+    tail = np.where(above > 0, cwm[idx] - lam * kappa * cw[idx], 0.0)
+    expected = float(np.min(lam * rho + tail)) + float(w @ l)
+    ev = sim.robust_objective(theta, data, sim.Wasserstein(rho, p=1, kappa=kappa), BETA, ref)
+    assert ev.value == pytest.approx(expected, rel=1e-13)
+    assert ev.gap < 1e-12 and ev.worst_case.transport_cost <= rho * (1 + 1e-12)
+
+
 def test_best_move_is_global_against_dense_grid():
     rng = np.random.default_rng(6)
     m = rng.normal(0, 5, 120)

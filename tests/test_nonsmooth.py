@@ -30,7 +30,7 @@ def test_flip_threshold_matches_brentq(mu, t0):
     w = rng.random(m.size)
     w /= w.sum()
     c = 0.05
-    t, p = _flip_threshold(m, w, -0.5, c, mu, t0)
+    t, p, _ = _flip_threshold(m, w, -0.5, c, mu, t0)
     assert abs(float(w @ p) - c) <= 1e-15  # the budget is met to rounding
     excess = lambda s: float(w @ expit((m - s) / mu)) - c  # noqa: E731
     # the mass is flat between atoms at small mu: compare the masses, not the roots
@@ -38,7 +38,7 @@ def test_flip_threshold_matches_brentq(mu, t0):
     lo, hi = sorted((t, root))
     assert excess(lo - 1e-9) >= -1e-15 and excess(hi + 1e-9) <= 1e-15
     # threshold at t_min when the budget is not all flipped there
-    t, p = _flip_threshold(m, w, 2.5, c, mu, t0)
+    t, p, _ = _flip_threshold(m, w, 2.5, c, mu, t0)
     assert t == 2.5 and float(w @ p) <= c
 
 
@@ -71,6 +71,42 @@ def test_w1_face_polish_equals_the_plain_homotopy(seed, monkeypatch, gaussian_da
     plain = sim.solve(data, amb)
     np.testing.assert_allclose(sol.theta, plain.theta, atol=1e-8)
     assert sol.value <= plain.value + 1e-13
+
+
+def test_w1_face_polish_starts_from_the_atoms_nearest_the_threshold(monkeypatch,
+                                                                    gaussian_data):
+    """A window of 11 atoms (a face ties at most d + 1 = 5): started from those nearest the
+    threshold, the polish finds the exact face (certified gap 0, the solver's minimiser);
+    without that start it gives up."""
+    data = gaussian_data(20_000, seed=3)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    at, mu = Atoms.from_data(data, 1.0), 5e-4
+    run = core.newton(lambda d, st: wasserstein1.smoothed_w1(at, d, amb.rho, amb.kappa, mu, st),
+                      dual._start(at), 1e-3 * mu, 100, "test")
+    share = run.state.q / at.w
+    assert 5 < np.count_nonzero((share > 1e-3) & (share < 1 - 1e-3)) <= 4 * 5
+    face = wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+                                    amb.kappa, 1e-10)
+    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+                                 wasserstein1._Logistic())
+    assert cert.gap <= 1e-13
+    np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
+    monkeypatch.setattr(wasserstein1, "_FACE_TRIM", 1)
+    assert wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+                                    amb.kappa, 1e-10) is None
+
+
+def test_w1_final_evaluation_reusing_the_threshold_is_the_exact_one(gaussian_data):
+    """The solve's last evaluation takes the flip threshold of the certificate's: the same
+    value, dual and worst case as a fresh exact evaluation at its theta."""
+    data = gaussian_data(3000, seed=2)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    sol = sim.solve(data, amb)
+    ev = sim.robust_objective(sol.theta, data, amb)
+    assert sol.value == pytest.approx(ev.value, rel=1e-14)
+    assert sol.dual == pytest.approx(ev.dual, rel=1e-12)
+    assert sol.primal_value == pytest.approx(ev.primal_value, rel=1e-13)
+    assert sol.info["transport_cost"] == pytest.approx(ev.worst_case.transport_cost, rel=1e-12)
 
 
 def test_w1_certificate_bounds_every_perturbation(gaussian_data):

@@ -63,8 +63,8 @@ from .core import (
 )
 from .result import WorstCase
 
-__all__ = ["METHODS", "W1SmoothState", "lower_bound", "minimise", "polish_face", "smoothed_w1",
-           "smoothing_gap", "w1_lagrangian"]
+__all__ = ["METHODS", "W1SmoothState", "W1Threshold", "lower_bound", "minimise", "polish_face",
+           "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
 
 #: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``):
 #: ten times the rounding of an ``n``-term sum.
@@ -78,15 +78,30 @@ _BRACKET_GROWTH = 4.0
 #: than Brent's bookkeeping) and it is wider than ``_BISECT_WIDTH mu``.
 _BISECT_ATOMS = 4096
 _BISECT_WIDTH = 16.0
+#: Atoms of the subsample whose weighted quantile is the first guess of the threshold
+#: (its error, about ``n_sub^-1/2`` of the margins' spread, is bracketed in a few tries).
+_QUANTILE_ATOMS = 10_000
+#: Atoms beyond twice the expected count that :func:`_top_margins` partitions off first.
+_TOP_SLACK = 64
 #: Brent's iteration budget (it needs about 50 at double precision).
 _BRENT_ITERS = 500
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
 #: threshold (outside it the share is within 1e-3 of 0 or 1: ``mu`` resolves the face).
 _FACE_SHARE = 1e-3
+#: With up to this many times as many atoms in the window as a face can tie, the face
+#: polish starts from the atoms nearest the threshold (more: the smoothing has not yet
+#: resolved the face).
+_FACE_TRIM = 4
 #: Rounding allowance of the face's shares and threshold (relative).
 _FACE_ROUND = 1e-12
 #: Smallest backtracking step of the face Newton before it gives up.
 _FACE_MIN_STEP = 1e-6
+
+#: The Hessian of ``E_P l`` built at margins ``m0`` is reused at margins ``m`` with
+#: ``max_i |m_i - m0_i|`` below this: each atom's curvature ``s (1 - s)`` then changes by a
+#: factor within ``exp(+-1e-4)`` (``|l'''| <= l''``), so Newton's steps stay within 1e-4 of
+#: exact ones (the late steps of a stage and a face solve move the margins by less).
+_HESS_REUSE = 1e-4
 
 #: Smoothing parameters of the homotopy.
 MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
@@ -107,10 +122,71 @@ _STAGE_TOL = 1e-3
 @dataclass(frozen=True, eq=False)
 class W1SmoothState:
     """Warm start of the smoothed problem: ``lambda`` and the flip shares ``q`` at the
-    last point, ``q = w sigmoid((m - lambda kappa) / mu)``."""
+    last point, ``q = w sigmoid((m - lambda kappa) / mu)``, and the homotopy's
+    :class:`_Logistic`."""
 
     lam: float
     q: np.ndarray
+    hess: _Logistic | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class W1Threshold:
+    """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
+    cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
+    certified ``delta`` reuses it instead of partitioning the margins again."""
+
+    delta: np.ndarray
+    k: int
+
+    def transfer(self) -> None:
+        """Nothing starts another problem (the threshold is that of these atoms)."""
+        return None
+
+
+class _LogisticPoint(NamedTuple):
+    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, gradient."""
+
+    delta: np.ndarray
+    m: np.ndarray
+    l: np.ndarray
+    s: np.ndarray
+    value: float
+    grad: np.ndarray
+
+
+class _Logistic:
+    """``E_P l`` for one homotopy: the last point evaluated (:meth:`point`: the face
+    polish, its rounds and the certificate evaluate the same ``delta`` again), and the
+    Hessian ``H(m) = sum_i w_i s_i (1 - s_i) a_i a_i^T`` (:meth:`hess`), rebuilt only when
+    the margins have moved by more than ``_HESS_REUSE`` since it was last built: a Newton
+    direction within 1e-4 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``
+    (values, gradients and certificates never use it)."""
+
+    def __init__(self) -> None:
+        self.m: np.ndarray | None = None
+        self.h: np.ndarray | None = None
+        self.last: _LogisticPoint | None = None
+
+    def hess(self, at: Atoms, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+        if (self.m is None or self.m.shape != m.shape
+                or not float(np.max(np.abs(m - self.m))) <= _HESS_REUSE):
+            self.m, self.h = m, weighted_hess(at, at.w * s * (1.0 - s))
+        return self.h
+
+    def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
+        last = self.last
+        if (last is None or last.m.shape != at.w.shape
+                or not np.array_equal(last.delta, delta)):
+            self.last = last = _logistic_point(at, delta)
+        return last
+
+
+def _logistic_point(at: Atoms, delta: np.ndarray) -> _LogisticPoint:
+    m = at.a @ delta
+    l = softplus(-m)
+    s = _sigmoid_neg(l)
+    return _LogisticPoint(delta.copy(), m, l, s, float(at.w @ l), -(at.w * s) @ at.a)
 
 
 class _Face(NamedTuple):
@@ -139,59 +215,65 @@ class _FarMove:
     cost: float
 
 
+class _Threshold(NamedTuple):
+    """The flip threshold ``t``, the shares ``p_i = sigmoid((m_i - t) / mu)`` and the atoms
+    ``window`` within ``_WINDOW mu`` of ``t`` (a superset; elsewhere ``p`` is 0 or 1)."""
+
+    t: float
+    p: np.ndarray
+    window: np.ndarray
+
+
+def _mass_quantile(m: np.ndarray, w: np.ndarray, c: float) -> float:
+    """Estimate of the ``t`` with ``sum_{m_i > t} w_i = c`` from every ``k``-th atom
+    (``_QUANTILE_ATOMS`` of them): only the first guess of :func:`_flip_threshold`."""
+    k = max(1, m.size // _QUANTILE_ATOMS)
+    ms, ws = m[::k], w[::k]
+    order = np.argsort(-ms)
+    cum = np.cumsum(ws[order]) * (float(w.sum()) / max(float(ws.sum()), 1e-300))
+    return float(ms[order[min(int(np.searchsorted(cum, c)), order.size - 1)]])
+
+
 def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: float,
-                    t0: float | None) -> tuple[float, np.ndarray]:
+                    t0: float | None) -> _Threshold:
     """Threshold ``t >= t_min`` with ``sum_i w_i sigmoid((m_i - t) / mu) = c`` and its shares.
 
-    Returns ``t_min`` if the flipped mass there is already ``<= c``. The decreasing mass
-    is bracketed from the warm start ``t0`` (steps growing 4-fold from ``_WINDOW mu``),
-    the bracket is bisected while it is wide, and Brent's method finishes. Atoms more
-    than ``_WINDOW mu`` outside the bracket have shares fixed at 0 or 1 and are dropped
-    from later passes, so at small ``mu`` (a nearly discontinuous mass) most steps cost
-    little.
+    Returns ``t_min`` if the flipped mass there is already ``<= c``. Atoms more than
+    ``_WINDOW mu`` from an interval ``[lo, hi]`` have shares 0 or 1 there (to 4e-18), so the
+    mass on ``[lo, hi]`` needs only the atoms near it: the interval is centred at the warm
+    start ``t0`` (or an estimate from a subsample of the margins), ``_WINDOW mu`` wide on
+    each side, and moved and widened 4-fold until it brackets the root (each try costs
+    comparisons over the margins, no exponentials). The bracket is then bisected while
+    it is wide, and Brent's method finishes, on the atoms near it alone.
     """
-    sub = {"i": np.arange(m.size), "m": m, "w": w, "base": 0.0}
+    win = _WINDOW * mu
+    center = _mass_quantile(m, w, c) if t0 is None else t0
+    half = win
+    sub = {}
 
     def excess(t: float) -> float:
         return sub["base"] + float(sub["w"] @ expit((sub["m"] - t) / mu)) - c
 
     def restrict(lo: float, hi: float) -> None:
         ms, ws = sub["m"], sub["w"]
-        top = ms >= hi + _WINDOW * mu
-        keep = ~top & (ms > lo - _WINDOW * mu)
+        top = ms >= hi + win
+        keep = ~top & (ms > lo - win)
         sub.update(i=sub["i"][keep], m=ms[keep], w=ws[keep],
                    base=sub["base"] + float(ws[top].sum()))
 
-    lo, hi = t_min, math.inf
-    if t0 is not None and t0 > t_min and not excess(t0) > 0:
-        hi = t0  # the warm start is above the root: step down from it
-        restrict(-math.inf, hi)
-        step, found = _WINDOW * mu, False
-        while not found:
-            t = max(hi - step, t_min)
-            if excess(t) > 0:
-                lo, found = t, True
-            elif t == t_min:  # lambda = b: the budget is not all flipped
-                return t_min, expit((m - t_min) / mu)
-            else:
-                hi = t
-            restrict(lo, hi)
-            step *= _BRACKET_GROWTH
-    else:
-        if t0 is not None and t0 > t_min:
-            lo = t0
-        elif not excess(t_min) > 0:  # lambda = b: the budget is not all flipped
-            return t_min, expit((m - t_min) / mu)
-        restrict(lo, hi)
-        step = _WINDOW * mu
-        while math.isinf(hi):  # step up from lo
-            t = lo + step
-            if excess(t) > 0:
-                lo = t
-            else:
-                hi = t
-            restrict(lo, hi)
-            step *= _BRACKET_GROWTH
+    while True:
+        lo = max(center - half, t_min)
+        hi = max(center + half, lo + win)
+        i = np.flatnonzero((m > lo - win) & (m < hi + win))
+        sub.update(i=i, m=m[i], w=w[i], base=float(w @ (m >= hi + win)))
+        if excess(hi) > 0:  # the root is above hi
+            center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
+        elif excess(lo) > 0:
+            break
+        elif lo == t_min:  # lambda = b: the budget is not all flipped
+            return _Threshold(t_min, _shares(m, t_min, mu, i), i)
+        else:  # the root is below lo
+            center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
     while sub["m"].size > _BISECT_ATOMS and hi - lo > _BISECT_WIDTH * mu:
         t = 0.5 * (lo + hi)
         if excess(t) > 0:
@@ -204,17 +286,31 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
                    maxiter=_BRENT_ITERS)
     else:  # the mass meets c at an end of the bracket to rounding
         t = hi if abs(excess(hi)) <= abs(excess(lo)) else lo
-    p = expit((m - t) / mu)
+    i = sub["i"]
+    p = _shares(m, t, mu, i)
     # t is resolved only to rounding, which at small mu leaves sum w p off by much more:
     # one first-order step in t, applied to p (in the window: elsewhere p(1 - p) < 4e-18),
     # meets the budget to rounding.
-    i = sub["i"]
     pi = p[i]
     dp = pi * (1.0 - pi)
     sens = float(w[i] @ dp)
     if sens > 0:
         p[i] = np.clip(pi + (c - float(w @ p)) * dp / sens, 0.0, 1.0)
-    return t, p
+    return _Threshold(t, p, i)
+
+
+def _shares(m: np.ndarray, t: float, mu: float, window: np.ndarray) -> np.ndarray:
+    """``sigmoid((m - t) / mu)`` on the atoms ``window`` (every atom within ``_WINDOW mu``
+    of ``t``), 0 or 1 elsewhere."""
+    p = (m > t).astype(np.float64)
+    p[window] = expit((m[window] - t) / mu)
+    return p
+
+
+def _sigmoid_neg(l: np.ndarray) -> np.ndarray:
+    """``sigmoid(-m) = 1 - exp(-softplus(-m))`` from the losses ``l = softplus(-m)``:
+    ``-expm1(-l)``, within 2 ulp of ``expit(-m)`` wherever that is normal, and cheaper."""
+    return -np.expm1(-l)
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -225,25 +321,32 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     shares ``q = w sigmoid((m - lambda kappa) / mu)``.
     """
     w, a, beta = at.w, at.a, at.beta
-    m = a @ delta
+    cache = _Logistic() if state is None or state.hess is None else state.hess
+    pt = cache.point(at, delta)  # E_P l: the last stage's last point starts the next stage
+    m, s = pt.m, pt.s
     dn = float(np.linalg.norm(delta))
     b = beta * dn
     t0 = None if state is None else state.lam
-    t, p = _flip_threshold(m, w, b * kappa, rho / kappa, mu, None if t0 is None else t0 * kappa)
+    t, p, i = _flip_threshold(m, w, b * kappa, rho / kappa, mu,
+                              None if t0 is None else t0 * kappa)
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
-    s = expit(-m)
-    value = lam * rho + float(w @ (softplus(-m) + mu * softplus((m - t) / mu)))
-    grad = (w * (p - s)) @ a
-    curv = p * (1.0 - p) / mu
+    # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
+    # outside the window
+    value = lam * rho + pt.value + float(w @ np.maximum(m - t, 0.0)) + mu * float(
+        w[i] @ np.log1p(np.exp(-np.abs(m[i] - t) / mu)))
+    grad = pt.grad + (w * p) @ a
+    wc = w[i] * p[i] * (1.0 - p[i]) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * float(w @ p)
     clamped = not (lam > b or dn == 0.0)
     if clamped:  # lambda = b(delta): chain rule through b = beta ||delta||
         grad = grad + g_l * beta * delta / dn
 
     def hess():
-        h = weighted_hess(at, w * (s * (1.0 - s) + curv))
-        g_dl = -kappa * (w * curv) @ a
-        g_ll = kappa**2 * float(w @ curv)
+        ai = a[i]
+        bi = ai * np.sqrt(wc)[:, None]
+        h = cache.hess(at, m, s) + bi.T @ bi
+        g_dl = -kappa * (wc @ ai)
+        g_ll = kappa**2 * float(wc.sum())
         if not clamped:  # lambda interior: Schur complement
             return h - np.outer(g_dl, g_dl) / g_ll if g_ll > 0 else h
         u = delta / dn
@@ -251,11 +354,11 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         return (h + np.outer(g_dl, db) + np.outer(db, g_dl) + g_ll * np.outer(db, db)
                 + g_l * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, w * p))
+    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, w * p, cache))
 
 
 def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
-                  kappa: float) -> float:
+                  kappa: float, point: _LogisticPoint | None = None) -> float:
     """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify.
 
     With ``t = lam kappa >= kappa b`` the threshold of the smoothed shares ``q``,
@@ -263,46 +366,53 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: 
     is feasible in the dual of ``F``). ``delta`` is stationary for ``L_q``, so
     ``L_q(delta)`` is ``min L_q`` to second order; the estimate is the smaller of that
     bound and ``log 2 - L_q(delta)`` (the candidate ``delta = 0``, where ``F = log 2``),
-    relative to ``max(1, F)``.
+    relative to ``max(1, F)``. ``point``: ``E_P l`` at ``delta`` if known (the homotopy's
+    :class:`_Logistic`).
     """
-    m = at.a @ delta
+    point = _logistic_point(at, delta) if point is None else point
+    m = point.m
     x = m - lam * kappa
-    lagrangian = float(at.w @ softplus(-m) + q @ m) + (
+    lagrangian = point.value + float(q @ m) + (
         (rho - kappa * float(q.sum())) * at.beta * float(np.linalg.norm(delta)))
     gap = min(float(at.w @ np.maximum(x, 0.0) - q @ x), math.log(2.0) - lagrangian)
     return gap / max(1.0, lagrangian)
 
 
-def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float) -> InnerResult:
+def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float,
+                cache: _Logistic | None = None) -> InnerResult:
     """``E_P l + qa . delta + nu ||delta||`` with its gradient and (lazy) Hessian.
 
     ``L_q`` of :func:`w1_lagrangian` with ``qa = q . a`` and ``nu = (rho - kappa sum q)
-    beta``; also the stationarity part of the face system of :func:`_solve_face`.
+    beta``; also the stationarity part of the face system of :func:`_solve_face`. The
+    terms of ``E_P l`` come from ``cache`` when given (:class:`_Logistic`).
     """
-    m = at.a @ delta
+    pt = _logistic_point(at, delta) if cache is None else cache.point(at, delta)
     dn = float(np.linalg.norm(delta))
-    s = expit(-m)
     u = delta / dn if dn > 0 else np.zeros_like(delta)
 
     def hess():
-        h = weighted_hess(at, at.w * s * (1.0 - s))
+        s = pt.s
+        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache.hess(
+            at, pt.m, s)
         if dn > 0:
             h = h + (nu / dn) * (np.eye(delta.size) - np.outer(u, u))
         return h
 
-    value = float(at.w @ softplus(-m)) + float(qa @ delta) + nu * dn
-    return InnerResult(value, None, -(at.w * s) @ at.a + qa + nu * u, hess, None)
+    value = pt.value + float(qa @ delta) + nu * dn
+    return InnerResult(value, None, pt.grad + qa + nu * u, hess, None)
 
 
-def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float):
+def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float,
+                  cache: _Logistic | None = None):
     """``L_q(delta) = E_P l + q . m + (rho - kappa sum q) beta ||delta||`` for ``q`` in ``Q``.
 
     ``q`` is scaled down if rounding left ``kappa sum q`` above ``rho``. Returns a function
     ``(delta, state) -> InnerResult`` (value, gradient, Hessian) for Newton's method; its
-    minimum is a lower bound on ``min_delta F`` (see the module docstring).
+    minimum is a lower bound on ``min_delta F`` (see the module docstring). ``cache``: as
+    for :func:`_lagrangian`.
     """
     qa, nu = _lagrangian_terms(at, q, rho, kappa)
-    return lambda delta, state: _lagrangian(at, delta, qa, nu)
+    return lambda delta, state: _lagrangian(at, delta, qa, nu, cache)
 
 
 def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
@@ -315,7 +425,7 @@ def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
 
 def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
                 r0: np.ndarray, full: np.ndarray, clamped: bool, rho: float, kappa: float,
-                tol: float, max_iter: int):
+                tol: float, max_iter: int, cache: _Logistic | None = None):
     """Newton's method on the optimality system of ``min F`` on one face (see polish_face).
 
     ``tied`` holds one representative atom per group of identical atoms, ``big_w`` the
@@ -331,7 +441,7 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
         flipped = w_full + float(r @ big_w)
         # stationarity: grad L_q = 0 for the shares q of this face (nu = 0 if lambda > b)
         nu = (rho - kappa * flipped) * beta if clamped else 0.0
-        lag = _lagrangian(at, delta, a_full + (r * big_w) @ groups, nu)
+        lag = _lagrangian(at, delta, a_full + (r * big_w) @ groups, nu, cache)
         g, h = lag.grad, lag.hess()
         if clamped:
             dn = float(np.linalg.norm(delta))
@@ -367,12 +477,16 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
 
 
 def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
-                kappa: float, tol: float, rounds: int = 4, max_iter: int = 10):
+                kappa: float, tol: float, rounds: int = 4, max_iter: int = 10,
+                cache: _Logistic | None = None):
     """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to.
 
     Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are taken to tie at
     the flip threshold ``t`` (identical atoms merged into groups ``j`` of weight ``W_j``);
-    the rest keep share 1 or 0. Newton's method then solves the optimality system of
+    the rest keep share 1 or 0. A face ties at most ``d + 1`` atoms (``d`` if ``lambda =
+    b``); with more in the window (up to ``_FACE_TRIM`` times as many) the polish starts
+    from half that many, those nearest the threshold (shares nearest 1/2), the others on
+    their side of it. Newton's method then solves the optimality system of
     ``min F`` on that face, unknowns ``delta``, the groups' shares ``r_j`` and (when
     ``lambda > b``) ``t``:
 
@@ -386,14 +500,24 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     ``lambda > b`` when ``nu < 0`` or ``t < kappa b``, and solves again (``rounds``
     times at most). Returns the face's ``delta`` with the exact shares ``q``, or ``None``
     (more groups than unknowns, or Newton stalled). The caller certifies the answer by
-    the duality gap, so a wrong face costs time, never accuracy.
+    the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
+    homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
     w, a, beta, d = at.w, at.a, at.beta, delta.size
+    cache = _Logistic() if cache is None else cache
     share = np.divide(q, w, out=np.zeros_like(q), where=w > 0)
     tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
     full = share >= 1.0 - _FACE_SHARE
     clamped = lam <= beta * float(np.linalg.norm(delta))
     t = lam * kappa
+    idx = np.flatnonzero(tied_mask)
+    limit = d + (0 if clamped else 1)
+    if limit < idx.size <= _FACE_TRIM * limit:
+        # too many atoms in the window for one face: start from those nearest the threshold
+        # (shares nearest 1/2), the others on their side of it; the rounds below move atoms
+        out = idx[np.argsort(np.abs(share[idx] - 0.5), kind="stable")[limit // 2:]]
+        tied_mask[out] = False
+        full[out] = share[out] >= 0.5
     for _ in range(rounds):
         idx = np.flatnonzero(tied_mask)
         if idx.size == 0:
@@ -405,11 +529,11 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
             return None
         r0 = np.clip(np.bincount(inverse, share[idx] * w[idx]) / big_w, 0.0, 1.0)
         out = _solve_face(at, delta, t, idx[first], big_w, r0, full, clamped, rho, kappa,
-                          tol, max_iter)
+                          tol, max_iter, cache)
         if out is None:
             return None
         delta, t, r = out.delta, out.t, out.r
-        m = at.a @ delta
+        m = cache.point(at, delta).m
         eps = _FACE_ROUND * max(1.0, abs(t))
         r_atoms = r[inverse]
         below, above = r_atoms < -_FACE_ROUND, r_atoms > 1.0 + _FACE_ROUND
@@ -436,6 +560,20 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
 # --- the exact inner evaluation -------------------------------------------------------------
 
 
+def _lowest(m: np.ndarray, mass: np.ndarray, sign: float) -> tuple[int, float]:
+    """Index and value of the smallest ``sign m_i`` over the atoms with ``mass_i > 0``
+    (``(-1, inf)`` if there are none), without an ``n``-array where every mass is positive."""
+    pos = mass > 0
+    if pos.all():
+        k = int(np.argmin(m) if sign > 0 else np.argmax(m))
+    else:
+        idx = np.flatnonzero(pos)
+        if idx.size == 0:
+            return -1, math.inf
+        k = int(idx[np.argmin(sign * m[idx])])
+    return k, sign * float(m[k])
+
+
 def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, delta: np.ndarray,
                mu: float, value: float) -> _FarMove:
     """A mass ``eps`` of the lowest-margin kept atom, moved by ``mu / eps`` along ``-ytil u``.
@@ -446,18 +584,45 @@ def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, del
     """
     dn = float(np.linalg.norm(delta))
     # candidates: the kept atoms at margin m and the flipped ones at margin -m
-    marg = np.where(keep > 0, m, np.inf)
-    marg_f = np.where(flip > 0, -m, np.inf)
-    k, k_f = int(np.argmin(marg)), int(np.argmin(marg_f))
-    flipped = bool(marg_f[k_f] < marg[k])
-    k = k_f if flipped else k
-    mk = float(marg_f[k] if flipped else marg[k])
+    k, mk = _lowest(m, keep, 1.0)
+    k_f, mk_f = _lowest(m, flip, -1.0)
+    flipped = mk_f < mk
+    k, mk = (k_f, mk_f) if flipped else (k, mk)
     eps = min(float((flip if flipped else keep)[k]),
               _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
     t = mu / eps
     y_k = 1.0 - at.y[k] if flipped else at.y[k]
     x_new = at.x[k] - (2.0 * y_k - 1.0) * t * delta / dn
     return _FarMove(flipped, k, eps, x_new, float(y_k), eps * t)
+
+
+def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
+    """``(weights, x, y, source)`` of the worst-case atoms at the nominal features with
+    ``mass`` (labels flipped if ``flipped``): every atom, zero masses included, when at least
+    half have positive mass (the caller's ``x`` itself: no ``n x d`` gather, which would
+    cost a copy of the features in time and memory), else those with positive mass."""
+    if 2 * int(np.count_nonzero(mass > 0)) >= mass.size:
+        return mass, at.x, 1.0 - at.y if flipped else at.y, np.arange(mass.size)
+    idx = np.flatnonzero(mass > 0)
+    return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
+
+
+def _top_margins(m: np.ndarray, w: np.ndarray, cand: np.ndarray, rho: float,
+                 kappa: float) -> np.ndarray:
+    """The candidates ``cand`` by decreasing margin, only as many as carry a mass ``f``
+    with ``kappa f > rho`` (all of them if they carry less): the largest ``k`` by a
+    partition (``O(n)``), ``k`` from the mean weight and grown 4-fold until enough, then
+    sorted."""
+    mc = -m[cand]
+    k = min(cand.size, int(2.0 * (rho / kappa) * cand.size
+                           / max(float(w[cand].sum()), 1e-300)) + _TOP_SLACK)
+    while k < cand.size:
+        top = cand[np.argpartition(mc, k)[:k]]
+        top = top[np.argsort(-m[top], kind="stable")]
+        if kappa * np.cumsum(w[top])[-1] > rho:
+            return top
+        k *= 4
+    return cand[np.argsort(mc, kind="stable")]
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
@@ -469,12 +634,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         lam, mu = b, rho
         value = float(w @ l) + rho * b
     else:
-        # only atoms with m > b kappa can be flipped: sort those (by decreasing margin)
-        cand = np.flatnonzero(m > b * kappa)
-        order = cand[np.argsort(-m[cand], kind="stable")]
-        cum = np.cumsum(w[order])
-        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # atoms fully affordable
-        v_q = max(0.0, float(m[order[j]])) if j < order.size else 0.0
+        if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
+            k = state.k  # the certificate's evaluation at this delta
+        else:
+            # only atoms with m > b kappa can be flipped: the largest of those, sorted
+            order = _top_margins(m, w, np.flatnonzero(m > b * kappa), rho, kappa)
+            cum = np.cumsum(w[order])
+            j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
+            k = int(order[j]) if j < order.size else -1
+        v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
         lam = max(b, v_q / kappa)
         thr = v_q if v_q / kappa > b else lam * kappa
         full = m > thr
@@ -486,8 +654,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             mu = 0.0
         mu = max(mu, 0.0)
         value = lam * rho + float(w @ l) + float(w @ np.where(full, m - thr, 0.0))
-    s = expit(-m)
-    grad = -(w * s) @ at.a + flip @ at.a
+    s = _sigmoid_neg(l)
+    grad = (flip - w * s) @ at.a  # one product with A (flip = 0 for kappa = inf)
     if dn > 0:
         grad = grad + mu * beta * delta / dn
 
@@ -513,17 +681,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             far = _moved_far(at, keep, flip, m, delta, mu, value)
             (flip if far.flipped else keep)[far.k] -= far.eps
             cost += far.cost
-        stay, flp = np.flatnonzero(keep > 0), np.flatnonzero(flip > 0)
-        weights = [keep[stay], flip[flp]]
-        xs, ys, srcs = [at.x[stay], at.x[flp]], [at.y[stay], 1.0 - at.y[flp]], [stay, flp]
+        parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
         if far is not None:
-            weights.append(np.array([far.eps]))
-            xs.append(far.x[None, :])
-            ys.append(np.array([far.y]))
-            srcs.append(np.array([far.k]))
-        wc = WorstCase(np.concatenate(weights), np.concatenate(xs), np.concatenate(ys),
-                       np.concatenate(srcs), float(cost), float(rho))
+            parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
+                           np.array([far.k])))
+        parts = [part for part in parts if part[0].size]
+        wc = WorstCase(*(np.concatenate([part[j] for part in parts]) for j in range(4)),
+                       float(cost), float(rho))
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
+                       None if math.isinf(kappa) else W1Threshold(delta.copy(), k),
                        hvp=hvp if hess else None)
 
 
@@ -549,25 +715,26 @@ def _zero_test(at: Atoms, amb) -> float | None:
     s^2``, the p = 2 flip test (:func:`.wasserstein2.flip_shares`) with radius ``sqrt(4 s rho -
     s^2)`` and price ``4 s kappa``; every candidate ``f`` is checked on ``psi`` itself.
     """
-    if 0.5 * float(np.linalg.norm(at.w @ at.a)) <= amb.rho * at.beta:
+    ea = at.w @ at.a
+    if 0.5 * float(np.linalg.norm(ea)) <= amb.rho * at.beta:
         return 0.0
     if not math.isfinite(amb.kappa):
         return None
     from ..ambiguity import Wasserstein
     from .wasserstein2 import flip_shares
 
-    xh = at.a / at.beta
-    mean = at.w @ xh
+    mean = ea / at.beta  # E xh, without the n x d array xh = a / beta
     norm = float(np.linalg.norm(mean))
     # the dual at e = E xh / ||E xh|| above rho proves delta = 0 not optimal (one pass)
-    if 0.5 * norm - float(at.w @ np.maximum(xh @ mean / norm - amb.kappa, 0.0)) > amb.rho:
+    proj = (at.a @ mean) / (at.beta * norm)
+    if 0.5 * norm - float(at.w @ np.maximum(proj - amb.kappa, 0.0)) > amb.rho:
         return None
     s_top = min(norm, 2.0 * amb.rho)
     for s in s_top * 2.0 ** (-np.arange(_ZERO_S_STEPS) / _ZERO_S_PER_OCTAVE):
         r2 = 4.0 * s * amb.rho - s * s
         f = flip_shares(at, Wasserstein(math.sqrt(r2), p=2, kappa=4.0 * s * amb.kappa))
         if f is not None:
-            g = mean - 2.0 * (f @ xh)
+            g = mean - 2.0 * (f @ at.a) / at.beta
             if 0.5 * float(np.linalg.norm(g)) + amb.kappa * float(f.sum()) <= amb.rho:
                 return 0.0
     return None
@@ -590,21 +757,22 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
 
 
 def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
-                max_iter: int) -> float:
+                max_iter: int, cache: _Logistic | None = None) -> float:
     """A certified lower bound on ``min_delta L_q(delta)``, hence on ``min F``
     (:func:`w1_lagrangian`).
 
     Newton from ``delta`` (where ``L_q`` is nearly stationary); at its last point ``L_q``
     is bounded below by the logistic loss plus the linear term ``(q . a + nu u) . delta'``
     (``nu ||delta'|| >= nu u . delta'``), equal to it there, whose minimum
-    :func:`~.core.logistic_gap` bounds.
+    :func:`~.core.logistic_gap` bounds. ``cache``: the homotopy's :class:`_Logistic`.
     """
-    objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
+    objective = w1_lagrangian(at, q, amb.rho, amb.kappa,
+                              _Logistic() if cache is None else cache)
     try:
         delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
     except Stalled as exc:  # rounding-level stall: still a valid point to bound from
         delta = exc.delta
-    res = objective(delta, None)
+    res = objective(delta, None)  # Newton's last evaluation when delta is its last point
     dn = float(np.linalg.norm(delta))
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
@@ -614,18 +782,20 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
 class _Certified(NamedTuple):
     gap: float
     delta: np.ndarray
+    state: W1Threshold | None
 
 
 def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
-             max_iter: int) -> _Certified:
+             max_iter: int, cache: _Logistic) -> _Certified:
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
-    upper = _evaluate(at, delta, at.a @ delta, softplus(-(at.a @ delta)), amb, False, False,
-                      None).value
+    pt = cache.point(at, delta)
+    res = _evaluate(at, delta, pt.m, pt.l, amb, False, False, None)
+    upper, state = res.value, res.state
     if upper > math.log(2.0):
-        upper, delta = math.log(2.0), np.zeros_like(delta)
-    lower = lower_bound(at, amb, delta, q, tol, max_iter)
-    return _Certified(max(upper - lower, 0.0) / max(1.0, abs(upper)), delta)
+        upper, delta, state = math.log(2.0), np.zeros_like(delta), None
+    lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
+    return _Certified(max(upper - lower, 0.0) / max(1.0, abs(upper)), delta, state)
 
 
 def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
@@ -653,21 +823,22 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
         q = state.q
         if mu > MU_CHECK:
             continue
-        face = polish_face(at, delta, q, state.lam, amb.rho, amb.kappa, tol)
+        face = polish_face(at, delta, q, state.lam, amb.rho, amb.kappa, tol, cache=state.hess)
         if face is not None:
-            cert = _certify(at, amb, face.delta, face.q, tol, max_iter)
+            cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
-        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa) <= 0.5 * GAP_TOL:
-            cert = _certify(at, amb, delta, q, tol, max_iter)
+                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
+                         state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
+            cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
-    cert = _certify(at, amb, delta, q, tol, max_iter)
+                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+    cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
                            "homotopy")
-    return Minimum(cert.delta, total, None, {"optimality_gap": cert.gap})
+    return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
