@@ -36,6 +36,7 @@ refuses p = 2).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,17 @@ from scipy.optimize import lsq_linear
 from scipy.special import expit
 
 from ..losses import softplus
-from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, logistic_gap, weighted_hess
+from .core import (
+    _CERT_ATOMS,
+    _CERT_SUBSET_OK,
+    Atoms,
+    InnerResult,
+    Minimum,
+    SetMethods,
+    Stalled,
+    curvature_bound,
+    weighted_hess,
+)
 from .nominal import nominal_result
 from .result import WorstCase
 
@@ -526,17 +537,31 @@ _GUESS_FLOOR = 0.5
 class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, a function
-    returning ``d lambda* / d delta = -G_ld / G_ll`` there (``None`` at a tie)."""
+    returning ``d lambda* / d delta = -G_ld / G_ll`` there (``None`` at a tie); with a
+    worst case, ``mixture``, its per-atom moves (for :func:`certify`)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
     at: np.ndarray | None = None
     pair: Bracket | None = None
     slope: Callable[[], np.ndarray] | None = None
+    mixture: Mixture | None = None
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
         return W2State(lam=self.lam)
+
+
+class Mixture(NamedTuple):
+    """A distribution of moved atoms by per-atom scalars: atom ``k`` has weight ``q[k]``,
+    comes from nominal atom ``src[k]``, is flipped where ``flip[k]`` and moved by ``t =
+    tau[k] / b`` along ``-ytil' u`` (so ``a'_k = s_k a_src - beta t_k u``, ``s_k = -1`` if
+    flipped): ``O(n)`` numbers instead of its ``n x d`` features."""
+
+    q: np.ndarray
+    src: np.ndarray
+    tau: np.ndarray
+    flip: np.ndarray
 
 
 class W2Blocks(NamedTuple):
@@ -576,7 +601,9 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
         v_mb = -t * sp + f_tm * f_tb / dd
         v_bb = t**2 * sp + f_tb**2 / dd
         p = (q * v_mb * sgn) @ a
-        h_dd = ((a * (q * v_mm)[:, None]).T @ a + np.outer(p, bu) + np.outer(bu, p)
+        # weighted_hess reads only the atoms' ``a`` (v_mm >= 0: sp >= 0 and D > 0)
+        gram = weighted_hess(Atoms(a, a, q, a, beta), q * v_mm)
+        h_dd = (gram + np.outer(p, bu) + np.outer(bu, p)
                 + float(q @ v_bb) * np.outer(bu, bu)
                 + float(q @ (t * sg)) * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
     h_dl = (q * f_tm * f_tl / dd * sgn) @ a + float(q @ (f_tb * f_tl / dd)) * bu
@@ -632,11 +659,20 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
 
 
-def _moved(at: Atoms, keep, tau, flip, b: float, u: np.ndarray):
-    """Features and labels of atoms ``keep`` after their moves ``(tau, flip)``: ``x`` moved by
-    ``t = tau / b`` along ``-ytil' u`` (``ytil'`` the label after the flip)."""
-    ynew = np.where(flip, 1.0 - at.y, at.y)[keep]
-    return at.x[keep] - ((2.0 * ynew - 1.0) * tau[keep] / b)[:, None] * u[None, :], ynew
+#: Rows per block when the moved features are written (a 4 MB temporary at d = 8).
+_ROWS = 1 << 16
+
+
+def _moved(at: Atoms, mix: Mixture, b: float, u: np.ndarray):
+    """Features and labels of the atoms of ``mix``: ``x`` moved by ``t = tau / b`` along
+    ``-ytil' u`` (``ytil'`` the label after the flip), written block by block (the only
+    ``n x d`` array is the answer)."""
+    ynew = np.where(mix.flip, 1.0 - at.y[mix.src], at.y[mix.src])
+    coef = (2.0 * ynew - 1.0) * mix.tau / b
+    x = at.x[mix.src]
+    for lo in range(0, coef.size, _ROWS):
+        x[lo:lo + _ROWS] -= coef[lo:lo + _ROWS, None] * u[None, :]
+    return x, ynew
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
@@ -677,27 +713,25 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     u = delta / dn
     parts = [(hi, w * (1.0 - share))] + ([(lo, w * share)] if tied else [])
     grad = np.zeros(delta.size)
-    xs, ys, srcs, qs, cost = [], [], [], [], 0.0
+    pieces, cost = [], 0.0
     for mv, q in parts:
         sgn = np.where(mv.flip, -1.0, 1.0)
         sg = expit(mv.tau - sgn * m)
         grad = grad + (q * sg * -sgn) @ at.a + float(q @ (sg * mv.tau / b)) * beta * u
         cost += float(q @ mv.cost)
         if worst:
-            keep = q > 0
-            xk, yk = _moved(at, keep, mv.tau, mv.flip, b, u)
-            xs.append(xk)
-            ys.append(yk)
-            srcs.append(np.flatnonzero(keep))
-            qs.append(q[keep])
+            keep = np.flatnonzero(q > 0)
+            pieces.append(Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
     h = None
     if hess:
         h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if tied
              else (lambda: _hessian(at, m, hi, b, delta)))
     wc = None
     if worst:
-        wc = WorstCase(np.concatenate(qs), np.concatenate(xs), np.concatenate(ys),
-                       np.concatenate(srcs), cost, rho**2)
+        mix = Mixture(*(np.concatenate(col) for col in zip(*pieces, strict=True)))
+        x, y = _moved(at, mix, b, u)
+        wc = WorstCase(mix.q, x, y, mix.src, cost, rho**2)
+        new_state = dataclasses.replace(new_state, mixture=mix)
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
 
 
@@ -822,8 +856,11 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
     """
     if not np.any(delta):
         return 0.0 if flip_shares(at, amb) is not None else math.inf
-    wc = res.worst_case
-    gap = _weak_duality_gap(at, amb, delta, res.value, wc.weights, wc.x, wc.y, wc.source)
+    mix = res.state.mixture if isinstance(res.state, W2State) else None
+    if mix is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
+        n = at.w.size
+        mix = Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
+    gap = _weak_duality_gap(at, amb, delta, res.value, mix)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
         gap = min(gap, _kink_gap(at, amb, delta, res.value, res.dual))
     return gap
@@ -849,45 +886,95 @@ def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> fl
         return math.inf
     b, u = cand.b, delta / float(np.linalg.norm(delta))
 
+    w = at.w
+
     def per_atom(c):
+        """The moves ``c``, the per-atom gradient coefficients (``grad_i = ga_i a_i + gu_i
+        beta u``), the gradients of the tied atoms and the costs."""
         tau, flip = cand.tau[rows, c], cand.flip[rows, c]
         sgn = np.where(flip, -1.0, 1.0)
         sg = expit(tau - sgn * cand.m)
-        grad = (-sgn * sg)[:, None] * at.a + (sg * tau / b)[:, None] * (at.beta * u)[None, :]
-        return tau, flip, grad, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
+        ga, gu = -sgn * sg, sg * tau / b
+        grad = ga[tied, None] * at.a[tied] + gu[tied, None] * (at.beta * u)[None, :]
+        mean = (w * ga) @ at.a + float(w @ gu) * at.beta * u
+        return tau, flip, grad, mean, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
 
-    tau0, flip0, g0, k0 = per_atom(c0)
-    tau1, flip1, g1, k1 = per_atom(c1)
-    w = at.w
-    cols = (w[tied, None] * (g1[tied] - g0[tied])).T
+    tau0, flip0, g0, mean0, k0 = per_atom(c0)
+    tau1, flip1, g1, _, k1 = per_atom(c1)
+    cols = (w[tied, None] * (g1 - g0)).T
     dcost = w[tied] * (k1[tied] - k0[tied])
     weight = max(float(np.linalg.norm(cols)), 1.0) / max(float(np.linalg.norm(dcost)), 1e-300)
     lhs = np.vstack([cols, weight * dcost[None, :]])
-    rhs = np.append(-(w @ g0), weight * (amb.rho**2 - float(w @ k0)))
+    rhs = np.append(-mean0, weight * (amb.rho**2 - float(w @ k0)))
     xi = np.zeros(w.size)
     xi[tied] = lsq_linear(lhs, rhs, bounds=(0.0, 1.0)).x
     both = np.flatnonzero(xi > 0)
-    x0, y0 = _moved(at, rows, tau0, flip0, b, u)
-    x1, y1 = _moved(at, both, tau1, flip1, b, u)
-    q = np.concatenate([w * (1.0 - xi), w[both] * xi[both]])
-    return _weak_duality_gap(at, amb, delta, value, q, np.vstack([x0, x1]),
-                             np.concatenate([y0, y1]), np.concatenate([rows, both]))
+    mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
+                  np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
+                  np.concatenate([flip0, flip1[both]]))
+    return _weak_duality_gap(at, amb, delta, value, mix)
 
 
-def _weak_duality_gap(at: Atoms, amb, delta, value, q, x, y, source) -> float:
+def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
-    of atoms ``(x, y)`` with weights ``q`` moved from ``source``: mixed with ``P`` first where
-    its recomputed transport cost exceeds ``rho^2``, so that it lies in the ball."""
-    shift = x - at.x[source]
-    flipped = y != at.y[source]
-    cost = float(q @ (np.einsum("ij,ij->i", shift, shift) + np.where(flipped, amb.kappa, 0.0)))
+    of :class:`Mixture` ``mix``: mixed with ``P`` first where its transport cost exceeds
+    ``rho^2``, so that it lies in the ball.
+
+    The cost is that of the moves themselves, ``t^2 ||u||^2 + kappa 1[flipped]`` per unit
+    mass (``u`` the rounded direction, so the moved atoms are exactly those of ``mix``), and
+    the bound is :func:`~.core.logistic_gap`'s on the atoms ``a'_k = s_k a_src - beta t_k u``
+    (:func:`_moved_logistic_gap`, without forming them).
+    """
+    u = delta / float(np.linalg.norm(delta))
+    t = mix.tau / (at.beta * float(np.linalg.norm(delta)))
+    cost = float(mix.q @ (t * t)) * float(u @ u)
+    if mix.flip.any():
+        cost += amb.kappa * float(mix.q[mix.flip].sum())
     budget = amb.rho**2
     if cost > budget:
         share = budget / cost * (1.0 - _MIX_ROUND)
-        q = np.concatenate([q * share, at.w * (1.0 - share)])
-        x, y = np.vstack([x, at.x]), np.concatenate([y, at.y])
-    a = ((2.0 * y - 1.0) * at.beta)[:, None] * x
-    return logistic_gap(a, q, delta, value) / max(1.0, abs(value))
+        n = at.w.size
+        mix = Mixture(np.concatenate([mix.q * share, at.w * (1.0 - share)]),
+                      np.concatenate([mix.src, np.arange(n)]),
+                      np.concatenate([mix.tau, np.zeros(n)]),
+                      np.concatenate([mix.flip, np.zeros(n, dtype=bool)]))
+    return _moved_logistic_gap(at, delta, u, value, mix) / max(1.0, abs(value))
+
+
+def _moved_logistic_gap(at: Atoms, delta, u, upper: float, mix: Mixture) -> float:
+    """:func:`~.core.logistic_gap` of ``f(D) = sum_k q_k softplus(-a'_k . D)`` for the moved
+    atoms ``a'_k = s_k a_src - beta t_k u`` of ``mix`` from per-atom scalars (``O(n d)``, no
+    ``n x d`` array): margins ``s_k m_src - beta t_k (u . delta)``, gradient ``-sum c_k s_k
+    a_src + beta (sum c_k t_k) u`` (``c = q sigmoid(-m')``), Hessian ``sum C_i a_i a_i^T -
+    beta (p u^T + u p^T) + beta^2 (sum c'_k t_k^2) u u^T`` (``c' = c sigmoid(m')``, ``C_i`` its
+    sum over the atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max ||a_src|| +
+    beta t ||u||`` (the triangle inequality: at least ``max ||a'||``); like
+    :func:`~.core.logistic_gap`, every ``q.size / _CERT_ATOMS``-th atom's Hessian first."""
+    keep = mix.q > 0
+    q, src, flip, tau = mix.q[keep], mix.src[keep], mix.flip[keep], mix.tau[keep]
+    n, beta = at.w.size, at.beta
+    t = tau / (beta * float(np.linalg.norm(delta)))
+    sgn = np.where(flip, -1.0, 1.0)
+    mq = sgn * (at.a @ delta)[src] - beta * float(u @ delta) * t
+    sg = expit(-mq)
+    value = float(q @ softplus(-mq))
+    c = q * sg
+    grad = -(np.bincount(src, c * sgn, minlength=n) @ at.a) + beta * float(c @ t) * u
+    curv = c * (1.0 - sg)
+    norms = np.sqrt(np.einsum("ij,ij->i", at.a, at.a))
+    radius = float(np.max(norms[src] + beta * float(np.linalg.norm(u)) * t))
+    if q.size > _CERT_ATOMS:  # sum over a subset <= the Hessian: a cheaper, looser bound
+        sub = slice(None, None, q.size // _CERT_ATOMS)
+        a_sub = sgn[sub, None] * at.a[src[sub]] - (beta * t[sub])[:, None] * u[None, :]
+        bsub = a_sub * np.sqrt(curv[sub])[:, None]
+        bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
+        if bound <= _CERT_SUBSET_OK:
+            return max(upper - value, 0.0) + bound
+    p = np.bincount(src, curv * sgn * t, minlength=n) @ at.a
+    hess = (weighted_hess(at, np.bincount(src, curv, minlength=n))
+            - beta * (np.outer(p, u) + np.outer(u, p))
+            + beta**2 * float(curv @ t**2) * np.outer(u, u))
+    return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
 
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
