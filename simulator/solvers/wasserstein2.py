@@ -37,6 +37,7 @@ refuses p = 2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,8 +90,9 @@ _SWITCH_ITERS = 100
 
 
 class Roots(NamedTuple):
-    """The local maximisers of every atom on the right and left pieces of ``psi`` (0 where
-    a piece has none) and whether they exist."""
+    """The local maximisers of every atom on the right and left pieces of ``psi`` and
+    whether they exist (where a piece has none its entry is a warm start only: 0, or for
+    ``k >= 1/4``, where every atom has one maximiser, the same array holds both)."""
 
     tau_right: np.ndarray
     tau_left: np.ndarray
@@ -109,10 +111,12 @@ class BestMove(NamedTuple):
 
 
 class MoveRoots(NamedTuple):
-    """Warm starts of :func:`_moves`: the roots of the kept and of the flipped branch."""
+    """Warm starts of :func:`_moves`: the roots of the kept branch (every atom) and of the
+    flipped branch on the atoms ``flipped_at`` where it was a candidate."""
 
     plain: Roots
     flipped: Roots | None = None
+    flipped_at: np.ndarray | None = None
 
 
 def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
@@ -157,7 +161,67 @@ def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
     return tau
 
 
-def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
+#: Unbracketed Newton sweeps of :func:`_concave_roots` before the atoms left unresolved
+#: go to the bracketed :func:`_root` (from a warm start two or three are used).
+_FAST_SWEEPS = 8
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` (a few ulps, as ``expit``, and several times faster: ``exp``
+    is vectorised); ``0`` where ``exp(-z)`` overflows (``z < -709``: ``sigmoid < 1e-308``)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-z)
+    e += 1.0
+    return np.reciprocal(e, out=e)
+
+
+def _concave_roots(m: np.ndarray, k: float, tau0: np.ndarray) -> np.ndarray:
+    """The root of ``psi(tau) = sigmoid(tau - m) - k tau`` on ``[0, 1/k]`` for ``k >= 1/4``
+    (``psi`` decreases there: one root per atom).
+
+    Newton steps from ``tau0`` on every atom at once (the first sweep without gathers),
+    with :func:`_root`'s stopping test; an atom whose step leaves ``[0, 1/k]`` or that is
+    unresolved after ``_FAST_SWEEPS`` is finished by the bracketed :func:`_root`.
+    """
+    top = 1.0 / k
+    tau = np.clip(tau0, 0.0, top)
+    act = None  # every atom
+    failed = []
+    for _ in range(_FAST_SWEEPS):
+        mi, ti = (m, tau) if act is None else (m[act], tau[act])
+        s = _sigmoid(ti - mi)
+        ds = s - s * s
+        dpsi = ds - k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = (s - k * ti) / dpsi
+            new = ti - step
+            scale = _ROOT_TOL * np.maximum(1.0, np.abs(new))
+            step = np.abs(step)
+            # Newton's error after this step is about psi'' step^2 / (2 |psi'|)
+            done = (step <= scale) | (np.abs(ds - 2.0 * s * ds) * step**2
+                                      <= 0.2 * scale * np.abs(dpsi))
+            out = ~((new >= 0.0) & (new <= top))
+        if act is None:
+            tau = np.where(out, tau, new)
+            act = np.flatnonzero(~done | out)
+            if out.any():
+                failed.append(np.flatnonzero(out))
+                act = np.setdiff1d(act, failed[-1], assume_unique=True)
+        else:
+            tau[act] = np.where(out, ti, new)
+            if out.any():
+                failed.append(act[out])
+            act = act[~done & ~out]
+        if act.size == 0:
+            break
+    rest = np.concatenate([act, *failed]) if act is not None else np.zeros(0, dtype=int)
+    if rest.size:
+        tau[rest] = _root(m[rest], k, np.zeros(rest.size), np.full(rest.size, top), tau[rest])
+    return tau
+
+
+def best_move(m: np.ndarray, k: float, start: Roots | None = None,
+              values: bool = True) -> BestMove:
     """Global maximiser of ``f(tau) = softplus(tau - m) - (k/2) tau^2`` over ``tau >= 0``.
 
     Parameters
@@ -168,6 +232,9 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
         ``2 lambda / b^2 > 0``.
     start : Roots, optional
         Warm starts for the two local maximisers (the ``roots`` of an earlier call).
+    values : bool
+        Whether to compute ``value`` (``None`` otherwise) where it is not needed to choose
+        between two maximisers (``k >= 1/4``).
 
     Returns
     -------
@@ -179,11 +246,17 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
     """
     m = np.asarray(m, dtype=np.float64)
     k = float(k)
-    if k < 0.25:  # s_k > 0 with sigmoid'(s_k) = k; psi increases on |tau - m| < s_k
-        disc = math.sqrt(1.0 - 4.0 * k)
-        s_k = math.log1p(disc) - math.log1p(-disc) if disc < 1.0 else math.inf
-    else:  # psi decreases everywhere; split at the inflection tau = m
-        s_k = 0.0
+    if k >= 0.25:  # psi decreases: one maximiser, on the right piece tau >= m iff psi(m) >= 0
+        r_ok = (m < 0) | (0.5 - k * m >= 0)
+        tau0 = (np.where(r_ok, 1.0 / k, 0.0) if start is None
+                else np.where(start.right_exists, start.tau_right, start.tau_left))
+        tau = _concave_roots(m, k, tau0)
+        value = softplus(tau - m) - 0.5 * k * tau**2 if values else None
+        nan = np.full(m.shape, np.nan)
+        return BestMove(tau, value, nan, nan, Roots(tau, tau, r_ok, ~r_ok))
+    # k < 1/4: s_k > 0 with sigmoid'(s_k) = k; psi increases on |tau - m| < s_k
+    disc = math.sqrt(1.0 - 4.0 * k)
+    s_k = math.log1p(disc) - math.log1p(-disc) if disc < 1.0 else math.inf
     top = 1.0 / k
     if math.isinf(s_k):  # k underflows: psi > 0 up to tau ~ 1/k, a single right root
         r_ok, l_ok, s_k = np.ones(m.shape, dtype=bool), np.zeros(m.shape, dtype=bool), 0.0
@@ -216,23 +289,33 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
     return BestMove(tau, value, tau_alt, value_alt, Roots(tau_r, tau_l, r_ok, l_ok))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Moves:
-    """Per-atom adversarial moves at ``lambda``.
+    """Per-atom adversarial moves at ``lambda`` for the margins ``m``.
 
-    ``value[i]`` is ``max`` over branches of ``phi - lambda * kappa * flip`` and
-    ``cost[i] = t^2 + kappa * flip`` the transport cost per unit mass of the
-    chosen move, ``t = tau / b``; ``right[i]`` tells whether it is the maximiser on the
+    ``value[i]`` (computed when first read) is ``max`` over branches of ``phi - lambda *
+    kappa * flip`` and ``cost[i] = t^2 + kappa * flip`` the transport cost per unit mass of
+    the chosen move, ``t = tau / b``; ``right[i]`` tells whether it is the maximiser on the
     right piece (``tau >= m + s_k``, see :func:`best_move`).
     """
 
     lam: float
     tau: np.ndarray
     flip: np.ndarray
-    value: np.ndarray
     cost: np.ndarray
-    roots: MoveRoots | None = None
-    right: np.ndarray | None = None
+    roots: MoveRoots | None
+    right: np.ndarray
+    m: np.ndarray
+    b: float
+    kappa: float
+
+    @functools.cached_property
+    def value(self) -> np.ndarray:
+        k = 2.0 * self.lam / self.b**2
+        val = softplus(self.tau - np.where(self.flip, -self.m, self.m)) - 0.5 * k * self.tau**2
+        if self.flip.any():
+            val[self.flip] -= self.lam * self.kappa
+        return val
 
 
 class Bracket(NamedTuple):
@@ -254,8 +337,8 @@ def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
            start: MoveRoots | None = None) -> Moves:
     k = 2.0 * lam / b**2
     start = start or None  # () from older callers: no warm start
-    plain = best_move(m, k, None if start is None else start.plain)
-    tau, val, roots0 = plain.tau, plain.value, plain.roots
+    plain = best_move(m, k, None if start is None else start.plain, values=False)
+    tau, roots0 = plain.tau, plain.roots
     right = roots0.right_exists & (tau == roots0.tau_right)
     flip = np.zeros(m.shape, dtype=bool)
     roots = MoveRoots(roots0)
@@ -264,24 +347,31 @@ def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
         # softplus(m) + b^2 / (4 lambda) - lambda kappa, and the unflipped one at least
         # softplus(-m): flipping can win only where m > lambda kappa - b^2 / (4 lambda).
         cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
-        prev = None if start is None else start.flipped
-        roots_f = Roots(*(np.zeros_like(r) for r in roots0)) if prev is None else Roots(
-            *(r.copy() for r in prev))
-        flip = np.zeros(m.shape, dtype=bool)
-        if cand.size:
-            flipped = best_move(-m[cand], k, None if prev is None else Roots(
-                *(r[cand] for r in prev)))
-            sub = flipped.roots
-            for full, part in zip(roots_f, sub, strict=True):
-                full[cand] = part
-            tau_f, val_f = flipped.tau, flipped.value - lam * kappa
-            win = val_f > val[cand]
+        warm = None
+        if cand.size and start is not None and start.flipped_at is not None and start.flipped_at.size:
+            # the flipped roots of the candidates that were candidates before, else cold
+            old = start.flipped_at
+            pos = np.minimum(np.searchsorted(old, cand), old.size - 1)
+            hit = old[pos] == cand
+            top = 1.0 / k
+            warm = Roots(np.where(hit, start.flipped.tau_right[pos], top),
+                         np.where(hit, start.flipped.tau_left[pos], 0.0),
+                         start.flipped.right_exists[pos] & hit,
+                         start.flipped.left_exists[pos] & hit)
+        flipped = best_move(-m[cand], k, warm)
+        sub = flipped.roots
+        mc, tc = m[cand], tau[cand]
+        win = flipped.value - lam * kappa > softplus(tc - mc) - 0.5 * k * tc**2
+        if cand.size and win.any():
+            tau = tau.copy()  # tau may be the warm-start array of the roots
             flip[cand[win]] = True
-            tau[cand[win]], val[cand[win]] = tau_f[win], val_f[win]
-            right[cand[win]] = (sub.right_exists & (tau_f == sub.tau_right))[win]
-        roots = MoveRoots(roots0, roots_f)
-    cost = (tau / b) ** 2 + np.where(flip, kappa, 0.0)
-    return Moves(lam, tau, flip, val, cost, roots, right)
+            tau[cand[win]] = flipped.tau[win]
+            right[cand[win]] = (sub.right_exists & (flipped.tau == sub.tau_right))[win]
+        roots = MoveRoots(roots0, sub, cand)
+    cost = (tau / b) ** 2
+    if flip.any():
+        cost[flip] += kappa
+    return Moves(lam, tau, flip, cost, roots, right, m, b, kappa)
 
 
 def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
