@@ -348,9 +348,9 @@ def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
         # softplus(-m): flipping can win only where m > lambda kappa - b^2 / (4 lambda).
         cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
         warm = None
-        if cand.size and start is not None and start.flipped_at is not None and start.flipped_at.size:
+        old = None if start is None else start.flipped_at
+        if cand.size and old is not None and old.size:
             # the flipped roots of the candidates that were candidates before, else cold
-            old = start.flipped_at
             pos = np.minimum(np.searchsorted(old, cand), old.size - 1)
             hit = old[pos] == cand
             top = 1.0 / k
@@ -498,6 +498,66 @@ def _bracket_jump(m, w, b, kappa, lo: _Probe, hi: _Probe, g) -> _Narrowed | None
     return _Narrowed(lo, hi, math.sqrt(lo.moves.lam * hi.moves.lam))
 
 
+#: Sweeps of :func:`_joint_newton` (quadratic convergence from the previous point's moves:
+#: two to four are used).
+_JOINT_SWEEPS = 6
+#: ... which stops once its step in ``k`` is below this (relative): the next one would be
+#: about its square, below double precision.
+_JOINT_TOL = 1e-9
+
+
+def _joint_newton(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float,
+                  lam: float, prev: Moves, start: MoveRoots) -> tuple[float, MoveRoots] | None:
+    """A guess of ``lambda*`` and warm starts for its probe, from the moves ``prev`` of
+    another point (``k = 2 lambda / b^2 >= 1/4`` throughout, else ``None``).
+
+    With every atom's branch fixed as in ``prev`` (``mm = -m`` where flipped), Newton's
+    method on the budget ``E tau^2 / b^2 + kappa E flip = rho^2`` and every atom's
+    stationarity ``psi_i = sigmoid(tau_i - mm_i) - k tau_i = 0`` together: the linearised
+    roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` put into the linearised budget give
+    ``dk``, one sweep over the atoms per step. The answer is only a starting point:
+    :func:`solve_lambda`'s probe at it is exact (and chooses the branches again).
+    """
+    k = 2.0 * lam / b**2
+    if k < 0.25 or prev.tau.shape != m.shape:
+        return None
+    flips = np.flatnonzero(prev.flip)
+    mm = m
+    if flips.size:
+        mm = m.copy()
+        mm[flips] = -m[flips]
+    fixed = kappa * float(w[flips].sum()) if flips.size else 0.0
+    tau, c = prev.tau, 2.0 / b**2
+    for _ in range(_JOINT_SWEEPS):
+        s = _sigmoid(tau - mm)
+        dpsi = s - s * s - k
+        psi = s - k * tau
+        if not np.all(dpsi < 0):
+            return None
+        q = tau / dpsi
+        dk = (c * float(w @ (q * psi)) - (float(w @ tau**2) / b**2 + fixed - r2)) / (
+            c * float(w @ (q * tau)))
+        tau = tau + (q * dk - psi / dpsi)
+        k += dk
+        if not (math.isfinite(k) and k >= 0.25):
+            return None
+        if abs(dk) <= _JOINT_TOL * k:
+            break
+    plain, sub, at = start.plain, start.flipped, start.flipped_at
+    warm = tau
+    if flips.size:  # the flipped atoms' own roots are the flipped branch's warm start
+        warm = tau.copy()
+        warm[flips] = plain.tau_right[flips] if plain.tau_right is plain.tau_left else 0.0
+        if sub is not None and at is not None and at.size:
+            pos = np.searchsorted(at, flips)
+            ok = (pos < at.size) & (at[np.minimum(pos, at.size - 1)] == flips)
+            right = sub.tau_right.copy()
+            right[pos[ok]] = tau[flips[ok]]
+            sub = Roots(right, right, sub.right_exists, sub.left_exists)
+    return 0.5 * k * b**2, MoveRoots(Roots(warm, warm, plain.right_exists, plain.left_exists),
+                                      sub, at)
+
+
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
                  lam0: float | None = None, start: MoveRoots | None = None,
                  jump: Bracket | None = None) -> Bracket:
@@ -549,6 +609,11 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
                         hi = probe
                 lam = math.sqrt(lo.moves.lam * hi.moves.lam) if lo and hi else (
                     lo or hi).moves.lam * (1.01 if lo else 0.99)
+    if lo is None and hi is None and roots is not None and jump is not None:
+        # from the previous point's moves: lambda* and every root together, then one probe
+        joint = _joint_newton(m, w, b, r2, kappa, lam, jump.hi, roots)
+        if joint is not None:
+            lam, roots = joint
     for _ in range(_LAMBDA_ITERS):
         probe = g(lam)
         mv, gv = probe
@@ -626,15 +691,15 @@ _GUESS_FLOOR = 0.5
 @dataclass(frozen=True, eq=False)
 class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
-    point ``at`` they belong to with its bracket ``pair``, and ``slope``, a function
-    returning ``d lambda* / d delta = -G_ld / G_ll`` there (``None`` at a tie); with a
+    point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
+    delta = -G_ld / G_ll`` there (``None`` at a tie); with a
     worst case, ``mixture``, its per-atom moves (for :func:`certify`)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
     at: np.ndarray | None = None
     pair: Bracket | None = None
-    slope: Callable[[], np.ndarray] | None = None
+    slope: np.ndarray | None = None
     mixture: Mixture | None = None
 
     def transfer(self) -> W2State:
@@ -674,45 +739,54 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``m = a . delta`` and ``b = beta ||delta||``. The gradient in ``lambda`` is without
     ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``).
     """
+    blk, h_dd = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
+    return blk._replace(h_dd=h_dd() if dd_block else None)
+
+
+def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta) -> tuple[W2Blocks, Callable]:
+    """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
+    Gram matrix is formed only when called). The three ``O(n d)`` products with ``a`` (the
+    gradient, ``h_dl`` and the mixed term of ``h_dd``) are one product of a ``3 x n``
+    matrix."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
-    sgn = np.where(flip, -1.0, 1.0)
+    flipped = bool(flip.any())
+    sgn = np.where(flip, -1.0, 1.0) if flipped else None
     t = tau / b
-    sg = expit(tau - sgn * m)
-    sp = sg * (1.0 - sg)
+    sg = _sigmoid(tau - (sgn * m if flipped else m))
+    sp = sg - sg * sg
     dd = np.maximum(2.0 * lam - b * b * sp, _TINY)
-    f_tm, f_tb, f_tl = -b * sp, sg + tau * sp, -2.0 * t
+    f_tm, f_tb = -b * sp, sg + tau * sp  # f_tl = -2 t
+    qd = q / dd
+    rows = np.empty((3, q.size))
+    np.multiply(q, sg, out=rows[0])                                  # gradient
+    np.multiply(q, f_tm * f_tb / dd - t * sp, out=rows[1])           # q v_mb
+    np.multiply(qd, -2.0 * f_tm * t, out=rows[2])                    # h_dl
+    g_tsg, g_tt = float(rows[0] @ t), float(q @ t**2)
+    if flipped:
+        rows *= sgn
+    prod = rows @ a
+    del rows
     bu = beta * u
-    g_d = -(q * sg * sgn) @ a + float(q @ (t * sg)) * bu
-    g_l = -float(q @ t**2)
-    h_dd = None
-    if dd_block:
-        v_mm = sp + f_tm**2 / dd
-        v_mb = -t * sp + f_tm * f_tb / dd
-        v_bb = t**2 * sp + f_tb**2 / dd
-        p = (q * v_mb * sgn) @ a
-        # weighted_hess reads only the atoms' ``a`` (v_mm >= 0: sp >= 0 and D > 0)
-        gram = weighted_hess(Atoms(a, a, q, a, beta), q * v_mm)
-        h_dd = (gram + np.outer(p, bu) + np.outer(bu, p)
-                + float(q @ v_bb) * np.outer(bu, bu)
-                + float(q @ (t * sg)) * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
-    h_dl = (q * f_tm * f_tl / dd * sgn) @ a + float(q @ (f_tb * f_tl / dd)) * bu
-    h_ll = float(q @ (f_tl**2 / dd))
-    return W2Blocks(g_d, g_l, h_dd, h_dl, h_ll)
+    g_d = -prod[0] + g_tsg * bu
+    h_dl = prod[2] + float(qd @ (-2.0 * f_tb * t)) * bu
+    h_ll = 4.0 * float(qd @ t**2)
+    c_mm = q * (sp + f_tm**2 / dd)  # >= 0: sp >= 0 and D > 0
+    v_bb = float(q @ (t**2 * sp + f_tb**2 / dd))
+    p = prod[1]
+
+    def h_dd() -> np.ndarray:
+        # weighted_hess reads only the atoms' ``a``
+        gram = weighted_hess(Atoms(a, a, q, a, beta), c_mm)
+        return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
+                + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
+
+    return W2Blocks(g_d, -g_tt, None, h_dl, h_ll), h_dd
 
 
-def _hessian(at: Atoms, m, mv: Moves, b, delta) -> np.ndarray:
-    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``."""
-    blk = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta)
-    if blk.h_ll > 0:
-        return blk.h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll
-    return blk.h_dd
-
-
-def _slope(at: Atoms, m, mv: Moves, b, delta) -> np.ndarray | None:
-    """``d lambda* / d delta = -G_ld / G_ll`` on the branches of ``mv`` (``O(n d)``)."""
-    blk = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta, dd_block=False)
-    return -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
+def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
+    """Hessian of ``F = min_lambda G``: the Schur complement ``G_dd - G_dl G_ld / G_ll``."""
+    return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
 
 
 def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> np.ndarray:
@@ -784,10 +858,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         pair = state.pair  # evaluated already
     else:
         if lam0 is not None and state.slope is not None and state.at is not None:
-            slope = state.slope()  # a first-order guess along the step
-            if slope is not None:
-                guess = lam0 + float(slope @ (delta - state.at))
-                lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
+            guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
+            lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
         pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
     value = hi.lam * rho**2 + float(w @ hi.value)
@@ -798,26 +870,28 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
         share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
     tied = bool(share.any())
-    new_state = W2State(hi.lam, hi.roots, delta, pair, None if tied else (
-        lambda: _slope(at, m, hi, b, delta)))
     u = delta / dn
     parts = [(hi, w * (1.0 - share))] + ([(lo, w * share)] if tied else [])
-    grad = np.zeros(delta.size)
-    pieces, cost = [], 0.0
-    for mv, q in parts:
-        sgn = np.where(mv.flip, -1.0, 1.0)
-        sg = expit(mv.tau - sgn * m)
-        grad = grad + (q * sg * -sgn) @ at.a + float(q @ (sg * mv.tau / b)) * beta * u
-        cost += float(q @ mv.cost)
-        if worst:
-            keep = np.flatnonzero(q > 0)
-            pieces.append(Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
+    # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches
+    blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta)
+    grad = blk.g_d
+    slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
+    new_state = W2State(hi.lam, hi.roots, delta, pair, slope)
+    if tied:  # plus the split atoms' lo moves
+        sp = np.flatnonzero(share > 0)
+        grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+                                b, lo.lam, beta, delta)[0].g_d
+    cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
         h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if tied
-             else (lambda: _hessian(at, m, hi, b, delta)))
+             else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
+        pieces = []
+        for mv, q in parts:
+            keep = np.flatnonzero(q > 0)
+            pieces.append(Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
         mix = Mixture(*(np.concatenate(col) for col in zip(*pieces, strict=True)))
         x, y = _moved(at, mix, b, u)
         wc = WorstCase(mix.q, x, y, mix.src, cost, rho**2)
