@@ -655,6 +655,13 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             # log E cost against log lambda is nearly linear (E t*^2 ~ lambda^-2 for small
             # moves): a Newton step, then secant steps, until the root is bracketed.
             cost = math.log(gv + r2)
+            joint = None if prev is not None else _joint_newton(m, w, b, r2, kappa, lam, mv,
+                                                                  roots)
+            if joint is not None and abs(math.log(joint[0]) - u) <= _TRUST:
+                # Newton on lambda and the roots from this probe's exact ones, branches fixed
+                prev = _Secant(u, cost)
+                lam, roots = joint
+                continue
             if prev is None:
                 slope = float(w @ _dcost_dlam(m, mv, b)) * lam / (gv + r2)
             else:
@@ -743,11 +750,12 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     return blk._replace(h_dd=h_dd() if dd_block else None)
 
 
-def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta) -> tuple[W2Blocks, Callable]:
+def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
+              hessian: bool = True) -> tuple[W2Blocks, Callable | None]:
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
-    Gram matrix is formed only when called). The three ``O(n d)`` products with ``a`` (the
-    gradient, ``h_dl`` and the mixed term of ``h_dd``) are one product of a ``3 x n``
-    matrix."""
+    Gram matrix is formed only when called; ``None`` without ``hessian``). The three
+    ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the mixed term of ``h_dd``)
+    are one product of a ``3 x n`` matrix."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     flipped = bool(flip.any())
@@ -771,6 +779,9 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta) -> tuple[W2Blocks, Callab
     g_d = -prod[0] + g_tsg * bu
     h_dl = prod[2] + float(qd @ (-2.0 * f_tb * t)) * bu
     h_ll = 4.0 * float(qd @ t**2)
+    blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
+    if not hessian:
+        return blk, None
     c_mm = q * (sp + f_tm**2 / dd)  # >= 0: sp >= 0 and D > 0
     v_bb = float(q @ (t**2 * sp + f_tb**2 / dd))
     p = prod[1]
@@ -781,7 +792,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta) -> tuple[W2Blocks, Callab
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return W2Blocks(g_d, -g_tt, None, h_dl, h_ll), h_dd
+    return blk, h_dd
 
 
 def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
@@ -863,7 +874,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
     value = hi.lam * rho**2 + float(w @ hi.value)
-    share = np.zeros(n)
+    share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
         switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
         extra = float(w @ np.where(switch, lo.cost - hi.cost, 0.0))
@@ -871,9 +882,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
     tied = bool(share.any())
     u = delta / dn
-    parts = [(hi, w * (1.0 - share))] + ([(lo, w * share)] if tied else [])
+    parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
     # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches
-    blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta)
+    blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta,
+                          hess and not tied)
     grad = blk.g_d
     slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope)
@@ -891,8 +903,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         pieces = []
         for mv, q in parts:
             keep = np.flatnonzero(q > 0)
-            pieces.append(Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
-        mix = Mixture(*(np.concatenate(col) for col in zip(*pieces, strict=True)))
+            pieces.append(Mixture(q, keep, mv.tau, mv.flip) if keep.size == q.size
+                          else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
+        mix = pieces[0] if len(pieces) == 1 else Mixture(
+            *(np.concatenate(col) for col in zip(*pieces, strict=True)))
         x, y = _moved(at, mix, b, u)
         wc = WorstCase(mix.q, x, y, mix.src, cost, rho**2)
         new_state = dataclasses.replace(new_state, mixture=mix)
@@ -935,14 +949,22 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     psi = rho^2`` to rounding). For ``kappa = inf`` only ``f = 0`` is allowed: the closed
     form ``||E xh|| <= rho``.
     """
-    xh = at.a / at.beta
-    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
     w, r2, kappa = at.w, amb.rho**2, amb.kappa
-    mean = w @ xh
+    mean = (w @ at.a) / at.beta  # E xh, xh = ytil x = a / beta
     if float(mean @ mean) <= r2:
         return np.zeros_like(w)
     if not math.isfinite(kappa):
         return None
+    # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
+    # certificate of descent usually holds on this ray already
+    z, mm = (at.a @ mean) / at.beta, float(mean @ mean)
+    act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
+    for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
+        act = act[4.0 * c * z[act] > kappa]
+        if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
+            return None
+    xh = at.a / at.beta
+    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
 
     def primal(f: np.ndarray) -> float:
         g = mean - 2.0 * (f @ xh)
@@ -952,14 +974,6 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
         z = 4.0 * (xh @ nu) - kappa
         return 2.0 * float(nu @ mean) - float(nu @ nu) - float(w @ np.maximum(z, 0.0))
 
-    # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
-    # certificate of descent usually holds on this ray already
-    z, mm = xh @ mean, float(mean @ mean)
-    act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
-    for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
-        act = act[4.0 * c * z[act] > kappa]
-        if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
-            return None
     nu = mean.copy()
     scale = max(kappa, r2, float(mean @ mean))
     mu = _FLIP_MU_START * scale
@@ -1092,52 +1106,69 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     u = delta / float(np.linalg.norm(delta))
     t = mix.tau / (at.beta * float(np.linalg.norm(delta)))
     cost = float(mix.q @ (t * t)) * float(u @ u)
+    del t
     if mix.flip.any():
         cost += amb.kappa * float(mix.q[mix.flip].sum())
     budget = amb.rho**2
-    if cost > budget:
+    parts = [(mix, 1.0)]
+    if cost > budget:  # Q's share of the mixture with P, P's atoms unmoved
         share = budget / cost * (1.0 - _MIX_ROUND)
         n = at.w.size
-        mix = Mixture(np.concatenate([mix.q * share, at.w * (1.0 - share)]),
-                      np.concatenate([mix.src, np.arange(n)]),
-                      np.concatenate([mix.tau, np.zeros(n)]),
-                      np.concatenate([mix.flip, np.zeros(n, dtype=bool)]))
-    return _moved_logistic_gap(at, delta, u, value, mix) / max(1.0, abs(value))
+        parts = [(mix, share), (Mixture(at.w, np.arange(n), np.zeros(n),
+                                        np.zeros(n, dtype=bool)), 1.0 - share)]
+    return _moved_logistic_gap(at, delta, u, value, parts) / max(1.0, abs(value))
 
 
-def _moved_logistic_gap(at: Atoms, delta, u, upper: float, mix: Mixture) -> float:
+def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     """:func:`~.core.logistic_gap` of ``f(D) = sum_k q_k softplus(-a'_k . D)`` for the moved
-    atoms ``a'_k = s_k a_src - beta t_k u`` of ``mix`` from per-atom scalars (``O(n d)``, no
-    ``n x d`` array): margins ``s_k m_src - beta t_k (u . delta)``, gradient ``-sum c_k s_k
-    a_src + beta (sum c_k t_k) u`` (``c = q sigmoid(-m')``), Hessian ``sum C_i a_i a_i^T -
-    beta (p u^T + u p^T) + beta^2 (sum c'_k t_k^2) u u^T`` (``c' = c sigmoid(m')``, ``C_i`` its
-    sum over the atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max ||a_src|| +
-    beta t ||u||`` (the triangle inequality: at least ``max ||a'||``); like
-    :func:`~.core.logistic_gap`, every ``q.size / _CERT_ATOMS``-th atom's Hessian first."""
-    keep = mix.q > 0
-    q, src, flip, tau = mix.q[keep], mix.src[keep], mix.flip[keep], mix.tau[keep]
-    n, beta = at.w.size, at.beta
-    t = tau / (beta * float(np.linalg.norm(delta)))
-    sgn = np.where(flip, -1.0, 1.0)
-    mq = sgn * (at.a @ delta)[src] - beta * float(u @ delta) * t
-    sg = expit(-mq)
-    value = float(q @ softplus(-mq))
-    c = q * sg
-    grad = -(np.bincount(src, c * sgn, minlength=n) @ at.a) + beta * float(c @ t) * u
-    curv = c * (1.0 - sg)
-    norms = np.sqrt(np.einsum("ij,ij->i", at.a, at.a))
-    radius = float(np.max(norms[src] + beta * float(np.linalg.norm(u)) * t))
-    if q.size > _CERT_ATOMS:  # sum over a subset <= the Hessian: a cheaper, looser bound
-        sub = slice(None, None, q.size // _CERT_ATOMS)
-        a_sub = sgn[sub, None] * at.a[src[sub]] - (beta * t[sub])[:, None] * u[None, :]
-        bsub = a_sub * np.sqrt(curv[sub])[:, None]
+    atoms ``a'_k = s_k a_src - beta t_k u`` of the mixtures ``parts`` (pairs of a
+    :class:`Mixture` and its share) from per-atom scalars (``O(n d)``, no ``n x d`` array):
+    margins ``s_k m_src - beta t_k (u . delta)``, gradient ``-sum c_k s_k a_src + beta (sum
+    c_k t_k) u`` (``c = q sigmoid(-m')``), Hessian ``sum C_i a_i a_i^T - beta (p u^T + u
+    p^T) + beta^2 (sum c'_k t_k^2) u u^T`` (``c' = c sigmoid(m')``, ``C_i`` its sum over the
+    atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max ||a_src|| + beta t ||u||``
+    (the triangle inequality: at least ``max ||a'||``); like :func:`~.core.logistic_gap`,
+    the Hessian of every ``N / _CERT_ATOMS``-th atom of each part first (``N`` atoms in
+    all)."""
+    n, beta, d = at.w.size, at.beta, delta.size
+    dn = float(np.linalg.norm(delta))
+    m = at.a @ delta
+    total = sum(mix.q.size for mix, _ in parts)
+    step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
+    value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
+    grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
+    subs = []
+    for mix, share in parts:
+        for lo in range(0, mix.q.size, _ROWS):  # blocks of atoms: O(_ROWS) temporaries
+            blk = slice(lo, lo + _ROWS)
+            q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
+            sgn = np.where(flip, -1.0, 1.0)
+            t = mix.tau[blk] / (beta * dn)
+            mq = sgn * m[src] - beta * float(u @ delta) * t
+            value += float(q @ softplus(-mq))
+            sg = _sigmoid(-mq)
+            c = q * sg
+            g_u += float(c @ t)
+            curv = c * (1.0 - sg)
+            tt += float(curv @ t**2)
+            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
+            for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
+                acc[first:top] += np.bincount(src - first, val, minlength=top - first)
+            norms = np.sqrt(np.einsum("ij,ij->i", at.a[src], at.a[src]))
+            radius = max(radius, float(np.max(norms + beta * unorm * t)))
+            if step:
+                sub = slice((-lo) % step, None, step)  # every step-th atom of the part
+                rows = sgn[sub, None] * at.a[src[sub]] - (beta * t[sub])[:, None] * u[None, :]
+                subs.append(rows * np.sqrt(curv[sub])[:, None])
+    grad = -(grad_c @ at.a) + beta * g_u * u
+    if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
+        bsub = np.vstack(subs) if subs else np.zeros((0, d))
         bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    p = np.bincount(src, curv * sgn * t, minlength=n) @ at.a
-    hess = (weighted_hess(at, np.bincount(src, curv, minlength=n))
-            - beta * (np.outer(p, u) + np.outer(u, p))
-            + beta**2 * float(curv @ t**2) * np.outer(u, u))
+    p = p_c @ at.a
+    hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
+            + beta**2 * tt * np.outer(u, u))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
 
 
