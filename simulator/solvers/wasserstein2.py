@@ -248,8 +248,12 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None,
     k = float(k)
     if k >= 0.25:  # psi decreases: one maximiser, on the right piece tau >= m iff psi(m) >= 0
         r_ok = (m < 0) | (0.5 - k * m >= 0)
-        tau0 = (np.where(r_ok, 1.0 / k, 0.0) if start is None
-                else np.where(start.right_exists, start.tau_right, start.tau_left))
+        if start is None:
+            tau0 = np.where(r_ok, 1.0 / k, 0.0)
+        elif start.tau_right is start.tau_left:  # one array holds both
+            tau0 = start.tau_right
+        else:
+            tau0 = np.where(start.right_exists, start.tau_right, start.tau_left)
         tau = _concave_roots(m, k, tau0)
         value = softplus(tau - m) - 0.5 * k * tau**2 if values else None
         nan = np.full(m.shape, np.nan)
@@ -339,7 +343,8 @@ def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
     start = start or None  # () from older callers: no warm start
     plain = best_move(m, k, None if start is None else start.plain, values=False)
     tau, roots0 = plain.tau, plain.roots
-    right = roots0.right_exists & (tau == roots0.tau_right)
+    right = (roots0.right_exists.copy() if tau is roots0.tau_right
+             else roots0.right_exists & (tau == roots0.tau_right))
     flip = np.zeros(m.shape, dtype=bool)
     roots = MoveRoots(roots0)
     if np.isfinite(kappa):
