@@ -749,7 +749,9 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``f(t; m, b, lambda) = softplus(b t - m) - lambda t^2`` its second derivatives are
     ``f_xy + f_xt f_ty / D``, ``D = 2 lambda - b^2 sigmoid'``, chained through
     ``m = a . delta`` and ``b = beta ||delta||``. The gradient in ``lambda`` is without
-    ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``).
+    ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``). Every
+    ``tau_k`` must be a stationary point (``sigmoid(tau_k - s_k m_k) = 2 lambda tau_k / b^2``,
+    which gives the sigmoid without an ``exp``).
     """
     blk, h_dd = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
     return blk._replace(h_dd=h_dd() if dd_block else None)
@@ -766,7 +768,8 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
     flipped = bool(flip.any())
     sgn = np.where(flip, -1.0, 1.0) if flipped else None
     t = tau / b
-    sg = _sigmoid(tau - (sgn * m if flipped else m))
+    # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots' accuracy)
+    sg = (2.0 * lam / b) * t
     sp = sg - sg * sg
     dd = np.maximum(2.0 * lam - b * b * sp, _TINY)
     f_tm, f_tb = -b * sp, sg + tau * sp  # f_tl = -2 t
