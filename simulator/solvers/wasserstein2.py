@@ -1022,8 +1022,9 @@ def _zero_test(at: Atoms, amb) -> float | None:
     return 0.0 if flip_shares(at, amb) is not None else None
 
 
-#: A worst case whose recomputed transport cost exceeds ``rho^2`` (by rounding) is mixed with
-#: ``P`` at a weight this much (relative) below ``rho^2 / cost``: a few ulps of safety.
+#: A worst case whose recomputed transport cost exceeds ``rho^2`` (by rounding) has its moves
+#: shortened (their cost scaled), or is mixed with ``P`` at a weight, this much (relative)
+#: below ``rho^2 / cost``: a few ulps of safety.
 _MIX_ROUND = 4.0 * np.finfo(float).eps
 
 
@@ -1033,9 +1034,10 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
     ``delta = 0``: ``0`` when :func:`flip_shares` certifies it (``Q_f`` has ``min_theta E_Q l
     = log 2 = F(0)``), else ``inf``. Otherwise the worst case ``Q*`` of ``res`` (every atom
     moved by its ``t*``, flipped where that wins, split atoms with both moves) is in the ball:
-    its transport cost is recomputed from its atoms (``||x' - x||^2 + kappa 1[y' != y]``) and,
-    where rounding puts it above ``rho^2``, ``Q*`` is mixed with ``P`` (the coupling that keeps
-    a share of ``P`` in place costs that share less). So ``min F >= min_theta E_Q l``, a
+    its transport cost is recomputed from its moves (``t^2 ||u||^2 + kappa 1[y' != y]``) and,
+    where rounding puts it above ``rho^2``, the moves are shortened to spend the budget (or,
+    where the flips alone exceed it, ``Q*`` is mixed with ``P``: the coupling that keeps a
+    share of ``P`` in place costs that share less). So ``min F >= min_theta E_Q l``, a
     weighted logistic regression bounded below by :func:`~.core.logistic_gap`; at the
     minimiser ``E_{Q*} l`` is stationary (Danskin) and the bound is about ``||grad||^2 / (2
     mu)``. ``info`` is not used.
@@ -1103,8 +1105,9 @@ def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> fl
 
 def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
-    of :class:`Mixture` ``mix``: mixed with ``P`` first where its transport cost exceeds
-    ``rho^2``, so that it lies in the ball.
+    of :class:`Mixture` ``mix``: where its transport cost exceeds ``rho^2`` (by rounding),
+    first every move is shortened by the factor that spends the budget (less a few ulps),
+    else (the flips alone exceed it) ``Q`` is mixed with ``P``, so that it lies in the ball.
 
     The cost is that of the moves themselves, ``t^2 ||u||^2 + kappa 1[flipped]`` per unit
     mass (``u`` the rounded direction, so the moved atoms are exactly those of ``mix``), and
@@ -1112,12 +1115,21 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     (:func:`_moved_logistic_gap`, without forming them).
     """
     u = delta / float(np.linalg.norm(delta))
-    t = mix.tau / (at.beta * float(np.linalg.norm(delta)))
-    cost = float(mix.q @ (t * t)) * float(u @ u)
-    del t
-    if mix.flip.any():
-        cost += amb.kappa * float(mix.q[mix.flip].sum())
+    scale = 1.0 / (at.beta * float(np.linalg.norm(delta)))
+
+    def moves_cost(tau):  # sum q t^2 ||u||^2, t = tau / b
+        t = tau * scale
+        return float(mix.q @ (t * t)) * float(u @ u)
+
+    moving = moves_cost(mix.tau)
+    flips = amb.kappa * float(mix.q[mix.flip].sum()) if mix.flip.any() else 0.0
     budget = amb.rho**2
+    if moving + flips > budget and budget > flips and moving > 0:
+        # rounding: every move shortened by sqrt(c) (the same directions, cost c moving)
+        shrunk = mix.tau * math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
+        if moves_cost(shrunk) + flips <= budget:
+            mix, moving = mix._replace(tau=shrunk), moves_cost(shrunk)
+    cost = moving + flips
     parts = [(mix, 1.0)]
     if cost > budget:  # Q's share of the mixture with P, P's atoms unmoved
         share = budget / cost * (1.0 - _MIX_ROUND)
