@@ -808,7 +808,8 @@ def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
     return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
 
 
-def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> np.ndarray:
+def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
+                 hi_blocks: W2Blocks) -> np.ndarray:
     """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
 
     There ``lambda*(delta)`` keeps the split atoms tied and their shares keep the budget
@@ -816,11 +817,12 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     Hessian is the Schur complement of the KKT matrix
     ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
     ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
-    ``(delta, lambda)``.
+    ``(delta, lambda)``. ``hi_blocks``: :func:`w2_blocks` of the ``hi`` moves with weights
+    ``w (1 - share)``.
     """
     w, beta = at.w, at.beta
     split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
-    blocks = [w2_blocks(at.a, w * (1.0 - share), m, hi.tau, hi.flip, b, hi.lam, beta, delta),
+    blocks = [hi_blocks,
               w2_blocks(at.a[split], (w * share)[split], m[split], lo.tau[split],
                         lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
@@ -893,7 +895,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
     # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches
     blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta,
-                          hess and not tied)
+                          hess)
     grad = blk.g_d
     slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope)
@@ -904,7 +906,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
-        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if tied
+        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
+                                   blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
