@@ -62,8 +62,9 @@ from .core import (
 from .nominal import nominal_result
 from .result import WorstCase
 
-__all__ = ["METHODS", "BestMove", "Bracket", "MoveRoots", "Moves", "Roots", "W2Blocks",
-           "W2State", "best_move", "certify", "flip_shares", "solve_lambda", "w2_blocks"]
+__all__ = ["METHODS", "BestMove", "Bracket", "Mixture", "MoveRoots", "Moves", "Roots",
+           "W2Blocks", "W2State", "best_move", "certify", "flip_shares", "solve_lambda",
+           "w2_blocks"]
 
 #: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
