@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
+from scipy.special import expit
 
 import simulator as sim
 from simulator.solvers.core import Atoms
@@ -175,3 +176,59 @@ def test_certificate_of_theta_ref_is_zero_on_the_separable_family():
     for seed in range(5):
         sol = sim.solve(_separable(seed), sim.Wasserstein(RHO, p=2, kappa=KAPPA))
         assert sol.info["optimality_gap"] == 0.0
+
+
+@pytest.mark.parametrize("n", [40, 30_000])
+def test_certificate_from_moves_matches_the_bound_on_the_moved_atoms(n, monkeypatch):
+    """The certificate's logistic bound from per-atom moves (no n x d array) against
+    ``core.logistic_gap`` on the explicitly moved and relabelled atoms ``a' = ytil' beta x'``
+    (flips, split atoms, a share of ``P``; above ``_CERT_ATOMS`` atoms the subset Hessian),
+    near the minimiser: the same to leading order (the radius is bounded by the triangle
+    inequality, and the subsets of two parts differ)."""
+    from scipy.optimize import minimize
+
+    from simulator.solvers import core
+    from simulator.solvers import wasserstein2 as w2
+    from simulator.solvers.core import logistic_gap
+
+    # the reference with the same subset stage as the moves' bound (_CERT_ATOMS atoms only)
+    monkeypatch.setattr(core, "_CERT_PER_D", 10**9)
+    rng = np.random.default_rng(n)
+    d = 3
+    data = sim.PreferenceData(rng.normal(size=(n, d)), (rng.random(n) < 0.6).astype(float))
+    at = Atoms.from_data(data, 1.3)
+
+    def f(dl, a, w):
+        mm = a @ dl
+        return float(w @ sim.softplus(-mm)), -(w * expit(-mm)) @ a
+
+    best = minimize(f, np.ones(d), args=(at.a, at.w), jac=True, method="BFGS",
+                    options={"gtol": 1e-13}).x
+    src = np.concatenate([np.arange(n), [0, n - 1]])  # atoms 0 and n - 1 split
+    q = np.concatenate([at.w * rng.uniform(0.5, 1.0, n), [0.1 / n, 0.2 / n]])
+    plain = w2.Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
+    for scale in (1e-3, 0.3):  # moves t <= scale, flips with probability scale / 10
+        t = rng.uniform(0.0, scale, src.size)
+        flip = rng.random(src.size) < scale / 10
+        point = best
+        for _ in range(30):  # near the minimiser of E_Q l for Q moved along point's direction
+            u, b = point / float(np.linalg.norm(point)), at.beta * float(np.linalg.norm(point))
+            mix = w2.Mixture(q, src, t * b, flip)
+            x, y = w2._moved(at, mix, b, u)
+            a_moved = ((2.0 * y - 1.0) * at.beta)[:, None] * x
+            point = minimize(f, point, args=(a_moved, q), jac=True, method="BFGS",
+                             options={"gtol": 1e-13}).x
+        point = point * (1 + 1e-6)
+        u, b = point / float(np.linalg.norm(point)), at.beta * float(np.linalg.norm(point))
+        mix = w2.Mixture(q, src, t * b, flip)
+        x, y = w2._moved(at, mix, b, u)
+        np.testing.assert_allclose(  # the moves: t = tau / b along -ytil' u
+            np.linalg.norm(x - at.x[src], axis=1), mix.tau / b, rtol=1e-9, atol=1e-15)
+        a_moved = ((2.0 * y - 1.0) * at.beta)[:, None] * x
+        for parts in ([(mix, 1.0)], [(mix, 0.7), (plain, 0.3)]):
+            a_all = np.vstack([a_moved] + ([at.a] if len(parts) > 1 else []))
+            q_all = np.concatenate([q * parts[0][1]] + ([at.w * 0.3] if len(parts) > 1 else []))
+            upper = f(point, a_all, q_all)[0]
+            got = w2._moved_logistic_gap(at, point, u, upper, parts)
+            want = logistic_gap(a_all, q_all, point, upper)
+            assert 0 < want <= got * (1 + 1e-6) and got <= want * (1.5 if n > 1000 else 1.01)

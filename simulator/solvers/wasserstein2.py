@@ -36,6 +36,8 @@ refuses p = 2).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,12 +48,23 @@ from scipy.optimize import lsq_linear
 from scipy.special import expit
 
 from ..losses import softplus
-from .core import Atoms, InnerResult, Minimum, SetMethods, Stalled, logistic_gap, weighted_hess
+from .core import (
+    _CERT_ATOMS,
+    _CERT_SUBSET_OK,
+    Atoms,
+    InnerResult,
+    Minimum,
+    SetMethods,
+    Stalled,
+    curvature_bound,
+    weighted_hess,
+)
 from .nominal import nominal_result
 from .result import WorstCase
 
-__all__ = ["METHODS", "BestMove", "Bracket", "MoveRoots", "Moves", "Roots", "W2Blocks",
-           "W2State", "best_move", "certify", "flip_shares", "solve_lambda", "w2_blocks"]
+__all__ = ["METHODS", "BestMove", "Bracket", "Mixture", "MoveRoots", "Moves", "Roots",
+           "W2Blocks", "W2State", "best_move", "certify", "flip_shares", "solve_lambda",
+           "w2_blocks"]
 
 #: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
@@ -78,8 +91,9 @@ _SWITCH_ITERS = 100
 
 
 class Roots(NamedTuple):
-    """The local maximisers of every atom on the right and left pieces of ``psi`` (0 where
-    a piece has none) and whether they exist."""
+    """The local maximisers of every atom on the right and left pieces of ``psi`` and
+    whether they exist (where a piece has none its entry is a warm start only: 0, or for
+    ``k >= 1/4``, where every atom has one maximiser, the same array holds both)."""
 
     tau_right: np.ndarray
     tau_left: np.ndarray
@@ -98,10 +112,12 @@ class BestMove(NamedTuple):
 
 
 class MoveRoots(NamedTuple):
-    """Warm starts of :func:`_moves`: the roots of the kept and of the flipped branch."""
+    """Warm starts of :func:`_moves`: the roots of the kept branch (every atom) and of the
+    flipped branch on the atoms ``flipped_at`` where it was a candidate."""
 
     plain: Roots
     flipped: Roots | None = None
+    flipped_at: np.ndarray | None = None
 
 
 def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
@@ -146,7 +162,67 @@ def _root(m: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray,
     return tau
 
 
-def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
+#: Unbracketed Newton sweeps of :func:`_concave_roots` before the atoms left unresolved
+#: go to the bracketed :func:`_root` (from a warm start two or three are used).
+_FAST_SWEEPS = 8
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` (a few ulps, as ``expit``, and several times faster: ``exp``
+    is vectorised); ``0`` where ``exp(-z)`` overflows (``z < -709``: ``sigmoid < 1e-308``)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-z)
+    e += 1.0
+    return np.reciprocal(e, out=e)
+
+
+def _concave_roots(m: np.ndarray, k: float, tau0: np.ndarray) -> np.ndarray:
+    """The root of ``psi(tau) = sigmoid(tau - m) - k tau`` on ``[0, 1/k]`` for ``k >= 1/4``
+    (``psi`` decreases there: one root per atom).
+
+    Newton steps from ``tau0`` on every atom at once (the first sweep without gathers),
+    with :func:`_root`'s stopping test; an atom whose step leaves ``[0, 1/k]`` or that is
+    unresolved after ``_FAST_SWEEPS`` is finished by the bracketed :func:`_root`.
+    """
+    top = 1.0 / k
+    tau = np.clip(tau0, 0.0, top)
+    act = None  # every atom
+    failed = []
+    for _ in range(_FAST_SWEEPS):
+        mi, ti = (m, tau) if act is None else (m[act], tau[act])
+        s = _sigmoid(ti - mi)
+        ds = s - s * s
+        dpsi = ds - k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = (s - k * ti) / dpsi
+            new = ti - step
+            scale = _ROOT_TOL * np.maximum(1.0, np.abs(new))
+            step = np.abs(step)
+            # Newton's error after this step is about psi'' step^2 / (2 |psi'|)
+            done = (step <= scale) | (np.abs(ds - 2.0 * s * ds) * step**2
+                                      <= 0.2 * scale * np.abs(dpsi))
+            out = ~((new >= 0.0) & (new <= top))
+        if act is None:
+            tau = np.where(out, tau, new)
+            act = np.flatnonzero(~done | out)
+            if out.any():
+                failed.append(np.flatnonzero(out))
+                act = np.setdiff1d(act, failed[-1], assume_unique=True)
+        else:
+            tau[act] = np.where(out, ti, new)
+            if out.any():
+                failed.append(act[out])
+            act = act[~done & ~out]
+        if act.size == 0:
+            break
+    rest = np.concatenate([act, *failed]) if act is not None else np.zeros(0, dtype=int)
+    if rest.size:
+        tau[rest] = _root(m[rest], k, np.zeros(rest.size), np.full(rest.size, top), tau[rest])
+    return tau
+
+
+def best_move(m: np.ndarray, k: float, start: Roots | None = None,
+              values: bool = True) -> BestMove:
     """Global maximiser of ``f(tau) = softplus(tau - m) - (k/2) tau^2`` over ``tau >= 0``.
 
     Parameters
@@ -157,6 +233,9 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
         ``2 lambda / b^2 > 0``.
     start : Roots, optional
         Warm starts for the two local maximisers (the ``roots`` of an earlier call).
+    values : bool
+        Whether to compute ``value`` (``None`` otherwise) where it is not needed to choose
+        between two maximisers (``k >= 1/4``).
 
     Returns
     -------
@@ -168,11 +247,21 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
     """
     m = np.asarray(m, dtype=np.float64)
     k = float(k)
-    if k < 0.25:  # s_k > 0 with sigmoid'(s_k) = k; psi increases on |tau - m| < s_k
-        disc = math.sqrt(1.0 - 4.0 * k)
-        s_k = math.log1p(disc) - math.log1p(-disc) if disc < 1.0 else math.inf
-    else:  # psi decreases everywhere; split at the inflection tau = m
-        s_k = 0.0
+    if k >= 0.25:  # psi decreases: one maximiser, on the right piece tau >= m iff psi(m) >= 0
+        r_ok = (m < 0) | (0.5 - k * m >= 0)
+        if start is None:
+            tau0 = np.where(r_ok, 1.0 / k, 0.0)
+        elif start.tau_right is start.tau_left:  # one array holds both
+            tau0 = start.tau_right
+        else:
+            tau0 = np.where(start.right_exists, start.tau_right, start.tau_left)
+        tau = _concave_roots(m, k, tau0)
+        value = softplus(tau - m) - 0.5 * k * tau**2 if values else None
+        nan = np.full(m.shape, np.nan)
+        return BestMove(tau, value, nan, nan, Roots(tau, tau, r_ok, ~r_ok))
+    # k < 1/4: s_k > 0 with sigmoid'(s_k) = k; psi increases on |tau - m| < s_k
+    disc = math.sqrt(1.0 - 4.0 * k)
+    s_k = math.log1p(disc) - math.log1p(-disc) if disc < 1.0 else math.inf
     top = 1.0 / k
     if math.isinf(s_k):  # k underflows: psi > 0 up to tau ~ 1/k, a single right root
         r_ok, l_ok, s_k = np.ones(m.shape, dtype=bool), np.zeros(m.shape, dtype=bool), 0.0
@@ -205,23 +294,33 @@ def best_move(m: np.ndarray, k: float, start: Roots | None = None) -> BestMove:
     return BestMove(tau, value, tau_alt, value_alt, Roots(tau_r, tau_l, r_ok, l_ok))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Moves:
-    """Per-atom adversarial moves at ``lambda``.
+    """Per-atom adversarial moves at ``lambda`` for the margins ``m``.
 
-    ``value[i]`` is ``max`` over branches of ``phi - lambda * kappa * flip`` and
-    ``cost[i] = t^2 + kappa * flip`` the transport cost per unit mass of the
-    chosen move, ``t = tau / b``; ``right[i]`` tells whether it is the maximiser on the
+    ``value[i]`` (computed when first read) is ``max`` over branches of ``phi - lambda *
+    kappa * flip`` and ``cost[i] = t^2 + kappa * flip`` the transport cost per unit mass of
+    the chosen move, ``t = tau / b``; ``right[i]`` tells whether it is the maximiser on the
     right piece (``tau >= m + s_k``, see :func:`best_move`).
     """
 
     lam: float
     tau: np.ndarray
     flip: np.ndarray
-    value: np.ndarray
     cost: np.ndarray
-    roots: MoveRoots | None = None
-    right: np.ndarray | None = None
+    roots: MoveRoots | None
+    right: np.ndarray
+    m: np.ndarray
+    b: float
+    kappa: float
+
+    @functools.cached_property
+    def value(self) -> np.ndarray:
+        k = 2.0 * self.lam / self.b**2
+        val = softplus(self.tau - np.where(self.flip, -self.m, self.m)) - 0.5 * k * self.tau**2
+        if self.flip.any():
+            val[self.flip] -= self.lam * self.kappa
+        return val
 
 
 class Bracket(NamedTuple):
@@ -243,9 +342,10 @@ def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
            start: MoveRoots | None = None) -> Moves:
     k = 2.0 * lam / b**2
     start = start or None  # () from older callers: no warm start
-    plain = best_move(m, k, None if start is None else start.plain)
-    tau, val, roots0 = plain.tau, plain.value, plain.roots
-    right = roots0.right_exists & (tau == roots0.tau_right)
+    plain = best_move(m, k, None if start is None else start.plain, values=False)
+    tau, roots0 = plain.tau, plain.roots
+    right = (roots0.right_exists.copy() if tau is roots0.tau_right
+             else roots0.right_exists & (tau == roots0.tau_right))
     flip = np.zeros(m.shape, dtype=bool)
     roots = MoveRoots(roots0)
     if np.isfinite(kappa):
@@ -253,24 +353,31 @@ def _moves(m: np.ndarray, b: float, lam: float, kappa: float,
         # softplus(m) + b^2 / (4 lambda) - lambda kappa, and the unflipped one at least
         # softplus(-m): flipping can win only where m > lambda kappa - b^2 / (4 lambda).
         cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
-        prev = None if start is None else start.flipped
-        roots_f = Roots(*(np.zeros_like(r) for r in roots0)) if prev is None else Roots(
-            *(r.copy() for r in prev))
-        flip = np.zeros(m.shape, dtype=bool)
-        if cand.size:
-            flipped = best_move(-m[cand], k, None if prev is None else Roots(
-                *(r[cand] for r in prev)))
-            sub = flipped.roots
-            for full, part in zip(roots_f, sub, strict=True):
-                full[cand] = part
-            tau_f, val_f = flipped.tau, flipped.value - lam * kappa
-            win = val_f > val[cand]
+        warm = None
+        old = None if start is None else start.flipped_at
+        if cand.size and old is not None and old.size:
+            # the flipped roots of the candidates that were candidates before, else cold
+            pos = np.minimum(np.searchsorted(old, cand), old.size - 1)
+            hit = old[pos] == cand
+            top = 1.0 / k
+            warm = Roots(np.where(hit, start.flipped.tau_right[pos], top),
+                         np.where(hit, start.flipped.tau_left[pos], 0.0),
+                         start.flipped.right_exists[pos] & hit,
+                         start.flipped.left_exists[pos] & hit)
+        flipped = best_move(-m[cand], k, warm)
+        sub = flipped.roots
+        mc, tc = m[cand], tau[cand]
+        win = flipped.value - lam * kappa > softplus(tc - mc) - 0.5 * k * tc**2
+        if cand.size and win.any():
+            tau = tau.copy()  # tau may be the warm-start array of the roots
             flip[cand[win]] = True
-            tau[cand[win]], val[cand[win]] = tau_f[win], val_f[win]
-            right[cand[win]] = (sub.right_exists & (tau_f == sub.tau_right))[win]
-        roots = MoveRoots(roots0, roots_f)
-    cost = (tau / b) ** 2 + np.where(flip, kappa, 0.0)
-    return Moves(lam, tau, flip, val, cost, roots, right)
+            tau[cand[win]] = flipped.tau[win]
+            right[cand[win]] = (sub.right_exists & (flipped.tau == sub.tau_right))[win]
+        roots = MoveRoots(roots0, sub, cand)
+    cost = (tau / b) ** 2
+    if flip.any():
+        cost[flip] += kappa
+    return Moves(lam, tau, flip, cost, roots, right, m, b, kappa)
 
 
 def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
@@ -397,6 +504,66 @@ def _bracket_jump(m, w, b, kappa, lo: _Probe, hi: _Probe, g) -> _Narrowed | None
     return _Narrowed(lo, hi, math.sqrt(lo.moves.lam * hi.moves.lam))
 
 
+#: Sweeps of :func:`_joint_newton` (quadratic convergence from the previous point's moves:
+#: two to four are used).
+_JOINT_SWEEPS = 6
+#: ... which stops once its step in ``k`` is below this (relative): the next one would be
+#: about its square, below double precision.
+_JOINT_TOL = 1e-9
+
+
+def _joint_newton(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float,
+                  lam: float, prev: Moves, start: MoveRoots) -> tuple[float, MoveRoots] | None:
+    """A guess of ``lambda*`` and warm starts for its probe, from the moves ``prev`` of
+    another point (``k = 2 lambda / b^2 >= 1/4`` throughout, else ``None``).
+
+    With every atom's branch fixed as in ``prev`` (``mm = -m`` where flipped), Newton's
+    method on the budget ``E tau^2 / b^2 + kappa E flip = rho^2`` and every atom's
+    stationarity ``psi_i = sigmoid(tau_i - mm_i) - k tau_i = 0`` together: the linearised
+    roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` put into the linearised budget give
+    ``dk``, one sweep over the atoms per step. The answer is only a starting point:
+    :func:`solve_lambda`'s probe at it is exact (and chooses the branches again).
+    """
+    k = 2.0 * lam / b**2
+    if k < 0.25 or prev.tau.shape != m.shape:
+        return None
+    flips = np.flatnonzero(prev.flip)
+    mm = m
+    if flips.size:
+        mm = m.copy()
+        mm[flips] = -m[flips]
+    fixed = kappa * float(w[flips].sum()) if flips.size else 0.0
+    tau, c = prev.tau, 2.0 / b**2
+    for _ in range(_JOINT_SWEEPS):
+        s = _sigmoid(tau - mm)
+        dpsi = s - s * s - k
+        psi = s - k * tau
+        if not np.all(dpsi < 0):
+            return None
+        q = tau / dpsi
+        dk = (c * float(w @ (q * psi)) - (float(w @ tau**2) / b**2 + fixed - r2)) / (
+            c * float(w @ (q * tau)))
+        tau = tau + (q * dk - psi / dpsi)
+        k += dk
+        if not (math.isfinite(k) and k >= 0.25):
+            return None
+        if abs(dk) <= _JOINT_TOL * k:
+            break
+    plain, sub, at = start.plain, start.flipped, start.flipped_at
+    warm = tau
+    if flips.size:  # the flipped atoms' own roots are the flipped branch's warm start
+        warm = tau.copy()
+        warm[flips] = plain.tau_right[flips] if plain.tau_right is plain.tau_left else 0.0
+        if sub is not None and at is not None and at.size:
+            pos = np.searchsorted(at, flips)
+            ok = (pos < at.size) & (at[np.minimum(pos, at.size - 1)] == flips)
+            right = sub.tau_right.copy()
+            right[pos[ok]] = tau[flips[ok]]
+            sub = Roots(right, right, sub.right_exists, sub.left_exists)
+    return 0.5 * k * b**2, MoveRoots(Roots(warm, warm, plain.right_exists, plain.left_exists),
+                                      sub, at)
+
+
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
                  lam0: float | None = None, start: MoveRoots | None = None,
                  jump: Bracket | None = None) -> Bracket:
@@ -448,6 +615,11 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
                         hi = probe
                 lam = math.sqrt(lo.moves.lam * hi.moves.lam) if lo and hi else (
                     lo or hi).moves.lam * (1.01 if lo else 0.99)
+    if lo is None and hi is None and roots is not None and jump is not None:
+        # from the previous point's moves: lambda* and every root together, then one probe
+        joint = _joint_newton(m, w, b, r2, kappa, lam, jump.hi, roots)
+        if joint is not None:
+            lam, roots = joint
     for _ in range(_LAMBDA_ITERS):
         probe = g(lam)
         mv, gv = probe
@@ -489,6 +661,13 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             # log E cost against log lambda is nearly linear (E t*^2 ~ lambda^-2 for small
             # moves): a Newton step, then secant steps, until the root is bracketed.
             cost = math.log(gv + r2)
+            joint = None if prev is not None else _joint_newton(m, w, b, r2, kappa, lam, mv,
+                                                                  roots)
+            if joint is not None and abs(math.log(joint[0]) - u) <= _TRUST:
+                # Newton on lambda and the roots from this probe's exact ones, branches fixed
+                prev = _Secant(u, cost)
+                lam, roots = joint
+                continue
             if prev is None:
                 slope = float(w @ _dcost_dlam(m, mv, b)) * lam / (gv + r2)
             else:
@@ -525,18 +704,32 @@ _GUESS_FLOOR = 0.5
 @dataclass(frozen=True, eq=False)
 class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
-    point ``at`` they belong to with its bracket ``pair``, and ``slope``, a function
-    returning ``d lambda* / d delta = -G_ld / G_ll`` there (``None`` at a tie)."""
+    point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
+    delta = -G_ld / G_ll`` there (``None`` at a tie); with a
+    worst case, ``mixture``, its per-atom moves (for :func:`certify`)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
     at: np.ndarray | None = None
     pair: Bracket | None = None
-    slope: Callable[[], np.ndarray] | None = None
+    slope: np.ndarray | None = None
+    mixture: Mixture | None = None
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
         return W2State(lam=self.lam)
+
+
+class Mixture(NamedTuple):
+    """A distribution of moved atoms by per-atom scalars: atom ``k`` has weight ``q[k]``,
+    comes from nominal atom ``src[k]``, is flipped where ``flip[k]`` and moved by ``t =
+    tau[k] / b`` along ``-ytil' u`` (so ``a'_k = s_k a_src - beta t_k u``, ``s_k = -1`` if
+    flipped): ``O(n)`` numbers instead of its ``n x d`` features."""
+
+    q: np.ndarray
+    src: np.ndarray
+    tau: np.ndarray
+    flip: np.ndarray
 
 
 class W2Blocks(NamedTuple):
@@ -557,48 +750,67 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``f(t; m, b, lambda) = softplus(b t - m) - lambda t^2`` its second derivatives are
     ``f_xy + f_xt f_ty / D``, ``D = 2 lambda - b^2 sigmoid'``, chained through
     ``m = a . delta`` and ``b = beta ||delta||``. The gradient in ``lambda`` is without
-    ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``).
+    ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``). Every
+    ``tau_k`` must be a stationary point (``sigmoid(tau_k - s_k m_k) = 2 lambda tau_k / b^2``,
+    which gives the sigmoid without an ``exp``).
     """
+    blk, h_dd = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
+    return blk._replace(h_dd=h_dd() if dd_block else None)
+
+
+def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
+              hessian: bool = True) -> tuple[W2Blocks, Callable | None]:
+    """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
+    Gram matrix is formed only when called; ``None`` without ``hessian``). The three
+    ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the mixed term of ``h_dd``)
+    are one product of a ``3 x n`` matrix."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
-    sgn = np.where(flip, -1.0, 1.0)
+    flipped = bool(flip.any())
+    sgn = np.where(flip, -1.0, 1.0) if flipped else None
     t = tau / b
-    sg = expit(tau - sgn * m)
-    sp = sg * (1.0 - sg)
+    # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots' accuracy)
+    sg = (2.0 * lam / b) * t
+    sp = sg - sg * sg
     dd = np.maximum(2.0 * lam - b * b * sp, _TINY)
-    f_tm, f_tb, f_tl = -b * sp, sg + tau * sp, -2.0 * t
+    f_tm, f_tb = -b * sp, sg + tau * sp  # f_tl = -2 t
+    qd = q / dd
+    rows = np.empty((3, q.size))
+    np.multiply(q, sg, out=rows[0])                                  # gradient
+    np.multiply(q, f_tm * f_tb / dd - t * sp, out=rows[1])           # q v_mb
+    np.multiply(qd, -2.0 * f_tm * t, out=rows[2])                    # h_dl
+    g_tsg, g_tt = float(rows[0] @ t), float(q @ t**2)
+    if flipped:
+        rows *= sgn
+    prod = rows @ a
+    del rows
     bu = beta * u
-    g_d = -(q * sg * sgn) @ a + float(q @ (t * sg)) * bu
-    g_l = -float(q @ t**2)
-    h_dd = None
-    if dd_block:
-        v_mm = sp + f_tm**2 / dd
-        v_mb = -t * sp + f_tm * f_tb / dd
-        v_bb = t**2 * sp + f_tb**2 / dd
-        p = (q * v_mb * sgn) @ a
-        h_dd = ((a * (q * v_mm)[:, None]).T @ a + np.outer(p, bu) + np.outer(bu, p)
-                + float(q @ v_bb) * np.outer(bu, bu)
-                + float(q @ (t * sg)) * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
-    h_dl = (q * f_tm * f_tl / dd * sgn) @ a + float(q @ (f_tb * f_tl / dd)) * bu
-    h_ll = float(q @ (f_tl**2 / dd))
-    return W2Blocks(g_d, g_l, h_dd, h_dl, h_ll)
+    g_d = -prod[0] + g_tsg * bu
+    h_dl = prod[2] + float(qd @ (-2.0 * f_tb * t)) * bu
+    h_ll = 4.0 * float(qd @ t**2)
+    blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
+    if not hessian:
+        return blk, None
+    c_mm = q * (sp + f_tm**2 / dd)  # >= 0: sp >= 0 and D > 0
+    v_bb = float(q @ (t**2 * sp + f_tb**2 / dd))
+    p = prod[1]
+
+    def h_dd() -> np.ndarray:
+        # weighted_hess reads only the atoms' ``a``
+        gram = weighted_hess(Atoms(a, a, q, a, beta), c_mm)
+        return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
+                + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
+
+    return blk, h_dd
 
 
-def _hessian(at: Atoms, m, mv: Moves, b, delta) -> np.ndarray:
-    """Hessian of ``F`` (Schur complement in ``lambda``) on the branches chosen in ``mv``."""
-    blk = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta)
-    if blk.h_ll > 0:
-        return blk.h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll
-    return blk.h_dd
+def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
+    """Hessian of ``F = min_lambda G``: the Schur complement ``G_dd - G_dl G_ld / G_ll``."""
+    return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
 
 
-def _slope(at: Atoms, m, mv: Moves, b, delta) -> np.ndarray | None:
-    """``d lambda* / d delta = -G_ld / G_ll`` on the branches of ``mv`` (``O(n d)``)."""
-    blk = w2_blocks(at.a, at.w, m, mv.tau, mv.flip, b, mv.lam, at.beta, delta, dd_block=False)
-    return -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
-
-
-def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> np.ndarray:
+def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
+                 hi_blocks: W2Blocks) -> np.ndarray:
     """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
 
     There ``lambda*(delta)`` keeps the split atoms tied and their shares keep the budget
@@ -606,11 +818,12 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     Hessian is the Schur complement of the KKT matrix
     ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
     ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
-    ``(delta, lambda)``.
+    ``(delta, lambda)``. ``hi_blocks``: :func:`w2_blocks` of the ``hi`` moves with weights
+    ``w (1 - share)``.
     """
     w, beta = at.w, at.beta
     split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
-    blocks = [w2_blocks(at.a, w * (1.0 - share), m, hi.tau, hi.flip, b, hi.lam, beta, delta),
+    blocks = [hi_blocks,
               w2_blocks(at.a[split], (w * share)[split], m[split], lo.tau[split],
                         lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
@@ -632,11 +845,20 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa) -> 
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
 
 
-def _moved(at: Atoms, keep, tau, flip, b: float, u: np.ndarray):
-    """Features and labels of atoms ``keep`` after their moves ``(tau, flip)``: ``x`` moved by
-    ``t = tau / b`` along ``-ytil' u`` (``ytil'`` the label after the flip)."""
-    ynew = np.where(flip, 1.0 - at.y, at.y)[keep]
-    return at.x[keep] - ((2.0 * ynew - 1.0) * tau[keep] / b)[:, None] * u[None, :], ynew
+#: Rows per block when the moved features are written (a 4 MB temporary at d = 8).
+_ROWS = 1 << 16
+
+
+def _moved(at: Atoms, mix: Mixture, b: float, u: np.ndarray):
+    """Features and labels of the atoms of ``mix``: ``x`` moved by ``t = tau / b`` along
+    ``-ytil' u`` (``ytil'`` the label after the flip), written block by block (the only
+    ``n x d`` array is the answer)."""
+    ynew = np.where(mix.flip, 1.0 - at.y[mix.src], at.y[mix.src])
+    coef = (2.0 * ynew - 1.0) * mix.tau / b
+    x = at.x[mix.src]
+    for lo in range(0, coef.size, _ROWS):
+        x[lo:lo + _ROWS] -= coef[lo:lo + _ROWS, None] * u[None, :]
+    return x, ynew
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
@@ -658,46 +880,48 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         pair = state.pair  # evaluated already
     else:
         if lam0 is not None and state.slope is not None and state.at is not None:
-            slope = state.slope()  # a first-order guess along the step
-            if slope is not None:
-                guess = lam0 + float(slope @ (delta - state.at))
-                lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
+            guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
+            lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
         pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
     value = hi.lam * rho**2 + float(w @ hi.value)
-    share = np.zeros(n)
+    share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
         switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
         extra = float(w @ np.where(switch, lo.cost - hi.cost, 0.0))
         theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
         share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
     tied = bool(share.any())
-    new_state = W2State(hi.lam, hi.roots, delta, pair, None if tied else (
-        lambda: _slope(at, m, hi, b, delta)))
     u = delta / dn
-    parts = [(hi, w * (1.0 - share))] + ([(lo, w * share)] if tied else [])
-    grad = np.zeros(delta.size)
-    xs, ys, srcs, qs, cost = [], [], [], [], 0.0
-    for mv, q in parts:
-        sgn = np.where(mv.flip, -1.0, 1.0)
-        sg = expit(mv.tau - sgn * m)
-        grad = grad + (q * sg * -sgn) @ at.a + float(q @ (sg * mv.tau / b)) * beta * u
-        cost += float(q @ mv.cost)
-        if worst:
-            keep = q > 0
-            xk, yk = _moved(at, keep, mv.tau, mv.flip, b, u)
-            xs.append(xk)
-            ys.append(yk)
-            srcs.append(np.flatnonzero(keep))
-            qs.append(q[keep])
+    parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
+    # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches
+    blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta,
+                          hess)
+    grad = blk.g_d
+    slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
+    new_state = W2State(hi.lam, hi.roots, delta, pair, slope)
+    if tied:  # plus the split atoms' lo moves
+        sp = np.flatnonzero(share > 0)
+        grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+                                b, lo.lam, beta, delta)[0].g_d
+    cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
-        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa)) if tied
-             else (lambda: _hessian(at, m, hi, b, delta)))
+        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
+                                   blk._replace(h_dd=h_dd()))) if tied
+             else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
-        wc = WorstCase(np.concatenate(qs), np.concatenate(xs), np.concatenate(ys),
-                       np.concatenate(srcs), cost, rho**2)
+        pieces = []
+        for mv, q in parts:
+            keep = np.flatnonzero(q > 0)
+            pieces.append(Mixture(q, keep, mv.tau, mv.flip) if keep.size == q.size
+                          else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
+        mix = pieces[0] if len(pieces) == 1 else Mixture(
+            *(np.concatenate(col) for col in zip(*pieces, strict=True)))
+        x, y = _moved(at, mix, b, u)
+        wc = WorstCase(mix.q, x, y, mix.src, cost, rho**2)
+        new_state = dataclasses.replace(new_state, mixture=mix)
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
 
 
@@ -737,14 +961,22 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     psi = rho^2`` to rounding). For ``kappa = inf`` only ``f = 0`` is allowed: the closed
     form ``||E xh|| <= rho``.
     """
-    xh = at.a / at.beta
-    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
     w, r2, kappa = at.w, amb.rho**2, amb.kappa
-    mean = w @ xh
+    mean = (w @ at.a) / at.beta  # E xh, xh = ytil x = a / beta
     if float(mean @ mean) <= r2:
         return np.zeros_like(w)
     if not math.isfinite(kappa):
         return None
+    # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
+    # certificate of descent usually holds on this ray already
+    z, mm = (at.a @ mean) / at.beta, float(mean @ mean)
+    act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
+    for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
+        act = act[4.0 * c * z[act] > kappa]
+        if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
+            return None
+    xh = at.a / at.beta
+    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
 
     def primal(f: np.ndarray) -> float:
         g = mean - 2.0 * (f @ xh)
@@ -754,14 +986,6 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
         z = 4.0 * (xh @ nu) - kappa
         return 2.0 * float(nu @ mean) - float(nu @ nu) - float(w @ np.maximum(z, 0.0))
 
-    # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
-    # certificate of descent usually holds on this ray already
-    z, mm = xh @ mean, float(mean @ mean)
-    act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
-    for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
-        act = act[4.0 * c * z[act] > kappa]
-        if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
-            return None
     nu = mean.copy()
     scale = max(kappa, r2, float(mean @ mean))
     mu = _FLIP_MU_START * scale
@@ -802,8 +1026,9 @@ def _zero_test(at: Atoms, amb) -> float | None:
     return 0.0 if flip_shares(at, amb) is not None else None
 
 
-#: A worst case whose recomputed transport cost exceeds ``rho^2`` (by rounding) is mixed with
-#: ``P`` at a weight this much (relative) below ``rho^2 / cost``: a few ulps of safety.
+#: A worst case whose recomputed transport cost exceeds ``rho^2`` (by rounding) has its moves
+#: shortened (their cost scaled), or is mixed with ``P`` at a weight, this much (relative)
+#: below ``rho^2 / cost``: a few ulps of safety.
 _MIX_ROUND = 4.0 * np.finfo(float).eps
 
 
@@ -813,17 +1038,21 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
     ``delta = 0``: ``0`` when :func:`flip_shares` certifies it (``Q_f`` has ``min_theta E_Q l
     = log 2 = F(0)``), else ``inf``. Otherwise the worst case ``Q*`` of ``res`` (every atom
     moved by its ``t*``, flipped where that wins, split atoms with both moves) is in the ball:
-    its transport cost is recomputed from its atoms (``||x' - x||^2 + kappa 1[y' != y]``) and,
-    where rounding puts it above ``rho^2``, ``Q*`` is mixed with ``P`` (the coupling that keeps
-    a share of ``P`` in place costs that share less). So ``min F >= min_theta E_Q l``, a
+    its transport cost is recomputed from its moves (``t^2 ||u||^2 + kappa 1[y' != y]``) and,
+    where rounding puts it above ``rho^2``, the moves are shortened to spend the budget (or,
+    where the flips alone exceed it, ``Q*`` is mixed with ``P``: the coupling that keeps a
+    share of ``P`` in place costs that share less). So ``min F >= min_theta E_Q l``, a
     weighted logistic regression bounded below by :func:`~.core.logistic_gap`; at the
     minimiser ``E_{Q*} l`` is stationary (Danskin) and the bound is about ``||grad||^2 / (2
     mu)``. ``info`` is not used.
     """
     if not np.any(delta):
         return 0.0 if flip_shares(at, amb) is not None else math.inf
-    wc = res.worst_case
-    gap = _weak_duality_gap(at, amb, delta, res.value, wc.weights, wc.x, wc.y, wc.source)
+    mix = res.state.mixture if isinstance(res.state, W2State) else None
+    if mix is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
+        n = at.w.size
+        mix = Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
+    gap = _weak_duality_gap(at, amb, delta, res.value, mix)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
         gap = min(gap, _kink_gap(at, amb, delta, res.value, res.dual))
     return gap
@@ -849,45 +1078,122 @@ def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> fl
         return math.inf
     b, u = cand.b, delta / float(np.linalg.norm(delta))
 
+    w = at.w
+
     def per_atom(c):
+        """The moves ``c``, the per-atom gradient coefficients (``grad_i = ga_i a_i + gu_i
+        beta u``), the gradients of the tied atoms and the costs."""
         tau, flip = cand.tau[rows, c], cand.flip[rows, c]
         sgn = np.where(flip, -1.0, 1.0)
         sg = expit(tau - sgn * cand.m)
-        grad = (-sgn * sg)[:, None] * at.a + (sg * tau / b)[:, None] * (at.beta * u)[None, :]
-        return tau, flip, grad, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
+        ga, gu = -sgn * sg, sg * tau / b
+        grad = ga[tied, None] * at.a[tied] + gu[tied, None] * (at.beta * u)[None, :]
+        mean = (w * ga) @ at.a + float(w @ gu) * at.beta * u
+        return tau, flip, grad, mean, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
 
-    tau0, flip0, g0, k0 = per_atom(c0)
-    tau1, flip1, g1, k1 = per_atom(c1)
-    w = at.w
-    cols = (w[tied, None] * (g1[tied] - g0[tied])).T
+    tau0, flip0, g0, mean0, k0 = per_atom(c0)
+    tau1, flip1, g1, _, k1 = per_atom(c1)
+    cols = (w[tied, None] * (g1 - g0)).T
     dcost = w[tied] * (k1[tied] - k0[tied])
     weight = max(float(np.linalg.norm(cols)), 1.0) / max(float(np.linalg.norm(dcost)), 1e-300)
     lhs = np.vstack([cols, weight * dcost[None, :]])
-    rhs = np.append(-(w @ g0), weight * (amb.rho**2 - float(w @ k0)))
+    rhs = np.append(-mean0, weight * (amb.rho**2 - float(w @ k0)))
     xi = np.zeros(w.size)
     xi[tied] = lsq_linear(lhs, rhs, bounds=(0.0, 1.0)).x
     both = np.flatnonzero(xi > 0)
-    x0, y0 = _moved(at, rows, tau0, flip0, b, u)
-    x1, y1 = _moved(at, both, tau1, flip1, b, u)
-    q = np.concatenate([w * (1.0 - xi), w[both] * xi[both]])
-    return _weak_duality_gap(at, amb, delta, value, q, np.vstack([x0, x1]),
-                             np.concatenate([y0, y1]), np.concatenate([rows, both]))
+    mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
+                  np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
+                  np.concatenate([flip0, flip1[both]]))
+    return _weak_duality_gap(at, amb, delta, value, mix)
 
 
-def _weak_duality_gap(at: Atoms, amb, delta, value, q, x, y, source) -> float:
+def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
-    of atoms ``(x, y)`` with weights ``q`` moved from ``source``: mixed with ``P`` first where
-    its recomputed transport cost exceeds ``rho^2``, so that it lies in the ball."""
-    shift = x - at.x[source]
-    flipped = y != at.y[source]
-    cost = float(q @ (np.einsum("ij,ij->i", shift, shift) + np.where(flipped, amb.kappa, 0.0)))
+    of :class:`Mixture` ``mix``: where its transport cost exceeds ``rho^2`` (by rounding),
+    first every move is shortened by the factor that spends the budget (less a few ulps),
+    else (the flips alone exceed it) ``Q`` is mixed with ``P``, so that it lies in the ball.
+
+    The cost is that of the moves themselves, ``t^2 ||u||^2 + kappa 1[flipped]`` per unit
+    mass (``u`` the rounded direction, so the moved atoms are exactly those of ``mix``), and
+    the bound is :func:`~.core.logistic_gap`'s on the atoms ``a'_k = s_k a_src - beta t_k u``
+    (:func:`_moved_logistic_gap`, without forming them).
+    """
+    u = delta / float(np.linalg.norm(delta))
+    scale = 1.0 / (at.beta * float(np.linalg.norm(delta)))
+
+    def moves_cost(tau):  # sum q t^2 ||u||^2, t = tau / b
+        t = tau * scale
+        return float(mix.q @ (t * t)) * float(u @ u)
+
+    moving = moves_cost(mix.tau)
+    flips = amb.kappa * float(mix.q[mix.flip].sum()) if mix.flip.any() else 0.0
     budget = amb.rho**2
-    if cost > budget:
+    if moving + flips > budget and budget > flips and moving > 0:
+        # rounding: every move shortened by sqrt(c) (the same directions, cost c moving)
+        shrunk = mix.tau * math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
+        if moves_cost(shrunk) + flips <= budget:
+            mix, moving = mix._replace(tau=shrunk), moves_cost(shrunk)
+    cost = moving + flips
+    parts = [(mix, 1.0)]
+    if cost > budget:  # Q's share of the mixture with P, P's atoms unmoved
         share = budget / cost * (1.0 - _MIX_ROUND)
-        q = np.concatenate([q * share, at.w * (1.0 - share)])
-        x, y = np.vstack([x, at.x]), np.concatenate([y, at.y])
-    a = ((2.0 * y - 1.0) * at.beta)[:, None] * x
-    return logistic_gap(a, q, delta, value) / max(1.0, abs(value))
+        n = at.w.size
+        parts = [(mix, share), (Mixture(at.w, np.arange(n), np.zeros(n),
+                                        np.zeros(n, dtype=bool)), 1.0 - share)]
+    return _moved_logistic_gap(at, delta, u, value, parts) / max(1.0, abs(value))
+
+
+def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
+    """:func:`~.core.logistic_gap` of ``f(D) = sum_k q_k softplus(-a'_k . D)`` for the moved
+    atoms ``a'_k = s_k a_src - beta t_k u`` of the mixtures ``parts`` (pairs of a
+    :class:`Mixture` and its share) from per-atom scalars (``O(n d)``, no ``n x d`` array):
+    margins ``s_k m_src - beta t_k (u . delta)``, gradient ``-sum c_k s_k a_src + beta (sum
+    c_k t_k) u`` (``c = q sigmoid(-m')``), Hessian ``sum C_i a_i a_i^T - beta (p u^T + u
+    p^T) + beta^2 (sum c'_k t_k^2) u u^T`` (``c' = c sigmoid(m')``, ``C_i`` its sum over the
+    atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max ||a_src|| + beta t ||u||``
+    (the triangle inequality: at least ``max ||a'||``); like :func:`~.core.logistic_gap`,
+    the Hessian of every ``N / _CERT_ATOMS``-th atom of each part first (``N`` atoms in
+    all)."""
+    n, beta, d = at.w.size, at.beta, delta.size
+    dn = float(np.linalg.norm(delta))
+    m = at.a @ delta
+    total = sum(mix.q.size for mix, _ in parts)
+    step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
+    value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
+    grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
+    subs = []
+    for mix, share in parts:
+        for lo in range(0, mix.q.size, _ROWS):  # blocks of atoms: O(_ROWS) temporaries
+            blk = slice(lo, lo + _ROWS)
+            q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
+            sgn = np.where(flip, -1.0, 1.0)
+            t = mix.tau[blk] / (beta * dn)
+            mq = sgn * m[src] - beta * float(u @ delta) * t
+            value += float(q @ softplus(-mq))
+            sg = _sigmoid(-mq)
+            c = q * sg
+            g_u += float(c @ t)
+            curv = c * (1.0 - sg)
+            tt += float(curv @ t**2)
+            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
+            for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
+                acc[first:top] += np.bincount(src - first, val, minlength=top - first)
+            norms = np.sqrt(np.einsum("ij,ij->i", at.a[src], at.a[src]))
+            radius = max(radius, float(np.max(norms + beta * unorm * t)))
+            if step:
+                sub = slice((-lo) % step, None, step)  # every step-th atom of the part
+                rows = sgn[sub, None] * at.a[src[sub]] - (beta * t[sub])[:, None] * u[None, :]
+                subs.append(rows * np.sqrt(curv[sub])[:, None])
+    grad = -(grad_c @ at.a) + beta * g_u * u
+    if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
+        bsub = np.vstack(subs) if subs else np.zeros((0, d))
+        bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
+        if bound <= _CERT_SUBSET_OK:
+            return max(upper - value, 0.0) + bound
+    p = p_c @ at.a
+    hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
+            + beta**2 * tt * np.outer(u, u))
+    return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
 
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
