@@ -104,11 +104,17 @@ _RESTART_GRID = 40
 
 def _worth_merging(data: PreferenceData) -> bool:
     """Whether merging repeated atoms may pay: always for at most ``_MERGE_PROBE`` atoms, else
-    when at most half of the first ``_MERGE_PROBE`` are distinct."""
+    when at most half of the first ``_MERGE_PROBE`` are distinct, counted by one random
+    projection of each row and its label (distinct rows that collide only make the exact
+    merge run where it was not needed)."""
     if data.n <= _MERGE_PROBE:
         return True
-    head = PreferenceData(data.x[:_MERGE_PROBE], data.y[:_MERGE_PROBE])
-    return 2 * head.merged()[0].n <= _MERGE_PROBE
+    r = np.random.default_rng(0).standard_normal(data.d)
+    with np.errstate(over="ignore", invalid="ignore"):
+        keys = data.x[:_MERGE_PROBE] @ r
+    chosen = data.y[:_MERGE_PROBE] > 0.5
+    distinct = np.unique(keys[chosen]).size + np.unique(keys[~chosen]).size
+    return 2 * distinct <= _MERGE_PROBE
 
 
 def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
