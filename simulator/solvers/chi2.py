@@ -205,12 +205,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     nrm = math.sqrt(float(w @ r**2))
     q = w * r / er
     value = lmax + eta + c * nrm
-    act = (r > 0).astype(np.float64)
+    del r, z  # the Hessian recomputes them from l: an evaluation keeps fewer n-vectors alive
 
     def parts(sg, grad):
         # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2), with
         # the per-atom loss gradients g_i = -sg_i a_i: E_{c w r / nrm} hess l + h_dd -
         # h_de h_de^T / h_ee, h_dd = c (E_P act g g^T / nrm - erg erg^T / nrm^3)
+        r = np.maximum((l - lmax) - eta, 0.0)  # as above, bit for bit
+        act = (r > 0).astype(np.float64)
         wa = w * act
         curv = (c / nrm) * sg * (w * r * (1.0 - sg) + wa * sg)
         erg = -((w * r * sg) @ at.a)

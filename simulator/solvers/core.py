@@ -215,7 +215,8 @@ class InnerResult:
     ``state`` is the set's warm-start state at ``delta`` (a frozen dataclass of the set's
     module, or ``None``), passed to the next evaluation. ``margins`` and ``losses`` are
     ``m = a delta`` and ``l = softplus(-m)`` on the problem's atoms (set by
-    :func:`simulator.solvers.inner.evaluate_inner`; the certificate reuses them).
+    :func:`simulator.solvers.inner.evaluate_inner` for the sets certified by
+    :func:`worst_case_gap`, which reuses them).
     ``hvp``, where the set supplies it, is ``v -> H v`` without forming ``H`` (two
     ``O(n d)`` passes, e.g. :func:`logistic_hvp`): :func:`quasi_newton`'s Newton polish then
     solves by conjugate gradients instead of the ``O(n d^2)`` dense Hessian; ``None`` means
@@ -461,11 +462,13 @@ def _diverged(label: str) -> RuntimeError:
 
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
-           state: Any = None, start: InnerResult | None = None,
+           state: Any = None, start: list | None = None,
            hessian_free: bool = False) -> NewtonRun:
     """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
 
-    ``start``, when given, is ``objective(delta, state)`` already computed.
+    ``start``, when given, is a list holding ``objective(delta, state)`` already computed;
+    Newton pops it, so that no caller keeps an ``O(n)`` evaluation alive that Newton has
+    moved past (the memory target of issue 9).
     ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
     ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
     the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``. A full step that cut the
@@ -480,7 +483,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     RuntimeError
         ``unbounded``: the iterates left every bounded region.
     """
-    cur = objective(delta, state) if start is None else start
+    cur = start.pop() if start else objective(delta, state)
     state = cur.state
     short = 0  # consecutive heavily damped steps: the sign of a kink
     gn = float(np.max(np.abs(cur.grad)))
@@ -618,7 +621,7 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
 
     first = res if res.hvp is not None else replace(res, hvp=_difference_hvp(objective,
                                                                              found.x, res))
-    run = newton(polish, found.x, tol, max_iter, label, res.state, first, hessian_free=True)
+    run = newton(polish, found.x, tol, max_iter, label, res.state, [first], hessian_free=True)
     return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state, run.result)
 
 
@@ -704,15 +707,14 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
 
     ``m = a delta``, ``l = softplus(-m)`` and an upper bound ``radius >= max_i ||a_i||`` may
     be passed when known (they are recomputed otherwise)."""
-    keep = q > 0
-    if not keep.all():
-        a, q = a[keep], q[keep]
-        m = None if m is None else m[keep]
-        l = None if l is None else l[keep]
+    # atoms with q_i = 0 add nothing to f, its gradient or its Hessian (and only enlarge the
+    # radius bound): no n x d copy of the others
     if m is None:
         m = a @ delta
     s = expit(-m)
-    value = float(q @ (dpo_loss(m) if l is None else l))
+    with np.errstate(invalid="ignore"):  # 0 * inf for an infinite loss of weight 0
+        lq = q * (dpo_loss(m) if l is None else l)
+    value = float(np.where(q > 0, lq, 0.0).sum())
     grad = -(q * s) @ a
     if linear is not None:
         value += float(linear @ delta)

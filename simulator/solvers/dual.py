@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -166,7 +167,7 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     if _zero_is_optimal(sub, amb):
         return None
     try:
-        found = _minimise(sub, amb, tol, max_iter, first=_first(sub, amb, tol, max_iter, False))
+        found = _minimise(sub, amb, tol, max_iter)  # _SUBSAMPLE_N atoms: no subsample
     except RuntimeError:
         return None
     if not np.any(found.delta):
@@ -198,21 +199,22 @@ def _first(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
 
 def _shrunk_start(objective, delta: np.ndarray):
     """``delta`` halved while that lowers ``F`` (at most ``_START_HALVINGS`` times), with
-    ``F``'s evaluation there (Newton's first)."""
+    ``F``'s evaluation there in a list (Newton's first, which :func:`core.newton` pops)."""
     cur = objective(delta, None)
     for _ in range(_START_HALVINGS):
         half = objective(0.5 * delta, cur.state)
         if not half.value < cur.value:
             break
         delta, cur = 0.5 * delta, half
-    return delta, cur
+    return delta, [cur]
 
 
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
-              quasi: bool = False, first: Minimum | None = None) -> Minimum:
+              quasi: bool = False, first: Minimum | None = None,
+              start: list | None = None) -> Minimum:
     """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F`` from ``first`` (a
-    subsample start, with its evaluation) or the first Newton step, or the set's own
-    minimisation, with the fallbacks above."""
+    subsample start; ``start``, a list holding its evaluation, which Newton pops) or the
+    first Newton step, or the set's own minimisation, with the fallbacks above."""
     label = repr(amb)
     mod = methods(amb)
     delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
@@ -235,7 +237,6 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)
 
-    start = None if first is None else first.result
     if first is None and not quasi and amb.rho > 0:
         delta, start = _shrunk_start(objective, delta)
     try:
@@ -327,13 +328,19 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     quasi = _quasi(at, ambiguity, method)
     mod = methods(ambiguity)
     first = _first(at, ambiguity, tol, max_iter, quasi)
-    if first is not None and first.result.value < math.log(2.0) * (1.0 - _BELOW_ZERO):
+    start = []  # the evaluation at the subsample start, handed on to Newton without a copy
+    if first is not None:
+        start.append(first.result)
+        first = replace(first, result=None)
+    if start and start[0].value < math.log(2.0) * (1.0 - _BELOW_ZERO):
         zero_gap = None  # F(first) < F(0) = log 2: delta = 0 is not the minimiser
     else:
         zero_gap = _zero_test(at, ambiguity)
     zero = zero_gap is not None
+    if zero:
+        start.clear()
     found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
-             else _minimise(at, ambiguity, tol, max_iter, quasi, first))
+             else _minimise(at, ambiguity, tol, max_iter, quasi, first, start))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists

@@ -60,8 +60,11 @@ def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: 
     """
     m = at.a @ delta
     l = dpo_loss(m)
-    res = methods(ambiguity).evaluate(at, delta, m, l, ambiguity, hess, worst, state)
-    return replace(res, margins=m, losses=l)
+    mod = methods(ambiguity)
+    res = mod.evaluate(at, delta, m, l, ambiguity, hess, worst, state)
+    # kept for the weak-duality certificate of a reweighting (core.worst_case_gap) only: the
+    # sets with their own certificate would keep two n-vectors alive for nothing
+    return res if mod.certify is not None else replace(res, margins=m, losses=l)
 
 
 def robust_objective(theta, data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
