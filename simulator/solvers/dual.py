@@ -349,6 +349,8 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
     res = found.result  # Newton's last evaluation, when it carries the worst case
     if res is None or res.worst_case is None:
+        del res
+        found = replace(found, result=None)  # not kept alive beside the new evaluation
         res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
     info = {"zero_kink": zero, "method": "lbfgs" if quasi else "newton", **found.info}
     if not zero:

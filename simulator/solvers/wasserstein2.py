@@ -190,18 +190,35 @@ def _concave_roots(m: np.ndarray, k: float, tau0: np.ndarray) -> np.ndarray:
     failed = []
     for _ in range(_FAST_SWEEPS):
         mi, ti = (m, tau) if act is None else (m[act], tau[act])
+        # worked in place (seven n-vectors on the first, all-atom sweep: the memory target
+        # of issue 9), with the same operations in the same order as the plain formulas
         s = _sigmoid(ti - mi)
-        ds = s - s * s
+        ds = s * s
+        np.subtract(s, ds, out=ds)  # sigmoid'
         dpsi = ds - k
         with np.errstate(divide="ignore", invalid="ignore"):
-            step = (s - k * ti) / dpsi
+            step = np.multiply(ti, k)
+            np.subtract(s, step, out=step)
+            step /= dpsi  # (s - k tau) / psi'
             new = ti - step
-            scale = _ROOT_TOL * np.maximum(1.0, np.abs(new))
-            step = np.abs(step)
-            # Newton's error after this step is about psi'' step^2 / (2 |psi'|)
-            done = (step <= scale) | (np.abs(ds - 2.0 * s * ds) * step**2
-                                      <= 0.2 * scale * np.abs(dpsi))
+            scale = np.abs(new)
+            np.maximum(scale, 1.0, out=scale)
+            scale *= _ROOT_TOL
+            np.abs(step, out=step)
+            # Newton's error after this step is about psi'' step^2 / (2 |psi'|):
+            # |ds - 2 s ds| step^2 <= 0.2 scale |dpsi|
+            np.multiply(s, ds, out=s)
+            s *= -2.0
+            s += ds
+            np.abs(s, out=s)
+            np.multiply(step, step, out=ds)
+            s *= ds
+            np.multiply(scale, 0.2, out=ds)
+            np.abs(dpsi, out=dpsi)
+            ds *= dpsi
+            done = (step <= scale) | (s <= ds)
             out = ~((new >= 0.0) & (new <= top))
+        del s, ds, dpsi, scale
         if act is None:
             tau = np.where(out, tau, new)
             act = np.flatnonzero(~done | out)
@@ -767,32 +784,51 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     flipped = bool(flip.any())
-    sgn = np.where(flip, -1.0, 1.0) if flipped else None
     t = tau / b
     # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots' accuracy)
     sg = (2.0 * lam / b) * t
-    sp = sg - sg * sg
-    dd = np.maximum(2.0 * lam - b * b * sp, _TINY)
-    f_tm, f_tb = -b * sp, sg + tau * sp  # f_tl = -2 t
-    qd = q / dd
+    sp = 1.0 - sg
+    sp *= sg  # sigmoid'
+    # D = 2 lambda - b^2 sigmoid' and qd = q / D, worked in one n-vector; with f_tm = -b sp,
+    # f_tb = sg + tau sp (f_tl = -2 t) every term below is written through qd (the in-place
+    # products keep the n-vectors alive at once to eight: the memory target of issue 9)
+    qd = np.multiply(sp, -b * b)
+    qd += 2.0 * lam
+    np.maximum(qd, _TINY, out=qd)
+    np.divide(q, qd, out=qd)
+    f_tb = tau * sp
+    f_tb += sg
     rows = np.empty((3, q.size))
     np.multiply(q, sg, out=rows[0])                                  # gradient
-    np.multiply(q, f_tm * f_tb / dd - t * sp, out=rows[1])           # q v_mb
-    np.multiply(qd, -2.0 * f_tm * t, out=rows[2])                    # h_dl
-    g_tsg, g_tt = float(rows[0] @ t), float(q @ t**2)
+    g_tsg = float(rows[0] @ t)
+    r1, r2 = rows[1], rows[2]
+    np.multiply(f_tb, qd, out=r1)                                    # q v_mb = q (f_tm f_tb / D
+    r1 *= -b                                                         #   - t sp)
+    np.multiply(q, t, out=r2)
+    r1 -= r2
+    r1 *= sp
+    np.multiply(qd, sp, out=r2)                                      # h_dl: -2 f_tm t qd
+    r2 *= t
+    r2 *= 2.0 * b
     if flipped:
-        rows *= sgn
+        rows[:, flip] *= -1.0
     prod = rows @ a
-    del rows
+    del rows, r1, r2
+    tt = t * t
+    g_tt = float(q @ tt)
     bu = beta * u
     g_d = -prod[0] + g_tsg * bu
-    h_dl = prod[2] + float(qd @ (-2.0 * f_tb * t)) * bu
-    h_ll = 4.0 * float(qd @ t**2)
+    h_dl = prod[2] - 2.0 * float((qd * f_tb) @ t) * bu
+    h_ll = 4.0 * float(qd @ tt)
     blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
     if not hessian:
         return blk, None
-    c_mm = q * (sp + f_tm**2 / dd)  # >= 0: sp >= 0 and D > 0
-    v_bb = float(q @ (t**2 * sp + f_tb**2 / dd))
+    v_bb = float(q @ (tt * sp)) + float(qd @ (f_tb * f_tb))
+    del tt, f_tb, t
+    c_mm = sp * sp  # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
+    c_mm *= (b * b) * qd
+    c_mm += q * sp
+    del sp, sg, qd
     p = prod[1]
 
     def h_dd() -> np.ndarray:
