@@ -220,7 +220,7 @@ def _concave_roots(m: np.ndarray, k: float, tau0: np.ndarray) -> np.ndarray:
             out = ~((new >= 0.0) & (new <= top))
         del s, ds, dpsi, scale
         if act is None:
-            tau = np.where(out, tau, new)
+            np.copyto(tau, new, where=~out)  # tau is np.clip's copy: updated in place
             act = np.flatnonzero(~done | out)
             if out.any():
                 failed.append(np.flatnonzero(out))
@@ -780,55 +780,49 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
     Gram matrix is formed only when called; ``None`` without ``hessian``). The three
     ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the mixed term of ``h_dd``)
-    are one product of a ``3 x n`` matrix."""
+    are one product of a ``3 x _ROWS`` matrix per block of atoms."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
-    flipped = bool(flip.any())
-    t = tau / b
-    # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots' accuracy)
-    sg = (2.0 * lam / b) * t
-    sp = 1.0 - sg
-    sp *= sg  # sigmoid'
-    # D = 2 lambda - b^2 sigmoid' and qd = q / D, worked in one n-vector; with f_tm = -b sp,
-    # f_tb = sg + tau sp (f_tl = -2 t) every term below is written through qd (the in-place
-    # products keep the n-vectors alive at once to eight: the memory target of issue 9)
-    qd = np.multiply(sp, -b * b)
-    qd += 2.0 * lam
-    np.maximum(qd, _TINY, out=qd)
-    np.divide(q, qd, out=qd)
-    f_tb = tau * sp
-    f_tb += sg
-    rows = np.empty((3, q.size))
-    np.multiply(q, sg, out=rows[0])                                  # gradient
-    g_tsg = float(rows[0] @ t)
-    r1, r2 = rows[1], rows[2]
-    np.multiply(f_tb, qd, out=r1)                                    # q v_mb = q (f_tm f_tb / D
-    r1 *= -b                                                         #   - t sp)
-    np.multiply(q, t, out=r2)
-    r1 -= r2
-    r1 *= sp
-    np.multiply(qd, sp, out=r2)                                      # h_dl: -2 f_tm t qd
-    r2 *= t
-    r2 *= 2.0 * b
-    if flipped:
-        rows[:, flip] *= -1.0
-    prod = rows @ a
-    del rows, r1, r2
-    tt = t * t
-    g_tt = float(q @ tt)
+    n = q.size
+    prod = np.zeros((3, a.shape[1]))
+    g_tsg = g_tt = hdl_t = h_ll = v_bb = 0.0
+    c_mm = np.empty(n) if hessian else None
+    # in blocks of _ROWS atoms: every per-atom temporary is a block (the memory target of
+    # issue 9: the whole-array form kept eight n-vectors alive at once)
+    for lo in range(0, n, _ROWS):
+        sl = slice(lo, lo + _ROWS)
+        qb, fb = q[sl], flip[sl]
+        t = tau[sl] / b
+        # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
+        # accuracy)
+        sg = (2.0 * lam / b) * t
+        sp = sg - sg * sg  # sigmoid'
+        # D = 2 lambda - b^2 sigmoid', qd = q / D; f_tm = -b sp, f_tb = sg + tau sp
+        # (f_tl = -2 t)
+        qd = qb / np.maximum(2.0 * lam - b * b * sp, _TINY)
+        f_tb = sg + tau[sl] * sp
+        rows = np.empty((3, qb.size))
+        np.multiply(qb, sg, out=rows[0])                                # gradient
+        rows[1] = sp * (-b * f_tb * qd - qb * t)                        # q v_mb
+        rows[2] = (2.0 * b) * qd * sp * t                               # h_dl: -2 f_tm t qd
+        g_tsg += float(rows[0] @ t)
+        if fb.any():
+            rows[:, fb] *= -1.0
+        prod += rows @ a[sl]
+        tt = t * t
+        g_tt += float(qb @ tt)
+        hdl_t += float((qd * f_tb) @ t)
+        h_ll += 4.0 * float(qd @ tt)
+        if hessian:
+            v_bb += float(qb @ (tt * sp)) + float(qd @ (f_tb * f_tb))
+            # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
+            c_mm[sl] = qb * sp + (b * b) * sp * sp * qd
     bu = beta * u
     g_d = -prod[0] + g_tsg * bu
-    h_dl = prod[2] - 2.0 * float((qd * f_tb) @ t) * bu
-    h_ll = 4.0 * float(qd @ tt)
+    h_dl = prod[2] - 2.0 * hdl_t * bu
     blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
     if not hessian:
         return blk, None
-    v_bb = float(q @ (tt * sp)) + float(qd @ (f_tb * f_tb))
-    del tt, f_tb, t
-    c_mm = sp * sp  # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
-    c_mm *= (b * b) * qd
-    c_mm += q * sp
-    del sp, sg, qd
     p = prod[1]
 
     def h_dd() -> np.ndarray:
@@ -881,7 +875,8 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
 
 
-#: Rows per block when the moved features are written (a 4 MB temporary at d = 8).
+#: Atoms per block when the moved features are written (a 4 MB temporary at d = 8) and
+#: in :func:`_w2_terms` (a dozen block-sized temporaries instead of ``n``-vectors).
 _ROWS = 1 << 16
 
 
@@ -1192,7 +1187,6 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     all)."""
     n, beta, d = at.w.size, at.beta, delta.size
     dn = float(np.linalg.norm(delta))
-    m = at.a @ delta
     total = sum(mix.q.size for mix, _ in parts)
     step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
     value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
@@ -1204,14 +1198,15 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
             sgn = np.where(flip, -1.0, 1.0)
             t = mix.tau[blk] / (beta * dn)
-            mq = sgn * m[src] - beta * float(u @ delta) * t
+            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
+            m = at.a[first:top] @ delta  # the block's margins (no n-vector of them)
+            mq = sgn * m[src - first] - beta * float(u @ delta) * t
             value += float(q @ softplus(-mq))
             sg = _sigmoid(-mq)
             c = q * sg
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
             tt += float(curv @ t**2)
-            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
                 acc[first:top] += np.bincount(src - first, val, minlength=top - first)
             norms = np.sqrt(np.einsum("ij,ij->i", at.a[src], at.a[src]))
