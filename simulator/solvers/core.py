@@ -12,6 +12,7 @@ Every robust objective is ``F(delta) = L_U(theta_ref + delta)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,12 @@ class Atoms:
     beta: float
     scale: float = 1.0
     radius: float | None = None
+
+    @functools.cached_property
+    def mean_a(self) -> np.ndarray:
+        """``E_P a`` (one ``O(n d)`` pass, computed once: the zero tests, the start and the
+        restart all use it)."""
+        return self.w @ self.a
 
     def max_norm(self) -> float:
         """An upper bound on ``max_i ||a_i||`` (exact unless a subset's atoms): ``radius``

@@ -121,7 +121,7 @@ def _worth_merging(data: PreferenceData) -> bool:
 def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
     """``None`` unless ``delta = 0`` provably minimises ``F``; else its certified relative
     gap (see the module docstring)."""
-    if float(np.linalg.norm(at.w @ at.a)) == 0.0:
+    if float(np.linalg.norm(at.mean_a)) == 0.0:
         return 0.0  # every gradient at 0 vanishes
     if amb.rho == 0.0:
         return None
@@ -137,7 +137,7 @@ def _start(at: Atoms, quasi: bool = False) -> np.ndarray:
     """First Newton step of ``E_P l`` from ``delta = 0`` (``H = E a a^T / 4``, ``g = -E a / 2``);
     with ``quasi``, the Hessian-free Newton step along ``v = E_P a`` only, ``2 ||v||^2 v /
     E_P (a . v)^2`` (one ``O(n d)`` pass instead of the ``O(n d^2)`` Hessian)."""
-    v = at.w @ at.a
+    v = at.mean_a
     if quasi:
         return 2.0 * float(v @ v) / float(at.w @ (at.a @ v) ** 2) * v
     return psd_solve(weighted_hess(at, 0.25 * at.w), 0.5 * v)
@@ -248,7 +248,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
         # optimal: restart from the best point along a descent direction there (the set's
         # steepest one, then E_P a)
         steepest = None if mod.descent_at_zero is None else mod.descent_at_zero(at, amb)
-        for v in ([] if steepest is None else [steepest]) + [at.w @ at.a]:
+        for v in ([] if steepest is None else [steepest]) + [at.mean_a]:
             v = v * (scale / float(np.linalg.norm(v)))
             ts = 2.0 ** -np.arange(0, _RESTART_GRID)
             vals = [evaluate_inner(at, t * v, amb, worst=False).value for t in ts]

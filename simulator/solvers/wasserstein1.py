@@ -715,7 +715,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
     s^2``, the p = 2 flip test (:func:`.wasserstein2.flip_shares`) with radius ``sqrt(4 s rho -
     s^2)`` and price ``4 s kappa``; every candidate ``f`` is checked on ``psi`` itself.
     """
-    ea = at.w @ at.a
+    ea = at.mean_a
     if 0.5 * float(np.linalg.norm(ea)) <= amb.rho * at.beta:
         return 0.0
     if not math.isfinite(amb.kappa):
