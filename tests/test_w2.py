@@ -218,7 +218,7 @@ def test_certificate_from_moves_matches_the_bound_on_the_moved_atoms(n, monkeypa
             a_moved = ((2.0 * y - 1.0) * at.beta)[:, None] * x
             point = minimize(f, point, args=(a_moved, q), jac=True, method="BFGS",
                              options={"gtol": 1e-13}).x
-        point = point * (1 + 1e-6)
+        point = point * (1 + 1e-4)  # off the minimiser: bounds well above rounding
         u, b = point / float(np.linalg.norm(point)), at.beta * float(np.linalg.norm(point))
         mix = w2.Mixture(q, src, t * b, flip)
         x, y = w2._moved(at, mix, b, u)
@@ -231,4 +231,5 @@ def test_certificate_from_moves_matches_the_bound_on_the_moved_atoms(n, monkeypa
             upper = f(point, a_all, q_all)[0]
             got = w2._moved_logistic_gap(at, point, u, upper, parts)
             want = logistic_gap(a_all, q_all, point, upper)
-            assert 0 < want <= got * (1 + 1e-6) and got <= want * (1.5 if n > 1000 else 1.01)
+            assert want > 1e3 * 2.0**-52  # the curvature term, not rounding, dominates
+            assert want <= got * (1 + 1e-6) and got <= want * (1.5 if n > 1000 else 1.01)
