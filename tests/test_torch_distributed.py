@@ -74,14 +74,29 @@ def _worker(rank, world, port, out_path):
         if rank == 0:
             torch.save(results, out_path)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _leave() -> None:
+    """End a rank whose work succeeded: destroy the process group, then exit at once
+    (``os._exit``) instead of through Python's teardown. There the DDP reducer's destructor
+    destroys the gloo process group, joining gloo's run-loop threads while it holds the GIL
+    that one of them waits for: a deadlock seen in CI (gdb on the hung rank:
+    ``ProcessGroupGloo::~ProcessGroupGloo`` in ``std::thread::join`` under
+    ``Reducer::~Reducer``, a ``pt_gloo_runloop`` thread in ``take_gil``)."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(worker, out_path, tries: int = 3) -> None:
@@ -126,8 +141,11 @@ def _trainer_worker(rank, world, port, out_path):
         results = _train_both(batch_size=4)
         if rank == 0:
             torch.save(results, out_path)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    _leave()
 
 
 def _train_both(batch_size):
