@@ -58,6 +58,7 @@ from .core import (
     Stalled,
     logistic_gap,
     logistic_hvp,
+    loss_sigmoid,
     newton,
     weighted_hess,
 )
@@ -185,7 +186,7 @@ class _Logistic:
 def _logistic_point(at: Atoms, delta: np.ndarray) -> _LogisticPoint:
     m = at.a @ delta
     l = softplus(-m)
-    s = _sigmoid_neg(l)
+    s = loss_sigmoid(l)
     return _LogisticPoint(delta.copy(), m, l, s, float(at.w @ l), -(at.w * s) @ at.a)
 
 
@@ -305,12 +306,6 @@ def _shares(m: np.ndarray, t: float, mu: float, window: np.ndarray) -> np.ndarra
     p = (m > t).astype(np.float64)
     p[window] = expit((m[window] - t) / mu)
     return p
-
-
-def _sigmoid_neg(l: np.ndarray) -> np.ndarray:
-    """``sigmoid(-m) = 1 - exp(-softplus(-m))`` from the losses ``l = softplus(-m)``:
-    ``-expm1(-l)``, within 2 ulp of ``expit(-m)`` wherever that is normal, and cheaper."""
-    return -np.expm1(-l)
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -654,7 +649,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             mu = 0.0
         mu = max(mu, 0.0)
         value = lam * rho + float(w @ l) + float(w @ np.where(full, m - thr, 0.0))
-    s = _sigmoid_neg(l)
+    s = loss_sigmoid(l)
     grad = (flip - w * s) @ at.a  # one product with A (flip = 0 for kappa = inf)
     if dn > 0:
         grad = grad + mu * beta * delta / dn

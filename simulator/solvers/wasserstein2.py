@@ -827,7 +827,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
 
     def h_dd() -> np.ndarray:
         # weighted_hess reads only the atoms' ``a``
-        gram = weighted_hess(Atoms(a, a, q, a, beta), c_mm)
+        gram = weighted_hess(a, c_mm)
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
@@ -1006,8 +1006,7 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
         act = act[4.0 * c * z[act] > kappa]
         if (2.0 * c - c * c) * mm - float(w[act] @ (4.0 * c * z[act] - kappa)) > r2:
             return None
-    xh = at.a / at.beta
-    unit = Atoms(at.x, at.y, at.w, xh, 1.0)  # beta = 1: a = ytil x
+    xh = at.a / at.beta  # ytil x
 
     def primal(f: np.ndarray) -> float:
         g = mean - 2.0 * (f @ xh)
@@ -1030,7 +1029,7 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     while mu >= _FLIP_MU_MIN * scale:
         val, grad, s = smooth(nu)
         for _ in range(_FLIP_NEWTON_ITERS):
-            h = 2.0 * np.eye(nu.size) + (16.0 / mu) * weighted_hess(unit, w * s * (1.0 - s))
+            h = 2.0 * np.eye(nu.size) + (16.0 / mu) * weighted_hess(xh, w * s * (1.0 - s))
             step = np.linalg.solve(h, grad)
             dec = float(grad @ step)
             if not dec > _FLIP_DEC_TOL * max(1.0, abs(val)):
@@ -1181,10 +1180,10 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     margins ``s_k m_src - beta t_k (u . delta)``, gradient ``-sum c_k s_k a_src + beta (sum
     c_k t_k) u`` (``c = q sigmoid(-m')``), Hessian ``sum C_i a_i a_i^T - beta (p u^T + u
     p^T) + beta^2 (sum c'_k t_k^2) u u^T`` (``c' = c sigmoid(m')``, ``C_i`` its sum over the
-    atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max ||a_src|| + beta t ||u||``
-    (the triangle inequality: at least ``max ||a'||``); like :func:`~.core.logistic_gap`,
-    the Hessian of every ``N / _CERT_ATOMS``-th atom of each part first (``N`` atoms in
-    all)."""
+    atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max_i ||a_i|| + beta max t
+    ||u||`` (``Atoms.max_norm`` and the triangle inequality: at least ``max ||a'||``); like
+    :func:`~.core.logistic_gap`, the Hessian of every ``N / _CERT_ATOMS``-th atom of each part
+    first (``N`` atoms in all)."""
     n, beta, d = at.w.size, at.beta, delta.size
     dn = float(np.linalg.norm(delta))
     total = sum(mix.q.size for mix, _ in parts)
@@ -1198,22 +1197,21 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
             sgn = np.where(flip, -1.0, 1.0)
             t = mix.tau[blk] / (beta * dn)
-            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
-            m = at.a[first:top] @ delta  # the block's margins (no n-vector of them)
-            mq = sgn * m[src - first] - beta * float(u @ delta) * t
+            a_src = at.a[src]  # the block's source atoms (no n-vector of margins)
+            mq = sgn * (a_src @ delta) - beta * float(u @ delta) * t
             value += float(q @ softplus(-mq))
             sg = _sigmoid(-mq)
             c = q * sg
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
             tt += float(curv @ t**2)
+            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
                 acc[first:top] += np.bincount(src - first, val, minlength=top - first)
-            norms = np.sqrt(np.einsum("ij,ij->i", at.a[src], at.a[src]))
-            radius = max(radius, float(np.max(norms + beta * unorm * t)))
+            radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
                 sub = slice((-lo) % step, None, step)  # every step-th atom of the part
-                rows = sgn[sub, None] * at.a[src[sub]] - (beta * t[sub])[:, None] * u[None, :]
+                rows = sgn[sub, None] * a_src[sub] - (beta * t[sub])[:, None] * u[None, :]
                 subs.append(rows * np.sqrt(curv[sub])[:, None])
     grad = -(grad_c @ at.a) + beta * g_u * u
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
