@@ -194,9 +194,12 @@ def test_defect3_kl_near_the_collapse_radius(collapse_world, frac):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_defect4_large_unmerged_samples_of_a_finite_world(collapse_world, seed):
-    """Defect 4: 1e5 pairs of the issue's world, every atom kept (``merge=False``), at half
-    and 0.97 of the collapse radius: the root search stops on rounding, each answer is
-    certified and equals the merged solve (at most 168 distinct atoms)."""
+    """Defect 4's setting: 1e5 pairs of the issue's world, every atom kept (``merge=False``),
+    at half and 0.97 of the collapse radius: each answer is certified and equals the merged
+    solve (at most 168 distinct atoms). The defect itself did not reproduce on the base
+    commit (be4b25a solved these samples too), so this checks the unmerged path at scale;
+    the failure mode it named, a root-search stop unreachable in rounding, is
+    ``test_kl_root_search_stops_on_rounding``."""
     env, _, rho0 = collapse_world
     data = env.sample(100_000, seed=seed)
     for frac in (0.5, 0.97):
