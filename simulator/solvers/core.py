@@ -96,8 +96,13 @@ _QN_PAIRS = 20
 #: then cuts the gradient about 1e4-fold, so the polish from L-BFGS's last point (within a
 #: few orders of the tolerance) takes one or two steps ...
 _CG_TOL = 1e-4
-#: ... of at most this many Hessian-vector products (two ``O(n d)`` passes each).
+#: ... of at most this many Hessian-vector products (two ``O(n d)`` passes each), or fewer
+#: once the residual (the next gradient to first order) is below this fraction of Newton's
+#: ``tol`` in the max norm: a polish from just above ``tol`` (L-BFGS stopped by rounding at
+#: ``1.1 tol``: KL, n = 1e4, d = 512) then takes one or two products instead of 11 (the
+#: fraction leaves room for the second-order term and the differences' error).
 _CG_ITERS = 200
+_CG_ATOL = 0.25
 #: Step of the forward-difference Hessian-vector product (relative to ``1 + ||delta||``):
 #: ``sqrt(eps)`` balances the ``O(h)`` truncation against the ``O(eps / h)`` rounding of
 #: the gradients, a relative error of about 1e-8, far below ``_CG_TOL``.
@@ -501,7 +506,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
         if gn <= tol:
             return NewtonRun(delta, it, state, cur)
         if hessian_free and cur.hvp is not None:
-            step = -cg_solve(cur.hvp, g)
+            step = -cg_solve(cur.hvp, g, tol)
         else:
             if h is None:
                 h = cur.hess()
@@ -548,12 +553,15 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
 
 
-def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray) -> np.ndarray:
+def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray,
+             tol: float = 0.0) -> np.ndarray:
     """Conjugate gradients for ``H s = g`` (``H`` PSD, given by ``hvp``), stopped once the
-    residual is below ``_CG_TOL ||g||`` or after ``min(d, _CG_ITERS)`` products: the inexact
-    Newton step of :func:`newton`'s Hessian-free polish. Where ``H`` is singular along a
-    search direction the iterate so far is returned (``g`` itself if that is zero), a
-    descent direction either way."""
+    residual is below ``_CG_TOL ||g||``, or once ``||residual||_inf <= _CG_ATOL tol`` (the
+    gradient after the step ``-s`` is the residual to first order: it then meets
+    :func:`newton`'s test ``||grad||_inf <= tol``), or after ``min(d, _CG_ITERS)``
+    products: the inexact Newton step of :func:`newton`'s Hessian-free polish. Where ``H``
+    is singular along a search direction the iterate so far is returned (``g`` itself if
+    that is zero), a descent direction either way."""
     x = np.zeros_like(g)
     r = g.copy()
     p = r.copy()
@@ -568,7 +576,7 @@ def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray) -> np.ndarr
         x += alpha * p
         r -= alpha * hp
         rr, rr_old = float(r @ r), rr
-        if rr <= stop:
+        if rr <= stop or float(np.max(np.abs(r))) <= _CG_ATOL * tol:
             break
         p = r + (rr / rr_old) * p
     return x if np.any(x) else g.copy()
@@ -641,45 +649,133 @@ _RANK_TOL = 1e-12
 #: atom norm) is a real linear direction (the function is unbounded along it), not rounding.
 _NULL_GRAD = 1e-12
 #: :func:`logistic_gap` on at least twice as many atoms first bounds the curvature by
-#: every ``n / (_CERT_PER_D d)``-th atom alone (a smaller PSD matrix, so still a valid
-#: bound, about ``n / k`` times looser for ``k`` atoms): ``O(_CERT_PER_D d^3)`` instead of
-#: ``O(n d^2)``. With 8 d atoms the subset's smallest eigenvalue is still ``(1 -
-#: 8^-1/2)^2 = 0.42`` of its mean for isotropic features (Marchenko-Pastur); measured at
-#: n = 1e4, d = 512 (Gaussian, DPO): bound 9e-14 from 1250 atoms, 2e-14 from 2500, 4e-15
-#: from all, the Hessian costing 0.009, 0.016 and 0.061 s ...
+#: every ``ceil(n / k)``-th atom alone (a smaller PSD matrix, so still a valid bound, about
+#: ``n / k`` times looser), ``k = _CERT_PER_D d 2^-j`` for ``j = _CERT_HALVINGS, ..., 1,
+#: 0``: ``O(k d^2)`` instead of ``O(n d^2)``. With 8 d atoms the subset's smallest
+#: eigenvalue is still ``(1 - 8^-1/2)^2 = 0.42`` of its mean for isotropic features
+#: (Marchenko-Pastur); measured at n = 1e4, d = 512 (Gaussian, DPO): bound 9e-14 from 1250
+#: atoms, 2e-14 from 2500, 4e-15 from all, the Hessian costing 0.009, 0.016 and 0.061 s.
 _CERT_PER_D = 8
-#: ... then (where that bound is too loose) every ``n / _CERT_ATOMS``-th atom,
+#: The smaller subsets first (2 d and 4 d atoms: ``0.086`` and ``0.25`` of the mean): at
+#: the end of an L-BFGS solve (``||grad||_inf <= 1e-10``) 2 d atoms met ``_CERT_SUBSET_OK``
+#: at n = 1e5, d = 512 (Gaussian DPO: smallest eigenvalue 1.0e-7, 8.6e-9 needed), 4 d at
+#: n = 1e4 (the Hessian of 2000 atoms 0.012 s against 0.030 s for the 5000 atoms
+#: ``n // (8 d)`` gave before); a subset whose estimate is too small costs nothing.
+_CERT_HALVINGS = 2
+#: ... then (where those bounds are too loose) every ``n / _CERT_ATOMS``-th atom,
 #: ``O(_CERT_ATOMS d^2)``, 10x less than all at n = 1e5 ...
 _CERT_ATOMS = 10_000
 #: ... and keeps that bound when it is below this (absolute; the full bound is about
-#: ``||g||^2 / (2 mu)``, 1e-20 .. 1e-16 at ``tol = 1e-10``), else computes the full one.
+#: ``||g||^2 / (2 mu)``, 1e-20 .. 1e-15 at ``tol = 1e-10``), else computes the full one.
 _CERT_SUBSET_OK = 1e-13
+#: :func:`curvature_bound` with a ``target`` certifies the curvature for a bound of at most
+#: ``target / _CERT_MARGIN`` (the margin keeps the computed bound below ``target`` whatever
+#: its rounding).
+_CERT_MARGIN = 1.25
+#: ... and first tries this fraction of the Marchenko-Pastur estimate of the smallest
+#: eigenvalue (``(tr H / d) (1 - sqrt(d / k))^2`` for ``k`` isotropic atoms) when that is
+#: larger: a tighter bound at the same cost where the estimate holds (within a factor of
+#: 1.6 of the computed eigenvalue on the Gaussian benchmark subsets), one more Cholesky
+#: factor where it does not.
+_CERT_SHIFT = 0.25
+#: :func:`logistic_gap` skips a subset whose estimate times this is below the curvature the
+#: bound needs (the estimate was 1.1-2.1x the computed eigenvalue on the Gaussian
+#: benchmark subsets of 2 d to 8 d atoms, d = 64 and 512).
+_CERT_SKIP = 0.5
+#: Backward error of a Cholesky factor that ran to completion: ``R^T R = A + E`` with
+#: ``||E||_2 <= gamma_{d+1} ||R||_F^2 = gamma_{d+1} tr(A + E)`` (Higham, Accuracy and
+#: Stability of Numerical Algorithms, 2nd ed., Thm 10.3; blocked LAPACK factors satisfy the
+#: same bound with a small constant, here 4), plus ``d`` roundings of the shifted diagonal
+#: and of the trace: ``lambda_min(A) >= -_CHOL_ULPS (d + 1) eps tr(A)`` up to second order.
+_CHOL_ULPS = 8.0
 #: Below this ``gamma`` the series of ``gamma + (1 - gamma) log(1 - gamma)`` is used
 #: (the closed form cancels there).
 _SERIES_GAMMA = 1e-3
 
 
+def _curvature_tail(mu: float, radius: float, gn: float) -> float:
+    """``(mu / R^2) (gamma + (1 - gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu``
+    (``inf`` for ``gamma >= 1``): :func:`curvature_bound`'s bound for the curvature ``mu``."""
+    gamma = radius * gn / mu
+    if not gamma < 1.0:
+        return math.inf
+    # gamma + (1 - gamma) log(1 - gamma) = sum_{k >= 2} gamma^k / (k (k - 1))
+    tail = (gamma**2 / 2 + gamma**3 / 6 + gamma**4 / 12 if gamma < _SERIES_GAMMA
+            else gamma + (1.0 - gamma) * math.log1p(-gamma))
+    return mu / radius**2 * tail
+
+
+def _needed_curvature(gn: float, radius: float, target: float) -> float:
+    """The curvature ``mu`` for which :func:`_curvature_tail` is at most ``target /
+    _CERT_MARGIN``: ``||g||^2 / (2 T) + R ||g||`` (``T = target / _CERT_MARGIN``), since
+    ``gamma + (1 - gamma) log(1 - gamma) <= gamma^2 / (2 (1 - gamma))`` gives a tail of at
+    most ``||g||^2 / (2 (mu - R ||g||))``."""
+    return gn**2 / (2.0 * target / _CERT_MARGIN) + radius * gn
+
+
+def _certified_curvature(hess: np.ndarray, shift: float, terms: int) -> float | None:
+    """``mu <= lambda_min(hess)`` proved by a Cholesky factor of ``hess - s I``: ``s =
+    shift`` plus the rounding allowance of the factor (``_CHOL_ULPS``) and of ``hess``'s
+    own sum of ``terms`` rank-one terms (``gamma_terms tr(hess)``, Higham Thm 3.5 with
+    ``|| |B|^T |B| ||_2 <= ||B||_F^2``); ``None`` where the factor fails (the smallest
+    eigenvalue may be below ``shift``). ``hess`` is shifted in place and restored."""
+    d = hess.shape[0]
+    trace = float(np.trace(hess))
+    allowance = (_CHOL_ULPS * (d + 1) + terms) * np.finfo(float).eps * (trace + d * shift)
+    s = shift + allowance
+    diag = hess.diagonal().copy()
+    hess.flat[::d + 1] = diag - s  # shifted in place (no d x d temporaries), then restored
+    try:
+        np.linalg.cholesky(hess)
+    except np.linalg.LinAlgError:
+        return None
+    finally:
+        hess.flat[::d + 1] = diag
+    return s - allowance  # >= shift up to an ulp of it
+
+
 def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
-                    full_rank: bool = False) -> float:
+                    full_rank: bool = False, target: float | None = None,
+                    terms: int = 0, estimate: float = 0.0) -> float:
     """Upper bound on ``f(delta) - inf f`` for ``f = sum_i q_i softplus(-a_i . delta) + c .
     delta`` from its gradient and Hessian at ``delta`` and ``radius = max_i ||a_i||``.
 
     Along any line, ``h(t) = f(delta + t D)`` has ``|h'''| <= R ||D|| h''`` (the logistic
     loss has ``|l'''| <= l''``), so (Bach 2010, Lemma 1) ``f(delta + D) >= f + g . D +
-    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2``. With ``mu`` the smallest
-    eigenvalue of ``H`` on its range (``f`` is constant along the null space when ``g`` has
-    no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2) (gamma + (1 -
-    gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2 mu)``), and
-    ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below the Hessian (``D^T hess D <= D^T H
-    D``) gives a valid bound when it has full rank (``full_rank``: ``inf`` otherwise, since
-    its null space need not be one along which ``f`` is constant).
+    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2``. With ``mu`` any lower bound
+    on the smallest eigenvalue of ``H`` on its range (``f`` is constant along the null space
+    when ``g`` has no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2)
+    (gamma + (1 - gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2
+    mu)``, decreasing in ``mu``), and ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below
+    the Hessian (``D^T hess D <= D^T H D``) gives a valid bound when it has full rank
+    (``full_rank``: ``inf`` otherwise, since its null space need not be one along which
+    ``f`` is constant).
+
+    Without ``target``, ``mu`` is the computed smallest eigenvalue (``eigvalsh``,
+    ``O(d^3)``). With a ``target`` (and ``full_rank``) no eigenvalue is computed: the ``mu``
+    for which the bound is at most ``target / _CERT_MARGIN`` (:func:`_needed_curvature`),
+    or first the larger ``_CERT_SHIFT * estimate`` (``estimate``: of the smallest
+    eigenvalue), is proved by one Cholesky factor of ``hess - mu I`` (``d^3 / 3``,
+    :func:`_certified_curvature`; ``terms``: how many rank-one terms ``hess`` sums, for its
+    rounding), and ``inf`` comes back where no such factor exists: the bound could not be
+    shown below ``target``.
     """
     gn = float(np.linalg.norm(grad))
     if gn == 0.0:
         return 0.0
+    if not radius > 0:
+        return math.inf
+    if target is not None and full_rank and math.isfinite(target):
+        need = _needed_curvature(gn, radius, target)
+        first = _CERT_SHIFT * estimate
+        for shift in ([first] if first > need else []) + [need]:
+            mu = _certified_curvature(hess, shift, terms)
+            if mu is not None:
+                return _curvature_tail(mu, radius, gn)
+        return math.inf
     evals = np.linalg.eigvalsh(hess)  # eigenvectors (4x the work) only for a null space
     top = float(evals[-1])
-    if not top > 0 or not radius > 0:
+    if not top > 0:
         return math.inf
     keep = evals > _RANK_TOL * top
     if keep.all():  # full rank: all of grad lies in the range
@@ -694,51 +790,65 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
         if float(np.linalg.norm(grad - basis @ g_range)) > _NULL_GRAD * radius:
             return math.inf
         g_range_norm = float(np.linalg.norm(g_range))
-    mu = float(evals[keep][0])
-    gamma = radius * g_range_norm / mu
-    if not gamma < 1.0:
-        return math.inf
-    # gamma + (1 - gamma) log(1 - gamma) = sum_{k >= 2} gamma^k / (k (k - 1))
-    tail = (gamma**2 / 2 + gamma**3 / 6 + gamma**4 / 12 if gamma < _SERIES_GAMMA
-            else gamma + (1.0 - gamma) * math.log1p(-gamma))
-    return mu / radius**2 * tail
+    return _curvature_tail(float(evals[keep][0]), radius, g_range_norm)
 
 
 def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
                  linear: np.ndarray | None = None, m: np.ndarray | None = None,
-                 l: np.ndarray | None = None, radius: float | None = None) -> float:
+                 l: np.ndarray | None = None, radius: float | None = None,
+                 grad: np.ndarray | None = None) -> float:
     """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
     (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta`` (from the
-    Hessian of every ``n / k``-th atom, ``k = _CERT_PER_D d`` then ``_CERT_ATOMS``, when
-    that bound is small enough).
+    Hessian of every ``ceil(n / k)``-th atom, ``k = _CERT_PER_D d 2^-j``, ``j =
+    _CERT_HALVINGS, ..., 0``, then ``_CERT_ATOMS``, when that bound is below
+    ``_CERT_SUBSET_OK``; a
+    subset whose Marchenko-Pastur estimate of the smallest eigenvalue is already below the
+    curvature that bound needs is skipped without forming its Hessian).
 
-    ``m = a delta``, ``l = softplus(-m)`` and an upper bound ``radius >= max_i ||a_i||`` may
-    be passed when known (they are recomputed otherwise)."""
+    ``m = a delta``, ``l = softplus(-m)``, an upper bound ``radius >= max_i ||a_i||`` and
+    ``grad``, the gradient of ``f`` at ``delta`` (for example the Danskin gradient of a
+    reweighting, the same sum), may be passed when known (they are recomputed otherwise)."""
     # atoms with q_i = 0 add nothing to f, its gradient or its Hessian (and only enlarge the
     # radius bound): no n x d copy of the others
     if m is None:
         m = a @ delta
-    s = expit(-m)
     with np.errstate(invalid="ignore"):  # 0 * inf for an infinite loss of weight 0
         lq = q * (dpo_loss(m) if l is None else l)
     value = float(np.where(q > 0, lq, 0.0).sum())
-    grad = -(q * s) @ a
+    if grad is None:
+        grad = -(q * expit(-m)) @ a
+        if linear is not None:
+            grad = grad + linear
     if linear is not None:
         value += float(linear @ delta)
-        grad = grad + linear
-    curv = q * s * (1.0 - s)
     if radius is None:
         radius = atom_radius(a)
-    for k in sorted({_CERT_PER_D * a.shape[1], _CERT_ATOMS}):
+    gap = max(upper - value, 0.0)
+    d = a.shape[1]
+    gn = float(np.linalg.norm(grad))
+    need = _needed_curvature(gn, radius, _CERT_SUBSET_OK)
+    per_d = _CERT_PER_D * d
+    for k in sorted({per_d >> j for j in range(_CERT_HALVINGS + 1)} | {_CERT_ATOMS}):
         if q.size < 2 * k:
             continue
         # sum over a subset <= the Hessian: a cheaper, looser bound
-        step = q.size // k
-        b = a[::step] * np.sqrt(curv[::step])[:, None]
-        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True)
+        rows = slice(None, None, -(-q.size // k))
+        s = expit(-m[rows])
+        curv = q[rows] * s * (1.0 - s)
+        sub = a[rows]
+        trace = float(curv @ np.einsum("ij,ij->i", sub, sub))
+        if curv.size <= d:
+            continue  # rank-deficient
+        estimate = trace / d * (1.0 - math.sqrt(d / curv.size))**2
+        if _CERT_SKIP * estimate < need:
+            continue  # the subset's smallest eigenvalue is (most likely) too small
+        b = sub * np.sqrt(curv)[:, None]
+        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True,
+                                target=_CERT_SUBSET_OK, terms=curv.size, estimate=estimate)
         if bound <= _CERT_SUBSET_OK:
-            return max(upper - value, 0.0) + bound
-    return max(upper - value, 0.0) + curvature_bound(grad, weighted_hess(a, curv), radius)
+            return gap + bound
+    s = expit(-m)
+    return gap + curvature_bound(grad, weighted_hess(a, q * s * (1.0 - s)), radius)
 
 
 def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
@@ -750,9 +860,10 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     about ``||grad||^2 / (2 mu)``.
     """
     wc = res.worst_case
-    if wc.x is at.x and wc.y is at.y:  # a reweighting: the atoms' own a, m and l
+    if wc.x is at.x and wc.y is at.y:  # a reweighting: the atoms' own a, m and l, and
+        # F's Danskin gradient E_Q* grad l is f's at delta (the same sum over the same q)
         gap = logistic_gap(at.a, wc.weights, delta, res.value, m=res.margins, l=res.losses,
-                           radius=at.max_norm())
+                           radius=at.max_norm(), grad=res.grad)
     else:
         a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
         gap = logistic_gap(a, wc.weights, delta, res.value)
