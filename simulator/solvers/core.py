@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy.linalg.lapack import dpotrf, dpotrs
 from scipy.optimize import minimize
 from scipy.special import expit
 
@@ -656,11 +657,11 @@ _NULL_GRAD = 1e-12
 #: (Marchenko-Pastur); measured at n = 1e4, d = 512 (Gaussian, DPO): bound 9e-14 from 1250
 #: atoms, 2e-14 from 2500, 4e-15 from all, the Hessian costing 0.009, 0.016 and 0.061 s.
 _CERT_PER_D = 8
-#: The smaller subsets first (2 d and 4 d atoms: ``0.086`` and ``0.25`` of the mean): at
-#: the end of an L-BFGS solve (``||grad||_inf <= 1e-10``) 2 d atoms met ``_CERT_SUBSET_OK``
-#: at n = 1e5, d = 512 (Gaussian DPO: smallest eigenvalue 1.0e-7, 8.6e-9 needed), 4 d at
-#: n = 1e4 (the Hessian of 2000 atoms 0.012 s against 0.030 s for the 5000 atoms
-#: ``n // (8 d)`` gave before); a subset whose estimate is too small costs nothing.
+#: The smaller subsets first (2 d and 4 d atoms): the Newton-decrement bound of
+#: :func:`curvature_bound` (``g^T H^-1 g / 2``) needs no large smallest eigenvalue, and at
+#: the end of the L-BFGS solves of the benchmark (Gaussian, d = 64 and 512, n = 1e4 ..
+#: 1e6, ``||grad||_inf <= 1e-10``) 2 d atoms gave bounds of 1e-15 .. 1e-14, the Hessian of
+#: 1112 atoms costing 0.007 s at d = 512 against 0.030 s for the 5000 of ``n // (8 d)``.
 _CERT_HALVINGS = 2
 #: ... then (where those bounds are too loose) every ``n / _CERT_ATOMS``-th atom,
 #: ``O(_CERT_ATOMS d^2)``, 10x less than all at n = 1e5 ...
@@ -668,26 +669,22 @@ _CERT_ATOMS = 10_000
 #: ... and keeps that bound when it is below this (absolute; the full bound is about
 #: ``||g||^2 / (2 mu)``, 1e-20 .. 1e-15 at ``tol = 1e-10``), else computes the full one.
 _CERT_SUBSET_OK = 1e-13
-#: :func:`curvature_bound` with a ``target`` certifies the curvature for a bound of at most
-#: ``target / _CERT_MARGIN`` (the margin keeps the computed bound below ``target`` whatever
-#: its rounding).
-_CERT_MARGIN = 1.25
-#: ... and first tries this fraction of the Marchenko-Pastur estimate of the smallest
-#: eigenvalue (``(tr H / d) (1 - sqrt(d / k))^2`` for ``k`` isotropic atoms) when that is
-#: larger: a tighter bound at the same cost where the estimate holds (within a factor of
-#: 1.6 of the computed eigenvalue on the Gaussian benchmark subsets), one more Cholesky
-#: factor where it does not.
-_CERT_SHIFT = 0.25
-#: :func:`logistic_gap` skips a subset whose estimate times this is below the curvature the
-#: bound needs (the estimate was 1.1-2.1x the computed eigenvalue on the Gaussian
-#: benchmark subsets of 2 d to 8 d atoms, d = 64 and 512).
-_CERT_SKIP = 0.5
+#: The curvature floor :func:`logistic_gap` asks a subset's Cholesky factor to prove: its
+#: Marchenko-Pastur estimate of the smallest eigenvalue, ``(tr H / d) (1 - sqrt(d / k))^2``
+#: for ``k`` isotropic atoms, over this. The estimate was 1.1-2.1x the computed eigenvalue
+#: on the Gaussian benchmark subsets of 2 d to 8 d atoms (d = 64, 512), so the factor
+#: exists; the floor enters the bound only through ``gamma = R nu / sqrt(mu)`` (1e-4 there)
+#: and the shifted solve, which is then within ``1 / 30`` of the unshifted one.
+_CERT_SHIFT_DIV = 64.0
 #: Backward error of a Cholesky factor that ran to completion: ``R^T R = A + E`` with
 #: ``||E||_2 <= gamma_{d+1} ||R||_F^2 = gamma_{d+1} tr(A + E)`` (Higham, Accuracy and
 #: Stability of Numerical Algorithms, 2nd ed., Thm 10.3; blocked LAPACK factors satisfy the
 #: same bound with a small constant, here 4), plus ``d`` roundings of the shifted diagonal
 #: and of the trace: ``lambda_min(A) >= -_CHOL_ULPS (d + 1) eps tr(A)`` up to second order.
 _CHOL_ULPS = 8.0
+#: Safety factor on the ``gamma_k = k eps / (1 - k eps)`` of the dot products and
+#: matrix-vector products in :func:`_decrement_bound` (their rounding error bounds).
+_DOT_ULPS = 4.0
 #: Below this ``gamma`` the series of ``gamma + (1 - gamma) log(1 - gamma)`` is used
 #: (the closed form cancels there).
 _SERIES_GAMMA = 1e-3
@@ -705,74 +702,87 @@ def _curvature_tail(mu: float, radius: float, gn: float) -> float:
     return mu / radius**2 * tail
 
 
-def _needed_curvature(gn: float, radius: float, target: float) -> float:
-    """The curvature ``mu`` for which :func:`_curvature_tail` is at most ``target /
-    _CERT_MARGIN``: ``||g||^2 / (2 T) + R ||g||`` (``T = target / _CERT_MARGIN``), since
-    ``gamma + (1 - gamma) log(1 - gamma) <= gamma^2 / (2 (1 - gamma))`` gives a tail of at
-    most ``||g||^2 / (2 (mu - R ||g||))``."""
-    return gn**2 / (2.0 * target / _CERT_MARGIN) + radius * gn
-
-
-def _certified_curvature(hess: np.ndarray, shift: float, terms: int) -> float | None:
-    """``mu <= lambda_min(hess)`` proved by a Cholesky factor of ``hess - s I``: ``s =
-    shift`` plus the rounding allowance of the factor (``_CHOL_ULPS``) and of ``hess``'s
-    own sum of ``terms`` rank-one terms (``gamma_terms tr(hess)``, Higham Thm 3.5 with
-    ``|| |B|^T |B| ||_2 <= ||B||_F^2``); ``None`` where the factor fails (the smallest
-    eigenvalue may be below ``shift``). ``hess`` is shifted in place and restored."""
+def _shifted_factor(hess: np.ndarray, shift: float, terms: int):
+    """A Cholesky factor ``U`` (upper, ``U^T U ~ hess - s I``) that proves ``mu = shift <=
+    lambda_min(hess)``, with ``(U, mu)``, or ``None`` where it fails (the smallest
+    eigenvalue may be below ``shift``). ``s = shift`` plus the rounding allowance of the
+    factor (``_CHOL_ULPS``) and of ``hess``'s own sum of ``terms`` rank-one terms
+    (``gamma_terms tr(hess)``, Higham Thm 3.5 with ``|| |B|^T |B| ||_2 <= ||B||_F^2``).
+    ``hess`` is shifted in place and restored."""
     d = hess.shape[0]
     trace = float(np.trace(hess))
     allowance = (_CHOL_ULPS * (d + 1) + terms) * np.finfo(float).eps * (trace + d * shift)
     s = shift + allowance
     diag = hess.diagonal().copy()
-    hess.flat[::d + 1] = diag - s  # shifted in place (no d x d temporaries), then restored
+    hess.flat[::d + 1] = diag - s
     try:
-        np.linalg.cholesky(hess)
-    except np.linalg.LinAlgError:
-        return None
+        # LAPACK's factor itself (2.5x faster than np.linalg.cholesky at d = 512); info > 0:
+        # a leading minor is not positive (or NaN)
+        factor, info = dpotrf(hess, lower=0, clean=0)
     finally:
         hess.flat[::d + 1] = diag
-    return s - allowance  # >= shift up to an ulp of it
+    return (factor, s - allowance) if info == 0 else None  # mu >= shift up to an ulp
+
+
+def _decrement_bound(hess: np.ndarray, factor: np.ndarray, grad: np.ndarray,
+                     mu: float) -> float:
+    """An upper bound on ``nu^2 = g^T H^-1 g`` for ``H = hess >= mu I``: for every ``y``,
+    ``nu^2 = 2 g . y - y^T H y + r^T H^-1 r <= 2 g . y - y^T H y + ||r||^2 / mu``, ``r = g -
+    H y``; ``y`` solves with the shifted ``factor`` (:func:`_shifted_factor`; within
+    ``mu / lambda_min`` of ``H^-1 g``). Each computed dot product and ``H y`` is widened by
+    its rounding bound ``gamma_d`` (Higham Thm 3.5, ``|| |H| ||_2 <= ||H||_F``)."""
+    d = grad.size
+    y = dpotrs(factor, grad, lower=0)[0]
+    hy = hess @ y
+    r = grad - hy
+    eps = np.finfo(float).eps
+    gam = _DOT_ULPS * (d + 2) * eps
+    yn, gn, hyn = float(np.linalg.norm(y)), float(np.linalg.norm(grad)), float(np.linalg.norm(hy))
+    e_hy = gam * float(np.linalg.norm(hess)) * yn  # ||fl(H y) - H y||
+    e_r = e_hy + gam * (gn + hyn)
+    quad = 2.0 * float(grad @ y) - float(y @ hy) + gam * (2.0 * gn + hyn) * yn + e_hy * yn
+    return (quad + (float(np.linalg.norm(r)) + e_r) ** 2 / mu) * (1.0 + gam)
 
 
 def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
-                    full_rank: bool = False, target: float | None = None,
-                    terms: int = 0, estimate: float = 0.0) -> float:
+                    full_rank: bool = False, shift: float | None = None,
+                    terms: int = 0) -> float:
     """Upper bound on ``f(delta) - inf f`` for ``f = sum_i q_i softplus(-a_i . delta) + c .
     delta`` from its gradient and Hessian at ``delta`` and ``radius = max_i ||a_i||``.
 
     Along any line, ``h(t) = f(delta + t D)`` has ``|h'''| <= R ||D|| h''`` (the logistic
     loss has ``|l'''| <= l''``), so (Bach 2010, Lemma 1) ``f(delta + D) >= f + g . D +
-    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2``. With ``mu`` any lower bound
-    on the smallest eigenvalue of ``H`` on its range (``f`` is constant along the null space
-    when ``g`` has no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2)
-    (gamma + (1 - gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2
-    mu)``, decreasing in ``mu``), and ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below
+    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2`` (decreasing). With ``mu``
+    any lower bound on the smallest eigenvalue of ``H`` on its range (``f`` is constant
+    along the null space when ``g`` has no part there) the minimum over ``D`` gives ``f -
+    inf f <= (mu / R^2) (gamma + (1 - gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu``
+    (about ``||g||^2 / (2 mu)``), and ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below
     the Hessian (``D^T hess D <= D^T H D``) gives a valid bound when it has full rank
     (``full_rank``: ``inf`` otherwise, since its null space need not be one along which
-    ``f`` is constant).
+    ``f`` is constant). Without ``shift``, ``mu`` is the computed smallest eigenvalue
+    (``eigvalsh``, ``O(d^3)``).
 
-    Without ``target``, ``mu`` is the computed smallest eigenvalue (``eigvalsh``,
-    ``O(d^3)``). With a ``target`` (and ``full_rank``) no eigenvalue is computed: the ``mu``
-    for which the bound is at most ``target / _CERT_MARGIN`` (:func:`_needed_curvature`),
-    or first the larger ``_CERT_SHIFT * estimate`` (``estimate``: of the smallest
-    eigenvalue), is proved by one Cholesky factor of ``hess - mu I`` (``d^3 / 3``,
-    :func:`_certified_curvature`; ``terms``: how many rank-one terms ``hess`` sums, for its
-    rounding), and ``inf`` comes back where no such factor exists: the bound could not be
-    shown below ``target``.
+    With a ``shift`` (and ``full_rank``) no eigenvalue is computed, and the bound is the
+    Newton decrement's: a Cholesky factor of ``hess - shift I`` (``d^3 / 3``) proves
+    ``hess >= mu I``, ``mu = shift`` (``terms``: how many rank-one terms ``hess`` sums, for
+    its rounding; :func:`_shifted_factor`), and with ``h = ||D||_hess >= sqrt(mu) ||D||``
+    and ``g . D >= -nu h``, ``nu^2 = g^T hess^-1 g`` (bounded by :func:`_decrement_bound`),
+    ``f(delta + D) - f >= -nu h + h^2 psi(R h / sqrt(mu))``: the same minimum with ``||g||``
+    replaced by ``nu sqrt(mu)``, about ``nu^2 / 2`` (not ``||g||^2 / (2 lambda_min)``), and
+    ``gamma = R nu / sqrt(mu)``. ``inf`` where no factor exists.
     """
     gn = float(np.linalg.norm(grad))
     if gn == 0.0:
         return 0.0
     if not radius > 0:
         return math.inf
-    if target is not None and full_rank and math.isfinite(target):
-        need = _needed_curvature(gn, radius, target)
-        first = _CERT_SHIFT * estimate
-        for shift in ([first] if first > need else []) + [need]:
-            mu = _certified_curvature(hess, shift, terms)
-            if mu is not None:
-                return _curvature_tail(mu, radius, gn)
-        return math.inf
+    if shift is not None and full_rank:
+        found = _shifted_factor(hess, shift, terms)
+        if found is None:
+            return math.inf
+        factor, mu = found
+        nu = math.sqrt(_decrement_bound(hess, factor, grad, mu))
+        return _curvature_tail(mu, radius, nu * math.sqrt(mu))
     evals = np.linalg.eigvalsh(hess)  # eigenvectors (4x the work) only for a null space
     top = float(evals[-1])
     if not top > 0:
@@ -800,10 +810,11 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
     """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
     (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta`` (from the
     Hessian of every ``ceil(n / k)``-th atom, ``k = _CERT_PER_D d 2^-j``, ``j =
-    _CERT_HALVINGS, ..., 0``, then ``_CERT_ATOMS``, when that bound is below
-    ``_CERT_SUBSET_OK``; a
-    subset whose Marchenko-Pastur estimate of the smallest eigenvalue is already below the
-    curvature that bound needs is skipped without forming its Hessian).
+    _CERT_HALVINGS, ..., 0``, then ``_CERT_ATOMS``, by its Newton decrement, when that bound
+    is below ``_CERT_SUBSET_OK``; else from the full Hessian's smallest eigenvalue). A
+    subset whose Marchenko-Pastur prediction of that bound, ``||g||^2 / (2 (tr H / d) (1 -
+    d / k))`` (``E 1 / lambda``), is above ``_CERT_SUBSET_OK`` is skipped without forming its
+    Hessian.
 
     ``m = a delta``, ``l = softplus(-m)``, an upper bound ``radius >= max_i ||a_i||`` and
     ``grad``, the gradient of ``f`` at ``delta`` (for example the Danskin gradient of a
@@ -825,8 +836,7 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
         radius = atom_radius(a)
     gap = max(upper - value, 0.0)
     d = a.shape[1]
-    gn = float(np.linalg.norm(grad))
-    need = _needed_curvature(gn, radius, _CERT_SUBSET_OK)
+    gn2 = float(grad @ grad)
     per_d = _CERT_PER_D * d
     for k in sorted({per_d >> j for j in range(_CERT_HALVINGS + 1)} | {_CERT_ATOMS}):
         if q.size < 2 * k:
@@ -836,15 +846,15 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
         s = expit(-m[rows])
         curv = q[rows] * s * (1.0 - s)
         sub = a[rows]
-        trace = float(curv @ np.einsum("ij,ij->i", sub, sub))
         if curv.size <= d:
             continue  # rank-deficient
-        estimate = trace / d * (1.0 - math.sqrt(d / curv.size))**2
-        if _CERT_SKIP * estimate < need:
-            continue  # the subset's smallest eigenvalue is (most likely) too small
+        mean = float(curv @ np.einsum("ij,ij->i", sub, sub)) / d  # of the eigenvalues
+        if not gn2 / (2.0 * mean * (1.0 - d / curv.size)) <= _CERT_SUBSET_OK:
+            continue  # the bound would (most likely) be too loose
         b = sub * np.sqrt(curv)[:, None]
-        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True,
-                                target=_CERT_SUBSET_OK, terms=curv.size, estimate=estimate)
+        floor = mean * (1.0 - math.sqrt(d / curv.size))**2 / _CERT_SHIFT_DIV
+        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True, shift=floor,
+                                terms=curv.size)
         if bound <= _CERT_SUBSET_OK:
             return gap + bound
     s = expit(-m)
