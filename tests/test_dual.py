@@ -459,6 +459,31 @@ def test_logistic_gap_takes_the_smallest_subset_that_certifies(monkeypatch):
     assert shapes[-1] == "full" and gap >= _brute_force_gap(a, w, far)
 
 
+def test_quasi_newton_stops_at_the_first_evaluation_that_meets_the_test():
+    """Values at rounding level no longer guide L-BFGS's line search (n = 1e6, d = 64: seven
+    evaluations after one met the gradient test, its value 6e-16 above the last). Modelled
+    on a quadratic whose value is raised by 1e-9 (above the line search's decrease there)
+    wherever ``||grad||_inf <= tol``: ``quasi_newton`` returns the first evaluation that
+    meets the test, with no further evaluation (before, scipy rejected it and the run
+    stalled or took 300 evaluations)."""
+    from simulator.solvers import core
+
+    h, _ = _spd(30, 1e-2, 1.0, 5)
+    b = np.random.default_rng(6).normal(size=30)
+    tol = 1e-6
+    seen = []
+
+    def objective(x, state):
+        g = h @ x - b
+        seen.append(float(np.abs(g).max()))
+        value = 0.5 * float(x @ h @ x) - float(b @ x) + (1e-9 if seen[-1] <= tol else 0.0)
+        return core.InnerResult(value, None, g, lambda: h, None, hvp=lambda v: h @ v)
+
+    run = core.quasi_newton(objective, np.zeros(30), tol, 100, "a quadratic")
+    assert np.abs(h @ run.delta - b).max() <= tol
+    assert len(seen) == next(i for i, g in enumerate(seen) if g <= tol) + 1
+
+
 def test_cg_stops_once_the_residual_meets_newtons_tolerance():
     """``cg_solve`` with ``tol`` stops as soon as ``||H s - g||_inf <= _CG_ATOL tol`` (the
     next gradient to first order), in fewer products than the relative test alone."""

@@ -93,6 +93,9 @@ _QN_ITERS = 2000
 #: the environment data; on Gaussian features, n = 2e4 .. 1e5, d = 64 .. 512, 10, 20 and
 #: 40 pairs took the same evaluations, 5 up to 15% more: the cost per pair is O(d)).
 _QN_PAIRS = 20
+#: Evaluations :func:`quasi_newton` keeps, for the point scipy returns (the last accepted
+#: iterate: at most a line search's rejected trials back, two in the runs measured).
+_QN_KEEP = 3
 #: :func:`cg_solve` stops at this residual (relative to ``||g||``): each inexact Newton step
 #: then cuts the gradient about 1e4-fold, so the polish from L-BFGS's last point (within a
 #: few orders of the tolerance) takes one or two steps ...
@@ -598,10 +601,13 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
 
     The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
-    instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until
-    ``||grad||_inf <= tol`` (scipy's test on the projected gradient: the same as Newton's)
-    or its line search meets rounding. The last evaluation is kept: where it already meets
-    the test it is the answer (no further pass); otherwise :func:`newton` polishes from it
+    instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until an
+    evaluation meets ``||grad||_inf <= tol`` (Newton's test; also a line-search trial that
+    scipy would reject because its value is above the last by rounding: at n = 1e6, d = 64
+    that waited 7 evaluations, F flat to 1e-16 and ``||grad||_inf`` about ``tol``) or its
+    line search meets rounding. The last ``_QN_KEEP`` evaluations are kept: where the
+    returned point's meets the test it is the answer (no further pass); otherwise
+    :func:`newton` polishes from it
     (``hessian_free``: conjugate-gradient steps on ``InnerResult.hvp`` where the set
     supplies it, else on forward differences of the gradient, :func:`_difference_hvp`:
     never the ``O(n d^2)`` dense Hessian), so both paths stop at the same test. Each
@@ -612,33 +618,50 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     Stalled, RuntimeError
         As :func:`newton` (``unbounded`` also when L-BFGS leaves every bounded region).
     """
-    last: dict = {"state": state, "x": None, "res": None}
+    last: dict = {"state": state, "recent": [], "iters": 0}
 
     def fun(x):
         if float(np.linalg.norm(x)) > _DIVERGED:
             raise _diverged(label)
         res = objective(x, last["state"])
-        last.update(state=res.state, x=x.copy(), res=res)
+        last["state"] = res.state
+        recent = last["recent"]
+        recent.append((x.copy(), res))
+        del recent[:-_QN_KEEP]
+        if float(np.max(np.abs(res.grad))) <= tol:
+            raise _Converged  # whether or not scipy's line search would accept the point
         return res.value, res.grad
 
-    found = minimize(fun, delta, jac=True, method="L-BFGS-B",
+    def count(_):
+        last["iters"] += 1
+
+    try:
+        x = minimize(fun, delta, jac=True, method="L-BFGS-B", callback=count,
                      options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
-                              "maxcor": _QN_PAIRS})
-    res = last["res"]
-    if last["x"] is None or not np.array_equal(last["x"], found.x):
-        res = objective(found.x, last["state"])  # scipy returned an earlier point
+                              "maxcor": _QN_PAIRS}).x
+    except _Converged:
+        x = last["recent"][-1][0]
+    res = next((r for y, r in reversed(last["recent"]) if np.array_equal(y, x)), None)
+    if res is None:
+        res = objective(x, last["state"])  # scipy returned an earlier point
+    del last["recent"]  # no O(n) evaluations kept alive beside Newton's
     if float(np.max(np.abs(res.grad))) <= tol:
-        return NewtonRun(found.x, int(found.nit), res.state, res)
+        return NewtonRun(x, last["iters"], res.state, res)
 
     def polish(d, st):
         out = objective(d, st)
         return out if out.hvp is not None else replace(out, hvp=_difference_hvp(objective, d,
                                                                                out))
 
-    first = res if res.hvp is not None else replace(res, hvp=_difference_hvp(objective,
-                                                                             found.x, res))
-    run = newton(polish, found.x, tol, max_iter, label, res.state, [first], hessian_free=True)
-    return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state, run.result)
+    first = res if res.hvp is not None else replace(res, hvp=_difference_hvp(objective, x,
+                                                                             res))
+    del res
+    run = newton(polish, x, tol, max_iter, label, last["state"], [first], hessian_free=True)
+    return NewtonRun(run.delta, last["iters"] + run.iterations, run.state, run.result)
+
+
+class _Converged(Exception):
+    """Raised inside :func:`quasi_newton`'s L-BFGS at a point that meets the stopping test."""
 
 
 # --- certificates ---------------------------------------------------------------------------
