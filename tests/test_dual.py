@@ -459,6 +459,29 @@ def test_logistic_gap_takes_the_smallest_subset_that_certifies(monkeypatch):
     assert shapes[-1] == "full" and gap >= _brute_force_gap(a, w, far)
 
 
+def test_logistic_gap_skips_subsets_without_weight(monkeypatch):
+    """A worst case with no weight on the sampled atoms (every ``ceil(n / k)``-th) has a zero
+    subset Hessian: the subsets are skipped (no division by its zero trace) and the bound is
+    the full Hessian's."""
+    from simulator.solvers import core
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1000, 20)) / 5
+    q = np.ones(1000)
+    for step in (25, 13, 7):  # ceil(n / k) for k = 2 d, 4 d, 8 d (d = 20)
+        q[::step] = 0.0
+    q /= q.sum()
+    best = minimize(lambda x: (float(q @ np.logaddexp(0.0, -(a @ x))),
+                               -(q * expit(-(a @ x))) @ a), np.zeros(20), jac=True,
+                    method="BFGS", options={"gtol": 1e-12}).x
+    delta = best + 1e-4 * rng.normal(size=20)
+    upper = float(q @ np.logaddexp(0.0, -(a @ delta)))
+    got = core.logistic_gap(a, q, delta, upper)
+    monkeypatch.setattr(core, "_CERT_PER_D", 10**9)
+    monkeypatch.setattr(core, "_CERT_ATOMS", 10**9)
+    assert math.isfinite(got) and got == core.logistic_gap(a, q, delta, upper)
+
+
 def test_quasi_newton_stops_at_the_first_evaluation_that_meets_the_test():
     """Values at rounding level no longer guide L-BFGS's line search (n = 1e6, d = 64: seven
     evaluations after one met the gradient test, its value 6e-16 above the last). Modelled

@@ -872,8 +872,8 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
         if curv.size <= d:
             continue  # rank-deficient
         mean = float(curv @ np.einsum("ij,ij->i", sub, sub)) / d  # of the eigenvalues
-        if not gn2 / (2.0 * mean * (1.0 - d / curv.size)) <= _CERT_SUBSET_OK:
-            continue  # the bound would (most likely) be too loose
+        if not (mean > 0 and gn2 / (2.0 * mean * (1.0 - d / curv.size)) <= _CERT_SUBSET_OK):
+            continue  # no weight on the subset, or the bound would (most likely) be too loose
         b = sub * np.sqrt(curv)[:, None]
         floor = mean * (1.0 - math.sqrt(d / curv.size))**2 / _CERT_SHIFT_DIV
         bound = curvature_bound(grad, b.T @ b, radius, full_rank=True, shift=floor,
