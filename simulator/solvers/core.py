@@ -785,7 +785,7 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
     ``f`` is constant). Without ``shift``, ``mu`` is the computed smallest eigenvalue
     (``eigvalsh``, ``O(d^3)``).
 
-    With a ``shift`` (and ``full_rank``) no eigenvalue is computed, and the bound is the
+    With a ``shift > 0`` (and ``full_rank``) no eigenvalue is computed, and the bound is the
     Newton decrement's: a Cholesky factor of ``hess - shift I`` (``d^3 / 3``) proves
     ``hess >= mu I``, ``mu = shift`` (``terms``: how many rank-one terms ``hess`` sums, for
     its rounding; :func:`_shifted_factor`), and with ``h = ||D||_hess >= sqrt(mu) ||D||``
@@ -799,7 +799,7 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
         return 0.0
     if not radius > 0:
         return math.inf
-    if shift is not None and full_rank:
+    if shift is not None and full_rank and shift > 0:
         found = _shifted_factor(hess, shift, terms)
         if found is None:
             return math.inf
