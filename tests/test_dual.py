@@ -336,6 +336,202 @@ def test_subset_certificate_bounds_the_true_gap(monkeypatch):
         assert true_gap <= full * (1 + 1e-6) and full < sub
 
 
+def _spd(d, lam_min, lam_max, seed):
+    """A symmetric matrix with eigenvalues spread from ``lam_min`` to ``lam_max`` (known)."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    lam = np.geomspace(lam_min, lam_max, d)
+    h = (q * lam) @ q.T
+    return 0.5 * (h + h.T), lam
+
+
+@pytest.mark.parametrize("d", [5, 64, 300])
+def test_shifted_cholesky_proves_the_curvature_floor(d):
+    """``_shifted_factor`` succeeds just below the smallest eigenvalue and fails just above
+    it (the rounding allowance is far below 1e-6 of it); ``_decrement_bound`` lies between
+    ``g^T H^-1 g`` and ``g^T (H - mu I)^-1 g``, the exact value of its bound for the
+    shifted solve, plus its rounding allowance (``d eps cond^2``: 2e-8 here at d = 300,
+    ``cond(H - mu I) = 2000``)."""
+    from simulator.solvers import core
+
+    h, lam = _spd(d, 1e-3, 1.0, d)
+    assert core._shifted_factor(h.copy(), lam[0] * (1 + 1e-6), terms=0) is None
+    found = core._shifted_factor(h, lam[0] * (1 - 1e-6), terms=0)
+    assert found is not None and found[1] == pytest.approx(lam[0] * (1 - 1e-6), rel=1e-15)
+    np.testing.assert_array_equal(h, _spd(d, 1e-3, 1.0, d)[0])  # restored after the shift
+    g = np.random.default_rng(1).normal(size=d)
+    for shift in (lam[0] / 64, lam[0] / 2):
+        factor, mu = core._shifted_factor(h, shift, terms=0)
+        nu2 = core._decrement_bound(h, factor, g, mu)
+        exact = g @ np.linalg.solve(h, g)
+        shifted = g @ np.linalg.solve(h - mu * np.eye(d), g)
+        assert exact <= nu2 <= shifted * (1 + 1e-6)
+
+
+def _brute_force_gap(a, w, delta):
+    """``f(delta) - min f`` for ``f = sum w softplus(-a . D)``, the minimum by Newton's method
+    to machine precision (independent of the certificate's code)."""
+    def f(dl):
+        m = a @ dl
+        return float(w @ np.logaddexp(0.0, -m))
+
+    x = delta.copy()
+    for _ in range(100):
+        m = a @ x
+        s = expit(-m)
+        g = -(w * s) @ a
+        h = (a * (w * s * (1 - s))[:, None]).T @ a
+        step = np.linalg.solve(h, g)
+        x = x - step
+        if np.abs(step).max() < 1e-15 * (1 + np.abs(x).max()):
+            break
+    return f(delta) - f(x)
+
+
+@pytest.mark.parametrize("d", [6, 40])
+def test_newton_decrement_bound_is_above_the_true_gap_and_close_to_it(d):
+    """``curvature_bound`` with a ``shift`` (the Newton-decrement bound) against a brute-force
+    minimisation at points 1e-6 .. 1e-3 off the minimiser: at least the true gap, within 5%
+    of it near the minimiser (where the gap is ``g^T H^-1 g / 2`` to first order), and below
+    the smallest-eigenvalue bound of the same Hessian; the same from the Hessian of a third
+    of the atoms (below the full one), looser but still above the true gap."""
+    from simulator.solvers import core
+
+    data, _ = _problem(seed=11 + d, n=1500, d=d, ref=False, scale=3.0)
+    a = (2 * data.y - 1)[:, None] * BETA * data.x
+    w = data.weights
+    star = sim.solve(data, sim.Nominal(), beta=BETA, method="newton", tol=1e-14).theta
+    radius = float(np.linalg.norm(a, axis=1).max())
+    rng = np.random.default_rng(d)
+    for eps in (1e-6, 1e-5, 1e-4, 1e-3):
+        delta = star + eps * rng.normal(size=d)
+        true_gap = _brute_force_gap(a, w, delta)
+        m = a @ delta
+        s = expit(-m)
+        g = -(w * s) @ a
+        c = w * s * (1 - s)
+        h = (a * c[:, None]).T @ a
+        lam = np.linalg.eigvalsh(h)[0]
+        eig = core.curvature_bound(g, h, radius)
+        dec = core.curvature_bound(g, h, radius, full_rank=True, shift=lam / 64, terms=w.size)
+        assert true_gap > 0 and true_gap <= dec <= eig * (1 + 1e-6)
+        if eps <= 1e-5:
+            assert dec <= 1.05 * true_gap
+        sub = slice(None, None, 3)
+        hs = (a[sub] * c[sub, None]).T @ a[sub]
+        lam_s = np.linalg.eigvalsh(hs)[0]
+        dec_s = core.curvature_bound(g, hs, radius, full_rank=True, shift=lam_s / 64,
+                                     terms=hs.shape[0])
+        assert true_gap <= dec <= dec_s < math.inf
+        # a shift above the smallest eigenvalue: no factor, no bound
+        assert core.curvature_bound(g, hs, radius, full_rank=True, shift=2 * lam_s) == math.inf
+
+
+def test_logistic_gap_takes_the_smallest_subset_that_certifies(monkeypatch):
+    """At ``d = 40``, ``n = 4000`` near the minimiser the ``2 d``-atom subset (every 50th
+    atom) already certifies the gap below ``_CERT_SUBSET_OK``, and its bound is above the
+    brute-force gap; far from it every subset is skipped or too loose and the full Hessian
+    decides (the eigenvalue bound, as before)."""
+    from simulator.solvers import core
+
+    d = 40
+    data, _ = _problem(seed=21, n=4000, d=d, ref=False, scale=3.0)
+    a = (2 * data.y - 1)[:, None] * BETA * data.x
+    w = data.weights
+    star = sim.solve(data, sim.Nominal(), beta=BETA, method="newton", tol=1e-14).theta
+    shapes = []
+    real = core.curvature_bound
+
+    def spy(grad, hess, radius, full_rank=False, shift=None, terms=0):
+        shapes.append(terms if shift is not None else "full")
+        return real(grad, hess, radius, full_rank, shift, terms)
+
+    monkeypatch.setattr(core, "curvature_bound", spy)
+    rng = np.random.default_rng(0)
+    near = star + 1e-8 * rng.normal(size=d)
+    f_near = float(w @ np.logaddexp(0.0, -(a @ near)))
+    gap = core.logistic_gap(a, w, near, f_near)
+    assert shapes == [80] and _brute_force_gap(a, w, near) <= gap <= core._CERT_SUBSET_OK
+    shapes.clear()
+    far = star + 1e-2 * rng.normal(size=d)
+    f_far = float(w @ np.logaddexp(0.0, -(a @ far)))
+    gap = core.logistic_gap(a, w, far, f_far)
+    assert shapes[-1] == "full" and gap >= _brute_force_gap(a, w, far)
+
+
+def test_logistic_gap_skips_subsets_without_weight(monkeypatch):
+    """A worst case with no weight on the sampled atoms (every ``ceil(n / k)``-th) has a zero
+    subset Hessian: the subsets are skipped (no division by its zero trace) and the bound is
+    the full Hessian's."""
+    from simulator.solvers import core
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1000, 20)) / 5
+    q = np.ones(1000)
+    for step in (25, 13, 7):  # ceil(n / k) for k = 2 d, 4 d, 8 d (d = 20)
+        q[::step] = 0.0
+    q /= q.sum()
+    best = minimize(lambda x: (float(q @ np.logaddexp(0.0, -(a @ x))),
+                               -(q * expit(-(a @ x))) @ a), np.zeros(20), jac=True,
+                    method="BFGS", options={"gtol": 1e-12}).x
+    delta = best + 1e-4 * rng.normal(size=20)
+    upper = float(q @ np.logaddexp(0.0, -(a @ delta)))
+    got = core.logistic_gap(a, q, delta, upper)
+    monkeypatch.setattr(core, "_CERT_PER_D", 10**9)
+    monkeypatch.setattr(core, "_CERT_ATOMS", 10**9)
+    assert math.isfinite(got) and got == core.logistic_gap(a, q, delta, upper)
+
+
+def test_quasi_newton_stops_at_the_first_evaluation_that_meets_the_test():
+    """Values at rounding level no longer guide L-BFGS's line search (n = 1e6, d = 64: seven
+    evaluations after one met the gradient test, its value 6e-16 above the last). Modelled
+    on a quadratic whose value is raised by 1e-9 (above the line search's decrease there)
+    wherever ``||grad||_inf <= tol``: ``quasi_newton`` returns the first evaluation that
+    meets the test, with no further evaluation (before, scipy rejected it and the run
+    stalled or took 300 evaluations)."""
+    from simulator.solvers import core
+
+    h, _ = _spd(30, 1e-2, 1.0, 5)
+    b = np.random.default_rng(6).normal(size=30)
+    tol = 1e-6
+    seen = []
+
+    def objective(x, state):
+        g = h @ x - b
+        seen.append(float(np.abs(g).max()))
+        value = 0.5 * float(x @ h @ x) - float(b @ x) + (1e-9 if seen[-1] <= tol else 0.0)
+        return core.InnerResult(value, None, g, lambda: h, None, hvp=lambda v: h @ v)
+
+    run = core.quasi_newton(objective, np.zeros(30), tol, 100, "a quadratic")
+    assert np.abs(h @ run.delta - b).max() <= tol
+    assert len(seen) == next(i for i, g in enumerate(seen) if g <= tol) + 1
+
+
+def test_cg_stops_once_the_residual_meets_newtons_tolerance():
+    """``cg_solve`` with ``tol`` stops as soon as ``||H s - g||_inf <= _CG_ATOL tol`` (the
+    next gradient to first order), in fewer products than the relative test alone."""
+    from simulator.solvers import core
+
+    h, _ = _spd(60, 1e-2, 1.0, 3)
+    g = np.random.default_rng(4).normal(size=60)
+    counts = []
+    for tol in (0.0, 1e-3 * np.abs(g).max()):
+        n = [0]
+
+        def hvp(v, n=n):
+            n[0] += 1
+            return h @ v
+
+        s = core.cg_solve(hvp, g, tol)
+        counts.append(n[0])
+        res = np.abs(h @ s - g).max()
+        if tol:
+            assert res <= core._CG_ATOL * tol
+        else:
+            assert np.linalg.norm(h @ s - g) <= core._CG_TOL * np.linalg.norm(g)
+    assert counts[1] < counts[0]
+
+
 def test_hessian_vector_products_match_the_dense_hessians():
     """``logistic_hvp``, the W1 evaluation's ``hvp`` and the forward differences of KL and
     chi-square against the dense Hessians; ``cg_solve`` solves to its relative residual."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy.linalg.lapack import dpotrf, dpotrs
 from scipy.optimize import minimize
 from scipy.special import expit
 
@@ -92,12 +93,20 @@ _QN_ITERS = 2000
 #: the environment data; on Gaussian features, n = 2e4 .. 1e5, d = 64 .. 512, 10, 20 and
 #: 40 pairs took the same evaluations, 5 up to 15% more: the cost per pair is O(d)).
 _QN_PAIRS = 20
+#: Evaluations :func:`quasi_newton` keeps, for the point scipy returns (the last accepted
+#: iterate: at most a line search's rejected trials back, two in the runs measured).
+_QN_KEEP = 3
 #: :func:`cg_solve` stops at this residual (relative to ``||g||``): each inexact Newton step
 #: then cuts the gradient about 1e4-fold, so the polish from L-BFGS's last point (within a
 #: few orders of the tolerance) takes one or two steps ...
 _CG_TOL = 1e-4
-#: ... of at most this many Hessian-vector products (two ``O(n d)`` passes each).
+#: ... of at most this many Hessian-vector products (two ``O(n d)`` passes each), or fewer
+#: once the residual (the next gradient to first order) is below this fraction of Newton's
+#: ``tol`` in the max norm: a polish from just above ``tol`` (L-BFGS stopped by rounding at
+#: ``1.1 tol``: KL, n = 1e4, d = 512) then takes one or two products instead of 11 (the
+#: fraction leaves room for the second-order term and the differences' error).
 _CG_ITERS = 200
+_CG_ATOL = 0.25
 #: Step of the forward-difference Hessian-vector product (relative to ``1 + ||delta||``):
 #: ``sqrt(eps)`` balances the ``O(h)`` truncation against the ``O(eps / h)`` rounding of
 #: the gradients, a relative error of about 1e-8, far below ``_CG_TOL``.
@@ -501,7 +510,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
         if gn <= tol:
             return NewtonRun(delta, it, state, cur)
         if hessian_free and cur.hvp is not None:
-            step = -cg_solve(cur.hvp, g)
+            step = -cg_solve(cur.hvp, g, tol)
         else:
             if h is None:
                 h = cur.hess()
@@ -548,12 +557,15 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
 
 
-def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray) -> np.ndarray:
+def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray,
+             tol: float = 0.0) -> np.ndarray:
     """Conjugate gradients for ``H s = g`` (``H`` PSD, given by ``hvp``), stopped once the
-    residual is below ``_CG_TOL ||g||`` or after ``min(d, _CG_ITERS)`` products: the inexact
-    Newton step of :func:`newton`'s Hessian-free polish. Where ``H`` is singular along a
-    search direction the iterate so far is returned (``g`` itself if that is zero), a
-    descent direction either way."""
+    residual is below ``_CG_TOL ||g||``, or once ``||residual||_inf <= _CG_ATOL tol`` (the
+    gradient after the step ``-s`` is the residual to first order: it then meets
+    :func:`newton`'s test ``||grad||_inf <= tol``), or after ``min(d, _CG_ITERS)``
+    products: the inexact Newton step of :func:`newton`'s Hessian-free polish. Where ``H``
+    is singular along a search direction the iterate so far is returned (``g`` itself if
+    that is zero), a descent direction either way."""
     x = np.zeros_like(g)
     r = g.copy()
     p = r.copy()
@@ -568,7 +580,7 @@ def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray) -> np.ndarr
         x += alpha * p
         r -= alpha * hp
         rr, rr_old = float(r @ r), rr
-        if rr <= stop:
+        if rr <= stop or float(np.max(np.abs(r))) <= _CG_ATOL * tol:
             break
         p = r + (rr / rr_old) * p
     return x if np.any(x) else g.copy()
@@ -589,10 +601,13 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
 
     The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
-    instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until
-    ``||grad||_inf <= tol`` (scipy's test on the projected gradient: the same as Newton's)
-    or its line search meets rounding. The last evaluation is kept: where it already meets
-    the test it is the answer (no further pass); otherwise :func:`newton` polishes from it
+    instead of Newton's ``O(n d^2)`` Hessian, and L-BFGS runs (``ftol = 0``) until an
+    evaluation meets ``||grad||_inf <= tol`` (Newton's test; also a line-search trial that
+    scipy would reject because its value is above the last by rounding: at n = 1e6, d = 64
+    that waited 7 evaluations, F flat to 1e-16 and ``||grad||_inf`` about ``tol``) or its
+    line search meets rounding. The last ``_QN_KEEP`` evaluations are kept: where the
+    returned point's meets the test it is the answer (no further pass); otherwise
+    :func:`newton` polishes from it
     (``hessian_free``: conjugate-gradient steps on ``InnerResult.hvp`` where the set
     supplies it, else on forward differences of the gradient, :func:`_difference_hvp`:
     never the ``O(n d^2)`` dense Hessian), so both paths stop at the same test. Each
@@ -603,33 +618,50 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     Stalled, RuntimeError
         As :func:`newton` (``unbounded`` also when L-BFGS leaves every bounded region).
     """
-    last: dict = {"state": state, "x": None, "res": None}
+    last: dict = {"state": state, "recent": [], "iters": 0}
 
     def fun(x):
         if float(np.linalg.norm(x)) > _DIVERGED:
             raise _diverged(label)
         res = objective(x, last["state"])
-        last.update(state=res.state, x=x.copy(), res=res)
+        last["state"] = res.state
+        recent = last["recent"]
+        recent.append((x.copy(), res))
+        del recent[:-_QN_KEEP]
+        if float(np.max(np.abs(res.grad))) <= tol:
+            raise _Converged  # whether or not scipy's line search would accept the point
         return res.value, res.grad
 
-    found = minimize(fun, delta, jac=True, method="L-BFGS-B",
+    def count(_):
+        last["iters"] += 1
+
+    try:
+        x = minimize(fun, delta, jac=True, method="L-BFGS-B", callback=count,
                      options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
-                              "maxcor": _QN_PAIRS})
-    res = last["res"]
-    if last["x"] is None or not np.array_equal(last["x"], found.x):
-        res = objective(found.x, last["state"])  # scipy returned an earlier point
+                              "maxcor": _QN_PAIRS}).x
+    except _Converged:
+        x = last["recent"][-1][0]
+    res = next((r for y, r in reversed(last["recent"]) if np.array_equal(y, x)), None)
+    if res is None:
+        res = objective(x, last["state"])  # scipy returned an earlier point
+    del last["recent"]  # no O(n) evaluations kept alive beside Newton's
     if float(np.max(np.abs(res.grad))) <= tol:
-        return NewtonRun(found.x, int(found.nit), res.state, res)
+        return NewtonRun(x, last["iters"], res.state, res)
 
     def polish(d, st):
         out = objective(d, st)
         return out if out.hvp is not None else replace(out, hvp=_difference_hvp(objective, d,
                                                                                out))
 
-    first = res if res.hvp is not None else replace(res, hvp=_difference_hvp(objective,
-                                                                             found.x, res))
-    run = newton(polish, found.x, tol, max_iter, label, res.state, [first], hessian_free=True)
-    return NewtonRun(run.delta, int(found.nit) + run.iterations, run.state, run.result)
+    first = res if res.hvp is not None else replace(res, hvp=_difference_hvp(objective, x,
+                                                                             res))
+    del res
+    run = newton(polish, x, tol, max_iter, label, last["state"], [first], hessian_free=True)
+    return NewtonRun(run.delta, last["iters"] + run.iterations, run.state, run.result)
+
+
+class _Converged(Exception):
+    """Raised inside :func:`quasi_newton`'s L-BFGS at a point that meets the stopping test."""
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -641,45 +673,142 @@ _RANK_TOL = 1e-12
 #: atom norm) is a real linear direction (the function is unbounded along it), not rounding.
 _NULL_GRAD = 1e-12
 #: :func:`logistic_gap` on at least twice as many atoms first bounds the curvature by
-#: every ``n / (_CERT_PER_D d)``-th atom alone (a smaller PSD matrix, so still a valid
-#: bound, about ``n / k`` times looser for ``k`` atoms): ``O(_CERT_PER_D d^3)`` instead of
-#: ``O(n d^2)``. With 8 d atoms the subset's smallest eigenvalue is still ``(1 -
-#: 8^-1/2)^2 = 0.42`` of its mean for isotropic features (Marchenko-Pastur); measured at
-#: n = 1e4, d = 512 (Gaussian, DPO): bound 9e-14 from 1250 atoms, 2e-14 from 2500, 4e-15
-#: from all, the Hessian costing 0.009, 0.016 and 0.061 s ...
+#: every ``ceil(n / k)``-th atom alone (a smaller PSD matrix, so still a valid bound, about
+#: ``n / k`` times looser), ``k = _CERT_PER_D d 2^-j`` for ``j = _CERT_HALVINGS, ..., 1,
+#: 0``: ``O(k d^2)`` instead of ``O(n d^2)``. With 8 d atoms the subset's smallest
+#: eigenvalue is still ``(1 - 8^-1/2)^2 = 0.42`` of its mean for isotropic features
+#: (Marchenko-Pastur); measured at n = 1e4, d = 512 (Gaussian, DPO): bound 9e-14 from 1250
+#: atoms, 2e-14 from 2500, 4e-15 from all, the Hessian costing 0.009, 0.016 and 0.061 s.
 _CERT_PER_D = 8
-#: ... then (where that bound is too loose) every ``n / _CERT_ATOMS``-th atom,
+#: The smaller subsets first (2 d and 4 d atoms): the Newton-decrement bound of
+#: :func:`curvature_bound` (``g^T H^-1 g / 2``) needs no large smallest eigenvalue, and at
+#: the end of the L-BFGS solves of the benchmark (Gaussian, d = 64 and 512, n = 1e4 ..
+#: 1e6, ``||grad||_inf <= 1e-10``) 2 d atoms gave bounds of 1e-15 .. 1e-14, the Hessian of
+#: 1112 atoms costing 0.007 s at d = 512 against 0.030 s for the 5000 of ``n // (8 d)``.
+_CERT_HALVINGS = 2
+#: ... then (where those bounds are too loose) every ``n / _CERT_ATOMS``-th atom,
 #: ``O(_CERT_ATOMS d^2)``, 10x less than all at n = 1e5 ...
 _CERT_ATOMS = 10_000
 #: ... and keeps that bound when it is below this (absolute; the full bound is about
-#: ``||g||^2 / (2 mu)``, 1e-20 .. 1e-16 at ``tol = 1e-10``), else computes the full one.
+#: ``||g||^2 / (2 mu)``, 1e-20 .. 1e-15 at ``tol = 1e-10``), else computes the full one.
 _CERT_SUBSET_OK = 1e-13
+#: The curvature floor :func:`logistic_gap` asks a subset's Cholesky factor to prove: its
+#: Marchenko-Pastur estimate of the smallest eigenvalue, ``(tr H / d) (1 - sqrt(d / k))^2``
+#: for ``k`` isotropic atoms, over this. The estimate was 1.1-2.1x the computed eigenvalue
+#: on the Gaussian benchmark subsets of 2 d to 8 d atoms (d = 64, 512), so the factor
+#: exists; the floor enters the bound only through ``gamma = R nu / sqrt(mu)`` (1e-4 there)
+#: and the shifted solve, which is then within ``1 / 30`` of the unshifted one.
+_CERT_SHIFT_DIV = 64.0
+#: Backward error of a Cholesky factor that ran to completion: ``R^T R = A + E`` with
+#: ``||E||_2 <= gamma_{d+1} ||R||_F^2 = gamma_{d+1} tr(A + E)`` (Higham, Accuracy and
+#: Stability of Numerical Algorithms, 2nd ed., Thm 10.3; blocked LAPACK factors satisfy the
+#: same bound with a small constant, here 4), plus ``d`` roundings of the shifted diagonal
+#: and of the trace: ``lambda_min(A) >= -_CHOL_ULPS (d + 1) eps tr(A)`` up to second order.
+_CHOL_ULPS = 8.0
+#: Safety factor on the ``gamma_k = k eps / (1 - k eps)`` of the dot products and
+#: matrix-vector products in :func:`_decrement_bound` (their rounding error bounds).
+_DOT_ULPS = 4.0
 #: Below this ``gamma`` the series of ``gamma + (1 - gamma) log(1 - gamma)`` is used
 #: (the closed form cancels there).
 _SERIES_GAMMA = 1e-3
 
 
+def _curvature_tail(mu: float, radius: float, gn: float) -> float:
+    """``(mu / R^2) (gamma + (1 - gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu``
+    (``inf`` for ``gamma >= 1``): :func:`curvature_bound`'s bound for the curvature ``mu``."""
+    gamma = radius * gn / mu
+    if not gamma < 1.0:
+        return math.inf
+    # gamma + (1 - gamma) log(1 - gamma) = sum_{k >= 2} gamma^k / (k (k - 1))
+    tail = (gamma**2 / 2 + gamma**3 / 6 + gamma**4 / 12 if gamma < _SERIES_GAMMA
+            else gamma + (1.0 - gamma) * math.log1p(-gamma))
+    return mu / radius**2 * tail
+
+
+def _shifted_factor(hess: np.ndarray, shift: float, terms: int):
+    """A Cholesky factor ``U`` (upper, ``U^T U ~ hess - s I``) that proves ``mu = shift <=
+    lambda_min(hess)``, with ``(U, mu)``, or ``None`` where it fails (the smallest
+    eigenvalue may be below ``shift``). ``s = shift`` plus the rounding allowance of the
+    factor (``_CHOL_ULPS``) and of ``hess``'s own sum of ``terms`` rank-one terms
+    (``gamma_terms tr(hess)``, Higham Thm 3.5 with ``|| |B|^T |B| ||_2 <= ||B||_F^2``).
+    ``hess`` is shifted in place and restored."""
+    d = hess.shape[0]
+    trace = float(np.trace(hess))
+    allowance = (_CHOL_ULPS * (d + 1) + terms) * np.finfo(float).eps * (trace + d * shift)
+    s = shift + allowance
+    diag = hess.diagonal().copy()
+    hess.flat[::d + 1] = diag - s
+    try:
+        # LAPACK's factor itself (2.5x faster than np.linalg.cholesky at d = 512); info > 0:
+        # a leading minor is not positive (or NaN)
+        factor, info = dpotrf(hess, lower=0, clean=0)
+    finally:
+        hess.flat[::d + 1] = diag
+    return (factor, s - allowance) if info == 0 else None  # mu >= shift up to an ulp
+
+
+def _decrement_bound(hess: np.ndarray, factor: np.ndarray, grad: np.ndarray,
+                     mu: float) -> float:
+    """An upper bound on ``nu^2 = g^T H^-1 g`` for ``H = hess >= mu I``: for every ``y``,
+    ``nu^2 = 2 g . y - y^T H y + r^T H^-1 r <= 2 g . y - y^T H y + ||r||^2 / mu``, ``r = g -
+    H y``; ``y`` solves with the shifted ``factor`` (:func:`_shifted_factor`; within
+    ``mu / lambda_min`` of ``H^-1 g``). Each computed dot product and ``H y`` is widened by
+    its rounding bound ``gamma_d`` (Higham Thm 3.5, ``|| |H| ||_2 <= ||H||_F``)."""
+    d = grad.size
+    y = dpotrs(factor, grad, lower=0)[0]
+    hy = hess @ y
+    r = grad - hy
+    eps = np.finfo(float).eps
+    gam = _DOT_ULPS * (d + 2) * eps
+    yn, gn, hyn = float(np.linalg.norm(y)), float(np.linalg.norm(grad)), float(np.linalg.norm(hy))
+    e_hy = gam * float(np.linalg.norm(hess)) * yn  # ||fl(H y) - H y||
+    e_r = e_hy + gam * (gn + hyn)
+    quad = 2.0 * float(grad @ y) - float(y @ hy) + gam * (2.0 * gn + hyn) * yn + e_hy * yn
+    return (quad + (float(np.linalg.norm(r)) + e_r) ** 2 / mu) * (1.0 + gam)
+
+
 def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
-                    full_rank: bool = False) -> float:
+                    full_rank: bool = False, shift: float | None = None,
+                    terms: int = 0) -> float:
     """Upper bound on ``f(delta) - inf f`` for ``f = sum_i q_i softplus(-a_i . delta) + c .
     delta`` from its gradient and Hessian at ``delta`` and ``radius = max_i ||a_i||``.
 
     Along any line, ``h(t) = f(delta + t D)`` has ``|h'''| <= R ||D|| h''`` (the logistic
     loss has ``|l'''| <= l''``), so (Bach 2010, Lemma 1) ``f(delta + D) >= f + g . D +
-    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2``. With ``mu`` the smallest
-    eigenvalue of ``H`` on its range (``f`` is constant along the null space when ``g`` has
-    no part there) the minimum over ``D`` gives ``f - inf f <= (mu / R^2) (gamma + (1 -
-    gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu`` (about ``||g||^2 / (2 mu)``), and
-    ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below the Hessian (``D^T hess D <= D^T H
-    D``) gives a valid bound when it has full rank (``full_rank``: ``inf`` otherwise, since
-    its null space need not be one along which ``f`` is constant).
+    D^T H D psi(R ||D||)``, ``psi(S) = (e^-S + S - 1) / S^2`` (decreasing). With ``mu``
+    any lower bound on the smallest eigenvalue of ``H`` on its range (``f`` is constant
+    along the null space when ``g`` has no part there) the minimum over ``D`` gives ``f -
+    inf f <= (mu / R^2) (gamma + (1 - gamma) log(1 - gamma))``, ``gamma = R ||g|| / mu``
+    (about ``||g||^2 / (2 mu)``), and ``inf`` when ``gamma >= 1``. Any PSD ``hess`` below
+    the Hessian (``D^T hess D <= D^T H D``) gives a valid bound when it has full rank
+    (``full_rank``: ``inf`` otherwise, since its null space need not be one along which
+    ``f`` is constant). Without ``shift``, ``mu`` is the computed smallest eigenvalue
+    (``eigvalsh``, ``O(d^3)``).
+
+    With a ``shift > 0`` (and ``full_rank``) no eigenvalue is computed, and the bound is the
+    Newton decrement's: a Cholesky factor of ``hess - shift I`` (``d^3 / 3``) proves
+    ``hess >= mu I``, ``mu = shift`` (``terms``: how many rank-one terms ``hess`` sums, for
+    its rounding; :func:`_shifted_factor`), and with ``h = ||D||_hess >= sqrt(mu) ||D||``
+    and ``g . D >= -nu h``, ``nu^2 = g^T hess^-1 g`` (bounded by :func:`_decrement_bound`),
+    ``f(delta + D) - f >= -nu h + h^2 psi(R h / sqrt(mu))``: the same minimum with ``||g||``
+    replaced by ``nu sqrt(mu)``, about ``nu^2 / 2`` (not ``||g||^2 / (2 lambda_min)``), and
+    ``gamma = R nu / sqrt(mu)``. ``inf`` where no factor exists.
     """
     gn = float(np.linalg.norm(grad))
     if gn == 0.0:
         return 0.0
+    if not radius > 0:
+        return math.inf
+    if shift is not None and full_rank and shift > 0:
+        found = _shifted_factor(hess, shift, terms)
+        if found is None:
+            return math.inf
+        factor, mu = found
+        nu = math.sqrt(_decrement_bound(hess, factor, grad, mu))
+        return _curvature_tail(mu, radius, nu * math.sqrt(mu))
     evals = np.linalg.eigvalsh(hess)  # eigenvectors (4x the work) only for a null space
     top = float(evals[-1])
-    if not top > 0 or not radius > 0:
+    if not top > 0:
         return math.inf
     keep = evals > _RANK_TOL * top
     if keep.all():  # full rank: all of grad lies in the range
@@ -694,51 +823,65 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
         if float(np.linalg.norm(grad - basis @ g_range)) > _NULL_GRAD * radius:
             return math.inf
         g_range_norm = float(np.linalg.norm(g_range))
-    mu = float(evals[keep][0])
-    gamma = radius * g_range_norm / mu
-    if not gamma < 1.0:
-        return math.inf
-    # gamma + (1 - gamma) log(1 - gamma) = sum_{k >= 2} gamma^k / (k (k - 1))
-    tail = (gamma**2 / 2 + gamma**3 / 6 + gamma**4 / 12 if gamma < _SERIES_GAMMA
-            else gamma + (1.0 - gamma) * math.log1p(-gamma))
-    return mu / radius**2 * tail
+    return _curvature_tail(float(evals[keep][0]), radius, g_range_norm)
 
 
 def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
                  linear: np.ndarray | None = None, m: np.ndarray | None = None,
-                 l: np.ndarray | None = None, radius: float | None = None) -> float:
+                 l: np.ndarray | None = None, radius: float | None = None,
+                 grad: np.ndarray | None = None) -> float:
     """``upper - inf_D f(D)`` bounded from above, ``f(D) = sum_i q_i softplus(-a_i . D)
     (+ linear . D)``: ``upper - f(delta)`` plus :func:`curvature_bound` at ``delta`` (from the
-    Hessian of every ``n / k``-th atom, ``k = _CERT_PER_D d`` then ``_CERT_ATOMS``, when
-    that bound is small enough).
+    Hessian of every ``ceil(n / k)``-th atom, ``k = _CERT_PER_D d 2^-j``, ``j =
+    _CERT_HALVINGS, ..., 0``, then ``_CERT_ATOMS``, by its Newton decrement, when that bound
+    is below ``_CERT_SUBSET_OK``; else from the full Hessian's smallest eigenvalue). A
+    subset whose Marchenko-Pastur prediction of that bound, ``||g||^2 / (2 (tr H / d) (1 -
+    d / k))`` (``E 1 / lambda``), is above ``_CERT_SUBSET_OK`` is skipped without forming its
+    Hessian.
 
-    ``m = a delta``, ``l = softplus(-m)`` and an upper bound ``radius >= max_i ||a_i||`` may
-    be passed when known (they are recomputed otherwise)."""
+    ``m = a delta``, ``l = softplus(-m)``, an upper bound ``radius >= max_i ||a_i||`` and
+    ``grad``, the gradient of ``f`` at ``delta`` (for example the Danskin gradient of a
+    reweighting, the same sum), may be passed when known (they are recomputed otherwise)."""
     # atoms with q_i = 0 add nothing to f, its gradient or its Hessian (and only enlarge the
     # radius bound): no n x d copy of the others
     if m is None:
         m = a @ delta
-    s = expit(-m)
     with np.errstate(invalid="ignore"):  # 0 * inf for an infinite loss of weight 0
         lq = q * (dpo_loss(m) if l is None else l)
     value = float(np.where(q > 0, lq, 0.0).sum())
-    grad = -(q * s) @ a
+    if grad is None:
+        grad = -(q * expit(-m)) @ a
+        if linear is not None:
+            grad = grad + linear
     if linear is not None:
         value += float(linear @ delta)
-        grad = grad + linear
-    curv = q * s * (1.0 - s)
     if radius is None:
         radius = atom_radius(a)
-    for k in sorted({_CERT_PER_D * a.shape[1], _CERT_ATOMS}):
+    gap = max(upper - value, 0.0)
+    d = a.shape[1]
+    gn2 = float(grad @ grad)
+    per_d = _CERT_PER_D * d
+    for k in sorted({per_d >> j for j in range(_CERT_HALVINGS + 1)} | {_CERT_ATOMS}):
         if q.size < 2 * k:
             continue
         # sum over a subset <= the Hessian: a cheaper, looser bound
-        step = q.size // k
-        b = a[::step] * np.sqrt(curv[::step])[:, None]
-        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True)
+        rows = slice(None, None, -(-q.size // k))
+        s = expit(-m[rows])
+        curv = q[rows] * s * (1.0 - s)
+        sub = a[rows]
+        if curv.size <= d:
+            continue  # rank-deficient
+        mean = float(curv @ np.einsum("ij,ij->i", sub, sub)) / d  # of the eigenvalues
+        if not (mean > 0 and gn2 / (2.0 * mean * (1.0 - d / curv.size)) <= _CERT_SUBSET_OK):
+            continue  # no weight on the subset, or the bound would (most likely) be too loose
+        b = sub * np.sqrt(curv)[:, None]
+        floor = mean * (1.0 - math.sqrt(d / curv.size))**2 / _CERT_SHIFT_DIV
+        bound = curvature_bound(grad, b.T @ b, radius, full_rank=True, shift=floor,
+                                terms=curv.size)
         if bound <= _CERT_SUBSET_OK:
-            return max(upper - value, 0.0) + bound
-    return max(upper - value, 0.0) + curvature_bound(grad, weighted_hess(a, curv), radius)
+            return gap + bound
+    s = expit(-m)
+    return gap + curvature_bound(grad, weighted_hess(a, q * s * (1.0 - s)), radius)
 
 
 def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> float:
@@ -750,9 +893,10 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     about ``||grad||^2 / (2 mu)``.
     """
     wc = res.worst_case
-    if wc.x is at.x and wc.y is at.y:  # a reweighting: the atoms' own a, m and l
+    if wc.x is at.x and wc.y is at.y:  # a reweighting: the atoms' own a, m and l, and
+        # F's Danskin gradient E_Q* grad l is f's at delta (the same sum over the same q)
         gap = logistic_gap(at.a, wc.weights, delta, res.value, m=res.margins, l=res.losses,
-                           radius=at.max_norm())
+                           radius=at.max_norm(), grad=res.grad)
     else:
         a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x
         gap = logistic_gap(a, wc.weights, delta, res.value)

@@ -342,7 +342,9 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
              else _minimise(at, ambiguity, tol, max_iter, quasi, first, start))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
-    if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
+    kept = None if found.result is None else found.result.margins  # a delta at delta
+    if not mod.coercive(ambiguity) and np.min(
+            (at.a @ delta if kept is None else kept)[at.w > 0]) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
