@@ -342,13 +342,15 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
              else _minimise(at, ambiguity, tol, max_iter, quasi, first, start))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
-    if not mod.coercive(ambiguity) and np.min((at.a @ delta)[at.w > 0]) > 0:
+    res = found.result  # the evaluation at delta that ended the minimisation, if any
+    m = res.margins if res is not None and res.margins is not None else at.a @ delta
+    if not mod.coercive(ambiguity) and m.min(where=at.w > 0, initial=math.inf) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
-    res = found.result  # Newton's last evaluation, when it carries the worst case
-    if res is None or res.worst_case is None:
+    del m
+    if res is None or res.worst_case is None:  # Newton's last evaluation lacks the worst case
         del res
         found = replace(found, result=None)  # not kept alive beside the new evaluation
         res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)
