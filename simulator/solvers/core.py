@@ -374,6 +374,9 @@ def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
     """Indicator of the max-loss atoms (ties within ``_TIE_TOL``) among positive weights,
     and the largest loss."""
     pos = at.w > 0
+    if pos.all():  # no copy of l (8 MB at n = 1e6) when every weight is positive
+        lmax = float(l.max())
+        return l >= lmax - _TIE_TOL * max(1.0, abs(lmax)), lmax
     lmax = float(l[pos].max())
     return pos & (l >= lmax - _TIE_TOL * max(1.0, abs(lmax))), lmax
 
