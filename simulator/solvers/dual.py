@@ -164,10 +164,8 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     if not at.w[idx].sum() > 0:
         return None
     sub = at.subset(idx)
-    if _zero_is_optimal(sub, amb):
-        return None
-    try:
-        found = _minimise(sub, amb, tol, max_iter)  # _SUBSAMPLE_N atoms: no subsample
+    try:  # _SUBSAMPLE_N atoms: no subsample
+        found = _minimise(sub, amb, tol, max_iter, zero_test=True)
     except RuntimeError:
         return None
     if not np.any(found.delta):
@@ -209,15 +207,29 @@ def _shrunk_start(objective, delta: np.ndarray):
     return delta, [cur]
 
 
+def _below_zero(res) -> bool:
+    """Whether the evaluation ``res`` proves ``delta = 0`` is not the minimiser: ``F`` below
+    ``F(0) = log 2`` beyond rounding (``_BELOW_ZERO``)."""
+    return res.value < math.log(2.0) * (1.0 - _BELOW_ZERO)
+
+
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
               quasi: bool = False, first: Minimum | None = None,
-              start: list | None = None) -> Minimum:
+              start: list | None = None, zero_test: bool = False) -> Minimum:
     """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F`` from ``first`` (a
     subsample start; ``start``, a list holding its evaluation, which Newton pops) or the
-    first Newton step, or the set's own minimisation, with the fallbacks above."""
+    first Newton step, or the set's own minimisation, with the fallbacks above. With
+    ``zero_test``, ``delta = 0`` (with no state) is returned where it is the minimiser: the
+    subdifferential test runs only where the shrunk start does not already lie below
+    ``F(0)`` (for chi-square it costs more than the whole Newton run on a subsample)."""
     label = repr(amb)
     mod = methods(amb)
     delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
+    shrink = first is None and not quasi and amb.rho > 0
+    if zero_test and not (shrink and mod.minimise is None):
+        if _zero_is_optimal(at, amb):
+            return Minimum(np.zeros_like(delta), 0, None)
+        zero_test = False
     if mod.minimise is not None:
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
         if special is not None:
@@ -237,8 +249,10 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)
 
-    if first is None and not quasi and amb.rho > 0:
+    if shrink:
         delta, start = _shrunk_start(objective, delta)
+        if zero_test and not _below_zero(start[0]) and _zero_is_optimal(at, amb):
+            return Minimum(np.zeros_like(delta), 0, None)
     try:
         return run(delta, state, start)
     except Stalled as exc:
@@ -332,7 +346,7 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     if first is not None:
         start.append(first.result)
         first = replace(first, result=None)
-    if start and start[0].value < math.log(2.0) * (1.0 - _BELOW_ZERO):
+    if start and _below_zero(start[0]):
         zero_gap = None  # F(first) < F(0) = log 2: delta = 0 is not the minimiser
     else:
         zero_gap = _zero_test(at, ambiguity)
