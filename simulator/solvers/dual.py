@@ -219,16 +219,23 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
     """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F`` from ``first`` (a
     subsample start; ``start``, a list holding its evaluation, which Newton pops) or the
     first Newton step, or the set's own minimisation, with the fallbacks above. With
-    ``zero_test``, ``delta = 0`` (with no state) is returned where it is the minimiser: the
-    subdifferential test runs only where the shrunk start does not already lie below
-    ``F(0)`` (for chi-square it costs more than the whole Newton run on a subsample)."""
+    ``zero_test``, ``delta = 0`` is returned where it is the minimiser, with ``info`` the
+    certified gap and ``zero_kink``: the subdifferential test (:func:`_zero_test`) runs only
+    where the shrunk start does not already lie below ``F(0)``."""
     label = repr(amb)
     mod = methods(amb)
     delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
     shrink = first is None and not quasi and amb.rho > 0
+
+    def at_zero(gap):  # the minimiser delta = 0, certified by the subdifferential test
+        if start:
+            start.clear()  # not kept alive beside the caller's evaluations
+        return Minimum(np.zeros_like(delta), 0, None, {"optimality_gap": gap, "zero_kink": True})
+
     if zero_test and not (shrink and mod.minimise is None):
-        if _zero_is_optimal(at, amb):
-            return Minimum(np.zeros_like(delta), 0, None)
+        gap = _zero_test(at, amb)
+        if gap is not None:
+            return at_zero(gap)
         zero_test = False
     if mod.minimise is not None:
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
@@ -251,8 +258,9 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
 
     if shrink:
         delta, start = _shrunk_start(objective, delta)
-        if zero_test and not _below_zero(start[0]) and _zero_is_optimal(at, amb):
-            return Minimum(np.zeros_like(delta), 0, None)
+        gap = None if not zero_test or _below_zero(start[0]) else _zero_test(at, amb)
+        if gap is not None:
+            return at_zero(gap)
     try:
         return run(delta, state, start)
     except Stalled as exc:
@@ -346,15 +354,10 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     if first is not None:
         start.append(first.result)
         first = replace(first, result=None)
-    if start and _below_zero(start[0]):
-        zero_gap = None  # F(first) < F(0) = log 2: delta = 0 is not the minimiser
-    else:
-        zero_gap = _zero_test(at, ambiguity)
-    zero = zero_gap is not None
-    if zero:
-        start.clear()
-    found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
-             else _minimise(at, ambiguity, tol, max_iter, quasi, first, start))
+    # F(first) < F(0) = log 2 proves delta = 0 is not the minimiser; else _minimise decides
+    found = _minimise(at, ambiguity, tol, max_iter, quasi, first, start,
+                      zero_test=not (start and _below_zero(start[0])))
+    zero = bool(found.info.get("zero_kink", False))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     res = found.result  # the evaluation at delta that ended the minimisation, if any
     m = res.margins if res is not None and res.margins is not None else at.a @ delta
