@@ -5,6 +5,7 @@ block."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -48,17 +49,11 @@ def test_predicted_start_needs_one_halley_step(monkeypatch):
     amb = sim.KL(0.15)
     res = evaluate_inner(at, delta, amb, hess=True, worst=False)
     res.hess()
-    calls = []
-    tilt = kl._tilt
-
-    def counted(*args):
-        calls.append(1)
-        return tilt(*args)
-
-    monkeypatch.setattr(kl, "_tilt", counted)
+    spy = mock.Mock(wraps=kl._tilt)
+    monkeypatch.setattr(kl, "_tilt", spy)
     step = np.array([3e-3, -2e-3, 1e-3])
     warm = evaluate_inner(at, delta + step, amb, hess=True, worst=False, state=res.state)
-    assert len(calls) <= 2
+    assert spy.call_count <= 2
     cold = evaluate_inner(at, delta + step, amb, hess=True, worst=False)
     assert warm.dual == pytest.approx(cold.dual, rel=1e-12)
     assert warm.value == pytest.approx(cold.value, rel=1e-15)
