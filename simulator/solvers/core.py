@@ -70,12 +70,7 @@ _SUM_ROUNDING = 1e-13
 #: ``O(||step||)``, so the old one still gains two digits a step at no ``O(n d^2)`` cost. On
 #: the benchmark problems (n = 1e6, d = 8) the last two of three full-data steps reuse the
 #: first one's Hessian with the same gradients to within a factor of 10 (``1e-3, 1e-5,
-#: 1e-8, 1e-11``); a slower step takes a fresh Hessian. So does a chord step predicted (at
-#: the rate of the last step) to end above the tolerance when a fresh Newton step is
-#: predicted (at the quadratic rate ``||g_+|| / ||g||^2`` of the last fresh full step) to
-#: end below it: one Hessian instead of one more evaluation, which costs as much (chi-square
-#: on the benchmark's environment data at n = 1e6: ``2.5e-7`` went to ``8.4e-10`` by the
-#: chord, to ``7e-13`` by a fresh step, with ``tol = 1e-10``).
+#: 1e-8, 1e-11``); a slower step takes a fresh Hessian.
 _CHORD_RATIO = 1e-2
 #: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
 _MIN_STEP = 1e-10
@@ -516,8 +511,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
     ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
     the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``. A full step that cut the
-    gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step (unless only a fresh
-    one is predicted to reach ``tol`` there: see ``_CHORD_RATIO``). With ``hessian_free``,
+    gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step. With ``hessian_free``,
     an evaluation that supplies ``hvp`` gets its step by :func:`cg_solve` (inexact Newton)
     instead of the dense Hessian.
 
@@ -533,7 +527,6 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     short = 0  # consecutive heavily damped steps: the sign of a kink
     gn = float(np.max(np.abs(cur.grad)))
     h = None  # the Hessian in use (kept by the chord rule)
-    quad = None  # ||g_+|| / ||g||^2 of the last full step from a fresh Hessian
     for it in range(max_iter):
         g = cur.grad
         gn = float(np.max(np.abs(g)))
@@ -542,8 +535,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
         if hessian_free and cur.hvp is not None:
             step = -cg_solve(cur.hvp, g)
         else:
-            fresh = h is None
-            if fresh:
+            if h is None:
                 h = cur.hess()
             step = -psd_solve(h, g)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
@@ -575,11 +567,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                 break
             t *= 0.5
             cand, new = delta + t * step, half
-        gnew = float(np.max(np.abs(new.grad)))
-        if t == 1.0 and h is not None and fresh:
-            quad = gnew / gn**2
-        if not (t == 1.0 and gnew <= _CHORD_RATIO * gn) or (
-                gnew * (gnew / gn) > tol and quad is not None and quad * gnew**2 <= tol):
+        if not (t == 1.0 and float(np.max(np.abs(new.grad))) <= _CHORD_RATIO * gn):
             h = None
         delta, cur, state = cand, new, new.state
         short = short + 1 if t < _SHORT_STEP else 0
