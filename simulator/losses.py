@@ -36,11 +36,18 @@ def softplus(t):
     t = np.asarray(t, dtype=np.float64)
     if t.ndim == 0:
         return np.maximum(t, 0.0) + np.log1p(np.exp(-np.abs(t)))
-    out = np.abs(t)  # one n-vector, worked in place: every temporary costs page faults
+    out = _log1p_exp_neg_abs(t)
+    out += np.maximum(t, 0.0)
+    return out
+
+
+def _log1p_exp_neg_abs(t: np.ndarray) -> np.ndarray:
+    """``log1p(exp(-|t|))`` in one fresh n-vector, worked in place: every temporary costs
+    page faults."""
+    out = np.abs(t)
     np.negative(out, out=out)
     np.exp(out, out=out)
     np.log1p(out, out=out)
-    out += np.maximum(t, 0.0)
     return out
 
 
@@ -62,8 +69,14 @@ def margins(theta: np.ndarray, x: np.ndarray, y: np.ndarray, beta: float,
 
 
 def dpo_loss(m: np.ndarray) -> np.ndarray:
-    """Per-sample DPO loss ``l = softplus(-m)`` from the margins."""
-    return softplus(-m)
+    """Per-sample DPO loss ``l = softplus(-m) = log1p(exp(-|m|)) - min(m, 0)`` from the
+    margins (bit for bit :func:`softplus` of ``-m``, without the n-vector ``-m``)."""
+    m = np.asarray(m, dtype=np.float64)
+    if m.ndim == 0:
+        return softplus(-m)
+    out = _log1p_exp_neg_abs(m)
+    out -= np.minimum(m, 0.0)
+    return out
 
 
 def dpo_grad_theta(m: np.ndarray, x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:

@@ -277,3 +277,53 @@ def test_bad_inputs_raise():
         sim.robust_objective(theta, (data.x, data.y), sim.KL(0.1))
     with pytest.raises(ValueError, match="ambiguity"):
         sim.robust_objective(theta, data, "kl")
+
+
+# --- the workspace shared along a minimisation (KL, chi-square) ---------------------------
+
+
+def _shared_state_problem(weights):
+    """Atoms of 3000 pairs with equal (``weights=False``) or random weights, and three
+    nearby points."""
+    data, theta, ref = _problem(seed=5, n=3000, d=3, weights=weights)
+    at = Atoms.from_data(data, BETA, normalise=True)
+    delta = (theta - ref) * at.scale
+    return at, [delta, delta * 1.01, delta * 0.98 + 0.01]
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["equal", "random"])
+@pytest.mark.parametrize("amb", [sim.KL(0.2), sim.ChiSquare(0.3)], ids=repr)
+def test_shared_workspace_leaves_every_result_intact(amb, weights):
+    """Evaluations chained through their states share scratch vectors: each result (value,
+    dual, gradient, worst case and the Hessian, built only after the later evaluations
+    overwrote the scratch) equals a fresh evaluation at its point."""
+    at, deltas = _shared_state_problem(weights)
+    chained, state = [], None
+    for d in deltas:
+        res = evaluate_inner(at, d, amb, hess=True, worst=True, state=state)
+        chained.append(res)
+        state = res.state
+    for d, res in zip(deltas, chained, strict=True):
+        fresh = evaluate_inner(at, d, amb, hess=True, worst=True)
+        assert res.value == pytest.approx(fresh.value, rel=1e-15)
+        assert res.dual == pytest.approx(fresh.dual, rel=1e-12)
+        np.testing.assert_allclose(res.grad, fresh.grad, rtol=1e-11, atol=1e-15)
+        np.testing.assert_allclose(res.worst_case.weights, fresh.worst_case.weights,
+                                   rtol=1e-11, atol=1e-18)
+        np.testing.assert_allclose(res.hess(), fresh.hess(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("amb", [sim.KL(0.2), sim.ChiSquare(0.3)], ids=repr)
+def test_equal_weight_shortcut_matches_the_weighted_passes(amb, monkeypatch):
+    """With equal weights the sets leave out their products with the weights; the general
+    weighted passes (the shortcut switched off) give the same evaluation."""
+    from simulator.solvers import core
+
+    at, deltas = _shared_state_problem(weights=False)
+    short = evaluate_inner(at, deltas[0], amb, hess=True, worst=True)
+    monkeypatch.setattr(core.Workspace, "equal_weight", lambda self, w: None)
+    full = evaluate_inner(at, deltas[0], amb, hess=True, worst=True)
+    assert short.value == pytest.approx(full.value, rel=1e-15)
+    assert short.dual == pytest.approx(full.dual, rel=1e-12)
+    np.testing.assert_allclose(short.grad, full.grad, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(short.hess(), full.hess(), rtol=1e-10, atol=1e-14)

@@ -18,7 +18,7 @@ of the smallest chi-square divergence with ``E_Q a = 0``). Conic form: ``conic.p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from .core import (
     Atoms,
     InnerResult,
     SetMethods,
+    Workspace,
     concave_max,
     logistic_gap,
     min_norm_mean,
@@ -51,31 +52,43 @@ _SEARCH_ITERS = 40
 
 @dataclass(frozen=True)
 class Chi2State:
-    """Warm start of the search for ``eta*``: the last ``eta*`` (in units of the loss)."""
+    """Warm start of the search for ``eta*``: the last ``eta*`` (in units of the loss), and
+    the :class:`.core.Workspace` shared along one minimisation."""
 
     eta: float | None = None
+    work: Workspace | None = field(default=None, compare=False, repr=False)
 
     def transfer(self) -> Chi2State:
-        """The state to start another problem (a subsample's solution) with."""
-        return self
+        """The state to start another problem (a subsample's solution) with: ``eta*`` (the
+        workspace is the subsample's)."""
+        return Chi2State(self.eta)
 
 
-def _closed_form(w: np.ndarray, z: np.ndarray, c2: float, a0: float, buf: np.ndarray,
-                 act: np.ndarray | None = None) -> float:
+def _mass(w: np.ndarray | float, v: np.ndarray, buf: np.ndarray) -> float:
+    """``E_P v = sum_i w_i v_i`` as a pairwise sum (``buf``: scratch), or ``w sum_i v_i``
+    when ``w`` is the weights' common value: a BLAS dot of ``n`` equal weights ``1 / n``
+    errs by about ``1e-13`` at n = 1e6, which the closed form amplifies by ``1 / ((1 +
+    rho) P(A) - 1)``."""
+    if isinstance(w, float):
+        return float(v.sum()) * w
+    return float(np.multiply(w, v, out=buf).sum())
+
+
+def _closed_form(w: np.ndarray | float, z: np.ndarray, c2: float, a0: float,
+                 buf: np.ndarray, act: np.ndarray | None = None) -> float:
     """``eta_A = mu_A - sqrt(V_A / (c2 a0 - 1))`` of the set ``A = act`` of mass ``a0``
     (every atom if ``None``: SPEC 3.2's ``E z - sqrt(Var z / rho)``), with a two-pass mean
-    and variance of ``z`` itself (in the scratch array ``buf``): exact to rounding however
-    far from ``A`` the search started."""
-    wz = np.multiply(w, z, out=buf)
-    if act is not None:
-        wz *= act
-    mu = float(wz.sum()) / a0
-    dev = np.subtract(z, mu, out=buf)
-    if act is not None:
+    and variance of ``z`` itself (in the scratch array ``buf``; ``w`` as in :func:`_mass`):
+    exact to rounding however far from ``A`` the search started."""
+    if act is None:
+        mu = _mass(w, z, buf) / a0
+        dev = np.subtract(z, mu, out=buf)
+    else:
+        mu = _mass(w, np.multiply(z, act, out=buf), buf) / a0
+        dev = np.subtract(z, mu, out=buf)
         dev *= act
     np.square(dev, out=dev)
-    dev *= w
-    return mu - math.sqrt(float(dev.sum()) / a0 / (c2 * a0 - 1.0))
+    return mu - math.sqrt(_mass(w, dev, dev) / a0 / (c2 * a0 - 1.0))
 
 
 def _count_above(z: np.ndarray, eta: float, buf: np.ndarray) -> int:
@@ -83,25 +96,29 @@ def _count_above(z: np.ndarray, eta: float, buf: np.ndarray) -> int:
     return int(np.count_nonzero(np.greater(z, eta, out=buf)))
 
 
-def _active_sums(w: np.ndarray, z: np.ndarray, eta: float, r: np.ndarray, wr: np.ndarray,
-                 act: np.ndarray):
+def _active_sums(w: np.ndarray | float, z: np.ndarray, eta: float, r: np.ndarray,
+                 wr: np.ndarray, act: np.ndarray):
     """``r = (z - eta)_+``, the active set ``act = r > 0``, its size and ``E_P r``, ``E_P
     r^2``, ``P(act)``: one vectorised pass of the search, in preallocated arrays (fresh
-    ``n``-arrays cost as much again in page faults at n = 1e6). The masses are pairwise
-    sums: a BLAS dot of ``n`` equal weights ``1 / n`` errs by about ``1e-13`` at n = 1e6,
-    which the closed form amplifies by ``1 / ((1 + rho) P(A) - 1)``."""
+    ``n``-arrays cost as much again in page faults at n = 1e6); ``w`` as in :func:`_mass`
+    (pairwise masses)."""
     np.subtract(z, eta, out=r)
     np.greater(r, 0.0, out=act)
     np.maximum(r, 0.0, out=r)
+    count = int(np.count_nonzero(act))
+    if isinstance(w, float):
+        return count, float(r.sum()) * w, float(r @ r) * w, count * w
     a0 = float(np.multiply(w, act, out=wr).sum())
     np.multiply(w, r, out=wr)
-    return int(np.count_nonzero(act)), float(wr.sum()), float(wr @ r), a0
+    return count, float(wr.sum()), float(wr @ r), a0
 
 
-def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> float:
+def _minimiser(w: np.ndarray | float, z: np.ndarray, c2: float, eta0: float | None,
+               work: Workspace | None = None) -> float:
     """``eta* = argmin_eta eta + c sqrt(E_P (z - eta)_+^2)``, ``c^2 = c2 = 1 + rho``, for
     ``z <= 0`` with ``max z = 0`` on the positive weights and ``c2 P(z = 0) < 1`` (so
-    ``eta* < 0``), from ``eta0`` (``None``: cold).
+    ``eta* < 0``), from ``eta0`` (``None``: cold); ``w`` as in :func:`_mass`, ``work`` the
+    workspace of the scratch vectors (a fresh one if ``None``).
 
     With ``S1 = E (z - eta)_+``, ``S2 = E (z - eta)_+^2``, the derivative ``1 - c S1 /
     sqrt(S2)`` is increasing (``F`` is convex) and ``<= 0`` iff ``psi = c2 S1^2 - S2 >= 0``.
@@ -121,12 +138,14 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
     one (rounding at the max-loss boundary), hand over to :func:`_sorted_minimiser`.
     """
     n = z.size
-    r, wr = np.empty(n), np.empty(n)
-    act, above = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
+    work = Workspace() if work is None else work
+    r, wr = work.get("r", n), work.get("wr", n)
+    act, above = work.get("act", n, bool), work.get("above", n, bool)
+    total = 1.0 if isinstance(w, float) else float(w.sum())  # the mass of every atom
     lo, hi = -math.inf, 0.0  # derivative <= 0 at lo, > 0 at hi
     cold = eta0 is None or not -math.inf < eta0 < 0.0
     if cold:
-        eta = _closed_form(w, z, c2, float(w.sum()), r)
+        eta = _closed_form(w, z, c2, total, r)
         if _count_above(z, eta, above) == n:  # every atom active: eta*
             return eta
     else:
@@ -146,12 +165,12 @@ def _minimiser(w: np.ndarray, z: np.ndarray, c2: float, eta0: float | None) -> f
                 return _closed_form(w, z, c2, a0, wr, act)
             eta = nxt
         elif not cold:  # no stationary point on this set (only right of eta*)
-            eta, cold = _closed_form(w, z, c2, float(w.sum()), r), True
+            eta, cold = _closed_form(w, z, c2, total, r), True
             if _count_above(z, eta, above) == n:
                 return eta
         else:
             break
-    return _sorted_minimiser(w, z, c2)
+    return _sorted_minimiser(np.full(n, w) if isinstance(w, float) else w, z, c2)
 
 
 def _sorted_minimiser(w: np.ndarray, z: np.ndarray, c2: float) -> float:
@@ -189,43 +208,55 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     w = at.w
     c2 = 1.0 + rho
     c = math.sqrt(c2)
-    z = l - lmax
+    work = state.work if state is not None and state.work is not None else Workspace()
+    n = l.size
+    w0 = work.equal_weight(w)
+    wt = w if w0 is None else w0
+    z = np.subtract(l, lmax, out=work.get("z", n))
     idx = np.flatnonzero(top)
     if c2 * float(w[idx] @ (z[idx] == 0.0)) >= 1.0:  # eta* = max l: F' <= 0 below it
         eta = 0.0
     else:
         eta0 = None if state is None or state.eta is None else state.eta - lmax
-        eta = _minimiser(w, z, c2, eta0)
-    r = np.maximum(z - eta, 0.0)
-    er = float(w @ r)
+        eta = _minimiser(wt, z, c2, eta0, work)
+    r = np.subtract(z, eta, out=z)  # r = (z - eta)_+ in z's scratch vector
+    np.maximum(r, 0.0, out=r)
+    q = np.multiply(w, r)  # w r, then the worst case q = w r / E_P r
+    er = float(q.sum())
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return reweighting_result(at, m, q, lmax, lmax, hess, state=Chi2State(lmax), l=l)
-    nrm = math.sqrt(float(w @ r**2))
-    q = w * r / er
+        return reweighting_result(at, m, q, lmax, lmax, hess, state=Chi2State(lmax, work),
+                                  l=l)
+    nrm = math.sqrt(float(q @ r))
+    q *= 1.0 / er
     value = lmax + eta + c * nrm
-    del r, z  # the Hessian recomputes them from l: an evaluation keeps fewer n-vectors alive
 
     def parts(sg, grad):
         # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2), with
         # the per-atom loss gradients g_i = -sg_i a_i: E_{c w r / nrm} hess l + h_dd -
-        # h_de h_de^T / h_ee, h_dd = c (E_P act g g^T / nrm - erg erg^T / nrm^3)
-        r = np.maximum((l - lmax) - eta, 0.0)  # as above, bit for bit
-        act = (r > 0).astype(np.float64)
-        wa = w * act
-        curv = (c / nrm) * sg * (w * r * (1.0 - sg) + wa * sg)
-        erg = -((w * r * sg) @ at.a)
-        eag = -((wa * sg) @ at.a)
+        # h_de h_de^T / h_ee, h_dd = c (E_P act g g^T / nrm - erg erg^T / nrm^3); from q =
+        # w r / er alone (r was scratch): w r = er q, E_P r g = er grad, act = {q > 0}
+        wsg = np.where(q > 0, w, 0.0)  # w act
+        mass = float(wsg.sum())  # P(act)
+        wsg *= sg
+        curv = np.subtract(1.0, sg)
+        curv *= q
+        curv *= er
+        curv += wsg
+        curv *= sg
+        curv *= c / nrm
+        erg = er * grad
+        eag = -(wsg @ at.a)
         h_de = c * (-eag / nrm + erg * er / nrm**3)
-        h_ee = c * (float(w @ act) / nrm - er**2 / nrm**3)
+        h_ee = c * (mass / nrm - er**2 / nrm**3)
         low = [(-c / nrm**3, erg)]
         if h_ee > 0:
             low.append((-1.0 / h_ee, h_de))
         return curv, low
 
     return reweighting_result(at, m, q, value, lmax + eta, hess, parts,
-                              state=Chi2State(lmax + eta), l=l)
+                              state=Chi2State(lmax + eta, work), l=l)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:

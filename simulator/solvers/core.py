@@ -28,7 +28,7 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "atom_radius", "Minimum", "NewtonRun", "SetMethods",
-           "Stalled", "ConcaveMax", "cg_solve", "concave_max", "min_norm_mean",
+           "Stalled", "Workspace", "ConcaveMax", "cg_solve", "concave_max", "min_norm_mean",
            "curvature_bound", "logistic_gap", "logistic_hvp", "loss_sigmoid",
            "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
@@ -250,6 +250,35 @@ class InnerResult:
     hvp: Callable[[np.ndarray], np.ndarray] | None = None
 
 
+class Workspace:
+    """What the evaluations along one minimisation share (a set's warm-start state carries
+    it from one to the next): named scratch ``n``-vectors, reused because at n = 1e6 a
+    fresh one costs page faults (the kernel maps and zeroes its 8 MB) on top of the work
+    done in it, and whether the weights are all equal (the sets then leave out their
+    products with them). Scratch only: an array from :meth:`get` is overwritten by the next
+    evaluation, so nothing that outlives an evaluation (a result's arrays, what its Hessian
+    closure reads) may be one."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+        self._w: np.ndarray | None = None
+        self._w0: float | None = None
+
+    def get(self, name: str, n: int, dtype=np.float64) -> np.ndarray:
+        """The scratch vector ``name`` of ``n`` entries (uninitialised)."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != (n,) or buf.dtype != dtype:
+            buf = self._bufs[name] = np.empty(n, dtype)
+        return buf
+
+    def equal_weight(self, w: np.ndarray) -> float | None:
+        """``w_0`` when every weight equals it, else ``None`` (checked once per ``w``)."""
+        if self._w is not w:
+            self._w = w
+            self._w0 = float(w[0]) if float(w.min()) == float(w.max()) else None
+        return self._w0
+
+
 @dataclass(frozen=True, eq=False)
 class NewtonRun:
     """Where a Newton run stopped: the iterate, its iterations and warm-start state, and
@@ -354,6 +383,9 @@ def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
     """Indicator of the max-loss atoms (ties within ``_TIE_TOL``) among positive weights,
     and the largest loss."""
     pos = at.w > 0
+    if pos.all():  # no copy of l (8 MB at n = 1e6) when every weight is positive
+        lmax = float(l.max())
+        return l >= lmax - _TIE_TOL * max(1.0, abs(lmax)), lmax
     lmax = float(l[pos].max())
     return pos & (l >= lmax - _TIE_TOL * max(1.0, abs(lmax))), lmax
 

@@ -164,10 +164,8 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     if not at.w[idx].sum() > 0:
         return None
     sub = at.subset(idx)
-    if _zero_is_optimal(sub, amb):
-        return None
-    try:
-        found = _minimise(sub, amb, tol, max_iter)  # _SUBSAMPLE_N atoms: no subsample
+    try:  # _SUBSAMPLE_N atoms: no subsample
+        found = _minimise(sub, amb, tol, max_iter, zero_test=True)
     except RuntimeError:
         return None
     if not np.any(found.delta):
@@ -209,15 +207,36 @@ def _shrunk_start(objective, delta: np.ndarray):
     return delta, [cur]
 
 
+def _below_zero(res) -> bool:
+    """Whether the evaluation ``res`` proves ``delta = 0`` is not the minimiser: ``F`` below
+    ``F(0) = log 2`` beyond rounding (``_BELOW_ZERO``)."""
+    return res.value < math.log(2.0) * (1.0 - _BELOW_ZERO)
+
+
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
               quasi: bool = False, first: Minimum | None = None,
-              start: list | None = None) -> Minimum:
+              start: list | None = None, zero_test: bool = False) -> Minimum:
     """Newton (or with ``quasi`` L-BFGS, then Newton) on the exact ``F`` from ``first`` (a
     subsample start; ``start``, a list holding its evaluation, which Newton pops) or the
-    first Newton step, or the set's own minimisation, with the fallbacks above."""
+    first Newton step, or the set's own minimisation, with the fallbacks above. With
+    ``zero_test``, ``delta = 0`` is returned where it is the minimiser, with ``info`` the
+    certified gap and ``zero_kink``: the subdifferential test (:func:`_zero_test`) runs only
+    where the shrunk start does not already lie below ``F(0)``."""
     label = repr(amb)
     mod = methods(amb)
     delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
+    shrink = first is None and not quasi and amb.rho > 0
+
+    def at_zero(gap):  # the minimiser delta = 0, certified by the subdifferential test
+        if start:
+            start.clear()  # not kept alive beside the caller's evaluations
+        return Minimum(np.zeros_like(delta), 0, None, {"optimality_gap": gap, "zero_kink": True})
+
+    if zero_test and not (shrink and mod.minimise is None):
+        gap = _zero_test(at, amb)
+        if gap is not None:
+            return at_zero(gap)
+        zero_test = False
     if mod.minimise is not None:
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
         if special is not None:
@@ -237,8 +256,11 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)
 
-    if first is None and not quasi and amb.rho > 0:
+    if shrink:
         delta, start = _shrunk_start(objective, delta)
+        gap = None if not zero_test or _below_zero(start[0]) else _zero_test(at, amb)
+        if gap is not None:
+            return at_zero(gap)
     try:
         return run(delta, state, start)
     except Stalled as exc:
@@ -332,25 +354,20 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     if first is not None:
         start.append(first.result)
         first = replace(first, result=None)
-    if start and start[0].value < math.log(2.0) * (1.0 - _BELOW_ZERO):
-        zero_gap = None  # F(first) < F(0) = log 2: delta = 0 is not the minimiser
-    else:
-        zero_gap = _zero_test(at, ambiguity)
-    zero = zero_gap is not None
-    if zero:
-        start.clear()
-    found = (Minimum(np.zeros(data.d), 0, None, {"optimality_gap": zero_gap}) if zero
-             else _minimise(at, ambiguity, tol, max_iter, quasi, first, start))
+    # F(first) < F(0) = log 2 proves delta = 0 is not the minimiser; else _minimise decides
+    found = _minimise(at, ambiguity, tol, max_iter, quasi, first, start,
+                      zero_test=not (start and _below_zero(start[0])))
+    zero = bool(found.info.get("zero_kink", False))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
-    kept = None if found.result is None else found.result.margins  # a delta at delta
-    if not mod.coercive(ambiguity) and np.min(
-            (at.a @ delta if kept is None else kept)[at.w > 0]) > 0:
+    res = found.result  # the evaluation at delta that ended the minimisation, if any
+    m = res.margins if res is not None and res.margins is not None else at.a @ delta
+    if not mod.coercive(ambiguity) and m.min(where=at.w > 0, initial=math.inf) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
             "minimiser (the objective decreases to its infimum as ||theta|| grows)")
-    res = found.result  # Newton's last evaluation, when it carries the worst case
-    if res is None or res.worst_case is None:
+    del m
+    if res is None or res.worst_case is None:  # Newton's last evaluation lacks the worst case
         del res
         found = replace(found, result=None)  # not kept alive beside the new evaluation
         res = evaluate_inner(at, delta, ambiguity, hess=False, worst=True, state=found.state)

@@ -14,7 +14,8 @@ an exponential cone per atom).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from .core import (
     Atoms,
     InnerResult,
     SetMethods,
+    Workspace,
     concave_max,
     logistic_gap,
     min_norm_mean,
@@ -50,52 +52,108 @@ _TRUST = 3.0
 _EXPAND = 2.0
 #: Smallest variance of the losses used for the first guess ``sqrt(2 rho / Var_P l)``.
 _TINY = 1e-300
+#: Atoms per block of the tilt's passes: a block's pieces of ``z``, ``q`` and two scratch
+#: blocks (2 MB at 65536) stay in cache from one operation to the next instead of
+#: streaming 8 MB vectors from memory for each at n = 1e6. Measured (one tilt with its
+#: moments, n = 1e6, one BLAS thread, on this shared machine under a load of 5): 5.1 ms
+#: unblocked, 3.6 to 3.7 ms with blocks of 32768 to 131072, 4.9 ms with 16384 (the
+#: Python loop's overhead).
+_BLOCK = 65536
+
+
+class _Warm(Workspace):
+    """The :class:`.core.Workspace` of a KL minimisation, with the slope ``d log(1 /
+    lambda*) / d delta = -Cov_Q(grad l, l) / Var_Q l`` (implicit differentiation of
+    ``KL(Q_s || P) = rho``: ``d KL / d log s = s^2 Var_Q l``, ``d KL / d delta = s^2
+    Cov_Q(l, grad l)``), set wherever a Hessian is built (its ``c``): it predicts
+    ``lambda*`` at the next point to second order in the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slope: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class KLState:
-    """Warm start of the KL root search: the last ``lambda*``."""
+    """Warm start of the KL root search: the last ``lambda*``, the ``delta`` it belongs to
+    and the :class:`_Warm` shared along one minimisation."""
 
     lam: float | None = None
+    delta: np.ndarray | None = field(default=None, compare=False, repr=False)
+    warm: _Warm | None = field(default=None, compare=False, repr=False)
 
     def transfer(self) -> KLState:
-        """The state to start another problem (a subsample's solution) with."""
-        return self
+        """The state to start another problem (a subsample's solution) with: ``lambda*``
+        (the slope and the scratch vectors are the subsample's)."""
+        return KLState(self.lam)
 
 
-@dataclass(frozen=True)
 class _Tilt:
-    """``Q_s ∝ P exp(s z)`` at ``s = 1 / lambda``: ``KL(Q_s || P)``, ``Var_Q z``, ``Q``,
-    ``log E_P exp(s z)``, the rounding ``noise`` of ``KL`` and the third central moment
-    ``E_Q (z - E_Q z)^3`` (for Halley's step)."""
+    """``Q_s ∝ P exp(s z)`` at ``s = 1 / lambda``: ``KL(Q_s || P)``, ``Var_Q z``, ``q ∝ Q``
+    (normalised by the caller once the root is found), ``log E_P exp(s z)``, the rounding
+    ``noise`` of ``KL`` and the third central moment ``skew = E_Q (z - E_Q z)^3`` (for
+    Halley's step). ``var`` and ``skew`` may be left to ``moments`` (a function returning
+    both), computed on first use: the last tilt of a root search, which stops on ``kl``,
+    never needs them (its Hessian takes ``Var_Q l`` from ``Q``)."""
 
-    kl: float
-    var: float
-    q: np.ndarray
-    lse: float
-    noise: float
-    skew: float
+    __slots__ = ("kl", "q", "lse", "noise", "_var", "_skew", "_moments")
+
+    def __init__(self, kl: float, var: float | None, q: np.ndarray, lse: float, noise: float,
+                 skew: float | None, moments: Callable | None = None) -> None:
+        self.kl, self.q, self.lse, self.noise = kl, q, lse, noise
+        self._var, self._skew, self._moments = var, skew, moments
+
+    @property
+    def var(self) -> float:
+        if self._var is None:
+            self._var, self._skew = self._moments()
+        return self._var
+
+    @property
+    def skew(self) -> float:
+        if self._skew is None:
+            self._var, self._skew = self._moments()
+        return self._skew
 
 
-def _tilt(w: np.ndarray, z: np.ndarray, s: float, buf: tuple) -> _Tilt:
-    """The tilt at ``s``, worked in place in the three n-vectors ``buf`` (overwritten by the
-    next call; ``q`` is the first); the moments are centred passes (``E z^2 - (E z)^2``
-    would cancel)."""
+def _tilt(w: np.ndarray | float, z: np.ndarray, s: float, buf: tuple) -> _Tilt:
+    """The tilt at ``s``, worked in place in ``buf = (q, zc, zk)`` (``q``, unnormalised,
+    an n-vector overwritten by the next call; ``zc``, ``zk``, scratch of at least
+    ``min(n, _BLOCK)`` entries); ``w`` is the weights, or their common value when all are
+    equal (the product with them is then left out). Both passes (the mass and mean, then
+    the centred moments on first use: ``E z^2 - (E z)^2`` would cancel) run block by block
+    (``_BLOCK``), the blocks' sums added exactly (``math.fsum``): the rounding stays that
+    of one block's pairwise sum."""
     # z <= 0 with z = 0 on atoms of positive weight: exp cannot overflow
     q, zc, zk = buf
-    np.multiply(z, s, out=q)
-    np.exp(q, out=q)
-    q *= w
-    tot = float(q.sum())
-    q *= 1.0 / tot
-    ez = float(q @ z)
-    lse = math.log(tot)
-    np.subtract(z, ez, out=zc)
-    np.multiply(zc, zc, out=zk)
-    var = float(q @ zk)
-    zk *= zc
-    return _Tilt(s * ez - lse, var, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)),
-                 float(q @ zk))
+    equal = isinstance(w, float)
+    tots, sums = [], []
+    for lo in range(0, z.size, _BLOCK):
+        qb, zb = q[lo:lo + _BLOCK], z[lo:lo + _BLOCK]
+        np.multiply(zb, s, out=qb)
+        np.exp(qb, out=qb)
+        if not equal:
+            qb *= w[lo:lo + _BLOCK]
+        tots.append(float(qb.sum()))
+        sums.append(float(qb @ zb))
+    tot = math.fsum(tots)
+    lse = math.log(tot) + (math.log(w) if equal else 0.0)
+    ez = math.fsum(sums) / tot
+
+    def moments():
+        var, skew = [], []
+        for lo in range(0, z.size, _BLOCK):
+            qb, zb = q[lo:lo + _BLOCK], z[lo:lo + _BLOCK]
+            c, k = zc[:zb.size], zk[:zb.size]
+            np.subtract(zb, ez, out=c)
+            np.multiply(qb, c, out=k)
+            var.append(float(k @ c))
+            np.multiply(k, c, out=k)
+            skew.append(float(k @ c))
+        return math.fsum(var) / tot, math.fsum(skew) / tot
+
+    return _Tilt(s * ez - lse, None, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)), None,
+                 moments)
 
 
 def _halley(f: float, s: float, var: float, skew: float) -> float:
@@ -110,6 +168,23 @@ def _halley(f: float, s: float, var: float, skew: float) -> float:
     return step / den if 0.5 <= den <= 2.0 else step
 
 
+def _first_guess(state: KLState | None, delta: np.ndarray, w, z: np.ndarray,
+                 rho: float) -> float:
+    """Where the root search starts: the last ``s = 1 / lambda*`` moved along the slope of
+    :class:`_Warm` by the step from its ``delta`` (at most ``_TRUST`` in ``log s``), else
+    ``sqrt(2 rho / Var_P l)`` (the small-``rho`` expansion ``KL ~ s^2 Var_P l / 2``)."""
+    if state is not None and state.lam:
+        u = -math.log(state.lam)
+        slope = None if state.warm is None else state.warm.slope
+        if slope is not None and state.delta is not None and slope.shape == delta.shape:
+            u += min(max(float(slope @ (delta - state.delta)), -_TRUST), _TRUST)
+        return math.exp(u)
+    wz = float(z.mean()) if isinstance(w, float) else float(w @ z)
+    zc = np.square(z - wz)
+    var = float(zc.mean()) if isinstance(w, float) else float(w @ zc)
+    return math.sqrt(2.0 * rho / max(var, _TINY))
+
+
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     rho = amb.rho
     if rho == 0.0:
@@ -119,18 +194,19 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
         return reweighting_result(at, m, q, lmax, 0.0, hess, state=state, l=l)
-    z = l - lmax
-    w = at.w
-    if state is not None and state.lam:
-        s = 1.0 / state.lam
-    else:
-        zc = z - w @ z
-        s = math.sqrt(2.0 * rho / max(float(w @ (zc * zc)), _TINY))
+    warm = state.warm if state is not None and state.warm is not None else _Warm()
+    n = l.size
+    w0 = warm.equal_weight(at.w)
+    w = at.w if w0 is None else w0
+    z = np.subtract(l, lmax, out=warm.get("z", n))
+    # q is the worst case (it outlives the evaluation); the other two are scratch
+    blk = min(n, _BLOCK)
+    buf = (np.empty_like(l), warm.get("zc", blk), warm.get("zk", blk))
+    s = _first_guess(state, delta, w, z, rho)
     lo, hi = 0.0, math.inf
-    buf = (np.empty_like(z), np.empty_like(z), np.empty_like(z))  # q and two scratch rows
     for _ in range(_ROOT_ITERS):
         tilt = _tilt(w, z, s, buf)
-        kl, var = tilt.kl, tilt.var
+        kl = tilt.kl
         if abs(kl - rho) <= tilt.noise + _SUM_EPS * rho:
             break
         if kl < rho:
@@ -138,6 +214,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         else:
             hi = s
         u = math.log(s)
+        var = tilt.var
         nxt = u - _halley(kl - rho, s, var, tilt.skew) if var > 0 else math.nan
         nxt = min(max(nxt, u - _TRUST), u + _TRUST)
         lo_u = math.log(lo) if lo > 0 else -math.inf
@@ -156,21 +233,31 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     else:
         raise RuntimeError("KL dual root search did not converge (status: max_iter)")
     lam = 1.0 / s
-    q, var = tilt.q, tilt.var
+    q = tilt.q
+    q *= 1.0 / float(q.sum())
     value = lmax + (rho + tilt.lse) * lam
 
     def parts(sg, grad):
-        # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q z] with g_i = -sg_i a_i: Cov_Q(g) =
-        # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (z - E_Q z) sg a
-        qs = q * sg
-        curv = qs * (1.0 - sg + s * sg)
+        # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q l] with g_i = -sg_i a_i: Cov_Q(g) =
+        # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (l - E_Q l) sg a; from l
+        # and q alone (z was scratch)
+        curv = np.multiply(sg, s - 1.0)  # q sg (1 + (s - 1) sg)
+        curv += 1.0
+        curv *= sg
+        curv *= q
         low = [(-s, grad)]
+        dev = np.subtract(l, float(q @ l), out=warm.get("dev", n))
+        qd = np.multiply(q, dev, out=warm.get("qd", n))
+        var = float(qd @ dev)
         if var > 0:
-            c = -((qs * (z - float(q @ z))) @ at.a)
+            qd *= sg
+            c = -(qd @ at.a)
             low.append((-s / var, c))
+            warm.slope = c * (-1.0 / var)
         return curv, low
 
-    return reweighting_result(at, m, q, value, lam, hess, parts, state=KLState(lam), l=l)
+    return reweighting_result(at, m, q, value, lam, hess, parts,
+                              state=KLState(lam, np.array(delta, dtype=float), warm), l=l)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
