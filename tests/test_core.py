@@ -315,3 +315,18 @@ def test_reweighting_hvp_is_the_dense_hessian_times_v(amb, gaussian_data):
     for _ in range(3):
         v = rng.normal(size=at.a.shape[1])
         np.testing.assert_allclose(res.hvp(v), res.hess() @ v, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("d", [1, 3, 8, 16, 40])
+def test_weighted_hess_is_the_weighted_sum_of_outer_products(d):
+    """Both of ``weighted_hess``'s forms (the product below 16 columns, the rank-k update
+    from there), over several chunks, against ``einsum`` in long double precision."""
+    from simulator.solvers.core import weighted_hess
+
+    rng = np.random.default_rng(d)
+    a = rng.standard_normal((9000, d))
+    c = rng.random(9000) * (rng.random(9000) > 0.2)
+    exact = np.einsum("i,ij,ik->jk", c.astype(np.longdouble), a.astype(np.longdouble), a)
+    h = weighted_hess(a, c)
+    assert np.array_equal(h, h.T)
+    np.testing.assert_allclose(h, exact.astype(float), rtol=0, atol=1e-12 * np.abs(exact).max())
