@@ -268,6 +268,42 @@ def test_lbfgs_path_agrees_with_newton_and_is_certified(amb, seed):
         assert abs(auto.dual - newton.dual) <= 1e-6 * max(1.0, abs(newton.dual))
 
 
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.1)], ids=repr)
+def test_lbfgs_first_evaluation_replaces_the_zero_test(amb, monkeypatch):
+    """On the L-BFGS path the evaluation at the start comes first: where ``F`` there lies
+    below ``F(0) = log 2`` the subdifferential test at 0 is not run, and L-BFGS takes that
+    evaluation as its first (no point is evaluated twice in a row); where the optimum is
+    ``theta_ref`` (a radius past the collapse) the test still runs and certifies it."""
+    from simulator.solvers import dual
+
+    tests, points = [], []
+    zero_test, evaluate = dual._zero_test, dual.evaluate_inner
+
+    def counted_test(at, a):
+        tests.append(a)
+        return zero_test(at, a)
+
+    def recorded(at, delta, a, **kw):
+        points.append(np.array(delta, dtype=float))
+        return evaluate(at, delta, a, **kw)
+
+    monkeypatch.setattr(dual, "_zero_test", counted_test)
+    monkeypatch.setattr(dual, "evaluate_inner", recorded)
+    data, ref = _problem(seed=2, n=1200, d=_HIGH_D, scale=16.0)  # theta_ref not optimal
+    sol = sim.solve(data, amb, beta=BETA, theta_ref=ref)
+    assert sol.info["method"] == "lbfgs" and sol.status == "optimal" and not tests
+    assert sol.value < math.log(2) and len(points) >= 2
+    assert not any(np.array_equal(p, q) for p, q in zip(points, points[1:], strict=False))
+    newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton")
+    np.testing.assert_allclose(sol.theta, newton.theta, rtol=0,
+                               atol=1e-6 * np.linalg.norm(newton.theta - ref))
+    big = type(amb)(50.0)  # radius far past the collapse: theta_ref is the minimiser
+    tests.clear()
+    zero = sim.solve(data, big, beta=BETA, theta_ref=ref)
+    assert tests and zero.info["zero_kink"] and zero.status == "optimal"
+    np.testing.assert_array_equal(zero.theta, ref)
+
+
 def test_method_auto_keeps_newton_at_low_dimension_and_checks_its_argument():
     data, ref = _problem(d=QUASI_NEWTON_MIN_D)
     assert sim.solve(data, sim.KL(0.1), beta=BETA, theta_ref=ref).info["method"] == "newton"

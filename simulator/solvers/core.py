@@ -641,7 +641,7 @@ def _difference_hvp(objective, delta: np.ndarray, res: InnerResult):
 
 
 def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
-                 state: Any = None) -> NewtonRun:
+                 state: Any = None, start: list | None = None) -> NewtonRun:
     """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
 
     The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
@@ -655,7 +655,8 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     (``hessian_free``: conjugate-gradient steps on ``InnerResult.hvp`` where the set
     supplies it, else on forward differences of the gradient, :func:`_difference_hvp`:
     never the ``O(n d^2)`` dense Hessian), so both paths stop at the same test. Each
-    evaluation's warm-start ``state`` seeds the next one.
+    evaluation's warm-start ``state`` seeds the next one; ``start``, a list holding the
+    evaluation at ``delta``, serves L-BFGS's first (popped, as in :func:`newton`).
 
     Raises
     ------
@@ -667,7 +668,7 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     def fun(x):
         if float(np.linalg.norm(x)) > _DIVERGED:
             raise _diverged(label)
-        res = objective(x, last["state"])
+        res = start.pop() if start and np.array_equal(x, delta) else objective(x, last["state"])
         last["state"] = res.state
         recent = last["recent"]
         recent.append((x.copy(), res))

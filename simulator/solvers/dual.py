@@ -232,6 +232,12 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             start.clear()  # not kept alive beside the caller's evaluations
         return Minimum(np.zeros_like(delta), 0, None, {"optimality_gap": gap, "zero_kink": True})
 
+    # the shrunk start (below) and L-BFGS's first evaluation (here) come before the test,
+    # which they make unnecessary where F lies below F(0) = log 2 there
+    ahead = quasi and not start and mod.minimise is None and amb.rho > 0
+    if ahead and zero_test:
+        start = [evaluate_inner(at, delta, amb, hess=True, worst=False, state=state)]
+        zero_test = not _below_zero(start[0])
     if zero_test and not (shrink and mod.minimise is None):
         gap = _zero_test(at, amb)
         if gap is not None:
@@ -250,7 +256,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
     def run(d, st, start=None) -> Minimum:
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
-        out = (quasi_newton(objective, d, tol, max_iter, label, st) if quasi
+        out = (quasi_newton(objective, d, tol, max_iter, label, st, start) if quasi
                else newton(objective, d, tol, max_iter, label, st, start))
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
