@@ -581,6 +581,103 @@ def _joint_newton(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: floa
                                       sub, at)
 
 
+#: Atoms per block of the fused sweeps of :func:`_fast_pair`, of :func:`_w2_terms`, of the
+#: moved features and of their certificate: a dozen block-sized temporaries (128 KB each)
+#: stay in the L2 cache (measured at n = 1e6, d = 8:
+#: the blocked ``3 x n`` product with ``a`` took 4.3 ms in blocks of 2^14 atoms, 8.6 ms in
+#: blocks of 2^16 and 8.8 ms in one piece).
+_BLOCK = 1 << 14
+#: Sweeps of :func:`_fast_pair` before it gives up (from a warm start three to five are used,
+#: from a cold one about seven: Newton's quadratic convergence).
+_FAST_ITERS = 12
+#: ``max |sigmoid'' |`` ``= 1 / (6 sqrt 3)``: bounds ``|psi''|`` in Newton's error estimate.
+_PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
+#: :func:`_fast_pair` stops once Newton's error after the last step, about ``|psi''| step^2
+#: / (2 |psi'|)`` per atom, is below this (absolute; the roots are at most ``1 / k <= 4``):
+#: a few ulps of the roots, as :func:`_root`'s ``_ROOT_TOL``.
+_FAST_ERR = 1e-16
+
+
+def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, lam: float,
+               tau0: np.ndarray | None) -> Bracket | None:
+    """``lambda*`` and every atom's move for ``kappa = inf`` where ``k = 2 lambda / b^2 >=
+    1/4`` (each atom has one maximiser, the root of the decreasing ``psi``), or ``None``.
+
+    Newton's method on every atom's stationarity ``psi_i = sigmoid(tau_i - m_i) - k tau_i =
+    0`` and the budget ``E tau^2 / b^2 = rho^2`` together (as :func:`_joint_newton`: the
+    linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
+    ``dk``), from ``tau0`` (a warm start; ``None``: ``tau = 0``, where the first step is
+    Newton's on each ``psi_i`` alone). Each sweep is one pass over the atoms in blocks of
+    ``_BLOCK`` (the previous step applied, ``psi`` and ``psi'`` computed, the three sums of
+    the budget's linearisation accumulated). For ``k > 1/4`` every ``psi_i`` decreases on
+    the real line, so a converged root is the unique maximiser of that atom and lies in
+    ``[0, 1/k]``: the answer is exact, as :func:`solve_lambda`'s. It stops once Newton's error
+    after the step just taken is below ``_FAST_ERR`` on every atom (the step keeps ``psi_i``
+    and the budget linearised together, so both residuals are then of that order) and the
+    budget is met to ``_BUDGET_TOL``; ``None`` (the caller runs :func:`solve_lambda`) where
+    ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative or after ``_FAST_ITERS`` sweeps.
+    """
+    n, c = m.size, 2.0 / b**2
+    k = c * lam
+    tau = np.zeros(n) if tau0 is None else tau0.copy()
+    q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
+    dk = None  # the step of the previous sweep (None: none yet)
+    for _ in range(_FAST_ITERS):
+        if not (math.isfinite(k) and k > 0.25):
+            return None
+        s1 = s2 = s3 = 0.0
+        top_r = top_q = 0.0
+        near = -math.inf  # max psi' (< 0)
+        for lo in range(0, n, _BLOCK):
+            sl = slice(lo, lo + _BLOCK)
+            t = tau[sl]
+            if dk is not None:  # the previous sweep's step, in place
+                t += q[sl] * dk
+                t -= r[sl]
+            e = t - m[sl]
+            np.negative(e, out=e)
+            np.exp(e, out=e)
+            e += 1.0
+            s = np.reciprocal(e, out=e)  # sigmoid(tau - m)
+            dpsi = s * s
+            np.subtract(s, dpsi, out=dpsi)
+            dpsi -= k  # psi' = sigmoid' - k
+            psi = np.multiply(t, k)
+            np.subtract(s, psi, out=psi)
+            rb = np.divide(psi, dpsi, out=r[sl])
+            qb = np.divide(t, dpsi, out=q[sl])
+            wt = w[sl] * t
+            s1 += float(wt @ rb)  # E tau psi / psi'
+            s2 += float(wt @ t)  # E tau^2
+            s3 += float(wt @ qb)  # E tau^2 / psi'
+            near = max(near, float(dpsi.max()))
+            top_r = max(top_r, float(np.abs(rb).max()))
+            top_q = max(top_q, float(np.abs(qb).max()))
+        if not near < 0:
+            return None
+        # dk from c E tau dtau = rho^2 - E tau^2 / b^2, dtau = q dk - r
+        dk = (c * s1 + r2 - s2 / b**2) / (c * s3) if s3 != 0 else 0.0
+        step = abs(dk) * top_q + top_r
+        k += dk
+        if _PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near:
+            break
+    else:
+        return None
+    if not (math.isfinite(k) and k > 0.25):
+        return None
+    tau += q * dk
+    tau -= r
+    cost = tau * tau
+    cost *= 1.0 / b**2
+    if not (abs(float(w @ cost) - r2) <= _BUDGET_TOL * r2 and tau.min() >= 0.0
+            and tau.max() <= 1.0 / k):
+        return None
+    r_ok = (m < 0) | (0.5 - k * m >= 0)  # the root is on the right piece (tau >= m)
+    mv = Moves(0.5 * k * b**2, tau, np.zeros(n, dtype=bool), cost,
+               MoveRoots(Roots(tau, tau, r_ok, ~r_ok)), r_ok, m, b, math.inf)
+    return Bracket(mv, mv)
+
+
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
                  lam0: float | None = None, start: MoveRoots | None = None,
                  jump: Bracket | None = None) -> Bracket:
@@ -723,7 +820,9 @@ class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
     delta = -G_ld / G_ll`` there (``None`` at a tie); with a
-    worst case, ``mixture``, its per-atom moves (for :func:`certify`)."""
+    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value`` and ``grad``,
+    ``F`` and its gradient at ``at`` (an evaluation there again without the Hessian, the
+    worst case's, reuses them)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
@@ -731,6 +830,8 @@ class W2State:
     pair: Bracket | None = None
     slope: np.ndarray | None = None
     mixture: Mixture | None = None
+    value: float | None = None
+    grad: np.ndarray | None = None
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
@@ -771,28 +872,32 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``tau_k`` must be a stationary point (``sigmoid(tau_k - s_k m_k) = 2 lambda tau_k / b^2``,
     which gives the sigmoid without an ``exp``).
     """
-    blk, h_dd = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
+    blk, h_dd, _ = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
     return blk._replace(h_dd=h_dd() if dd_block else None)
 
 
-def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
-              hessian: bool = True) -> tuple[W2Blocks, Callable | None]:
+def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
+              value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
-    Gram matrix is formed only when called; ``None`` without ``hessian``). The three
-    ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the mixed term of ``h_dd``)
-    are one product of a ``3 x _ROWS`` matrix per block of atoms."""
+    Gram matrix is formed only when called; ``None`` without ``hessian``), and with ``value``
+    ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
+    else ``None``). The three ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the
+    mixed term of ``h_dd``) are one product of a ``3 x _BLOCK`` matrix per block of atoms."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
     prod = np.zeros((3, a.shape[1]))
-    g_tsg = g_tt = hdl_t = h_ll = v_bb = 0.0
+    g_tsg = g_tt = hdl_t = h_ll = v_bb = total = 0.0
     c_mm = np.empty(n) if hessian else None
-    # in blocks of _ROWS atoms: every per-atom temporary is a block (the memory target of
-    # issue 9: the whole-array form kept eight n-vectors alive at once)
-    for lo in range(0, n, _ROWS):
-        sl = slice(lo, lo + _ROWS)
+    # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
+    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
+    for lo in range(0, n, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
         qb, fb = q[sl], flip[sl]
         t = tau[sl] / b
+        if value:
+            z = tau[sl] - m[sl] if not fb.any() else tau[sl] - np.where(fb, -m[sl], m[sl])
+            total += float(qb @ softplus(z)) - lam * float(qb @ (t * t))
         # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
         # accuracy)
         sg = (2.0 * lam / b) * t
@@ -821,8 +926,9 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
     g_d = -prod[0] + g_tsg * bu
     h_dl = prod[2] - 2.0 * hdl_t * bu
     blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
+    total = total if value else None
     if not hessian:
-        return blk, None
+        return blk, None, total
     p = prod[1]
 
     def h_dd() -> np.ndarray:
@@ -831,7 +937,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return blk, h_dd
+    return blk, h_dd, total
 
 
 def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
@@ -875,20 +981,19 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
 
 
-#: Atoms per block when the moved features are written (a 4 MB temporary at d = 8) and
-#: in :func:`_w2_terms` (a dozen block-sized temporaries instead of ``n``-vectors).
-_ROWS = 1 << 16
-
-
 def _moved(at: Atoms, mix: Mixture, b: float, u: np.ndarray):
     """Features and labels of the atoms of ``mix``: ``x`` moved by ``t = tau / b`` along
     ``-ytil' u`` (``ytil'`` the label after the flip), written block by block (the only
-    ``n x d`` array is the answer)."""
-    ynew = np.where(mix.flip, 1.0 - at.y[mix.src], at.y[mix.src])
+    ``n x d`` array is the answer; where the atoms are the nominal ones in order, a copy
+    instead of a gather, a quarter of its time)."""
+    src, n = mix.src, at.w.size
+    whole = src.size == n and n > 0 and bool(np.all(src == np.arange(n)))
+    ysrc = at.y.copy() if whole else at.y[src]
+    ynew = np.where(mix.flip, 1.0 - ysrc, ysrc) if mix.flip.any() else ysrc
     coef = (2.0 * ynew - 1.0) * mix.tau / b
-    x = at.x[mix.src]
-    for lo in range(0, coef.size, _ROWS):
-        x[lo:lo + _ROWS] -= coef[lo:lo + _ROWS, None] * u[None, :]
+    x = at.x.copy() if whole else at.x[src]
+    for lo in range(0, coef.size, _BLOCK):
+        x[lo:lo + _BLOCK] -= np.multiply.outer(coef[lo:lo + _BLOCK], u)
     return x, ynew
 
 
@@ -907,15 +1012,21 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         return InnerResult(res.value, 0.0, res.grad, res.hess, wc, state)
     state = W2State() if state is None else state
     lam0 = state.lam
-    if lam0 is not None and state.at is not None and np.array_equal(delta, state.at):
+    again = lam0 is not None and state.at is not None and np.array_equal(delta, state.at)
+    if again:
         pair = state.pair  # evaluated already
     else:
         if lam0 is not None and state.slope is not None and state.at is not None:
             guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
             lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
-        pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
+        pair = None
+        if not math.isfinite(kappa) and lam0 is not None:
+            warm = None if state.roots is None else state.roots.plain.tau_right
+            pair = _fast_pair(m, w, b, rho**2, lam0,
+                              warm if warm is not None and warm.shape == m.shape else None)
+        if pair is None:
+            pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
-    value = hi.lam * rho**2 + float(w @ hi.value)
     share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
         switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
@@ -925,16 +1036,25 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     tied = bool(share.any())
     u = delta / dn
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
-    # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches
-    blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta,
-                          hess)
-    grad = blk.g_d
-    slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
-    new_state = W2State(hi.lam, hi.roots, delta, pair, slope)
-    if tied:  # plus the split atoms' lo moves
-        sp = np.flatnonzero(share > 0)
-        grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
-                                b, lo.lam, beta, delta)[0].g_d
+    if again and not hess and state.grad is not None:  # the terms of the first evaluation
+        value, grad, slope = state.value, state.grad, state.slope
+    else:
+        # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches;
+        # without a tie the value too (in the same blocks), else from the moves' values
+        blk, h_dd, total = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
+                                     delta, hess, value=not tied)
+        if tied:
+            value = hi.lam * rho**2 + float(w @ hi.value)
+        else:
+            price = kappa * float(w[hi.flip].sum()) if hi.flip.any() else 0.0
+            value = hi.lam * (rho**2 - price) + total
+        grad = blk.g_d
+        slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
+        if tied:  # plus the split atoms' lo moves
+            sp = np.flatnonzero(share > 0)
+            grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+                                    b, lo.lam, beta, delta)[0].g_d
+    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad)
     cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
@@ -1192,12 +1312,16 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
     subs = []
     for mix, share in parts:
-        for lo in range(0, mix.q.size, _ROWS):  # blocks of atoms: O(_ROWS) temporaries
-            blk = slice(lo, lo + _ROWS)
+        for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
+            blk = slice(lo, lo + _BLOCK)
             q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
             sgn = np.where(flip, -1.0, 1.0)
             t = mix.tau[blk] / (beta * dn)
-            a_src = at.a[src]  # the block's source atoms (no n-vector of margins)
+            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
+            # the block's source atoms (no n-vector of margins): a view where they are a
+            # range in order (the unsplit atoms), else a gather
+            run = top - first == src.size and bool(np.all(np.diff(src) == 1))
+            a_src = at.a[first:top] if run else at.a[src]
             mq = sgn * (a_src @ delta) - beta * float(u @ delta) * t
             value += float(q @ softplus(-mq))
             sg = _sigmoid(-mq)
@@ -1205,9 +1329,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
             tt += float(curv @ t**2)
-            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
-                acc[first:top] += np.bincount(src - first, val, minlength=top - first)
+                acc[first:top] += val if run else np.bincount(src - first, val,
+                                                              minlength=top - first)
             radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
                 sub = slice((-lo) % step, None, step)  # every step-th atom of the part
