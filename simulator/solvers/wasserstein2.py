@@ -598,30 +598,32 @@ _PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
 _FAST_ERR = 1e-16
 
 
-def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, lam: float,
-               tau0: np.ndarray | None) -> Bracket | None:
-    """``lambda*`` and every atom's move for ``kappa = inf`` where ``k = 2 lambda / b^2 >=
-    1/4`` (each atom has one maximiser, the root of the decreasing ``psi``), or ``None``.
+def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
+                  tau0: np.ndarray | None,
+                  fixed_k: bool = False) -> tuple[float, np.ndarray, float] | None:
+    """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
+    ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
+    dS/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope) or ``None``.
 
-    Newton's method on every atom's stationarity ``psi_i = sigmoid(tau_i - m_i) - k tau_i =
-    0`` and the budget ``E tau^2 / b^2 = rho^2`` together (as :func:`_joint_newton`: the
+    Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
-    ``dk``), from ``tau0`` (a warm start; ``None``: ``tau = 0``, where the first step is
-    Newton's on each ``psi_i`` alone). Each sweep is one pass over the atoms in blocks of
-    ``_BLOCK`` (the previous step applied, ``psi`` and ``psi'`` computed, the three sums of
-    the budget's linearisation accumulated). For ``k > 1/4`` every ``psi_i`` decreases on
-    the real line, so a converged root is the unique maximiser of that atom and lies in
-    ``[0, 1/k]``: the answer is exact, as :func:`solve_lambda`'s. It stops once Newton's error
-    after the step just taken is below ``_FAST_ERR`` on every atom (the step keeps ``psi_i``
-    and the budget linearised together, so both residuals are then of that order) and the
-    budget is met to ``_BUDGET_TOL``; ``None`` (the caller runs :func:`solve_lambda`) where
-    ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative or after ``_FAST_ITERS`` sweeps.
+    ``dk``), from ``tau0`` (a warm start; ``None``: ``tau = 0``). Each sweep is one pass over
+    the atoms in blocks of ``_BLOCK`` (the previous step applied, ``psi`` and ``psi'``
+    computed, the three sums of the budget's linearisation accumulated). For ``k > 1/4``
+    every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
+    stationary point, in ``[0, 1/k]``, and the global maximiser of its concave ``f``: exact,
+    as :func:`best_move`'s. It stops once Newton's error after the step just taken, about
+    ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom (the step keeps
+    ``psi_i`` and the budget linearised together, so both residuals are then of that order)
+    and the budget is met to ``_BUDGET_TOL``; ``None`` (the caller runs
+    :func:`solve_lambda`) where ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative,
+    a root leaves ``[0, 1/k]`` or after ``_FAST_ITERS`` sweeps.
     """
-    n, c = m.size, 2.0 / b**2
-    k = c * lam
+    n, c = mm.size, 2.0 / b**2
     tau = np.zeros(n) if tau0 is None else tau0.copy()
     q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
     dk = None  # the step of the previous sweep (None: none yet)
+    s3 = 0.0
     for _ in range(_FAST_ITERS):
         if not (math.isfinite(k) and k > 0.25):
             return None
@@ -634,11 +636,11 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, lam: float,
             if dk is not None:  # the previous sweep's step, in place
                 t += q[sl] * dk
                 t -= r[sl]
-            e = t - m[sl]
+            e = t - mm[sl]
             np.negative(e, out=e)
             np.exp(e, out=e)
             e += 1.0
-            s = np.reciprocal(e, out=e)  # sigmoid(tau - m)
+            s = np.reciprocal(e, out=e)  # sigmoid(tau - mm)
             dpsi = s * s
             np.subtract(s, dpsi, out=dpsi)
             dpsi -= k  # psi' = sigmoid' - k
@@ -655,8 +657,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, lam: float,
             top_q = max(top_q, float(np.abs(qb).max()))
         if not near < 0:
             return None
-        # dk from c E tau dtau = rho^2 - E tau^2 / b^2, dtau = q dk - r
-        dk = (c * s1 + r2 - s2 / b**2) / (c * s3) if s3 != 0 else 0.0
+        # dk from c E tau dtau = budget - E tau^2 / b^2, dtau = q dk - r
+        dk = 0.0 if fixed_k or s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
         step = abs(dk) * top_q + top_r
         k += dk
         if _PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near:
@@ -667,15 +669,163 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, lam: float,
         return None
     tau += q * dk
     tau -= r
+    if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
+        return None
+    return k, tau, c * s3
+
+
+def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
+                kappa: float) -> Moves:
+    """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
+    atom and branch: the warm starts are the moves themselves)."""
+    mm = np.where(flip, -m, m) if flip.any() else m
+    right = (mm < 0) | (0.5 - k * mm >= 0)  # the root is on the right piece (tau >= mm)
     cost = tau * tau
     cost *= 1.0 / b**2
-    if not (abs(float(w @ cost) - r2) <= _BUDGET_TOL * r2 and tau.min() >= 0.0
-            and tau.max() <= 1.0 / k):
+    if flip.any():
+        cost[flip] += kappa
+    return Moves(0.5 * k * b**2, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)),
+                 right, m, b, kappa)
+
+
+def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float) -> np.ndarray:
+    """Where flipping the label wins at ``lambda`` (``k >= 1/4``; :func:`_moves`'s rule on
+    its candidates ``m > lambda kappa - b^2 / (4 lambda)``, the only atoms it can win on)."""
+    k = 2.0 * lam / b**2
+    flip = np.zeros(m.shape, dtype=bool)
+    if math.isfinite(kappa):
+        cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
+        if cand.size:
+            mc = m[cand]
+            flip[cand] = best_move(-mc, k).value - lam * kappa > best_move(mc, k).value
+    return flip
+
+
+#: Rounds of :func:`_fast_pair`'s search over the flip patterns (each one joint solve: one
+#: where no atom switches near ``lambda*``, a few bisections of the patterns where many do).
+_FLIP_ROUNDS = 12
+
+
+def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, lam: float,
+               start: Moves | None) -> Bracket | None:
+    """:func:`solve_lambda`'s answer where ``k = 2 lambda / b^2 > 1/4`` near ``lam`` (each
+    atom has one maximiser per branch), by :func:`_joint_sweeps`, or ``None``.
+
+    With ``kappa = inf`` one joint solve. With finite ``kappa`` the flip pattern (which
+    atoms flip, :func:`_flip_choice`) is held fixed in each joint solve and chosen again at
+    its solution ``lambda_P``: a pattern that chooses itself is the answer (``E cost =
+    rho^2`` at a point). Flips win at small ``lambda`` and cost more, so the pattern chosen
+    at ``lambda`` shrinks as ``lambda`` grows and ``E cost`` decreases: if the pattern
+    chosen at ``lambda_P`` has more flips, ``E cost > rho^2`` there (``lambda* >
+    lambda_P``), if fewer, ``E cost < rho^2``. These bracket ``lambda*``; the next pattern
+    is the one chosen at the bracket's geometric midpoint (the first, before a bracket: the
+    pattern chosen at ``lambda_P``), until the patterns chosen at the bracket's ends differ
+    on atoms of one margin only. Then at their switch point ``s`` (:func:`_switch_points`)
+    the roots of every atom are solved (``k`` fixed): where ``E cost - rho^2`` is ``> 0``
+    with those atoms flipped and ``<= 0`` without, the bracket's two ends are these moves
+    at ``s``; otherwise the root is on one side, with that side's pattern. (A pattern chosen
+    at ``lambda_c`` also tells the side of ``lambda_c``: ``E cost > rho^2`` there iff its
+    root ``lambda_P > lambda_c``.) Anything else
+    (a pattern that gains and loses flips, no answer in ``_FLIP_ROUNDS``) gives ``None``.
+    ``start``: the moves of an earlier point (their roots are the warm start where the
+    branch is the same, else ``tau = 0``).
+    """
+    k = 2.0 * lam / b**2
+    if not k > 0.25:
         return None
-    r_ok = (m < 0) | (0.5 - k * m >= 0)  # the root is on the right piece (tau >= m)
-    mv = Moves(0.5 * k * b**2, tau, np.zeros(n, dtype=bool), cost,
-               MoveRoots(Roots(tau, tau, r_ok, ~r_ok)), r_ok, m, b, math.inf)
-    return Bracket(mv, mv)
+    flip, chosen = _flip_choice(m, b, lam, kappa), lam  # the pattern and where it was chosen
+    tau, last = (None, None) if start is None else (start.tau, start.flip)
+    lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
+
+    def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
+        nonlocal lo, hi
+        if above and (lo is None or at > lo[0]):
+            lo = (at, pattern)
+        elif not above and (hi is None or at < hi[0]):
+            hi = (at, pattern)
+
+    for _ in range(_FLIP_ROUNDS):
+        price = kappa * float(w[flip].sum()) if flip.any() else 0.0
+        if not r2 - price > 0:
+            return None
+        if tau is not None and last is not None and (last != flip).any():
+            tau = tau.copy()
+            tau[last != flip] = 0.0  # the other branch's root: no warm start
+        out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, r2 - price, k,
+                            tau)
+        if out is None:
+            return None
+        k, tau, _ = out
+        last, lam = flip, 0.5 * k * b**2
+        mv = _fast_moves(m, flip, tau, k, b, kappa)
+        if not abs(float(w @ mv.cost) - r2) <= _BUDGET_TOL * r2:
+            return None
+        new = _flip_choice(m, b, lam, kappa)
+        gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
+        if not (gained or lost):
+            return Bracket(mv, mv)
+        if gained and lost:
+            return None
+        bound(lam, new, gained)  # the pattern chosen at lambda_P adds or removes flips
+        if lam != chosen:  # E cost at ``chosen`` (its own pattern) is above rho^2 iff
+            bound(chosen, flip, lam > chosen)  # that pattern's root lies beyond it
+        if lo is None or hi is None:
+            flip, chosen = new, lam
+            continue
+        if not lo[0] < hi[0] or (hi[1] & ~lo[1]).any():
+            return None
+        idx = np.flatnonzero(lo[1] & ~hi[1])  # the atoms that switch between the ends
+        if idx.size == 0:
+            flip, chosen = lo[1], lo[0]  # one pattern across the bracket: its root
+            continue
+        if np.unique(m[idx]).size > 1:
+            chosen = math.sqrt(lo[0] * hi[0])
+            flip = _flip_choice(m, b, chosen, kappa)
+            continue
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last)
+        if isinstance(out, Bracket):
+            return out
+        if out is None:
+            return None
+        flip, chosen = out  # the root is on one side of the switch, with that side's pattern
+    return None
+
+
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last):
+    """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
+    the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
+    :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
+    ``(pattern, lambda)``, or ``None``."""
+    k_mid = math.sqrt(lo[0] * hi[0]) * 2.0 / b**2
+
+    def side(flipped):  # the moves of idx[:1] on one branch, as _switch_points reads them
+        mm = -m[idx[:1]] if flipped else m[idx[:1]]
+        right = (mm < 0) | (0.5 - k_mid * mm >= 0)
+        return Moves(0.0, mm, np.full(1, flipped), mm, None, right, m[idx[:1]], b, kappa)
+
+    pts, _ = _switch_points(m[idx[:1]], b, kappa, side(True), side(False), np.zeros(1, int),
+                            (lo[0], hi[0]))
+    s = float(pts[0])
+    if not lo[0] < s < hi[0]:
+        return None
+    k = 2.0 * s / b**2
+    flip = hi[1]
+    if (last != flip).any():
+        tau = tau.copy()
+        tau[last != flip] = 0.0
+    out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, 0.0, k, tau,
+                        fixed_k=True)
+    if out is None:
+        return None
+    after = _fast_moves(m, flip, out[1], k, b, kappa)
+    flip, tau = flip.copy(), out[1].copy()
+    flip[idx] = True
+    tau[idx] = best_move(-m[idx], k).tau
+    before = _fast_moves(m, flip, tau, k, b, kappa)
+    g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
+    if g_before > 0 >= g_after:
+        return Bracket(after, before)
+    return lo[::-1] if g_before <= 0 else hi[::-1]
 
 
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
@@ -1020,10 +1170,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
             lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
         pair = None
-        if not math.isfinite(kappa) and lam0 is not None:
-            warm = None if state.roots is None else state.roots.plain.tau_right
-            pair = _fast_pair(m, w, b, rho**2, lam0,
-                              warm if warm is not None and warm.shape == m.shape else None)
+        if lam0 is not None:
+            warm = None if state.pair is None else state.pair.hi
+            pair = _fast_pair(m, w, b, rho**2, kappa, lam0,
+                              warm if warm is not None and warm.tau.shape == m.shape else None)
         if pair is None:
             pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
