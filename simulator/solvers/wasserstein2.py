@@ -1051,7 +1051,8 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
         # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
         # accuracy)
         sg = (2.0 * lam / b) * t
-        sp = sg - sg * sg  # sigmoid'
+        sp = sg - sg * sg  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
+        np.maximum(sp, 0.0, out=sp)
         # D = 2 lambda - b^2 sigmoid', qd = q / D; f_tm = -b sp, f_tb = sg + tau sp
         # (f_tl = -2 t)
         qd = qb / np.maximum(2.0 * lam - b * b * sp, _TINY)
