@@ -333,11 +333,17 @@ class Moves:
 
     @functools.cached_property
     def value(self) -> np.ndarray:
-        k = 2.0 * self.lam / self.b**2
-        val = softplus(self.tau - np.where(self.flip, -self.m, self.m)) - 0.5 * k * self.tau**2
-        if self.flip.any():
-            val[self.flip] -= self.lam * self.kappa
-        return val
+        return _moves_value(self.m, self.b, self.lam, self.kappa, self.tau, self.flip)
+
+
+def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
+    """``V = softplus(tau - s m) - lambda t^2 - lambda kappa 1[flip]`` of moves (``s = -1``
+    where flipped, ``t = tau / b``)."""
+    k = 2.0 * lam / b**2
+    val = softplus(tau - np.where(flip, -m, m)) - 0.5 * k * tau**2
+    if flip.any():
+        val[flip] -= lam * kappa
+    return val
 
 
 class Bracket(NamedTuple):
@@ -755,7 +761,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                             tau)
         if out is None:
             return None
-        k, tau, _ = out
+        k, tau, slope = out
         last, lam = flip, 0.5 * k * b**2
         mv = _fast_moves(m, flip, tau, k, b, kappa)
         if not abs(float(w @ mv.cost) - r2) <= _BUDGET_TOL * r2:
@@ -769,6 +775,20 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         bound(lam, new, gained)  # the pattern chosen at lambda_P adds or removes flips
         if lam != chosen:  # E cost at ``chosen`` (its own pattern) is above rho^2 iff
             bound(chosen, flip, lam > chosen)  # that pattern's root lies beyond it
+        ends = _model_ends(m, w, b, kappa, lam, slope * 2.0 / b**2, flip, lo, hi)
+        if ends is not None:  # the pattern (or the switch) the model predicts at lambda*
+            (a, p_a), (c, p_c) = ends
+            idx = np.flatnonzero(p_a & ~p_c)
+            if idx.size == 0:
+                flip, chosen = p_a, a
+                continue
+            if np.unique(m[idx]).size == 1 and not (p_c & ~p_a).any():
+                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx, tau, last)
+                if isinstance(out, Bracket):
+                    return out
+                if out is not None:
+                    flip, chosen = out
+                    continue
         if lo is None or hi is None:
             flip, chosen = new, lam
             continue
@@ -788,6 +808,60 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if out is None:
             return None
         flip, chosen = out  # the root is on one side of the switch, with that side's pattern
+    return None
+
+
+#: Half-width of the window in ``log lambda`` in which :func:`_model_ends` looks for the root
+#: before a bracket is known (a jump of ``E cost`` moves ``lambda*`` by about its relative
+#: size, ``1e-3`` here; ``5%`` covers the first steps of Newton on ``F``).
+_MODEL_WINDOW = 0.05
+#: Bisections of :func:`_model_ends` (from 10% to ``1e-15`` relative: about 50).
+_MODEL_ITERS = 60
+
+
+def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi):
+    """Where a model of ``E cost - rho^2`` crosses 0: ``((a, P_a), (c, P_c))`` with the model
+    ``> 0`` at ``a`` and ``<= 0`` at ``c``, ``P`` the patterns chosen there, narrowed until
+    they differ on atoms of one margin at most; or ``None``.
+
+    The model is that of :func:`_fast_pair`'s last joint solve (pattern ``flip``, budget met
+    at ``lam``): the linearisation ``slope (lambda - lam)`` of its ``E cost`` plus, exactly,
+    the cost change of every candidate atom whose choice at ``lambda`` differs from
+    ``flip`` (the roots of both branches on the candidates alone: ``O(|candidates|)`` per
+    point). Its prediction is checked by the next joint solve (or :func:`_switch_bracket`).
+    """
+    a = lam * math.exp(-_MODEL_WINDOW) if lo is None else lo[0]
+    c = lam * math.exp(_MODEL_WINDOW) if hi is None else hi[0]
+    if not (0 < a < c and slope < 0):
+        return None
+    cand = np.flatnonzero(m > a * kappa - b**2 / (4.0 * a))  # a superset on [a, c]
+    mc, wc, fc = m[cand], w[cand], flip[cand]
+
+    def model(x):
+        k = 2.0 * x / b**2
+        keep, flipped = best_move(mc, k), best_move(-mc, k)
+        chose = flipped.value - x * kappa > keep.value
+        change = flipped.tau**2 / b**2 + kappa - keep.tau**2 / b**2  # flipped less kept
+        jumps = float(wc @ np.where(chose == fc, 0.0, np.where(chose, change, -change)))
+        pattern = flip.copy()
+        pattern[cand] = chose
+        return slope * (x - lam) + jumps, pattern
+
+    (g_a, p_a), (g_c, p_c) = model(a), model(c)
+    if not g_a > 0 >= g_c:
+        return None
+    for _ in range(_MODEL_ITERS):
+        idx = np.flatnonzero(p_a != p_c)
+        if idx.size == 0 or np.unique(m[idx]).size == 1:
+            return (a, p_a), (c, p_c)
+        mid = math.sqrt(a * c)
+        if not a < mid < c:
+            return None
+        g, p = model(mid)
+        if g > 0:
+            a, p_a = mid, p
+        else:
+            c, p_c = mid, p
     return None
 
 
@@ -1190,15 +1264,18 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
         value, grad, slope = state.value, state.grad, state.slope
     else:
-        # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches;
-        # without a tie the value too (in the same blocks), else from the moves' values
+        # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
+        # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
+        # share of it separately: V is the same on both moves there)
         blk, h_dd, total = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
-                                     delta, hess, value=not tied)
+                                     delta, hess, value=True)
+        q = parts[0][1]
+        price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
+        value = hi.lam * (rho**2 - price) + total
         if tied:
-            value = hi.lam * rho**2 + float(w @ hi.value)
-        else:
-            price = kappa * float(w[hi.flip].sum()) if hi.flip.any() else 0.0
-            value = hi.lam * (rho**2 - price) + total
+            sp = np.flatnonzero(share > 0)
+            value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
+                                                           hi.tau[sp], hi.flip[sp]))
         grad = blk.g_d
         slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
         if tied:  # plus the split atoms' lo moves
