@@ -619,13 +619,15 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
     stationary point, in ``[0, 1/k]``, and the global maximiser of its concave ``f``: exact,
     as :func:`best_move`'s. It stops once Newton's error after the step just taken, about
-    ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom (the step keeps
-    ``psi_i`` and the budget linearised together, so both residuals are then of that order)
-    and the budget is met to ``_BUDGET_TOL``; ``None`` (the caller runs
+    ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom and the budget's
+    dropped quadratic term ``E dtau^2 / b^2`` below a quarter of ``_BUDGET_TOL`` (relative;
+    the step keeps ``psi_i`` and the budget linearised together, so both residuals are then
+    of that order); ``None`` (the caller runs
     :func:`solve_lambda`) where ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative,
     a root leaves ``[0, 1/k]`` or after ``_FAST_ITERS`` sweeps.
     """
     n, c = mm.size, 2.0 / b**2
+    total = float(w.sum())
     tau = np.zeros(n) if tau0 is None else tau0.copy()
     q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
     dk = None  # the step of the previous sweep (None: none yet)
@@ -667,7 +669,10 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         dk = 0.0 if fixed_k or s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
         step = abs(dk) * top_q + top_r
         k += dk
-        if _PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near:
+        # Newton's error on every root, and the budget's own quadratic term E dtau^2 / b^2
+        # (the linearisation drops it) within a quarter of its tolerance
+        if (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
+                and step**2 * total <= 0.25 * _BUDGET_TOL * s2):
             break
     else:
         return None
