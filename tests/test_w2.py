@@ -233,3 +233,54 @@ def test_certificate_from_moves_matches_the_bound_on_the_moved_atoms(n, monkeypa
             want = logistic_gap(a_all, q_all, point, upper)
             assert want > 1e3 * 2.0**-52  # the curvature term, not rounding, dominates
             assert want <= got * (1 + 1e-6) and got <= want * (1.5 if n > 1000 else 1.01)
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 0.3, 1.0, 3.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_joint_solve_matches_the_bracketed_search(kappa, seed, monkeypatch):
+    """The warm-started evaluation (one joint Newton solve of the roots and lambda* per flip
+    pattern, :func:`_fast_pair`) against the cold one (:func:`solve_lambda`'s bracketed
+    search): the same F, lambda*, gradient and transport cost, to rounding."""
+    from simulator.solvers import wasserstein2
+
+    rng = np.random.default_rng(seed)
+    n, d = 5000, 3
+    x = rng.normal(size=(n, d))
+    y = (rng.uniform(size=n) < expit(x @ np.array([1.5, -1.0, 0.5]))).astype(float)
+    at = Atoms.from_data(sim.PreferenceData(x, y), 1.0, normalise=True)
+    amb = sim.Wasserstein(0.05, p=2, kappa=kappa)
+    delta = rng.normal(size=d) * 1.5
+    cold = evaluate_inner(at, delta, amb, hess=True, worst=True)
+    calls = []
+    monkeypatch.setattr(wasserstein2, "solve_lambda", lambda *a, **k: calls.append(a))
+    guess = wasserstein2.W2State(lam=cold.dual * (1.0 + 0.03 * rng.uniform(-1, 1)))
+    warm = evaluate_inner(at, delta, amb, hess=True, worst=True, state=guess)
+    assert not calls  # the joint solve answered
+    scale = max(1.0, abs(cold.value))
+    assert abs(warm.value - cold.value) <= 1e-14 * scale
+    assert abs(warm.dual - cold.dual) <= 1e-11 * cold.dual
+    assert np.max(np.abs(warm.grad - cold.grad)) <= 1e-11 * max(1.0, np.abs(cold.grad).max())
+    assert abs(warm.worst_case.transport_cost - amb.rho**2) <= 1e-13 * amb.rho**2
+    assert np.allclose(warm.hess(), cold.hess(), rtol=1e-8, atol=1e-12)
+
+
+def test_derivative_blocks_stay_finite_where_k_tau_rounds_above_one():
+    """An atom far on the loss side (``m = -50``) has ``sigmoid(tau - m) = 1`` to rounding,
+    so ``k tau``, the sigmoid of the blocks, can round above 1: its ``sigmoid'`` came out
+    negative and the Hessian's square roots NaN (property seed 5, Wasserstein p = 2,
+    kappa = 3.08: an unnamed ``LinAlgError`` from Newton's solve at a tie)."""
+    from simulator.solvers.wasserstein2 import w2_blocks
+
+    b, lam = 1.3, 0.7
+    tau = np.array([b * b / (2.0 * lam) * (1.0 + 2.0**-51), 0.5])
+    m = np.array([-50.0, 0.3])
+    a = np.array([[1.0, 0.5], [-0.3, 0.8]])
+    delta = np.array([b, 0.0])
+    with np.errstate(invalid="raise"):
+        blk = w2_blocks(a, np.array([0.5, 0.5]), m, tau, np.zeros(2, dtype=bool), b, lam,
+                        1.0, delta)
+    assert np.isfinite(blk.h_dd).all()
+    # the saturated atom contributes no curvature through sigmoid' (it is 0, not < 0)
+    hess_one = w2_blocks(a[:1], np.ones(1), m[:1], tau[:1], np.zeros(1, dtype=bool), b, lam,
+                         1.0, delta).h_dd
+    assert np.isfinite(hess_one).all()

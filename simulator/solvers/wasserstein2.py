@@ -333,11 +333,17 @@ class Moves:
 
     @functools.cached_property
     def value(self) -> np.ndarray:
-        k = 2.0 * self.lam / self.b**2
-        val = softplus(self.tau - np.where(self.flip, -self.m, self.m)) - 0.5 * k * self.tau**2
-        if self.flip.any():
-            val[self.flip] -= self.lam * self.kappa
-        return val
+        return _moves_value(self.m, self.b, self.lam, self.kappa, self.tau, self.flip)
+
+
+def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
+    """``V = softplus(tau - s m) - lambda t^2 - lambda kappa 1[flip]`` of moves (``s = -1``
+    where flipped, ``t = tau / b``)."""
+    k = 2.0 * lam / b**2
+    val = softplus(tau - np.where(flip, -m, m)) - 0.5 * k * tau**2
+    if flip.any():
+        val[flip] -= lam * kappa
+    return val
 
 
 class Bracket(NamedTuple):
@@ -581,6 +587,326 @@ def _joint_newton(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: floa
                                       sub, at)
 
 
+#: Atoms per block of the fused sweeps of :func:`_fast_pair`, of :func:`_w2_terms`, of the
+#: moved features and of their certificate: a dozen block-sized temporaries (128 KB each)
+#: stay in the L2 cache (measured at n = 1e6, d = 8:
+#: the blocked ``3 x n`` product with ``a`` took 4.3 ms in blocks of 2^14 atoms, 8.6 ms in
+#: blocks of 2^16 and 8.8 ms in one piece).
+_BLOCK = 1 << 14
+#: Sweeps of :func:`_fast_pair` before it gives up (from a warm start three to five are used,
+#: from a cold one about seven: Newton's quadratic convergence).
+_FAST_ITERS = 12
+#: ``max |sigmoid'' |`` ``= 1 / (6 sqrt 3)``: bounds ``|psi''|`` in Newton's error estimate.
+_PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
+#: :func:`_fast_pair` stops once Newton's error after the last step, about ``|psi''| step^2
+#: / (2 |psi'|)`` per atom, is below this (absolute; the roots are at most ``1 / k <= 4``):
+#: a few ulps of the roots, as :func:`_root`'s ``_ROOT_TOL``.
+_FAST_ERR = 1e-16
+
+
+def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
+                  tau0: np.ndarray | None,
+                  fixed_k: bool = False) -> tuple[float, np.ndarray, float] | None:
+    """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
+    ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
+    dS/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope) or ``None``.
+
+    Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
+    linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
+    ``dk``), from ``tau0`` (a warm start; ``None``: ``tau = 0``). Each sweep is one pass over
+    the atoms in blocks of ``_BLOCK`` (the previous step applied, ``psi`` and ``psi'``
+    computed, the three sums of the budget's linearisation accumulated). For ``k > 1/4``
+    every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
+    stationary point, in ``[0, 1/k]``, and the global maximiser of its concave ``f``: exact,
+    as :func:`best_move`'s. It stops once Newton's error after the step just taken, about
+    ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom and the budget's
+    dropped quadratic term ``E dtau^2 / b^2`` below a quarter of ``_BUDGET_TOL`` (relative;
+    the step keeps ``psi_i`` and the budget linearised together, so both residuals are then
+    of that order); ``None`` (the caller runs
+    :func:`solve_lambda`) where ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative,
+    a root leaves ``[0, 1/k]`` or after ``_FAST_ITERS`` sweeps.
+    """
+    n, c = mm.size, 2.0 / b**2
+    total = float(w.sum())
+    tau = np.zeros(n) if tau0 is None else tau0.copy()
+    q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
+    dk = None  # the step of the previous sweep (None: none yet)
+    s3 = 0.0
+    for _ in range(_FAST_ITERS):
+        if not (math.isfinite(k) and k > 0.25):
+            return None
+        s1 = s2 = s3 = 0.0
+        top_r = top_q = 0.0
+        near = -math.inf  # max psi' (< 0)
+        for lo in range(0, n, _BLOCK):
+            sl = slice(lo, lo + _BLOCK)
+            t = tau[sl]
+            if dk is not None:  # the previous sweep's step, in place
+                t += q[sl] * dk
+                t -= r[sl]
+            e = t - mm[sl]
+            np.negative(e, out=e)
+            np.exp(e, out=e)
+            e += 1.0
+            s = np.reciprocal(e, out=e)  # sigmoid(tau - mm)
+            dpsi = s * s
+            np.subtract(s, dpsi, out=dpsi)
+            dpsi -= k  # psi' = sigmoid' - k
+            psi = np.multiply(t, k)
+            np.subtract(s, psi, out=psi)
+            rb = np.divide(psi, dpsi, out=r[sl])
+            qb = np.divide(t, dpsi, out=q[sl])
+            wt = w[sl] * t
+            s1 += float(wt @ rb)  # E tau psi / psi'
+            s2 += float(wt @ t)  # E tau^2
+            s3 += float(wt @ qb)  # E tau^2 / psi'
+            near = max(near, float(dpsi.max()))
+            top_r = max(top_r, float(np.abs(rb).max()))
+            top_q = max(top_q, float(np.abs(qb).max()))
+        if not near < 0:
+            return None
+        # dk from c E tau dtau = budget - E tau^2 / b^2, dtau = q dk - r
+        dk = 0.0 if fixed_k or s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
+        step = abs(dk) * top_q + top_r
+        k += dk
+        # Newton's error on every root, and the budget's own quadratic term E dtau^2 / b^2
+        # (the linearisation drops it) within a quarter of its tolerance
+        if (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
+                and step**2 * total <= 0.25 * _BUDGET_TOL * s2):
+            break
+    else:
+        return None
+    if not (math.isfinite(k) and k > 0.25):
+        return None
+    tau += q * dk
+    tau -= r
+    if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
+        return None
+    return k, tau, c * s3
+
+
+def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
+                kappa: float) -> Moves:
+    """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
+    atom and branch: the warm starts are the moves themselves)."""
+    mm = np.where(flip, -m, m) if flip.any() else m
+    right = (mm < 0) | (0.5 - k * mm >= 0)  # the root is on the right piece (tau >= mm)
+    cost = tau * tau
+    cost *= 1.0 / b**2
+    if flip.any():
+        cost[flip] += kappa
+    return Moves(0.5 * k * b**2, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)),
+                 right, m, b, kappa)
+
+
+def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float) -> np.ndarray:
+    """Where flipping the label wins at ``lambda`` (``k >= 1/4``; :func:`_moves`'s rule on
+    its candidates ``m > lambda kappa - b^2 / (4 lambda)``, the only atoms it can win on)."""
+    k = 2.0 * lam / b**2
+    flip = np.zeros(m.shape, dtype=bool)
+    if math.isfinite(kappa):
+        cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
+        if cand.size:
+            mc = m[cand]
+            flip[cand] = best_move(-mc, k).value - lam * kappa > best_move(mc, k).value
+    return flip
+
+
+#: Rounds of :func:`_fast_pair`'s search over the flip patterns (each one joint solve: one
+#: where no atom switches near ``lambda*``, a few bisections of the patterns where many do).
+_FLIP_ROUNDS = 12
+
+
+def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, lam: float,
+               start: Moves | None) -> Bracket | None:
+    """:func:`solve_lambda`'s answer where ``k = 2 lambda / b^2 > 1/4`` near ``lam`` (each
+    atom has one maximiser per branch), by :func:`_joint_sweeps`, or ``None``.
+
+    With ``kappa = inf`` one joint solve. With finite ``kappa`` the flip pattern (which
+    atoms flip, :func:`_flip_choice`) is held fixed in each joint solve and chosen again at
+    its solution ``lambda_P``: a pattern that chooses itself is the answer (``E cost =
+    rho^2`` at a point). Flips win at small ``lambda`` and cost more, so the pattern chosen
+    at ``lambda`` shrinks as ``lambda`` grows and ``E cost`` decreases: if the pattern
+    chosen at ``lambda_P`` has more flips, ``E cost > rho^2`` there (``lambda* >
+    lambda_P``), if fewer, ``E cost < rho^2``. These bracket ``lambda*``; the next pattern
+    is the one chosen at the bracket's geometric midpoint (the first, before a bracket: the
+    pattern chosen at ``lambda_P``), until the patterns chosen at the bracket's ends differ
+    on atoms of one margin only. Then at their switch point ``s`` (:func:`_switch_points`)
+    the roots of every atom are solved (``k`` fixed): where ``E cost - rho^2`` is ``> 0``
+    with those atoms flipped and ``<= 0`` without, the bracket's two ends are these moves
+    at ``s``; otherwise the root is on one side, with that side's pattern. (A pattern chosen
+    at ``lambda_c`` also tells the side of ``lambda_c``: ``E cost > rho^2`` there iff its
+    root ``lambda_P > lambda_c``.) Anything else
+    (a pattern that gains and loses flips, no answer in ``_FLIP_ROUNDS``) gives ``None``.
+    ``start``: the moves of an earlier point (their roots are the warm start where the
+    branch is the same, else ``tau = 0``).
+    """
+    k = 2.0 * lam / b**2
+    if not k > 0.25:
+        return None
+    flip, chosen = _flip_choice(m, b, lam, kappa), lam  # the pattern and where it was chosen
+    tau, last = (None, None) if start is None else (start.tau, start.flip)
+    lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
+
+    def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
+        nonlocal lo, hi
+        if above and (lo is None or at > lo[0]):
+            lo = (at, pattern)
+        elif not above and (hi is None or at < hi[0]):
+            hi = (at, pattern)
+
+    for _ in range(_FLIP_ROUNDS):
+        price = kappa * float(w[flip].sum()) if flip.any() else 0.0
+        if not r2 - price > 0:
+            return None
+        if tau is not None and last is not None and (last != flip).any():
+            tau = tau.copy()
+            tau[last != flip] = 0.0  # the other branch's root: no warm start
+        out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, r2 - price, k,
+                            tau)
+        if out is None:
+            return None
+        k, tau, slope = out
+        last, lam = flip, 0.5 * k * b**2
+        mv = _fast_moves(m, flip, tau, k, b, kappa)
+        if not abs(float(w @ mv.cost) - r2) <= _BUDGET_TOL * r2:
+            return None
+        new = _flip_choice(m, b, lam, kappa)
+        gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
+        if not (gained or lost):
+            return Bracket(mv, mv)
+        if gained and lost:
+            return None
+        bound(lam, new, gained)  # the pattern chosen at lambda_P adds or removes flips
+        if lam != chosen:  # E cost at ``chosen`` (its own pattern) is above rho^2 iff
+            bound(chosen, flip, lam > chosen)  # that pattern's root lies beyond it
+        ends = _model_ends(m, w, b, kappa, lam, slope * 2.0 / b**2, flip, lo, hi)
+        if ends is not None:  # the pattern (or the switch) the model predicts at lambda*
+            (a, p_a), (c, p_c) = ends
+            idx = np.flatnonzero(p_a & ~p_c)
+            if idx.size == 0:
+                flip, chosen = p_a, a
+                continue
+            if np.unique(m[idx]).size == 1 and not (p_c & ~p_a).any():
+                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx, tau, last)
+                if isinstance(out, Bracket):
+                    return out
+                if out is not None:
+                    flip, chosen = out
+                    continue
+        if lo is None or hi is None:
+            flip, chosen = new, lam
+            continue
+        if not lo[0] < hi[0] or (hi[1] & ~lo[1]).any():
+            return None
+        idx = np.flatnonzero(lo[1] & ~hi[1])  # the atoms that switch between the ends
+        if idx.size == 0:
+            flip, chosen = lo[1], lo[0]  # one pattern across the bracket: its root
+            continue
+        if np.unique(m[idx]).size > 1:
+            chosen = math.sqrt(lo[0] * hi[0])
+            flip = _flip_choice(m, b, chosen, kappa)
+            continue
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last)
+        if isinstance(out, Bracket):
+            return out
+        if out is None:
+            return None
+        flip, chosen = out  # the root is on one side of the switch, with that side's pattern
+    return None
+
+
+#: Half-width of the window in ``log lambda`` in which :func:`_model_ends` looks for the root
+#: before a bracket is known (a jump of ``E cost`` moves ``lambda*`` by about its relative
+#: size, ``1e-3`` here; ``5%`` covers the first steps of Newton on ``F``).
+_MODEL_WINDOW = 0.05
+#: Bisections of :func:`_model_ends` (from 10% to ``1e-15`` relative: about 50).
+_MODEL_ITERS = 60
+
+
+def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi):
+    """Where a model of ``E cost - rho^2`` crosses 0: ``((a, P_a), (c, P_c))`` with the model
+    ``> 0`` at ``a`` and ``<= 0`` at ``c``, ``P`` the patterns chosen there, narrowed until
+    they differ on atoms of one margin at most; or ``None``.
+
+    The model is that of :func:`_fast_pair`'s last joint solve (pattern ``flip``, budget met
+    at ``lam``): the linearisation ``slope (lambda - lam)`` of its ``E cost`` plus, exactly,
+    the cost change of every candidate atom whose choice at ``lambda`` differs from
+    ``flip`` (the roots of both branches on the candidates alone: ``O(|candidates|)`` per
+    point). Its prediction is checked by the next joint solve (or :func:`_switch_bracket`).
+    """
+    a = lam * math.exp(-_MODEL_WINDOW) if lo is None else lo[0]
+    c = lam * math.exp(_MODEL_WINDOW) if hi is None else hi[0]
+    if not (0 < a < c and slope < 0):
+        return None
+    cand = np.flatnonzero(m > a * kappa - b**2 / (4.0 * a))  # a superset on [a, c]
+    mc, wc, fc = m[cand], w[cand], flip[cand]
+
+    def model(x):
+        k = 2.0 * x / b**2
+        keep, flipped = best_move(mc, k), best_move(-mc, k)
+        chose = flipped.value - x * kappa > keep.value
+        change = flipped.tau**2 / b**2 + kappa - keep.tau**2 / b**2  # flipped less kept
+        jumps = float(wc @ np.where(chose == fc, 0.0, np.where(chose, change, -change)))
+        pattern = flip.copy()
+        pattern[cand] = chose
+        return slope * (x - lam) + jumps, pattern
+
+    (g_a, p_a), (g_c, p_c) = model(a), model(c)
+    if not g_a > 0 >= g_c:
+        return None
+    for _ in range(_MODEL_ITERS):
+        idx = np.flatnonzero(p_a != p_c)
+        if idx.size == 0 or np.unique(m[idx]).size == 1:
+            return (a, p_a), (c, p_c)
+        mid = math.sqrt(a * c)
+        if not a < mid < c:
+            return None
+        g, p = model(mid)
+        if g > 0:
+            a, p_a = mid, p
+        else:
+            c, p_c = mid, p
+    return None
+
+
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last):
+    """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
+    the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
+    :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
+    ``(pattern, lambda)``, or ``None``."""
+    k_mid = math.sqrt(lo[0] * hi[0]) * 2.0 / b**2
+
+    def side(flipped):  # the moves of idx[:1] on one branch, as _switch_points reads them
+        mm = -m[idx[:1]] if flipped else m[idx[:1]]
+        right = (mm < 0) | (0.5 - k_mid * mm >= 0)
+        return Moves(0.0, mm, np.full(1, flipped), mm, None, right, m[idx[:1]], b, kappa)
+
+    pts, _ = _switch_points(m[idx[:1]], b, kappa, side(True), side(False), np.zeros(1, int),
+                            (lo[0], hi[0]))
+    s = float(pts[0])
+    if not lo[0] < s < hi[0]:
+        return None
+    k = 2.0 * s / b**2
+    flip = hi[1]
+    if (last != flip).any():
+        tau = tau.copy()
+        tau[last != flip] = 0.0
+    out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, 0.0, k, tau,
+                        fixed_k=True)
+    if out is None:
+        return None
+    after = _fast_moves(m, flip, out[1], k, b, kappa)
+    flip, tau = flip.copy(), out[1].copy()
+    flip[idx] = True
+    tau[idx] = best_move(-m[idx], k).tau
+    before = _fast_moves(m, flip, tau, k, b, kappa)
+    g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
+    if g_before > 0 >= g_after:
+        return Bracket(after, before)
+    return lo[::-1] if g_before <= 0 else hi[::-1]
+
+
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
                  lam0: float | None = None, start: MoveRoots | None = None,
                  jump: Bracket | None = None) -> Bracket:
@@ -723,7 +1049,9 @@ class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
     delta = -G_ld / G_ll`` there (``None`` at a tie); with a
-    worst case, ``mixture``, its per-atom moves (for :func:`certify`)."""
+    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value`` and ``grad``,
+    ``F`` and its gradient at ``at`` (an evaluation there again without the Hessian, the
+    worst case's, reuses them)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
@@ -731,6 +1059,8 @@ class W2State:
     pair: Bracket | None = None
     slope: np.ndarray | None = None
     mixture: Mixture | None = None
+    value: float | None = None
+    grad: np.ndarray | None = None
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
@@ -771,32 +1101,37 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``tau_k`` must be a stationary point (``sigmoid(tau_k - s_k m_k) = 2 lambda tau_k / b^2``,
     which gives the sigmoid without an ``exp``).
     """
-    blk, h_dd = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
+    blk, h_dd, _ = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
     return blk._replace(h_dd=h_dd() if dd_block else None)
 
 
-def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
-              hessian: bool = True) -> tuple[W2Blocks, Callable | None]:
+def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
+              value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
-    Gram matrix is formed only when called; ``None`` without ``hessian``). The three
-    ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the mixed term of ``h_dd``)
-    are one product of a ``3 x _ROWS`` matrix per block of atoms."""
+    Gram matrix is formed only when called; ``None`` without ``hessian``), and with ``value``
+    ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
+    else ``None``). The three ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the
+    mixed term of ``h_dd``) are one product of a ``3 x _BLOCK`` matrix per block of atoms."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
     prod = np.zeros((3, a.shape[1]))
-    g_tsg = g_tt = hdl_t = h_ll = v_bb = 0.0
+    g_tsg = g_tt = hdl_t = h_ll = v_bb = total = 0.0
     c_mm = np.empty(n) if hessian else None
-    # in blocks of _ROWS atoms: every per-atom temporary is a block (the memory target of
-    # issue 9: the whole-array form kept eight n-vectors alive at once)
-    for lo in range(0, n, _ROWS):
-        sl = slice(lo, lo + _ROWS)
+    # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
+    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
+    for lo in range(0, n, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
         qb, fb = q[sl], flip[sl]
         t = tau[sl] / b
+        if value:
+            z = tau[sl] - m[sl] if not fb.any() else tau[sl] - np.where(fb, -m[sl], m[sl])
+            total += float(qb @ softplus(z)) - lam * float(qb @ (t * t))
         # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
         # accuracy)
         sg = (2.0 * lam / b) * t
-        sp = sg - sg * sg  # sigmoid'
+        sp = sg - sg * sg  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
+        np.maximum(sp, 0.0, out=sp)
         # D = 2 lambda - b^2 sigmoid', qd = q / D; f_tm = -b sp, f_tb = sg + tau sp
         # (f_tl = -2 t)
         qd = qb / np.maximum(2.0 * lam - b * b * sp, _TINY)
@@ -821,8 +1156,9 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
     g_d = -prod[0] + g_tsg * bu
     h_dl = prod[2] - 2.0 * hdl_t * bu
     blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
+    total = total if value else None
     if not hessian:
-        return blk, None
+        return blk, None, total
     p = prod[1]
 
     def h_dd() -> np.ndarray:
@@ -831,7 +1167,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta,
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return blk, h_dd
+    return blk, h_dd, total
 
 
 def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
@@ -875,20 +1211,19 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     return h_dd - border @ np.linalg.pinv(inner) @ border.T
 
 
-#: Atoms per block when the moved features are written (a 4 MB temporary at d = 8) and
-#: in :func:`_w2_terms` (a dozen block-sized temporaries instead of ``n``-vectors).
-_ROWS = 1 << 16
-
-
 def _moved(at: Atoms, mix: Mixture, b: float, u: np.ndarray):
     """Features and labels of the atoms of ``mix``: ``x`` moved by ``t = tau / b`` along
     ``-ytil' u`` (``ytil'`` the label after the flip), written block by block (the only
-    ``n x d`` array is the answer)."""
-    ynew = np.where(mix.flip, 1.0 - at.y[mix.src], at.y[mix.src])
+    ``n x d`` array is the answer; where the atoms are the nominal ones in order, a copy
+    instead of a gather, a quarter of its time)."""
+    src, n = mix.src, at.w.size
+    whole = src.size == n and n > 0 and bool(np.all(src == np.arange(n)))
+    ysrc = at.y.copy() if whole else at.y[src]
+    ynew = np.where(mix.flip, 1.0 - ysrc, ysrc) if mix.flip.any() else ysrc
     coef = (2.0 * ynew - 1.0) * mix.tau / b
-    x = at.x[mix.src]
-    for lo in range(0, coef.size, _ROWS):
-        x[lo:lo + _ROWS] -= coef[lo:lo + _ROWS, None] * u[None, :]
+    x = at.x.copy() if whole else at.x[src]
+    for lo in range(0, coef.size, _BLOCK):
+        x[lo:lo + _BLOCK] -= np.multiply.outer(coef[lo:lo + _BLOCK], u)
     return x, ynew
 
 
@@ -907,15 +1242,21 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         return InnerResult(res.value, 0.0, res.grad, res.hess, wc, state)
     state = W2State() if state is None else state
     lam0 = state.lam
-    if lam0 is not None and state.at is not None and np.array_equal(delta, state.at):
+    again = lam0 is not None and state.at is not None and np.array_equal(delta, state.at)
+    if again:
         pair = state.pair  # evaluated already
     else:
         if lam0 is not None and state.slope is not None and state.at is not None:
             guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
             lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
-        pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
+        pair = None
+        if lam0 is not None:
+            warm = None if state.pair is None else state.pair.hi
+            pair = _fast_pair(m, w, b, rho**2, kappa, lam0,
+                              warm if warm is not None and warm.tau.shape == m.shape else None)
+        if pair is None:
+            pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
-    value = hi.lam * rho**2 + float(w @ hi.value)
     share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
         switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
@@ -925,16 +1266,28 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     tied = bool(share.any())
     u = delta / dn
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
-    # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches
-    blk, h_dd = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta, delta,
-                          hess)
-    grad = blk.g_d
-    slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
-    new_state = W2State(hi.lam, hi.roots, delta, pair, slope)
-    if tied:  # plus the split atoms' lo moves
-        sp = np.flatnonzero(share > 0)
-        grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
-                                b, lo.lam, beta, delta)[0].g_d
+    if again and not hess and state.grad is not None:  # the terms of the first evaluation
+        value, grad, slope = state.value, state.grad, state.slope
+    else:
+        # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
+        # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
+        # share of it separately: V is the same on both moves there)
+        blk, h_dd, total = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
+                                     delta, hess, value=True)
+        q = parts[0][1]
+        price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
+        value = hi.lam * (rho**2 - price) + total
+        if tied:
+            sp = np.flatnonzero(share > 0)
+            value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
+                                                           hi.tau[sp], hi.flip[sp]))
+        grad = blk.g_d
+        slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
+        if tied:  # plus the split atoms' lo moves
+            sp = np.flatnonzero(share > 0)
+            grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+                                    b, lo.lam, beta, delta)[0].g_d
+    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad)
     cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
@@ -1192,12 +1545,16 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
     subs = []
     for mix, share in parts:
-        for lo in range(0, mix.q.size, _ROWS):  # blocks of atoms: O(_ROWS) temporaries
-            blk = slice(lo, lo + _ROWS)
+        for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
+            blk = slice(lo, lo + _BLOCK)
             q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
             sgn = np.where(flip, -1.0, 1.0)
             t = mix.tau[blk] / (beta * dn)
-            a_src = at.a[src]  # the block's source atoms (no n-vector of margins)
+            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
+            # the block's source atoms (no n-vector of margins): a view where they are a
+            # range in order (the unsplit atoms), else a gather
+            run = top - first == src.size and bool(np.all(np.diff(src) == 1))
+            a_src = at.a[first:top] if run else at.a[src]
             mq = sgn * (a_src @ delta) - beta * float(u @ delta) * t
             value += float(q @ softplus(-mq))
             sg = _sigmoid(-mq)
@@ -1205,9 +1562,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
             tt += float(curv @ t**2)
-            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
-                acc[first:top] += np.bincount(src - first, val, minlength=top - first)
+                acc[first:top] += val if run else np.bincount(src - first, val,
+                                                              minlength=top - first)
             radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
                 sub = slice((-lo) % step, None, step)  # every step-th atom of the part
