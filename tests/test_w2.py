@@ -284,3 +284,19 @@ def test_derivative_blocks_stay_finite_where_k_tau_rounds_above_one():
     hess_one = w2_blocks(a[:1], np.ones(1), m[:1], tau[:1], np.zeros(1, dtype=bool), b, lam,
                          1.0, delta).h_dd
     assert np.isfinite(hess_one).all()
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 0.7])
+def test_w2_evaluation_without_the_shared_losses_at_rho_zero_and_theta_ref(kappa):
+    """W2 reads no losses from :func:`evaluate_inner` (``SetMethods.losses``): its two
+    branches that need them, ``rho = 0`` (the nominal objective) and ``theta = theta_ref``
+    (every loss ``log 2``), compute their own, against the closed forms."""
+    rng = np.random.default_rng(5)
+    data = sim.PreferenceData(rng.normal(size=(40, 3)), (rng.uniform(size=40) < 0.5) * 1.0)
+    theta = rng.normal(size=3)
+    nominal = sim.robust_objective(theta, data, sim.Nominal(), beta=0.7)
+    zero = sim.robust_objective(theta, data, sim.Wasserstein(0.0, p=2, kappa=kappa), beta=0.7)
+    assert zero.value == pytest.approx(nominal.value, rel=1e-15)
+    np.testing.assert_allclose(zero.grad, nominal.grad, rtol=1e-14, atol=1e-16)
+    at_ref = sim.robust_objective(np.zeros(3), data, sim.Wasserstein(0.3, p=2, kappa=kappa))
+    assert at_ref.value == pytest.approx(math.log(2.0), rel=1e-15)

@@ -1023,6 +1023,10 @@ class SetMethods:
         nominal gradient's direction).
     conic : str
         Where the set's conic form lives (``simulator.solvers.conic``), or why none.
+    losses : bool
+        Whether ``evaluate`` reads the losses ``l = softplus(-m)``; ``False`` passes
+        ``l = None`` (the set computes them where it needs them), one ``O(n)`` softplus
+        fewer per evaluation.
     """
 
     name: str
@@ -1035,3 +1039,4 @@ class SetMethods:
     smooth: Callable = lambda amb: False
     descent_at_zero: Callable | None = None
     conic: str = ""
+    losses: bool = True

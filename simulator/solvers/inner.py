@@ -59,8 +59,8 @@ def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: 
     ``state`` (the ``state`` of an earlier result) warm-starts the dual variable.
     """
     m = at.a @ delta
-    l = dpo_loss(m)
     mod = methods(ambiguity)
+    l = dpo_loss(m) if mod.losses else None
     res = mod.evaluate(at, delta, m, l, ambiguity, hess, worst, state)
     # kept for the weak-duality certificate of a reweighting (core.worst_case_gap) only: the
     # sets with their own certificate would keep two n-vectors alive for nothing

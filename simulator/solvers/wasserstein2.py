@@ -47,7 +47,7 @@ import numpy as np
 from scipy.optimize import lsq_linear
 from scipy.special import expit
 
-from ..losses import softplus
+from ..losses import dpo_loss, softplus
 from .core import (
     _CERT_ATOMS,
     _CERT_SUBSET_OK,
@@ -1231,13 +1231,13 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     n = w.size
     if rho == 0.0:
-        res = nominal_result(at, m, l, hess, dual=math.inf)
+        res = nominal_result(at, m, dpo_loss(m), hess, dual=math.inf)
         wc = WorstCase(at.w, at.x, at.y, np.arange(n), 0.0, 0.0)
         return InnerResult(res.value, math.inf, res.grad, res.hess, wc)
     dn = float(np.linalg.norm(delta))
     b = beta * dn
     if b == 0.0:  # theta = theta_ref: every loss is log 2 and moving gains nothing
-        res = nominal_result(at, m, l, hess, dual=0.0)
+        res = nominal_result(at, m, dpo_loss(m), hess, dual=0.0)
         wc = WorstCase(w, at.x, at.y, np.arange(n), 0.0, rho**2) if worst else None
         return InnerResult(res.value, 0.0, res.grad, res.hess, wc, state)
     state = W2State() if state is None else state
@@ -1760,5 +1760,6 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
 METHODS = SetMethods(
     name="wdpo2", evaluate=_evaluate, zero_test=_zero_test,
     coercive=lambda amb: amb.rho > 0, stall_fallback=kink_fallback, certify=certify,
+    losses=False,  # the per-atom maximisations work on the margins alone
     conic="none: conic.py refuses p = 2 (no conic form of the per-atom sup); see "
           "tests/test_w2.py for the brute-force check")
