@@ -655,37 +655,57 @@ def _top_margins(m: np.ndarray, w: np.ndarray, cand: np.ndarray, rho: float,
     return cand[np.argsort(mc, kind="stable")]
 
 
+class _Flips(NamedTuple):
+    """The exact ``F(delta)`` (:func:`_flips`): value, ``lambda``, the weight ``mu`` of the
+    norm term left in the gradient (``rho - kappa sum f``, 0 at a kink of the quantile),
+    the threshold atom ``k`` (:class:`W1Threshold`), and the flip masses ``f`` of the atoms
+    ``cand`` that may be flipped (``None`` for ``kappa = inf``)."""
+
+    value: float
+    lam: float
+    mu: float
+    k: int
+    cand: np.ndarray | None
+    f: np.ndarray | None
+
+
+def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: float,
+           state) -> _Flips:
+    """``F(delta)`` from the margins ``m`` and losses ``l`` (``dn = ||delta||``): the budget
+    flips the atoms of largest margin above ``b kappa`` (only those can gain), in full up to
+    the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3)."""
+    beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
+    b = beta * dn
+    if math.isinf(kappa):
+        return _Flips(float(w @ l) + rho * b, b, rho, -1, None, None)
+    cand = np.flatnonzero(m > b * kappa)
+    mc, wk = m[cand], w[cand]
+    if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
+        k = state.k  # the certificate's evaluation at this delta
+    else:
+        # only atoms with m > b kappa can be flipped: the largest of those, sorted
+        order = _top_margins(m, w, cand, rho, kappa)
+        cum = np.cumsum(w[order])
+        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
+        k = int(order[j]) if j < order.size else -1
+    v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
+    lam = max(b, v_q / kappa)
+    thr = v_q if v_q / kappa > b else lam * kappa  # >= b kappa: every flip is in cand
+    full = mc > thr
+    f = np.where(full, wk, 0.0)
+    mu = rho - kappa * float(f.sum())
+    if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
+        tie = (mc == thr) & (wk > 0)
+        f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
+        mu = 0.0
+    value = lam * rho + float(w @ l) + float(wk @ np.where(full, mc - thr, 0.0))
+    return _Flips(value, lam, max(mu, 0.0), k, cand, f)
+
+
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     dn = float(np.linalg.norm(delta))
-    b = beta * dn
-    cand = None  # the atoms that may be flipped (m > b kappa), with their flip masses f
-    if math.isinf(kappa):
-        lam, mu = b, rho
-        value = float(w @ l) + rho * b
-    else:
-        cand = np.flatnonzero(m > b * kappa)
-        mc, wk = m[cand], w[cand]
-        if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
-            k = state.k  # the certificate's evaluation at this delta
-        else:
-            # only atoms with m > b kappa can be flipped: the largest of those, sorted
-            order = _top_margins(m, w, cand, rho, kappa)
-            cum = np.cumsum(w[order])
-            j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
-            k = int(order[j]) if j < order.size else -1
-        v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
-        lam = max(b, v_q / kappa)
-        thr = v_q if v_q / kappa > b else lam * kappa  # >= b kappa: every flip is in cand
-        full = mc > thr
-        f = np.where(full, wk, 0.0)
-        mu = rho - kappa * float(f.sum())
-        if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
-            tie = (mc == thr) & (wk > 0)
-            f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
-            mu = 0.0
-        mu = max(mu, 0.0)
-        value = lam * rho + float(w @ l) + float(wk @ np.where(full, mc - thr, 0.0))
+    value, lam, mu, k, cand, f = _flips(at, delta, m, l, amb, dn, state)
     s = loss_sigmoid(l)
     coef = w * s
     np.negative(coef, out=coef)
@@ -835,8 +855,8 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
     pt = cache.point(at, delta)
-    res = _evaluate(at, delta, pt.m, pt.l, amb, False, False, None)
-    upper, state = res.value, res.state
+    flips = _flips(at, delta, pt.m, pt.l, amb, float(np.linalg.norm(delta)), None)
+    upper, state = flips.value, W1Threshold(delta.copy(), flips.k)
     if upper > math.log(2.0):
         upper, delta, state = math.log(2.0), np.zeros_like(delta), None
     lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
