@@ -251,6 +251,33 @@ def test_subsample_start_changes_nothing(amb, monkeypatch, gaussian_data):
     assert started.value == pytest.approx(plain.value, rel=1e-12)
 
 
+@pytest.mark.parametrize("mu", [1e-1, 1e-3, 1e-6])
+@pytest.mark.parametrize("scale", [0.05, 1.0])
+def test_smoothed_w1_equals_the_formula_on_every_atom(mu, scale, gaussian_data):
+    """F_mu, its gradient and the flip shares (kept on the atoms at and above the threshold
+    only) against the formula summed over every atom at the returned lambda:
+    lambda rho + E l + E mu softplus((m - lambda kappa) / mu), and the gradient from the
+    shares p = sigmoid((m - lambda kappa) / mu) (plus the chain rule through lambda = b when
+    the threshold is clamped, the small delta)."""
+    data = gaussian_data(5000, seed=8)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    at = Atoms.from_data(data, 1.0)
+    delta = scale * np.random.default_rng(8).standard_normal(data.d)
+    res = wasserstein1.smoothed_w1(at, delta, amb.rho, amb.kappa, mu)
+    m = at.a @ delta
+    t = res.dual * amb.kappa
+    p = expit((m - t) / mu)
+    value = (res.dual * amb.rho + float(at.w @ np.logaddexp(0.0, -m))
+             + float(at.w @ (mu * np.logaddexp(0.0, (m - t) / mu))))
+    assert res.value == pytest.approx(value, rel=1e-13)
+    grad = -(at.w * expit(-m)) @ at.a + (at.w * p) @ at.a
+    dn = float(np.linalg.norm(delta))
+    if res.dual <= at.beta * dn:  # lambda = b: d/d delta of (rho - kappa E p) b
+        grad = grad + (amb.rho - amb.kappa * float(at.w @ p)) * at.beta * delta / dn
+    np.testing.assert_allclose(res.grad, grad, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.state.q, at.w * p, rtol=0, atol=1e-15)
+
+
 def test_smoothing_gap_estimate_bounds_the_certified_gap(gaussian_data):
     """The cheap estimate is an upper bound on F(delta) - L_q(delta) (to rounding)."""
     data = gaussian_data(2000, seed=5)

@@ -100,9 +100,12 @@ _FACE_MIN_STEP = 1e-6
 
 #: The Hessian of ``E_P l`` built at margins ``m0`` is reused at margins ``m`` with
 #: ``max_i |m_i - m0_i|`` below this: each atom's curvature ``s (1 - s)`` then changes by a
-#: factor within ``exp(+-1e-4)`` (``|l'''| <= l''``), so Newton's steps stay within 1e-4 of
-#: exact ones (the late steps of a stage and a face solve move the margins by less).
-_HESS_REUSE = 1e-4
+#: factor within ``exp(+-1e-3)`` (``|l'''| <= l''``), so Newton's steps stay within 1e-3 of
+#: exact ones, three digits gained per step (the late steps of a stage and a face solve move
+#: the margins by less). Measured (n = 1e5 and 1e6, Gaussian and environment data, d = 8):
+#: 3-5 full-data Hessians instead of 4-8 for 1e-4 with the same evaluations; 1e-2 cost one
+#: more evaluation at n = 1e5.
+_HESS_REUSE = 1e-3
 
 #: Smoothing parameters of the homotopy.
 MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
@@ -122,13 +125,19 @@ _STAGE_TOL = 1e-3
 
 @dataclass(frozen=True, eq=False)
 class W1SmoothState:
-    """Warm start of the smoothed problem: ``lambda`` and the flip shares ``q`` at the
-    last point, ``q = w sigmoid((m - lambda kappa) / mu)``, and the homotopy's
+    """Warm start of the smoothed problem: ``lambda`` and the flip shares at the last point
+    (:class:`_Threshold`, on the atoms near and above the threshold), and the homotopy's
     :class:`_Logistic`."""
 
     lam: float
-    q: np.ndarray
+    shares: _Threshold
+    w: np.ndarray
     hess: _Logistic | None = None
+
+    @property
+    def q(self) -> np.ndarray:
+        """The flip masses ``q = w sigmoid((m - lambda kappa) / mu)`` on every atom."""
+        return self.w * self.shares.p
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,15 +154,25 @@ class W1Threshold:
         return None
 
 
-class _LogisticPoint(NamedTuple):
-    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, gradient."""
+class _LogisticPoint:
+    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, ``w s``, value, and
+    the gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
+    objective folds it into its own single product with ``a``)."""
 
-    delta: np.ndarray
-    m: np.ndarray
-    l: np.ndarray
-    s: np.ndarray
-    value: float
-    grad: np.ndarray
+    def __init__(self, at: Atoms, delta: np.ndarray) -> None:
+        self.at, self.delta = at, delta.copy()
+        self.m = at.a @ delta
+        self.l = softplus(-self.m)
+        self.s = loss_sigmoid(self.l)
+        self.ws = at.w * self.s
+        self.value = float(at.w @ self.l)
+        self._grad: np.ndarray | None = None
+
+    @property
+    def grad(self) -> np.ndarray:
+        if self._grad is None:
+            self._grad = -(self.ws @ self.at.a)
+        return self._grad
 
 
 class _Logistic:
@@ -161,7 +180,7 @@ class _Logistic:
     polish, its rounds and the certificate evaluate the same ``delta`` again), and the
     Hessian ``H(m) = sum_i w_i s_i (1 - s_i) a_i a_i^T`` (:meth:`hess`), rebuilt only when
     the margins have moved by more than ``_HESS_REUSE`` since it was last built: a Newton
-    direction within 1e-4 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``
+    direction within 1e-3 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``
     (values, gradients and certificates never use it)."""
 
     def __init__(self) -> None:
@@ -179,15 +198,8 @@ class _Logistic:
         last = self.last
         if (last is None or last.m.shape != at.w.shape
                 or not np.array_equal(last.delta, delta)):
-            self.last = last = _logistic_point(at, delta)
+            self.last = last = _LogisticPoint(at, delta)
         return last
-
-
-def _logistic_point(at: Atoms, delta: np.ndarray) -> _LogisticPoint:
-    m = at.a @ delta
-    l = softplus(-m)
-    s = loss_sigmoid(l)
-    return _LogisticPoint(delta.copy(), m, l, s, float(at.w @ l), -(at.w * s) @ at.a)
 
 
 class _Face(NamedTuple):
@@ -216,13 +228,27 @@ class _FarMove:
     cost: float
 
 
-class _Threshold(NamedTuple):
-    """The flip threshold ``t``, the shares ``p_i = sigmoid((m_i - t) / mu)`` and the atoms
-    ``window`` within ``_WINDOW mu`` of ``t`` (a superset; elsewhere ``p`` is 0 or 1)."""
+class _Threshold:
+    """The flip threshold ``t`` and its shares ``p_i = sigmoid((m_i - t) / mu)``, kept on
+    the atoms that carry them: ``p_window`` on the atoms ``window`` within ``_WINDOW mu``
+    of ``t`` (a superset), 1 on the atoms ``top`` above the window (of weight ``base``), 0
+    on the rest; ``mass = sum_i w_i p_i``. Unpacks as ``(t, p, window)`` with :attr:`p`
+    on every atom."""
 
-    t: float
-    p: np.ndarray
-    window: np.ndarray
+    def __init__(self, t: float, window: np.ndarray, p_window: np.ndarray, top: np.ndarray,
+                 base: float, mass: float, n: int) -> None:
+        self.t, self.window, self.p_window, self.top = t, window, p_window, top
+        self.base, self.mass, self.n = base, mass, n
+
+    @property
+    def p(self) -> np.ndarray:
+        p = np.zeros(self.n)
+        p[self.top] = 1.0
+        p[self.window] = self.p_window
+        return p
+
+    def __iter__(self):
+        return iter((self.t, self.p, self.window))
 
 
 def _mass_quantile(m: np.ndarray, w: np.ndarray, c: float) -> float:
@@ -243,9 +269,10 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
     ``_WINDOW mu`` from an interval ``[lo, hi]`` have shares 0 or 1 there (to 4e-18), so the
     mass on ``[lo, hi]`` needs only the atoms near it: the interval is centred at the warm
     start ``t0`` (or an estimate from a subsample of the margins), ``_WINDOW mu`` wide on
-    each side, and moved and widened 4-fold until it brackets the root (each try costs
-    comparisons over the margins, no exponentials). The bracket is then bisected while
-    it is wide, and Brent's method finishes, on the atoms near it alone.
+    each side, and moved and widened 4-fold until it brackets the root (each try costs one
+    comparison over the margins, no exponentials: the atoms above ``lo - _WINDOW mu``,
+    the flipped mass and the window, are split on themselves). The bracket is then
+    bisected while it is wide, and Brent's method finishes, on the atoms near it alone.
     """
     win = _WINDOW * mu
     center = _mass_quantile(m, w, c) if t0 is None else t0
@@ -257,22 +284,31 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
 
     def restrict(lo: float, hi: float) -> None:
         ms, ws = sub["m"], sub["w"]
-        top = ms >= hi + win
-        keep = ~top & (ms > lo - win)
+        up = ms >= hi + win
+        keep = ~up & (ms > lo - win)
+        sub["top"].append(sub["i"][up])
         sub.update(i=sub["i"][keep], m=ms[keep], w=ws[keep],
-                   base=sub["base"] + float(ws[top].sum()))
+                   base=sub["base"] + float(ws[up].sum()))
+
+    def shares(t: float) -> _Threshold:
+        p = expit((sub["m"] - t) / mu)
+        return _Threshold(t, sub["i"], p, np.concatenate(sub["top"]), sub["base"],
+                          sub["base"] + float(sub["w"] @ p), m.size)
 
     while True:
         lo = max(center - half, t_min)
         hi = max(center + half, lo + win)
-        i = np.flatnonzero((m > lo - win) & (m < hi + win))
-        sub.update(i=i, m=m[i], w=w[i], base=float(w @ (m >= hi + win)))
+        cand = np.flatnonzero(m > lo - win)
+        mc = m[cand]
+        inside = mc < hi + win
+        i, top = cand[inside], cand[~inside]
+        sub.update(i=i, m=mc[inside], w=w[i], top=[top], base=float(w[top].sum()))
         if excess(hi) > 0:  # the root is above hi
             center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
         elif excess(lo) > 0:
             break
         elif lo == t_min:  # lambda = b: the budget is not all flipped
-            return _Threshold(t_min, _shares(m, t_min, mu, i), i)
+            return shares(t_min)
         else:  # the root is below lo
             center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
     while sub["m"].size > _BISECT_ATOMS and hi - lo > _BISECT_WIDTH * mu:
@@ -287,25 +323,17 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
                    maxiter=_BRENT_ITERS)
     else:  # the mass meets c at an end of the bracket to rounding
         t = hi if abs(excess(hi)) <= abs(excess(lo)) else lo
-    i = sub["i"]
-    p = _shares(m, t, mu, i)
+    thr = shares(t)
     # t is resolved only to rounding, which at small mu leaves sum w p off by much more:
     # one first-order step in t, applied to p (in the window: elsewhere p(1 - p) < 4e-18),
     # meets the budget to rounding.
-    pi = p[i]
+    pi, wi = thr.p_window, sub["w"]
     dp = pi * (1.0 - pi)
-    sens = float(w[i] @ dp)
+    sens = float(wi @ dp)
     if sens > 0:
-        p[i] = np.clip(pi + (c - float(w @ p)) * dp / sens, 0.0, 1.0)
-    return _Threshold(t, p, i)
-
-
-def _shares(m: np.ndarray, t: float, mu: float, window: np.ndarray) -> np.ndarray:
-    """``sigmoid((m - t) / mu)`` on the atoms ``window`` (every atom within ``_WINDOW mu``
-    of ``t``), 0 or 1 elsewhere."""
-    p = (m > t).astype(np.float64)
-    p[window] = expit((m[window] - t) / mu)
-    return p
+        thr.p_window = pi = np.clip(pi + (c - thr.mass) * dp / sens, 0.0, 1.0)
+        thr.mass = thr.base + float(wi @ pi)
+    return thr
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -313,7 +341,9 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     """``F_mu(delta)`` with its gradient and Hessian (no worst case: see the module docstring).
 
     ``state`` warm-starts ``lambda``; the result's ``state`` holds ``lambda`` and the flip
-    shares ``q = w sigmoid((m - lambda kappa) / mu)``.
+    shares ``q = w sigmoid((m - lambda kappa) / mu)``. Besides ``E_P l`` (one product with
+    ``a`` for the margins, one for the gradient) each evaluation works on the atoms at and
+    above the threshold only.
     """
     w, a, beta = at.w, at.a, at.beta
     cache = _Logistic() if state is None or state.hess is None else state.hess
@@ -322,16 +352,21 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     dn = float(np.linalg.norm(delta))
     b = beta * dn
     t0 = None if state is None else state.lam
-    t, p, i = _flip_threshold(m, w, b * kappa, rho / kappa, mu,
-                              None if t0 is None else t0 * kappa)
+    thr = _flip_threshold(m, w, b * kappa, rho / kappa, mu, None if t0 is None else t0 * kappa)
+    t, i, top, pi = thr.t, thr.window, thr.top, thr.p_window
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
+    mi, wi, wt = m[i], w[i], w[top]
     # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
-    # outside the window
-    value = lam * rho + pt.value + float(w @ np.maximum(m - t, 0.0)) + mu * float(
-        w[i] @ np.log1p(np.exp(-np.abs(m[i] - t) / mu)))
-    grad = pt.grad + (w * p) @ a
-    wc = w[i] * p[i] * (1.0 - p[i]) / mu  # w p (1 - p) / mu: 0 outside the window
-    g_l = rho - kappa * float(w @ p)
+    # outside the window (where x_+ is m - t on the atoms above it, 0 below)
+    value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
+        wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
+    # grad E_P l + sum_i w_i p_i a_i in one product with a
+    coef = np.negative(pt.ws)
+    coef[top] += wt
+    coef[i] += wi * pi
+    grad = coef @ a
+    wc = wi * pi * (1.0 - pi) / mu  # w p (1 - p) / mu: 0 outside the window
+    g_l = rho - kappa * thr.mass
     clamped = not (lam > b or dn == 0.0)
     if clamped:  # lambda = b(delta): chain rule through b = beta ||delta||
         grad = grad + g_l * beta * delta / dn
@@ -349,7 +384,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         return (h + np.outer(g_dl, db) + np.outer(db, g_dl) + g_ll * np.outer(db, db)
                 + g_l * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
-    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, w * p, cache))
+    return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, thr, w, cache))
 
 
 def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
@@ -364,7 +399,7 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: 
     relative to ``max(1, F)``. ``point``: ``E_P l`` at ``delta`` if known (the homotopy's
     :class:`_Logistic`).
     """
-    point = _logistic_point(at, delta) if point is None else point
+    point = _LogisticPoint(at, delta) if point is None else point
     m = point.m
     x = m - lam * kappa
     lagrangian = point.value + float(q @ m) + (
@@ -381,7 +416,7 @@ def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float,
     beta``; also the stationarity part of the face system of :func:`_solve_face`. The
     terms of ``E_P l`` come from ``cache`` when given (:class:`_Logistic`).
     """
-    pt = _logistic_point(at, delta) if cache is None else cache.point(at, delta)
+    pt = _LogisticPoint(at, delta) if cache is None else cache.point(at, delta)
     dn = float(np.linalg.norm(delta))
     u = delta / dn if dn > 0 else np.zeros_like(delta)
 
@@ -620,37 +655,63 @@ def _top_margins(m: np.ndarray, w: np.ndarray, cand: np.ndarray, rho: float,
     return cand[np.argsort(mc, kind="stable")]
 
 
+class _Flips(NamedTuple):
+    """The exact ``F(delta)`` (:func:`_flips`): value, ``lambda``, the weight ``mu`` of the
+    norm term left in the gradient (``rho - kappa sum f``, 0 at a kink of the quantile),
+    the threshold atom ``k`` (:class:`W1Threshold`), and the flip masses ``f`` of the atoms
+    ``cand`` that may be flipped (``None`` for ``kappa = inf``)."""
+
+    value: float
+    lam: float
+    mu: float
+    k: int
+    cand: np.ndarray | None
+    f: np.ndarray | None
+
+
+def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: float,
+           state) -> _Flips:
+    """``F(delta)`` from the margins ``m`` and losses ``l`` (``dn = ||delta||``): the budget
+    flips the atoms of largest margin above ``b kappa`` (only those can gain), in full up to
+    the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3)."""
+    beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
+    b = beta * dn
+    if math.isinf(kappa):
+        return _Flips(float(w @ l) + rho * b, b, rho, -1, None, None)
+    cand = np.flatnonzero(m > b * kappa)
+    mc, wk = m[cand], w[cand]
+    if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
+        k = state.k  # the certificate's evaluation at this delta
+    else:
+        # only atoms with m > b kappa can be flipped: the largest of those, sorted
+        order = _top_margins(m, w, cand, rho, kappa)
+        cum = np.cumsum(w[order])
+        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
+        k = int(order[j]) if j < order.size else -1
+    v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
+    lam = max(b, v_q / kappa)
+    thr = v_q if v_q / kappa > b else lam * kappa  # >= b kappa: every flip is in cand
+    full = mc > thr
+    f = np.where(full, wk, 0.0)
+    mu = rho - kappa * float(f.sum())
+    if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
+        tie = (mc == thr) & (wk > 0)
+        f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
+        mu = 0.0
+    value = lam * rho + float(w @ l) + float(wk @ np.where(full, mc - thr, 0.0))
+    return _Flips(value, lam, max(mu, 0.0), k, cand, f)
+
+
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     dn = float(np.linalg.norm(delta))
-    b = beta * dn
-    flip = np.zeros_like(w)
-    if math.isinf(kappa):
-        lam, mu = b, rho
-        value = float(w @ l) + rho * b
-    else:
-        if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
-            k = state.k  # the certificate's evaluation at this delta
-        else:
-            # only atoms with m > b kappa can be flipped: the largest of those, sorted
-            order = _top_margins(m, w, np.flatnonzero(m > b * kappa), rho, kappa)
-            cum = np.cumsum(w[order])
-            j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
-            k = int(order[j]) if j < order.size else -1
-        v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
-        lam = max(b, v_q / kappa)
-        thr = v_q if v_q / kappa > b else lam * kappa
-        full = m > thr
-        flip = np.where(full, w, 0.0)
-        mu = rho - kappa * float(flip.sum())
-        if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
-            tie = (m == thr) & (w > 0)
-            flip = flip + np.where(tie, w, 0.0) * (mu / kappa) / float(w[tie].sum())
-            mu = 0.0
-        mu = max(mu, 0.0)
-        value = lam * rho + float(w @ l) + float(w @ np.where(full, m - thr, 0.0))
+    value, lam, mu, k, cand, f = _flips(at, delta, m, l, amb, dn, state)
     s = loss_sigmoid(l)
-    grad = (flip - w * s) @ at.a  # one product with A (flip = 0 for kappa = inf)
+    coef = w * s
+    np.negative(coef, out=coef)
+    if cand is not None:
+        coef[cand] += f
+    grad = coef @ at.a  # one product with A
     if dn > 0:
         grad = grad + mu * beta * delta / dn
 
@@ -669,8 +730,11 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         return out
     wc = None
     if worst:
+        flip = np.zeros_like(w)
+        if cand is not None:
+            flip[cand] = f
         keep = w - flip
-        cost = kappa * float(flip.sum()) if flip.any() else 0.0
+        cost = kappa * float(f.sum()) if cand is not None and f.any() else 0.0
         far = None
         if mu > 0 and dn > 0:
             far = _moved_far(at, keep, flip, m, delta, mu, value)
@@ -683,8 +747,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         parts = [part for part in parts if part[0].size]
         wc = WorstCase(*(np.concatenate([part[j] for part in parts]) for j in range(4)),
                        float(cost), float(rho))
+    # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
                        None if math.isinf(kappa) else W1Threshold(delta.copy(), k),
+                       margins=m if worst else None, losses=l if worst else None,
                        hvp=hvp if hess else None)
 
 
@@ -745,7 +811,9 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
         return info.get("optimality_gap", math.inf)
     dn = float(np.linalg.norm(delta))
     linear = amb.rho * at.beta * delta / dn if dn > 0 and amb.rho > 0 else None
-    return logistic_gap(at.a, at.w, delta, res.value, linear) / max(1.0, abs(res.value))
+    m, l = (res.margins, res.losses) if res.margins is not None else (None, None)
+    return logistic_gap(at.a, at.w, delta, res.value, linear, m=m, l=l,
+                        radius=at.max_norm()) / max(1.0, abs(res.value))
 
 
 # --- the homotopy ------------------------------------------------------------------------
@@ -761,17 +829,19 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     (``nu ||delta'|| >= nu u . delta'``), equal to it there, whose minimum
     :func:`~.core.logistic_gap` bounds. ``cache``: the homotopy's :class:`_Logistic`.
     """
-    objective = w1_lagrangian(at, q, amb.rho, amb.kappa,
-                              _Logistic() if cache is None else cache)
+    cache = _Logistic() if cache is None else cache
+    objective = w1_lagrangian(at, q, amb.rho, amb.kappa, cache)
     try:
         delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
     except Stalled as exc:  # rounding-level stall: still a valid point to bound from
         delta = exc.delta
     res = objective(delta, None)  # Newton's last evaluation when delta is its last point
+    pt = cache.point(at, delta)
     dn = float(np.linalg.norm(delta))
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
-    return res.value - logistic_gap(at.a, at.w, delta, res.value, linear)
+    return res.value - logistic_gap(at.a, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
+                                    radius=at.max_norm())
 
 
 class _Certified(NamedTuple):
@@ -785,8 +855,8 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
     pt = cache.point(at, delta)
-    res = _evaluate(at, delta, pt.m, pt.l, amb, False, False, None)
-    upper, state = res.value, res.state
+    flips = _flips(at, delta, pt.m, pt.l, amb, float(np.linalg.norm(delta)), None)
+    upper, state = flips.value, W1Threshold(delta.copy(), flips.k)
     if upper > math.log(2.0):
         upper, delta, state = math.log(2.0), np.zeros_like(delta), None
     lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
