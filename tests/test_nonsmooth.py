@@ -291,3 +291,29 @@ def test_smoothing_gap_estimate_bounds_the_certified_gap(gaussian_data):
     exact = evaluate_inner(at, delta, amb, worst=False).value
     lagrangian = w1_lagrangian(at, q, amb.rho, amb.kappa)(delta, None).value
     assert 0.0 <= exact - lagrangian <= estimate * max(1.0, lagrangian) + 1e-15
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 0.7, 3.0])
+def test_w1_primal_value_and_lazy_worst_case_features(kappa):
+    """The W1 solve's ``primal_value`` (from its margins) equals ``E_{Q*} l`` recomputed from
+    the worst case's atoms, which are built only when read: the stacked features (with
+    the far-moved atom) are the nominal ones plus that atom, and survive pickling."""
+    import pickle
+
+    from simulator.losses import dpo_loss, margins
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3000, 4))
+    y = (rng.uniform(size=3000) < expit(x @ np.array([1.0, -0.5, 0.3, 0.8]))).astype(float)
+    data = sim.PreferenceData(x, y)
+    sol = sim.solve(data, sim.Wasserstein(0.05, p=1, kappa=kappa), beta=0.8, merge=False)
+    wc = sol.worst_case
+    assert callable(wc.__dict__["x"])  # not built by the solve
+    direct = float(wc.weights @ dpo_loss(margins(sol.theta, wc.x, wc.y, 0.8, np.zeros(4))))
+    assert sol.primal_value == pytest.approx(direct, rel=1e-13)
+    assert wc.x.shape == (wc.weights.size, 4) and wc.x is wc.x  # built once
+    moved = np.any(wc.x != x[wc.source], axis=1)
+    # only the far-moved atom leaves its place (kappa = inf always moves one: mu = rho)
+    assert np.count_nonzero(moved) == 1 if math.isinf(kappa) else np.count_nonzero(moved) <= 1
+    again = pickle.loads(pickle.dumps(wc))
+    np.testing.assert_array_equal(again.x, wc.x)

@@ -241,7 +241,8 @@ class InnerResult:
     ``hvp``, where the set supplies it, is ``v -> H v`` without forming ``H`` (two
     ``O(n d)`` passes, e.g. :func:`logistic_hvp`): :func:`quasi_newton`'s Newton polish then
     solves by conjugate gradients instead of the ``O(n d^2)`` dense Hessian; ``None`` means
-    use ``hess``.
+    use ``hess``. ``primal``, where the set computes it with the worst case, is ``E_{Q*} l``
+    from the margins it already has (``None``: recomputed from the worst case's atoms).
     """
 
     value: float
@@ -253,6 +254,7 @@ class InnerResult:
     margins: np.ndarray | None = None
     losses: np.ndarray | None = None
     hvp: Callable[[np.ndarray], np.ndarray] | None = None
+    primal: float | None = None
 
 
 class Workspace:
@@ -938,7 +940,7 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     about ``||grad||^2 / (2 mu)``.
     """
     wc = res.worst_case
-    if wc.x is at.x and wc.y is at.y:  # a reweighting: the atoms' own a, m and l, and
+    if wc.y is at.y and wc.x is at.x:  # a reweighting: the atoms' own a, m and l, and
         # F's Danskin gradient E_Q* grad l is f's at delta (the same sum over the same q)
         gap = logistic_gap(at.a, wc.weights, delta, res.value, m=res.margins, l=res.losses,
                            radius=at.max_norm(), grad=res.grad)

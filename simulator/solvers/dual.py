@@ -388,7 +388,9 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
             f"{found.iterations} iterations")
     theta = theta_ref + delta / at.scale
     wc = res.worst_case
-    if wc.x is at.x and wc.y is at.y and res.losses is not None:
+    if res.primal is not None:
+        primal = res.primal  # the set's own E_{Q*} l (the worst case's x is built on demand)
+    elif wc.y is at.y and wc.x is at.x and res.losses is not None:
         primal = float(wc.weights @ res.losses)  # a reweighting: E_{Q*} l on the same atoms
     else:
         primal = primal_value(wc, theta, beta, theta_ref)

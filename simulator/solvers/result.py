@@ -22,6 +22,10 @@ class WorstCase:
     ones; for Wasserstein sets atoms move (and may flip labels when
     ``kappa < inf``), and ``transport_cost`` is ``E_pi c_p`` of the coupling
     that moves them, to be compared with ``budget = rho**p``.
+
+    ``x`` may be given as a function of no arguments that builds it: it is then
+    built on first access (a solver's stacked ``n x d`` features, which the
+    solve itself never reads, cost nothing until a caller does).
     """
 
     weights: np.ndarray
@@ -36,6 +40,29 @@ class WorstCase:
         keep = self.weights > 0
         w = self.weights[keep]
         return PreferenceData(self.x[keep], self.y[keep], w / w.sum())
+
+    def __reduce__(self):  # pickled with x built (a builder need not pickle)
+        return (WorstCase, (self.weights, self.x, self.y, self.source, self.transport_cost,
+                            self.budget))
+
+
+class _BuiltOnAccess:
+    """``WorstCase.x``: stored as given, and where that is a builder (a callable), replaced
+    by what it builds on the first read."""
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["x"] = value
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__["x"]
+        if callable(value):
+            value = obj.__dict__["x"] = value()
+        return value
+
+
+WorstCase.x = _BuiltOnAccess()
 
 
 @dataclass(frozen=True, eq=False)

@@ -41,6 +41,7 @@ sufficient (a larger ball has larger directional derivatives). Conic forms: ``co
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,7 +50,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 
-from ..losses import softplus
+from ..losses import dpo_loss, softplus
 from .core import (
     Atoms,
     InnerResult,
@@ -728,7 +729,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             u = delta / dn
             out = out + (mu * beta / dn) * (v - u * float(u @ v))
         return out
-    wc = None
+    wc, primal = None, None
     if worst:
         flip = np.zeros_like(w)
         if cand is not None:
@@ -741,17 +742,25 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             (flip if far.flipped else keep)[far.k] -= far.eps
             cost += far.cost
         parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
+        # E_{Q*} l from the margins: a flipped atom's loss is softplus(m) = l + m
+        primal = float(keep @ l) + (float(flip @ (l + m)) if cand is not None else 0.0)
         if far is not None:
             parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
                            np.array([far.k])))
+            m_far = (2.0 * far.y - 1.0) * beta * float(far.x @ delta)
+            primal += far.eps * float(dpo_loss(np.array([m_far]))[0])
         parts = [part for part in parts if part[0].size]
-        wc = WorstCase(*(np.concatenate([part[j] for part in parts]) for j in range(4)),
+        xs = [part[1] for part in parts]
+        # the stacked features (an n x d copy, with the far-moved atom) only when read
+        wc = WorstCase(np.concatenate([part[0] for part in parts]),
+                       xs[0] if len(xs) == 1 else functools.partial(np.concatenate, xs),
+                       *(np.concatenate([part[j] for part in parts]) for j in (2, 3)),
                        float(cost), float(rho))
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
                        None if math.isinf(kappa) else W1Threshold(delta.copy(), k),
                        margins=m if worst else None, losses=l if worst else None,
-                       hvp=hvp if hess else None)
+                       hvp=hvp if hess else None, primal=primal if worst else None)
 
 
 #: Values of ``s`` tried by the finite-kappa zero test: geometric with ratio ``2^(1/8)``
