@@ -135,9 +135,19 @@ def _dask(func: Callable, tasks: Sequence[tuple], scheduler: str | None,
                     done, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     done = set()
+                got = False
                 for fut in done:
-                    yield fut.result()
-                if done or client.scheduler_info().get("workers"):
+                    try:
+                        # a result held by a worker that has just left cannot be fetched
+                        # (the scheduler recomputes it once a worker joins): that cell is
+                        # pending again, not a wait without end
+                        result = fut.result(timeout=POLL_S)
+                    except TimeoutError:
+                        pending.add(fut)
+                        continue
+                    got = True
+                    yield result
+                if got or client.scheduler_info().get("workers"):
                     alone_since = None
                     continue
                 now = time.monotonic()

@@ -367,6 +367,47 @@ def test_dask_without_worker_waits_then_stops_resumably(fake, tmp_path, capsys):
     assert not saved & set(_marker(marker)[n_before:])
 
 
+def test_dask_result_lost_with_its_worker_is_pending_again(monkeypatch):
+    """A cell reported finished whose result lived on a worker that has just left cannot be
+    fetched (the scheduler recomputes it once a worker joins): it counts as pending, so the
+    run stops with ``NoWorkerError`` after ``--dask-timeout`` instead of waiting without end
+    in ``Future.result()`` (seen once in CI, a 120 s test timeout)."""
+    pytest.importorskip("distributed")
+    import dask.distributed
+
+    from experiments import backends
+
+    class LostFuture:
+        def result(self, timeout=None):
+            if timeout is None:
+                raise AssertionError("Future.result() without a timeout would wait forever")
+            raise TimeoutError(f"timed out after {timeout} s")
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, *args, **kwargs):
+            return LostFuture()
+
+        def scheduler_info(self):
+            return {"workers": {}}
+
+        def cancel(self, futures):
+            pass
+
+    monkeypatch.setattr(backends, "_connect", lambda scheduler: Client())
+    monkeypatch.setattr(dask.distributed, "wait",
+                        lambda pending, timeout, return_when: (set(pending), set()))
+    t0 = time.perf_counter()
+    with pytest.raises(backends.NoWorkerError, match="1 of 1 cells not done"):
+        list(backends._dask(print, [("cell",)], "tcp://127.0.0.1:1", 0.2, None))
+    assert time.perf_counter() - t0 < 30
+
+
 def test_dask_backend_matches_local(fake, tmp_path):
     distributed = pytest.importorskip("distributed")
     name, _ = fake
