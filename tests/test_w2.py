@@ -300,3 +300,27 @@ def test_w2_evaluation_without_the_shared_losses_at_rho_zero_and_theta_ref(kappa
     np.testing.assert_allclose(zero.grad, nominal.grad, rtol=1e-14, atol=1e-16)
     at_ref = sim.robust_objective(np.zeros(3), data, sim.Wasserstein(0.3, p=2, kappa=kappa))
     assert at_ref.value == pytest.approx(math.log(2.0), rel=1e-15)
+
+
+@pytest.mark.parametrize(("rho", "kappa"), [(0.3, math.inf), (0.05, 0.3), (0.3, 2.0)])
+def test_w2_primal_value_from_moved_margins_and_lazy_features(rho, kappa):
+    """The W2 solve's ``primal_value`` (from the moved margins ``s m - tau``) equals ``E_{Q*}
+    l`` recomputed from the worst case's moved features, which the solve does not build."""
+    from simulator.losses import dpo_loss, margins
+
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(2500, 3))
+    y = (rng.uniform(size=2500) < 1 / (1 + np.exp(-x @ np.array([1.2, -0.4, 0.7])))) * 1.0
+    sol = sim.solve(sim.PreferenceData(x, y), sim.Wasserstein(rho, p=2, kappa=kappa),
+                    beta=0.9, merge=False)
+    wc = sol.worst_case
+    assert callable(wc.__dict__["x"])
+    direct = float(wc.weights @ dpo_loss(margins(sol.theta, wc.x, wc.y, 0.9, np.zeros(3))))
+    assert sol.primal_value == pytest.approx(direct, rel=1e-12)
+    moved = np.linalg.norm(wc.x - x[wc.source], axis=1)
+    assert np.any(moved > 0) and np.all(np.isfinite(moved))
+    if math.isfinite(kappa):  # flips (kappa each) and moves within the transport budget
+        flips = wc.y != y[wc.source]
+        assert np.any(flips)
+        cost = wc.weights @ (moved**2 + kappa * flips)
+        assert cost <= rho**2 * (1 + 1e-9)

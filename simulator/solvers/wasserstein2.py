@@ -1216,15 +1216,30 @@ def _moved(at: Atoms, mix: Mixture, b: float, u: np.ndarray):
     ``-ytil' u`` (``ytil'`` the label after the flip), written block by block (the only
     ``n x d`` array is the answer; where the atoms are the nominal ones in order, a copy
     instead of a gather, a quarter of its time)."""
-    src, n = mix.src, at.w.size
-    whole = src.size == n and n > 0 and bool(np.all(src == np.arange(n)))
-    ysrc = at.y.copy() if whole else at.y[src]
-    ynew = np.where(mix.flip, 1.0 - ysrc, ysrc) if mix.flip.any() else ysrc
+    whole = _in_order(at, mix)
+    ynew = _moved_labels(at, mix)
     coef = (2.0 * ynew - 1.0) * mix.tau / b
-    x = at.x.copy() if whole else at.x[src]
+    x = at.x.copy() if whole else at.x[mix.src]
     for lo in range(0, coef.size, _BLOCK):
         x[lo:lo + _BLOCK] -= np.multiply.outer(coef[lo:lo + _BLOCK], u)
     return x, ynew
+
+
+def _in_order(at: Atoms, mix: Mixture) -> bool:
+    """Whether the atoms of ``mix`` are the nominal ones in order."""
+    src, n = mix.src, at.w.size
+    return src.size == n and n > 0 and bool(np.all(src == np.arange(n)))
+
+
+def _moved_labels(at: Atoms, mix: Mixture) -> np.ndarray:
+    """The labels of the atoms of ``mix`` (flipped where ``mix.flip``), a new array."""
+    ysrc = at.y.copy() if _in_order(at, mix) else at.y[mix.src]
+    return np.where(mix.flip, 1.0 - ysrc, ysrc) if mix.flip.any() else ysrc
+
+
+def _moved_features(at: Atoms, mix: Mixture, b: float, u: np.ndarray) -> np.ndarray:
+    """:func:`_moved`'s features alone (the worst case's ``x``, built on first read)."""
+    return _moved(at, mix, b, u)[0]
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
@@ -1294,7 +1309,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
                                    blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
-    wc = None
+    wc, primal = None, None
     if worst:
         pieces = []
         for mv, q in parts:
@@ -1303,10 +1318,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
                           else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
         mix = pieces[0] if len(pieces) == 1 else Mixture(
             *(np.concatenate(col) for col in zip(*pieces, strict=True)))
-        x, y = _moved(at, mix, b, u)
-        wc = WorstCase(mix.q, x, y, mix.src, cost, rho**2)
+        # the n x d moved features only when read (the certificate works on mix); E_Q* l
+        # from the moved margins a'_k . delta = s_k m_src - tau_k (Mixture)
+        wc = WorstCase(mix.q, functools.partial(_moved_features, at, mix, b, u),
+                       _moved_labels(at, mix), mix.src, cost, rho**2)
+        primal = float(mix.q @ dpo_loss(np.where(mix.flip, -1.0, 1.0) * m[mix.src] - mix.tau))
         new_state = dataclasses.replace(new_state, mixture=mix)
-    return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state)
+    return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state,
+                       primal=primal if worst else None)
 
 
 # --- the exact test at delta = 0 ------------------------------------------------------------
