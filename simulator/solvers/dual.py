@@ -232,11 +232,14 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             start.clear()  # not kept alive beside the caller's evaluations
         return Minimum(np.zeros_like(delta), 0, None, {"optimality_gap": gap, "zero_kink": True})
 
+    def objective(d, st):
+        return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
+
     # the shrunk start (below) and L-BFGS's first evaluation (here) come before the test,
     # which they make unnecessary where F lies below F(0) = log 2 there
     ahead = quasi and not start and mod.minimise is None and amb.rho > 0
     if ahead and zero_test:
-        start = [evaluate_inner(at, delta, amb, hess=True, worst=False, state=state)]
+        start = [objective(delta, state)]
         zero_test = not _below_zero(start[0])
     if zero_test and not (shrink and mod.minimise is None):
         gap = _zero_test(at, amb)
@@ -247,9 +250,6 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
         special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
         if special is not None:
             return special
-
-    def objective(d, st):
-        return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
 
     scale = float(np.linalg.norm(delta))
 

@@ -743,7 +743,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             cost += far.cost
         parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
         # E_{Q*} l from the margins: a flipped atom's loss is softplus(m) = l + m
-        primal = float(keep @ l) + (float(flip @ (l + m)) if cand is not None else 0.0)
+        primal = float(keep @ l) + (float(flip[cand] @ (l[cand] + m[cand])) if cand is not None
+                                    else 0.0)
         if far is not None:
             parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
                            np.array([far.k])))
