@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import brentq
 from scipy.special import expit
 
 from ..losses import dpo_loss, softplus
@@ -76,17 +75,19 @@ _MOVE_TOL = 1e-13
 _WINDOW = 40.0
 #: Growth factor of the steps that bracket the flip threshold.
 _BRACKET_GROWTH = 4.0
-#: The bracket is bisected while more atoms than this are in the window (a pass costs more
-#: than Brent's bookkeeping) and it is wider than ``_BISECT_WIDTH mu``.
-_BISECT_ATOMS = 4096
-_BISECT_WIDTH = 16.0
 #: Atoms of the subsample whose weighted quantile is the first guess of the threshold
 #: (its error, about ``n_sub^-1/2`` of the margins' spread, is bracketed in a few tries).
 _QUANTILE_ATOMS = 10_000
 #: Atoms beyond twice the expected count that :func:`_top_margins` partitions off first.
 _TOP_SLACK = 64
-#: Brent's iteration budget (it needs about 50 at double precision).
-_BRENT_ITERS = 500
+#: Iteration budget of the safeguarded Newton search for the threshold (bisection alone
+#: halves the bracket each time: 100 halvings take any bracket of the margins' scale down
+#: to the gap between two doubles).
+_ROOT_ITERS = 100
+#: The search stops after a Newton step below ``_ROOT_STEP mu``: the next one would be
+#: about its square (quadratic convergence), far below rounding, and the budget is then
+#: met to rounding by the first-order correction of the shares.
+_ROOT_STEP = 1e-9
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
 #: threshold (outside it the share is within 1e-3 of 0 or 1: ``mu`` resolves the face).
 _FACE_SHARE = 1e-3
@@ -262,6 +263,59 @@ def _mass_quantile(m: np.ndarray, w: np.ndarray, c: float) -> float:
     return float(ms[order[min(int(np.searchsorted(cum, c)), order.size - 1)]])
 
 
+class _Root(NamedTuple):
+    """:func:`_threshold_root`'s answer: ``side`` 0 with the root ``t`` and the shares ``p``
+    at the last point evaluated; ``side`` +1 (-1) if the root lies above ``hi`` (below
+    ``lo``; then ``t = lo`` and ``p`` its shares)."""
+
+    side: int
+    t: float
+    p: np.ndarray | None
+
+
+def _threshold_root(m: np.ndarray, w: np.ndarray, shift: float, mu: float, lo: float,
+                    hi: float, t: float) -> _Root:
+    """The root of the decreasing ``e(t) = shift + sum_i w_i sigmoid((m_i - t) / mu)`` in
+    ``[lo, hi]``, from ``t`` in it, or the side of the interval it lies on.
+
+    Newton's method (``e'(t) = -sum_i w_i p_i (1 - p_i) / mu``); each evaluation's sign
+    narrows the bracket of the root, and a step that leaves the bracket bisects it. An end
+    of ``[lo, hi]`` is evaluated only when a step leaves the interval there: from a warm
+    start a call costs two to four evaluations (Brent's method with both ends evaluated
+    first took about twelve).
+    """
+    below, above = lo, hi  # the bracket: e(below) > 0 >= e(above) where evaluated
+    known_below = known_above = False
+    p = None
+    for _ in range(_ROOT_ITERS):
+        p = expit((m - t) / mu)
+        e = shift + float(w @ p)
+        if e > 0.0:
+            below, known_below = t, True
+        else:
+            above, known_above = t, True
+        if e == 0.0:
+            return _Root(0, t, p)
+        slope = float(w @ (p * (1.0 - p))) / mu
+        step = e / slope if slope > 0.0 else math.copysign(math.inf, e)
+        if abs(step) <= _ROOT_STEP * mu:
+            return _Root(0, min(max(t + step, below), above), p)
+        new = t + step
+        if new >= above or new <= below:
+            if new >= hi and not known_above:
+                new = hi  # is the root above the interval?
+            elif new <= lo and not known_below:
+                new = lo
+            else:
+                new = 0.5 * (below + above)
+                if not below < new < above:  # the bracket is two adjacent doubles
+                    return _Root(0, t, p)
+        if new == t:  # an end of the interval, evaluated: the root lies beyond it
+            return _Root(1, t, p) if e > 0.0 else _Root(-1, t, p)
+        t = new
+    return _Root(0, t, p)
+
+
 def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: float,
                     t0: float | None) -> _Threshold:
     """Threshold ``t >= t_min`` with ``sum_i w_i sigmoid((m_i - t) / mu) = c`` and its shares.
@@ -270,32 +324,14 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
     ``_WINDOW mu`` from an interval ``[lo, hi]`` have shares 0 or 1 there (to 4e-18), so the
     mass on ``[lo, hi]`` needs only the atoms near it: the interval is centred at the warm
     start ``t0`` (or an estimate from a subsample of the margins), ``_WINDOW mu`` wide on
-    each side, and moved and widened 4-fold until it brackets the root (each try costs one
-    comparison over the margins, no exponentials: the atoms above ``lo - _WINDOW mu``,
-    the flipped mass and the window, are split on themselves). The bracket is then
-    bisected while it is wide, and Brent's method finishes, on the atoms near it alone.
+    each side, and moved and widened 4-fold until it holds the root (each try costs one
+    comparison over the margins: the atoms above ``lo - _WINDOW mu``, the flipped mass
+    and the window, are split on themselves, and a safeguarded Newton search,
+    :func:`_threshold_root`, on the window alone).
     """
     win = _WINDOW * mu
     center = _mass_quantile(m, w, c) if t0 is None else t0
     half = win
-    sub = {}
-
-    def excess(t: float) -> float:
-        return sub["base"] + float(sub["w"] @ expit((sub["m"] - t) / mu)) - c
-
-    def restrict(lo: float, hi: float) -> None:
-        ms, ws = sub["m"], sub["w"]
-        up = ms >= hi + win
-        keep = ~up & (ms > lo - win)
-        sub["top"].append(sub["i"][up])
-        sub.update(i=sub["i"][keep], m=ms[keep], w=ws[keep],
-                   base=sub["base"] + float(ws[up].sum()))
-
-    def shares(t: float) -> _Threshold:
-        p = expit((sub["m"] - t) / mu)
-        return _Threshold(t, sub["i"], p, np.concatenate(sub["top"]), sub["base"],
-                          sub["base"] + float(sub["w"] @ p), m.size)
-
     while True:
         lo = max(center - half, t_min)
         hi = max(center + half, lo + win)
@@ -303,38 +339,28 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
         mc = m[cand]
         inside = mc < hi + win
         i, top = cand[inside], cand[~inside]
-        sub.update(i=i, m=mc[inside], w=w[i], top=[top], base=float(w[top].sum()))
-        if excess(hi) > 0:  # the root is above hi
-            center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
-        elif excess(lo) > 0:
+        mi, wi, base = mc[inside], w[i], float(w[top].sum())
+        root = _threshold_root(mi, wi, base - c, mu, lo, hi, min(max(center, lo), hi))
+        if root.side == 0:
             break
+        if root.side > 0:  # the root is above hi
+            center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
         elif lo == t_min:  # lambda = b: the budget is not all flipped
-            return shares(t_min)
+            return _Threshold(t_min, i, root.p, top, base, base + float(wi @ root.p), m.size)
         else:  # the root is below lo
             center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
-    while sub["m"].size > _BISECT_ATOMS and hi - lo > _BISECT_WIDTH * mu:
-        t = 0.5 * (lo + hi)
-        if excess(t) > 0:
-            lo = t
-        else:
-            hi = t
-        restrict(lo, hi)
-    if excess(hi) < 0 < excess(lo):
-        t = brentq(excess, lo, hi, xtol=1e-300, rtol=4.0 * np.finfo(float).eps,
-                   maxiter=_BRENT_ITERS)
-    else:  # the mass meets c at an end of the bracket to rounding
-        t = hi if abs(excess(hi)) <= abs(excess(lo)) else lo
-    thr = shares(t)
-    # t is resolved only to rounding, which at small mu leaves sum w p off by much more:
-    # one first-order step in t, applied to p (in the window: elsewhere p(1 - p) < 4e-18),
-    # meets the budget to rounding.
-    pi, wi = thr.p_window, sub["w"]
+    # the shares are those of the last point evaluated, within _ROOT_STEP mu of the root,
+    # and t is resolved only to rounding, which at small mu leaves sum w p off by much
+    # more: one first-order step in t, applied to p (in the window: elsewhere p(1 - p) <
+    # 4e-18), meets the budget to rounding.
+    pi = root.p
     dp = pi * (1.0 - pi)
     sens = float(wi @ dp)
+    mass = base + float(wi @ pi)
     if sens > 0:
-        thr.p_window = pi = np.clip(pi + (c - thr.mass) * dp / sens, 0.0, 1.0)
-        thr.mass = thr.base + float(wi @ pi)
-    return thr
+        pi = np.clip(pi + (c - mass) * dp / sens, 0.0, 1.0)
+        mass = base + float(wi @ pi)
+    return _Threshold(root.t, i, pi, top, base, mass, m.size)
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
