@@ -78,8 +78,9 @@ _BRACKET_GROWTH = 4.0
 #: Atoms of the subsample whose weighted quantile is the first guess of the threshold
 #: (its error, about ``n_sub^-1/2`` of the margins' spread, is bracketed in a few tries).
 _QUANTILE_ATOMS = 10_000
-#: Atoms beyond twice the expected count that :func:`_top_margins` partitions off first.
-_TOP_SLACK = 64
+#: The exact threshold atom is looked for among the margins this many square roots of its
+#: estimated rank either side of it in that subsample (:func:`_threshold_atom`).
+_BRACKET_SPREAD = 4.0
 #: Iteration budget of the safeguarded Newton search for the threshold (bisection alone
 #: halves the bracket each time: 100 halvings take any bracket of the margins' scale down
 #: to the gap between two doubles).
@@ -664,29 +665,50 @@ def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
     return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
 
 
-def _top_margins(m: np.ndarray, w: np.ndarray, cand: np.ndarray, rho: float,
-                 kappa: float) -> np.ndarray:
-    """The candidates ``cand`` by decreasing margin, only as many as carry a mass ``f``
-    with ``kappa f > rho`` (all of them if they carry less): the largest ``k`` by a
-    partition (``O(n)``), ``k`` from the mean weight and grown 4-fold until enough, then
-    sorted."""
-    mc = -m[cand]
-    k = min(cand.size, int(2.0 * (rho / kappa) * cand.size
-                           / max(float(w[cand].sum()), 1e-300)) + _TOP_SLACK)
-    while k < cand.size:
-        top = cand[np.argpartition(mc, k)[:k]]
-        top = top[np.argsort(-m[top], kind="stable")]
-        if kappa * np.cumsum(w[top])[-1] > rho:
-            return top
-        k *= 4
-    return cand[np.argsort(mc, kind="stable")]
+def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
+                    kappa: float) -> int:
+    """The atom ``k`` at which the weight of the atoms above ``cut``, summed by decreasing
+    margin, first exceeds the budget (``kappa sum > rho``); ``-1`` if all of it is affordable.
+
+    Only the atoms of margins in a bracket ``(lo, hi]`` with ``kappa W(hi) <= rho < kappa
+    W(lo)`` (``W(t)``: the weight above ``t``) are sorted: the bracket comes from the order
+    statistics of every ``j``-th atom (``_QUANTILE_ATOMS`` of them), ``_BRACKET_SPREAD
+    sqrt(i)`` places either side of the estimate ``i`` of the threshold's rank there (a
+    binomial count's four standard deviations), and is checked on the atoms above ``lo``
+    (one comparison over the margins; widened 4-fold until it holds). A sort of a few
+    thousand atoms at ``n = 1e6``, where a partition of every candidate took a pass.
+    """
+    every = max(1, m.size // _QUANTILE_ATOMS)
+    ms, ws = m[::every], w[::every]
+    order = np.argsort(-ms)
+    cum = np.cumsum(ws[order]) * (float(w.sum()) / max(float(ws.sum()), 1e-300))
+    i = int(np.searchsorted(kappa * cum, rho, side="right"))
+    spread = int(_BRACKET_SPREAD * math.sqrt(i + 1.0)) + 2
+    while True:
+        hi = float(ms[order[i - spread]]) if i >= spread else math.inf
+        lo = max(float(ms[order[i + spread]]) if i + spread < order.size else cut, cut)
+        sel = np.flatnonzero(m > lo)
+        w_sel = w[sel]
+        up = m[sel] > hi
+        mass_hi = float(w_sel[up].sum())
+        if kappa * float(w_sel.sum()) > rho:
+            if not kappa * mass_hi > rho:
+                break
+        elif lo == cut:  # all the weight above the cut is affordable
+            return -1
+        spread *= 4  # the estimate missed: hi = inf and lo = cut hold at the latest
+    win = sel[~up]
+    win = win[np.argsort(-m[win])]
+    j = int(np.searchsorted(kappa * (mass_hi + np.cumsum(w[win])), rho, side="right"))
+    return int(win[min(j, win.size - 1)])
 
 
 class _Flips(NamedTuple):
     """The exact ``F(delta)`` (:func:`_flips`): value, ``lambda``, the weight ``mu`` of the
     norm term left in the gradient (``rho - kappa sum f``, 0 at a kink of the quantile),
     the threshold atom ``k`` (:class:`W1Threshold`), and the flip masses ``f`` of the atoms
-    ``cand`` that may be flipped (``None`` for ``kappa = inf``)."""
+    ``cand`` at and above the threshold, the only ones that may carry one (``None`` for
+    ``kappa = inf``)."""
 
     value: float
     lam: float
@@ -705,23 +727,21 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
     b = beta * dn
     if math.isinf(kappa):
         return _Flips(float(w @ l) + rho * b, b, rho, -1, None, None)
-    cand = np.flatnonzero(m > b * kappa)
-    mc, wk = m[cand], w[cand]
     if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
         k = state.k  # the certificate's evaluation at this delta
-    else:
-        # only atoms with m > b kappa can be flipped: the largest of those, sorted
-        order = _top_margins(m, w, cand, rho, kappa)
-        cum = np.cumsum(w[order])
-        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
-        k = int(order[j]) if j < order.size else -1
+    else:  # only atoms with m > b kappa can be flipped
+        k = _threshold_atom(m, w, b * kappa, rho, kappa)
     v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
     lam = max(b, v_q / kappa)
-    thr = v_q if v_q / kappa > b else lam * kappa  # >= b kappa: every flip is in cand
+    kink = v_q / kappa > b
+    thr = v_q if kink else lam * kappa  # >= b kappa
+    # the atoms that carry a flip: above the threshold, and those tied at it at a kink
+    cand = np.flatnonzero(m >= thr if kink else m > thr)
+    mc, wk = m[cand], w[cand]
     full = mc > thr
     f = np.where(full, wk, 0.0)
     mu = rho - kappa * float(f.sum())
-    if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
+    if kink:  # lambda* at a kink: split the atoms at the threshold
         tie = (mc == thr) & (wk > 0)
         f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
         mu = 0.0
@@ -848,8 +868,9 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
     dn = float(np.linalg.norm(delta))
     linear = amb.rho * at.beta * delta / dn if dn > 0 and amb.rho > 0 else None
     m, l = (res.margins, res.losses) if res.margins is not None else (None, None)
+    # res.grad, E_P grad l + rho beta u, is that bound's gradient at delta (the same sums)
     return logistic_gap(at.a, at.w, delta, res.value, linear, m=m, l=l,
-                        radius=at.max_norm()) / max(1.0, abs(res.value))
+                        radius=at.max_norm(), grad=res.grad) / max(1.0, abs(res.value))
 
 
 # --- the homotopy ------------------------------------------------------------------------
@@ -876,8 +897,9 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     dn = float(np.linalg.norm(delta))
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
+    # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
     return res.value - logistic_gap(at.a, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
-                                    radius=at.max_norm())
+                                    radius=at.max_norm(), grad=res.grad)
 
 
 class _Certified(NamedTuple):
@@ -928,18 +950,28 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
         if face is not None:
             cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+                return _found(at, amb, cert, total, state.hess)
         if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
                          state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
             cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+                return _found(at, amb, cert, total, state.hess)
     cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
                            "homotopy")
-    return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+    return _found(at, amb, cert, total, state.hess)
+
+
+def _found(at: Atoms, amb, cert: _Certified, iterations: int, cache: _Logistic) -> Minimum:
+    """The certified minimiser with the exact evaluation there, worst case included (from
+    the margins and losses that the certificate computed: the solve needs no evaluation
+    of its own)."""
+    pt = cache.point(at, cert.delta)
+    res = _evaluate(at, cert.delta, pt.m, pt.l, amb, False, True, cert.state)
+    return Minimum(cert.delta, iterations, cert.state, {"optimality_gap": cert.gap},
+                   result=res)
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
