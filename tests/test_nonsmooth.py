@@ -154,16 +154,24 @@ def test_w1_rough_hessian_far_out_and_the_exact_one_near_the_minimiser():
     rng = np.random.default_rng(0)
     n, d = 400_000, 4
     a = rng.standard_normal((n, d))
-    at = Atoms(a, np.ones(n), rng.random(n) / n * 2.0, a, 1.0)
-    m = a @ rng.standard_normal(d)
-    s = expit(-m)
-    exact = core.weighted_hess(at, at.w * s * (1.0 - s))
+    at = Atoms(a, np.ones(n), rng.random(n) / n * 2.0, a, 1.0,
+               radius=float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a)))))
+    delta = rng.standard_normal(d)
+    pt = wasserstein1._LogisticPoint(at, delta)
+    exact = core.weighted_hess(at, at.w * pt.s * (1.0 - pt.s))
     cache = wasserstein1._Logistic()
-    rough = cache.hess(at, m, s)
+    rough = cache.hess(at, pt)
     assert not np.array_equal(rough, exact)
     assert np.linalg.norm(rough - exact) <= 0.05 * np.linalg.norm(exact)
-    np.testing.assert_array_equal(cache.hess(at, m, s), exact)
-    np.testing.assert_array_equal(cache.hess(at, m + 1e-4, s), exact)  # reused near by
+    np.testing.assert_array_equal(cache.hess(at, pt), exact)
+    # reused while radius ||step|| bounds the margins' move by 1e-3
+    for step in (1e-4 / at.radius, 0.9e-3 / at.radius):
+        near = wasserstein1._LogisticPoint(at, delta + step * np.ones(d) / np.sqrt(d))
+        np.testing.assert_array_equal(cache.hess(at, near), exact)
+    far = wasserstein1._LogisticPoint(at, delta + 1.5e-3 * np.ones(d) / np.sqrt(d))
+    assert 1e-3 < np.max(np.abs(far.m - pt.m)) < 1e-2  # rebuilt, from every atom
+    moved = core.weighted_hess(at, at.w * far.s * (1.0 - far.s))
+    np.testing.assert_allclose(cache.hess(at, far), moved, rtol=1e-13)
 
 
 def test_w1_final_evaluation_reusing_the_threshold_is_the_exact_one(gaussian_data):

@@ -180,8 +180,8 @@ class W1Threshold:
 
 
 class _LogisticPoint:
-    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, ``w s``, value, and
-    the gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
+    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, and the
+    gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
     objective folds it into its own single product with ``a``)."""
 
     def __init__(self, at: Atoms, delta: np.ndarray) -> None:
@@ -189,14 +189,13 @@ class _LogisticPoint:
         self.m = at.a @ delta
         self.l = softplus(-self.m)
         self.s = loss_sigmoid(self.l)
-        self.ws = at.w * self.s
         self.value = float(at.w @ self.l)
         self._grad: np.ndarray | None = None
 
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None:
-            self._grad = -(self.ws @ self.at.a)
+            self._grad = -((self.at.w * self.s) @ self.at.a)
         return self._grad
 
 
@@ -205,31 +204,38 @@ class _Logistic:
     polish, its rounds and the certificate evaluate the same ``delta`` again), and the
     Hessian ``H(m) = sum_i w_i s_i (1 - s_i) a_i a_i^T`` (:meth:`hess`), rebuilt only when
     the margins have moved by more than ``_HESS_REUSE`` since it was last built: a Newton
-    direction within 1e-3 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``
+    direction within 1e-3 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``,
+    and no test where ``max_i ||a_i|| ||delta - delta_0||`` bounds the move by that
     (values, gradients and certificates never use it)."""
 
     def __init__(self) -> None:
+        self.delta: np.ndarray | None = None
         self.m: np.ndarray | None = None
         self.h: np.ndarray | None = None
         self.coarse = False
         self.last: _LogisticPoint | None = None
 
-    def hess(self, at: Atoms, m: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """``H(m)``, or where the margins moved by more than ``_HESS_COARSE`` (or at the
-        first call) and there are at least ``_HESS_STRIDE_MIN`` times ``_HESS_ATOMS``
-        atoms, its estimate from every ``j``-th atom (``_HESS_ATOMS`` of them, weights
-        scaled to the total), never reused."""
-        moved = (math.inf if self.m is None or self.m.shape != m.shape
-                 else float(np.max(np.abs(m - self.m))))
+    def hess(self, at: Atoms, pt: _LogisticPoint) -> np.ndarray:
+        """``H(m)`` at the point ``pt``, or where the margins moved by more than
+        ``_HESS_COARSE`` (or at the first call) and there are at least
+        ``_HESS_STRIDE_MIN`` times ``_HESS_ATOMS`` atoms, its estimate from every ``j``-th
+        atom (``_HESS_ATOMS`` of them, weights scaled to the total), never reused."""
+        m, s = pt.m, pt.s
+        same = self.m is not None and self.m.shape == m.shape
+        if (same and not self.coarse and at.radius is not None
+                and at.radius * float(np.linalg.norm(pt.delta - self.delta)) <= _HESS_REUSE):
+            return self.h  # |m_i - m0_i| <= ||a_i|| ||delta - delta_0||
+        moved = float(np.max(np.abs(m - self.m))) if same else math.inf
         if self.coarse or not moved <= _HESS_REUSE:
             every = m.size // _HESS_ATOMS
             rows = slice(None, None, every)
             w_sub = float(at.w[rows].sum()) if every >= _HESS_STRIDE_MIN else 0.0
             if moved > _HESS_COARSE and w_sub > 0:
                 c = at.w[rows] * s[rows] * (1.0 - s[rows]) * (float(at.w.sum()) / w_sub)
-                self.m, self.h, self.coarse = m, weighted_hess(at.a[rows], c), True
+                self.h, self.coarse = weighted_hess(at.a[rows], c), True
             else:
-                self.m, self.h, self.coarse = m, weighted_hess(at, at.w * s * (1.0 - s)), False
+                self.h, self.coarse = weighted_hess(at, at.w * s * (1.0 - s)), False
+            self.delta, self.m = pt.delta, m
         return self.h
 
     def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
@@ -424,7 +430,8 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i in one product with a
-    coef = np.negative(pt.ws)
+    coef = np.multiply(w, s)
+    np.negative(coef, out=coef)
     coef[top] += wt
     coef[i] += wi * pi
     grad = coef @ a
@@ -437,7 +444,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     def hess():
         ai = a[i]
         bi = ai * np.sqrt(wc)[:, None]
-        h = cache.hess(at, m, s) + bi.T @ bi
+        h = cache.hess(at, pt) + bi.T @ bi
         g_dl = -kappa * (wc @ ai)
         g_ll = kappa**2 * float(wc.sum())
         if not clamped:  # lambda interior: Schur complement
@@ -485,8 +492,7 @@ def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float,
 
     def hess():
         s = pt.s
-        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache.hess(
-            at, pt.m, s)
+        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache.hess(at, pt)
         if dn > 0:
             h = h + (nu / dn) * (np.eye(delta.size) - np.outer(u, u))
         return h
