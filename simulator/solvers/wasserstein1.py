@@ -174,7 +174,7 @@ class W1SmoothState:
 class W1Threshold:
     """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
     cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
-    certified ``delta`` reuses it instead of partitioning the margins again."""
+    certified ``delta`` reuses it instead of searching the margins again."""
 
     delta: np.ndarray
     k: int
