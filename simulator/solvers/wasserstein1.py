@@ -328,8 +328,8 @@ def _threshold_root(m: np.ndarray, w: np.ndarray, shift: float, mu: float, lo: f
     Newton's method (``e'(t) = -sum_i w_i p_i (1 - p_i) / mu``); each evaluation's sign
     narrows the bracket of the root, and a step that leaves the bracket bisects it. An end
     of ``[lo, hi]`` is evaluated only when a step leaves the interval there: from a warm
-    start a call costs two to four evaluations (Brent's method with both ends evaluated
-    first took about twelve).
+    start a call costs two to four evaluations (Brent's method, with both ends evaluated
+    first, took about fifteen).
     """
     below, above = lo, hi  # the bracket: e(below) > 0 >= e(above) where evaluated
     known_below = known_above = False
