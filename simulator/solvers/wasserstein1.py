@@ -576,9 +576,11 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
         norm = float(np.linalg.norm(res))
         step = np.linalg.lstsq(jac(), -res, rcond=None)[0]
         r, dr = z[d + (0 if clamped else 1):], step[d + (0 if clamped else 1):]
-        if np.max(np.abs(res)) <= _FACE_EARLY and np.any(np.abs(r + dr - 0.5) > 0.5 + np.abs(dr)):
+        if (np.max(np.abs(res)) <= _FACE_EARLY
+                and np.any(np.abs(r + dr - 0.5) > 0.5 + _FACE_ROUND + np.abs(dr))):
             # near the face's solution a share's Newton prediction leaves [0, 1] by more
-            # than the step: the polish moves it off the face without the last steps
+            # than the step (and the polish's rounding allowance): the polish moves it off
+            # the face without the last steps
             return _FaceSolution(z[:d], kappa * beta * float(np.linalg.norm(z[:d])) if clamped
                                  else z[d], r + dr)
         step_len = 1.0
