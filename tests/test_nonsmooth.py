@@ -96,6 +96,84 @@ def test_w1_face_polish_starts_from_the_atoms_nearest_the_threshold(monkeypatch,
                                     amb.kappa, 1e-10) is None
 
 
+def test_w1_face_polish_solves_a_face_that_ties_no_atom():
+    """lambda = b with no atom at the threshold kappa b (the nearest 4e-3 away): F is smooth
+    near its minimiser. From a smoothing whose window still holds a group of repeated
+    atoms, the polish moves that group off the face and solves the face that ties none
+    (it gave up there before): certified gap 0, the solver's minimiser."""
+    env = sim.FiniteEnv.random(n_states=30, n_actions=4, dim=4, beta=1.0, seed=0,
+                               theta_norm=3.0)
+    data = env.sample(3000, seed=1)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    at, mu = Atoms.from_data(data, 1.0), 1e-3
+    run = core.newton(lambda d, st: wasserstein1.smoothed_w1(at, d, amb.rho, amb.kappa, mu, st),
+                      dual._start(at), 1e-3 * mu, 100, "test")
+    share = run.state.q / at.w
+    assert np.any((share > 1e-3) & (share < 1 - 1e-3))
+    face = wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+                                    amb.kappa, 1e-10)
+    assert face is not None and np.all((face.q == 0.0) | (face.q == at.w))
+    m = at.a @ face.delta
+    kb = amb.kappa * at.beta * np.linalg.norm(face.delta)
+    assert np.min(np.abs(m - kb)) > 1e-3  # no atom at the threshold
+    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+                                 wasserstein1._Logistic())
+    assert cert.gap <= 1e-13
+    np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_w1_threshold_atom_equals_a_full_sort(seed):
+    """The exact flip threshold atom from a bracketed window: the same margin as sorting
+    every atom above the cut (ties, zero weights, budgets above the mass, every size)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([1, 7, 300, 20_000, 150_000]))
+    m = rng.standard_normal(n)
+    if seed % 3 == 1:
+        m = np.round(m, 1)  # ties
+    elif seed % 3 == 2:
+        m = rng.choice(rng.standard_normal(5), n)  # few distinct margins
+    w = rng.random(n) * (rng.random(n) < 0.5 if seed % 4 == 0 else 1.0)
+    w = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
+    rho, kappa = float(rng.choice([1e-4, 0.05, 0.5, 3.0])), float(rng.choice([0.3, 1.0, 5.0]))
+    cut = float(rng.choice([0.0, 0.5, -10.0]))
+    cand = np.flatnonzero(m > cut)
+    order = cand[np.argsort(-m[cand], kind="stable")]
+    j = int(np.searchsorted(kappa * np.cumsum(w[order]), rho, side="right"))
+    k = wasserstein1._threshold_atom(m, w, cut, rho, kappa)
+    if j == order.size:
+        assert k == -1
+    else:
+        assert k >= 0 and m[k] == m[order[j]]
+
+
+def test_w1_rough_hessian_far_out_and_the_exact_one_near_the_minimiser():
+    """Far from the last Hessian (or at the first) the Hessian of E l comes from every j-th
+    atom, within a few percent of the exact one; it is never reused: at the same margins
+    the next call builds the exact one."""
+    rng = np.random.default_rng(0)
+    n, d = 400_000, 4
+    a = rng.standard_normal((n, d))
+    at = Atoms(a, np.ones(n), rng.random(n) / n * 2.0, a, 1.0,
+               radius=float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a)))))
+    delta = rng.standard_normal(d)
+    pt = wasserstein1._LogisticPoint(at, delta)
+    exact = core.weighted_hess(at, at.w * pt.s * (1.0 - pt.s))
+    cache = wasserstein1._Logistic()
+    rough = cache.hess(at, pt)
+    assert not np.array_equal(rough, exact)
+    assert np.linalg.norm(rough - exact) <= 0.05 * np.linalg.norm(exact)
+    np.testing.assert_array_equal(cache.hess(at, pt), exact)
+    # reused while radius ||step|| bounds the margins' move by 1e-3
+    for step in (1e-4 / at.radius, 0.9e-3 / at.radius):
+        near = wasserstein1._LogisticPoint(at, delta + step * np.ones(d) / np.sqrt(d))
+        np.testing.assert_array_equal(cache.hess(at, near), exact)
+    far = wasserstein1._LogisticPoint(at, delta + 1.5e-3 * np.ones(d) / np.sqrt(d))
+    assert 1e-3 < np.max(np.abs(far.m - pt.m)) < 1e-2  # rebuilt, from every atom
+    moved = core.weighted_hess(at, at.w * far.s * (1.0 - far.s))
+    np.testing.assert_allclose(cache.hess(at, far), moved, rtol=1e-13)
+
+
 def test_w1_final_evaluation_reusing_the_threshold_is_the_exact_one(gaussian_data):
     """The solve's last evaluation takes the flip threshold of the certificate's: the same
     value, dual and worst case as a fresh exact evaluation at its theta."""

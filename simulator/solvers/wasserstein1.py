@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import brentq
 from scipy.special import expit
 
 from ..losses import dpo_loss, softplus
@@ -76,17 +75,20 @@ _MOVE_TOL = 1e-13
 _WINDOW = 40.0
 #: Growth factor of the steps that bracket the flip threshold.
 _BRACKET_GROWTH = 4.0
-#: The bracket is bisected while more atoms than this are in the window (a pass costs more
-#: than Brent's bookkeeping) and it is wider than ``_BISECT_WIDTH mu``.
-_BISECT_ATOMS = 4096
-_BISECT_WIDTH = 16.0
 #: Atoms of the subsample whose weighted quantile is the first guess of the threshold
 #: (its error, about ``n_sub^-1/2`` of the margins' spread, is bracketed in a few tries).
 _QUANTILE_ATOMS = 10_000
-#: Atoms beyond twice the expected count that :func:`_top_margins` partitions off first.
-_TOP_SLACK = 64
-#: Brent's iteration budget (it needs about 50 at double precision).
-_BRENT_ITERS = 500
+#: The exact threshold atom is looked for among the margins this many square roots of its
+#: estimated rank either side of it in that subsample (:func:`_threshold_atom`).
+_BRACKET_SPREAD = 4.0
+#: Iteration budget of the safeguarded Newton search for the threshold (bisection alone
+#: halves the bracket each time: 100 halvings take any bracket of the margins' scale down
+#: to the gap between two doubles).
+_ROOT_ITERS = 100
+#: The search stops after a Newton step below ``_ROOT_STEP mu``: the next one would be
+#: about its square (quadratic convergence), far below rounding, and the budget is then
+#: met to rounding by the first-order correction of the shares.
+_ROOT_STEP = 1e-9
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
 #: threshold (outside it the share is within 1e-3 of 0 or 1: ``mu`` resolves the face).
 _FACE_SHARE = 1e-3
@@ -96,8 +98,26 @@ _FACE_SHARE = 1e-3
 _FACE_TRIM = 4
 #: Rounding allowance of the face's shares and threshold (relative).
 _FACE_ROUND = 1e-12
-#: Smallest backtracking step of the face Newton before it gives up.
-_FACE_MIN_STEP = 1e-6
+#: Below this residual the face Newton trusts its next step's shares (quadratic
+#: convergence: the steps that follow are smaller): a share predicted outside ``[0, 1]``
+#: by more than its step ends the round, a wrong face's shares being far outside (-61 to
+#: 24 in one round). Measured residuals of a face solve's steps at n = 1e5 to 1e6: 1e-4 to
+#: 3e-4, then 1e-7 to 3e-8, then 1e-12 to 4e-14. Against 1e-6 (d = 8, 12 Gaussian and
+#: environment problems, n = 3e4 to 1e6), 1e-3 saved 3 to 4 of 13 to 19 evaluations in 4
+#: solves and changed no other.
+_FACE_EARLY = 1e-3
+#: Active-set rounds of the face polish: a round that exchanges one atom for another
+#: usually converges in one Newton step (one evaluation), and a face found saves the
+#: later stages. Measured (d = 8, 12 Gaussian and environment problems, n = 3e4 to 1e6):
+#: 4 rounds gave up on a face 5 exchanges away (Gaussian n = 1e6, seed 3: 20 smoothed
+#: evaluations instead of 8); 6, 8 and 12 rounds the same, 5 solves fewer evaluations.
+_FACE_ROUNDS = 8
+#: Smallest backtracking step of the face Newton before it gives up: from the smoothed
+#: minimiser the right face takes full steps, and a face whose steps must be cut 128-fold
+#: is the wrong one (the homotopy goes on). Measured (d = 8, environment data, 13 seeds at
+#: n = 3e4 to 1e6): 1e-6 spent 97 evaluations in one failed face at n = 1e5 (seed 5),
+#: 1e-2 spent 21 and changed no other solve.
+_FACE_MIN_STEP = 1e-2
 
 #: The Hessian of ``E_P l`` built at margins ``m0`` is reused at margins ``m`` with
 #: ``max_i |m_i - m0_i|`` below this: each atom's curvature ``s (1 - s)`` then changes by a
@@ -107,6 +127,15 @@ _FACE_MIN_STEP = 1e-6
 #: 3-5 full-data Hessians instead of 4-8 for 1e-4 with the same evaluations; 1e-2 cost one
 #: more evaluation at n = 1e5.
 _HESS_REUSE = 1e-3
+#: Far from the stage's minimiser (margins moved by more than ``_HESS_COARSE`` since the
+#: last Hessian, or none yet) Newton's steps need only a rough Hessian: that of every
+#: ``j``-th atom, ``_HESS_ATOMS`` of them (a relative error of about ``sqrt(d / 1e5)``,
+#: 1% at d = 8, slows no step that far out), where that is at least ``_HESS_STRIDE_MIN``
+#: times fewer atoms. Measured at n = 1e6, d = 8: the first two or three Hessians of the
+#: homotopy move the margins by 1e-2 to 0.14, the later ones by 2e-4 to 5e-3.
+_HESS_COARSE = 1e-2
+_HESS_ATOMS = 100_000
+_HESS_STRIDE_MIN = 4
 
 #: Smoothing parameters of the homotopy.
 MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
@@ -120,8 +149,11 @@ MU_CHECK = 1e-3
 #: the gap is computed to about 1e-15, and 1e-9 is the least that keeps theta within 1e-5.
 GAP_TOL = 1e-13
 GAP_MAX = 1e-9
-#: Stage tolerance ``max(tol, _STAGE_TOL mu)``: a stage only needs to warm-start the next.
-_STAGE_TOL = 1e-3
+#: Stage tolerance ``max(tol, _STAGE_TOL mu)``: a stage only needs to warm-start the next
+#: and point to the face. Measured (d = 8, Gaussian and environment data, n = 1e5 and
+#: 1e6): 1e-2 took one Newton step fewer than 1e-3 in 6 of 7 solves, the same optimum;
+#: 1e-1 took more at n = 1e6 and left gaps near ``GAP_TOL``.
+_STAGE_TOL = 1e-2
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,7 +177,7 @@ class W1SmoothState:
 class W1Threshold:
     """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
     cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
-    certified ``delta`` reuses it instead of partitioning the margins again."""
+    certified ``delta`` reuses it instead of searching the margins again."""
 
     delta: np.ndarray
     k: int
@@ -156,8 +188,8 @@ class W1Threshold:
 
 
 class _LogisticPoint:
-    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, ``w s``, value, and
-    the gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
+    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, and the
+    gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
     objective folds it into its own single product with ``a``)."""
 
     def __init__(self, at: Atoms, delta: np.ndarray) -> None:
@@ -165,14 +197,13 @@ class _LogisticPoint:
         self.m = at.a @ delta
         self.l = softplus(-self.m)
         self.s = loss_sigmoid(self.l)
-        self.ws = at.w * self.s
         self.value = float(at.w @ self.l)
         self._grad: np.ndarray | None = None
 
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None:
-            self._grad = -(self.ws @ self.at.a)
+            self._grad = -((self.at.w * self.s) @ self.at.a)
         return self._grad
 
 
@@ -181,18 +212,38 @@ class _Logistic:
     polish, its rounds and the certificate evaluate the same ``delta`` again), and the
     Hessian ``H(m) = sum_i w_i s_i (1 - s_i) a_i a_i^T`` (:meth:`hess`), rebuilt only when
     the margins have moved by more than ``_HESS_REUSE`` since it was last built: a Newton
-    direction within 1e-3 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``
+    direction within 1e-3 of the exact one for an ``O(n)`` test instead of ``O(n d^2)``,
+    and no test where ``max_i ||a_i|| ||delta - delta_0||`` bounds the move by that
     (values, gradients and certificates never use it)."""
 
     def __init__(self) -> None:
+        self.delta: np.ndarray | None = None
         self.m: np.ndarray | None = None
         self.h: np.ndarray | None = None
+        self.coarse = False
         self.last: _LogisticPoint | None = None
 
-    def hess(self, at: Atoms, m: np.ndarray, s: np.ndarray) -> np.ndarray:
-        if (self.m is None or self.m.shape != m.shape
-                or not float(np.max(np.abs(m - self.m))) <= _HESS_REUSE):
-            self.m, self.h = m, weighted_hess(at, at.w * s * (1.0 - s))
+    def hess(self, at: Atoms, pt: _LogisticPoint) -> np.ndarray:
+        """``H(m)`` at the point ``pt``, or where the margins moved by more than
+        ``_HESS_COARSE`` (or at the first call) and there are at least
+        ``_HESS_STRIDE_MIN`` times ``_HESS_ATOMS`` atoms, its estimate from every ``j``-th
+        atom (``_HESS_ATOMS`` of them, weights scaled to the total), never reused."""
+        m, s = pt.m, pt.s
+        same = self.m is not None and self.m.shape == m.shape
+        if (same and not self.coarse and at.radius is not None
+                and at.radius * float(np.linalg.norm(pt.delta - self.delta)) <= _HESS_REUSE):
+            return self.h  # |m_i - m0_i| <= ||a_i|| ||delta - delta_0||
+        moved = float(np.max(np.abs(m - self.m))) if same else math.inf
+        if self.coarse or not moved <= _HESS_REUSE:
+            every = m.size // _HESS_ATOMS
+            rows = slice(None, None, every)
+            w_sub = float(at.w[rows].sum()) if every >= _HESS_STRIDE_MIN else 0.0
+            if moved > _HESS_COARSE and w_sub > 0:
+                c = at.w[rows] * s[rows] * (1.0 - s[rows]) * (float(at.w.sum()) / w_sub)
+                self.h, self.coarse = weighted_hess(at.a[rows], c), True
+            else:
+                self.h, self.coarse = weighted_hess(at, at.w * s * (1.0 - s)), False
+            self.delta, self.m = pt.delta, m
         return self.h
 
     def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
@@ -262,6 +313,59 @@ def _mass_quantile(m: np.ndarray, w: np.ndarray, c: float) -> float:
     return float(ms[order[min(int(np.searchsorted(cum, c)), order.size - 1)]])
 
 
+class _Root(NamedTuple):
+    """:func:`_threshold_root`'s answer: ``side`` 0 with the root ``t`` and the shares ``p``
+    at the last point evaluated; ``side`` +1 (-1) if the root lies above ``hi`` (below
+    ``lo``; then ``t = lo`` and ``p`` its shares)."""
+
+    side: int
+    t: float
+    p: np.ndarray | None
+
+
+def _threshold_root(m: np.ndarray, w: np.ndarray, shift: float, mu: float, lo: float,
+                    hi: float, t: float) -> _Root:
+    """The root of the decreasing ``e(t) = shift + sum_i w_i sigmoid((m_i - t) / mu)`` in
+    ``[lo, hi]``, from ``t`` in it, or the side of the interval it lies on.
+
+    Newton's method (``e'(t) = -sum_i w_i p_i (1 - p_i) / mu``); each evaluation's sign
+    narrows the bracket of the root, and a step that leaves the bracket bisects it. An end
+    of ``[lo, hi]`` is evaluated only when a step leaves the interval there: from a warm
+    start a call costs two to four evaluations (Brent's method, with both ends evaluated
+    first, took about fifteen).
+    """
+    below, above = lo, hi  # the bracket: e(below) > 0 >= e(above) where evaluated
+    known_below = known_above = False
+    p = None
+    for _ in range(_ROOT_ITERS):
+        p = expit((m - t) / mu)
+        e = shift + float(w @ p)
+        if e > 0.0:
+            below, known_below = t, True
+        else:
+            above, known_above = t, True
+        if e == 0.0:
+            return _Root(0, t, p)
+        slope = float(w @ (p * (1.0 - p))) / mu
+        step = e / slope if slope > 0.0 else math.copysign(math.inf, e)
+        if abs(step) <= _ROOT_STEP * mu:
+            return _Root(0, min(max(t + step, below), above), p)
+        new = t + step
+        if new >= above or new <= below:
+            if new >= hi and not known_above:
+                new = hi  # is the root above the interval?
+            elif new <= lo and not known_below:
+                new = lo
+            else:
+                new = 0.5 * (below + above)
+                if not below < new < above:  # the bracket is two adjacent doubles
+                    return _Root(0, t, p)
+        if new == t:  # an end of the interval, evaluated: the root lies beyond it
+            return _Root(1, t, p) if e > 0.0 else _Root(-1, t, p)
+        t = new
+    return _Root(0, t, p)
+
+
 def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: float,
                     t0: float | None) -> _Threshold:
     """Threshold ``t >= t_min`` with ``sum_i w_i sigmoid((m_i - t) / mu) = c`` and its shares.
@@ -270,32 +374,14 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
     ``_WINDOW mu`` from an interval ``[lo, hi]`` have shares 0 or 1 there (to 4e-18), so the
     mass on ``[lo, hi]`` needs only the atoms near it: the interval is centred at the warm
     start ``t0`` (or an estimate from a subsample of the margins), ``_WINDOW mu`` wide on
-    each side, and moved and widened 4-fold until it brackets the root (each try costs one
-    comparison over the margins, no exponentials: the atoms above ``lo - _WINDOW mu``,
-    the flipped mass and the window, are split on themselves). The bracket is then
-    bisected while it is wide, and Brent's method finishes, on the atoms near it alone.
+    each side, and moved and widened 4-fold until it holds the root (each try costs one
+    comparison over the margins: the atoms above ``lo - _WINDOW mu``, the flipped mass
+    and the window, are split on themselves, and a safeguarded Newton search,
+    :func:`_threshold_root`, on the window alone).
     """
     win = _WINDOW * mu
     center = _mass_quantile(m, w, c) if t0 is None else t0
     half = win
-    sub = {}
-
-    def excess(t: float) -> float:
-        return sub["base"] + float(sub["w"] @ expit((sub["m"] - t) / mu)) - c
-
-    def restrict(lo: float, hi: float) -> None:
-        ms, ws = sub["m"], sub["w"]
-        up = ms >= hi + win
-        keep = ~up & (ms > lo - win)
-        sub["top"].append(sub["i"][up])
-        sub.update(i=sub["i"][keep], m=ms[keep], w=ws[keep],
-                   base=sub["base"] + float(ws[up].sum()))
-
-    def shares(t: float) -> _Threshold:
-        p = expit((sub["m"] - t) / mu)
-        return _Threshold(t, sub["i"], p, np.concatenate(sub["top"]), sub["base"],
-                          sub["base"] + float(sub["w"] @ p), m.size)
-
     while True:
         lo = max(center - half, t_min)
         hi = max(center + half, lo + win)
@@ -303,38 +389,28 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
         mc = m[cand]
         inside = mc < hi + win
         i, top = cand[inside], cand[~inside]
-        sub.update(i=i, m=mc[inside], w=w[i], top=[top], base=float(w[top].sum()))
-        if excess(hi) > 0:  # the root is above hi
-            center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
-        elif excess(lo) > 0:
+        mi, wi, base = mc[inside], w[i], float(w[top].sum())
+        root = _threshold_root(mi, wi, base - c, mu, lo, hi, min(max(center, lo), hi))
+        if root.side == 0:
             break
+        if root.side > 0:  # the root is above hi
+            center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
         elif lo == t_min:  # lambda = b: the budget is not all flipped
-            return shares(t_min)
+            return _Threshold(t_min, i, root.p, top, base, base + float(wi @ root.p), m.size)
         else:  # the root is below lo
             center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
-    while sub["m"].size > _BISECT_ATOMS and hi - lo > _BISECT_WIDTH * mu:
-        t = 0.5 * (lo + hi)
-        if excess(t) > 0:
-            lo = t
-        else:
-            hi = t
-        restrict(lo, hi)
-    if excess(hi) < 0 < excess(lo):
-        t = brentq(excess, lo, hi, xtol=1e-300, rtol=4.0 * np.finfo(float).eps,
-                   maxiter=_BRENT_ITERS)
-    else:  # the mass meets c at an end of the bracket to rounding
-        t = hi if abs(excess(hi)) <= abs(excess(lo)) else lo
-    thr = shares(t)
-    # t is resolved only to rounding, which at small mu leaves sum w p off by much more:
-    # one first-order step in t, applied to p (in the window: elsewhere p(1 - p) < 4e-18),
-    # meets the budget to rounding.
-    pi, wi = thr.p_window, sub["w"]
+    # the shares are those of the last point evaluated, within _ROOT_STEP mu of the root,
+    # and t is resolved only to rounding, which at small mu leaves sum w p off by much
+    # more: one first-order step in t, applied to p (in the window: elsewhere p(1 - p) <
+    # 4e-18), meets the budget to rounding.
+    pi = root.p
     dp = pi * (1.0 - pi)
     sens = float(wi @ dp)
+    mass = base + float(wi @ pi)
     if sens > 0:
-        thr.p_window = pi = np.clip(pi + (c - thr.mass) * dp / sens, 0.0, 1.0)
-        thr.mass = thr.base + float(wi @ pi)
-    return thr
+        pi = np.clip(pi + (c - mass) * dp / sens, 0.0, 1.0)
+        mass = base + float(wi @ pi)
+    return _Threshold(root.t, i, pi, top, base, mass, m.size)
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -362,7 +438,8 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i in one product with a
-    coef = np.negative(pt.ws)
+    coef = np.multiply(w, s)
+    np.negative(coef, out=coef)
     coef[top] += wt
     coef[i] += wi * pi
     grad = coef @ a
@@ -375,7 +452,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     def hess():
         ai = a[i]
         bi = ai * np.sqrt(wc)[:, None]
-        h = cache.hess(at, m, s) + bi.T @ bi
+        h = cache.hess(at, pt) + bi.T @ bi
         g_dl = -kappa * (wc @ ai)
         g_ll = kappa**2 * float(wc.sum())
         if not clamped:  # lambda interior: Schur complement
@@ -423,8 +500,7 @@ def _lagrangian(at: Atoms, delta: np.ndarray, qa: np.ndarray, nu: float,
 
     def hess():
         s = pt.s
-        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache.hess(
-            at, pt.m, s)
+        h = weighted_hess(at, at.w * s * (1.0 - s)) if cache is None else cache.hess(at, pt)
         if dn > 0:
             h = h + (nu / dn) * (np.eye(delta.size) - np.outer(u, u))
         return h
@@ -468,23 +544,30 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     a_full, w_full = w[full] @ a[full], float(w[full].sum())
 
     def residual(z):
+        """The system's residual at ``z`` and its Jacobian (a function: only the accepted
+        points of the line search need it)."""
         delta, r = z[:d], z[d + (0 if clamped else 1):]
         flipped = w_full + float(r @ big_w)
         # stationarity: grad L_q = 0 for the shares q of this face (nu = 0 if lambda > b)
         nu = (rho - kappa * flipped) * beta if clamped else 0.0
         lag = _lagrangian(at, delta, a_full + (r * big_w) @ groups, nu, cache)
-        g, h = lag.grad, lag.hess()
+        dn = float(np.linalg.norm(delta))
+
+        def jac():
+            if clamped:
+                slope = groups - kappa * beta * delta / dn  # d (a_j . delta - kappa b) / d delta
+                out = np.zeros((d + k, d + k))
+                out[:d, :d], out[:d, d:], out[d:, :d] = (
+                    lag.hess(), (slope * big_w[:, None]).T, slope)
+                return out
+            out = np.zeros((d + k + 1, d + k + 1))
+            out[:d, :d], out[:d, d + 1:] = lag.hess(), (groups * big_w[:, None]).T
+            out[d:d + k, :d], out[d:d + k, d] = groups, -1.0
+            out[d + k, d + 1:] = big_w
+            return out
         if clamped:
-            dn = float(np.linalg.norm(delta))
-            slope = groups - kappa * beta * delta / dn  # d (a_j . delta - kappa b) / d delta
-            jac = np.zeros((d + k, d + k))
-            jac[:d, :d], jac[:d, d:], jac[d:, :d] = h, (slope * big_w[:, None]).T, slope
-            return np.concatenate([g, groups @ delta - kappa * beta * dn]), jac
-        jac = np.zeros((d + k + 1, d + k + 1))
-        jac[:d, :d], jac[:d, d + 1:] = h, (groups * big_w[:, None]).T
-        jac[d:d + k, :d], jac[d:d + k, d] = groups, -1.0
-        jac[d + k, d + 1:] = big_w
-        return np.concatenate([g, groups @ delta - z[d], [flipped - rho / kappa]]), jac
+            return np.concatenate([lag.grad, groups @ delta - kappa * beta * dn]), jac
+        return np.concatenate([lag.grad, groups @ delta - z[d], [flipped - rho / kappa]]), jac
 
     z = np.concatenate([delta, r0] if clamped else [delta, [t], r0])
     res, jac = residual(z)
@@ -494,7 +577,15 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
             return _FaceSolution(
                 delta, kappa * beta * float(np.linalg.norm(delta)) if clamped else z[d], r)
         norm = float(np.linalg.norm(res))
-        step = np.linalg.lstsq(jac, -res, rcond=None)[0]
+        step = np.linalg.lstsq(jac(), -res, rcond=None)[0]
+        r, dr = z[d + (0 if clamped else 1):], step[d + (0 if clamped else 1):]
+        if (np.max(np.abs(res)) <= _FACE_EARLY
+                and np.any(np.abs(r + dr - 0.5) > 0.5 + _FACE_ROUND + np.abs(dr))):
+            # near the face's solution a share's Newton prediction leaves [0, 1] by more
+            # than the step (and the polish's rounding allowance): the polish moves it off
+            # the face without the last steps
+            return _FaceSolution(z[:d], kappa * beta * float(np.linalg.norm(z[:d])) if clamped
+                                 else z[d], r + dr)
         step_len = 1.0
         while step_len > _FACE_MIN_STEP:
             new = residual(z + step_len * step)
@@ -508,7 +599,7 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
 
 
 def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
-                kappa: float, tol: float, rounds: int = 4, max_iter: int = 10,
+                kappa: float, tol: float, rounds: int | None = None, max_iter: int = 10,
                 cache: _Logistic | None = None):
     """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to.
 
@@ -529,9 +620,11 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     An active-set loop then moves groups with ``r_j < 0`` (``> 1``) to share 0 (1),
     atoms that crossed ``t`` into the tied set, and switches between ``lambda = b`` and
     ``lambda > b`` when ``nu < 0`` or ``t < kappa b``, and solves again (``rounds``
-    times at most). Returns the face's ``delta`` with the exact shares ``q``, or ``None``
-    (more groups than unknowns, or Newton stalled). The caller certifies the answer by
-    the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
+    times at most, ``_FACE_ROUNDS`` by default). With ``lambda = b`` the face may tie no
+    atom (no atom at the threshold ``kappa b``: ``F`` is smooth there, the Lagrangian of
+    its flip pattern). Returns the face's ``delta`` with the exact shares ``q``, or
+    ``None`` (more groups than unknowns, or Newton stalled). The caller certifies the
+    answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
     homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
     w, a, beta, d = at.w, at.a, at.beta, delta.size
@@ -549,9 +642,9 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
         out = idx[np.argsort(np.abs(share[idx] - 0.5), kind="stable")[limit // 2:]]
         tied_mask[out] = False
         full[out] = share[out] >= 0.5
-    for _ in range(rounds):
+    for _ in range(_FACE_ROUNDS if rounds is None else rounds):
         idx = np.flatnonzero(tied_mask)
-        if idx.size == 0:
+        if idx.size == 0 and not clamped:  # lambda > b needs an atom split at the threshold
             return None
         _, first, inverse = np.unique(a[idx], axis=0, return_index=True, return_inverse=True)
         inverse = inverse.ravel()
@@ -638,29 +731,50 @@ def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
     return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
 
 
-def _top_margins(m: np.ndarray, w: np.ndarray, cand: np.ndarray, rho: float,
-                 kappa: float) -> np.ndarray:
-    """The candidates ``cand`` by decreasing margin, only as many as carry a mass ``f``
-    with ``kappa f > rho`` (all of them if they carry less): the largest ``k`` by a
-    partition (``O(n)``), ``k`` from the mean weight and grown 4-fold until enough, then
-    sorted."""
-    mc = -m[cand]
-    k = min(cand.size, int(2.0 * (rho / kappa) * cand.size
-                           / max(float(w[cand].sum()), 1e-300)) + _TOP_SLACK)
-    while k < cand.size:
-        top = cand[np.argpartition(mc, k)[:k]]
-        top = top[np.argsort(-m[top], kind="stable")]
-        if kappa * np.cumsum(w[top])[-1] > rho:
-            return top
-        k *= 4
-    return cand[np.argsort(mc, kind="stable")]
+def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
+                    kappa: float) -> int:
+    """The atom ``k`` at which the weight of the atoms above ``cut``, summed by decreasing
+    margin, first exceeds the budget (``kappa sum > rho``); ``-1`` if all of it is affordable.
+
+    Only the atoms of margins in a bracket ``(lo, hi]`` with ``kappa W(hi) <= rho < kappa
+    W(lo)`` (``W(t)``: the weight above ``t``) are sorted: the bracket comes from the order
+    statistics of every ``j``-th atom (``_QUANTILE_ATOMS`` of them), ``_BRACKET_SPREAD
+    sqrt(i)`` places either side of the estimate ``i`` of the threshold's rank there (a
+    binomial count's four standard deviations), and is checked on the atoms above ``lo``
+    (one comparison over the margins; widened 4-fold until it holds). A sort of a few
+    thousand atoms at ``n = 1e6``, where a partition of every candidate took a pass.
+    """
+    every = max(1, m.size // _QUANTILE_ATOMS)
+    ms, ws = m[::every], w[::every]
+    order = np.argsort(-ms)
+    cum = np.cumsum(ws[order]) * (float(w.sum()) / max(float(ws.sum()), 1e-300))
+    i = int(np.searchsorted(kappa * cum, rho, side="right"))
+    spread = int(_BRACKET_SPREAD * math.sqrt(i + 1.0)) + 2
+    while True:
+        hi = float(ms[order[i - spread]]) if i >= spread else math.inf
+        lo = max(float(ms[order[i + spread]]) if i + spread < order.size else cut, cut)
+        sel = np.flatnonzero(m > lo)
+        w_sel = w[sel]
+        up = m[sel] > hi
+        mass_hi = float(w_sel[up].sum())
+        if kappa * float(w_sel.sum()) > rho:
+            if not kappa * mass_hi > rho:
+                break
+        elif lo == cut:  # all the weight above the cut is affordable
+            return -1
+        spread *= 4  # the estimate missed: hi = inf and lo = cut hold at the latest
+    win = sel[~up]
+    win = win[np.argsort(-m[win])]
+    j = int(np.searchsorted(kappa * (mass_hi + np.cumsum(w[win])), rho, side="right"))
+    return int(win[min(j, win.size - 1)])
 
 
 class _Flips(NamedTuple):
     """The exact ``F(delta)`` (:func:`_flips`): value, ``lambda``, the weight ``mu`` of the
     norm term left in the gradient (``rho - kappa sum f``, 0 at a kink of the quantile),
     the threshold atom ``k`` (:class:`W1Threshold`), and the flip masses ``f`` of the atoms
-    ``cand`` that may be flipped (``None`` for ``kappa = inf``)."""
+    ``cand`` at and above the threshold, the only ones that may carry one (``None`` for
+    ``kappa = inf``)."""
 
     value: float
     lam: float
@@ -679,23 +793,21 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
     b = beta * dn
     if math.isinf(kappa):
         return _Flips(float(w @ l) + rho * b, b, rho, -1, None, None)
-    cand = np.flatnonzero(m > b * kappa)
-    mc, wk = m[cand], w[cand]
     if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
         k = state.k  # the certificate's evaluation at this delta
-    else:
-        # only atoms with m > b kappa can be flipped: the largest of those, sorted
-        order = _top_margins(m, w, cand, rho, kappa)
-        cum = np.cumsum(w[order])
-        j = int(np.searchsorted(kappa * cum, rho, side="right"))  # fully affordable
-        k = int(order[j]) if j < order.size else -1
+    else:  # only atoms with m > b kappa can be flipped
+        k = _threshold_atom(m, w, b * kappa, rho, kappa)
     v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
     lam = max(b, v_q / kappa)
-    thr = v_q if v_q / kappa > b else lam * kappa  # >= b kappa: every flip is in cand
+    kink = v_q / kappa > b
+    thr = v_q if kink else lam * kappa  # >= b kappa
+    # the atoms that carry a flip: above the threshold, and those tied at it at a kink
+    cand = np.flatnonzero(m >= thr if kink else m > thr)
+    mc, wk = m[cand], w[cand]
     full = mc > thr
     f = np.where(full, wk, 0.0)
     mu = rho - kappa * float(f.sum())
-    if v_q / kappa > b:  # lambda* at a kink: split the atoms at the threshold
+    if kink:  # lambda* at a kink: split the atoms at the threshold
         tie = (mc == thr) & (wk > 0)
         f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
         mu = 0.0
@@ -822,8 +934,9 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
     dn = float(np.linalg.norm(delta))
     linear = amb.rho * at.beta * delta / dn if dn > 0 and amb.rho > 0 else None
     m, l = (res.margins, res.losses) if res.margins is not None else (None, None)
+    # res.grad, E_P grad l + rho beta u, is that bound's gradient at delta (the same sums)
     return logistic_gap(at.a, at.w, delta, res.value, linear, m=m, l=l,
-                        radius=at.max_norm()) / max(1.0, abs(res.value))
+                        radius=at.max_norm(), grad=res.grad) / max(1.0, abs(res.value))
 
 
 # --- the homotopy ------------------------------------------------------------------------
@@ -850,8 +963,9 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     dn = float(np.linalg.norm(delta))
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
+    # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
     return res.value - logistic_gap(at.a, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
-                                    radius=at.max_norm())
+                                    radius=at.max_norm(), grad=res.grad)
 
 
 class _Certified(NamedTuple):
@@ -902,18 +1016,28 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
         if face is not None:
             cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+                return _found(at, amb, cert, total, state.hess)
         if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
                          state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
             cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
-                return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+                return _found(at, amb, cert, total, state.hess)
     cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
                            "homotopy")
-    return Minimum(cert.delta, total, cert.state, {"optimality_gap": cert.gap})
+    return _found(at, amb, cert, total, state.hess)
+
+
+def _found(at: Atoms, amb, cert: _Certified, iterations: int, cache: _Logistic) -> Minimum:
+    """The certified minimiser with the exact evaluation there, worst case included (from
+    the margins and losses that the certificate computed: the solve needs no evaluation
+    of its own)."""
+    pt = cache.point(at, cert.delta)
+    res = _evaluate(at, cert.delta, pt.m, pt.l, amb, False, True, cert.state)
+    return Minimum(cert.delta, iterations, cert.state, {"optimality_gap": cert.gap},
+                   result=res)
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
