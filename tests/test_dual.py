@@ -629,3 +629,75 @@ def test_lbfgs_and_newton_agree_at_high_dimension(amb, d):
     np.testing.assert_allclose(lbfgs.theta, newton.theta, rtol=0,
                                atol=1e-8 * np.linalg.norm(newton.theta - ref))
     assert abs(lbfgs.value - newton.value) <= 1e-14 * max(1.0, abs(newton.value))
+
+
+def test_merge_probe_decides_like_the_count_of_distinct_atoms():
+    """``_worth_merging`` against the count of distinct ``(x, y)`` among the first
+    ``_MERGE_PROBE`` atoms: continuous features (the first-feature shortcut), a finite
+    world's repeats, and rows that repeat their first feature but differ in the others (the
+    shortcut must not decide those)."""
+    from simulator.solvers import dual
+
+    rng = np.random.default_rng(0)
+    k, n = dual._MERGE_PROBE, 3 * dual._MERGE_PROBE
+
+    def distinct(data):
+        rows = np.column_stack([data.x[:k], data.y[:k]])
+        return np.unique(rows, axis=0).shape[0]
+
+    cont = sim.PreferenceData(rng.normal(size=(n, 3)), rng.random(n) < 0.5)
+    world = rng.normal(size=(500, 3))
+    pick = rng.integers(0, 500, n)
+    finite = sim.PreferenceData(world[pick], rng.random(n) < 0.5)
+    col = rng.normal(size=(n, 3))
+    col[:, 0] = np.round(col[:, 0])  # few distinct first features, every row distinct
+    cases = [cont, finite, sim.PreferenceData(col, rng.random(n) < 0.5)]
+    for data in cases:
+        assert dual._worth_merging(data) == (2 * distinct(data) <= k)
+    assert [dual._worth_merging(c) for c in cases] == [False, True, False]
+
+
+def test_quasi_start_is_the_newton_step_along_the_mean():
+    """``_quasi_start`` on at most ``_START_ATOMS`` atoms (all of them used) against the
+    closed form: the minimiser of ``E_P l``'s quadratic model at 0 along ``v = E_P a``,
+    ``2 ||v||^2 v / E_P (a . v)^2``, and the inverse curvature ``4 ||v||^2 / E_P (a . v)^2``;
+    on more atoms (a strided subset) within 15% of them."""
+    from simulator.solvers import dual
+    from simulator.solvers.core import Atoms
+
+    for n in (dual._START_ATOMS, 20 * dual._START_ATOMS):
+        data, _ = _problem(seed=3, n=n, d=5, weights=True)
+        at = Atoms.from_data(data, BETA, normalise=True)
+        a, w = at.a, at.w
+        v = w @ a
+        second = w @ (a @ v) ** 2
+        delta, step = dual._quasi_start(at)
+        rel = 1e-12 if n == dual._START_ATOMS else 0.15
+        np.testing.assert_allclose(delta, 2 * (v @ v) / second * v, rtol=rel)
+        assert step == pytest.approx(4 * (v @ v) / second, rel=rel)
+
+
+def test_quasi_newton_first_step_follows_the_curvature_hint():
+    """With ``step``, L-BFGS's first trial point is ``delta - step g`` (scipy's unit step in
+    the scaled variable), and the run ends at the same minimiser within the tolerance."""
+    from simulator.solvers import core
+
+    h, _ = _spd(20, 1e-2, 1.0, 2)
+    b = np.random.default_rng(7).normal(size=20)
+    seen = []
+
+    def objective(x, state):
+        seen.append(x.copy())
+        g = h @ x - b
+        return core.InnerResult(0.5 * float(x @ h @ x) - float(b @ x), None, g, lambda: h,
+                                None, hvp=lambda v: h @ v)
+
+    x0, tol = np.ones(20), 1e-9
+    run = core.quasi_newton(objective, x0, tol, 200, "a quadratic", step=0.37)
+    np.testing.assert_allclose(seen[1], x0 - 0.37 * (h @ x0 - b), rtol=1e-12)
+    assert np.abs(h @ run.delta - b).max() <= tol
+    seen.clear()
+    plain = core.quasi_newton(objective, x0, tol, 200, "a quadratic")
+    np.testing.assert_allclose(seen[1] - x0, -(h @ x0 - b) / np.linalg.norm(h @ x0 - b),
+                               rtol=1e-12)
+    np.testing.assert_allclose(run.delta, plain.delta, atol=1e-7)

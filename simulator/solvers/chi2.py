@@ -247,7 +247,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         curv *= sg
         curv *= c / nrm
         erg = er * grad
-        eag = -(wsg @ at.a)
+        eag = -at.rmatvec(wsg)
         h_de = c * (-eag / nrm + erg * er / nrm**3)
         h_ee = c * (mass / nrm - er**2 / nrm**3)
         low = [(-c / nrm**3, erg)]

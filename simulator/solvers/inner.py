@@ -58,7 +58,7 @@ def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: 
 
     ``state`` (the ``state`` of an earlier result) warm-starts the dual variable.
     """
-    m = at.a @ delta
+    m = at.matvec(delta)
     mod = methods(ambiguity)
     l = dpo_loss(m) if mod.losses else None
     res = mod.evaluate(at, delta, m, l, ambiguity, hess, worst, state)

@@ -251,7 +251,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         var = float(qd @ dev)
         if var > 0:
             qd *= sg
-            c = -(qd @ at.a)
+            c = -at.rmatvec(qd)
             low.append((-s / var, c))
             warm.slope = c * (-1.0 / var)
         return curv, low
