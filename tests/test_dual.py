@@ -658,10 +658,9 @@ def test_merge_probe_decides_like_the_count_of_distinct_atoms():
 
 
 def test_quasi_start_is_the_newton_step_along_the_mean():
-    """``_quasi_start`` on at most ``_START_ATOMS`` atoms (all of them used) against the
-    closed form: the minimiser of ``E_P l``'s quadratic model at 0 along ``v = E_P a``,
-    ``2 ||v||^2 v / E_P (a . v)^2``, and the inverse curvature ``4 ||v||^2 / E_P (a . v)^2``;
-    on more atoms (a strided subset) within 15% of them."""
+    """L-BFGS's start on at most ``_START_ATOMS`` atoms (all of them used) against the closed
+    form, the minimiser of ``E_P l``'s quadratic model at 0 along ``v = E_P a``, ``2 ||v||^2
+    v / E_P (a . v)^2``; on more atoms (a strided subset) within 15% of it."""
     from simulator.solvers import dual
     from simulator.solvers.core import Atoms
 
@@ -670,34 +669,6 @@ def test_quasi_start_is_the_newton_step_along_the_mean():
         at = Atoms.from_data(data, BETA, normalise=True)
         a, w = at.a, at.w
         v = w @ a
-        second = w @ (a @ v) ** 2
-        delta, step = dual._quasi_start(at)
         rel = 1e-12 if n == dual._START_ATOMS else 0.15
-        np.testing.assert_allclose(delta, 2 * (v @ v) / second * v, rtol=rel)
-        assert step == pytest.approx(4 * (v @ v) / second, rel=rel)
-
-
-def test_quasi_newton_first_step_follows_the_curvature_hint():
-    """With ``step``, L-BFGS's first trial point is ``delta - step g`` (scipy's unit step in
-    the scaled variable), and the run ends at the same minimiser within the tolerance."""
-    from simulator.solvers import core
-
-    h, _ = _spd(20, 1e-2, 1.0, 2)
-    b = np.random.default_rng(7).normal(size=20)
-    seen = []
-
-    def objective(x, state):
-        seen.append(x.copy())
-        g = h @ x - b
-        return core.InnerResult(0.5 * float(x @ h @ x) - float(b @ x), None, g, lambda: h,
-                                None, hvp=lambda v: h @ v)
-
-    x0, tol = np.ones(20), 1e-9
-    run = core.quasi_newton(objective, x0, tol, 200, "a quadratic", step=0.37)
-    np.testing.assert_allclose(seen[1], x0 - 0.37 * (h @ x0 - b), rtol=1e-12)
-    assert np.abs(h @ run.delta - b).max() <= tol
-    seen.clear()
-    plain = core.quasi_newton(objective, x0, tol, 200, "a quadratic")
-    np.testing.assert_allclose(seen[1] - x0, -(h @ x0 - b) / np.linalg.norm(h @ x0 - b),
-                               rtol=1e-12)
-    np.testing.assert_allclose(run.delta, plain.delta, atol=1e-7)
+        want = 2 * (v @ v) / (w @ (a @ v) ** 2) * v
+        np.testing.assert_allclose(dual._start(at, quasi=True), want, rtol=rel)

@@ -726,8 +726,7 @@ def _difference_hvp(objective, delta: np.ndarray, res: InnerResult):
 
 
 def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
-                 state: Any = None, start: list | None = None,
-                 step: float | None = None) -> NewtonRun:
+                 state: Any = None, start: list | None = None) -> NewtonRun:
     """L-BFGS on ``objective`` (values and gradients only), then :func:`newton` from there.
 
     The Hessian-free path of high dimensions: each L-BFGS iteration costs ``O(n d)`` passes
@@ -744,50 +743,32 @@ def quasi_newton(objective, delta: np.ndarray, tol: float, max_iter: int, label:
     evaluation's warm-start ``state`` seeds the next one; ``start``, a list holding the
     evaluation at ``delta``, serves L-BFGS's first (popped, as in :func:`newton`).
 
-    ``step`` (optional) is an estimate of ``F``'s inverse curvature at ``delta``: L-BFGS then
-    works in ``u = delta / sigma``, ``sigma = step ||g||``, so that its first trial point,
-    scipy's unit step along ``-g_u`` (it has no curvature pair yet), is ``delta - step g``
-    in ``delta``; the later steps do not depend on ``sigma`` (L-BFGS's updates and its
-    initial scaling ``s . y / y . y`` are invariant under a scaling of the variables). On
-    the Gaussian benchmark data (n = 1e4, d = 64 and 512) the unit first step was 0.5% to
-    5% of the distance to the minimiser, and L-BFGS took two or three more evaluations to
-    lengthen its steps.
-
     Raises
     ------
     Stalled, RuntimeError
         As :func:`newton` (``unbounded`` also when L-BFGS leaves every bounded region).
     """
     last: dict = {"state": state, "recent": [], "iters": 0}
-    sigma = 1.0
-    if step is not None:
-        first = start.pop() if start else objective(delta, state)
-        start = [first]
-        sigma = step * float(np.linalg.norm(first.grad))
-        if not (math.isfinite(sigma) and sigma > 0):
-            sigma = 1.0
-    u0 = delta / sigma
 
-    def fun(u):
-        x = u * sigma
+    def fun(x):
         if float(np.linalg.norm(x)) > _DIVERGED:
             raise _diverged(label)
-        res = start.pop() if start and np.array_equal(u, u0) else objective(x, last["state"])
+        res = start.pop() if start and np.array_equal(x, delta) else objective(x, last["state"])
         last["state"] = res.state
         recent = last["recent"]
-        recent.append((x, res))
+        recent.append((x.copy(), res))
         del recent[:-_QN_KEEP]
         if float(np.max(np.abs(res.grad))) <= tol:
             raise _Converged  # whether or not scipy's line search would accept the point
-        return res.value, res.grad * sigma
+        return res.value, res.grad
 
     def count(_):
         last["iters"] += 1
 
     try:
-        x = sigma * minimize(fun, u0, jac=True, method="L-BFGS-B", callback=count,
-                             options={"gtol": tol * sigma, "ftol": 0.0, "maxiter": _QN_ITERS,
-                                      "maxcor": _QN_PAIRS}).x
+        x = minimize(fun, delta, jac=True, method="L-BFGS-B", callback=count,
+                     options={"gtol": tol, "ftol": 0.0, "maxiter": _QN_ITERS,
+                              "maxcor": _QN_PAIRS}).x
     except _Converged:
         x = last["recent"][-1][0]
     res = next((r for y, r in reversed(last["recent"]) if np.array_equal(y, x)), None)

@@ -142,24 +142,18 @@ def _zero_is_optimal(at: Atoms, amb: AmbiguitySet) -> bool:
     return _zero_test(at, amb) is not None
 
 
-def _start(at: Atoms) -> np.ndarray:
-    """First Newton step of ``E_P l`` from ``delta = 0`` (``H = E a a^T / 4``, ``g = -E a / 2``)."""
-    return psd_solve(weighted_hess(at, 0.25 * at.w), 0.5 * at.mean_a)
-
-
-def _quasi_start(at: Atoms) -> tuple[np.ndarray, float]:
-    """L-BFGS's start: the Hessian-free Newton step of ``E_P l`` from ``delta = 0`` along
-    ``v = E_P a`` only, ``v / c``, and ``1 / c``, the inverse of that curvature (the length
-    of :func:`.core.quasi_newton`'s first step per unit of gradient), with ``c = E_P (a .
-    v)^2 / (2 ||v||^2)``: twice ``E_P l``'s curvature along ``v`` at 0. ``E_P (a . v)^2``
-    comes from every ``ceil(n / _START_ATOMS)``-th atom (a strided view: a start needs no
-    more precision), or from all where those weigh nothing."""
+def _start(at: Atoms, quasi: bool = False) -> np.ndarray:
+    """First Newton step of ``E_P l`` from ``delta = 0`` (``H = E a a^T / 4``, ``g = -E a / 2``);
+    with ``quasi``, the Hessian-free Newton step along ``v = E_P a`` only, ``2 ||v||^2 v /
+    E_P (a . v)^2``, with ``E_P (a . v)^2`` from every ``ceil(n / _START_ATOMS)``-th atom (a
+    strided view; all where those weigh nothing): ``O(_START_ATOMS d)`` instead of the
+    ``O(n d^2)`` Hessian or an ``O(n d)`` pass."""
     v = at.mean_a
+    if not quasi:
+        return psd_solve(weighted_hess(at, 0.25 * at.w), 0.5 * v)
     rows = slice(None, None, -(-at.w.size // _START_ATOMS))
     sub = at.subset(rows) if float(at.w[rows].sum()) > 0 else at
-    second = float(sub.w @ sub.matvec(v) ** 2)
-    inv = 2.0 * float(v @ v) / second
-    return inv * v, 2.0 * inv
+    return 2.0 * float(v @ v) / float(sub.w @ sub.matvec(v) ** 2) * v
 
 
 def _transfer(state):
@@ -243,13 +237,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
     where the shrunk start does not already lie below ``F(0)``."""
     label = repr(amb)
     mod = methods(amb)
-    step = None  # the first L-BFGS step per unit of gradient (quasi_newton)
-    if first is not None:
-        delta, state = first.delta, first.state
-    elif quasi:
-        (delta, step), state = _quasi_start(at), None
-    else:
-        delta, state = _start(at), None
+    delta, state = (first.delta, first.state) if first is not None else (_start(at, quasi), None)
     shrink = first is None and not quasi and amb.rho > 0
 
     def at_zero(gap):  # the minimiser delta = 0, certified by the subdifferential test
@@ -281,7 +269,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
     def run(d, st, start=None) -> Minimum:
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
-        out = (quasi_newton(objective, d, tol, max_iter, label, st, start, step) if quasi
+        out = (quasi_newton(objective, d, tol, max_iter, label, st, start) if quasi
                else newton(objective, d, tol, max_iter, label, st, start))
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
