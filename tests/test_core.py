@@ -359,7 +359,7 @@ def test_psd_solve_solves_definite_systems_and_descends_on_singular_ones(d):
 @pytest.mark.parametrize("stream", [False, True])
 def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
     """``Atoms`` keeps ``x`` and the factor ``ytil beta / scale``: its products (by BLAS and,
-    with the size threshold at 0, by einsum), rows, matrix, mean, radius and scale against
+    with the size threshold at 0, by einsum), matrix, mean, radius and scale against
     ``a = ytil beta x / scale`` built directly in long double precision."""
     from simulator.solvers import core
 
@@ -386,7 +386,6 @@ def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
     v, u = rng.standard_normal(d), rng.standard_normal(n)
     np.testing.assert_allclose(at.matvec(v), (a @ v).astype(float), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(at.rmatvec(u), (u @ a).astype(float), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(at.rows([5, 0, 77]), a[[5, 0, 77]].astype(float), rtol=1e-15)
     np.testing.assert_allclose(at.a, a.astype(float), rtol=1e-15)
     sub = at.subset(slice(None, None, 3))
     np.testing.assert_allclose(sub.matvec(v), at.matvec(v)[::3], rtol=1e-15)

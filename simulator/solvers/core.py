@@ -175,6 +175,12 @@ class Atoms:
         """The ``n x d`` matrix of the atoms ``a_i = factor_i x_i`` (built on first read)."""
         return self.x * self.factor[:, None]
 
+    @functools.cached_property
+    def index(self) -> np.ndarray:
+        """``0, ..., n - 1``: the source of every atom of a reweighting (:func:`reweighted`),
+        one array for all the evaluations of a minimisation."""
+        return np.arange(self.x.shape[0])
+
     @property
     def mean_a(self) -> np.ndarray:
         """``E_P a`` (:meth:`from_data` computes it with the scale; else one ``O(n d)``
@@ -192,10 +198,6 @@ class Atoms:
     def rmatvec(self, u: np.ndarray) -> np.ndarray:
         """``u @ a = (u factor) @ x`` (:func:`_rmatvec`)."""
         return _rmatvec(u * self.factor, self.x)
-
-    def rows(self, idx) -> np.ndarray:
-        """The rows ``a[idx]`` (a copy of those rows only)."""
-        return self.x[idx] * self.factor[idx, None]
 
     def max_norm(self) -> float:
         """An upper bound on ``max_i ||a_i||`` (exact unless a subset's atoms): ``radius``
@@ -316,8 +318,8 @@ class InnerResult:
     ``state`` is the set's warm-start state at ``delta`` (a frozen dataclass of the set's
     module, or ``None``), passed to the next evaluation. ``margins`` and ``losses`` are
     ``m = a delta`` and ``l = softplus(-m)`` on the problem's atoms (set by
-    :func:`simulator.solvers.inner.evaluate_inner` for the sets certified by
-    :func:`worst_case_gap`, which reuses them).
+    :func:`reweighting_result` for the sets certified by :func:`worst_case_gap`, which
+    reuses them).
     ``hvp``, where the set supplies it, is ``v -> H v`` without forming ``H`` (two
     ``O(n d)`` passes, e.g. :func:`logistic_hvp`): :func:`quasi_newton`'s Newton polish then
     solves by conjugate gradients instead of the ``O(n d^2)`` dense Hessian; ``None`` means
@@ -473,7 +475,7 @@ def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
 
 def reweighted(at: Atoms, q: np.ndarray) -> WorstCase:
     """The worst case that keeps the atoms and reweights them to ``q``."""
-    return WorstCase(q, at.x, at.y, np.arange(at.x.shape[0]))
+    return WorstCase(q, at.x, at.y, at.index)
 
 
 def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
@@ -510,7 +512,8 @@ def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, du
     (1 - s)``. Every reweighting set's Schur complement has that form (:mod:`.kl`,
     :mod:`.chi2`): no ``n x d`` temporary is built; ``hvp`` is its product with a vector
     (:func:`logistic_hvp` plus the rank-one terms). With the losses ``l``, ``s`` is
-    :func:`loss_sigmoid` of them.
+    :func:`loss_sigmoid` of them. The result carries ``m`` and ``l`` (for
+    :func:`worst_case_gap`).
     """
     s = expit(-m) if l is None else loss_sigmoid(l)
     grad = -at.rmatvec(q * s)
@@ -536,7 +539,7 @@ def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, du
         return out
 
     return InnerResult(float(value), dual, grad, h if hess else None, reweighted(at, q),
-                       state, hvp=hvp if hess else None)
+                       state, margins=m, losses=l, hvp=hvp if hess else None)
 
 
 # --- damped Newton ----------------------------------------------------------------------
@@ -1001,13 +1004,16 @@ def logistic_gap(a: np.ndarray | Atoms, q: np.ndarray, delta: np.ndarray, upper:
         rows = slice(None, None, -(-q.size // k))
         s = expit(-m[rows])
         curv = q[rows] * s * (1.0 - s)
-        sub = a.rows(rows) if atoms else a[rows]
         if curv.size <= d:
             continue  # rank-deficient
-        mean = float(curv @ np.einsum("ij,ij->i", sub, sub)) / d  # of the eigenvalues
+        # b_i = sqrt(curv_i) a_i in one copy of the subset's rows (of x for the atoms)
+        root = np.sqrt(curv)
+        if atoms:
+            root *= a.factor[rows]
+        b = (a.x if atoms else a)[rows] * root[:, None]
+        mean = float(np.einsum("ij,ij->", b, b)) / d  # tr H_k / d: of the eigenvalues
         if not (mean > 0 and gn2 / (2.0 * mean * (1.0 - d / curv.size)) <= _CERT_SUBSET_OK):
             continue  # no weight on the subset, or the bound would (most likely) be too loose
-        b = sub * np.sqrt(curv)[:, None]
         floor = mean * (1.0 - math.sqrt(d / curv.size))**2 / _CERT_SHIFT_DIV
         bound = curvature_bound(grad, b.T @ b, radius, full_rank=True, shift=floor,
                                 terms=curv.size)
