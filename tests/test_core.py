@@ -359,8 +359,9 @@ def test_psd_solve_solves_definite_systems_and_descends_on_singular_ones(d):
 @pytest.mark.parametrize("stream", [False, True])
 def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
     """``Atoms`` keeps ``x`` and the factor ``ytil beta / scale``: its products (by BLAS and,
-    with the size threshold at 0, by einsum), matrix, mean, radius and scale against
-    ``a = ytil beta x / scale`` built directly in long double precision."""
+    with the size threshold at 0, by einsum; before and after its matrix is read), Hessian
+    sums, matrix, mean, radius and scale against ``a = ytil beta x / scale`` built directly
+    in long double precision."""
     from simulator.solvers import core
 
     monkeypatch.setattr(core, "_STREAM_MIN_BYTES", 0 if stream else 2**62)
@@ -384,11 +385,19 @@ def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
     assert top <= at.max_norm() <= top * (1 + 1e-11)
     np.testing.assert_allclose(at.mean_a, (wl @ a).astype(float), rtol=0, atol=1e-15)
     v, u = rng.standard_normal(d), rng.standard_normal(n)
-    np.testing.assert_allclose(at.matvec(v), (a @ v).astype(float), rtol=1e-13, atol=1e-14)
-    np.testing.assert_allclose(at.rmatvec(u), (u @ a).astype(float), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(at.a, a.astype(float), rtol=1e-15)
+    c = rng.random(n)
+    hess = np.einsum("i,ij,ik->jk", c, a, a).astype(float)
+    assert at.built() is None
+    for _ in range(2):  # from x and the factor, then (a read) from a itself
+        np.testing.assert_allclose(at.matvec(v), (a @ v).astype(float), rtol=1e-13,
+                                   atol=1e-14)
+        np.testing.assert_allclose(at.rmatvec(u), (u @ a).astype(float), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(core.weighted_hess(at, c), hess, rtol=0,
+                                   atol=1e-13 * np.abs(hess).max())
+        np.testing.assert_allclose(at.a, a.astype(float), rtol=1e-15)
+    assert at.built() is at.a
     sub = at.subset(slice(None, None, 3))
-    np.testing.assert_allclose(sub.matvec(v), at.matvec(v)[::3], rtol=1e-15)
+    np.testing.assert_allclose(sub.matvec(v), at.matvec(v)[::3], rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("c", [1e-160, 1e160])

@@ -189,15 +189,25 @@ class Atoms:
             object.__setattr__(self, "mean", self.rmatvec(self.w))
         return self.mean
 
+    def built(self) -> np.ndarray | None:
+        """The matrix :attr:`a` if it has been built (read), else ``None``."""
+        return self.__dict__.get("a")
+
     def matvec(self, v: np.ndarray) -> np.ndarray:
-        """``a @ v = factor * (x @ v)`` (a fresh ``n``-vector; :func:`_matvec`)."""
+        """``a @ v = factor * (x @ v)`` (a fresh ``n``-vector; :func:`_matvec`), or ``a @
+        v`` once :attr:`a` is built."""
+        a = self.built()
+        if a is not None:
+            return _matvec(a, v)
         m = _matvec(self.x, v)
         m *= self.factor
         return m
 
     def rmatvec(self, u: np.ndarray) -> np.ndarray:
-        """``u @ a = (u factor) @ x`` (:func:`_rmatvec`)."""
-        return _rmatvec(u * self.factor, self.x)
+        """``u @ a = (u factor) @ x`` (:func:`_rmatvec`), or ``u @ a`` once :attr:`a` is
+        built."""
+        a = self.built()
+        return _rmatvec(u * self.factor, self.x) if a is None else _rmatvec(u, a)
 
     def max_norm(self) -> float:
         """An upper bound on ``max_i ||a_i||`` (exact unless a subset's atoms): ``radius``
@@ -251,8 +261,9 @@ class Atoms:
 
 def _streams(x: np.ndarray) -> bool:
     """Whether the products with ``x`` take :func:`numpy.einsum`'s loops instead of BLAS
-    (``_STREAM_MIN_D``, ``_STREAM_MIN_BYTES``)."""
-    return x.shape[1] >= _STREAM_MIN_D and x.nbytes >= _STREAM_MIN_BYTES
+    (``_STREAM_MIN_D``, ``_STREAM_MIN_BYTES``; rows contiguous in memory, as measured)."""
+    return (x.shape[1] >= _STREAM_MIN_D and x.nbytes >= _STREAM_MIN_BYTES
+            and x.flags.c_contiguous)
 
 
 def _matvec(x: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -406,10 +417,10 @@ def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray) -> np.ndarray:
     ``_SYRK_MIN_D`` columns as the product ``(a_k^T c_k) a_k`` (symmetrised), from there as
     ``sum_k b_k^T b_k``, ``b_i = sqrt(c_i) a_i``, which numpy computes as a symmetric rank-k
     update (half the work of a product)."""
-    if isinstance(at, Atoms):  # sum_i c_i factor_i^2 x_i x_i^T: no n x d copy of a
-        a, c = at.x, c * np.square(at.factor)
-    else:
+    if not isinstance(at, Atoms):
         a = at
+    elif (a := at.built()) is None:  # sum_i c_i factor_i^2 x_i x_i^T: no n x d copy of a
+        a, c = at.x, c * np.square(at.factor)
     d = a.shape[1]
     out = np.zeros((d, d))
     if d < _SYRK_MIN_D:
