@@ -398,6 +398,7 @@ def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
     assert at.built() is at.a
     sub = at.subset(slice(None, None, 3))
     np.testing.assert_allclose(sub.matvec(v), at.matvec(v)[::3], rtol=1e-13, atol=1e-14)
+    assert core._streams(x) == stream and not core._streams(np.asfortranarray(x))
 
 
 @pytest.mark.parametrize("c", [1e-160, 1e160])
