@@ -260,30 +260,32 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
 def _zero_test(at: Atoms, amb) -> float | None:
     """``delta = 0`` is optimal iff ``max_nu -log E_P exp(nu . a) <= rho``; the tilt
     ``Q_nu ∝ P exp(nu . a)`` at the maximiser (mixed with ``P`` into the ball if rounding
-    left it outside) is the witness whose logistic regression bounds ``min F`` below."""
-    a, w = at.a, at.w
+    left it outside) is the witness whose logistic regression bounds ``min F`` below.
+    Products through the atoms (:meth:`.core.Atoms.matvec`): no ``n x d`` matrix."""
+    w, d = at.w, at.x.shape[1]
 
     def neg_lse(nu):  # concave: -log E exp(nu . a), Hessian -Cov_Q a
-        lse, q = _tilted(a, w, nu)
-        mean = q @ a
+        lse, q = _tilted(at, nu)
+        mean = at.rmatvec(q)
         return -lse, -mean, lambda: np.outer(mean, mean) - weighted_hess(at, q)
 
-    found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
+    found = concave_max(neg_lse, np.zeros(d), amb.rho)
     if found.above is not False:
         return None
-    q = _tilted(a, w, found.y)[1]
+    q = _tilted(at, found.y)[1]
     pos = q > 0
     kl = float(q[pos] @ np.log(q[pos] / w[pos]))
     if kl > amb.rho:  # KL((1 - t) Q + t P || P) <= (1 - t) KL(Q || P) = rho
         t = 1.0 - amb.rho / kl
         q = (1.0 - t) * q + t * w
-    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0), radius=at.max_norm())
+    return logistic_gap(at, q, np.zeros(d), math.log(2.0), radius=at.max_norm())
 
 
-def _tilted(a: np.ndarray, w: np.ndarray, nu: np.ndarray) -> tuple[float, np.ndarray]:
+def _tilted(at: Atoms, nu: np.ndarray) -> tuple[float, np.ndarray]:
     """``log E_P exp(nu . a)`` and the tilt ``Q ∝ P exp(nu . a)``, shifted by the largest
     exponent over positive weights (no overflow), worked in place."""
-    q = a @ nu
+    w = at.w
+    q = at.matvec(nu)
     top = float(q[w > 0].max())
     q -= top
     np.exp(q, out=q)
@@ -299,15 +301,14 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
     ``d c / d nu = Cov_{Q_nu} a`` and ``KL = nu . c - log E_P exp(nu . a)``. Near the collapse
     radius ``c*`` is far from ``E_P a`` (the nominal direction), along which Newton is caught
     at the kink."""
-    a, w = at.a, at.w
 
     def tilt(nu):
-        lse, q = _tilted(a, w, nu)
-        c = q @ a
+        lse, q = _tilted(at, nu)
+        c = at.rmatvec(q)
         cov = weighted_hess(at, q) - np.outer(c, c)
         return c, cov, float(nu @ c) - lse, cov @ nu
 
-    return min_norm_mean(tilt, a.shape[1], amb.rho)
+    return min_norm_mean(tilt, at.x.shape[1], amb.rho)
 
 
 METHODS = SetMethods(
