@@ -152,13 +152,14 @@ class Atoms:
     delta / scale``: the solvers work on the normalised parameter ``delta = scale (theta -
     theta_ref)``, in which every tolerance is relative to the problem's own scale.
 
-    The atoms are kept as the caller's ``x`` and the per-row factor ``factor = ytil beta /
-    scale`` (``a_i = factor_i x_i``): the products of the reweighting sets' passes are
-    :meth:`matvec` (``a @ v = factor * (x @ v)``) and :meth:`rmatvec` (``u @ a = (u factor)
-    @ x``), an ``O(n)`` product more each, and the ``n x d`` matrix ``a`` itself (a copy:
-    about 2.5 passes at n = 1e4, d = 512, for the page faults of fresh memory) is built only
-    where it is read (the Wasserstein sets, the zero tests). ``mean``, when given, is
-    ``E_P a`` (:attr:`mean_a`).
+    The atoms are kept as the caller's ``x`` and the per-row factor ``factor = ytil beta``
+    (with this ``beta``, the temperature over ``scale``: ``a_i = factor_i x_i``, ``|factor_i|
+    = beta``): the products of the reweighting sets' passes are :meth:`matvec` (``a @ v =
+    factor * (x @ v)``) and :meth:`rmatvec` (``u @ a = (u factor) @ x``), an ``O(n)``
+    product more each, and the ``n x d`` matrix ``a`` itself (a copy: about 2.5 passes at n
+    = 1e4, d = 512, for the page faults of fresh memory) is built only where it is read (the
+    Wasserstein sets); once built, the products use it. ``mean``, when given, is ``E_P a``
+    (:attr:`mean_a`).
     """
 
     x: np.ndarray
@@ -207,7 +208,15 @@ class Atoms:
         """``u @ a = (u factor) @ x`` (:func:`_rmatvec`), or ``u @ a`` once :attr:`a` is
         built."""
         a = self.built()
-        return _rmatvec(u * self.factor, self.x) if a is None else _rmatvec(u, a)
+        if a is not None:
+            return _rmatvec(u, a)
+        # u factor in one scratch n-vector of the atoms (a fresh one per product costs page
+        # faults at n = 1e6)
+        return _rmatvec(np.multiply(u, self.factor, out=self._scratch), self.x)
+
+    @functools.cached_property
+    def _scratch(self) -> np.ndarray:
+        return np.empty(self.x.shape[0])
 
     def max_norm(self) -> float:
         """An upper bound on ``max_i ||a_i||`` (exact unless a subset's atoms): ``radius``
@@ -417,21 +426,25 @@ def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray) -> np.ndarray:
     ``_SYRK_MIN_D`` columns as the product ``(a_k^T c_k) a_k`` (symmetrised), from there as
     ``sum_k b_k^T b_k``, ``b_i = sqrt(c_i) a_i``, which numpy computes as a symmetric rank-k
     update (half the work of a product)."""
+    unit = 1.0
     if not isinstance(at, Atoms):
         a = at
-    elif (a := at.built()) is None:  # sum_i c_i factor_i^2 x_i x_i^T: no n x d copy of a
-        a, c = at.x, c * np.square(at.factor)
+    elif (a := at.built()) is None:  # beta^2 sum_i c_i x_i x_i^T (factor_i^2 = beta^2)
+        a, unit = at.x, at.beta**2
     d = a.shape[1]
     out = np.zeros((d, d))
     if d < _SYRK_MIN_D:
         for lo in range(0, a.shape[0], _CHUNK_ROWS):
             blk = a[lo:lo + _CHUNK_ROWS]
             out += (blk.T * c[lo:lo + _CHUNK_ROWS]) @ blk
-        return (out + out.T) / 2.0
-    r = np.sqrt(c)
-    for lo in range(0, a.shape[0], _CHUNK_ROWS):
-        b = a[lo:lo + _CHUNK_ROWS] * r[lo:lo + _CHUNK_ROWS, None]
-        out += b.T @ b
+        out = (out + out.T) / 2.0
+    else:
+        r = np.sqrt(c)
+        for lo in range(0, a.shape[0], _CHUNK_ROWS):
+            b = a[lo:lo + _CHUNK_ROWS] * r[lo:lo + _CHUNK_ROWS, None]
+            out += b.T @ b
+    if unit != 1.0:
+        out *= unit
     return out
 
 
