@@ -353,3 +353,79 @@ def test_psd_solve_solves_definite_systems_and_descends_on_singular_ones(d):
     s1 = psd_solve(singular, g1)
     assert np.all(np.isfinite(s1)) and g1 @ s1 > 0
     np.testing.assert_allclose(singular @ psd_solve(singular, 2.0 * u), 2.0 * u, atol=1e-9)
+
+
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
+    """``Atoms`` keeps ``x`` and the factor ``ytil beta / scale``: its products (by BLAS and,
+    with the size threshold at 0, by einsum; before and after its matrix is read), Hessian
+    sums, matrix, mean, radius and scale against ``a = ytil beta x / scale`` built directly
+    in long double precision."""
+    from simulator.solvers import core
+
+    monkeypatch.setattr(core, "_STREAM_MIN_BYTES", 0 if stream else 2**62)
+    monkeypatch.setattr(core, "_STREAM_MIN_D", 1 if stream else 2**62)
+    monkeypatch.setattr(core, "_MOMENT_BLOCK", 512)  # several blocks in _row_moments
+    rng = np.random.default_rng(3)
+    n, d, beta = 3001, 7, 0.7
+    x = rng.standard_normal((n, d)) * rng.uniform(0.1, 3.0, size=(n, 1))
+    y = (rng.random(n) < 0.4).astype(float)
+    w = rng.dirichlet(np.ones(n)) if weights else None
+    data = sim.PreferenceData(x, y, w)
+    at = core.Atoms.from_data(data, beta, normalise=True)
+    xl = x.astype(np.longdouble)
+    wl = data.weights.astype(np.longdouble)
+    raw = (2 * y - 1)[:, None] * beta * xl
+    rms = np.sqrt(wl @ np.einsum("ij,ij->i", raw, raw))
+    a = raw / rms
+    assert at.scale == pytest.approx(float(rms), rel=1e-14)
+    assert at.beta == pytest.approx(beta / float(rms), rel=1e-14)
+    top = float(np.sqrt(np.einsum("ij,ij->i", a, a).max()))
+    assert top <= at.max_norm() <= top * (1 + 1e-11)
+    np.testing.assert_allclose(at.mean_a, (wl @ a).astype(float), rtol=0, atol=1e-15)
+    v, u = rng.standard_normal(d), rng.standard_normal(n)
+    c = rng.random(n)
+    hess = np.einsum("i,ij,ik->jk", c, a, a).astype(float)
+    assert at.built() is None
+    for _ in range(2):  # from x and the factor, then (a read) from a itself
+        np.testing.assert_allclose(at.matvec(v), (a @ v).astype(float), rtol=1e-13,
+                                   atol=1e-14)
+        np.testing.assert_allclose(at.rmatvec(u), (u @ a).astype(float), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(core.weighted_hess(at, c), hess, rtol=0,
+                                   atol=1e-13 * np.abs(hess).max())
+        np.testing.assert_allclose(at.a, a.astype(float), rtol=1e-15)
+    assert at.built() is at.a
+    sub = at.subset(slice(None, None, 3))
+    np.testing.assert_allclose(sub.matvec(v), at.matvec(v)[::3], rtol=1e-13, atol=1e-14)
+    assert core._streams(x) == stream and not core._streams(np.asfortranarray(x))
+
+
+@pytest.mark.parametrize("c", [1e-160, 1e160])
+def test_atoms_scale_where_the_squares_of_x_leave_double_precision(c):
+    """Features whose squares underflow (1e-320) or overflow (1e320), with ``beta = 1 / c``:
+    the scale comes from ``x / max |x|``, and scale, atoms, mean and radius are those of the
+    unscaled features with ``beta = 1``."""
+    from simulator.solvers.core import Atoms
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 4))
+    y = (rng.random(500) < 0.5).astype(float)
+    base = Atoms.from_data(sim.PreferenceData(x, y), 1.0, normalise=True)
+    far = Atoms.from_data(sim.PreferenceData(x * c, y), 1.0 / c, normalise=True)
+    assert far.scale == pytest.approx(base.scale, rel=1e-13)
+    np.testing.assert_allclose(far.a, base.a, rtol=1e-13)
+    np.testing.assert_allclose(far.mean_a, base.mean_a, rtol=1e-12)
+    assert far.max_norm() == pytest.approx(base.max_norm(), rel=1e-12)
+
+
+def test_atoms_of_zero_features_and_of_subnormal_ones():
+    """Every atom 0: scale 1 and a zero mean; features whose root mean square has no finite
+    inverse (the factor of the normalised atoms): a ValueError naming them."""
+    from simulator.solvers.core import Atoms
+
+    zero = Atoms.from_data(sim.PreferenceData(np.zeros((4, 2)), [1, 0, 1, 1]), 2.0, True)
+    assert zero.scale == 1.0 and not zero.mean_a.any() and not zero.a.any()
+    tiny = sim.PreferenceData(np.full((3, 2), 1e-310), [1, 0, 1])
+    with pytest.raises(ValueError, match="root mean square"):
+        Atoms.from_data(tiny, 1e200, normalise=True)

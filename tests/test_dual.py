@@ -629,3 +629,46 @@ def test_lbfgs_and_newton_agree_at_high_dimension(amb, d):
     np.testing.assert_allclose(lbfgs.theta, newton.theta, rtol=0,
                                atol=1e-8 * np.linalg.norm(newton.theta - ref))
     assert abs(lbfgs.value - newton.value) <= 1e-14 * max(1.0, abs(newton.value))
+
+
+def test_merge_probe_decides_like_the_count_of_distinct_atoms():
+    """``_worth_merging`` against the count of distinct ``(x, y)`` among the first
+    ``_MERGE_PROBE`` atoms: continuous features (the first-feature shortcut), a finite
+    world's repeats, and rows that repeat their first feature but differ in the others (the
+    shortcut must not decide those)."""
+    from simulator.solvers import dual
+
+    rng = np.random.default_rng(0)
+    k, n = dual._MERGE_PROBE, 3 * dual._MERGE_PROBE
+
+    def distinct(data):
+        rows = np.column_stack([data.x[:k], data.y[:k]])
+        return np.unique(rows, axis=0).shape[0]
+
+    cont = sim.PreferenceData(rng.normal(size=(n, 3)), rng.random(n) < 0.5)
+    world = rng.normal(size=(500, 3))
+    pick = rng.integers(0, 500, n)
+    finite = sim.PreferenceData(world[pick], rng.random(n) < 0.5)
+    col = rng.normal(size=(n, 3))
+    col[:, 0] = np.round(col[:, 0])  # few distinct first features, every row distinct
+    cases = [cont, finite, sim.PreferenceData(col, rng.random(n) < 0.5)]
+    for data in cases:
+        assert dual._worth_merging(data) == (2 * distinct(data) <= k)
+    assert [dual._worth_merging(c) for c in cases] == [False, True, False]
+
+
+def test_quasi_start_is_the_newton_step_along_the_mean():
+    """L-BFGS's start on at most ``_START_ATOMS`` atoms (all of them used) against the closed
+    form, the minimiser of ``E_P l``'s quadratic model at 0 along ``v = E_P a``, ``2 ||v||^2
+    v / E_P (a . v)^2``; on more atoms (a strided subset) within 15% of it."""
+    from simulator.solvers import dual
+    from simulator.solvers.core import Atoms
+
+    for n in (dual._START_ATOMS, 20 * dual._START_ATOMS):
+        data, _ = _problem(seed=3, n=n, d=5, weights=True)
+        at = Atoms.from_data(data, BETA, normalise=True)
+        a, w = at.a, at.w
+        v = w @ a
+        rel = 1e-12 if n == dual._START_ATOMS else 0.15
+        want = 2 * (v @ v) / (w @ (a @ v) ** 2) * v
+        np.testing.assert_allclose(dual._start(at, quasi=True), want, rtol=rel)

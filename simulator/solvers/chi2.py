@@ -247,7 +247,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         curv *= sg
         curv *= c / nrm
         erg = er * grad
-        eag = -(wsg @ at.a)
+        eag = -at.rmatvec(wsg)
         h_de = c * (-eag / nrm + erg * er / nrm**3)
         h_ee = c * (mass / nrm - er**2 / nrm**3)
         low = [(-c / nrm**3, erg)]
@@ -262,13 +262,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
 def _zero_test(at: Atoms, amb) -> float | None:
     """``delta = 0`` is optimal iff ``max_{g, nu} 2 g - 1 - E_P (g + nu . a)_+^2 <= rho``;
     ``Q ∝ P (g + nu . a)_+`` at the maximiser (mixed with ``P`` into the ball if rounding left
-    it outside) is the witness whose logistic regression bounds ``min F`` below."""
-    a, w = at.a, at.w
+    it outside) is the witness whose logistic regression bounds ``min F`` below. Products
+    through the atoms (:meth:`.core.Atoms.matvec`): no ``n x d`` matrix."""
+    w, d = at.w, at.x.shape[1]
 
     def hinge(y):  # (g + nu . a)_+, without the product with a at nu = 0 (the start)
         if not y[1:].any():
             return np.full(w.size, max(float(y[0]), 0.0))
-        return np.maximum(y[0] + a @ y[1:], 0.0)
+        return np.maximum(y[0] + at.matvec(y[1:]), 0.0)
 
     def value(y):  # the value alone, for concave_max's probes: no gradient pass
         r = hinge(y)
@@ -277,17 +278,17 @@ def _zero_test(at: Atoms, amb) -> float | None:
     def dual_chi2(y):  # concave: 2 g - 1 - E (g + nu . a)_+^2, with y = (g, nu)
         r = hinge(y)
         wr = w * r
-        grad = np.concatenate([[2.0 - 2.0 * float(wr.sum())], -2.0 * wr @ a])
+        grad = np.concatenate([[2.0 - 2.0 * float(wr.sum())], -2.0 * at.rmatvec(wr)])
 
         def hess():  # -2 E_act (1, a)(1, a)^T in blocks, without an n x (d + 1) copy
             act = w * (r > 0)
-            v = act @ a
+            v = at.rmatvec(act)
             return -2.0 * np.block([[np.array([[act.sum()]]), v[None, :]],
                                     [v[:, None], weighted_hess(at, act)]])
 
         return 2.0 * y[0] - 1.0 - float(wr @ r), grad, hess
 
-    y0 = np.zeros(a.shape[1] + 1)
+    y0 = np.zeros(d + 1)
     y0[0] = 1.0
     found = concave_max(dual_chi2, y0, amb.rho, value=value)
     if found.above is not False:
@@ -299,26 +300,28 @@ def _zero_test(at: Atoms, amb) -> float | None:
     if div > amb.rho:  # chi2((1 - t) Q + t P) = (1 - t)^2 chi2(Q) = rho
         t = 1.0 - math.sqrt(amb.rho / div)
         q = (1.0 - t) * q + t * w
-    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0), radius=at.max_norm())
+    return logistic_gap(at, q, np.zeros(d), math.log(2.0), radius=at.max_norm())
 
 
 def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
     """The steepest descent direction of ``F`` at ``delta = 0`` (not optimal there):
     :func:`.core.min_norm_mean` over ``Q_nu ∝ P r``, ``r = (1 + nu . a)_+`` (the KKT form of
     the minimiser of ``||E_Q a||`` in the chi-square ball), with ``S = E_P r``, ``T = E_P
-    r^2``: ``c = E_P r a / S``, ``chi2 = T / S^2 - 1``."""
-    a, w = at.a, at.w
+    r^2``: ``c = E_P r a / S``, ``chi2 = T / S^2 - 1``, ``dc / dnu = (E_P act a a^T - c (E_P
+    act a)^T) / S`` (:func:`.core.weighted_hess`: no ``n x d`` temporary)."""
+    w = at.w
 
     def family(nu):
-        r = np.maximum(1.0 + a @ nu, 0.0)
+        r = np.maximum(1.0 + at.matvec(nu), 0.0)
         wr, wact = w * r, w * (r > 0)
         big_s, big_t = float(wr.sum()), float(wr @ r)
-        c = wr @ a / big_s
-        jac = ((a - c) * wact[:, None]).T @ a / big_s
-        ddiv = 2.0 * (wr @ a) / big_s**2 - 2.0 * big_t * (wact @ a) / big_s**3
+        swr, sact = at.rmatvec(wr), at.rmatvec(wact)
+        c = swr / big_s
+        jac = (weighted_hess(at, wact) - np.outer(c, sact)) / big_s
+        ddiv = 2.0 * swr / big_s**2 - 2.0 * big_t * sact / big_s**3
         return c, jac, big_t / big_s**2 - 1.0, ddiv
 
-    return min_norm_mean(family, a.shape[1], amb.rho)
+    return min_norm_mean(family, at.x.shape[1], amb.rho)
 
 
 METHODS = SetMethods(

@@ -54,6 +54,17 @@ _RADIUS_ULPS = 1e-12
 #: Measured (one BLAS thread, ``weighted_hess``): 4096 rows was as fast as or faster than
 #: 32768, 131072 and unchunked at (n, d) = (1e5, 8), (1e6, 8) and (1e5, 64).
 _CHUNK_ROWS = 4096
+#: :func:`_row_moments` works on blocks of this many entries (4 MB): a block read from memory
+#: by its first product is still in cache for the second.
+_MOMENT_BLOCK = 1 << 19
+#: The products with the features (:meth:`Atoms.matvec`, :meth:`Atoms.rmatvec`) use
+#: numpy's einsum loops instead of BLAS for matrices of at least this many columns and bytes
+#: (beyond the last-level cache). Measured (one thread, this project's OpenBLAS 0.3.31 on
+#: the shared AMD EPYC, ``x @ v`` and ``u @ x``, BLAS time over einsum's): 2.0-2.4 at d =
+#: 64 and 128 from 50 MB on (n = 1e5 .. 1e6), 1.6-2.0 at d = 256, 0.9-1.4 at d = 512, but
+#: 0.4-0.7 in cache (d = 64, n = 1e4 and 3e4) and 0.3-0.5 at d = 8 and 16 at every n.
+_STREAM_MIN_D = 48
+_STREAM_MIN_BYTES = 24 << 20
 #: :func:`weighted_hess` uses the symmetric rank-k update from this many columns on; below,
 #: the plain product (no square roots, no scaled copy of the chunk) is faster: one thread,
 #: n = 1e6, 10.2 against 14.9-22.7 ms at d = 4 and 12.8-14.6 against 18.5-24.4 ms at d = 8,
@@ -140,31 +151,88 @@ class Atoms:
     ``b = beta ||delta||`` are those of the caller's problem at ``theta - theta_ref =
     delta / scale``: the solvers work on the normalised parameter ``delta = scale (theta -
     theta_ref)``, in which every tolerance is relative to the problem's own scale.
+
+    The atoms are kept as the caller's ``x`` and the per-row factor ``factor = ytil beta``
+    (with this ``beta``, the temperature over ``scale``: ``a_i = factor_i x_i``, ``|factor_i|
+    = beta``): the products of the reweighting sets' passes are :meth:`matvec` (``a @ v =
+    factor * (x @ v)``) and :meth:`rmatvec` (``u @ a = (u factor) @ x``), an ``O(n)``
+    product more each, and the ``n x d`` matrix ``a`` itself (a copy: about 2.5 passes at n
+    = 1e4, d = 512, for the page faults of fresh memory) is built only where it is read (the
+    Wasserstein sets); once built, the products use it. ``mean``, when given, is ``E_P a``
+    (:attr:`mean_a`).
     """
 
     x: np.ndarray
     y: np.ndarray
     w: np.ndarray
-    a: np.ndarray
+    factor: np.ndarray
     beta: float
     scale: float = 1.0
     radius: float | None = None
+    mean: np.ndarray | None = field(default=None, repr=False)
 
     @functools.cached_property
+    def a(self) -> np.ndarray:
+        """The ``n x d`` matrix of the atoms ``a_i = factor_i x_i`` (built on first read)."""
+        return self.x * self.factor[:, None]
+
+    @functools.cached_property
+    def index(self) -> np.ndarray:
+        """``0, ..., n - 1``: the source of every atom of a reweighting (:func:`reweighted`),
+        one array for all the evaluations of a minimisation."""
+        return np.arange(self.x.shape[0])
+
+    @property
     def mean_a(self) -> np.ndarray:
-        """``E_P a`` (one ``O(n d)`` pass, computed once: the zero tests, the start and the
-        restart all use it)."""
-        return self.w @ self.a
+        """``E_P a`` (:meth:`from_data` computes it with the scale; else one ``O(n d)``
+        pass, computed once: the zero tests, the start and the restart all use it)."""
+        if self.mean is None:
+            object.__setattr__(self, "mean", self.rmatvec(self.w))
+        return self.mean
+
+    def built(self) -> np.ndarray | None:
+        """The matrix :attr:`a` if it has been built (read), else ``None``."""
+        return self.__dict__.get("a")
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        """``a @ v = factor * (x @ v)`` (a fresh ``n``-vector; :func:`_matvec`), or ``a @
+        v`` once :attr:`a` is built."""
+        a = self.built()
+        if a is not None:
+            return _matvec(a, v)
+        m = _matvec(self.x, v)
+        m *= self.factor
+        return m
+
+    def rmatvec(self, u: np.ndarray) -> np.ndarray:
+        """``u @ a = (u factor) @ x`` (:func:`_rmatvec`), or ``u @ a`` once :attr:`a` is
+        built."""
+        a = self.built()
+        if a is not None:
+            return _rmatvec(u, a)
+        # u factor in one scratch n-vector of the atoms (a fresh one per product costs page
+        # faults at n = 1e6)
+        return _rmatvec(np.multiply(u, self.factor, out=self._scratch), self.x)
+
+    @functools.cached_property
+    def _scratch(self) -> np.ndarray:
+        return np.empty(self.x.shape[0])
 
     def max_norm(self) -> float:
         """An upper bound on ``max_i ||a_i||`` (exact unless a subset's atoms): ``radius``
         when :meth:`from_data` computed it, else one ``O(n d)`` pass."""
-        return self.radius if self.radius is not None else atom_radius(self.a)
+        if self.radius is not None:
+            return self.radius
+        return atom_radius(self.x, self.factor)
 
     @classmethod
     def from_data(cls, data: PreferenceData, beta: float, normalise: bool = False) -> Atoms:
         """The atoms of ``data``; with ``normalise``, ``scale`` is the root mean square
         ``sqrt(E_P ||ytil beta x||^2)`` (1 if every atom is 0).
+
+        With ``normalise`` the scale, the radius and ``E_P a`` come from one chunked pass
+        over ``x`` (:func:`_row_moments`: ``||ytil beta x_i|| = beta ||x_i||`` and ``E_P a =
+        E_P ytil x / rms``); no ``n x d`` matrix is built.
 
         Raises
         ------
@@ -172,38 +240,68 @@ class Atoms:
             When that scale is outside ``[_MIN_SCALE, _MAX_SCALE]``: double precision
             cannot then represent ``theta`` (``O(1 / scale)``) and the margins together.
         """
-        if normalise:
-            # ||ytil beta x_i|| = beta ||x_i||: the scale from the rows' squared norms, then
-            # a in one product (two passes), where those squares are safely representable
-            sq = np.einsum("ij,ij->i", data.x, data.x)
-            mean_sq, top_sq = float(data.weights @ sq), float(sq.max())
-            if _MEAN_SQ_SAFE <= mean_sq and top_sq <= 1.0 / _MEAN_SQ_SAFE:
-                rms = math.sqrt(mean_sq)
-                scale = _check_scale(beta * rms)
-                a = data.x * (data.ytil / rms)[:, None]
-                radius = math.sqrt(top_sq) / rms * (1.0 + _RADIUS_ULPS)
-                return cls(data.x, data.y, data.weights, a, 1.0 / rms, scale, radius)
-        a = (data.ytil * beta)[:, None] * data.x
+        x, w, ytil = data.x, data.weights, data.ytil
         if not normalise:
-            return cls(data.x, data.y, data.weights, a, beta)
-        top = max(float(a.max()), -float(a.min()))  # max |a| without an n x d temporary
-        if top == 0.0:
-            return cls(data.x, data.y, data.weights, a, beta)
-        # rescaled by 1 / top only where the squares could overflow or underflow
-        b = a if _SQUARE_SAFE <= top <= 1.0 / _SQUARE_SAFE else a / top
-        sq = np.einsum("ij,ij->i", b, b)
-        unit = top if b is not a else 1.0
-        scale = _check_scale(unit * math.sqrt(float(data.weights @ sq)))
-        a *= 1.0 / scale
+            return cls(x, data.y, w, ytil * beta, beta)
+        mean_sq, top_sq, sums = _row_moments(x, w, ytil * w)
+        unit = 1.0
+        if not (_MEAN_SQ_SAFE <= mean_sq and top_sq <= 1.0 / _MEAN_SQ_SAFE):
+            # squares that could overflow or underflow: the moments of x / max |x|
+            unit = max(float(x.max()), -float(x.min()))  # no n x d temporary
+            if unit == 0.0:  # every atom is 0
+                return cls(x, data.y, w, ytil * beta, beta, mean=np.zeros(data.d))
+            mean_sq, top_sq, _ = _row_moments(x, w, None, unit)
+        rms = unit * math.sqrt(mean_sq)
+        scale = _check_scale(beta * rms)
+        inv = 1.0 / rms
+        if not math.isfinite(inv):  # a_i = x_i / rms: the factor itself must be finite
+            raise ValueError(f"x has root mean square {rms:.3e}: its inverse, the factor of "
+                             "the normalised atoms, overflows; rescale the features")
         # max ||a_i|| after the scaling, with a few ulps to spare: an upper bound
-        radius = unit * math.sqrt(float(sq.max())) / scale * (1.0 + _RADIUS_ULPS)
-        return cls(data.x, data.y, data.weights, a, beta / scale, scale, radius)
+        radius = unit * math.sqrt(top_sq) / rms * (1.0 + _RADIUS_ULPS)
+        return cls(x, data.y, w, ytil * inv, inv, scale, radius, mean=sums * inv)
 
     def subset(self, idx: np.ndarray) -> Atoms:
         """The atoms ``idx``, weights renormalised (``radius`` stays an upper bound)."""
         w = self.w[idx]
-        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.a[idx], self.beta, self.scale,
-                     self.radius)
+        return Atoms(self.x[idx], self.y[idx], w / w.sum(), self.factor[idx], self.beta,
+                     self.scale, self.radius)
+
+
+def _streams(x: np.ndarray) -> bool:
+    """Whether the products with ``x`` take :func:`numpy.einsum`'s loops instead of BLAS
+    (``_STREAM_MIN_D``, ``_STREAM_MIN_BYTES``; rows contiguous in memory, as measured)."""
+    return (x.shape[1] >= _STREAM_MIN_D and x.nbytes >= _STREAM_MIN_BYTES
+            and x.flags.c_contiguous)
+
+
+def _matvec(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``x @ v``, by einsum where :func:`_streams` says so."""
+    return np.einsum("ij,j->i", x, v) if _streams(x) else x @ v
+
+
+def _rmatvec(u: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``u @ x``, by einsum where :func:`_streams` says so."""
+    return np.einsum("i,ij->j", u, x) if _streams(x) else u @ x
+
+
+def _row_moments(x: np.ndarray, w: np.ndarray, v: np.ndarray | None,
+                 unit: float = 1.0) -> tuple[float, float, np.ndarray | None]:
+    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2, v @ x)`` (the last ``None`` without
+    ``v``) in one pass over blocks of ``_MOMENT_BLOCK`` entries, each read from memory once
+    (the second product finds it in cache)."""
+    rows = max(1, _MOMENT_BLOCK // x.shape[1])
+    tot, top = [], 0.0
+    acc = None if v is None else np.zeros(x.shape[1])
+    for lo in range(0, x.shape[0], rows):
+        blk = x[lo:lo + rows]
+        b = blk if unit == 1.0 else blk / unit
+        sq = np.einsum("ij,ij->i", b, b)
+        tot.append(float(w[lo:lo + rows] @ sq))
+        top = max(top, float(sq.max()))
+        if acc is not None:
+            acc += v[lo:lo + rows] @ blk
+    return math.fsum(tot), top, acc
 
 
 def _check_scale(scale: float) -> float:
@@ -216,12 +314,16 @@ def _check_scale(scale: float) -> float:
     return scale
 
 
-def atom_radius(a: np.ndarray) -> float:
-    """``max_i ||a_i||`` (one ``O(n d)`` pass, in chunks: no ``n x d`` temporary)."""
+def atom_radius(a: np.ndarray, factor: np.ndarray | None = None) -> float:
+    """``max_i ||a_i||``, or with ``factor`` ``max_i |factor_i| ||a_i||`` (one ``O(n d)``
+    pass, in chunks: no ``n x d`` temporary)."""
     top = 0.0
     for lo in range(0, a.shape[0], _CHUNK_ROWS):
         blk = a[lo:lo + _CHUNK_ROWS]
-        top = max(top, float(np.einsum("ij,ij->i", blk, blk).max(initial=0.0)))
+        sq = np.einsum("ij,ij->i", blk, blk)
+        if factor is not None:
+            sq *= np.square(factor[lo:lo + _CHUNK_ROWS])
+        top = max(top, float(sq.max(initial=0.0)))
     return math.sqrt(top)
 
 
@@ -236,8 +338,8 @@ class InnerResult:
     ``state`` is the set's warm-start state at ``delta`` (a frozen dataclass of the set's
     module, or ``None``), passed to the next evaluation. ``margins`` and ``losses`` are
     ``m = a delta`` and ``l = softplus(-m)`` on the problem's atoms (set by
-    :func:`simulator.solvers.inner.evaluate_inner` for the sets certified by
-    :func:`worst_case_gap`, which reuses them).
+    :func:`reweighting_result` for the sets certified by :func:`worst_case_gap`, which
+    reuses them).
     ``hvp``, where the set supplies it, is ``v -> H v`` without forming ``H`` (two
     ``O(n d)`` passes, e.g. :func:`logistic_hvp`): :func:`quasi_newton`'s Newton polish then
     solves by conjugate gradients instead of the ``O(n d^2)`` dense Hessian; ``None`` means
@@ -324,18 +426,25 @@ def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray) -> np.ndarray:
     ``_SYRK_MIN_D`` columns as the product ``(a_k^T c_k) a_k`` (symmetrised), from there as
     ``sum_k b_k^T b_k``, ``b_i = sqrt(c_i) a_i``, which numpy computes as a symmetric rank-k
     update (half the work of a product)."""
-    a = at.a if isinstance(at, Atoms) else at
+    unit = 1.0
+    if not isinstance(at, Atoms):
+        a = at
+    elif (a := at.built()) is None:  # beta^2 sum_i c_i x_i x_i^T (factor_i^2 = beta^2)
+        a, unit = at.x, at.beta**2
     d = a.shape[1]
     out = np.zeros((d, d))
     if d < _SYRK_MIN_D:
         for lo in range(0, a.shape[0], _CHUNK_ROWS):
             blk = a[lo:lo + _CHUNK_ROWS]
             out += (blk.T * c[lo:lo + _CHUNK_ROWS]) @ blk
-        return (out + out.T) / 2.0
-    r = np.sqrt(c)
-    for lo in range(0, a.shape[0], _CHUNK_ROWS):
-        b = a[lo:lo + _CHUNK_ROWS] * r[lo:lo + _CHUNK_ROWS, None]
-        out += b.T @ b
+        out = (out + out.T) / 2.0
+    else:
+        r = np.sqrt(c)
+        for lo in range(0, a.shape[0], _CHUNK_ROWS):
+            b = a[lo:lo + _CHUNK_ROWS] * r[lo:lo + _CHUNK_ROWS, None]
+            out += b.T @ b
+    if unit != 1.0:
+        out *= unit
     return out
 
 
@@ -343,7 +452,7 @@ def logistic_hvp(at: Atoms, c: np.ndarray) -> Callable[[np.ndarray], np.ndarray]
     """``v -> sum_i c_i a_i (a_i . v)``: the product with :func:`weighted_hess`'s matrix in
     two ``O(n d)`` passes, without forming it (``c = w sigmoid(m) sigmoid(-m)`` gives the
     nominal Hessian of SPEC 3, ``E_P sigmoid'(m) a a^T``)."""
-    return lambda v: (c * (at.a @ v)) @ at.a
+    return lambda v: at.rmatvec(c * at.matvec(v))
 
 
 def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -390,7 +499,7 @@ def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
 
 def reweighted(at: Atoms, q: np.ndarray) -> WorstCase:
     """The worst case that keeps the atoms and reweights them to ``q``."""
-    return WorstCase(q, at.x, at.y, np.arange(at.x.shape[0]))
+    return WorstCase(q, at.x, at.y, at.index)
 
 
 def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
@@ -427,10 +536,11 @@ def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, du
     (1 - s)``. Every reweighting set's Schur complement has that form (:mod:`.kl`,
     :mod:`.chi2`): no ``n x d`` temporary is built; ``hvp`` is its product with a vector
     (:func:`logistic_hvp` plus the rank-one terms). With the losses ``l``, ``s`` is
-    :func:`loss_sigmoid` of them.
+    :func:`loss_sigmoid` of them. The result carries ``m`` and ``l`` (for
+    :func:`worst_case_gap`).
     """
     s = expit(-m) if l is None else loss_sigmoid(l)
-    grad = -(q * s) @ at.a
+    grad = -at.rmatvec(q * s)
     cache = []
 
     def pieces():
@@ -453,7 +563,7 @@ def reweighting_result(at: Atoms, m: np.ndarray, q: np.ndarray, value: float, du
         return out
 
     return InnerResult(float(value), dual, grad, h if hess else None, reweighted(at, q),
-                       state, hvp=hvp if hess else None)
+                       state, margins=m, losses=l, hvp=hvp if hess else None)
 
 
 # --- damped Newton ----------------------------------------------------------------------
@@ -873,7 +983,7 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
     return _curvature_tail(float(evals[keep][0]), radius, g_range_norm)
 
 
-def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
+def logistic_gap(a: np.ndarray | Atoms, q: np.ndarray, delta: np.ndarray, upper: float,
                  linear: np.ndarray | None = None, m: np.ndarray | None = None,
                  l: np.ndarray | None = None, radius: float | None = None,
                  grad: np.ndarray | None = None) -> float:
@@ -886,26 +996,29 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
     d / k))`` (``E 1 / lambda``), is above ``_CERT_SUBSET_OK`` is skipped without forming its
     Hessian.
 
-    ``m = a delta``, ``l = softplus(-m)``, an upper bound ``radius >= max_i ||a_i||`` and
-    ``grad``, the gradient of ``f`` at ``delta`` (for example the Danskin gradient of a
+    ``a`` is the ``n x d`` matrix or the :class:`Atoms` themselves (no copy of their
+    matrix). ``m = a delta``, ``l = softplus(-m)``, an upper bound ``radius >= max_i ||a_i||``
+    and ``grad``, the gradient of ``f`` at ``delta`` (for example the Danskin gradient of a
     reweighting, the same sum), may be passed when known (they are recomputed otherwise)."""
     # atoms with q_i = 0 add nothing to f, its gradient or its Hessian (and only enlarge the
     # radius bound): no n x d copy of the others
+    atoms = isinstance(a, Atoms)
     if m is None:
-        m = a @ delta
+        m = a.matvec(delta) if atoms else a @ delta
     with np.errstate(invalid="ignore"):  # 0 * inf for an infinite loss of weight 0
         lq = q * (dpo_loss(m) if l is None else l)
     value = float(np.where(q > 0, lq, 0.0).sum())
     if grad is None:
-        grad = -(q * expit(-m)) @ a
+        u = -(q * expit(-m))
+        grad = a.rmatvec(u) if atoms else u @ a
         if linear is not None:
             grad = grad + linear
     if linear is not None:
         value += float(linear @ delta)
     if radius is None:
-        radius = atom_radius(a)
+        radius = a.max_norm() if atoms else atom_radius(a)
     gap = max(upper - value, 0.0)
-    d = a.shape[1]
+    d = delta.size
     gn2 = float(grad @ grad)
     per_d = _CERT_PER_D * d
     for k in sorted({per_d >> j for j in range(_CERT_HALVINGS + 1)} | {_CERT_ATOMS}):
@@ -915,13 +1028,16 @@ def logistic_gap(a: np.ndarray, q: np.ndarray, delta: np.ndarray, upper: float,
         rows = slice(None, None, -(-q.size // k))
         s = expit(-m[rows])
         curv = q[rows] * s * (1.0 - s)
-        sub = a[rows]
         if curv.size <= d:
             continue  # rank-deficient
-        mean = float(curv @ np.einsum("ij,ij->i", sub, sub)) / d  # of the eigenvalues
+        # b_i = sqrt(curv_i) a_i in one copy of the subset's rows (of x for the atoms)
+        root = np.sqrt(curv)
+        if atoms:
+            root *= a.factor[rows]
+        b = (a.x if atoms else a)[rows] * root[:, None]
+        mean = float(np.einsum("ij,ij->", b, b)) / d  # tr H_k / d: of the eigenvalues
         if not (mean > 0 and gn2 / (2.0 * mean * (1.0 - d / curv.size)) <= _CERT_SUBSET_OK):
             continue  # no weight on the subset, or the bound would (most likely) be too loose
-        b = sub * np.sqrt(curv)[:, None]
         floor = mean * (1.0 - math.sqrt(d / curv.size))**2 / _CERT_SHIFT_DIV
         bound = curvature_bound(grad, b.T @ b, radius, full_rank=True, shift=floor,
                                 terms=curv.size)
@@ -942,7 +1058,7 @@ def worst_case_gap(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: di
     wc = res.worst_case
     if wc.y is at.y and wc.x is at.x:  # a reweighting: the atoms' own a, m and l, and
         # F's Danskin gradient E_Q* grad l is f's at delta (the same sum over the same q)
-        gap = logistic_gap(at.a, wc.weights, delta, res.value, m=res.margins, l=res.losses,
+        gap = logistic_gap(at, wc.weights, delta, res.value, m=res.margins, l=res.losses,
                            radius=at.max_norm(), grad=res.grad)
     else:
         a = ((2.0 * wc.y - 1.0) * at.beta)[:, None] * wc.x

@@ -16,7 +16,7 @@ found through :mod:`simulator.solvers.registry`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,13 +58,12 @@ def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: 
 
     ``state`` (the ``state`` of an earlier result) warm-starts the dual variable.
     """
-    m = at.a @ delta
+    m = at.matvec(delta)
     mod = methods(ambiguity)
     l = dpo_loss(m) if mod.losses else None
-    res = mod.evaluate(at, delta, m, l, ambiguity, hess, worst, state)
-    # kept for the weak-duality certificate of a reweighting (core.worst_case_gap) only: the
-    # sets with their own certificate would keep two n-vectors alive for nothing
-    return res if mod.certify is not None else replace(res, margins=m, losses=l)
+    # a reweighting's result carries m and l for its weak-duality certificate
+    # (core.reweighting_result, core.worst_case_gap)
+    return mod.evaluate(at, delta, m, l, ambiguity, hess, worst, state)
 
 
 def robust_objective(theta, data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,

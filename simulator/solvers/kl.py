@@ -61,30 +61,20 @@ _TINY = 1e-300
 _BLOCK = 65536
 
 
-class _Warm(Workspace):
-    """The :class:`.core.Workspace` of a KL minimisation, with the slope ``d log(1 /
-    lambda*) / d delta = -Cov_Q(grad l, l) / Var_Q l`` (implicit differentiation of
-    ``KL(Q_s || P) = rho``: ``d KL / d log s = s^2 Var_Q l``, ``d KL / d delta = s^2
-    Cov_Q(l, grad l)``), set wherever a Hessian is built (its ``c``): it predicts
-    ``lambda*`` at the next point to second order in the step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slope: np.ndarray | None = None
-
-
 @dataclass(frozen=True)
 class KLState:
-    """Warm start of the KL root search: the last ``lambda*``, the ``delta`` it belongs to
-    and the :class:`_Warm` shared along one minimisation."""
+    """Warm start of the KL root search: the last ``lambda*``, the losses ``l`` and the
+    worst case ``q`` of that evaluation (:func:`_first_guess` predicts the next ``lambda*``
+    from them), and the :class:`.core.Workspace` shared along one minimisation."""
 
     lam: float | None = None
-    delta: np.ndarray | None = field(default=None, compare=False, repr=False)
-    warm: _Warm | None = field(default=None, compare=False, repr=False)
+    l: np.ndarray | None = field(default=None, compare=False, repr=False)
+    q: np.ndarray | None = field(default=None, compare=False, repr=False)
+    warm: Workspace | None = field(default=None, compare=False, repr=False)
 
     def transfer(self) -> KLState:
         """The state to start another problem (a subsample's solution) with: ``lambda*``
-        (the slope and the scratch vectors are the subsample's)."""
+        (the losses, the worst case and the scratch vectors are the subsample's)."""
         return KLState(self.lam)
 
 
@@ -168,16 +158,25 @@ def _halley(f: float, s: float, var: float, skew: float) -> float:
     return step / den if 0.5 <= den <= 2.0 else step
 
 
-def _first_guess(state: KLState | None, delta: np.ndarray, w, z: np.ndarray,
-                 rho: float) -> float:
-    """Where the root search starts: the last ``s = 1 / lambda*`` moved along the slope of
-    :class:`_Warm` by the step from its ``delta`` (at most ``_TRUST`` in ``log s``), else
-    ``sqrt(2 rho / Var_P l)`` (the small-``rho`` expansion ``KL ~ s^2 Var_P l / 2``)."""
+def _first_guess(state: KLState | None, w, l: np.ndarray, z: np.ndarray, rho: float,
+                 warm: Workspace) -> float:
+    """Where the root search starts: the last ``s = 1 / lambda*`` moved by the first-order
+    change of ``log s`` for the change ``dl`` of the losses since that evaluation, ``-Cov_Q(l,
+    dl) / Var_Q l`` at its ``Q`` and ``l`` (implicit differentiation of ``KL(Q_s || P) = rho``:
+    ``d KL / d log s = s^2 Var_Q l``, and ``dl`` moves ``KL`` by ``s^2 Cov_Q(l, dl)``; at
+    most ``_TRUST`` in ``log s``), from ``O(n)`` operations on the two loss vectors (no
+    product with ``A``); else ``sqrt(2 rho / Var_P l)`` (the small-``rho`` expansion ``KL ~
+    s^2 Var_P l / 2``)."""
     if state is not None and state.lam:
         u = -math.log(state.lam)
-        slope = None if state.warm is None else state.warm.slope
-        if slope is not None and state.delta is not None and slope.shape == delta.shape:
-            u += min(max(float(slope @ (delta - state.delta)), -_TRUST), _TRUST)
+        old, q = state.l, state.q
+        if old is not None and q is not None and old.shape == l.shape:
+            dev = np.subtract(old, float(q @ old), out=warm.get("dev", l.size))
+            qd = np.multiply(q, dev, out=warm.get("qd", l.size))
+            var = float(qd @ dev)
+            if var > 0:
+                dl = np.subtract(l, old, out=dev)
+                u -= min(max(float(qd @ dl) / var, -_TRUST), _TRUST)
         return math.exp(u)
     wz = float(z.mean()) if isinstance(w, float) else float(w @ z)
     zc = np.square(z - wz)
@@ -194,7 +193,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
         return reweighting_result(at, m, q, lmax, 0.0, hess, state=state, l=l)
-    warm = state.warm if state is not None and state.warm is not None else _Warm()
+    warm = state.warm if state is not None and state.warm is not None else Workspace()
     n = l.size
     w0 = warm.equal_weight(at.w)
     w = at.w if w0 is None else w0
@@ -202,7 +201,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     # q is the worst case (it outlives the evaluation); the other two are scratch
     blk = min(n, _BLOCK)
     buf = (np.empty_like(l), warm.get("zc", blk), warm.get("zk", blk))
-    s = _first_guess(state, delta, w, z, rho)
+    s = _first_guess(state, w, l, z, rho, warm)
     lo, hi = 0.0, math.inf
     for _ in range(_ROOT_ITERS):
         tilt = _tilt(w, z, s, buf)
@@ -251,42 +250,42 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         var = float(qd @ dev)
         if var > 0:
             qd *= sg
-            c = -(qd @ at.a)
-            low.append((-s / var, c))
-            warm.slope = c * (-1.0 / var)
+            low.append((-s / var, -at.rmatvec(qd)))
         return curv, low
 
-    return reweighting_result(at, m, q, value, lam, hess, parts,
-                              state=KLState(lam, np.array(delta, dtype=float), warm), l=l)
+    return reweighting_result(at, m, q, value, lam, hess, parts, state=KLState(lam, l, q, warm),
+                              l=l)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
     """``delta = 0`` is optimal iff ``max_nu -log E_P exp(nu . a) <= rho``; the tilt
     ``Q_nu ∝ P exp(nu . a)`` at the maximiser (mixed with ``P`` into the ball if rounding
-    left it outside) is the witness whose logistic regression bounds ``min F`` below."""
-    a, w = at.a, at.w
+    left it outside) is the witness whose logistic regression bounds ``min F`` below.
+    Products through the atoms (:meth:`.core.Atoms.matvec`): no ``n x d`` matrix."""
+    w, d = at.w, at.x.shape[1]
 
     def neg_lse(nu):  # concave: -log E exp(nu . a), Hessian -Cov_Q a
-        lse, q = _tilted(a, w, nu)
-        mean = q @ a
+        lse, q = _tilted(at, nu)
+        mean = at.rmatvec(q)
         return -lse, -mean, lambda: np.outer(mean, mean) - weighted_hess(at, q)
 
-    found = concave_max(neg_lse, np.zeros(a.shape[1]), amb.rho)
+    found = concave_max(neg_lse, np.zeros(d), amb.rho)
     if found.above is not False:
         return None
-    q = _tilted(a, w, found.y)[1]
+    q = _tilted(at, found.y)[1]
     pos = q > 0
     kl = float(q[pos] @ np.log(q[pos] / w[pos]))
     if kl > amb.rho:  # KL((1 - t) Q + t P || P) <= (1 - t) KL(Q || P) = rho
         t = 1.0 - amb.rho / kl
         q = (1.0 - t) * q + t * w
-    return logistic_gap(a, q, np.zeros(a.shape[1]), math.log(2.0), radius=at.max_norm())
+    return logistic_gap(at, q, np.zeros(d), math.log(2.0), radius=at.max_norm())
 
 
-def _tilted(a: np.ndarray, w: np.ndarray, nu: np.ndarray) -> tuple[float, np.ndarray]:
+def _tilted(at: Atoms, nu: np.ndarray) -> tuple[float, np.ndarray]:
     """``log E_P exp(nu . a)`` and the tilt ``Q ∝ P exp(nu . a)``, shifted by the largest
     exponent over positive weights (no overflow), worked in place."""
-    q = a @ nu
+    w = at.w
+    q = at.matvec(nu)
     top = float(q[w > 0].max())
     q -= top
     np.exp(q, out=q)
@@ -302,15 +301,14 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
     ``d c / d nu = Cov_{Q_nu} a`` and ``KL = nu . c - log E_P exp(nu . a)``. Near the collapse
     radius ``c*`` is far from ``E_P a`` (the nominal direction), along which Newton is caught
     at the kink."""
-    a, w = at.a, at.w
 
     def tilt(nu):
-        lse, q = _tilted(a, w, nu)
-        c = q @ a
+        lse, q = _tilted(at, nu)
+        c = at.rmatvec(q)
         cov = weighted_hess(at, q) - np.outer(c, c)
         return c, cov, float(nu @ c) - lse, cov @ nu
 
-    return min_norm_mean(tilt, a.shape[1], amb.rho)
+    return min_norm_mean(tilt, at.x.shape[1], amb.rho)
 
 
 METHODS = SetMethods(
