@@ -154,7 +154,7 @@ def test_w1_rough_hessian_far_out_and_the_exact_one_near_the_minimiser():
     rng = np.random.default_rng(0)
     n, d = 400_000, 4
     a = rng.standard_normal((n, d))
-    at = Atoms(a, np.ones(n), rng.random(n) / n * 2.0, a, 1.0,
+    at = Atoms(a, np.ones(n), rng.random(n) / n * 2.0, np.ones(n), 1.0,
                radius=float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a)))))
     delta = rng.standard_normal(d)
     pt = wasserstein1._LogisticPoint(at, delta)
