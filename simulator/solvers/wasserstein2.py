@@ -63,8 +63,8 @@ from .nominal import nominal_result
 from .result import WorstCase
 
 __all__ = ["METHODS", "BestMove", "Bracket", "Mixture", "MoveRoots", "Moves", "Roots",
-           "W2Blocks", "W2State", "best_move", "certify", "flip_shares", "solve_lambda",
-           "w2_blocks"]
+           "W2Blocks", "W2State", "best_move", "certify", "flip_shares", "kink_certificate",
+           "solve_lambda", "w2_blocks"]
 
 #: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
@@ -1456,24 +1456,26 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
         mix = Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
     gap = _weak_duality_gap(at, amb, delta, res.value, mix)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
-        gap = min(gap, _kink_gap(at, amb, delta, res.value, res.dual))
+        gap = min(gap, kink_certificate(at, amb, delta, res.value, res.dual)[0])
     return gap
 
 
-#: Above this certified gap the mixture of tied moves that :func:`_kink_gap` fits is tried
+#: Above this certified gap the mixture of tied moves that :func:`kink_certificate` fits is tried
 #: too (the evaluation's own split is one subgradient, not the stationary one, at a kink).
 _KINK_CERTIFY = 1e-12
-#: Tie levels of :func:`_kink_gap` (relative gap of an atom's two best moves): from the
+#: Tie levels of :func:`kink_certificate` (relative gap of an atom's two best moves): from the
 #: rounding of one value (the KKT fallback solves the ties to ``_KKT_TIE``) up to the
 #: loosest level of the fallback's active set, ``_TIE_LEVELS[-1]``.
 _CERT_TIE_LEVELS = (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
 
 
-def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> float:
-    """The smallest :func:`_weak_duality_gap` of the mixtures of every atom's two best moves
-    at ``lambda`` whose shares (in ``[0, 1]``, on the atoms whose two best moves tie within
-    a level of ``_CERT_TIE_LEVELS``, relative) make the Danskin gradient of ``E_Q l``
-    smallest and spend the budget (bounded least squares), tried from the tightest level up.
+def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
+                     lam: float) -> tuple[float, Mixture | None]:
+    """The smallest :func:`_weak_duality_gap`, with its :class:`Mixture` (``(inf, None)``
+    without ties), of the mixtures of every atom's two best moves at ``lambda`` whose
+    shares (in ``[0, 1]``, on the atoms whose two best moves tie within a level of
+    ``_CERT_TIE_LEVELS``, relative) make the Danskin gradient of ``E_Q l`` smallest and
+    spend the budget (bounded least squares), tried from the tightest level up.
 
     A loose level lets atoms that are not tied carry their second move, which costs their
     value gap in ``E_Q l`` (``1e-7`` of ``F`` at ``1e-2`` on 2500 atoms); a tight one may
@@ -1487,7 +1489,7 @@ def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> fl
     close = (at.w > 0) & np.isfinite(v2)
     rel = np.where(close, (v1 - v2) / (1.0 + np.abs(v1)), np.inf)
     if not np.any(rel <= _CERT_TIE_LEVELS[-1]):
-        return math.inf
+        return math.inf, None
     b, u = cand.b, delta / float(np.linalg.norm(delta))
     w = at.w
 
@@ -1503,7 +1505,7 @@ def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> fl
 
     tau0, flip0, ga0, gu0, mean0, k0 = per_atom(c0)
     tau1, flip1, ga1, gu1, _, k1 = per_atom(c1)
-    best, seen = math.inf, 0
+    best, seen = (math.inf, None), 0
     for level in _CERT_TIE_LEVELS:
         tied = np.flatnonzero(rel <= level)
         if tied.size == seen:  # the same atoms as the level before
@@ -1522,8 +1524,10 @@ def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> fl
         mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
                       np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
                       np.concatenate([flip0, flip1[both]]))
-        best = min(best, _weak_duality_gap(at, amb, delta, value, mix))
-        if best <= _KINK_CERTIFY:
+        gap = _weak_duality_gap(at, amb, delta, value, mix)
+        if gap < best[0]:
+            best = (gap, mix)
+        if gap <= _KINK_CERTIFY:
             break
     return best
 
