@@ -1464,8 +1464,8 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
 #: too (the evaluation's own split is one subgradient, not the stationary one, at a kink).
 _KINK_CERTIFY = 1e-12
 #: Tie levels of :func:`kink_certificate` (relative gap of an atom's two best moves): from the
-#: rounding of one value (the KKT fallback solves the ties to ``_KKT_TIE``) up to the
-#: loosest level of the fallback's active set, ``_TIE_LEVELS[-1]``.
+#: rounding of one value (the KKT fallback solves the ties to ``_KKT_TIE``) up to ``1e-2``
+#: (beyond it the value lost on untied atoms exceeds any useful bound).
 _CERT_TIE_LEVELS = (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
 
 
@@ -1628,22 +1628,22 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
 
 #: Tie levels of the kink solve: the atoms whose two best moves are this close (relative) at
 #: the stalled point get a share variable (a looser level is tried where a tighter one fails).
-_TIE_LEVELS = (1e-5, 1e-3, 1e-2)
+_TIE_LEVELS = (1e-5, 1e-3, 1e-2, 1e-1)
 #: Most share variables of one kink solve, the closest atoms first (the Jacobian is dense in
 #: them: ``(d + 1 + 256)^2`` entries; a minimiser has at most ``d + 1`` atoms tied, and the
 #: others' shares only need room to leave the tie).
 _POOL_MAX = 256
 #: The shares start at 0 (every atom on its best move) except on the atoms tied within this
-#: at the stalled point (rounding of a value), which carry the budget's share.
+#: at the stalled point (rounding of a value): 1/2, shifted to meet the budget.
 _TIED_START = 1e-9
 #: A relative gap of this between an atom's two moves moves its share across ``[0, 1]`` in
 #: the natural residual of the box (any positive scale has the same solutions): the pool's
 #: loosest level, so that an atom whose moves are farther apart than that goes to the bound
 #: of its better move while the atoms tied to rounding keep shares inside for many steps.
-#: Measured on the 7 sweep problems (n = 300 and 2000, d = 3 and 8) where Newton stalled at
-#: a kink: all 7 solved with spans 1e-2 to 1e-1, 5 with 1e-3, 1 with 1e-4, 0 with 1e-6 (the
-#: identification of the bound atoms is then too abrupt for the line search) and 3 with a
-#: unit scale ``c = 1`` (the atoms whose second move overtakes keep being forced to a tie).
+#: Measured on the 8 sweep problems (n = 300 and 2000, d = 3 and 8) where Newton stalled at
+#: a kink: all solved with 1e-1 (and 7 of 7 with 1e-2); with 1e-3 or less (the bound atoms
+#: then jump between the two regimes of the residual) and with ``c = 1`` (an atom whose
+#: second move overtakes the first is forced to a tie) 0 to 5 of 7.
 _SHARE_SPAN = _TIE_LEVELS[-1]
 #: KKT Newton iterations (semismooth Newton: quadratic once the active set settles).
 _KKT_ITERS = 100
@@ -1668,12 +1668,18 @@ class _Candidates(NamedTuple):
 
 
 def _candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float) -> _Candidates:
+    """The columns: the right and left maximisers of the kept branch, then of the flipped one.
+    For ``k >= 1/4`` a branch's one maximiser is in its right column (``best_move`` names its
+    piece, which changes with ``m`` and ``k``: a fixed column would lose it along a step)."""
     m = at.a @ delta
     b = at.beta * float(np.linalg.norm(delta))
     k = 2.0 * lam / b**2
     taus, flips, vals = [], [], []
     for sign in ((1.0, -1.0) if math.isfinite(kappa) else (1.0,)):
         roots = best_move(sign * m, k).roots
+        if k >= 0.25:
+            roots = roots._replace(right_exists=np.ones(m.shape, dtype=bool),
+                                   left_exists=np.zeros(m.shape, dtype=bool))
         for tau, ok in ((roots.tau_right, roots.right_exists),
                         (roots.tau_left, roots.left_exists)):
             val = softplus(tau - sign * m) - 0.5 * k * tau**2 - (lam * kappa if sign < 0 else 0)
@@ -1772,7 +1778,8 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
         # _SHARE_SPAN moves a share across the box; divided by c (value units: -dv at a tie),
         # so that the ties weigh in the residual's norm as the other equations do
         scale = wt * _SHARE_SPAN * (1.0 + np.abs(values[0]))  # 1 / c
-        z = xi + (wt * (values[1] - values[0])) / scale
+        with np.errstate(invalid="ignore"):  # a move lost along a step: rejected (not finite)
+            z = xi + (wt * (values[1] - values[0])) / scale
         inside = (z > 0.0) & (z < 1.0)  # a tie; else the share sits at a bound
         res = np.concatenate([g_d, [rho2 + g_l], (xi - np.clip(z, 0.0, 1.0)) * scale])
         if not full:
@@ -1785,15 +1792,15 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
         jac[d + 1 + np.arange(ng), d + 1 + np.arange(ng)] = np.where(inside, 0.0, scale)
         return res, jac
 
-    # every atom on its best move but the tied ones, whose shares meet the budget
-    xi = np.zeros(ng)
+    # every atom on its best move but the tied ones: half on each, shifted to meet the budget
     tied = gap[groups] <= _TIED_START
     if not tied.any():
         tied[int(np.argmin(gap[groups]))] = True
+    xi = np.where(tied, 0.5, 0.0)
     res, jac = residual(delta, lam, xi, full=True)
     col = jac[d, d + 1:] * tied
     if col @ col > 0:
-        xi = np.clip(-res[d] * col / float(col @ col), 0.0, 1.0)
+        xi = np.clip(xi - res[d] * col / float(col @ col), 0.0, 1.0)
         res, jac = residual(delta, lam, xi, full=True)
     for it in range(_KKT_ITERS):
         if not np.isfinite(res).all():
