@@ -438,3 +438,23 @@ def test_finite_kappa_on_ordinary_data_is_certified(seed):
         sol = sim.solve(data, amb, beta=beta, merge=False)
         assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-9
         assert _no_descent(at, amb, sol.theta, sol.value, seed)
+
+
+def test_lambda_search_beside_a_jump_far_above_the_budget():
+    """Property problem 7 (separable, ``kappa = inf``, ``k = 2 lambda / b^2 ~ 0.04``): every
+    atom's maximiser jumps from ``tau ~ 1e-4`` to ``tau ~ 27`` at its switch point, and the
+    budget ``rho^2 = 1e-6`` is crossed inside the first jump (``E cost`` 0.55 below it,
+    ``7e-11`` above). On the base commit the bracketed search crept towards the jump by
+    ``1e-6`` (relative) a step and raised ``max_iter``; now it bisects when the bracket stops
+    halving. Checked against the brute force's ``lambda*`` and by the bracket's ends."""
+    from simulator.solvers.wasserstein2 import solve_lambda
+
+    m = np.array([11.67854586, 12.40137307, 28.2336723, 11.6974614, 12.84796323])
+    w = np.array([0.30647726, 0.57654199, 0.00825755, 0.06534295, 0.04338025])
+    w /= w.sum()
+    b, rho = 17.461683899515364, 0.0010261308064082903
+    pair = solve_lambda(m, w, b, rho, math.inf, 6.142095045179919)
+    assert pair.lo.lam <= pair.hi.lam <= pair.lo.lam * (1 + 1e-12)
+    assert w @ pair.lo.cost > 1e5 * rho**2 and w @ pair.hi.cost < rho**2
+    _, lam = _w2_brute(m, w, b, rho, math.inf)
+    assert pair.hi.lam == pytest.approx(lam, rel=1e-6)

@@ -86,6 +86,10 @@ _JUMP_REUSE = 1e-4
 _JUMP_WINDOW = 1e-3
 #: Switch points strictly inside that window (relative margin at its ends).
 _JUMP_INSIDE = 1e-12
+#: Bracketed steps (secant, or the jump model's root) allowed without halving the bracket
+#: before a bisection: beside a jump of ``E cost`` far above ``rho^2`` both creep towards it
+#: (property problem 7, ``k = 0.04``: 300 steps of ``1e-6`` relative, status ``max_iter``).
+_SECANT_PATIENCE = 4
 #: Iterations of the scalar switch-point search (safeguarded Newton; bisection bound).
 _SWITCH_ITERS = 100
 
@@ -938,6 +942,7 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
     lam = lam0 if lam0 is not None and lam0 > 0 else b / (2.0 * rho)
     lo = hi = None  # probes with g > 0 (lambda too small) and g <= 0
     last_side, prev, damp = 0, None, [1.0, 1.0]  # damp: Illinois factors of (lo, hi)
+    width, since = math.inf, 0  # the bracket's width when last halved, and steps since then
     if (jump is not None and jump.hi is not jump.lo and lam0 is not None
             and abs(jump.hi.lam - lam0) <= _JUMP_REUSE * lam0):  # late Newton steps only
         a, c = jump.lo, jump.hi
@@ -977,6 +982,14 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
         lhi = math.log(hi.moves.lam) if hi else math.inf
         if lo and hi and lhi - llo <= _BRACKET_TOL * max(1.0, abs(lhi)):
             break
+        stalled = False  # the bracket not halved in _SECANT_PATIENCE steps: bisect
+        if lo and hi:
+            since += 1
+            if lhi - llo <= 0.5 * width:
+                width, since = lhi - llo, 0
+            stalled = since > _SECANT_PATIENCE
+            if stalled:
+                width, since = lhi - llo, 0
         if lo and hi and lhi - llo < _JUMP_WIDTH:
             # With many atoms E cost has many small jumps (an atom switching branches);
             # rather than bisect onto one, locate the switches in the bracket exactly.
@@ -985,6 +998,8 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
                 return narrowed.found
             if narrowed is not None:
                 lo, hi, lam = narrowed.lo, narrowed.hi, narrowed.lam
+                if stalled:  # the model's root creeps towards one end
+                    lam = math.sqrt(lo.moves.lam * hi.moves.lam)
                 continue
         if lo and hi:
             # Illinois regula falsi on log E cost against log lambda: the secant sees the
@@ -998,7 +1013,9 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             # E cost = 0 (no atom moves at lambda_hi): log E cost floored, still below the root
             h_hi = damp[1] * math.log(max(hi.g + r2, _TINY) / r2)
             nxt = llo + (lhi - llo) * h_lo / (h_lo - h_hi)
-            if not llo < nxt < lhi:
+            if not llo < nxt < lhi or stalled:
+                # bisection where the secant stalls (one end fixed beside a jump of E cost
+                # far larger than rho^2: the other end creeps towards it)
                 nxt = 0.5 * (llo + lhi)
         else:
             # log E cost against log lambda is nearly linear (E t*^2 ~ lambda^-2 for small
