@@ -63,8 +63,8 @@ from .nominal import nominal_result
 from .result import WorstCase
 
 __all__ = ["METHODS", "BestMove", "Bracket", "Mixture", "MoveRoots", "Moves", "Roots",
-           "W2Blocks", "W2State", "best_move", "certify", "flip_shares", "solve_lambda",
-           "w2_blocks"]
+           "W2Blocks", "W2State", "best_move", "certify", "flip_shares", "kink_certificate",
+           "solve_lambda", "w2_blocks"]
 
 #: Newton iterations of the per-atom root search (quadratic: a dozen suffice).
 _NEWTON_ITERS = 200
@@ -86,8 +86,21 @@ _JUMP_REUSE = 1e-4
 _JUMP_WINDOW = 1e-3
 #: Switch points strictly inside that window (relative margin at its ends).
 _JUMP_INSIDE = 1e-12
+#: Bracketed steps (secant, or the jump model's root) allowed without halving the bracket
+#: before a bisection: beside a jump of ``E cost`` far above ``rho^2`` both creep towards it
+#: (property problem 7, ``k = 0.04``: 300 steps of ``1e-6`` relative, status ``max_iter``).
+_SECANT_PATIENCE = 4
 #: Iterations of the scalar switch-point search (safeguarded Newton; bisection bound).
 _SWITCH_ITERS = 100
+#: ... which stops once Newton's step is below this (relative): 4 ulps, where the rounding of
+#: ``V_A - V_B`` moves it (with 1 ulp the steps wandered at rounding and bisection took over:
+#: 43 iterations for one switch at n = 1e4, 6 to 12 elsewhere). The sides are evaluated
+#: ``1e-13`` away from it (``_SWITCH_EPS``), far outside that error.
+_SWITCH_TOL = 4.0 * np.finfo(float).eps
+#: Bisections in a row towards one end of a window before its far end is checked for a
+#: switch at all (an earlier point's switch, reused, that moved out of the window: 40
+#: bisections onto its end at n = 1e4 before).
+_SWITCH_BISECTIONS = 3
 
 
 class Roots(NamedTuple):
@@ -418,13 +431,15 @@ def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
 
 
 def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
-                   idx: np.ndarray, bracket: tuple | None = None
+                   idx: np.ndarray, bracket: tuple | None = None, maybe_none: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
     """``lambda`` in ``bracket`` (default ``[lo.lam, hi.lam]``) where atoms ``idx`` switch
     from their move at ``lo`` (branch A) to their move at ``hi`` (B): the root of
     ``V_A - V_B``, whose derivative in ``lambda`` is ``cost_B - cost_A`` (envelope
     theorem), by safeguarded Newton; also the drop ``cost_A - cost_B`` of each atom's
-    cost there."""
+    cost there. With ``maybe_none`` (a window that need not hold the switch) the point is
+    ``nan`` where ``V_A - V_B`` has one sign on the whole window (checked at its far end
+    after ``_SWITCH_BISECTIONS`` bisections towards it)."""
     bracket = (lo.lam, hi.lam) if bracket is None else bracket
     # atoms with equal margins and branches switch together: one root per distinct key
     keys = np.column_stack([m[idx], lo.flip[idx], lo.right[idx], hi.flip[idx], hi.right[idx]])
@@ -433,26 +448,40 @@ def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
     a_branch = (keys[:, 1] > 0, keys[:, 2] > 0)
     b_branch = (keys[:, 3] > 0, keys[:, 4] > 0)
     out, drop = np.empty(mi.size), np.zeros(mi.size)
+
+    def diff_at(i, lam):  # V_A - V_B and cost_A - cost_B of key i at lam
+        va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
+        vb, cb = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in b_branch))
+        diff = va[0] - vb[0]
+        if math.isnan(diff):  # a maximiser is absent: the other branch wins
+            diff = -math.inf if math.isnan(va[0]) else math.inf
+        return diff, float(ca[0] - cb[0])
+
     for i in range(mi.size):  # a few distinct keys; one scalar root each
         left, right = bracket
         lam = 0.5 * (left + right)
+        run, up = 0, None  # consecutive bisections towards one end (up: the right one)
         for _ in range(_SWITCH_ITERS):
-            va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
-            vb, cb = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in b_branch))
-            diff = va[0] - vb[0]
-            if math.isnan(diff):  # a maximiser is absent: the other branch wins
-                diff = -math.inf if math.isnan(va[0]) else math.inf
+            diff, dc = diff_at(i, lam)
             if diff > 0:
                 left = lam
             else:
                 right = lam
-            step = lam + diff / float(ca[0] - cb[0]) if ca[0] > cb[0] else math.nan
-            new = step if left < step < right else 0.5 * (left + right)
-            if abs(new - lam) <= 2e-16 * lam or right - left <= 4e-16 * lam:
+            step = lam + diff / dc if dc > 0 else math.nan
+            bisect = not left < step < right
+            new = 0.5 * (left + right) if bisect else step
+            run = (run + 1 if up == (diff > 0) else 1) if bisect else 0
+            up = diff > 0
+            if maybe_none and run == _SWITCH_BISECTIONS:
+                far = bracket[1] if diff > 0 else bracket[0]
+                if (diff_at(i, far)[0] > 0) == (diff > 0):  # one sign: no switch inside
+                    lam = math.nan
+                    break
+            if abs(new - lam) <= _SWITCH_TOL * lam or right - left <= 4e-16 * lam:
                 lam = new
                 break
             lam = new
-        out[i], drop[i] = lam, float(ca[0] - cb[0])
+        out[i], drop[i] = lam, dc
     return out[inverse.ravel()], drop[inverse.ravel()]
 
 
@@ -938,13 +967,14 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
     lam = lam0 if lam0 is not None and lam0 > 0 else b / (2.0 * rho)
     lo = hi = None  # probes with g > 0 (lambda too small) and g <= 0
     last_side, prev, damp = 0, None, [1.0, 1.0]  # damp: Illinois factors of (lo, hi)
+    width, since = math.inf, 0  # the bracket's width when last halved, and steps since then
     if (jump is not None and jump.hi is not jump.lo and lam0 is not None
             and abs(jump.hi.lam - lam0) <= _JUMP_REUSE * lam0):  # late Newton steps only
         a, c = jump.lo, jump.hi
         idx = np.flatnonzero(a.flip != c.flip)
         if 0 < np.unique(m[idx]).size <= _MAX_SWITCH:
             ends = (lam0 * (1 - _JUMP_WINDOW), lam0 * (1 + _JUMP_WINDOW))
-            pts, _ = _switch_points(m, b, kappa, a, c, idx, ends)
+            pts, _ = _switch_points(m, b, kappa, a, c, idx, ends, maybe_none=True)
             pts = pts[(pts > ends[0] * (1 + _JUMP_INSIDE)) & (pts < ends[1] * (1 - _JUMP_INSIDE))]
             if pts.size:  # the old switches are still near lam0
                 s = float(np.median(pts))
@@ -977,6 +1007,14 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
         lhi = math.log(hi.moves.lam) if hi else math.inf
         if lo and hi and lhi - llo <= _BRACKET_TOL * max(1.0, abs(lhi)):
             break
+        stalled = False  # the bracket not halved in _SECANT_PATIENCE steps: bisect
+        if lo and hi:
+            since += 1
+            if lhi - llo <= 0.5 * width:
+                width, since = lhi - llo, 0
+            stalled = since > _SECANT_PATIENCE
+            if stalled:
+                width, since = lhi - llo, 0
         if lo and hi and lhi - llo < _JUMP_WIDTH:
             # With many atoms E cost has many small jumps (an atom switching branches);
             # rather than bisect onto one, locate the switches in the bracket exactly.
@@ -985,6 +1023,8 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
                 return narrowed.found
             if narrowed is not None:
                 lo, hi, lam = narrowed.lo, narrowed.hi, narrowed.lam
+                if stalled:  # the model's root creeps towards one end
+                    lam = math.sqrt(lo.moves.lam * hi.moves.lam)
                 continue
         if lo and hi:
             # Illinois regula falsi on log E cost against log lambda: the secant sees the
@@ -998,7 +1038,9 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
             # E cost = 0 (no atom moves at lambda_hi): log E cost floored, still below the root
             h_hi = damp[1] * math.log(max(hi.g + r2, _TINY) / r2)
             nxt = llo + (lhi - llo) * h_lo / (h_lo - h_hi)
-            if not llo < nxt < lhi:
+            if not llo < nxt < lhi or stalled:
+                # bisection where the secant stalls (one end fixed beside a jump of E cost
+                # far larger than rho^2: the other end creeps towards it)
                 nxt = 0.5 * (llo + lhi)
         else:
             # log E cost against log lambda is nearly linear (E t*^2 ~ lambda^-2 for small
@@ -1456,57 +1498,80 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
         mix = Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
     gap = _weak_duality_gap(at, amb, delta, res.value, mix)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
-        gap = min(gap, _kink_gap(at, amb, delta, res.value, res.dual))
+        gap = min(gap, kink_certificate(at, amb, delta, res.value, res.dual)[0])
     return gap
 
 
-#: Above this certified gap the mixture of tied moves that :func:`_kink_gap` fits is tried
+#: Above this certified gap the mixture of tied moves that :func:`kink_certificate` fits is tried
 #: too (the evaluation's own split is one subgradient, not the stationary one, at a kink).
 _KINK_CERTIFY = 1e-12
+#: Tie levels of :func:`kink_certificate` (relative gap of an atom's two best moves): from the
+#: rounding of one value (the KKT fallback solves the ties to ``_KKT_TIE``) up to ``1e-2``
+#: (beyond it the value lost on untied atoms exceeds any useful bound).
+_CERT_TIE_LEVELS = (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
 
 
-def _kink_gap(at: Atoms, amb, delta: np.ndarray, value: float, lam: float) -> float:
-    """:func:`_weak_duality_gap` of the mixture of every atom's two best moves at ``lambda``
-    whose shares (in ``[0, 1]``, on atoms tied within ``_TIE_LEVELS[-1]``) make the Danskin
-    gradient of ``E_Q l`` smallest and spend the budget (bounded least squares)."""
+def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
+                     lam: float) -> tuple[float, Mixture | None]:
+    """The smallest :func:`_weak_duality_gap`, with its :class:`Mixture` (``(inf, None)``
+    without ties), of the mixtures of every atom's two best moves at ``lambda`` whose
+    shares (in ``[0, 1]``, on the atoms whose two best moves tie within a level of
+    ``_CERT_TIE_LEVELS``, relative) make the Danskin gradient of ``E_Q l`` smallest and
+    spend the budget (bounded least squares), tried from the tightest level up.
+
+    A loose level lets atoms that are not tied carry their second move, which costs their
+    value gap in ``E_Q l`` (``1e-7`` of ``F`` at ``1e-2`` on 2500 atoms); a tight one may
+    miss atoms that are tied to the evaluation's rounding: each level is one bound, and the
+    smallest is kept (the first at most ``_KINK_CERTIFY`` ends the loop)."""
     cand = _candidates(at, delta, lam, amb.kappa)
     rows = np.arange(at.w.size)
     order = np.argsort(-cand.value, axis=1)
     c0, c1 = order[:, 0], order[:, 1]
     v1, v2 = cand.value[rows, c0], cand.value[rows, c1]
-    tied = np.flatnonzero((at.w > 0) & np.isfinite(v2)
-                          & ((v1 - v2) <= _TIE_LEVELS[-1] * (1.0 + np.abs(v1))))
-    if tied.size == 0:
-        return math.inf
+    close = (at.w > 0) & np.isfinite(v2)
+    rel = np.where(close, (v1 - v2) / (1.0 + np.abs(v1)), np.inf)
+    if not np.any(rel <= _CERT_TIE_LEVELS[-1]):
+        return math.inf, None
     b, u = cand.b, delta / float(np.linalg.norm(delta))
-
     w = at.w
 
     def per_atom(c):
         """The moves ``c``, the per-atom gradient coefficients (``grad_i = ga_i a_i + gu_i
-        beta u``), the gradients of the tied atoms and the costs."""
+        beta u``), the mean gradient and the costs."""
         tau, flip = cand.tau[rows, c], cand.flip[rows, c]
         sgn = np.where(flip, -1.0, 1.0)
         sg = expit(tau - sgn * cand.m)
         ga, gu = -sgn * sg, sg * tau / b
-        grad = ga[tied, None] * at.a[tied] + gu[tied, None] * (at.beta * u)[None, :]
         mean = (w * ga) @ at.a + float(w @ gu) * at.beta * u
-        return tau, flip, grad, mean, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
+        return tau, flip, ga, gu, mean, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
 
-    tau0, flip0, g0, mean0, k0 = per_atom(c0)
-    tau1, flip1, g1, _, k1 = per_atom(c1)
-    cols = (w[tied, None] * (g1 - g0)).T
-    dcost = w[tied] * (k1[tied] - k0[tied])
-    weight = max(float(np.linalg.norm(cols)), 1.0) / max(float(np.linalg.norm(dcost)), 1e-300)
-    lhs = np.vstack([cols, weight * dcost[None, :]])
-    rhs = np.append(-mean0, weight * (amb.rho**2 - float(w @ k0)))
-    xi = np.zeros(w.size)
-    xi[tied] = lsq_linear(lhs, rhs, bounds=(0.0, 1.0)).x
-    both = np.flatnonzero(xi > 0)
-    mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
-                  np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
-                  np.concatenate([flip0, flip1[both]]))
-    return _weak_duality_gap(at, amb, delta, value, mix)
+    tau0, flip0, ga0, gu0, mean0, k0 = per_atom(c0)
+    tau1, flip1, ga1, gu1, _, k1 = per_atom(c1)
+    best, seen = (math.inf, None), 0
+    for level in _CERT_TIE_LEVELS:
+        tied = np.flatnonzero(rel <= level)
+        if tied.size == seen:  # the same atoms as the level before
+            continue
+        seen = tied.size
+        cols = (w[tied, None] * ((ga1 - ga0)[tied, None] * at.a[tied]
+                                 + (gu1 - gu0)[tied, None] * (at.beta * u)[None, :])).T
+        dcost = w[tied] * (k1[tied] - k0[tied])
+        weight = (max(float(np.linalg.norm(cols)), 1.0)
+                  / max(float(np.linalg.norm(dcost)), _TINY))
+        lhs = np.vstack([cols, weight * dcost[None, :]])
+        rhs = np.append(-mean0, weight * (amb.rho**2 - float(w @ k0)))
+        xi = np.zeros(w.size)
+        xi[tied] = lsq_linear(lhs, rhs, bounds=(0.0, 1.0)).x
+        both = np.flatnonzero(xi > 0)
+        mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
+                      np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
+                      np.concatenate([flip0, flip1[both]]))
+        gap = _weak_duality_gap(at, amb, delta, value, mix)
+        if gap < best[0]:
+            best = (gap, mix)
+        if gap <= _KINK_CERTIFY:
+            break
+    return best
 
 
 def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
@@ -1603,18 +1668,31 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
 
 # --- minimisers at a kink of F ------------------------------------------------------------------
 
-#: Tie levels of the active-set loop: atoms whose two best moves are this close (relative).
-_TIE_LEVELS = (1e-5, 1e-3, 1e-2)
-#: Active-set rounds per tie level.
-_TIE_ROUNDS = 4
-#: KKT Newton iterations (quadratic convergence: a handful are used).
+#: Tie levels of the kink solve: the atoms whose two best moves are this close (relative) at
+#: the stalled point get a share variable (a looser level is tried where a tighter one fails).
+_TIE_LEVELS = (1e-5, 1e-3, 1e-2, 1e-1)
+#: Most share variables of one kink solve, the closest atoms first (the Jacobian is dense in
+#: them: ``(d + 1 + 256)^2`` entries; a minimiser has at most ``d + 1`` atoms tied, and the
+#: others' shares only need room to leave the tie).
+_POOL_MAX = 256
+#: The shares start at 0 (every atom on its best move) except on the atoms tied within this
+#: at the stalled point (rounding of a value): 1/2, shifted to meet the budget.
+_TIED_START = 1e-9
+#: A relative gap of this between an atom's two moves moves its share across ``[0, 1]`` in
+#: the natural residual of the box (any positive scale has the same solutions): the pool's
+#: loosest level, so that an atom whose moves are farther apart than that goes to the bound
+#: of its better move while the atoms tied to rounding keep shares inside for many steps.
+#: Measured on the 8 sweep problems (n = 300 and 2000, d = 3 and 8) where Newton stalled at
+#: a kink: all solved with 1e-1 (and 7 of 7 with 1e-2); with 1e-3 or less (the bound atoms
+#: then jump between the two regimes of the residual) and with ``c = 1`` (an atom whose
+#: second move overtakes the first is forced to a tie) 0 to 5 of 7.
+_SHARE_SPAN = _TIE_LEVELS[-1]
+#: KKT Newton iterations (semismooth Newton: quadratic once the active set settles).
 _KKT_ITERS = 100
 #: The KKT residual is solved when the budget is met to ``_KKT_BUDGET rho^2`` and the ties to
 #: ``_KKT_TIE`` (rounding of an n-term sum and of one loss).
 _KKT_BUDGET = 1e-12
 _KKT_TIE = 1e-15
-#: A share outside ``[-_SHARE_ROUND, 1 + _SHARE_ROUND]`` means the atom is not tied.
-_SHARE_ROUND = 1e-9
 #: Smallest KKT backtracking step before the solve gives up.
 _KKT_MIN_STEP = 1e-8
 #: Residual decrease fraction demanded of a KKT step (Armijo's customary 1e-4).
@@ -1632,12 +1710,18 @@ class _Candidates(NamedTuple):
 
 
 def _candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float) -> _Candidates:
+    """The columns: the right and left maximisers of the kept branch, then of the flipped one.
+    For ``k >= 1/4`` a branch's one maximiser is in its right column (``best_move`` names its
+    piece, which changes with ``m`` and ``k``: a fixed column would lose it along a step)."""
     m = at.a @ delta
     b = at.beta * float(np.linalg.norm(delta))
     k = 2.0 * lam / b**2
     taus, flips, vals = [], [], []
     for sign in ((1.0, -1.0) if math.isfinite(kappa) else (1.0,)):
         roots = best_move(sign * m, k).roots
+        if k >= 0.25:
+            roots = roots._replace(right_exists=np.ones(m.shape, dtype=bool),
+                                   left_exists=np.zeros(m.shape, dtype=bool))
         for tau, ok in ((roots.tau_right, roots.right_exists),
                         (roots.tau_left, roots.left_exists)):
             val = softplus(tau - sign * m) - 0.5 * k * tau**2 - (lam * kappa if sign < 0 else 0)
@@ -1649,15 +1733,19 @@ def _candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float) -> _Cand
 
 
 def kink_fallback(at: Atoms, amb, stall: Stalled, tol: float) -> Minimum:
-    """Newton on the KKT system where the p = 2 minimiser sits at a kink of ``F``.
+    """Semismooth Newton on the KKT system where the p = 2 minimiser sits at a kink of ``F``.
 
-    There atoms ``T`` (typically two with nearly equal margins) have two maximisers of
-    equal value at ``lambda*`` and the optimal coupling splits each between them with
-    shares ``xi_i``. Unknowns ``(delta, lambda, xi)``; equations: the Danskin gradient of
-    the mixture vanishes, the mixture spends ``rho^2``, and ``w_i (V_i^1 - V_i^0) = 0`` on
-    ``T``. ``T`` is chosen by an active-set loop: the atoms whose two best moves are within
-    ``_TIE_LEVELS`` (relative) at the stalled point, less those whose share leaves
-    ``[0, 1]`` in a solve. On failure ``stall`` is re-raised.
+    There some atoms have two maximisers of equal value at ``lambda*`` and the optimal
+    coupling splits each between them with shares ``xi_i in [0, 1]``: ``(delta, lambda)``
+    minimises and ``xi`` maximises ``H = lambda rho^2 + sum_i w_i ((1 - xi_i) V_i^0 + xi_i
+    V_i^1)`` (the two best moves of each atom of a pool), a saddle point. Unknowns
+    ``(delta, lambda, xi)``; equations: the Danskin gradient of the mixture vanishes, the
+    mixture spends ``rho^2``, and ``xi_i = clip(xi_i + w_i (V_i^1 - V_i^0), 0, 1)`` (a
+    tie where the share is inside ``(0, 1)``, else the share at the bound of the better
+    move): the natural residual of the box constraint, so that the active set (which
+    atoms are tied) changes within the solve. The pool: the atoms whose two best moves are
+    within ``_TIE_LEVELS`` (relative) at the stalled point, tried from the tightest level
+    up. On failure ``stall`` is re-raised.
     """
     state = stall.state
     if not isinstance(state, W2State) or state.lam is None:
@@ -1669,102 +1757,106 @@ def kink_fallback(at: Atoms, amb, stall: Stalled, tol: float) -> Minimum:
     v1, v2 = vals[rows, order[:, 0]], vals[rows, order[:, 1]]
     close = (at.w > 0) & np.isfinite(v2)
     gap = np.where(close, (v1 - v2) / (1.0 + np.abs(v1)), np.inf)
-    tried = set()
+    seen = 0
     for level in _TIE_LEVELS:
-        tied = gap <= level
-        for _ in range(_TIE_ROUNDS):
-            key = tuple(np.flatnonzero(tied))
-            if not key or key in tried:
-                break
-            tried.add(key)
-            out = _kink_solve(at, amb, delta, lam, tol, np.flatnonzero(tied), order)
-            if out is None:
-                break
-            if out.minimum is None:  # atoms whose share left [0, 1]: not tied
-                tied[out.outside] = False
-                continue
-            return out.minimum
+        pool = np.flatnonzero(gap <= level)
+        if pool.size == seen:  # the same pool as the level before
+            continue
+        seen = pool.size
+        if pool.size > _POOL_MAX:
+            pool = pool[np.argsort(gap[pool], kind="stable")[:_POOL_MAX]]
+        found = _kink_solve(at, amb, delta, lam, tol, pool, order, gap)
+        if found is not None:
+            return found
     raise stall
 
 
-@dataclass(frozen=True, eq=False)
-class _KinkOutcome:
-    """A KKT solve's answer: the ``minimum``, or the tied atoms whose share left [0, 1]."""
-
-    minimum: Minimum | None = None
-    outside: np.ndarray | None = None
-
-
 def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
-                ti: np.ndarray, order: np.ndarray) -> _KinkOutcome | None:
-    """One KKT solve of :func:`kink_fallback` with tied atoms ``ti`` (``None``: failed)."""
-    kappa, rho2, w, d = amb.kappa, amb.rho**2, at.w, delta.size
+                pool: np.ndarray, order: np.ndarray, gap: np.ndarray) -> Minimum | None:
+    """One semismooth KKT solve of :func:`kink_fallback` with share variables on the atoms
+    ``pool`` (``None``: failed)."""
+    kappa, rho2, w, d, beta = amb.kappa, amb.rho**2, at.w, delta.size, at.beta
+    finite = math.isfinite(kappa)
     rows = np.arange(w.size)
     # identical atoms behave identically: one representative each, carrying their weight
-    _, first, inverse = np.unique(at.a[ti], axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.ravel()
-    wt = np.bincount(inverse, w[ti])
-    groups = ti[first]
-    if groups.size > d + 1:
-        return None
+    _, first, inverse = np.unique(at.a[pool], axis=0, return_index=True, return_inverse=True)
+    wt = np.bincount(inverse.ravel(), w[pool])
+    groups = pool[first]
+    ng = groups.size
     rest = w.copy()
-    rest[ti] = 0.0
+    rest[pool] = 0.0
     c0, c1 = order[groups, 0], order[groups, 1]
+    ag = at.a[groups]
 
     def residual(delta, lam, xi, full=False):
         """The KKT residual and, with ``full``, its Jacobian (``O(n d^2)``; else ``None``)."""
         cand = _candidates(at, delta, lam, kappa)
         m, b, taus, flips, vals = cand
         best = np.argmax(vals, axis=1)
-        blk = w2_blocks(at.a, rest, m, taus[rows, best], flips[rows, best], b, lam, at.beta,
-                        delta, dd_block=full)
-        g_d, g_l, h_dd, h_dl, h_ll = blk
-        g_l -= kappa * float(rest @ flips[rows, best]) if math.isfinite(kappa) else 0.0
-        cols, res_t = [], []
-        for j, i in enumerate(groups):
-            grads, values = [], []
-            for c, share in ((c0[j], 1.0 - xi[j]), (c1[j], xi[j])):
-                one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], taus[i:i + 1, c],
-                                flips[i:i + 1, c], b, lam, at.beta, delta, dd_block=full)
-                gl = one.g_l - (kappa if flips[i, c] else 0.0)
-                g_d, g_l = g_d + wt[j] * share * one.g_d, g_l + wt[j] * share * gl
-                if full:
-                    h_dd = h_dd + wt[j] * share * one.h_dd
-                h_dl = h_dl + wt[j] * share * one.h_dl
-                h_ll += wt[j] * share * one.h_ll
-                grads.append(np.append(one.g_d, gl))
-                values.append(vals[i, c])
-            cols.append(wt[j] * (grads[1] - grads[0]))
-            res_t.append(wt[j] * (values[1] - values[0]))
-        res = np.concatenate([g_d, [rho2 + g_l], res_t])
+        fl = flips[rows, best]
+        blk = w2_blocks(at.a, rest, m, taus[rows, best], fl, b, lam, beta, delta,
+                        dd_block=full)
+        g_d, h_dd, h_dl, h_ll = blk.g_d, blk.h_dd, blk.h_dl, blk.h_ll
+        g_l = blk.g_l - (kappa * float(rest @ fl) if finite else 0.0)
+        u = delta / float(np.linalg.norm(delta))
+        grads, values = [], []
+        for c, share in ((c0, 1.0 - xi), (c1, xi)):
+            tau, flip = taus[groups, c], flips[groups, c]
+            part = w2_blocks(ag, wt * share, m[groups], tau, flip, b, lam, beta, delta,
+                             dd_block=full)
+            g_d = g_d + part.g_d
+            g_l += part.g_l - (kappa * float((wt * share) @ flip) if finite else 0.0)
+            if full:
+                h_dd = h_dd + part.h_dd
+            h_dl, h_ll = h_dl + part.h_dl, h_ll + part.h_ll
+            # each atom's Danskin gradient of V in (delta, lambda)
+            t, sgn = tau / b, np.where(flip, -1.0, 1.0)
+            sg = expit(tau - sgn * m[groups])
+            gd = np.outer(sg * t, beta * u) - (sg * sgn)[:, None] * ag
+            grads.append(np.column_stack([gd, -t * t - np.where(flip, kappa, 0.0)]))
+            values.append(vals[groups, c])
+        # the box's natural residual xi - clip(xi + c dv, 0, 1), dv = w (V^1 - V^0), with
+        # c dv = (V^1 - V^0) / (_SHARE_SPAN (1 + |V^0|)): a relative value gap of
+        # _SHARE_SPAN moves a share across the box; divided by c (value units: -dv at a tie),
+        # so that the ties weigh in the residual's norm as the other equations do
+        scale = wt * _SHARE_SPAN * (1.0 + np.abs(values[0]))  # 1 / c
+        with np.errstate(invalid="ignore"):  # a move lost along a step: rejected (not finite)
+            z = xi + (wt * (values[1] - values[0])) / scale
+        inside = (z > 0.0) & (z < 1.0)  # a tie; else the share sits at a bound
+        res = np.concatenate([g_d, [rho2 + g_l], (xi - np.clip(z, 0.0, 1.0)) * scale])
         if not full:
             return res, None
-        jac = np.zeros((d + 1 + groups.size,) * 2)
-        cmat = np.array(cols).T
+        cols = (wt[:, None] * (grads[1] - grads[0])).T  # (d + 1, groups): d(dv) / d(delta, lam)
+        jac = np.zeros((d + 1 + ng,) * 2)
         jac[:d, :d], jac[:d, d], jac[d, :d], jac[d, d] = h_dd, h_dl, h_dl, h_ll
-        jac[:d + 1, d + 1:], jac[d + 1:, :d + 1] = cmat, cmat.T
+        jac[:d + 1, d + 1:] = cols
+        jac[d + 1:, :d + 1] = np.where(inside[:, None], -cols.T, 0.0)
+        jac[d + 1 + np.arange(ng), d + 1 + np.arange(ng)] = np.where(inside, 0.0, scale)
         return res, jac
 
-    # shares that meet the budget at the start, then Newton on the KKT residual
-    xi = np.full(groups.size, 0.5)
+    # every atom on its best move but the tied ones: half on each, shifted to meet the budget
+    tied = gap[groups] <= _TIED_START
+    if not tied.any():
+        tied[int(np.argmin(gap[groups]))] = True
+    xi = np.where(tied, 0.5, 0.0)
     res, jac = residual(delta, lam, xi, full=True)
-    shift = np.linalg.lstsq(jac[d:d + 1, d + 1:], -res[d:d + 1], rcond=None)[0]
-    xi = np.clip(xi + shift, 0.0, 1.0)
-    res, jac = residual(delta, lam, xi, full=True)
+    col = jac[d, d + 1:] * tied
+    if col @ col > 0:
+        xi = np.clip(xi - res[d] * col / float(col @ col), 0.0, 1.0)
+        res, jac = residual(delta, lam, xi, full=True)
     for it in range(_KKT_ITERS):
+        if not np.isfinite(res).all():
+            return None
         if (np.max(np.abs(res[:d])) <= tol and abs(res[d]) <= _KKT_BUDGET * rho2
                 and np.max(np.abs(res[d + 1:]), initial=0.0) <= _KKT_TIE):
-            outside = (xi < -_SHARE_ROUND) | (xi > 1 + _SHARE_ROUND)
-            if outside.any():
-                return _KinkOutcome(outside=ti[np.isin(inverse, np.flatnonzero(outside))])
-            return _KinkOutcome(minimum=Minimum(delta, it, W2State(lam=lam)))
+            return Minimum(delta, it, W2State(lam=lam))
         if jac is None:  # the Jacobian only where a step is taken (trials need the residual)
             jac = residual(delta, lam, xi, full=True)[1]
         step = np.linalg.lstsq(jac, -res, rcond=None)[0]
         t, norm0 = 1.0, float(np.linalg.norm(res))
         while t > _KKT_MIN_STEP:
             cand = (delta + t * step[:d], lam + t * step[d], xi + t * step[d + 1:])
-            if cand[1] > 0:
+            if cand[1] > 0 and np.any(cand[0]):
                 new = residual(*cand)
                 if (np.isfinite(new[0]).all()
                         and np.linalg.norm(new[0]) < (1 - _KKT_ARMIJO * t) * norm0):
