@@ -177,14 +177,31 @@ class W1SmoothState:
 class W1Threshold:
     """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
     cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
-    certified ``delta`` reuses it instead of searching the margins again."""
+    certified ``delta`` reuses it instead of searching the margins again. ``point``: ``E_P
+    l`` there (:class:`_LogisticPoint`), which the homotopy started at ``delta`` (a
+    subsample's minimiser) takes instead of computing the margins again."""
 
     delta: np.ndarray
     k: int
+    point: _LogisticPoint | None = None
 
     def transfer(self) -> None:
         """Nothing starts another problem (the threshold is that of these atoms)."""
         return None
+
+
+def _rows(at: Atoms, idx: np.ndarray) -> np.ndarray:
+    """The rows ``a_idx = factor_idx x_idx`` (a few atoms: the threshold's window, a face)
+    without the ``n x d`` matrix :attr:`~.core.Atoms.a`, which this module never builds
+    (the products with it are :meth:`~.core.Atoms.matvec` and ``rmatvec``)."""
+    return at.x[idx] * at.factor[idx, None]
+
+
+def _strided(at: Atoms, rows: slice) -> Atoms:
+    """The atoms ``rows`` (a slice: views, no copy), weights as they are (not
+    renormalised)."""
+    return Atoms(at.x[rows], at.y[rows], at.w[rows], at.factor[rows], at.beta, at.scale,
+                 at.radius)
 
 
 class _LogisticPoint:
@@ -192,10 +209,12 @@ class _LogisticPoint:
     gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
     objective folds it into its own single product with ``a``)."""
 
-    def __init__(self, at: Atoms, delta: np.ndarray) -> None:
+    def __init__(self, at: Atoms, delta: np.ndarray, m: np.ndarray | None = None,
+                 l: np.ndarray | None = None) -> None:
+        """``m = a delta`` and ``l = softplus(-m)`` are computed unless given."""
         self.at, self.delta = at, delta.copy()
-        self.m = at.a @ delta
-        self.l = softplus(-self.m)
+        self.m = at.matvec(delta) if m is None else m
+        self.l = softplus(-self.m) if l is None else l
         self.s = loss_sigmoid(self.l)
         self.value = float(at.w @ self.l)
         self._grad: np.ndarray | None = None
@@ -203,7 +222,7 @@ class _LogisticPoint:
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None:
-            self._grad = -((self.at.w * self.s) @ self.at.a)
+            self._grad = -self.at.rmatvec(self.at.w * self.s)
         return self._grad
 
 
@@ -240,7 +259,7 @@ class _Logistic:
             w_sub = float(at.w[rows].sum()) if every >= _HESS_STRIDE_MIN else 0.0
             if moved > _HESS_COARSE and w_sub > 0:
                 c = at.w[rows] * s[rows] * (1.0 - s[rows]) * (float(at.w.sum()) / w_sub)
-                self.h, self.coarse = weighted_hess(at.a[rows], c), True
+                self.h, self.coarse = weighted_hess(_strided(at, rows), c), True
             else:
                 self.h, self.coarse = weighted_hess(at, at.w * s * (1.0 - s)), False
             self.delta, self.m = pt.delta, m
@@ -248,8 +267,7 @@ class _Logistic:
 
     def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
         last = self.last
-        if (last is None or last.m.shape != at.w.shape
-                or not np.array_equal(last.delta, delta)):
+        if last is None or last.at is not at or not np.array_equal(last.delta, delta):
             self.last = last = _LogisticPoint(at, delta)
         return last
 
@@ -414,16 +432,21 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
-                state: W1SmoothState | None = None) -> InnerResult:
+                state: W1SmoothState | None = None,
+                cache: _Logistic | None = None) -> InnerResult:
     """``F_mu(delta)`` with its gradient and Hessian (no worst case: see the module docstring).
 
     ``state`` warm-starts ``lambda``; the result's ``state`` holds ``lambda`` and the flip
     shares ``q = w sigmoid((m - lambda kappa) / mu)``. Besides ``E_P l`` (one product with
     ``a`` for the margins, one for the gradient) each evaluation works on the atoms at and
-    above the threshold only.
+    above the threshold only. ``cache``: the :class:`_Logistic` to start with when
+    ``state`` has none.
     """
-    w, a, beta = at.w, at.a, at.beta
-    cache = _Logistic() if state is None or state.hess is None else state.hess
+    w, beta = at.w, at.beta
+    if state is not None and state.hess is not None:
+        cache = state.hess
+    elif cache is None:
+        cache = _Logistic()
     pt = cache.point(at, delta)  # E_P l: the last stage's last point starts the next stage
     m, s = pt.m, pt.s
     dn = float(np.linalg.norm(delta))
@@ -442,7 +465,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     np.negative(coef, out=coef)
     coef[top] += wt
     coef[i] += wi * pi
-    grad = coef @ a
+    grad = at.rmatvec(coef)
     wc = wi * pi * (1.0 - pi) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * thr.mass
     clamped = not (lam > b or dn == 0.0)
@@ -450,7 +473,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         grad = grad + g_l * beta * delta / dn
 
     def hess():
-        ai = a[i]
+        ai = _rows(at, i)
         bi = ai * np.sqrt(wc)[:, None]
         h = cache.hess(at, pt) + bi.T @ bi
         g_dl = -kappa * (wc @ ai)
@@ -527,7 +550,7 @@ def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
     q = np.clip(q, 0.0, at.w)
     if kappa * float(q.sum()) > rho:
         q = q * (rho / (kappa * float(q.sum())))
-    return q @ at.a, max(rho - kappa * float(q.sum()), 0.0) * at.beta
+    return at.rmatvec(q), max(rho - kappa * float(q.sum()), 0.0) * at.beta
 
 
 def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
@@ -539,9 +562,9 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     groups' weights and ``r0`` their starting shares. Returns the face's ``delta``,
     threshold ``t`` and group shares ``r``, or ``None`` if Newton stalls.
     """
-    w, a, beta, d = at.w, at.a, at.beta, delta.size
-    groups, k = a[tied], tied.size
-    a_full, w_full = w[full] @ a[full], float(w[full].sum())
+    w, beta, d = at.w, at.beta, delta.size
+    groups, k = _rows(at, tied), tied.size
+    a_full, w_full = at.rmatvec(np.where(full, w, 0.0)), float(w[full].sum())
 
     def residual(z):
         """The system's residual at ``z`` and its Jacobian (a function: only the accepted
@@ -627,7 +650,7 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
     homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
-    w, a, beta, d = at.w, at.a, at.beta, delta.size
+    w, beta, d = at.w, at.beta, delta.size
     cache = _Logistic() if cache is None else cache
     share = np.divide(q, w, out=np.zeros_like(q), where=w > 0)
     tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
@@ -646,7 +669,8 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
         idx = np.flatnonzero(tied_mask)
         if idx.size == 0 and not clamped:  # lambda > b needs an atom split at the threshold
             return None
-        _, first, inverse = np.unique(a[idx], axis=0, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
+                                      return_inverse=True)
         inverse = inverse.ravel()
         big_w = np.bincount(inverse, w[idx])
         if first.size > d + (0 if clamped else 1):
@@ -819,12 +843,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     dn = float(np.linalg.norm(delta))
     value, lam, mu, k, cand, f = _flips(at, delta, m, l, amb, dn, state)
-    s = loss_sigmoid(l)
+    finite = not math.isinf(kappa)
+    pt = _LogisticPoint(at, delta, m, l) if finite and not worst else None
+    s = loss_sigmoid(l) if pt is None else pt.s
     coef = w * s
     np.negative(coef, out=coef)
     if cand is not None:
         coef[cand] += f
-    grad = coef @ at.a  # one product with A
+    grad = at.rmatvec(coef)  # one product with A
     if dn > 0:
         grad = grad + mu * beta * delta / dn
 
@@ -871,7 +897,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
                        float(cost), float(rho))
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
-                       None if math.isinf(kappa) else W1Threshold(delta.copy(), k),
+                       W1Threshold(delta.copy(), k, pt) if finite else None,
                        margins=m if worst else None, losses=l if worst else None,
                        hvp=hvp if hess else None, primal=primal if worst else None)
 
@@ -909,7 +935,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
     mean = ea / at.beta  # E xh, without the n x d array xh = a / beta
     norm = float(np.linalg.norm(mean))
     # the dual at e = E xh / ||E xh|| above rho proves delta = 0 not optimal (one pass)
-    proj = (at.a @ mean) / (at.beta * norm)
+    proj = at.matvec(mean) / (at.beta * norm)
     if 0.5 * norm - float(at.w @ np.maximum(proj - amb.kappa, 0.0)) > amb.rho:
         return None
     s_top = min(norm, 2.0 * amb.rho)
@@ -917,7 +943,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
         r2 = 4.0 * s * amb.rho - s * s
         f = flip_shares(at, Wasserstein(math.sqrt(r2), p=2, kappa=4.0 * s * amb.kappa))
         if f is not None:
-            g = mean - 2.0 * (f @ at.a) / at.beta
+            g = mean - 2.0 * at.rmatvec(f) / at.beta
             if 0.5 * float(np.linalg.norm(g)) + amb.kappa * float(f.sum()) <= amb.rho:
                 return 0.0
     return None
@@ -935,7 +961,7 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
     linear = amb.rho * at.beta * delta / dn if dn > 0 and amb.rho > 0 else None
     m, l = (res.margins, res.losses) if res.margins is not None else (None, None)
     # res.grad, E_P grad l + rho beta u, is that bound's gradient at delta (the same sums)
-    return logistic_gap(at.a, at.w, delta, res.value, linear, m=m, l=l,
+    return logistic_gap(at, at.w, delta, res.value, linear, m=m, l=l,
                         radius=at.max_norm(), grad=res.grad) / max(1.0, abs(res.value))
 
 
@@ -964,7 +990,7 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
     # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
-    return res.value - logistic_gap(at.a, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
+    return res.value - logistic_gap(at, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
                                     radius=at.max_norm(), grad=res.grad)
 
 
@@ -988,20 +1014,22 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
 
 
 def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
-              mu_first: float) -> Minimum:
+              mu_first: float, cache: _Logistic) -> Minimum:
     """Minimise the finite-kappa ``F`` through the smoothed ``F_mu`` (module docstring).
 
     From ``mu = MU_CHECK`` on, each stage's minimiser is first polished on the face it
     points to (:func:`polish_face`), and the candidates are certified by the duality gap
     ``F(delta) - min L_q`` (:func:`lower_bound`); the homotopy stops at the first relative
-    gap below ``GAP_TOL``, reported as ``info["optimality_gap"]``.
+    gap below ``GAP_TOL``, reported as ``info["optimality_gap"]``. ``cache``: the
+    :class:`_Logistic` of the first stage.
     """
     label, total, state = repr(amb), 0, None
     q = None
     for mu in (mu for mu in MU_PATH if mu <= mu_first):
         stage_tol = tol if mu == MU_PATH[-1] else max(tol, _STAGE_TOL * mu)  # warm starts
         try:
-            run = newton(lambda d, st, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, st),
+            run = newton(lambda d, st, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, st,
+                                                          cache),
                          delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})", state)
         except Stalled:
             if mu >= MU_SAFE:
@@ -1041,13 +1069,18 @@ def _found(at: Atoms, amb, cert: _Certified, iterations: int, cache: _Logistic) 
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
-             warm_started: bool) -> Minimum | None:
+             warm_started: bool, start: InnerResult | None = None) -> Minimum | None:
     """The homotopy for finite ``kappa`` and ``rho > 0`` (from ``MU_WARM`` when started at a
     subsample's minimiser, where the coarse stages would only move away from it); ``None``
-    otherwise (plain Newton minimises ``E l + rho b``)."""
+    otherwise (plain Newton minimises ``E l + rho b``). ``start``: the exact evaluation at
+    ``delta`` (:func:`_evaluate`), whose margins and losses start the first stage."""
     if math.isinf(amb.kappa) or amb.rho == 0.0:
         return None
-    return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0])
+    cache = _Logistic()
+    if start is not None and isinstance(start.state, W1Threshold):
+        cache.last = start.state.point  # cache.point checks its delta
+    return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0],
+                     cache)
 
 
 METHODS = SetMethods(
