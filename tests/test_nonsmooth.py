@@ -416,3 +416,32 @@ def test_w1_solve_never_builds_the_atom_matrix(kappa, monkeypatch, gaussian_data
     assert lean.info["optimality_gap"] <= 1e-13
     np.testing.assert_allclose(lean.theta, plain.theta, rtol=0, atol=1e-9)
     assert lean.value == pytest.approx(plain.value, rel=1e-13)
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 1.0, 0.3])
+def test_w1_worst_case_built_on_read_is_a_coupling_of_p(kappa, gaussian_data):
+    """The solve builds none of the worst case's atoms (masses, features, labels, sources);
+    read, they are a distribution reached from P by a coupling of the reported cost: masses
+    >= 0 summing to 1, those from each nominal atom summing to its weight, labels kept or
+    flipped, kappa (flipped mass) + E ||x - x_source|| = transport_cost = rho (the whole
+    budget), and E_Q l = primal_value."""
+    from simulator.losses import dpo_loss, margins
+
+    data = gaussian_data(2000, seed=4)
+    amb = sim.Wasserstein(0.05, p=1, kappa=kappa)
+    sol = sim.solve(data, amb, merge=False)
+    wc = sol.worst_case
+    assert all(callable(wc.__dict__[k]) for k in ("weights", "x", "y", "source"))
+    q, src = wc.weights, wc.source
+    assert q.min() >= 0.0 and q.sum() == pytest.approx(1.0, rel=1e-13)
+    np.testing.assert_allclose(np.bincount(src, q, minlength=data.n), data.weights,
+                               rtol=0, atol=1e-15)
+    flipped = wc.y != data.y[src]
+    np.testing.assert_array_equal(wc.y[flipped], 1.0 - data.y[src][flipped])
+    assert not flipped.any() or math.isfinite(kappa)
+    moved = np.linalg.norm(wc.x - data.x[src], axis=1)
+    cost = (kappa * float(q[flipped].sum()) if flipped.any() else 0.0) + float(q @ moved)
+    assert cost == pytest.approx(wc.transport_cost, rel=1e-9)
+    assert wc.transport_cost == pytest.approx(amb.rho, rel=1e-12) and wc.budget == amb.rho
+    direct = float(q @ dpo_loss(margins(sol.theta, wc.x, wc.y, 1.0, np.zeros(data.d))))
+    assert sol.primal_value == pytest.approx(direct, rel=1e-12)

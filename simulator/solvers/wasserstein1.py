@@ -722,22 +722,57 @@ def _lowest(m: np.ndarray, mass: np.ndarray, sign: float) -> tuple[int, float]:
     return k, sign * float(m[k])
 
 
-def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, delta: np.ndarray,
+class _FarAtom(NamedTuple):
+    """The atom ``k`` whose mass the far move takes (flipped or kept), that mass, and its
+    ``+-m_k`` (the margin of its worst-case copy)."""
+
+    flipped: bool
+    k: int
+    mass: float
+    margin: float
+
+
+def _far_atom(m: np.ndarray, w: np.ndarray, cand: np.ndarray, f: np.ndarray) -> _FarAtom:
+    """The kept atom of lowest margin or the flipped one of highest, whichever is lower
+    (``f``: the flip masses of the sorted atoms ``cand``, the rest of the mass kept).
+
+    The kept atom is ``argmin m`` over the atoms of positive weight unless the flips take
+    all its mass (then it is searched on the kept masses, an ``n``-array): ``cand`` holds
+    the highest margins, so this is the lowest kept one with no ``n``-array of masses; the
+    flipped one is searched on ``cand`` alone.
+    """
+    if float(w.min()) > 0:
+        k = int(np.argmin(m))
+    else:
+        pos = np.flatnonzero(w > 0)
+        k = int(pos[np.argmin(m[pos])])
+    j = int(np.searchsorted(cand, k))
+    kept = float(w[k] - f[j]) if j < cand.size and cand[j] == k else float(w[k])
+    mk = float(m[k])
+    if not kept > 0:  # all of it flipped
+        keep = w.copy()
+        keep[cand] = w[cand] - f
+        k, mk = _lowest(m, keep, 1.0)
+        kept = float(keep[k]) if k >= 0 else 0.0
+    idx = np.flatnonzero(f > 0)
+    if idx.size:
+        j_f = int(idx[np.argmax(m[cand[idx]])])
+        if -float(m[cand[j_f]]) < mk:
+            return _FarAtom(True, int(cand[j_f]), float(f[j_f]), -float(m[cand[j_f]]))
+    return _FarAtom(False, k, kept, mk)
+
+
+def _moved_far(at: Atoms, m: np.ndarray, cand: np.ndarray, f: np.ndarray, delta: np.ndarray,
                mu: float, value: float) -> _FarMove:
     """A mass ``eps`` of the lowest-margin kept atom, moved by ``mu / eps`` along ``-ytil u``.
 
-    ``keep`` / ``flip`` are the masses left in place and flipped. Moving ``eps`` by ``t``
-    gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so that this shortfall is
-    at most ``_MOVE_TOL max(1, |value|)``.
+    ``f`` are the masses of the atoms ``cand`` flipped (:func:`_far_atom`). Moving ``eps``
+    by ``t`` gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so that this
+    shortfall is at most ``_MOVE_TOL max(1, |value|)``.
     """
     dn = float(np.linalg.norm(delta))
-    # candidates: the kept atoms at margin m and the flipped ones at margin -m
-    k, mk = _lowest(m, keep, 1.0)
-    k_f, mk_f = _lowest(m, flip, -1.0)
-    flipped = mk_f < mk
-    k, mk = (k_f, mk_f) if flipped else (k, mk)
-    eps = min(float((flip if flipped else keep)[k]),
-              _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
+    flipped, k, mass, mk = _far_atom(m, at.w, cand, f)
+    eps = min(mass, _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
     t = mu / eps
     y_k = 1.0 - at.y[k] if flipped else at.y[k]
     x_new = at.x[k] - (2.0 * y_k - 1.0) * t * delta / dn
@@ -753,6 +788,50 @@ def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
         return mass, at.x, 1.0 - at.y if flipped else at.y, np.arange(mass.size)
     idx = np.flatnonzero(mass > 0)
     return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
+
+
+class _WorstAtoms:
+    """The atoms of the worst case (SPEC 3.3), built only when :class:`.result.WorstCase`
+    reads them (its builders :meth:`weights`, :meth:`x`, :meth:`y`, :meth:`source`): the
+    kept masses ``w - flip`` at the nominal atoms, the flipped masses ``f`` of the atoms
+    ``cand`` at the nominal features with flipped labels, and the far-moved mass ``far``
+    (taken from its atom's kept or flipped mass). The solve reads none of them: at n = 1e6
+    their ``n``-arrays (masses, labels, sources and their concatenations) cost about five
+    passes."""
+
+    def __init__(self, at: Atoms, cand: np.ndarray, f: np.ndarray, far: _FarMove | None):
+        self.at, self.cand, self.f, self.far = at, cand, f, far
+
+    @functools.cached_property
+    def _parts(self) -> list:
+        at, far = self.at, self.far
+        flip = np.zeros_like(at.w)
+        flip[self.cand] = self.f
+        keep = at.w - flip
+        if far is not None:
+            (flip if far.flipped else keep)[far.k] -= far.eps
+        parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
+        if far is not None:
+            parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
+                          np.array([far.k])))
+        return [part for part in parts if part[0].size]
+
+    def _stacked(self, j: int) -> np.ndarray:
+        cols = [part[j] for part in self._parts]
+        return cols[0] if len(cols) == 1 else np.concatenate(cols)
+
+    def weights(self) -> np.ndarray:
+        return self._stacked(0)
+
+    def x(self) -> np.ndarray:
+        """The features (the caller's ``x`` itself where they are all of them)."""
+        return self._stacked(1)
+
+    def y(self) -> np.ndarray:
+        return self._stacked(2)
+
+    def source(self) -> np.ndarray:
+        return self._stacked(3)
 
 
 def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
@@ -869,32 +948,21 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         return out
     wc, primal = None, None
     if worst:
-        flip = np.zeros_like(w)
-        if cand is not None:
-            flip[cand] = f
-        keep = w - flip
-        cost = kappa * float(f.sum()) if cand is not None and f.any() else 0.0
+        if cand is None:
+            cand, f = np.empty(0, np.intp), np.empty(0)
+        cost = kappa * float(f.sum()) if f.any() else 0.0
+        # E_{Q*} l from the margins: a flipped atom's loss is softplus(m) = l + m
+        primal = float(w @ l) + float(f @ m[cand])
         far = None
         if mu > 0 and dn > 0:
-            far = _moved_far(at, keep, flip, m, delta, mu, value)
-            (flip if far.flipped else keep)[far.k] -= far.eps
+            far = _moved_far(at, m, cand, f, delta, mu, value)
             cost += far.cost
-        parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
-        # E_{Q*} l from the margins: a flipped atom's loss is softplus(m) = l + m
-        primal = float(keep @ l) + (float(flip[cand] @ (l[cand] + m[cand])) if cand is not None
-                                    else 0.0)
-        if far is not None:
-            parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
-                           np.array([far.k])))
             m_far = (2.0 * far.y - 1.0) * beta * float(far.x @ delta)
-            primal += far.eps * float(dpo_loss(np.array([m_far]))[0])
-        parts = [part for part in parts if part[0].size]
-        xs = [part[1] for part in parts]
-        # the stacked features (an n x d copy, with the far-moved atom) only when read
-        wc = WorstCase(np.concatenate([part[0] for part in parts]),
-                       xs[0] if len(xs) == 1 else functools.partial(np.concatenate, xs),
-                       *(np.concatenate([part[j] for part in parts]) for j in (2, 3)),
-                       float(cost), float(rho))
+            # its mass leaves the atom k (loss l_k kept, l_k + m_k flipped) for x_far
+            primal += far.eps * (float(dpo_loss(np.array([m_far]))[0])
+                                 - float(l[far.k]) - (float(m[far.k]) if far.flipped else 0.0))
+        atoms = _WorstAtoms(at, cand, f, far)
+        wc = WorstCase(atoms.weights, atoms.x, atoms.y, atoms.source, float(cost), float(rho))
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
                        W1Threshold(delta.copy(), k, pt) if finite else None,
