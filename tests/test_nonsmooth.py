@@ -445,3 +445,34 @@ def test_w1_worst_case_built_on_read_is_a_coupling_of_p(kappa, gaussian_data):
     assert wc.transport_cost == pytest.approx(amb.rho, rel=1e-12) and wc.budget == amb.rho
     direct = float(q @ dpo_loss(margins(sol.theta, wc.x, wc.y, 1.0, np.zeros(data.d))))
     assert sol.primal_value == pytest.approx(direct, rel=1e-12)
+
+
+def test_w1_homotopy_takes_the_subsample_starts_margins(monkeypatch, gaussian_data):
+    """The full problem's evaluation at the subsample's minimiser (the solve's first) hands
+    its margins and losses to the homotopy: no margins are computed there again, and the
+    answer is the one without the hand-over."""
+    data = gaussian_data(4000, seed=5)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    monkeypatch.setattr(dual, "_SUBSAMPLE_N", 500)
+    starts, fresh = [], []
+    homotopy, init = wasserstein1._homotopy, wasserstein1._LogisticPoint.__init__
+
+    def spy_homotopy(at, amb, delta, tol, max_iter, mu_first, cache):
+        if at.w.size == data.n:
+            starts.append((delta.copy(), cache.last))
+        return homotopy(at, amb, delta, tol, max_iter, mu_first, cache)
+
+    def spy_init(self, at, delta, m=None, l=None):
+        if at.w.size == data.n and m is None:
+            fresh.append(delta.copy())
+        init(self, at, delta, m, l)
+
+    monkeypatch.setattr(wasserstein1, "_homotopy", spy_homotopy)
+    monkeypatch.setattr(wasserstein1._LogisticPoint, "__init__", spy_init)
+    sol = sim.solve(data, amb)
+    (delta0, point), = starts
+    assert point is not None and np.array_equal(point.delta, delta0)
+    assert fresh and not any(np.array_equal(d, delta0) for d in fresh)
+    monkeypatch.undo()
+    plain = sim.solve(data, amb)  # no subsample start at n = 4000 (_SUBSAMPLE_N = 50,000)
+    np.testing.assert_allclose(sol.theta, plain.theta, rtol=0, atol=1e-8)

@@ -214,7 +214,7 @@ class _LogisticPoint:
         """``m = a delta`` and ``l = softplus(-m)`` are computed unless given."""
         self.at, self.delta = at, delta.copy()
         self.m = at.matvec(delta) if m is None else m
-        self.l = softplus(-self.m) if l is None else l
+        self.l = dpo_loss(self.m) if l is None else l  # softplus(-m), no n-vector -m
         self.s = loss_sigmoid(self.l)
         self.value = float(at.w @ self.l)
         self._grad: np.ndarray | None = None
@@ -241,6 +241,7 @@ class _Logistic:
         self.h: np.ndarray | None = None
         self.coarse = False
         self.last: _LogisticPoint | None = None
+        self._buf: np.ndarray | None = None  # scratch n-vector (fresh ones cost page faults)
 
     def hess(self, at: Atoms, pt: _LogisticPoint) -> np.ndarray:
         """``H(m)`` at the point ``pt``, or where the margins moved by more than
@@ -252,7 +253,13 @@ class _Logistic:
         if (same and not self.coarse and at.radius is not None
                 and at.radius * float(np.linalg.norm(pt.delta - self.delta)) <= _HESS_REUSE):
             return self.h  # |m_i - m0_i| <= ||a_i|| ||delta - delta_0||
-        moved = float(np.max(np.abs(m - self.m))) if same else math.inf
+        if self._buf is None or self._buf.shape != m.shape:
+            self._buf = np.empty_like(m)
+        buf = self._buf
+        moved = math.inf
+        if same:
+            np.subtract(m, self.m, out=buf)
+            moved = float(np.abs(buf, out=buf).max())
         if self.coarse or not moved <= _HESS_REUSE:
             every = m.size // _HESS_ATOMS
             rows = slice(None, None, every)
@@ -261,7 +268,9 @@ class _Logistic:
                 c = at.w[rows] * s[rows] * (1.0 - s[rows]) * (float(at.w.sum()) / w_sub)
                 self.h, self.coarse = weighted_hess(_strided(at, rows), c), True
             else:
-                self.h, self.coarse = weighted_hess(at, at.w * s * (1.0 - s)), False
+                np.multiply(at.w, s, out=buf)
+                buf *= 1.0 - s  # w s (1 - s)
+                self.h, self.coarse = weighted_hess(at, buf), False
             self.delta, self.m = pt.delta, m
         return self.h
 
