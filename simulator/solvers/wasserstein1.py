@@ -56,6 +56,7 @@ from .core import (
     Minimum,
     SetMethods,
     Stalled,
+    Workspace,
     logistic_gap,
     logistic_hvp,
     loss_sigmoid,
@@ -241,7 +242,8 @@ class _Logistic:
         self.h: np.ndarray | None = None
         self.coarse = False
         self.last: _LogisticPoint | None = None
-        self._buf: np.ndarray | None = None  # scratch n-vector (fresh ones cost page faults)
+        #: scratch n-vectors of the homotopy's evaluations (fresh ones cost page faults)
+        self.work = Workspace()
 
     def hess(self, at: Atoms, pt: _LogisticPoint) -> np.ndarray:
         """``H(m)`` at the point ``pt``, or where the margins moved by more than
@@ -253,9 +255,7 @@ class _Logistic:
         if (same and not self.coarse and at.radius is not None
                 and at.radius * float(np.linalg.norm(pt.delta - self.delta)) <= _HESS_REUSE):
             return self.h  # |m_i - m0_i| <= ||a_i|| ||delta - delta_0||
-        if self._buf is None or self._buf.shape != m.shape:
-            self._buf = np.empty_like(m)
-        buf = self._buf
+        buf = self.work.get("hess", m.size)
         moved = math.inf
         if same:
             np.subtract(m, self.m, out=buf)
@@ -470,7 +470,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i in one product with a
-    coef = np.multiply(w, s)
+    coef = np.multiply(w, s, out=cache.work.get("coef", w.size))
     np.negative(coef, out=coef)
     coef[top] += wt
     coef[i] += wi * pi
