@@ -573,7 +573,8 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     """
     w, beta, d = at.w, at.beta, delta.size
     groups, k = _rows(at, tied), tied.size
-    a_full, w_full = at.rmatvec(np.where(full, w, 0.0)), float(w[full].sum())
+    full = np.flatnonzero(full)  # the atoms above the threshold: a few percent of them
+    a_full, w_full = (w[full] * at.factor[full]) @ at.x[full], float(w[full].sum())
 
     def residual(z):
         """The system's residual at ``z`` and its Jacobian (a function: only the accepted
@@ -788,15 +789,16 @@ def _moved_far(at: Atoms, m: np.ndarray, cand: np.ndarray, f: np.ndarray, delta:
     return _FarMove(flipped, k, eps, x_new, float(y_k), eps * t)
 
 
-def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
-    """``(weights, x, y, source)`` of the worst-case atoms at the nominal features with
-    ``mass`` (labels flipped if ``flipped``): every atom, zero masses included, when at least
-    half have positive mass (the caller's ``x`` itself: no ``n x d`` gather, which would
-    cost a copy of the features in time and memory), else those with positive mass."""
+def _atoms_part(x: np.ndarray, y: np.ndarray, mass: np.ndarray, flipped: bool):
+    """``(weights, x, y, source)`` of the worst-case atoms at the nominal features ``x``
+    (labels ``y``) with ``mass`` (labels flipped if ``flipped``): every atom, zero masses
+    included, when at least half have positive mass (the caller's ``x`` itself: no ``n x
+    d`` gather, which would cost a copy of the features in time and memory), else those
+    with positive mass."""
     if 2 * int(np.count_nonzero(mass > 0)) >= mass.size:
-        return mass, at.x, 1.0 - at.y if flipped else at.y, np.arange(mass.size)
+        return mass, x, 1.0 - y if flipped else y, np.arange(mass.size)
     idx = np.flatnonzero(mass > 0)
-    return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
+    return mass[idx], x[idx], 1.0 - y[idx] if flipped else y[idx], idx
 
 
 class _WorstAtoms:
@@ -806,20 +808,23 @@ class _WorstAtoms:
     ``cand`` at the nominal features with flipped labels, and the far-moved mass ``far``
     (taken from its atom's kept or flipped mass). The solve reads none of them: at n = 1e6
     their ``n``-arrays (masses, labels, sources and their concatenations) cost about five
-    passes."""
+    passes. Only the caller's arrays ``x``, ``y``, ``w`` are kept, not the atoms (their
+    factor and scratch vectors)."""
 
     def __init__(self, at: Atoms, cand: np.ndarray, f: np.ndarray, far: _FarMove | None):
-        self.at, self.cand, self.f, self.far = at, cand, f, far
+        self._x, self._y, self._w = at.x, at.y, at.w
+        self.cand, self.f, self.far = cand, f, far
 
     @functools.cached_property
     def _parts(self) -> list:
-        at, far = self.at, self.far
-        flip = np.zeros_like(at.w)
+        far = self.far
+        flip = np.zeros_like(self._w)
         flip[self.cand] = self.f
-        keep = at.w - flip
+        keep = self._w - flip
         if far is not None:
             (flip if far.flipped else keep)[far.k] -= far.eps
-        parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
+        parts = [_atoms_part(self._x, self._y, keep, False),
+                 _atoms_part(self._x, self._y, flip, True)]
         if far is not None:
             parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
                           np.array([far.k])))
