@@ -1123,8 +1123,9 @@ class SetMethods:
         ``(at, ambiguity, delta0, tol, max_iter, warm_started, start) -> Minimum | None``:
         a special minimisation (the p = 1, finite-kappa homotopy); ``None`` (or a ``None``
         result) means damped Newton on ``evaluate``. ``warm_started``: ``delta0`` is a
-        subsample's minimiser; ``start``: ``evaluate``'s result at ``delta0`` (no worst
-        case) when known, whose margins and losses the set may reuse, else ``None``.
+        subsample's minimiser; ``start``: ``None`` or a list holding ``evaluate``'s result
+        at ``delta0`` (no worst case), which the set pops where it reuses it (its margins
+        and losses), as :func:`newton` does.
     stall_fallback : callable or None
         ``(at, ambiguity, stall, tol) -> Minimum``: what to try when Newton stalls away
         from ``delta = 0`` (the p = 2 kink solve); it re-raises ``stall`` on failure.

@@ -1151,16 +1151,18 @@ def _found(at: Atoms, amb, cert: _Certified, iterations: int, cache: _Logistic) 
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
-             warm_started: bool, start: InnerResult | None = None) -> Minimum | None:
+             warm_started: bool, start: list | None = None) -> Minimum | None:
     """The homotopy for finite ``kappa`` and ``rho > 0`` (from ``MU_WARM`` when started at a
     subsample's minimiser, where the coarse stages would only move away from it); ``None``
-    otherwise (plain Newton minimises ``E l + rho b``). ``start``: the exact evaluation at
-    ``delta`` (:func:`_evaluate`), whose margins and losses start the first stage."""
+    otherwise (plain Newton minimises ``E l + rho b``). ``start``: a list holding the exact
+    evaluation at ``delta`` (:func:`_evaluate`), popped: its margins and losses start the
+    first stage."""
     if math.isinf(amb.kappa) or amb.rho == 0.0:
         return None
     cache = _Logistic()
-    if start is not None and isinstance(start.state, W1Threshold):
-        cache.last = start.state.point  # cache.point checks its delta
+    res = start.pop() if start else None
+    if res is not None and isinstance(res.state, W1Threshold):
+        cache.last = res.state.point  # cache.point checks its delta
     return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0],
                      cache)
 
