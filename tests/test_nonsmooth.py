@@ -395,3 +395,84 @@ def test_w1_primal_value_and_lazy_worst_case_features(kappa):
     assert np.count_nonzero(moved) == 1 if math.isinf(kappa) else np.count_nonzero(moved) <= 1
     again = pickle.loads(pickle.dumps(wc))
     np.testing.assert_array_equal(again.x, wc.x)
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 1.0, 3.0])
+def test_w1_solve_never_builds_the_atom_matrix(kappa, monkeypatch, gaussian_data):
+    """The W1 solve (subsample start, homotopy, face polish, certificate, worst case) works
+    on the caller's features through ``Atoms.matvec`` / ``rmatvec``: reading the ``n x d``
+    copy ``Atoms.a`` fails here, and the answer is the one found with it (the same sums).
+    (Near the collapse radius the finite-kappa zero test's p = 2 flip test still reads it.)"""
+    data = gaussian_data(4000, seed=3)
+    amb = sim.Wasserstein(0.05, p=1, kappa=kappa)
+    monkeypatch.setattr(dual, "_SUBSAMPLE_N", 500)
+    plain = sim.solve(data, amb)
+
+    def refuse(self):
+        raise AssertionError("Atoms.a was built")
+
+    monkeypatch.setattr(core.Atoms, "a", property(refuse))
+    lean = sim.solve(data, amb)
+    assert lean.info["optimality_gap"] <= 1e-13
+    np.testing.assert_allclose(lean.theta, plain.theta, rtol=0, atol=1e-9)
+    assert lean.value == pytest.approx(plain.value, rel=1e-13)
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 1.0, 0.3])
+def test_w1_worst_case_built_on_read_is_a_coupling_of_p(kappa, gaussian_data):
+    """The solve builds none of the worst case's atoms (masses, features, labels, sources);
+    read, they are a distribution reached from P by a coupling of the reported cost: masses
+    >= 0 summing to 1, those from each nominal atom summing to its weight, labels kept or
+    flipped, kappa (flipped mass) + E ||x - x_source|| = transport_cost = rho (the whole
+    budget), and E_Q l = primal_value."""
+    from simulator.losses import dpo_loss, margins
+
+    data = gaussian_data(2000, seed=4)
+    amb = sim.Wasserstein(0.05, p=1, kappa=kappa)
+    sol = sim.solve(data, amb, merge=False)
+    wc = sol.worst_case
+    assert all(callable(wc.__dict__[k]) for k in ("weights", "x", "y", "source"))
+    q, src = wc.weights, wc.source
+    assert q.min() >= 0.0 and q.sum() == pytest.approx(1.0, rel=1e-13)
+    np.testing.assert_allclose(np.bincount(src, q, minlength=data.n), data.weights,
+                               rtol=0, atol=1e-15)
+    flipped = wc.y != data.y[src]
+    np.testing.assert_array_equal(wc.y[flipped], 1.0 - data.y[src][flipped])
+    assert not flipped.any() or math.isfinite(kappa)
+    moved = np.linalg.norm(wc.x - data.x[src], axis=1)
+    cost = (kappa * float(q[flipped].sum()) if flipped.any() else 0.0) + float(q @ moved)
+    assert cost == pytest.approx(wc.transport_cost, rel=1e-9)
+    assert wc.transport_cost == pytest.approx(amb.rho, rel=1e-12) and wc.budget == amb.rho
+    direct = float(q @ dpo_loss(margins(sol.theta, wc.x, wc.y, 1.0, np.zeros(data.d))))
+    assert sol.primal_value == pytest.approx(direct, rel=1e-12)
+
+
+def test_w1_homotopy_takes_the_subsample_starts_margins(monkeypatch, gaussian_data):
+    """The full problem's evaluation at the subsample's minimiser (the solve's first) hands
+    its margins and losses to the homotopy: no margins are computed there again, and the
+    answer is the one without the hand-over."""
+    data = gaussian_data(4000, seed=5)
+    amb = sim.Wasserstein(0.05, p=1, kappa=1.0)
+    monkeypatch.setattr(dual, "_SUBSAMPLE_N", 500)
+    starts, fresh = [], []
+    homotopy, init = wasserstein1._homotopy, wasserstein1._LogisticPoint.__init__
+
+    def spy_homotopy(at, amb, delta, tol, max_iter, mu_first, cache):
+        if at.w.size == data.n:
+            starts.append((delta.copy(), cache.last))
+        return homotopy(at, amb, delta, tol, max_iter, mu_first, cache)
+
+    def spy_init(self, at, delta, m=None, l=None):
+        if at.w.size == data.n and m is None:
+            fresh.append(delta.copy())
+        init(self, at, delta, m, l)
+
+    monkeypatch.setattr(wasserstein1, "_homotopy", spy_homotopy)
+    monkeypatch.setattr(wasserstein1._LogisticPoint, "__init__", spy_init)
+    sol = sim.solve(data, amb)
+    (delta0, point), = starts
+    assert point is not None and np.array_equal(point.delta, delta0)
+    assert fresh and not any(np.array_equal(d, delta0) for d in fresh)
+    monkeypatch.undo()
+    plain = sim.solve(data, amb)  # no subsample start at n = 4000 (_SUBSAMPLE_N = 50,000)
+    np.testing.assert_allclose(sol.theta, plain.theta, rtol=0, atol=1e-8)

@@ -1120,9 +1120,12 @@ class SetMethods:
         ``ambiguity -> bool``: whether ``F`` grows without bound (so that separable data
         still have a minimiser).
     minimise : callable or None
-        ``(at, ambiguity, delta0, tol, max_iter, warm_started) -> Minimum | None``: a
-        special minimisation (the p = 1, finite-kappa homotopy); ``None`` (or a ``None``
-        result) means damped Newton on ``evaluate``.
+        ``(at, ambiguity, delta0, tol, max_iter, warm_started, start) -> Minimum | None``:
+        a special minimisation (the p = 1, finite-kappa homotopy); ``None`` (or a ``None``
+        result) means damped Newton on ``evaluate``. ``warm_started``: ``delta0`` is a
+        subsample's minimiser; ``start``: ``None`` or a list holding ``evaluate``'s result
+        at ``delta0`` (no worst case), which the set pops where it reuses it (its margins
+        and losses), as :func:`newton` does.
     stall_fallback : callable or None
         ``(at, ambiguity, stall, tol) -> Minimum``: what to try when Newton stalls away
         from ``delta = 0`` (the p = 2 kink solve); it re-raises ``stall`` on failure.

@@ -260,7 +260,9 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             return at_zero(gap)
         zero_test = False
     if mod.minimise is not None:
-        special = mod.minimise(at, amb, delta, tol, max_iter, first is not None)
+        # with the list holding the subsample start's evaluation, which the set pops where
+        # it takes it (as Newton does: what it computed at delta is reused)
+        special = mod.minimise(at, amb, delta, tol, max_iter, first is not None, start)
         if special is not None:
             return special
 

@@ -23,9 +23,10 @@ class WorstCase:
     ``kappa < inf``), and ``transport_cost`` is ``E_pi c_p`` of the coupling
     that moves them, to be compared with ``budget = rho**p``.
 
-    ``x`` may be given as a function of no arguments that builds it: it is then
-    built on first access (a solver's stacked ``n x d`` features, which the
-    solve itself never reads, cost nothing until a caller does).
+    ``weights``, ``x``, ``y`` and ``source`` may each be given as a function of
+    no arguments that builds it: it is then built on first access (a solver's
+    stacked ``n``-sized arrays and ``n x d`` features, which the solve itself
+    never reads, cost nothing until a caller does). Pickling builds them.
     """
 
     weights: np.ndarray
@@ -47,22 +48,27 @@ class WorstCase:
 
 
 class _BuiltOnAccess:
-    """``WorstCase.x``: stored as given, and where that is a builder (a callable), replaced
-    by what it builds on the first read."""
+    """A field of :class:`WorstCase` (``name``): stored as given, and where that is a
+    builder (a callable), replaced by what it builds on the first read."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __set__(self, obj, value) -> None:
-        obj.__dict__["x"] = value
+        obj.__dict__[self.name] = value
 
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
-        value = obj.__dict__["x"]
+        value = obj.__dict__[self.name]
         if callable(value):
-            value = obj.__dict__["x"] = value()
+            value = obj.__dict__[self.name] = value()
         return value
 
 
-WorstCase.x = _BuiltOnAccess()
+for _name in ("weights", "x", "y", "source"):
+    setattr(WorstCase, _name, _BuiltOnAccess(_name))
+del _name
 
 
 @dataclass(frozen=True, eq=False)

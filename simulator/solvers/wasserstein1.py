@@ -56,6 +56,7 @@ from .core import (
     Minimum,
     SetMethods,
     Stalled,
+    Workspace,
     logistic_gap,
     logistic_hvp,
     loss_sigmoid,
@@ -177,14 +178,31 @@ class W1SmoothState:
 class W1Threshold:
     """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
     cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
-    certified ``delta`` reuses it instead of searching the margins again."""
+    certified ``delta`` reuses it instead of searching the margins again. ``point``: ``E_P
+    l`` there (:class:`_LogisticPoint`), which the homotopy started at ``delta`` (a
+    subsample's minimiser) takes instead of computing the margins again."""
 
     delta: np.ndarray
     k: int
+    point: _LogisticPoint | None = None
 
     def transfer(self) -> None:
         """Nothing starts another problem (the threshold is that of these atoms)."""
         return None
+
+
+def _rows(at: Atoms, idx: np.ndarray) -> np.ndarray:
+    """The rows ``a_idx = factor_idx x_idx`` (a few atoms: the threshold's window, a face)
+    without the ``n x d`` matrix :attr:`~.core.Atoms.a`, which this module never builds
+    (the products with it are :meth:`~.core.Atoms.matvec` and ``rmatvec``)."""
+    return at.x[idx] * at.factor[idx, None]
+
+
+def _strided(at: Atoms, rows: slice) -> Atoms:
+    """The atoms ``rows`` (a slice: views, no copy), weights as they are (not
+    renormalised)."""
+    return Atoms(at.x[rows], at.y[rows], at.w[rows], at.factor[rows], at.beta, at.scale,
+                 at.radius)
 
 
 class _LogisticPoint:
@@ -192,10 +210,12 @@ class _LogisticPoint:
     gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
     objective folds it into its own single product with ``a``)."""
 
-    def __init__(self, at: Atoms, delta: np.ndarray) -> None:
+    def __init__(self, at: Atoms, delta: np.ndarray, m: np.ndarray | None = None,
+                 l: np.ndarray | None = None) -> None:
+        """``m = a delta`` and ``l = softplus(-m)`` are computed unless given."""
         self.at, self.delta = at, delta.copy()
-        self.m = at.a @ delta
-        self.l = softplus(-self.m)
+        self.m = at.matvec(delta) if m is None else m
+        self.l = dpo_loss(self.m) if l is None else l  # softplus(-m), no n-vector -m
         self.s = loss_sigmoid(self.l)
         self.value = float(at.w @ self.l)
         self._grad: np.ndarray | None = None
@@ -203,7 +223,7 @@ class _LogisticPoint:
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None:
-            self._grad = -((self.at.w * self.s) @ self.at.a)
+            self._grad = -self.at.rmatvec(self.at.w * self.s)
         return self._grad
 
 
@@ -222,6 +242,8 @@ class _Logistic:
         self.h: np.ndarray | None = None
         self.coarse = False
         self.last: _LogisticPoint | None = None
+        #: scratch n-vectors of the homotopy's evaluations (fresh ones cost page faults)
+        self.work = Workspace()
 
     def hess(self, at: Atoms, pt: _LogisticPoint) -> np.ndarray:
         """``H(m)`` at the point ``pt``, or where the margins moved by more than
@@ -233,23 +255,28 @@ class _Logistic:
         if (same and not self.coarse and at.radius is not None
                 and at.radius * float(np.linalg.norm(pt.delta - self.delta)) <= _HESS_REUSE):
             return self.h  # |m_i - m0_i| <= ||a_i|| ||delta - delta_0||
-        moved = float(np.max(np.abs(m - self.m))) if same else math.inf
+        buf = self.work.get("hess", m.size)
+        moved = math.inf
+        if same:
+            np.subtract(m, self.m, out=buf)
+            moved = float(np.abs(buf, out=buf).max())
         if self.coarse or not moved <= _HESS_REUSE:
             every = m.size // _HESS_ATOMS
             rows = slice(None, None, every)
             w_sub = float(at.w[rows].sum()) if every >= _HESS_STRIDE_MIN else 0.0
             if moved > _HESS_COARSE and w_sub > 0:
                 c = at.w[rows] * s[rows] * (1.0 - s[rows]) * (float(at.w.sum()) / w_sub)
-                self.h, self.coarse = weighted_hess(at.a[rows], c), True
+                self.h, self.coarse = weighted_hess(_strided(at, rows), c), True
             else:
-                self.h, self.coarse = weighted_hess(at, at.w * s * (1.0 - s)), False
+                np.multiply(at.w, s, out=buf)
+                buf *= 1.0 - s  # w s (1 - s)
+                self.h, self.coarse = weighted_hess(at, buf), False
             self.delta, self.m = pt.delta, m
         return self.h
 
     def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
         last = self.last
-        if (last is None or last.m.shape != at.w.shape
-                or not np.array_equal(last.delta, delta)):
+        if last is None or last.at is not at or not np.array_equal(last.delta, delta):
             self.last = last = _LogisticPoint(at, delta)
         return last
 
@@ -414,16 +441,21 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
-                state: W1SmoothState | None = None) -> InnerResult:
+                state: W1SmoothState | None = None,
+                cache: _Logistic | None = None) -> InnerResult:
     """``F_mu(delta)`` with its gradient and Hessian (no worst case: see the module docstring).
 
     ``state`` warm-starts ``lambda``; the result's ``state`` holds ``lambda`` and the flip
     shares ``q = w sigmoid((m - lambda kappa) / mu)``. Besides ``E_P l`` (one product with
     ``a`` for the margins, one for the gradient) each evaluation works on the atoms at and
-    above the threshold only.
+    above the threshold only. ``cache``: the :class:`_Logistic` to start with when
+    ``state`` has none.
     """
-    w, a, beta = at.w, at.a, at.beta
-    cache = _Logistic() if state is None or state.hess is None else state.hess
+    w, beta = at.w, at.beta
+    if state is not None and state.hess is not None:
+        cache = state.hess
+    elif cache is None:
+        cache = _Logistic()
     pt = cache.point(at, delta)  # E_P l: the last stage's last point starts the next stage
     m, s = pt.m, pt.s
     dn = float(np.linalg.norm(delta))
@@ -438,11 +470,11 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i in one product with a
-    coef = np.multiply(w, s)
+    coef = np.multiply(w, s, out=cache.work.get("coef", w.size))
     np.negative(coef, out=coef)
     coef[top] += wt
     coef[i] += wi * pi
-    grad = coef @ a
+    grad = at.rmatvec(coef)
     wc = wi * pi * (1.0 - pi) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * thr.mass
     clamped = not (lam > b or dn == 0.0)
@@ -450,7 +482,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
         grad = grad + g_l * beta * delta / dn
 
     def hess():
-        ai = a[i]
+        ai = _rows(at, i)
         bi = ai * np.sqrt(wc)[:, None]
         h = cache.hess(at, pt) + bi.T @ bi
         g_dl = -kappa * (wc @ ai)
@@ -527,7 +559,7 @@ def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
     q = np.clip(q, 0.0, at.w)
     if kappa * float(q.sum()) > rho:
         q = q * (rho / (kappa * float(q.sum())))
-    return q @ at.a, max(rho - kappa * float(q.sum()), 0.0) * at.beta
+    return at.rmatvec(q), max(rho - kappa * float(q.sum()), 0.0) * at.beta
 
 
 def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
@@ -539,9 +571,10 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     groups' weights and ``r0`` their starting shares. Returns the face's ``delta``,
     threshold ``t`` and group shares ``r``, or ``None`` if Newton stalls.
     """
-    w, a, beta, d = at.w, at.a, at.beta, delta.size
-    groups, k = a[tied], tied.size
-    a_full, w_full = w[full] @ a[full], float(w[full].sum())
+    w, beta, d = at.w, at.beta, delta.size
+    groups, k = _rows(at, tied), tied.size
+    full = np.flatnonzero(full)  # the atoms above the threshold: a few percent of them
+    a_full, w_full = (w[full] * at.factor[full]) @ at.x[full], float(w[full].sum())
 
     def residual(z):
         """The system's residual at ``z`` and its Jacobian (a function: only the accepted
@@ -627,7 +660,7 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
     homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
-    w, a, beta, d = at.w, at.a, at.beta, delta.size
+    w, beta, d = at.w, at.beta, delta.size
     cache = _Logistic() if cache is None else cache
     share = np.divide(q, w, out=np.zeros_like(q), where=w > 0)
     tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
@@ -646,7 +679,8 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
         idx = np.flatnonzero(tied_mask)
         if idx.size == 0 and not clamped:  # lambda > b needs an atom split at the threshold
             return None
-        _, first, inverse = np.unique(a[idx], axis=0, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
+                                      return_inverse=True)
         inverse = inverse.ravel()
         big_w = np.bincount(inverse, w[idx])
         if first.size > d + (0 if clamped else 1):
@@ -698,37 +732,120 @@ def _lowest(m: np.ndarray, mass: np.ndarray, sign: float) -> tuple[int, float]:
     return k, sign * float(m[k])
 
 
-def _moved_far(at: Atoms, keep: np.ndarray, flip: np.ndarray, m: np.ndarray, delta: np.ndarray,
+class _FarAtom(NamedTuple):
+    """The atom ``k`` whose mass the far move takes (flipped or kept), that mass, and its
+    ``+-m_k`` (the margin of its worst-case copy)."""
+
+    flipped: bool
+    k: int
+    mass: float
+    margin: float
+
+
+def _far_atom(m: np.ndarray, w: np.ndarray, cand: np.ndarray, f: np.ndarray) -> _FarAtom:
+    """The kept atom of lowest margin or the flipped one of highest, whichever is lower
+    (``f``: the flip masses of the sorted atoms ``cand``, the rest of the mass kept).
+
+    The kept atom is ``argmin m`` over the atoms of positive weight unless the flips take
+    all its mass (then it is searched on the kept masses, an ``n``-array): ``cand`` holds
+    the highest margins, so this is the lowest kept one with no ``n``-array of masses; the
+    flipped one is searched on ``cand`` alone.
+    """
+    if float(w.min()) > 0:
+        k = int(np.argmin(m))
+    else:
+        pos = np.flatnonzero(w > 0)
+        k = int(pos[np.argmin(m[pos])])
+    j = int(np.searchsorted(cand, k))
+    kept = float(w[k] - f[j]) if j < cand.size and cand[j] == k else float(w[k])
+    mk = float(m[k])
+    if not kept > 0:  # all of it flipped
+        keep = w.copy()
+        keep[cand] = w[cand] - f
+        k, mk = _lowest(m, keep, 1.0)
+        kept = float(keep[k]) if k >= 0 else 0.0
+    idx = np.flatnonzero(f > 0)
+    if idx.size:
+        j_f = int(idx[np.argmax(m[cand[idx]])])
+        if -float(m[cand[j_f]]) < mk:
+            return _FarAtom(True, int(cand[j_f]), float(f[j_f]), -float(m[cand[j_f]]))
+    return _FarAtom(False, k, kept, mk)
+
+
+def _moved_far(at: Atoms, m: np.ndarray, cand: np.ndarray, f: np.ndarray, delta: np.ndarray,
                mu: float, value: float) -> _FarMove:
     """A mass ``eps`` of the lowest-margin kept atom, moved by ``mu / eps`` along ``-ytil u``.
 
-    ``keep`` / ``flip`` are the masses left in place and flipped. Moving ``eps`` by ``t``
-    gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so that this shortfall is
-    at most ``_MOVE_TOL max(1, |value|)``.
+    ``f`` are the masses of the atoms ``cand`` flipped (:func:`_far_atom`). Moving ``eps``
+    by ``t`` gains at least ``mu b - eps softplus(m_k)``; ``eps`` is chosen so that this
+    shortfall is at most ``_MOVE_TOL max(1, |value|)``.
     """
     dn = float(np.linalg.norm(delta))
-    # candidates: the kept atoms at margin m and the flipped ones at margin -m
-    k, mk = _lowest(m, keep, 1.0)
-    k_f, mk_f = _lowest(m, flip, -1.0)
-    flipped = mk_f < mk
-    k, mk = (k_f, mk_f) if flipped else (k, mk)
-    eps = min(float((flip if flipped else keep)[k]),
-              _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
+    flipped, k, mass, mk = _far_atom(m, at.w, cand, f)
+    eps = min(mass, _MOVE_TOL * max(1.0, abs(value)) / max(float(softplus(mk)), 1e-300))
     t = mu / eps
     y_k = 1.0 - at.y[k] if flipped else at.y[k]
     x_new = at.x[k] - (2.0 * y_k - 1.0) * t * delta / dn
     return _FarMove(flipped, k, eps, x_new, float(y_k), eps * t)
 
 
-def _atoms_part(at: Atoms, mass: np.ndarray, flipped: bool):
-    """``(weights, x, y, source)`` of the worst-case atoms at the nominal features with
-    ``mass`` (labels flipped if ``flipped``): every atom, zero masses included, when at least
-    half have positive mass (the caller's ``x`` itself: no ``n x d`` gather, which would
-    cost a copy of the features in time and memory), else those with positive mass."""
+def _atoms_part(x: np.ndarray, y: np.ndarray, mass: np.ndarray, flipped: bool):
+    """``(weights, x, y, source)`` of the worst-case atoms at the nominal features ``x``
+    (labels ``y``) with ``mass`` (labels flipped if ``flipped``): every atom, zero masses
+    included, when at least half have positive mass (the caller's ``x`` itself: no ``n x
+    d`` gather, which would cost a copy of the features in time and memory), else those
+    with positive mass."""
     if 2 * int(np.count_nonzero(mass > 0)) >= mass.size:
-        return mass, at.x, 1.0 - at.y if flipped else at.y, np.arange(mass.size)
+        return mass, x, 1.0 - y if flipped else y, np.arange(mass.size)
     idx = np.flatnonzero(mass > 0)
-    return mass[idx], at.x[idx], 1.0 - at.y[idx] if flipped else at.y[idx], idx
+    return mass[idx], x[idx], 1.0 - y[idx] if flipped else y[idx], idx
+
+
+class _WorstAtoms:
+    """The atoms of the worst case (SPEC 3.3), built only when :class:`.result.WorstCase`
+    reads them (its builders :meth:`weights`, :meth:`x`, :meth:`y`, :meth:`source`): the
+    kept masses ``w - flip`` at the nominal atoms, the flipped masses ``f`` of the atoms
+    ``cand`` at the nominal features with flipped labels, and the far-moved mass ``far``
+    (taken from its atom's kept or flipped mass). The solve reads none of them: at n = 1e6
+    their ``n``-arrays (masses, labels, sources and their concatenations) cost about five
+    passes. Only the caller's arrays ``x``, ``y``, ``w`` are kept, not the atoms (their
+    factor and scratch vectors)."""
+
+    def __init__(self, at: Atoms, cand: np.ndarray, f: np.ndarray, far: _FarMove | None):
+        self._x, self._y, self._w = at.x, at.y, at.w
+        self.cand, self.f, self.far = cand, f, far
+
+    @functools.cached_property
+    def _parts(self) -> list:
+        far = self.far
+        flip = np.zeros_like(self._w)
+        flip[self.cand] = self.f
+        keep = self._w - flip
+        if far is not None:
+            (flip if far.flipped else keep)[far.k] -= far.eps
+        parts = [_atoms_part(self._x, self._y, keep, False),
+                 _atoms_part(self._x, self._y, flip, True)]
+        if far is not None:
+            parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
+                          np.array([far.k])))
+        return [part for part in parts if part[0].size]
+
+    def _stacked(self, j: int) -> np.ndarray:
+        cols = [part[j] for part in self._parts]
+        return cols[0] if len(cols) == 1 else np.concatenate(cols)
+
+    def weights(self) -> np.ndarray:
+        return self._stacked(0)
+
+    def x(self) -> np.ndarray:
+        """The features (the caller's ``x`` itself where they are all of them)."""
+        return self._stacked(1)
+
+    def y(self) -> np.ndarray:
+        return self._stacked(2)
+
+    def source(self) -> np.ndarray:
+        return self._stacked(3)
 
 
 def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
@@ -819,12 +936,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     dn = float(np.linalg.norm(delta))
     value, lam, mu, k, cand, f = _flips(at, delta, m, l, amb, dn, state)
-    s = loss_sigmoid(l)
+    finite = not math.isinf(kappa)
+    pt = _LogisticPoint(at, delta, m, l) if finite and not worst else None
+    s = loss_sigmoid(l) if pt is None else pt.s
     coef = w * s
     np.negative(coef, out=coef)
     if cand is not None:
         coef[cand] += f
-    grad = coef @ at.a  # one product with A
+    grad = at.rmatvec(coef)  # one product with A
     if dn > 0:
         grad = grad + mu * beta * delta / dn
 
@@ -843,35 +962,24 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         return out
     wc, primal = None, None
     if worst:
-        flip = np.zeros_like(w)
-        if cand is not None:
-            flip[cand] = f
-        keep = w - flip
-        cost = kappa * float(f.sum()) if cand is not None and f.any() else 0.0
+        if cand is None:
+            cand, f = np.empty(0, np.intp), np.empty(0)
+        cost = kappa * float(f.sum()) if f.any() else 0.0
+        # E_{Q*} l from the margins: a flipped atom's loss is softplus(m) = l + m
+        primal = float(w @ l) + float(f @ m[cand])
         far = None
         if mu > 0 and dn > 0:
-            far = _moved_far(at, keep, flip, m, delta, mu, value)
-            (flip if far.flipped else keep)[far.k] -= far.eps
+            far = _moved_far(at, m, cand, f, delta, mu, value)
             cost += far.cost
-        parts = [_atoms_part(at, keep, False), _atoms_part(at, flip, True)]
-        # E_{Q*} l from the margins: a flipped atom's loss is softplus(m) = l + m
-        primal = float(keep @ l) + (float(flip[cand] @ (l[cand] + m[cand])) if cand is not None
-                                    else 0.0)
-        if far is not None:
-            parts.append((np.array([far.eps]), far.x[None, :], np.array([far.y]),
-                           np.array([far.k])))
             m_far = (2.0 * far.y - 1.0) * beta * float(far.x @ delta)
-            primal += far.eps * float(dpo_loss(np.array([m_far]))[0])
-        parts = [part for part in parts if part[0].size]
-        xs = [part[1] for part in parts]
-        # the stacked features (an n x d copy, with the far-moved atom) only when read
-        wc = WorstCase(np.concatenate([part[0] for part in parts]),
-                       xs[0] if len(xs) == 1 else functools.partial(np.concatenate, xs),
-                       *(np.concatenate([part[j] for part in parts]) for j in (2, 3)),
-                       float(cost), float(rho))
+            # its mass leaves the atom k (loss l_k kept, l_k + m_k flipped) for x_far
+            primal += far.eps * (float(dpo_loss(np.array([m_far]))[0])
+                                 - float(l[far.k]) - (float(m[far.k]) if far.flipped else 0.0))
+        atoms = _WorstAtoms(at, cand, f, far)
+        wc = WorstCase(atoms.weights, atoms.x, atoms.y, atoms.source, float(cost), float(rho))
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
-                       None if math.isinf(kappa) else W1Threshold(delta.copy(), k),
+                       W1Threshold(delta.copy(), k, pt) if finite else None,
                        margins=m if worst else None, losses=l if worst else None,
                        hvp=hvp if hess else None, primal=primal if worst else None)
 
@@ -909,7 +1017,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
     mean = ea / at.beta  # E xh, without the n x d array xh = a / beta
     norm = float(np.linalg.norm(mean))
     # the dual at e = E xh / ||E xh|| above rho proves delta = 0 not optimal (one pass)
-    proj = (at.a @ mean) / (at.beta * norm)
+    proj = at.matvec(mean) / (at.beta * norm)
     if 0.5 * norm - float(at.w @ np.maximum(proj - amb.kappa, 0.0)) > amb.rho:
         return None
     s_top = min(norm, 2.0 * amb.rho)
@@ -917,7 +1025,7 @@ def _zero_test(at: Atoms, amb) -> float | None:
         r2 = 4.0 * s * amb.rho - s * s
         f = flip_shares(at, Wasserstein(math.sqrt(r2), p=2, kappa=4.0 * s * amb.kappa))
         if f is not None:
-            g = mean - 2.0 * (f @ at.a) / at.beta
+            g = mean - 2.0 * at.rmatvec(f) / at.beta
             if 0.5 * float(np.linalg.norm(g)) + amb.kappa * float(f.sum()) <= amb.rho:
                 return 0.0
     return None
@@ -935,7 +1043,7 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
     linear = amb.rho * at.beta * delta / dn if dn > 0 and amb.rho > 0 else None
     m, l = (res.margins, res.losses) if res.margins is not None else (None, None)
     # res.grad, E_P grad l + rho beta u, is that bound's gradient at delta (the same sums)
-    return logistic_gap(at.a, at.w, delta, res.value, linear, m=m, l=l,
+    return logistic_gap(at, at.w, delta, res.value, linear, m=m, l=l,
                         radius=at.max_norm(), grad=res.grad) / max(1.0, abs(res.value))
 
 
@@ -964,7 +1072,7 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
     # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
-    return res.value - logistic_gap(at.a, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
+    return res.value - logistic_gap(at, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
                                     radius=at.max_norm(), grad=res.grad)
 
 
@@ -988,20 +1096,22 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
 
 
 def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
-              mu_first: float) -> Minimum:
+              mu_first: float, cache: _Logistic) -> Minimum:
     """Minimise the finite-kappa ``F`` through the smoothed ``F_mu`` (module docstring).
 
     From ``mu = MU_CHECK`` on, each stage's minimiser is first polished on the face it
     points to (:func:`polish_face`), and the candidates are certified by the duality gap
     ``F(delta) - min L_q`` (:func:`lower_bound`); the homotopy stops at the first relative
-    gap below ``GAP_TOL``, reported as ``info["optimality_gap"]``.
+    gap below ``GAP_TOL``, reported as ``info["optimality_gap"]``. ``cache``: the
+    :class:`_Logistic` of the first stage.
     """
     label, total, state = repr(amb), 0, None
     q = None
     for mu in (mu for mu in MU_PATH if mu <= mu_first):
         stage_tol = tol if mu == MU_PATH[-1] else max(tol, _STAGE_TOL * mu)  # warm starts
         try:
-            run = newton(lambda d, st, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, st),
+            run = newton(lambda d, st, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, st,
+                                                          cache),
                          delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})", state)
         except Stalled:
             if mu >= MU_SAFE:
@@ -1041,13 +1151,20 @@ def _found(at: Atoms, amb, cert: _Certified, iterations: int, cache: _Logistic) 
 
 
 def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
-             warm_started: bool) -> Minimum | None:
+             warm_started: bool, start: list | None = None) -> Minimum | None:
     """The homotopy for finite ``kappa`` and ``rho > 0`` (from ``MU_WARM`` when started at a
     subsample's minimiser, where the coarse stages would only move away from it); ``None``
-    otherwise (plain Newton minimises ``E l + rho b``)."""
+    otherwise (plain Newton minimises ``E l + rho b``). ``start``: a list holding the exact
+    evaluation at ``delta`` (:func:`_evaluate`), popped: its margins and losses start the
+    first stage."""
     if math.isinf(amb.kappa) or amb.rho == 0.0:
         return None
-    return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0])
+    cache = _Logistic()
+    res = start.pop() if start else None
+    if res is not None and isinstance(res.state, W1Threshold):
+        cache.last = res.state.point  # cache.point checks its delta
+    return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0],
+                     cache)
 
 
 METHODS = SetMethods(
