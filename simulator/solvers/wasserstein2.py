@@ -1141,7 +1141,9 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``m = a . delta`` and ``b = beta ||delta||``. The gradient in ``lambda`` is without
     ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``). Every
     ``tau_k`` must be a stationary point (``sigmoid(tau_k - s_k m_k) = 2 lambda tau_k / b^2``,
-    which gives the sigmoid without an ``exp``).
+    which gives the sigmoid without an ``exp``). ``a``: the ``n x d`` rows or the
+    :class:`~.core.Atoms` (their products then from ``x`` and ``factor``: W2 never builds
+    the ``n x d`` copy :attr:`~.core.Atoms.a`, several passes of page faults at n = 1e6).
     """
     blk, h_dd, _ = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
     return blk._replace(h_dd=h_dd() if dd_block else None)
@@ -1157,7 +1159,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
-    prod = np.zeros((3, a.shape[1]))
+    prod = np.zeros((3, delta.size))
     g_tsg = g_tt = hdl_t = h_ll = v_bb = total = 0.0
     c_mm = np.empty(n) if hessian else None
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
@@ -1185,7 +1187,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
         g_tsg += float(rows[0] @ t)
         if fb.any():
             rows[:, fb] *= -1.0
-        prod += rows @ a[sl]
+        prod += _rows_at(rows, a, sl)
         tt = t * t
         g_tt += float(qb @ tt)
         hdl_t += float((qd * f_tb) @ t)
@@ -1212,6 +1214,22 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     return blk, h_dd, total
 
 
+def _rows_at(rows: np.ndarray, a: Atoms | np.ndarray, sl: slice) -> np.ndarray:
+    """``rows @ a[sl]`` for the matrix ``a`` or the atoms ``a``: ``(rows factor) @ x`` until
+    :attr:`~.core.Atoms.a` is built (W2 never builds it on its own path)."""
+    if isinstance(a, Atoms):
+        if a.built() is None:
+            return (rows * a.factor[sl]) @ a.x[sl]
+        a = a.built()
+    return rows @ a[sl]
+
+
+def _rows(at: Atoms, idx) -> np.ndarray:
+    """The rows ``a[idx]`` of a few atoms (from ``x`` and ``factor``: not the n x d ``a``)."""
+    a = at.built()
+    return a[idx] if a is not None else at.x[idx] * at.factor[idx, None]
+
+
 def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
     """Hessian of ``F = min_lambda G``: the Schur complement ``G_dd - G_dl G_ld / G_ll``."""
     return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
@@ -1232,7 +1250,7 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     w, beta = at.w, at.beta
     split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
     blocks = [hi_blocks,
-              w2_blocks(at.a[split], (w * share)[split], m[split], lo.tau[split],
+              w2_blocks(_rows(at, split), (w * share)[split], m[split], lo.tau[split],
                         lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
@@ -1241,7 +1259,7 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     for i in np.flatnonzero(share > 0):
         diff = []
         for mv in (lo, hi):
-            one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
+            one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
                             mv.flip[i:i + 1], b, mv.lam, beta, delta, dd_block=False)
             diff.append(np.append(one.g_d, one.g_l - (kappa if mv.flip[i] else 0.0)))
         cols.append(w[i] * (diff[0] - diff[1]))
@@ -1329,7 +1347,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        blk, h_dd, total = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
+        blk, h_dd, total = _w2_terms(at, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
                                      delta, hess, value=True)
         q = parts[0][1]
         price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
@@ -1342,7 +1360,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
         if tied:  # plus the split atoms' lo moves
             sp = np.flatnonzero(share > 0)
-            grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+            grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
                                     b, lo.lam, beta, delta)[0].g_d
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad)
     cost = sum(float(q @ mv.cost) for mv, q in parts)
@@ -1407,14 +1425,14 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     form ``||E xh|| <= rho``.
     """
     w, r2, kappa = at.w, amb.rho**2, amb.kappa
-    mean = (w @ at.a) / at.beta  # E xh, xh = ytil x = a / beta
+    mean = at.mean_a / at.beta  # E xh, xh = ytil x = a / beta
     if float(mean @ mean) <= r2:
         return np.zeros_like(w)
     if not math.isfinite(kappa):
         return None
     # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
     # certificate of descent usually holds on this ray already
-    z, mm = (at.a @ mean) / at.beta, float(mean @ mean)
+    z, mm = at.matvec(mean) / at.beta, float(mean @ mean)
     act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
     for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
         act = act[4.0 * c * z[act] > kappa]
@@ -1542,7 +1560,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         sgn = np.where(flip, -1.0, 1.0)
         sg = expit(tau - sgn * cand.m)
         ga, gu = -sgn * sg, sg * tau / b
-        mean = (w * ga) @ at.a + float(w @ gu) * at.beta * u
+        mean = at.rmatvec(w * ga) + float(w @ gu) * at.beta * u
         return tau, flip, ga, gu, mean, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
 
     tau0, flip0, ga0, gu0, mean0, k0 = per_atom(c0)
@@ -1553,7 +1571,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         if tied.size == seen:  # the same atoms as the level before
             continue
         seen = tied.size
-        cols = (w[tied, None] * ((ga1 - ga0)[tied, None] * at.a[tied]
+        cols = (w[tied, None] * ((ga1 - ga0)[tied, None] * _rows(at, tied)
                                  + (gu1 - gu0)[tied, None] * (at.beta * u)[None, :])).T
         dcost = w[tied] * (k1[tied] - k0[tied])
         weight = (max(float(np.linalg.norm(cols)), 1.0)
@@ -1628,6 +1646,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
     grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
     subs = []
+    # a_src = factor_src x_src: the rows of x and the sign times the factor (no n x d
+    # copy of a unless it is built already)
+    rows_of, factor = (at.x, at.factor) if at.built() is None else (at.built(), None)
     for mix, share in parts:
         for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
             blk = slice(lo, lo + _BLOCK)
@@ -1638,8 +1659,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             # the block's source atoms (no n-vector of margins): a view where they are a
             # range in order (the unsplit atoms), else a gather
             run = top - first == src.size and bool(np.all(np.diff(src) == 1))
-            a_src = at.a[first:top] if run else at.a[src]
-            mq = sgn * (a_src @ delta) - beta * float(u @ delta) * t
+            x_src = rows_of[first:top] if run else rows_of[src]
+            sf = sgn if factor is None else sgn * (factor[first:top] if run else factor[src])
+            mq = sf * (x_src @ delta) - beta * float(u @ delta) * t
             value += float(q @ softplus(-mq))
             sg = _sigmoid(-mq)
             c = q * sg
@@ -1652,15 +1674,16 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
                 sub = slice((-lo) % step, None, step)  # every step-th atom of the part
-                rows = sgn[sub, None] * a_src[sub] - (beta * t[sub])[:, None] * u[None, :]
+                rows = (sf[sub, None] * x_src[sub]
+                        - (beta * t[sub])[:, None] * u[None, :])
                 subs.append(rows * np.sqrt(curv[sub])[:, None])
-    grad = -(grad_c @ at.a) + beta * g_u * u
+    grad = -at.rmatvec(grad_c) + beta * g_u * u
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
         bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    p = p_c @ at.a
+    p = at.rmatvec(p_c)
     hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
             + beta**2 * tt * np.outer(u, u))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
@@ -1713,7 +1736,7 @@ def _candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float) -> _Cand
     """The columns: the right and left maximisers of the kept branch, then of the flipped one.
     For ``k >= 1/4`` a branch's one maximiser is in its right column (``best_move`` names its
     piece, which changes with ``m`` and ``k``: a fixed column would lose it along a step)."""
-    m = at.a @ delta
+    m = at.matvec(delta)
     b = at.beta * float(np.linalg.norm(delta))
     k = 2.0 * lam / b**2
     taus, flips, vals = [], [], []
@@ -1779,14 +1802,14 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
     finite = math.isfinite(kappa)
     rows = np.arange(w.size)
     # identical atoms behave identically: one representative each, carrying their weight
-    _, first, inverse = np.unique(at.a[pool], axis=0, return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(_rows(at, pool), axis=0, return_index=True, return_inverse=True)
     wt = np.bincount(inverse.ravel(), w[pool])
     groups = pool[first]
     ng = groups.size
     rest = w.copy()
     rest[pool] = 0.0
     c0, c1 = order[groups, 0], order[groups, 1]
-    ag = at.a[groups]
+    ag = _rows(at, groups)
 
     def residual(delta, lam, xi, full=False):
         """The KKT residual and, with ``full``, its Jacobian (``O(n d^2)``; else ``None``)."""
@@ -1794,7 +1817,7 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
         m, b, taus, flips, vals = cand
         best = np.argmax(vals, axis=1)
         fl = flips[rows, best]
-        blk = w2_blocks(at.a, rest, m, taus[rows, best], fl, b, lam, beta, delta,
+        blk = w2_blocks(at, rest, m, taus[rows, best], fl, b, lam, beta, delta,
                         dd_block=full)
         g_d, h_dd, h_dl, h_ll = blk.g_d, blk.h_dd, blk.h_dl, blk.h_ll
         g_l = blk.g_l - (kappa * float(rest @ fl) if finite else 0.0)
