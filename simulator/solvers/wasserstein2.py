@@ -635,10 +635,13 @@ _FAST_ERR = 1e-16
 
 def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
                   tau0: np.ndarray | None,
-                  fixed_k: bool = False) -> tuple[float, np.ndarray, float] | None:
+                  fixed_k: bool = False
+                  ) -> tuple[float, np.ndarray, float, np.ndarray] | None:
     """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
     ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
-    dS/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope) or ``None``.
+    dS/dk, dtau/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i / dk
+    = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with ``k``) or
+    ``None``.
 
     Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
@@ -711,7 +714,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     tau -= r
     if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
         return None
-    return k, tau, c * s3
+    return k, tau, c * s3, q
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
@@ -726,6 +729,34 @@ def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: f
         cost[flip] += kappa
     return Moves(0.5 * k * b**2, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)),
                  right, m, b, kappa)
+
+
+def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
+                  last: np.ndarray | None, k: float, fresh: bool = False) -> np.ndarray | None:
+    """Warm starts of :func:`_joint_sweeps` for the pattern ``flip`` at ``k > 1/4`` from the
+    roots ``tau`` of the pattern ``last``: the atoms whose branch changed get their root at
+    ``k`` (:func:`best_move` on them alone; with ``tau = 0`` instead, these few atoms took
+    the whole sweep to five or more sweeps). ``tau`` is modified in place if ``fresh``."""
+    if tau is None or last is None:
+        return tau
+    changed = np.flatnonzero(last != flip)
+    if changed.size:
+        tau = tau if fresh else tau.copy()
+        mc = m[changed]
+        tau[changed] = best_move(np.where(flip[changed], -mc, mc), k, values=False).tau
+    return tau
+
+
+def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
+    """The moves ``mv`` (of :func:`_fast_moves` at ``k``) with the atoms ``idx`` flipped too,
+    their flipped roots ``tau_idx`` (only those entries computed again)."""
+    flip, tau, cost, right = mv.flip.copy(), mv.tau.copy(), mv.cost.copy(), mv.right.copy()
+    flip[idx], tau[idx] = True, tau_idx
+    cost[idx] = (tau_idx / mv.b) ** 2 + mv.kappa
+    mm = -mv.m[idx]
+    right[idx] = (mm < 0) | (0.5 - k * mm >= 0)
+    return Moves(mv.lam, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)), right,
+                 mv.m, mv.b, mv.kappa)
 
 
 def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float) -> np.ndarray:
@@ -788,14 +819,11 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.any() else 0.0
         if not r2 - price > 0:
             return None
-        if tau is not None and last is not None and (last != flip).any():
-            tau = tau.copy()
-            tau[last != flip] = 0.0  # the other branch's root: no warm start
         out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, r2 - price, k,
-                            tau)
+                            _branch_roots(m, flip, tau, last, k))
         if out is None:
             return None
-        k, tau, slope = out
+        k, tau, slope, dtau = out
         last, lam = flip, 0.5 * k * b**2
         mv = _fast_moves(m, flip, tau, k, b, kappa)
         if not abs(float(w @ mv.cost) - r2) <= _BUDGET_TOL * r2:
@@ -817,7 +845,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 flip, chosen = p_a, a
                 continue
             if np.unique(m[idx]).size == 1 and not (p_c & ~p_a).any():
-                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx, tau, last)
+                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx,
+                                      (k, tau, dtau, last))
                 if isinstance(out, Bracket):
                     return out
                 if out is not None:
@@ -836,7 +865,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             chosen = math.sqrt(lo[0] * hi[0])
             flip = _flip_choice(m, b, chosen, kappa)
             continue
-        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last)
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last))
         if isinstance(out, Bracket):
             return out
         if out is None:
@@ -899,11 +928,14 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi):
     return None
 
 
-def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last):
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
     the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
     :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
-    ``(pattern, lambda)``, or ``None``."""
+    ``(pattern, lambda)``, or ``None``. ``joint``: ``(k, tau, dtau/dk, pattern)`` of the
+    last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
+    k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
+    the warm start of the roots at ``s``."""
     k_mid = math.sqrt(lo[0] * hi[0]) * 2.0 / b**2
 
     def side(flipped):  # the moves of idx[:1] on one branch, as _switch_points reads them
@@ -918,18 +950,14 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last):
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
-    if (last != flip).any():
-        tau = tau.copy()
-        tau[last != flip] = 0.0
-    out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, 0.0, k, tau,
-                        fixed_k=True)
+    k_joint, tau, dtau, last = joint
+    tau = tau + dtau * (k - k_joint)
+    out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, 0.0, k,
+                        _branch_roots(m, flip, tau, last, k, fresh=True), fixed_k=True)
     if out is None:
         return None
     after = _fast_moves(m, flip, out[1], k, b, kappa)
-    flip, tau = flip.copy(), out[1].copy()
-    flip[idx] = True
-    tau[idx] = best_move(-m[idx], k).tau
-    before = _fast_moves(m, flip, tau, k, b, kappa)
+    before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
         return Bracket(after, before)
@@ -1090,7 +1118,7 @@ _GUESS_FLOOR = 0.5
 class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
-    delta = -G_ld / G_ll`` there (``None`` at a tie); with a
+    delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
     worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value`` and ``grad``,
     ``F`` and its gradient at ``at`` (an evaluation there again without the Hessian, the
     worst case's, reuses them)."""
@@ -1357,7 +1385,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
                                                            hi.tau[sp], hi.flip[sp]))
         grad = blk.g_d
-        slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
+        # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
+        # which the few atoms at the jump hardly move at large n
+        slope = -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
         if tied:  # plus the split atoms' lo moves
             sp = np.flatnonzero(share > 0)
             grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
