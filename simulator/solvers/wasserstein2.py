@@ -361,10 +361,12 @@ def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
 
 class Bracket(NamedTuple):
     """The moves at the ends ``lambda_lo <= lambda* <= lambda_hi`` of :func:`solve_lambda`'s
-    final bracket (``lo is hi`` when the budget was met at a single point)."""
+    final bracket (``lo is hi`` when the budget was met at a single point); ``switch``, where
+    known, the atoms whose moves differ between the ends (else found by comparing them)."""
 
     hi: Moves
     lo: Moves
+    switch: np.ndarray | None = None
 
 
 class _Probe(NamedTuple):
@@ -717,12 +719,26 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     return k, tau, c * s3, q
 
 
+def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """The margins of the chosen branches, ``-m`` where flipped: ``m`` itself without flips,
+    else a copy negated on the (few) flipped atoms (``np.where`` over every atom took
+    several times as long at n = 1e6)."""
+    idx = np.flatnonzero(flip)
+    if idx.size == 0:
+        return m
+    mm = m.copy()
+    mm[idx] = -m[idx]
+    return mm
+
+
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
                 kappa: float) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
     atom and branch: the warm starts are the moves themselves)."""
-    mm = np.where(flip, -m, m) if flip.any() else m
-    right = (mm < 0) | (0.5 - k * mm >= 0)  # the root is on the right piece (tau >= mm)
+    mm = _signed(m, flip)
+    # the root is on the right piece (tau >= mm): best_move's (mm < 0) | (0.5 - k mm >= 0),
+    # which is k mm <= 0.5 exactly (k > 0; the sign of a rounded difference is exact)
+    right = np.multiply(mm, k) <= 0.5
     cost = tau * tau
     cost *= 1.0 / b**2
     if flip.any():
@@ -819,18 +835,18 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.any() else 0.0
         if not r2 - price > 0:
             return None
-        out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, r2 - price, k,
+        out = _joint_sweeps(_signed(m, flip), w, b, r2 - price, k,
                             _branch_roots(m, flip, tau, last, k))
         if out is None:
             return None
         k, tau, slope, dtau = out
         last, lam = flip, 0.5 * k * b**2
-        mv = _fast_moves(m, flip, tau, k, b, kappa)
-        if not abs(float(w @ mv.cost) - r2) <= _BUDGET_TOL * r2:
-            return None
+        if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
+            return None  # E cost of these moves (the Moves only where they are the answer)
         new = _flip_choice(m, b, lam, kappa)
         gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
         if not (gained or lost):
+            mv = _fast_moves(m, flip, tau, k, b, kappa)
             return Bracket(mv, mv)
         if gained and lost:
             return None
@@ -952,7 +968,7 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     flip = hi[1]
     k_joint, tau, dtau, last = joint
     tau = tau + dtau * (k - k_joint)
-    out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, 0.0, k,
+    out = _joint_sweeps(_signed(m, flip), w, b, 0.0, k,
                         _branch_roots(m, flip, tau, last, k, fresh=True), fixed_k=True)
     if out is None:
         return None
@@ -960,7 +976,7 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
-        return Bracket(after, before)
+        return Bracket(after, before, idx)
     return lo[::-1] if g_before <= 0 else hi[::-1]
 
 
@@ -1362,10 +1378,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     hi, lo = pair.hi, pair.lo
     share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
-        switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
-        extra = float(w @ np.where(switch, lo.cost - hi.cost, 0.0))
+        switch = pair.switch
+        if switch is None:
+            switch = np.flatnonzero((lo.flip != hi.flip)
+                                    | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
+        extra = float(w[switch] @ (lo.cost[switch] - hi.cost[switch]))
         theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
-        share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
+        share = np.zeros(n)
+        share[switch] = float(np.clip(theta, 0.0, 1.0))
     tied = bool(share.any())
     u = delta / dn
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
