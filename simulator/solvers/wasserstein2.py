@@ -678,8 +678,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
             if dk is not None:  # the previous sweep's step, in place
                 t += q[sl] * dk
                 t -= r[sl]
-            e = t - mm[sl]
-            np.negative(e, out=e)
+            e = np.subtract(mm[sl], t)
             np.exp(e, out=e)
             e += 1.0
             s = np.reciprocal(e, out=e)  # sigmoid(tau - mm)
@@ -1727,13 +1726,19 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
                 rows = (sf[sub, None] * x_src[sub]
                         - (beta * t[sub])[:, None] * u[None, :])
                 subs.append(rows * np.sqrt(curv[sub])[:, None])
-    grad = -at.rmatvec(grad_c) + beta * g_u * u
+    # grad_c @ a and p_c @ a in one pass over the atoms (p is read only where the subset's
+    # bound is too loose, but costs nothing more in the same pass)
+    both = np.zeros((2, d))
+    for lo in range(0, n, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        both += _rows_at(np.stack([grad_c[sl], p_c[sl]]), at, sl)
+    grad = -both[0] + beta * g_u * u
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
         bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    p = at.rmatvec(p_c)
+    p = both[1]
     hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
             + beta**2 * tt * np.outer(u, u))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
