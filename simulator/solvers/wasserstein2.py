@@ -767,7 +767,7 @@ def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> M
     their flipped roots ``tau_idx`` (only those entries computed again)."""
     flip, tau, cost, right = mv.flip.copy(), mv.tau.copy(), mv.cost.copy(), mv.right.copy()
     flip[idx], tau[idx] = True, tau_idx
-    cost[idx] = (tau_idx / mv.b) ** 2 + mv.kappa
+    cost[idx] = tau_idx * tau_idx * (1.0 / mv.b**2) + mv.kappa  # as _fast_moves rounds it
     mm = -mv.m[idx]
     right[idx] = (mm < 0) | (0.5 - k * mm >= 0)
     return Moves(mv.lam, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)), right,
