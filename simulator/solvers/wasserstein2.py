@@ -619,11 +619,13 @@ def _joint_newton(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: floa
 
 
 #: Atoms per block of the fused sweeps of :func:`_fast_pair`, of :func:`_w2_terms`, of the
-#: moved features and of their certificate: a dozen block-sized temporaries (128 KB each)
-#: stay in the L2 cache (measured at n = 1e6, d = 8:
-#: the blocked ``3 x n`` product with ``a`` took 4.3 ms in blocks of 2^14 atoms, 8.6 ms in
-#: blocks of 2^16 and 8.8 ms in one piece).
-_BLOCK = 1 << 14
+#: moved features and of their certificate: the dozen block-sized temporaries of a sweep
+#: (64 KB each) stay in the 1 MB L2 cache of a core (measured at n = 1e6, d = 8, CPU time,
+#: the shared machine loaded: one joint sweep took 18 to 22 ms in blocks of 2^13 atoms, 35 to
+#: 50 ms in blocks of 2^14 and 20 to 24 ms in blocks of 2^11 (per-block overhead); the
+#: derivative terms 25 to 30 ms against 35 to 58 ms; earlier, the blocked ``3 x n`` product
+#: with ``a`` alone took 4.3 ms in blocks of 2^14 atoms, 8.6 ms in blocks of 2^16).
+_BLOCK = 1 << 13
 #: Sweeps of :func:`_fast_pair` before it gives up (from a warm start three to five are used,
 #: from a cold one about seven: Newton's quadratic convergence).
 _FAST_ITERS = 12
