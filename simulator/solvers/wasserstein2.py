@@ -361,12 +361,20 @@ def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
 
 class Bracket(NamedTuple):
     """The moves at the ends ``lambda_lo <= lambda* <= lambda_hi`` of :func:`solve_lambda`'s
-    final bracket (``lo is hi`` when the budget was met at a single point); ``switch``, where
-    known, the atoms whose moves differ between the ends (else found by comparing them)."""
+    final bracket (``lo is hi`` when the budget was met at a single point)."""
 
     hi: Moves
     lo: Moves
-    switch: np.ndarray | None = None
+
+
+class _SwitchBracket(Bracket):
+    """A :class:`Bracket` at a switch point whose switching atoms ``switch`` are known (the
+    evaluation then need not compare the two ends over every atom)."""
+
+    def __new__(cls, hi: Moves, lo: Moves, switch: np.ndarray) -> _SwitchBracket:
+        self = super().__new__(cls, hi, lo)
+        self.switch = switch
+        return self
 
 
 class _Probe(NamedTuple):
@@ -977,7 +985,7 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
-        return Bracket(after, before, idx)
+        return _SwitchBracket(after, before, idx)
     return lo[::-1] if g_before <= 0 else hi[::-1]
 
 
@@ -1379,7 +1387,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     hi, lo = pair.hi, pair.lo
     share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
-        switch = pair.switch
+        switch = pair.switch if isinstance(pair, _SwitchBracket) else None
         if switch is None:
             switch = np.flatnonzero((lo.flip != hi.flip)
                                     | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
