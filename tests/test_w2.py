@@ -458,3 +458,66 @@ def test_lambda_search_beside_a_jump_far_above_the_budget():
     assert w @ pair.lo.cost > 1e5 * rho**2 and w @ pair.hi.cost < rho**2
     _, lam = _w2_brute(m, w, b, rho, math.inf)
     assert pair.hi.lam == pytest.approx(lam, rel=1e-6)
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 1.0])
+def test_evaluation_and_certificate_never_build_the_feature_copy(kappa):
+    """A full p = 2 evaluation (Hessian, worst case) and its certificate work from ``x`` and
+    the per-row factor without building ``Atoms.a`` (an n x d copy), and agree with the same
+    evaluation on atoms whose ``a`` is built (the matrix products) to rounding."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(3)
+    n, d = 40000, 4  # above _CERT_ATOMS: the subset stage of the certificate too
+    x = rng.normal(size=(n, d))
+    y = (rng.uniform(size=n) < expit(x @ np.array([1.0, -0.5, 0.5, 0.2]))).astype(float)
+    data = sim.PreferenceData(x, y)
+    amb = sim.Wasserstein(0.05, p=2, kappa=kappa)
+    sol = sim.solve(data, amb, beta=1.0, merge=False)
+    delta = sol.theta * Atoms.from_data(data, 1.0, normalise=True).scale  # the minimiser
+    out = []
+    for build in (False, True):
+        at = Atoms.from_data(data, 1.0, normalise=True)
+        if build:
+            assert at.a.shape == (n, d)
+        cold = evaluate_inner(at, delta, amb, hess=True, worst=True)
+        near = delta * (1 + 1e-4)  # the warm path (joint solve, switch bracket) off the minimum
+        res = evaluate_inner(at, near, amb, hess=True, worst=True, state=cold.state)
+        gap = w2.certify(at, amb, near, res, {})
+        assert (at.built() is not None) == build
+        out.append((res.value, res.dual, res.grad, res.hess(), gap))
+    (v0, l0, g0, h0, c0), (v1, l1, g1, h1, c1) = out
+    assert abs(v0 - v1) <= 1e-14 * max(1.0, abs(v1)) and abs(l0 - l1) <= 1e-12 * l1
+    np.testing.assert_allclose(g0, g1, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(h0, h1, rtol=1e-10, atol=1e-13)
+    assert 0 < c0 < 1e-6 and abs(c0 - c1) <= 1e-6 * c1 + 1e-15
+
+
+def test_flipped_moves_and_branch_roots_match_a_fresh_solve():
+    """``_flipped_too`` (the moves at a switch point with a few atoms flipped, only their
+    entries recomputed) equals ``_fast_moves`` of that pattern, and ``_branch_roots`` puts the
+    atoms whose branch changed on their own roots (``best_move`` of the new branch)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(5)
+    n, b, k, kappa = 3000, 1.7, 0.9, 1.0
+    m = rng.normal(size=n) * 2.0
+    flip = rng.random(n) < 0.01
+    mm = np.where(flip, -m, m)
+    tau = w2.best_move(mm, k).tau
+    mv = w2._fast_moves(m, flip, tau, k, b, kappa)
+    idx = np.flatnonzero(~flip)[:3]
+    new_flip = flip.copy()
+    new_flip[idx] = True
+    new_tau = tau.copy()
+    new_tau[idx] = w2.best_move(-m[idx], k).tau
+    got, want = w2._flipped_too(mv, k, idx, new_tau[idx]), w2._fast_moves(
+        m, new_flip, new_tau, k, b, kappa)
+    for field in ("tau", "flip", "cost", "right"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert got.lam == want.lam
+    warm = w2._branch_roots(m, new_flip, tau, flip, k)
+    np.testing.assert_array_equal(warm, new_tau)
+    assert warm is not tau and np.array_equal(tau, w2.best_move(mm, k).tau)  # not modified
+    psi = expit(warm - np.where(new_flip, -m, m)) - k * warm
+    assert np.max(np.abs(psi)) <= 1e-15

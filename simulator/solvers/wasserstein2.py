@@ -367,6 +367,16 @@ class Bracket(NamedTuple):
     lo: Moves
 
 
+class _SwitchBracket(Bracket):
+    """A :class:`Bracket` at a switch point whose switching atoms ``switch`` are known (the
+    evaluation then need not compare the two ends over every atom)."""
+
+    def __new__(cls, hi: Moves, lo: Moves, switch: np.ndarray) -> _SwitchBracket:
+        self = super().__new__(cls, hi, lo)
+        self.switch = switch
+        return self
+
+
 class _Probe(NamedTuple):
     """The moves at one ``lambda`` and ``G'(lambda) = E cost - rho^2`` there (negated)."""
 
@@ -617,11 +627,13 @@ def _joint_newton(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: floa
 
 
 #: Atoms per block of the fused sweeps of :func:`_fast_pair`, of :func:`_w2_terms`, of the
-#: moved features and of their certificate: a dozen block-sized temporaries (128 KB each)
-#: stay in the L2 cache (measured at n = 1e6, d = 8:
-#: the blocked ``3 x n`` product with ``a`` took 4.3 ms in blocks of 2^14 atoms, 8.6 ms in
-#: blocks of 2^16 and 8.8 ms in one piece).
-_BLOCK = 1 << 14
+#: moved features and of their certificate: the dozen block-sized temporaries of a sweep
+#: (64 KB each) stay in the 1 MB L2 cache of a core (measured at n = 1e6, d = 8, CPU time,
+#: the shared machine loaded: one joint sweep took 18 to 22 ms in blocks of 2^13 atoms, 35 to
+#: 50 ms in blocks of 2^14 and 20 to 24 ms in blocks of 2^11 (per-block overhead); the
+#: derivative terms 25 to 30 ms against 35 to 58 ms; earlier, the blocked ``3 x n`` product
+#: with ``a`` alone took 4.3 ms in blocks of 2^14 atoms, 8.6 ms in blocks of 2^16).
+_BLOCK = 1 << 13
 #: Sweeps of :func:`_fast_pair` before it gives up (from a warm start three to five are used,
 #: from a cold one about seven: Newton's quadratic convergence).
 _FAST_ITERS = 12
@@ -635,10 +647,13 @@ _FAST_ERR = 1e-16
 
 def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
                   tau0: np.ndarray | None,
-                  fixed_k: bool = False) -> tuple[float, np.ndarray, float] | None:
+                  fixed_k: bool = False
+                  ) -> tuple[float, np.ndarray, float, np.ndarray] | None:
     """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
     ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
-    dS/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope) or ``None``.
+    dS/dk, dtau/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i / dk
+    = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with ``k``) or
+    ``None``.
 
     Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
@@ -673,8 +688,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
             if dk is not None:  # the previous sweep's step, in place
                 t += q[sl] * dk
                 t -= r[sl]
-            e = t - mm[sl]
-            np.negative(e, out=e)
+            e = np.subtract(mm[sl], t)
             np.exp(e, out=e)
             e += 1.0
             s = np.reciprocal(e, out=e)  # sigmoid(tau - mm)
@@ -711,21 +725,63 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     tau -= r
     if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
         return None
-    return k, tau, c * s3
+    return k, tau, c * s3, q
+
+
+def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """The margins of the chosen branches, ``-m`` where flipped: ``m`` itself without flips,
+    else a copy negated on the (few) flipped atoms (``np.where`` over every atom took
+    several times as long at n = 1e6)."""
+    idx = np.flatnonzero(flip)
+    if idx.size == 0:
+        return m
+    mm = m.copy()
+    mm[idx] = -m[idx]
+    return mm
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
                 kappa: float) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
     atom and branch: the warm starts are the moves themselves)."""
-    mm = np.where(flip, -m, m) if flip.any() else m
-    right = (mm < 0) | (0.5 - k * mm >= 0)  # the root is on the right piece (tau >= mm)
+    mm = _signed(m, flip)
+    # the root is on the right piece (tau >= mm): best_move's (mm < 0) | (0.5 - k mm >= 0),
+    # which is k mm <= 0.5 exactly (k > 0; the sign of a rounded difference is exact)
+    right = np.multiply(mm, k) <= 0.5
     cost = tau * tau
     cost *= 1.0 / b**2
     if flip.any():
         cost[flip] += kappa
     return Moves(0.5 * k * b**2, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)),
                  right, m, b, kappa)
+
+
+def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
+                  last: np.ndarray | None, k: float, fresh: bool = False) -> np.ndarray | None:
+    """Warm starts of :func:`_joint_sweeps` for the pattern ``flip`` at ``k > 1/4`` from the
+    roots ``tau`` of the pattern ``last``: the atoms whose branch changed get their root at
+    ``k`` (:func:`best_move` on them alone; with ``tau = 0`` instead, these few atoms took
+    the whole sweep to five or more sweeps). ``tau`` is modified in place if ``fresh``."""
+    if tau is None or last is None:
+        return tau
+    changed = np.flatnonzero(last != flip)
+    if changed.size:
+        tau = tau if fresh else tau.copy()
+        mc = m[changed]
+        tau[changed] = best_move(np.where(flip[changed], -mc, mc), k, values=False).tau
+    return tau
+
+
+def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
+    """The moves ``mv`` (of :func:`_fast_moves` at ``k``) with the atoms ``idx`` flipped too,
+    their flipped roots ``tau_idx`` (only those entries computed again)."""
+    flip, tau, cost, right = mv.flip.copy(), mv.tau.copy(), mv.cost.copy(), mv.right.copy()
+    flip[idx], tau[idx] = True, tau_idx
+    cost[idx] = tau_idx * tau_idx * (1.0 / mv.b**2) + mv.kappa  # as _fast_moves rounds it
+    mm = -mv.m[idx]
+    right[idx] = (mm < 0) | (0.5 - k * mm >= 0)
+    return Moves(mv.lam, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)), right,
+                 mv.m, mv.b, mv.kappa)
 
 
 def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float) -> np.ndarray:
@@ -788,21 +844,18 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.any() else 0.0
         if not r2 - price > 0:
             return None
-        if tau is not None and last is not None and (last != flip).any():
-            tau = tau.copy()
-            tau[last != flip] = 0.0  # the other branch's root: no warm start
-        out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, r2 - price, k,
-                            tau)
+        out = _joint_sweeps(_signed(m, flip), w, b, r2 - price, k,
+                            _branch_roots(m, flip, tau, last, k))
         if out is None:
             return None
-        k, tau, slope = out
+        k, tau, slope, dtau = out
         last, lam = flip, 0.5 * k * b**2
-        mv = _fast_moves(m, flip, tau, k, b, kappa)
-        if not abs(float(w @ mv.cost) - r2) <= _BUDGET_TOL * r2:
-            return None
+        if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
+            return None  # E cost of these moves (the Moves only where they are the answer)
         new = _flip_choice(m, b, lam, kappa)
         gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
         if not (gained or lost):
+            mv = _fast_moves(m, flip, tau, k, b, kappa)
             return Bracket(mv, mv)
         if gained and lost:
             return None
@@ -817,7 +870,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 flip, chosen = p_a, a
                 continue
             if np.unique(m[idx]).size == 1 and not (p_c & ~p_a).any():
-                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx, tau, last)
+                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx,
+                                      (k, tau, dtau, last))
                 if isinstance(out, Bracket):
                     return out
                 if out is not None:
@@ -836,7 +890,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             chosen = math.sqrt(lo[0] * hi[0])
             flip = _flip_choice(m, b, chosen, kappa)
             continue
-        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last)
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last))
         if isinstance(out, Bracket):
             return out
         if out is None:
@@ -899,11 +953,14 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi):
     return None
 
 
-def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last):
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
     the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
     :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
-    ``(pattern, lambda)``, or ``None``."""
+    ``(pattern, lambda)``, or ``None``. ``joint``: ``(k, tau, dtau/dk, pattern)`` of the
+    last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
+    k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
+    the warm start of the roots at ``s``."""
     k_mid = math.sqrt(lo[0] * hi[0]) * 2.0 / b**2
 
     def side(flipped):  # the moves of idx[:1] on one branch, as _switch_points reads them
@@ -918,21 +975,17 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, tau, last):
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
-    if (last != flip).any():
-        tau = tau.copy()
-        tau[last != flip] = 0.0
-    out = _joint_sweeps(np.where(flip, -m, m) if flip.any() else m, w, b, 0.0, k, tau,
-                        fixed_k=True)
+    k_joint, tau, dtau, last = joint
+    tau = tau + dtau * (k - k_joint)
+    out = _joint_sweeps(_signed(m, flip), w, b, 0.0, k,
+                        _branch_roots(m, flip, tau, last, k, fresh=True), fixed_k=True)
     if out is None:
         return None
     after = _fast_moves(m, flip, out[1], k, b, kappa)
-    flip, tau = flip.copy(), out[1].copy()
-    flip[idx] = True
-    tau[idx] = best_move(-m[idx], k).tau
-    before = _fast_moves(m, flip, tau, k, b, kappa)
+    before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
-        return Bracket(after, before)
+        return _SwitchBracket(after, before, idx)
     return lo[::-1] if g_before <= 0 else hi[::-1]
 
 
@@ -1090,7 +1143,7 @@ _GUESS_FLOOR = 0.5
 class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
-    delta = -G_ld / G_ll`` there (``None`` at a tie); with a
+    delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
     worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value`` and ``grad``,
     ``F`` and its gradient at ``at`` (an evaluation there again without the Hessian, the
     worst case's, reuses them)."""
@@ -1141,7 +1194,9 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
     ``m = a . delta`` and ``b = beta ||delta||``. The gradient in ``lambda`` is without
     ``rho^2``; ``dd_block=False`` skips the ``O(n d^2)`` block ``h_dd`` (``None``). Every
     ``tau_k`` must be a stationary point (``sigmoid(tau_k - s_k m_k) = 2 lambda tau_k / b^2``,
-    which gives the sigmoid without an ``exp``).
+    which gives the sigmoid without an ``exp``). ``a``: the ``n x d`` rows or the
+    :class:`~.core.Atoms` (their products then from ``x`` and ``factor``: W2 never builds
+    the ``n x d`` copy :attr:`~.core.Atoms.a`, several passes of page faults at n = 1e6).
     """
     blk, h_dd, _ = _w2_terms(a, q, m, tau, flip, b, lam, beta, delta)
     return blk._replace(h_dd=h_dd() if dd_block else None)
@@ -1157,7 +1212,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
-    prod = np.zeros((3, a.shape[1]))
+    prod = np.zeros((3, delta.size))
     g_tsg = g_tt = hdl_t = h_ll = v_bb = total = 0.0
     c_mm = np.empty(n) if hessian else None
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
@@ -1185,7 +1240,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
         g_tsg += float(rows[0] @ t)
         if fb.any():
             rows[:, fb] *= -1.0
-        prod += rows @ a[sl]
+        prod += _rows_at(rows, a, sl)
         tt = t * t
         g_tt += float(qb @ tt)
         hdl_t += float((qd * f_tb) @ t)
@@ -1212,6 +1267,22 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     return blk, h_dd, total
 
 
+def _rows_at(rows: np.ndarray, a: Atoms | np.ndarray, sl: slice) -> np.ndarray:
+    """``rows @ a[sl]`` for the matrix ``a`` or the atoms ``a``: ``(rows factor) @ x`` until
+    :attr:`~.core.Atoms.a` is built (W2 never builds it on its own path)."""
+    if isinstance(a, Atoms):
+        if a.built() is None:
+            return (rows * a.factor[sl]) @ a.x[sl]
+        a = a.built()
+    return rows @ a[sl]
+
+
+def _rows(at: Atoms, idx) -> np.ndarray:
+    """The rows ``a[idx]`` of a few atoms (from ``x`` and ``factor``: not the n x d ``a``)."""
+    a = at.built()
+    return a[idx] if a is not None else at.x[idx] * at.factor[idx, None]
+
+
 def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
     """Hessian of ``F = min_lambda G``: the Schur complement ``G_dd - G_dl G_ld / G_ll``."""
     return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
@@ -1232,7 +1303,7 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     w, beta = at.w, at.beta
     split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
     blocks = [hi_blocks,
-              w2_blocks(at.a[split], (w * share)[split], m[split], lo.tau[split],
+              w2_blocks(_rows(at, split), (w * share)[split], m[split], lo.tau[split],
                         lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
@@ -1241,7 +1312,7 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     for i in np.flatnonzero(share > 0):
         diff = []
         for mv in (lo, hi):
-            one = w2_blocks(at.a[i:i + 1], np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
+            one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
                             mv.flip[i:i + 1], b, mv.lam, beta, delta, dd_block=False)
             diff.append(np.append(one.g_d, one.g_l - (kappa if mv.flip[i] else 0.0)))
         cols.append(w[i] * (diff[0] - diff[1]))
@@ -1316,10 +1387,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     hi, lo = pair.hi, pair.lo
     share = np.zeros(0)
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
-        switch = (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau))
-        extra = float(w @ np.where(switch, lo.cost - hi.cost, 0.0))
+        switch = pair.switch if isinstance(pair, _SwitchBracket) else None
+        if switch is None:
+            switch = np.flatnonzero((lo.flip != hi.flip)
+                                    | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
+        extra = float(w[switch] @ (lo.cost[switch] - hi.cost[switch]))
         theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
-        share = np.where(switch, float(np.clip(theta, 0.0, 1.0)), 0.0)
+        share = np.zeros(n)
+        share[switch] = float(np.clip(theta, 0.0, 1.0))
     tied = bool(share.any())
     u = delta / dn
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
@@ -1329,7 +1404,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        blk, h_dd, total = _w2_terms(at.a, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
+        blk, h_dd, total = _w2_terms(at, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
                                      delta, hess, value=True)
         q = parts[0][1]
         price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
@@ -1339,10 +1414,12 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
                                                            hi.tau[sp], hi.flip[sp]))
         grad = blk.g_d
-        slope = None if tied or not blk.h_ll > 0 else -blk.h_dl / blk.h_ll
+        # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
+        # which the few atoms at the jump hardly move at large n
+        slope = -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
         if tied:  # plus the split atoms' lo moves
             sp = np.flatnonzero(share > 0)
-            grad = grad + _w2_terms(at.a[sp], (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+            grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
                                     b, lo.lam, beta, delta)[0].g_d
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad)
     cost = sum(float(q @ mv.cost) for mv, q in parts)
@@ -1407,14 +1484,14 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     form ``||E xh|| <= rho``.
     """
     w, r2, kappa = at.w, amb.rho**2, amb.kappa
-    mean = (w @ at.a) / at.beta  # E xh, xh = ytil x = a / beta
+    mean = at.mean_a / at.beta  # E xh, xh = ytil x = a / beta
     if float(mean @ mean) <= r2:
         return np.zeros_like(w)
     if not math.isfinite(kappa):
         return None
     # nu = c E xh for c = 1, 1/2, ..., 2^-_FLIP_RAY (one product with the data): the
     # certificate of descent usually holds on this ray already
-    z, mm = (at.a @ mean) / at.beta, float(mean @ mean)
+    z, mm = at.matvec(mean) / at.beta, float(mean @ mean)
     act = np.flatnonzero(z > 0)  # the atoms whose hinge is active at c (shrinks with c)
     for c in 2.0 ** -np.arange(_FLIP_RAY + 1):
         act = act[4.0 * c * z[act] > kappa]
@@ -1542,7 +1619,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         sgn = np.where(flip, -1.0, 1.0)
         sg = expit(tau - sgn * cand.m)
         ga, gu = -sgn * sg, sg * tau / b
-        mean = (w * ga) @ at.a + float(w @ gu) * at.beta * u
+        mean = at.rmatvec(w * ga) + float(w @ gu) * at.beta * u
         return tau, flip, ga, gu, mean, (tau / b) ** 2 + np.where(flip, amb.kappa, 0.0)
 
     tau0, flip0, ga0, gu0, mean0, k0 = per_atom(c0)
@@ -1553,7 +1630,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         if tied.size == seen:  # the same atoms as the level before
             continue
         seen = tied.size
-        cols = (w[tied, None] * ((ga1 - ga0)[tied, None] * at.a[tied]
+        cols = (w[tied, None] * ((ga1 - ga0)[tied, None] * _rows(at, tied)
                                  + (gu1 - gu0)[tied, None] * (at.beta * u)[None, :])).T
         dcost = w[tied] * (k1[tied] - k0[tied])
         weight = (max(float(np.linalg.norm(cols)), 1.0)
@@ -1628,6 +1705,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
     grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
     subs = []
+    # a_src = factor_src x_src: the rows of x and the sign times the factor (no n x d
+    # copy of a unless it is built already)
+    rows_of, factor = (at.x, at.factor) if at.built() is None else (at.built(), None)
     for mix, share in parts:
         for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
             blk = slice(lo, lo + _BLOCK)
@@ -1638,8 +1718,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             # the block's source atoms (no n-vector of margins): a view where they are a
             # range in order (the unsplit atoms), else a gather
             run = top - first == src.size and bool(np.all(np.diff(src) == 1))
-            a_src = at.a[first:top] if run else at.a[src]
-            mq = sgn * (a_src @ delta) - beta * float(u @ delta) * t
+            x_src = rows_of[first:top] if run else rows_of[src]
+            sf = sgn if factor is None else sgn * (factor[first:top] if run else factor[src])
+            mq = sf * (x_src @ delta) - beta * float(u @ delta) * t
             value += float(q @ softplus(-mq))
             sg = _sigmoid(-mq)
             c = q * sg
@@ -1652,15 +1733,22 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
                 sub = slice((-lo) % step, None, step)  # every step-th atom of the part
-                rows = sgn[sub, None] * a_src[sub] - (beta * t[sub])[:, None] * u[None, :]
+                rows = (sf[sub, None] * x_src[sub]
+                        - (beta * t[sub])[:, None] * u[None, :])
                 subs.append(rows * np.sqrt(curv[sub])[:, None])
-    grad = -(grad_c @ at.a) + beta * g_u * u
+    # grad_c @ a and p_c @ a in one pass over the atoms (p is read only where the subset's
+    # bound is too loose, but costs nothing more in the same pass)
+    both = np.zeros((2, d))
+    for lo in range(0, n, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        both += _rows_at(np.stack([grad_c[sl], p_c[sl]]), at, sl)
+    grad = -both[0] + beta * g_u * u
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
         bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    p = p_c @ at.a
+    p = both[1]
     hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
             + beta**2 * tt * np.outer(u, u))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
@@ -1713,7 +1801,7 @@ def _candidates(at: Atoms, delta: np.ndarray, lam: float, kappa: float) -> _Cand
     """The columns: the right and left maximisers of the kept branch, then of the flipped one.
     For ``k >= 1/4`` a branch's one maximiser is in its right column (``best_move`` names its
     piece, which changes with ``m`` and ``k``: a fixed column would lose it along a step)."""
-    m = at.a @ delta
+    m = at.matvec(delta)
     b = at.beta * float(np.linalg.norm(delta))
     k = 2.0 * lam / b**2
     taus, flips, vals = [], [], []
@@ -1779,14 +1867,14 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
     finite = math.isfinite(kappa)
     rows = np.arange(w.size)
     # identical atoms behave identically: one representative each, carrying their weight
-    _, first, inverse = np.unique(at.a[pool], axis=0, return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(_rows(at, pool), axis=0, return_index=True, return_inverse=True)
     wt = np.bincount(inverse.ravel(), w[pool])
     groups = pool[first]
     ng = groups.size
     rest = w.copy()
     rest[pool] = 0.0
     c0, c1 = order[groups, 0], order[groups, 1]
-    ag = at.a[groups]
+    ag = _rows(at, groups)
 
     def residual(delta, lam, xi, full=False):
         """The KKT residual and, with ``full``, its Jacobian (``O(n d^2)``; else ``None``)."""
@@ -1794,7 +1882,7 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
         m, b, taus, flips, vals = cand
         best = np.argmax(vals, axis=1)
         fl = flips[rows, best]
-        blk = w2_blocks(at.a, rest, m, taus[rows, best], fl, b, lam, beta, delta,
+        blk = w2_blocks(at, rest, m, taus[rows, best], fl, b, lam, beta, delta,
                         dd_block=full)
         g_d, h_dd, h_dl, h_ll = blk.g_d, blk.h_dd, blk.h_dl, blk.h_ll
         g_l = blk.g_l - (kappa * float(rest @ fl) if finite else 0.0)
