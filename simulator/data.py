@@ -13,16 +13,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from ._validation import check_finite_array, check_labels, check_weights
 
 __all__ = ["PreferenceData"]
 
-#: Odd 64-bit multipliers of the row hash of :meth:`PreferenceData.merged` (splitmix64's
-#: constants and golden-ratio relatives: any odd constants with mixed bits serve).
-_HASH_MULT = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
-                       0xD6E8FEB86659FD93, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9],
-                      dtype=np.uint64)
+#: Rows hashed (and checked) per block by :meth:`PreferenceData.merged`: 8192 rows of 9
+#: doubles (d = 8) are 0.6 MB, so each block's temporaries stay in a core's 1 MB L2 cache
+#: instead of paging in fresh n x (d + 1) arrays.
+_HASH_BLOCK = 8192
+
+
+def _hash_multipliers(k: int) -> np.ndarray:
+    """``k`` odd 64-bit multipliers, one per column of the row key of
+    :meth:`PreferenceData.merged` (fixed seed: the same keys in every run; distinct odd
+    constants, so that no two columns' contributions cancel by symmetry)."""
+    draws = np.random.default_rng(0x5EED).integers(0, 2**63, size=k, dtype=np.uint64)
+    return draws * np.uint64(2) + np.uint64(1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,13 +121,15 @@ class PreferenceData:
 
         Every objective of the simulator is a function of the weighted distribution, so the
         merged data (each distinct atom once, carrying the summed weight of its copies;
-        ``states`` / ``actions`` dropped) define the same problem. The bit patterns of the
-        rows are hashed to one 64-bit key each (multiply-xorshift, ``O(n d)``), the keys are
-        grouped (a sort of ``n`` integers) and every row is checked against its group's first
-        row; a hash collision (distinct rows, one key) is thereby detected, and the rows are
-        then merged by sorting them (``np.unique``) instead. Data without repeated atoms are
-        returned as they are (at once when the first feature alone is distinct, as for
-        continuous features).
+        ``states`` / ``actions`` dropped) define the same problem. Each row's bit pattern is
+        mixed (``b ^ (b >> 29)``, so that rows differing only in their sign bits do not
+        cancel) and summed with odd 64-bit multipliers into one key (``O(n d)``); the keys
+        are grouped by a hash table (``pandas.factorize``, ``O(n)``: a third of the time of
+        a sort of ``n`` keys at n = 1e6), and every row is checked against its group's first
+        row: a key collision (distinct rows, one key) is thereby detected, and the rows are
+        then merged by sorting them (``np.unique``) instead. The distinct atoms come in the
+        order of their first appearance. Data without repeated atoms are returned as they
+        are.
 
         Returns
         -------
@@ -127,25 +137,43 @@ class PreferenceData:
         inverse : ndarray of int (n,)
             ``merged`` atom of each of this data set's atoms.
         """
-        if self.d and np.unique(self.x[:, 0]).size == self.n:  # one distinct column suffices
-            return self, np.arange(self.n)
-        rows = np.ascontiguousarray(np.column_stack([self.x, self.y]))
-        rows[rows == 0.0] = 0.0  # -0.0 and 0.0 are the same feature value
-        keys = np.zeros(self.n, dtype=np.uint64)
+        keys = np.empty(self.n, dtype=np.uint64)
+        mult = _hash_multipliers(self.d + 1)
         with np.errstate(over="ignore"):
-            for j, bits in enumerate(rows.view(np.uint64).T):  # d + 1 passes of n words
-                h = bits * _HASH_MULT[j % _HASH_MULT.size]
-                keys = (keys ^ (h ^ (h >> np.uint64(29)))) * _HASH_MULT[-1]
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            for lo in range(0, self.n, _HASH_BLOCK):  # blocks: the temporaries stay in cache
+                rows = np.column_stack([self.x[lo:lo + _HASH_BLOCK], self.y[lo:lo + _HASH_BLOCK]])
+                rows += 0.0  # -0.0 + 0.0 = 0.0: -0.0 and 0.0 are the same feature value
+                bits = rows.view(np.uint64)
+                np.matmul(bits ^ (bits >> np.uint64(29)), mult, out=keys[lo:lo + _HASH_BLOCK])
+        inverse, _ = pd.factorize(keys)
+        # codes are numbered in order of first appearance: a row is its group's first where
+        # the running maximum of the codes grows
+        top = np.maximum.accumulate(inverse)
+        new = np.empty(self.n, dtype=bool)
+        new[0] = True
+        np.greater(top[1:], top[:-1], out=new[1:])
+        first = np.flatnonzero(new)
         if first.size == self.n:  # distinct keys: distinct atoms
             return self, np.arange(self.n)
-        inverse = inverse.ravel()
-        if not np.array_equal(rows, rows[first[inverse]]):  # a hash collision: sort instead
+        if not self._grouped_exactly(first, inverse):  # a key collision: sort instead
+            rows = np.column_stack([self.x, self.y])
+            rows += 0.0
             _, first, inverse = np.unique(rows, axis=0, return_index=True,
                                           return_inverse=True)
             inverse = inverse.ravel()
         w = np.bincount(inverse, self.weights, minlength=first.size)
         return PreferenceData(self.x[first], self.y[first], w / w.sum()), inverse
+
+    def _grouped_exactly(self, first: np.ndarray, inverse: np.ndarray) -> bool:
+        """Whether every row equals its group's first row (``x`` compared as values, so that
+        -0.0 equals 0.0), in blocks."""
+        x0, y0 = self.x[first], self.y[first]
+        for lo in range(0, self.n, _HASH_BLOCK):
+            g = inverse[lo:lo + _HASH_BLOCK]
+            if not (np.array_equal(self.x[lo:lo + _HASH_BLOCK], x0[g])
+                    and np.array_equal(self.y[lo:lo + _HASH_BLOCK], y0[g])):
+                return False
+        return True
 
     def flipped(self) -> PreferenceData:
         """The same atoms with every label flipped."""

@@ -128,6 +128,46 @@ def test_merged_data_are_exact():
     assert len({tuple(r) for r in np.column_stack([merged.x, merged.y])}) == merged.n
 
 
+def test_merged_sign_flipped_rows_and_key_collisions():
+    """Rows that differ only in their signs stay distinct (a plain sum of the bit patterns
+    times odd multipliers cancels there), -0.0 and 0.0 are one feature value, and a key
+    collision (every key equal: the multipliers zeroed) falls back to the exact sort with
+    the same atoms."""
+    from simulator import data as datamod
+
+    x = np.array([[1.0, -2.0], [-1.0, 2.0], [0.0, 3.0], [-0.0, 3.0], [1.0, -2.0], [-1.0, 2.0]])
+    y = np.array([1, 0, 1, 1, 1, 1])
+    d = sim.PreferenceData(x, y)
+    merged, inverse = d.merged()
+    assert merged.n == 4  # (1,-2 | 1), (-1,2 | 0), (0,3 | 1), (-1,2 | 1)
+    np.testing.assert_array_equal(inverse, [0, 1, 2, 2, 0, 3])
+    np.testing.assert_allclose(merged.weights, [2 / 6, 1 / 6, 2 / 6, 1 / 6])
+    orig = datamod._hash_multipliers
+    try:
+        datamod._hash_multipliers = lambda k: np.zeros(k, dtype=np.uint64)
+        collided, inv2 = d.merged()
+    finally:
+        datamod._hash_multipliers = orig
+    assert collided.n == 4
+    np.testing.assert_array_equal(collided.x[inv2], merged.x[inverse])
+    np.testing.assert_array_equal(collided.y[inv2], d.y)
+
+
+def test_unmerged_worst_case_is_built_when_read():
+    """The worst case mapped back to the caller's atoms is built on first read, and is the
+    caller's atoms (a reweighting keeps them), each once."""
+    env = sim.FiniteEnv.random(5, 3, 3, beta=0.9, seed=1, theta_norm=3.0)
+    data = env.sample(400, seed=2)
+    wc = sim.solve(data, sim.KL(0.1), beta=0.9).worst_case
+    assert all(callable(wc.__dict__[f]) for f in ("weights", "x", "y", "source"))
+    src = wc.source
+    np.testing.assert_array_equal(wc.x, data.x[src])  # a reweighting: the caller's atoms
+    np.testing.assert_array_equal(wc.y, data.y[src])
+    np.testing.assert_allclose(np.bincount(src, minlength=data.n), np.ones(data.n))
+    assert wc.weights.shape == (data.n,) and abs(wc.weights.sum() - 1.0) <= 1e-14
+    assert not any(callable(wc.__dict__[f]) for f in ("weights", "x", "y", "source"))
+
+
 @pytest.mark.parametrize("amb", SETS, ids=repr)
 def test_merged_solve_equals_unmerged(amb):
     """Solving on the distinct atoms gives the same optimum, and its worst case, mapped back

@@ -632,18 +632,18 @@ def test_lbfgs_and_newton_agree_at_high_dimension(amb, d):
 
 
 def test_merge_probe_decides_like_the_count_of_distinct_atoms():
-    """``_worth_merging`` against the count of distinct ``(x, y)`` among the first
-    ``_MERGE_PROBE`` atoms: continuous features (the first-feature shortcut), a finite
-    world's repeats, and rows that repeat their first feature but differ in the others (the
-    shortcut must not decide those)."""
+    """``_worth_merging`` against the count of distinct ``(x, y)`` among the probed rows
+    (``_MERGE_PROBE`` evenly spaced ones): continuous features (the first-feature shortcut),
+    a finite world's repeats, and rows that repeat their first feature but differ in the
+    others (the shortcut must not decide those)."""
     from simulator.solvers import dual
 
     rng = np.random.default_rng(0)
     k, n = dual._MERGE_PROBE, 3 * dual._MERGE_PROBE
 
     def distinct(data):
-        rows = np.column_stack([data.x[:k], data.y[:k]])
-        return np.unique(rows, axis=0).shape[0]
+        rows = np.linspace(0, data.n - 1, k).astype(int)
+        return np.unique(np.column_stack([data.x[rows], data.y[rows]]), axis=0).shape[0]
 
     cont = sim.PreferenceData(rng.normal(size=(n, 3)), rng.random(n) < 0.5)
     world = rng.normal(size=(500, 3))
@@ -655,6 +655,28 @@ def test_merge_probe_decides_like_the_count_of_distinct_atoms():
     for data in cases:
         assert dual._worth_merging(data) == (2 * distinct(data) <= k)
     assert [dual._worth_merging(c) for c in cases] == [False, True, False]
+
+
+@pytest.mark.parametrize("atoms, merge", [(5_000, True), (60_000, False)])
+def test_merge_probe_birthday_estimate(atoms, merge):
+    """Few repeats among the probed rows (most of them distinct) still merge when they show
+    that the distinct atoms are few against ``n``: n = 2e5 draws of 5,000 equally likely
+    atoms (about 1,600 repeats in the probe: an estimate of about 5,000 <= n / 16) merge;
+    of 60,000 atoms (about 140 repeats: about 60,000 > n / 16) they do not, and the merged
+    data have the number of distinct atoms a set count gives."""
+    from simulator.solvers import dual
+
+    rng = np.random.default_rng(1)
+    n = 200_000
+    world = rng.normal(size=(atoms, 4))
+    pick = rng.integers(0, atoms, n)
+    data = sim.PreferenceData(world[pick], pick % 2)
+    probe = np.linspace(0, n - 1, dual._MERGE_PROBE).astype(int)
+    assert np.unique(pick[probe]).size > dual._MERGE_PROBE // 2  # the old rule: no merge
+    assert dual._worth_merging(data) is merge
+    merged, inverse = data.merged()
+    assert merged.n == np.unique(pick).size
+    np.testing.assert_array_equal(merged.x[inverse], data.x)
 
 
 def test_quasi_start_is_the_newton_step_along_the_mean():

@@ -478,21 +478,28 @@ def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
     Worst-case atom ``k`` from merged atom ``j = wc.source[k]`` is split among the caller's
     copies ``i`` of ``j`` (``inverse[i] = j``) in proportion to their weights ``w_i`` (equally
     where the copies weigh 0): the same distribution, with a coupling of the same cost whose
-    first marginal is the caller's ``P``.
+    first marginal is the caller's ``P``. The four ``n``-sized arrays (a stable sort of
+    ``inverse`` and gathers: more than the merged solve itself at n = 1e6) are built
+    together when a field is first read.
     """
-    order = np.argsort(inverse, kind="stable")
-    counts = np.bincount(inverse, minlength=int(inverse.max()) + 1)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    group_w = np.bincount(inverse, w, minlength=counts.size)
-    reps = counts[wc.source]
-    k = np.repeat(np.arange(wc.source.size), reps)
-    offset = np.arange(k.size) - np.repeat(np.cumsum(reps) - reps, reps)
-    src = order[starts[wc.source[k]] + offset]
-    j = inverse[src]
-    share = np.where(group_w[j] > 0, w[src] / np.where(group_w[j] > 0, group_w[j], 1.0),
-                     1.0 / counts[j])
-    return WorstCase(wc.weights[k] * share, wc.x[k], wc.y[k], src, wc.transport_cost,
-                     wc.budget)
+
+    @functools.cache
+    def build() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        order = np.argsort(inverse, kind="stable")
+        counts = np.bincount(inverse, minlength=int(inverse.max()) + 1)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        group_w = np.bincount(inverse, w, minlength=counts.size)
+        reps = counts[wc.source]
+        k = np.repeat(np.arange(wc.source.size), reps)
+        offset = np.arange(k.size) - np.repeat(np.cumsum(reps) - reps, reps)
+        src = order[starts[wc.source[k]] + offset]
+        j = inverse[src]
+        share = np.where(group_w[j] > 0, w[src] / np.where(group_w[j] > 0, group_w[j], 1.0),
+                         1.0 / counts[j])
+        return wc.weights[k] * share, wc.x[k], wc.y[k], src
+
+    return WorstCase(*(functools.partial(lambda i: build()[i], i) for i in range(4)),
+                     wc.transport_cost, wc.budget)
 
 # --- the reweighting sets (nominal, KL, chi-square) -------------------------------------
 

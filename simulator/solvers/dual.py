@@ -82,12 +82,22 @@ _EPS_ZERO = 1e-8
 #: 1.39-2.54 at d = 128: L-BFGS wins for every smooth set above d = 32 (at 32 chi-square
 #: still loses, below it the ratios are within noise of 1 for some set).
 QUASI_NEWTON_MIN_D = 32
-#: ``merge=True`` merges the atoms of more than this many only when this many of them (the
-#: first) hold repeats (:func:`_worth_merging`). The merge is a sort of ``n`` keys (about 5
-#: passes at n = 1e6); a sample of a finite world with ``K`` distinct atoms shows at most
-#: ``K`` distinct among its first ``_MERGE_PROBE`` (``K = 1200`` in the default ``rates``
-#: world), continuous features none repeated: 4096 rows tell them apart for ``O(4096 d)``.
+#: ``merge=True`` merges the atoms of more than this many only when a probe of this many of
+#: them (evenly spaced rows) holds enough repeats (:func:`_worth_merging`). The merge costs
+#: about 15 passes at n = 1e6, d = 8 (a hash of every row and a hash-table grouping,
+#: :meth:`PreferenceData.merged`); continuous features repeat no row, and 4096 rows tell
+#: them apart for ``O(4096 d)``.
 _MERGE_PROBE = 4096
+#: Merging pays when the distinct atoms are at most this fraction of the atoms: the merged
+#: solve then costs a few passes where the unmerged one costs 15-50 (env data of the
+#: benchmark, n = 1e6: 30,000 distinct atoms, 1/33). The count of distinct atoms is
+#: estimated from the probe's repeats ``c`` (birthday estimate ``K ~ s^2 / (2 c)`` for ``s``
+#: probed rows of ``K`` equally likely atoms; a lower estimate where the atoms are unequally
+#: likely, which costs at most a merge that did not pay).
+_MERGE_FRACTION = 1.0 / 16.0
+#: Repeats the probe must see at least before the birthday estimate is trusted (its relative
+#: standard error is about ``c^-1/2``: 18% at 32).
+_MERGE_MIN_REPEATS = 32
 #: Every set has ``F(0) = log 2`` (all losses are ``log 2`` at ``theta_ref``, whatever the
 #: atoms): a start with ``F`` below ``log 2 (1 - _BELOW_ZERO)`` proves ``delta = 0`` is not
 #: the minimiser without the zero test. 1e-12 is above the rounding of an ``n``-term sum
@@ -110,21 +120,27 @@ _RESTART_GRID = 40
 
 def _worth_merging(data: PreferenceData) -> bool:
     """Whether merging repeated atoms may pay: always for at most ``_MERGE_PROBE`` atoms, else
-    when at most half of the first ``_MERGE_PROBE`` are distinct, counted by one random
-    projection of each row and its label (distinct rows that collide only make the exact
-    merge run where it was not needed); no projection when the first half of them (and one)
-    differ already in their first feature, as continuous features do."""
+    when ``_MERGE_PROBE`` evenly spaced rows hold at least half repeats (few distinct atoms),
+    or enough repeats ``c`` that the birthday estimate ``s^2 / (2 c)`` of the distinct atoms
+    is at most ``_MERGE_FRACTION n``. Rows are counted by one random projection of each row
+    and its label (distinct rows that collide only make the exact merge run where it was not
+    needed); no projection when the first half of them (and one) differ already in their
+    first feature, as continuous features do."""
     if data.n <= _MERGE_PROBE:
         return True
+    rows = np.linspace(0, data.n - 1, _MERGE_PROBE).astype(np.intp)
     half = _MERGE_PROBE // 2 + 1
-    if np.unique(data.x[:half, 0]).size == half:
+    if np.unique(data.x[rows[:half], 0]).size == half:
         return False  # more than half distinct already in the first feature (continuous data)
     r = np.random.default_rng(0).standard_normal(data.d)
     with np.errstate(over="ignore", invalid="ignore"):
-        keys = data.x[:_MERGE_PROBE] @ r
-    chosen = data.y[:_MERGE_PROBE] > 0.5
-    distinct = np.unique(keys[chosen]).size + np.unique(keys[~chosen]).size
-    return 2 * distinct <= _MERGE_PROBE
+        keys = data.x[rows] @ r
+    chosen = data.y[rows] > 0.5
+    repeats = _MERGE_PROBE - np.unique(keys[chosen]).size - np.unique(keys[~chosen]).size
+    if 2 * repeats >= _MERGE_PROBE:
+        return True
+    return (repeats >= _MERGE_MIN_REPEATS
+            and _MERGE_PROBE**2 / (2.0 * repeats) <= _MERGE_FRACTION * data.n)
 
 
 def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
@@ -323,10 +339,12 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     gap_tol : float
         The certified relative optimality gap a solution must reach to be returned.
     merge : bool
-        Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)`` and a sort of
-        ``n`` keys) and map the worst case back to the caller's atoms; the answer is the same
-        (a speed-up for samples of a finite world). Above ``_MERGE_PROBE = 4096`` atoms the
-        merge is done only when at most half of the first 4096 are distinct.
+        Solve on the distinct atoms (:meth:`PreferenceData.merged`, ``O(n d)`` and a
+        hash-table grouping of ``n`` keys) and map the worst case back to the caller's atoms
+        (built when read); the answer is the same (a speed-up for samples of a finite
+        world). Above ``_MERGE_PROBE = 4096`` atoms the merge is done only when 4096 evenly
+        spaced rows show it pays (at most half of them distinct, or a birthday estimate of at
+        most ``n / 16`` distinct atoms).
     method : {"auto", "newton", "lbfgs"}
         How a smooth ``F`` (DPO, KL, chi-square, Wasserstein p = 1 with ``kappa = inf``) is
         minimised: ``"newton"``, damped Newton (a dense ``d x d`` Hessian per step,
