@@ -141,9 +141,7 @@ class PreferenceData:
         mult = _hash_multipliers(self.d + 1)
         with np.errstate(over="ignore"):
             for lo in range(0, self.n, _HASH_BLOCK):  # blocks: the temporaries stay in cache
-                rows = np.column_stack([self.x[lo:lo + _HASH_BLOCK], self.y[lo:lo + _HASH_BLOCK]])
-                rows += 0.0  # -0.0 + 0.0 = 0.0: -0.0 and 0.0 are the same feature value
-                bits = rows.view(np.uint64)
+                bits = self._rows(slice(lo, lo + _HASH_BLOCK)).view(np.uint64)
                 np.matmul(bits ^ (bits >> np.uint64(29)), mult, out=keys[lo:lo + _HASH_BLOCK])
         inverse, _ = pd.factorize(keys)
         # codes are numbered in order of first appearance: a row is its group's first where
@@ -155,19 +153,25 @@ class PreferenceData:
         first = np.flatnonzero(new)
         if first.size == self.n:  # distinct keys: distinct atoms
             return self, np.arange(self.n)
-        if not self._grouped_exactly(first, inverse):  # a key collision: sort instead
-            rows = np.column_stack([self.x, self.y])
-            rows += 0.0
-            _, first, inverse = np.unique(rows, axis=0, return_index=True,
+        x0, y0 = self.x[first], self.y[first]
+        if not self._grouped_exactly(x0, y0, inverse):  # a key collision: sort instead
+            _, first, inverse = np.unique(self._rows(slice(None)), axis=0, return_index=True,
                                           return_inverse=True)
             inverse = inverse.ravel()
+            x0, y0 = self.x[first], self.y[first]
         w = np.bincount(inverse, self.weights, minlength=first.size)
-        return PreferenceData(self.x[first], self.y[first], w / w.sum()), inverse
+        return PreferenceData(x0, y0, w / w.sum()), inverse
 
-    def _grouped_exactly(self, first: np.ndarray, inverse: np.ndarray) -> bool:
-        """Whether every row equals its group's first row (``x`` compared as values, so that
-        -0.0 equals 0.0), in blocks."""
-        x0, y0 = self.x[first], self.y[first]
+    def _rows(self, rows: slice) -> np.ndarray:
+        """The rows ``(x, y)`` as one array, with -0.0 made 0.0 (``-0.0 + 0.0 = 0.0``: the
+        same feature value, which must merge)."""
+        out = np.column_stack([self.x[rows], self.y[rows]])
+        out += 0.0
+        return out
+
+    def _grouped_exactly(self, x0: np.ndarray, y0: np.ndarray, inverse: np.ndarray) -> bool:
+        """Whether every row equals its group's first row ``(x0, y0)[inverse]`` (compared as
+        values, so that -0.0 equals 0.0), in blocks."""
         for lo in range(0, self.n, _HASH_BLOCK):
             g = inverse[lo:lo + _HASH_BLOCK]
             if not (np.array_equal(self.x[lo:lo + _HASH_BLOCK], x0[g])

@@ -498,8 +498,10 @@ def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
                          1.0 / counts[j])
         return wc.weights[k] * share, wc.x[k], wc.y[k], src
 
-    return WorstCase(*(functools.partial(lambda i: build()[i], i) for i in range(4)),
-                     wc.transport_cost, wc.budget)
+    def field(i: int):
+        return lambda: build()[i]
+
+    return WorstCase(*(field(i) for i in range(4)), wc.transport_cost, wc.budget)
 
 # --- the reweighting sets (nominal, KL, chi-square) -------------------------------------
 
