@@ -306,11 +306,11 @@ def fmt(v) -> str:
     return f"{v:>11.4g}" if isinstance(v, float) else f"{v!s:>11}"
 
 
-def profile_dual(data, amb, beta, top: int = 20) -> None:
+def profile_dual(data, amb, beta, merge: bool = True, top: int = 20) -> None:
     """Print where one dual solve spends its time, by function (cProfile on ``clock``)."""
     prof = cProfile.Profile(clock)
     prof.enable()
-    sim.solve(data, amb, beta=beta, solver="dual")
+    sim.solve(data, amb, beta=beta, solver="dual", merge=merge)
     prof.disable()
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
@@ -329,7 +329,7 @@ def bench_one(kind, n, d, name, data, A, args, lm, emit) -> None:
         tracemalloc.start()
     t0 = clock()
     try:
-        sol = sim.solve(data, amb, beta=args.beta, solver="dual")
+        sol = sim.solve(data, amb, beta=args.beta, solver="dual", merge=args.merge)
     except (RuntimeError, ValueError) as exc:
         emit({**base, "solver": "dual", "time_s": clock() - t0,
               "status": f"failed: {str(exc)[:60]}"})
@@ -340,13 +340,13 @@ def bench_one(kind, n, d, name, data, A, args, lm, emit) -> None:
         tracemalloc.stop()
     for _ in range(args.repeat - 1):  # the fastest of the repeats: the least disturbed one
         t0 = clock()
-        sim.solve(data, amb, beta=args.beta, solver="dual")
+        sim.solve(data, amb, beta=args.beta, solver="dual", merge=args.merge)
         t_dual = min(t_dual, clock() - t0)
     emit({**base, "solver": "dual", "time_s": t_dual, "ratio": 1.0, "passes": t_dual / pass_s,
           "iters": sol.iterations, "peak_mb": peak, "gap": sol.gap,
           "opt_gap": sol.info.get("optimality_gap", math.nan), "status": sol.status})
     if args.profile:
-        profile_dual(data, amb, args.beta)
+        profile_dual(data, amb, args.beta, args.merge)
     for peer in PEERS[name]:
         if peer not in args.peers:
             continue
@@ -416,6 +416,9 @@ def main(argv=None) -> int:
                    help="run cvxpy and dro only up to this n (default 1e4)")
     p.add_argument("--max-nd", type=float, default=1e8,
                    help="skip (n, d) with n * d above this (default 1e8: an 800 MB array)")
+    p.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="solve every atom as given (the dual solver's merge=False; by default "
+                        "it merges repeated atoms where a probe says it pays)")
     p.add_argument("--memory", action="store_true",
                    help="also measure the dual solver's peak memory (tracemalloc, slows it)")
     p.add_argument("--profile", action="store_true",
