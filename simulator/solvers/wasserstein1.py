@@ -93,9 +93,10 @@ _ROOT_STEP = 1e-9
 #: A smoothed share in ``(_FACE_SHARE, 1 - _FACE_SHARE)`` marks an atom as tied at the
 #: threshold (outside it the share is within 1e-3 of 0 or 1: ``mu`` resolves the face).
 _FACE_SHARE = 1e-3
-#: With up to this many times as many atoms in the window as a face can tie, the face
-#: polish starts from the atoms nearest the threshold (more: the smoothing has not yet
-#: resolved the face).
+#: With up to this many times as many groups of identical atoms in the window as a face can
+#: tie, the face polish starts from a face it chooses (:func:`_face_start`; more: the
+#: smoothing has not yet resolved the face). Counted by group, not by atom: on environment
+#: data at n = 1e6 the window at mu = 1e-3 holds 500 to 1200 atoms in 4 to 9 groups.
 _FACE_TRIM = 4
 #: Rounding allowance of the face's shares and threshold (relative).
 _FACE_ROUND = 1e-12
@@ -636,14 +637,25 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
                 cache: _Logistic | None = None):
     """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to.
 
-    Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are taken to tie at
-    the flip threshold ``t`` (identical atoms merged into groups ``j`` of weight ``W_j``);
-    the rest keep share 1 or 0. A face ties at most ``d + 1`` atoms (``d`` if ``lambda =
-    b``); with more in the window (up to ``_FACE_TRIM`` times as many) the polish starts
-    from half that many, those nearest the threshold (shares nearest 1/2), the others on
-    their side of it. Newton's method then solves the optimality system of
-    ``min F`` on that face, unknowns ``delta``, the groups' shares ``r_j`` and (when
-    ``lambda > b``) ``t``:
+    Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are in the window of
+    the flip threshold ``t``; identical atoms (the same row ``a_i``, hence the same margin
+    and share) form groups ``j`` of weight ``W_j``. The rest keep share 1 or 0. A face ties
+    at most ``d + 1`` groups (``d`` if ``lambda = b``). The first face tried
+    (:func:`_face_start`):
+
+    * ``lambda = b`` with at most ``_FACE_TRIM d`` groups in the window: none tied, each
+      group on the side of ``t`` its share points to (share above or below 1/2). With
+      ``lambda = b`` the budget is not all spent, and the minimiser usually ties no group
+      or one (repeated atoms: the rounds below add a group that crossed ``t``); the groups
+      the window holds at ``mu = 1e-3`` are mostly not tied at the minimiser, and tying
+      them all moved ``delta`` away from it (group shares of -10 to 11), then took 3 to 5
+      rounds. If that face fails, the next start is tried;
+    * otherwise every group, or, with more than ``d + 1`` (``d``) of them (up to
+      ``_FACE_TRIM`` times as many), the half of that many nearest the threshold (shares
+      nearest 1/2), the others on their side of it.
+
+    Newton's method then solves the optimality system of ``min F`` on that face, unknowns
+    ``delta``, the groups' shares ``r_j`` and (when ``lambda > b``) ``t``:
 
     * ``grad E_P l + sum_full w_i a_i + sum_j r_j W_j a_j + nu beta u = 0``,
     * ``a_j . delta = t`` for every group, with ``t = kappa b`` if ``lambda = b``,
@@ -660,22 +672,52 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
     homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
-    w, beta, d = at.w, at.beta, delta.size
+    w = at.w
     cache = _Logistic() if cache is None else cache
     share = np.divide(q, w, out=np.zeros_like(q), where=w > 0)
+    clamped = lam <= at.beta * float(np.linalg.norm(delta))
+    for tied_mask, full in _face_start(at, share, clamped):
+        face = _face_rounds(at, delta, share, tied_mask, full, clamped, lam * kappa, rho, kappa,
+                            tol, _FACE_ROUNDS if rounds is None else rounds, max_iter, cache)
+        if face is not None:
+            return face
+    return None
+
+
+def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
+    """The starting faces of :func:`polish_face`, as ``(tied, full)`` masks of the atoms,
+    in the order tried (a generator: the groups are found once, the masks built when
+    the previous face failed)."""
     tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
     full = share >= 1.0 - _FACE_SHARE
-    clamped = lam <= beta * float(np.linalg.norm(delta))
-    t = lam * kappa
     idx = np.flatnonzero(tied_mask)
-    limit = d + (0 if clamped else 1)
-    if limit < idx.size <= _FACE_TRIM * limit:
-        # too many atoms in the window for one face: start from those nearest the threshold
-        # (shares nearest 1/2), the others on their side of it; the rounds below move atoms
-        out = idx[np.argsort(np.abs(share[idx] - 0.5), kind="stable")[limit // 2:]]
-        tied_mask[out] = False
-        full[out] = share[out] >= 0.5
-    for _ in range(_FACE_ROUNDS if rounds is None else rounds):
+    limit = at.x.shape[1] + (0 if clamped else 1)
+    if idx.size <= (0 if clamped else limit):
+        yield tied_mask, full
+        return
+    _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
+                                  return_inverse=True)
+    groups = first.size
+    if groups > _FACE_TRIM * limit:  # the smoothing has not resolved the face yet
+        yield tied_mask, full
+        return
+    order = np.argsort(np.abs(share[idx[first]] - 0.5), kind="stable")
+    keeps = ([0] if clamped else []) + ([limit // 2] if groups > limit else [groups])
+    for keep in keeps:
+        out = idx[np.isin(inverse.ravel(), order[keep:])]
+        tied_k, full_k = tied_mask.copy(), full.copy()
+        tied_k[out] = False
+        full_k[out] = share[out] >= 0.5
+        yield tied_k, full_k
+
+
+def _face_rounds(at: Atoms, delta: np.ndarray, share: np.ndarray, tied_mask: np.ndarray,
+                 full: np.ndarray, clamped: bool, t: float, rho: float, kappa: float,
+                 tol: float, rounds: int, max_iter: int, cache: _Logistic):
+    """The active-set rounds of :func:`polish_face` from one starting face: a
+    :class:`_Face` or ``None``."""
+    w, beta, d = at.w, at.beta, delta.size
+    for _ in range(rounds):
         idx = np.flatnonzero(tied_mask)
         if idx.size == 0 and not clamped:  # lambda > b needs an atom split at the threshold
             return None
