@@ -678,9 +678,9 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     An active-set loop then moves groups with ``r_j < 0`` (``> 1``) to share 0 (1),
     atoms that crossed ``t`` into the tied set, and switches between ``lambda = b`` and
     ``lambda > b`` when ``nu < 0`` or ``t < kappa b``, and solves again (``rounds``
-    times at most, ``_FACE_ROUNDS`` by default). With ``lambda = b`` the face may tie no
-    atom (no atom at the threshold ``kappa b``: ``F`` is smooth there, the Lagrangian of
-    its flip pattern). Returns the face's ``delta`` with the exact shares ``q``, or
+    times at most from each start, ``_FACE_ROUNDS`` by default). With ``lambda = b`` the
+    face may tie no atom (no atom at the threshold ``kappa b``: ``F`` is smooth there, the
+    Lagrangian of its flip pattern). Returns the face's ``delta`` with the exact shares ``q``, or
     ``None`` (more groups than unknowns, or Newton stalled). The caller certifies the
     answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
     homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
