@@ -700,7 +700,8 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
 def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
     """The starting faces of :func:`polish_face`, as ``(tied, full)`` masks of the atoms,
     in the order tried (a generator: the groups are found once, the masks built when
-    the previous face failed)."""
+    the previous face failed); none where the window holds more than ``_FACE_TRIM`` times
+    as many groups as a face can tie."""
     tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
     full = share >= 1.0 - _FACE_SHARE
     idx = np.flatnonzero(tied_mask)
@@ -711,8 +712,7 @@ def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
     _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
                                   return_inverse=True)
     groups = first.size
-    if groups > _FACE_TRIM * limit:  # the smoothing has not resolved the face yet
-        yield tied_mask, full
+    if groups > _FACE_TRIM * limit:  # the smoothing has not resolved the face yet: no start
         return
     off = np.abs(share[idx[first]] - 0.5)  # each group's share off 1/2
     order = np.argsort(off, kind="stable")
