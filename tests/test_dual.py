@@ -272,8 +272,7 @@ def test_lbfgs_path_agrees_with_newton_and_is_certified(amb, seed):
 def test_lbfgs_first_evaluation_replaces_the_zero_test(amb, monkeypatch):
     """On the L-BFGS path the evaluation at the start comes first: where ``F`` there lies
     below ``F(0) = log 2`` the subdifferential test at 0 is not run, and L-BFGS takes that
-    evaluation as its first (no point is evaluated twice in a row; the line searches'
-    trial points are margin-space evaluations, not ``evaluate_inner``); where the optimum is
+    evaluation as its first (no point is evaluated twice in a row); where the optimum is
     ``theta_ref`` (a radius past the collapse) the test still runs and certifies it."""
     from simulator.solvers import dual
 
@@ -293,7 +292,7 @@ def test_lbfgs_first_evaluation_replaces_the_zero_test(amb, monkeypatch):
     data, ref = _problem(seed=2, n=1200, d=_HIGH_D, scale=16.0)  # theta_ref not optimal
     sol = sim.solve(data, amb, beta=BETA, theta_ref=ref)
     assert sol.info["method"] == "lbfgs" and sol.status == "optimal" and not tests
-    assert sol.value < math.log(2) and len(points) >= 1
+    assert sol.value < math.log(2) and len(points) >= 2
     assert not any(np.array_equal(p, q) for p, q in zip(points, points[1:], strict=False))
     newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton")
     np.testing.assert_allclose(sol.theta, newton.theta, rtol=0,
@@ -572,6 +571,7 @@ def test_lbfgs_takes_two_products_per_iteration(amb, monkeypatch):
     monkeypatch.setattr(core.Atoms, "matvec", counted(matvec))
     monkeypatch.setattr(core.Atoms, "rmatvec", counted(rmatvec))
     monkeypatch.setattr(dual, "quasi_newton", watched)
+    monkeypatch.setattr(core, "_MARGIN_MIN_BYTES", 0)  # the margin search at this small size
     data, ref = _problem(seed=11, n=3000, d=_HIGH_D + 24, scale=8.0)
     sol = sim.solve(data, amb, beta=BETA, theta_ref=ref)
     assert sol.info["method"] == "lbfgs" and sol.info["optimality_gap"] <= 1e-9
@@ -672,6 +672,7 @@ def test_polish_after_a_short_lbfgs_run(amb, monkeypatch):
     data, ref = _problem(seed=7, n=1500, d=_HIGH_D, scale=8.0)
     newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton")
     monkeypatch.setattr(core, "_QN_ITERS", 3)
+    monkeypatch.setattr(core, "_MARGIN_MIN_BYTES", 0)  # the reweighting sets' margin search
     short = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="lbfgs")
     assert not short.info["zero_kink"] and short.info["optimality_gap"] <= 1e-9
     assert short.iterations > 3
@@ -680,11 +681,17 @@ def test_polish_after_a_short_lbfgs_run(amb, monkeypatch):
     assert abs(short.value - newton.value) <= 1e-12
 
 
+@pytest.mark.parametrize("margin", [False, True], ids=["scipy", "margin"])
 @pytest.mark.parametrize("amb", _SMOOTH_SETS, ids=repr)
 @pytest.mark.parametrize("d", [40, 100])
-def test_lbfgs_and_newton_agree_at_high_dimension(amb, d):
+def test_lbfgs_and_newton_agree_at_high_dimension(amb, d, margin, monkeypatch):
     """Randomised problems at d = 40 and 100 (d = 100 above n / 20): both paths to
-    ``tol = 1e-12`` give theta within 1e-8 (relative) and values to rounding."""
+    ``tol = 1e-12`` give theta within 1e-8 (relative) and values to rounding; L-BFGS with
+    scipy's line search and (the reweighting sets) with the margin-space one."""
+    from simulator.solvers import core
+
+    if margin:
+        monkeypatch.setattr(core, "_MARGIN_MIN_BYTES", 0)
     data, ref = _problem(seed=d, n=2500, d=d, weights=True)
     newton = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="newton", tol=1e-12)
     lbfgs = sim.solve(data, amb, beta=BETA, theta_ref=ref, method="lbfgs", tol=1e-12)
