@@ -24,17 +24,17 @@ import numpy as np
 
 from .core import (
     Atoms,
-    InnerResult,
+    Reweighting,
     SetMethods,
     Workspace,
     concave_max,
     logistic_gap,
     min_norm_mean,
-    reweighting_result,
+    reweighting_evaluate,
     top_atoms,
     weighted_hess,
 )
-from .nominal import nominal_result
+from .nominal import nominal_reweighting
 
 __all__ = ["Chi2State", "METHODS"]
 
@@ -200,10 +200,11 @@ def _sorted_minimiser(w: np.ndarray, z: np.ndarray, c2: float) -> float:
     return eta
 
 
-def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
+def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
+    """``F``, ``eta*`` and ``Q*`` from the losses ``l`` (the module docstring)."""
     rho = amb.rho
     if rho == 0.0:
-        return nominal_result(at, m, l, hess, dual=-math.inf)
+        return nominal_reweighting(at, l, dual=-math.inf)
     top, lmax = top_atoms(at, l)
     w = at.w
     c2 = 1.0 + rho
@@ -226,8 +227,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return reweighting_result(at, m, q, lmax, lmax, hess, state=Chi2State(lmax, work),
-                                  l=l)
+        return Reweighting(q, lmax, lmax, state=Chi2State(lmax, work))
     nrm = math.sqrt(float(q @ r))
     q *= 1.0 / er
     value = lmax + eta + c * nrm
@@ -255,8 +255,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             low.append((-1.0 / h_ee, h_de))
         return curv, low
 
-    return reweighting_result(at, m, q, value, lmax + eta, hess, parts,
-                              state=Chi2State(lmax + eta, work), l=l)
+    return Reweighting(q, value, lmax + eta, parts, Chi2State(lmax + eta, work))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -325,6 +324,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="chi2dpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
+    name="chi2dpo", evaluate=reweighting_evaluate(_reweight), reweight=_reweight,
+    zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

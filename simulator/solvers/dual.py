@@ -283,12 +283,15 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             return special
 
     scale = float(np.linalg.norm(delta))
+    # a reweighting set's F from its margins alone: L-BFGS's line searches in margin space
+    reweight = (None if mod.reweight is None
+                else lambda m, l, st: mod.reweight(at, m, l, amb, st))
 
     def run(d, st, start=None) -> Minimum:
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
-        out = (quasi_newton(objective, d, tol, max_iter, label, st, start) if quasi
-               else newton(objective, d, tol, max_iter, label, st, start))
+        out = (quasi_newton(objective, d, tol, max_iter, label, st, start, at, reweight)
+               if quasi else newton(objective, d, tol, max_iter, label, st, start))
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)

@@ -21,17 +21,17 @@ import numpy as np
 
 from .core import (
     Atoms,
-    InnerResult,
+    Reweighting,
     SetMethods,
     Workspace,
     concave_max,
     logistic_gap,
     min_norm_mean,
-    reweighting_result,
+    reweighting_evaluate,
     top_atoms,
     weighted_hess,
 )
-from .nominal import nominal_result
+from .nominal import nominal_reweighting
 
 __all__ = ["KLState", "METHODS"]
 
@@ -184,15 +184,16 @@ def _first_guess(state: KLState | None, w, l: np.ndarray, z: np.ndarray, rho: fl
     return math.sqrt(2.0 * rho / max(var, _TINY))
 
 
-def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
+def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
+    """``F``, ``lambda*`` and ``Q*`` from the losses ``l`` (the module docstring)."""
     rho = amb.rho
     if rho == 0.0:
-        return nominal_result(at, m, l, hess, dual=math.inf)
+        return nominal_reweighting(at, l, dual=math.inf)
     top, lmax = top_atoms(at, l)
     pmax = float(at.w[top].sum())
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
-        return reweighting_result(at, m, q, lmax, 0.0, hess, state=state, l=l)
+        return Reweighting(q, lmax, 0.0, state=state)
     warm = state.warm if state is not None and state.warm is not None else Workspace()
     n = l.size
     w0 = warm.equal_weight(at.w)
@@ -253,8 +254,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
             low.append((-s / var, -at.rmatvec(qd)))
         return curv, low
 
-    return reweighting_result(at, m, q, value, lam, hess, parts, state=KLState(lam, l, q, warm),
-                              l=l)
+    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -312,6 +312,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="kldpo", evaluate=_evaluate, zero_test=_zero_test, descent_at_zero=_descent_at_zero,
+    name="kldpo", evaluate=reweighting_evaluate(_reweight), reweight=_reweight,
+    zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
