@@ -1443,8 +1443,12 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
                        _moved_labels(at, mix), mix.src, cost, rho**2)
         primal = float(mix.q @ dpo_loss(np.where(mix.flip, -1.0, 1.0) * m[mix.src] - mix.tau))
         new_state = dataclasses.replace(new_state, mixture=mix)
+    # chord=False: a fresh Hessian (about one pass at n = 1e6, d = 8) beside an evaluation
+    # (eight to fifteen): the chord step's linear rate cost the benchmark's finite-kappa solve
+    # a fifth full-data evaluation (gradients 4e-5, 1.3e-7, 4e-9, 5e-17 against 4e-5, 1.3e-7,
+    # 8e-14 with fresh Hessians; tol 1e-10)
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state,
-                       primal=primal if worst else None)
+                       primal=primal if worst else None, chord=False)
 
 
 # --- the exact test at delta = 0 ------------------------------------------------------------
