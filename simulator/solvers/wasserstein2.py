@@ -1144,9 +1144,9 @@ class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
     delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
-    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value`` and ``grad``,
-    ``F`` and its gradient at ``at`` (an evaluation there again without the Hessian, the
-    worst case's, reuses them)."""
+    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value``, ``grad``
+    and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at ``at`` (an evaluation there again
+    without the Hessian, the worst case's, reuses them)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
@@ -1156,6 +1156,7 @@ class W2State:
     mixture: Mixture | None = None
     value: float | None = None
     grad: np.ndarray | None = None
+    primal: float | None = None
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
@@ -1399,7 +1400,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     u = delta / dn
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
-        value, grad, slope = state.value, state.grad, state.slope
+        value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
     else:
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
@@ -1409,10 +1410,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         q = parts[0][1]
         price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
         value = hi.lam * (rho**2 - price) + total
+        # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
+        # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
+        primal = total - hi.lam * blk.g_l
         if tied:
             sp = np.flatnonzero(share > 0)
             value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
                                                            hi.tau[sp], hi.flip[sp]))
+            primal += float((w * share)[sp] @ softplus(
+                lo.tau[sp] - np.where(lo.flip[sp], -m[sp], m[sp])))
         grad = blk.g_d
         # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
         # which the few atoms at the jump hardly move at large n
@@ -1421,14 +1427,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             sp = np.flatnonzero(share > 0)
             grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
                                     b, lo.lam, beta, delta)[0].g_d
-    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad)
+    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad,
+                        primal=primal)
     cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
         h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
                                    blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
-    wc, primal = None, None
+    wc = None
     if worst:
         pieces = []
         for mv, q in parts:
@@ -1437,11 +1444,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
                           else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
         mix = pieces[0] if len(pieces) == 1 else Mixture(
             *(np.concatenate(col) for col in zip(*pieces, strict=True)))
-        # the n x d moved features only when read (the certificate works on mix); E_Q* l
-        # from the moved margins a'_k . delta = s_k m_src - tau_k (Mixture)
+        # the n x d moved features only when read (the certificate works on mix)
         wc = WorstCase(mix.q, functools.partial(_moved_features, at, mix, b, u),
                        _moved_labels(at, mix), mix.src, cost, rho**2)
-        primal = float(mix.q @ dpo_loss(np.where(mix.flip, -1.0, 1.0) * m[mix.src] - mix.tau))
         new_state = dataclasses.replace(new_state, mixture=mix)
     # chord=False: a fresh Hessian (about one pass at n = 1e6, d = 8) beside an evaluation
     # (eight to fifteen): the chord step's linear rate cost the benchmark's finite-kappa solve
