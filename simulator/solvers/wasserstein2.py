@@ -772,6 +772,41 @@ def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
     return tau
 
 
+def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
+    """The roots of the moves ``mv`` (of a point with ``k_0 = 2 lambda / b^2 > 1/4``) moved to
+    first order to the margins ``m`` and ``k`` on their own branches: ``tau + (sigma' dmm +
+    tau dk) / psi'``, ``dmm`` the change of the signed margins, ``dk = k - k_0``, and
+    ``sigma' = s - s^2``, ``psi' = sigma' - k_0`` at the old root (``s = k_0 tau`` there, the
+    stationarity). The error is of second order in the changes (a step of Newton on
+    :func:`_joint_sweeps` starting from it: one sweep fewer than from ``tau`` itself); in
+    blocks of ``_BLOCK`` atoms, clipped to ``[0, 1/k]``. ``mv.tau`` where the shapes differ."""
+    k0 = 2.0 * mv.lam / mv.b**2
+    if mv.tau.shape != m.shape or not k0 > 0.25:
+        return mv.tau
+    dk = k - k0
+    out = np.empty_like(mv.tau)
+    for lo in range(0, m.size, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        t = mv.tau[sl]
+        s = np.multiply(t, k0)
+        sp = s * s
+        np.subtract(s, sp, out=sp)  # sigmoid' at the old root
+        dmm = np.subtract(m[sl], mv.m[sl], out=s)
+        dmm *= sp
+        sp -= k0  # psi' < 0: k0 > 1/4 >= sigmoid'
+        step = np.multiply(t, dk, out=out[sl])
+        step += dmm
+        step /= sp
+        step += t
+    flips = np.flatnonzero(mv.flip)
+    if flips.size:  # the flipped atoms' signed margins move by -dm: redone on their own
+        t = mv.tau[flips]
+        s = k0 * t
+        sp = s - s * s
+        out[flips] = t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0)
+    return np.clip(out, 0.0, 1.0 / k, out=out)
+
+
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
     """The moves ``mv`` (of :func:`_fast_moves` at ``k``) with the atoms ``idx`` flipped too,
     their flipped roots ``tau_idx`` (only those entries computed again)."""
@@ -830,7 +865,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     if not k > 0.25:
         return None
     flip, chosen = _flip_choice(m, b, lam, kappa), lam  # the pattern and where it was chosen
-    tau, last = (None, None) if start is None else (start.tau, start.flip)
+    tau, last = (None, None) if start is None else (_predicted_roots(start, m, k), start.flip)
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
