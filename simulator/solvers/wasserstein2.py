@@ -637,6 +637,14 @@ _BLOCK = 1 << 13
 #: Sweeps of :func:`_fast_pair` before it gives up (from a warm start three to five are used,
 #: from a cold one about seven: Newton's quadratic convergence).
 _FAST_ITERS = 12
+#: :func:`_fast_pair`'s first joint solves stop once their step (the largest change of a root,
+#: ``k`` about ``3``) is below this: the roots and ``k`` are then right to about its square
+#: (Newton's error ``|psi''| step^2 / (2 |psi'|)``, ``1e-11``), far inside the spacing of the
+#: atoms' switch points that the flips are chosen at (``1e-4`` relative at n = 1e6), and the
+#: one sweep more that the exact test takes (steps ``1e-3, 1e-6, 1e-12``, or ``1e-4, 1e-7,
+#: 1e-14``) is left to the solve at fixed ``k`` that follows at a switch, or done where the
+#: pattern chooses itself.
+_LOOSE_STEP = 1e-5
 #: ``max |sigmoid'' |`` ``= 1 / (6 sqrt 3)``: bounds ``|psi''|`` in Newton's error estimate.
 _PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
 #: :func:`_fast_pair` stops once Newton's error after the last step, about ``|psi''| step^2
@@ -647,13 +655,16 @@ _FAST_ERR = 1e-16
 
 def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
                   tau0: np.ndarray | None,
-                  fixed_k: bool = False
-                  ) -> tuple[float, np.ndarray, float, np.ndarray] | None:
+                  fixed_k: bool = False, loose: bool = False
+                  ) -> tuple[float, np.ndarray, float, np.ndarray, bool] | None:
     """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
     ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
-    dS/dk, dtau/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i / dk
-    = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with ``k``) or
-    ``None``.
+    dS/dk, dtau/dk, exact)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i
+    / dk = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with
+    ``k``; ``exact``: the stopping test below was met) or ``None``. With ``loose`` it also
+    stops once the step is below ``_LOOSE_STEP`` (``exact`` False): roots and ``k`` to about
+    its square, enough to choose the flips and locate a switch, whose own solve at fixed
+    ``k`` then resolves the roots (:func:`_fast_pair`).
 
     Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
@@ -714,8 +725,9 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         k += dk
         # Newton's error on every root, and the budget's own quadratic term E dtau^2 / b^2
         # (the linearisation drops it) within a quarter of its tolerance
-        if (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
-                and step**2 * total <= 0.25 * _BUDGET_TOL * s2):
+        exact = (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
+                 and step**2 * total <= 0.25 * _BUDGET_TOL * s2)
+        if exact or (loose and step <= _LOOSE_STEP):
             break
     else:
         return None
@@ -725,7 +737,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     tau -= r
     if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
         return None
-    return k, tau, c * s3, q
+    return k, tau, c * s3, q, exact
 
 
 def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
@@ -879,17 +891,24 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.any() else 0.0
         if not r2 - price > 0:
             return None
-        out = _joint_sweeps(_signed(m, flip), w, b, r2 - price, k,
-                            _branch_roots(m, flip, tau, last, k))
+        mm = _signed(m, flip)
+        out = _joint_sweeps(mm, w, b, r2 - price, k, _branch_roots(m, flip, tau, last, k),
+                            loose=True)
         if out is None:
             return None
-        k, tau, slope, dtau = out
+        k, tau, slope, dtau, exact = out
         last, lam = flip, 0.5 * k * b**2
-        if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
-            return None  # E cost of these moves (the Moves only where they are the answer)
         new = _flip_choice(m, b, lam, kappa)
         gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
-        if not (gained or lost):
+        if not (gained or lost):  # the answer: its roots and k resolved to the exact test
+            if not exact:  # k moved (by about 1e-11): the pattern chosen again there
+                out = _joint_sweeps(mm, w, b, r2 - price, k, tau)
+                if out is None or not np.array_equal(
+                        _flip_choice(m, b, 0.5 * out[0] * b**2, kappa), flip):
+                    return None
+                k, tau = out[:2]
+            if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
+                return None  # E cost of these moves
             mv = _fast_moves(m, flip, tau, k, b, kappa)
             return Bracket(mv, mv)
         if gained and lost:
