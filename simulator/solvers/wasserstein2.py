@@ -677,7 +677,8 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom and the budget's
     dropped quadratic term ``E dtau^2 / b^2`` below a quarter of ``_BUDGET_TOL`` (relative;
     the step keeps ``psi_i`` and the budget linearised together, so both residuals are then
-    of that order); ``None`` (the caller runs
+    of that order; at fixed ``k`` Newton's error alone, which bounds that of ``E tau^2``);
+    ``None`` (the caller runs
     :func:`solve_lambda`) where ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative,
     a root leaves ``[0, 1/k]`` or after ``_FAST_ITERS`` sweeps.
     """
@@ -723,10 +724,11 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         dk = 0.0 if fixed_k or s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
         step = abs(dk) * top_q + top_r
         k += dk
-        # Newton's error on every root, and the budget's own quadratic term E dtau^2 / b^2
-        # (the linearisation drops it) within a quarter of its tolerance
+        # Newton's error on every root, and (unless k is fixed: no budget is solved) the
+        # budget's own quadratic term E dtau^2 / b^2 (the linearisation drops it) within a
+        # quarter of its tolerance
         exact = (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
-                 and step**2 * total <= 0.25 * _BUDGET_TOL * s2)
+                 and (fixed_k or step**2 * total <= 0.25 * _BUDGET_TOL * s2))
         if exact or (loose and step <= _LOOSE_STEP):
             break
     else:
