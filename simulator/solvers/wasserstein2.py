@@ -1017,24 +1017,47 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
     k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
     the warm start of the roots at ``s``."""
-    k_mid = math.sqrt(lo[0] * hi[0]) * 2.0 / b**2
-
-    def side(flipped):  # the moves of idx[:1] on one branch, as _switch_points reads them
-        mm = -m[idx[:1]] if flipped else m[idx[:1]]
-        right = (mm < 0) | (0.5 - k_mid * mm >= 0)
-        return Moves(0.0, mm, np.full(1, flipped), mm, None, right, m[idx[:1]], b, kappa)
-
-    pts, _ = _switch_points(m[idx[:1]], b, kappa, side(True), side(False), np.zeros(1, int),
-                            (lo[0], hi[0]))
-    s = float(pts[0])
+    s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
     k_joint, tau, dtau, last = joint
     tau = tau + dtau * (k - k_joint)
-    out = _joint_sweeps(_signed(m, flip), w, b, 0.0, k,
-                        _branch_roots(m, flip, tau, last, k, fresh=True), fixed_k=True)
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
+                           _branch_roots(m, flip, tau, last, k, fresh=True))
+    if out is None:
+        return None
+    if isinstance(out, Bracket):
+        return out
+    return lo[::-1] if out < 0 else hi[::-1]
+
+
+def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
+                maybe_none: bool = False) -> float:
+    """The ``lambda`` in ``[a, c]`` (``2 lambda / b^2 > 1/4``) at which flipping an atom of
+    margin ``m_i`` stops winning (:func:`_switch_points` on its two branches); with
+    ``maybe_none``, ``nan`` where one branch wins on the whole interval."""
+    k_mid = math.sqrt(a * c) * 2.0 / b**2
+    mi = np.array([float(m_i)])
+
+    def side(flipped):  # the atom's move on one branch, as _switch_points reads it
+        mm = -mi if flipped else mi
+        right = (mm < 0) | (0.5 - k_mid * mm >= 0)
+        return Moves(0.0, mm, np.full(1, flipped), mm, None, right, mi, b, kappa)
+
+    pts, _ = _switch_points(mi, b, kappa, side(True), side(False), np.zeros(1, int), (a, c),
+                            maybe_none=maybe_none)
+    return float(pts[0])
+
+
+def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
+    """The moves at ``k = 2 s / b^2`` with the flips ``flip`` (``after``) and with the atoms
+    ``idx`` flipped too (``before``), their roots solved at fixed ``k`` from ``tau0``: their
+    :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
+    (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
+    the solve fails."""
+    out = _joint_sweeps(_signed(m, flip), w, b, 0.0, k, tau0, fixed_k=True)
     if out is None:
         return None
     after = _fast_moves(m, flip, out[1], k, b, kappa)
@@ -1042,7 +1065,59 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
         return _SwitchBracket(after, before, idx)
-    return lo[::-1] if g_before <= 0 else hi[::-1]
+    return -1 if g_before <= 0 else 1
+
+
+#: :func:`_switch_again` is tried where the first-order guess of ``lambda*`` is this close
+#: (relative) to the previous point's: the spacing of the atoms' switch points at n = 1e6
+#: (Gaussian benchmark: Newton's last step moved ``lambda*`` by ``1e-6`` and kept its switching
+#: atom, the steps before by ``7e-4`` and ``2e-2`` and changed it; a failed try costs a pass) ...
+_AGAIN_GATE = 1e-4
+#: ... and looks for that switch this far (relative) from the guess.
+_AGAIN_WINDOW = 1e-3
+#: ... and solves the roots there only where the first-order roots' ``E cost - rho^2`` is this
+#: far (relative to ``rho^2``) inside the jump on both sides (their error is of second order
+#: in the step: ``1e-8`` of ``rho^2`` at the benchmark's last step, the jump ``4e-4``).
+_AGAIN_MARGIN = 1e-6
+
+
+def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | None:
+    """``lambda*`` at the switch of the atoms ``old.switch`` again (one margin, flipped below
+    it): the previous point's answer, a :class:`_SwitchBracket`, at the margins ``m``.
+
+    Late in Newton's run ``lambda*`` stays at the same atom's switch point ``s`` (where its
+    share keeps the budget met) while ``delta`` moves. ``s`` is that atom's own scalar root
+    (:func:`_flip_point`, near the guess ``lam``), the flips elsewhere are chosen at
+    ``s (1 -+ _SWITCH_EPS)``, and the previous roots moved to first order to ``m`` and ``s``
+    (:func:`_predicted_roots`) predict ``E cost`` on both sides: only where that prediction
+    brackets ``rho^2`` by ``_AGAIN_MARGIN`` are the roots solved at fixed ``k`` (one sweep)
+    and the bracket checked exactly (:func:`_moves_at_switch`). ``None`` otherwise (the
+    switch moved to another atom, or ``lam`` is more than ``_AGAIN_GATE`` from the previous
+    point's ``lambda*``: :func:`_fast_pair` from scratch)."""
+    idx = old.switch
+    if not abs(lam - old.hi.lam) <= _AGAIN_GATE * lam:
+        return None
+    if idx.size == 0 or old.hi.tau.shape != m.shape or np.unique(m[idx]).size != 1:
+        return None
+    if not (old.lo.flip[idx].all() and not old.hi.flip[idx].any()):
+        return None
+    s = _flip_point(m[idx[0]], b, kappa, lam * (1.0 - _AGAIN_WINDOW),
+                    lam * (1.0 + _AGAIN_WINDOW), maybe_none=True)  # nan: none there
+    k = 2.0 * s / b**2
+    if not k > 0.25:  # also nan: no switch in the window
+        return None
+    flip = _flip_choice(m, b, s * (1.0 + _SWITCH_EPS), kappa)
+    lower = _flip_choice(m, b, s * (1.0 - _SWITCH_EPS), kappa)
+    if not np.array_equal(np.flatnonzero(lower != flip), idx) or flip[idx].any():
+        return None
+    tau = _branch_roots(m, flip, _predicted_roots(old.hi, m, k), old.hi.flip, k, fresh=True)
+    after = float(w @ (tau * tau)) / b**2 + kappa * float(w[flip].sum()) - r2
+    t_idx = best_move(-m[idx], k).tau
+    jump = float(w[idx] @ ((t_idx**2 - tau[idx] ** 2) / b**2 + kappa))
+    if not (after < -_AGAIN_MARGIN * r2 and after + jump > _AGAIN_MARGIN * r2):
+        return None
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau)
+    return out if isinstance(out, Bracket) else None
 
 
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
@@ -1435,7 +1510,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
             lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
         pair = None
-        if lam0 is not None:
+        if lam0 is not None and isinstance(state.pair, _SwitchBracket):
+            pair = _switch_again(m, w, b, rho**2, kappa, lam0, state.pair)
+        if lam0 is not None and pair is None:
             warm = None if state.pair is None else state.pair.hi
             pair = _fast_pair(m, w, b, rho**2, kappa, lam0,
                               warm if warm is not None and warm.tau.shape == m.shape else None)
