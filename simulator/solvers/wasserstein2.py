@@ -821,6 +821,36 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0 / k, out=out)
 
 
+#: Grid points of :func:`_table_roots` (a root's second derivative in ``m`` is at most about
+#: ``0.1``, so a spacing of ``h`` leaves ``h^2 / 80``: ``1e-6`` over margins 30 apart).
+_TABLE_POINTS = 4096
+
+
+def _table_roots(mm: np.ndarray, k: float) -> np.ndarray:
+    """A cold start of :func:`_joint_sweeps` at ``k > 1/4``: the roots (:func:`best_move`) on a
+    uniform grid of ``_TABLE_POINTS`` margins over ``[min mm, max mm]``, interpolated
+    linearly to every atom (in blocks of ``_BLOCK``): from ``tau = 0`` the first sweep's
+    step is about ``1/3``, from these a few ``1e-6``, one sweep fewer."""
+    lo, hi = float(mm.min()), float(mm.max())
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        return np.zeros(mm.size)
+    grid = np.linspace(lo, hi, _TABLE_POINTS)
+    roots = best_move(grid, k, values=False).tau
+    slope = np.append(np.diff(roots), 0.0)
+    inv = (_TABLE_POINTS - 1) / (hi - lo)
+    out = np.empty(mm.size)
+    for a in range(0, mm.size, _BLOCK):
+        sl = slice(a, a + _BLOCK)
+        pos = np.subtract(mm[sl], lo)
+        pos *= inv
+        i = pos.astype(np.intp)
+        np.clip(i, 0, _TABLE_POINTS - 1, out=i)
+        pos -= i  # the fraction of the grid step
+        pos *= slope[i]
+        np.add(pos, roots[i], out=out[sl])
+    return out
+
+
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
     """The moves ``mv`` (of :func:`_fast_moves` at ``k``) with the atoms ``idx`` flipped too,
     their flipped roots ``tau_idx`` (only those entries computed again)."""
@@ -894,8 +924,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if not r2 - price > 0:
             return None
         mm = _signed(m, flip)
-        out = _joint_sweeps(mm, w, b, r2 - price, k, _branch_roots(m, flip, tau, last, k),
-                            loose=True)
+        tau0 = _table_roots(mm, k) if tau is None else _branch_roots(m, flip, tau, last, k)
+        out = _joint_sweeps(mm, w, b, r2 - price, k, tau0, loose=True)
         if out is None:
             return None
         k, tau, slope, dtau, exact = out
@@ -1355,7 +1385,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
         t = tau[sl] / b
         if value:
             z = tau[sl] - m[sl] if not fb.any() else tau[sl] - np.where(fb, -m[sl], m[sl])
-            total += float(qb @ softplus(z)) - lam * float(qb @ (t * t))
+            total += float(qb @ softplus(z))  # less lambda E t^2 (g_tt), after the loop
         # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
         # accuracy)
         sg = (2.0 * lam / b) * t
@@ -1382,10 +1412,10 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
             # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
             c_mm[sl] = qb * sp + (b * b) * sp * sp * qd
     bu = beta * u
+    total = total - lam * g_tt if value else None
     g_d = -prod[0] + g_tsg * bu
     h_dl = prod[2] - 2.0 * hdl_t * bu
     blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
-    total = total if value else None
     if not hessian:
         return blk, None, total
     p = prod[1]
