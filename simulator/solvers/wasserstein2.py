@@ -821,8 +821,9 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0 / k, out=out)
 
 
-#: Grid points of :func:`_table_roots` (a root's second derivative in ``m`` is at most about
-#: ``0.1``, so a spacing of ``h`` leaves ``h^2 / 80``: ``1e-6`` over margins 30 apart).
+#: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
+#: a spacing ``h``: a few ``1e-6`` over margins 36 apart at ``k = 0.8``, ``3e-7`` at the
+#: benchmark's ``k = 3``; the table costs about a quarter of a pass at n = 1e6).
 _TABLE_POINTS = 4096
 
 
