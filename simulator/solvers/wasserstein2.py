@@ -668,7 +668,8 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
 
     Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
-    ``dk``), from ``tau0`` (a warm start; ``None``: ``tau = 0``). Each sweep is one pass over
+    ``dk``), from ``tau0`` (a warm start, overwritten: the returned roots; ``None``: ``tau =
+    0``). Each sweep is one pass over
     the atoms in blocks of ``_BLOCK`` (the previous step applied, ``psi`` and ``psi'``
     computed, the three sums of the budget's linearisation accumulated). For ``k > 1/4``
     every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
@@ -684,7 +685,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     """
     n, c = mm.size, 2.0 / b**2
     total = float(w.sum())
-    tau = np.zeros(n) if tau0 is None else tau0.copy()
+    tau = np.zeros(n) if tau0 is None else tau0  # the callers' own array: worked in place
     q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
     dk = None  # the step of the previous sweep (None: none yet)
     s3 = 0.0
@@ -755,10 +756,11 @@ def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
-                kappa: float) -> Moves:
+                kappa: float, mm: np.ndarray | None = None) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
-    atom and branch: the warm starts are the moves themselves)."""
-    mm = _signed(m, flip)
+    atom and branch: the warm starts are the moves themselves); ``mm``: ``_signed(m, flip)``
+    where the caller has it."""
+    mm = _signed(m, flip) if mm is None else mm
     # the root is on the right piece (tau >= mm): best_move's (mm < 0) | (0.5 - k mm >= 0),
     # which is k mm <= 0.5 exactly (k > 0; the sign of a rounded difference is exact)
     right = np.multiply(mm, k) <= 0.5
@@ -793,10 +795,11 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
     ``sigma' = s - s^2``, ``psi' = sigma' - k_0`` at the old root (``s = k_0 tau`` there, the
     stationarity). The error is of second order in the changes (a step of Newton on
     :func:`_joint_sweeps` starting from it: one sweep fewer than from ``tau`` itself); in
-    blocks of ``_BLOCK`` atoms, clipped to ``[0, 1/k]``. ``mv.tau`` where the shapes differ."""
+    blocks of ``_BLOCK`` atoms, clipped to ``[0, 1/k]``; a copy of ``mv.tau`` where the shapes
+    differ (always a new array: the joint sweeps work in it)."""
     k0 = 2.0 * mv.lam / mv.b**2
     if mv.tau.shape != m.shape or not k0 > 0.25:
-        return mv.tau
+        return mv.tau.copy()
     dk = k - k0
     out = np.empty_like(mv.tau)
     for lo in range(0, m.size, _BLOCK):
@@ -942,7 +945,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 k, tau = out[:2]
             if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
                 return None  # E cost of these moves
-            mv = _fast_moves(m, flip, tau, k, b, kappa)
+            mv = _fast_moves(m, flip, tau, k, b, kappa, mm)
             return Bracket(mv, mv)
         if gained and lost:
             return None
@@ -1088,10 +1091,11 @@ def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
     :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
     (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
     the solve fails."""
-    out = _joint_sweeps(_signed(m, flip), w, b, 0.0, k, tau0, fixed_k=True)
+    mm = _signed(m, flip)
+    out = _joint_sweeps(mm, w, b, 0.0, k, tau0, fixed_k=True)
     if out is None:
         return None
-    after = _fast_moves(m, flip, out[1], k, b, kappa)
+    after = _fast_moves(m, flip, out[1], k, b, kappa, mm)
     before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
