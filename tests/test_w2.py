@@ -521,3 +521,104 @@ def test_flipped_moves_and_branch_roots_match_a_fresh_solve():
     assert warm is not tau and np.array_equal(tau, w2.best_move(mm, k).tau)  # not modified
     psi = expit(warm - np.where(new_flip, -m, m)) - k * warm
     assert np.max(np.abs(psi)) <= 1e-15
+
+
+def _switch_problem(seed: int):
+    """Gaussian atoms with finite kappa whose evaluation ends at a switch (a tie) of lambda*."""
+    rng = np.random.default_rng(seed)
+    n, d = 20000, 3
+    x = rng.normal(size=(n, d))
+    y = (rng.uniform(size=n) < expit(x @ np.array([1.5, -1.0, 0.5]))).astype(float)
+    at = Atoms.from_data(sim.PreferenceData(x, y), 1.0, normalise=True)
+    return at, sim.Wasserstein(0.2, p=2, kappa=0.3), rng.normal(size=d) * 1.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])  # seed 2 ends where the pattern chooses itself
+def test_switch_again_matches_the_cold_search(seed, monkeypatch):
+    """At a point a tiny step from one whose lambda* sits at an atom's switch point, the
+    evaluation reuses that switch (``_switch_again``: the atom's own switch point, one sweep at
+    fixed k, checked exactly) and agrees with the cold bracketed search (``solve_lambda``)
+    there: F, lambda*, gradient, transport cost and Hessian, to rounding; a step that moves
+    lambda* more than ``_AGAIN_GATE`` is not tried."""
+    from simulator.solvers import wasserstein2 as w2
+
+    at, amb, delta = _switch_problem(seed)
+    cold = evaluate_inner(at, delta, amb, hess=True, worst=False)
+    first = evaluate_inner(at, delta, amb, hess=True, worst=False,
+                           state=w2.W2State(lam=cold.dual))  # the joint solve's answer
+    assert isinstance(first.state.pair, w2._SwitchBracket)
+    tried = []
+    again = w2._switch_again
+    monkeypatch.setattr(w2, "_switch_again", lambda *a: tried.append(again(*a)) or tried[-1])
+    step = np.random.default_rng(seed).normal(size=delta.size)
+    for size, used in ((1e-9, True), (3e-2, False)):
+        point = delta + size * step / np.linalg.norm(step)
+        warm = evaluate_inner(at, point, amb, hess=True, worst=True, state=first.state)
+        assert (tried.pop() is not None) == used
+        cold = evaluate_inner(at, point, amb, hess=True, worst=True)
+        scale = max(1.0, abs(cold.value))
+        assert abs(warm.value - cold.value) <= 1e-14 * scale
+        assert abs(warm.dual - cold.dual) <= 1e-12 * cold.dual
+        np.testing.assert_allclose(warm.grad, cold.grad, rtol=1e-10, atol=1e-13)
+        assert abs(warm.worst_case.transport_cost - amb.rho**2) <= 1e-13 * amb.rho**2
+        np.testing.assert_allclose(warm.hess(), cold.hess(), rtol=1e-8, atol=1e-12)
+        assert warm.primal == pytest.approx(cold.primal, rel=1e-13)
+
+
+def test_table_and_predicted_roots_against_fresh_roots():
+    """The cold start ``_table_roots`` is within linear interpolation's bound of every atom's
+    root (``best_move``), and ``_predicted_roots`` (the roots moved to first order to new margins
+    and k) has an error of second order: a tenth of the change leaves a hundredth of it."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(3)
+    n, b, k, kappa = 50000, 1.3, 0.8, 1.0
+    m = rng.normal(size=n) * 4.0
+    table = w2._table_roots(m, k)
+    exact = w2.best_move(m, k, values=False).tau
+    # linear interpolation leaves at most h^2 max |tau''| / 8 (tau'' by differences of roots
+    # on a grid ten times finer)
+    fine = np.linspace(m.min(), m.max(), 10 * w2._TABLE_POINTS)
+    curv = np.max(np.abs(np.diff(w2.best_move(fine, k, values=False).tau, 2))) / np.diff(
+        fine[:2])[0] ** 2
+    h = (m.max() - m.min()) / (w2._TABLE_POINTS - 1)
+    assert 1e-8 < np.max(np.abs(table - exact)) <= 1.01 * h**2 * curv / 8 + 1e-14
+    flip = rng.random(n) < 0.02
+    old = w2._fast_moves(m, flip, w2.best_move(np.where(flip, -m, m), k).tau, k, b, kappa)
+    errors = []
+    for eps in (1e-3, 1e-4):
+        m_new, k_new = m + eps * rng.normal(size=n), k * (1.0 + eps)
+        fresh = w2.best_move(np.where(flip, -m_new, m_new), k_new, values=False).tau
+        errors.append(np.max(np.abs(w2._predicted_roots(old, m_new, k_new) - fresh)))
+        assert errors[-1] <= 5.0 * eps**2
+    assert errors[1] <= 0.05 * errors[0]
+
+
+@pytest.mark.parametrize("chord", [True, False])
+def test_newton_reuses_the_hessian_only_where_the_evaluation_allows(chord):
+    """``InnerResult.chord=False`` (W2's evaluations, each many times its Hessian) makes
+    Newton take a fresh Hessian after every step; with the chord rule a step that cut the
+    gradient a hundredfold keeps the old one. On ``f(x) = sum cosh(x_i)`` from ``x = 0.5``
+    both converge to 0; only the count of Hessians differs."""
+    from simulator.solvers import core
+
+    calls = []
+
+    def objective(x, state):
+        def hess():
+            calls.append(1)
+            return np.diag(np.cosh(x))
+
+        return core.InnerResult(float(np.sum(np.cosh(x))), None, np.sinh(x), hess, None,
+                                chord=chord)
+
+    run = core.newton(objective, np.full(3, 0.5), 1e-13, 50, "cosh")
+    assert np.max(np.abs(run.delta)) <= 1e-13
+    assert (len(calls) == run.iterations) == (not chord)
+    assert len(calls) < run.iterations if chord else True
+
+
+def test_w2_evaluations_opt_out_of_the_chord_rule():
+    """Every W2 evaluation away from ``rho = 0`` and ``theta_ref`` says ``chord=False``."""
+    at, amb, delta = _switch_problem(0)
+    assert evaluate_inner(at, delta, amb, hess=True, worst=False).chord is False

@@ -374,6 +374,8 @@ class InnerResult:
     solves by conjugate gradients instead of the ``O(n d^2)`` dense Hessian; ``None`` means
     use ``hess``. ``primal``, where the set computes it with the worst case, is ``E_{Q*} l``
     from the margins it already has (``None``: recomputed from the worst case's atoms).
+    ``chord=False`` keeps :func:`newton` from reusing the Hessian for the step after this
+    evaluation (the chord rule): for a set whose evaluation costs many times its Hessian.
     """
 
     value: float
@@ -386,6 +388,7 @@ class InnerResult:
     losses: np.ndarray | None = None
     hvp: Callable[[np.ndarray], np.ndarray] | None = None
     primal: float | None = None
+    chord: bool = True
 
 
 class Workspace:
@@ -706,9 +709,9 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     ``state`` seeds the warm starts of the objective's dual variable; each accepted point's
     ``InnerResult.state`` seeds the next evaluation. Stops when ``||grad||_inf <= tol`` or
     the Newton step is below ``_STEP_TOL (1 + ||delta||_inf)``. A full step that cut the
-    gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step. With ``hessian_free``,
-    an evaluation that supplies ``hvp`` gets its step by :func:`cg_solve` (inexact Newton)
-    instead of the dense Hessian.
+    gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step (unless the new
+    evaluation has ``chord=False``). With ``hessian_free``, an evaluation that supplies
+    ``hvp`` gets its step by :func:`cg_solve` (inexact Newton) instead of the dense Hessian.
 
     Raises
     ------
@@ -762,7 +765,7 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                 break
             t *= 0.5
             cand, new = delta + t * step, half
-        if not (t == 1.0 and float(np.max(np.abs(new.grad))) <= _CHORD_RATIO * gn):
+        if not (new.chord and t == 1.0 and float(np.max(np.abs(new.grad))) <= _CHORD_RATIO * gn):
             h = None
         delta, cur, state = cand, new, new.state
         short = short + 1 if t < _SHORT_STEP else 0

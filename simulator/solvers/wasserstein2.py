@@ -637,6 +637,14 @@ _BLOCK = 1 << 13
 #: Sweeps of :func:`_fast_pair` before it gives up (from a warm start three to five are used,
 #: from a cold one about seven: Newton's quadratic convergence).
 _FAST_ITERS = 12
+#: :func:`_fast_pair`'s first joint solves stop once their step (the largest change of a root,
+#: ``k`` about ``3``) is below this: the roots and ``k`` are then right to about its square
+#: (Newton's error ``|psi''| step^2 / (2 |psi'|)``, ``1e-11``), far inside the spacing of the
+#: atoms' switch points that the flips are chosen at (``1e-4`` relative at n = 1e6), and the
+#: one sweep more that the exact test takes (steps ``1e-3, 1e-6, 1e-12``, or ``1e-4, 1e-7,
+#: 1e-14``) is left to the solve at fixed ``k`` that follows at a switch, or done where the
+#: pattern chooses itself.
+_LOOSE_STEP = 1e-5
 #: ``max |sigmoid'' |`` ``= 1 / (6 sqrt 3)``: bounds ``|psi''|`` in Newton's error estimate.
 _PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
 #: :func:`_fast_pair` stops once Newton's error after the last step, about ``|psi''| step^2
@@ -647,17 +655,21 @@ _FAST_ERR = 1e-16
 
 def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
                   tau0: np.ndarray | None,
-                  fixed_k: bool = False
-                  ) -> tuple[float, np.ndarray, float, np.ndarray] | None:
+                  fixed_k: bool = False, loose: bool = False
+                  ) -> tuple[float, np.ndarray, float, np.ndarray, bool] | None:
     """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
     ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
-    dS/dk, dtau/dk)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i / dk
-    = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with ``k``) or
-    ``None``.
+    dS/dk, dtau/dk, exact)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i
+    / dk = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with
+    ``k``; ``exact``: the stopping test below was met) or ``None``. With ``loose`` it also
+    stops once the step is below ``_LOOSE_STEP`` (``exact`` False): roots and ``k`` to about
+    its square, enough to choose the flips and locate a switch, whose own solve at fixed
+    ``k`` then resolves the roots (:func:`_fast_pair`).
 
     Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
-    ``dk``), from ``tau0`` (a warm start; ``None``: ``tau = 0``). Each sweep is one pass over
+    ``dk``), from ``tau0`` (a warm start, overwritten: the returned roots; ``None``: ``tau =
+    0``). Each sweep is one pass over
     the atoms in blocks of ``_BLOCK`` (the previous step applied, ``psi`` and ``psi'``
     computed, the three sums of the budget's linearisation accumulated). For ``k > 1/4``
     every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
@@ -666,13 +678,14 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom and the budget's
     dropped quadratic term ``E dtau^2 / b^2`` below a quarter of ``_BUDGET_TOL`` (relative;
     the step keeps ``psi_i`` and the budget linearised together, so both residuals are then
-    of that order); ``None`` (the caller runs
+    of that order; at fixed ``k`` Newton's error alone, which bounds that of ``E tau^2``);
+    ``None`` (the caller runs
     :func:`solve_lambda`) where ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative,
     a root leaves ``[0, 1/k]`` or after ``_FAST_ITERS`` sweeps.
     """
     n, c = mm.size, 2.0 / b**2
     total = float(w.sum())
-    tau = np.zeros(n) if tau0 is None else tau0.copy()
+    tau = np.zeros(n) if tau0 is None else tau0  # the callers' own array: worked in place
     q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
     dk = None  # the step of the previous sweep (None: none yet)
     s3 = 0.0
@@ -712,10 +725,12 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         dk = 0.0 if fixed_k or s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
         step = abs(dk) * top_q + top_r
         k += dk
-        # Newton's error on every root, and the budget's own quadratic term E dtau^2 / b^2
-        # (the linearisation drops it) within a quarter of its tolerance
-        if (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
-                and step**2 * total <= 0.25 * _BUDGET_TOL * s2):
+        # Newton's error on every root, and (unless k is fixed: no budget is solved) the
+        # budget's own quadratic term E dtau^2 / b^2 (the linearisation drops it) within a
+        # quarter of its tolerance
+        exact = (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
+                 and (fixed_k or step**2 * total <= 0.25 * _BUDGET_TOL * s2))
+        if exact or (loose and step <= _LOOSE_STEP):
             break
     else:
         return None
@@ -725,7 +740,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     tau -= r
     if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
         return None
-    return k, tau, c * s3, q
+    return k, tau, c * s3, q, exact
 
 
 def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
@@ -741,10 +756,11 @@ def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
-                kappa: float) -> Moves:
+                kappa: float, mm: np.ndarray | None = None) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
-    atom and branch: the warm starts are the moves themselves)."""
-    mm = _signed(m, flip)
+    atom and branch: the warm starts are the moves themselves); ``mm``: ``_signed(m, flip)``
+    where the caller has it."""
+    mm = _signed(m, flip) if mm is None else mm
     # the root is on the right piece (tau >= mm): best_move's (mm < 0) | (0.5 - k mm >= 0),
     # which is k mm <= 0.5 exactly (k > 0; the sign of a rounded difference is exact)
     right = np.multiply(mm, k) <= 0.5
@@ -770,6 +786,73 @@ def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
         mc = m[changed]
         tau[changed] = best_move(np.where(flip[changed], -mc, mc), k, values=False).tau
     return tau
+
+
+def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
+    """The roots of the moves ``mv`` (of a point with ``k_0 = 2 lambda / b^2 > 1/4``) moved to
+    first order to the margins ``m`` and ``k`` on their own branches: ``tau + (sigma' dmm +
+    tau dk) / psi'``, ``dmm`` the change of the signed margins, ``dk = k - k_0``, and
+    ``sigma' = s - s^2``, ``psi' = sigma' - k_0`` at the old root (``s = k_0 tau`` there, the
+    stationarity). The error is of second order in the changes (a step of Newton on
+    :func:`_joint_sweeps` starting from it: one sweep fewer than from ``tau`` itself); in
+    blocks of ``_BLOCK`` atoms, clipped to ``[0, 1/k]``; a copy of ``mv.tau`` where the shapes
+    differ (always a new array: the joint sweeps work in it)."""
+    k0 = 2.0 * mv.lam / mv.b**2
+    if mv.tau.shape != m.shape or not k0 > 0.25:
+        return mv.tau.copy()
+    dk = k - k0
+    out = np.empty_like(mv.tau)
+    for lo in range(0, m.size, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        t = mv.tau[sl]
+        s = np.multiply(t, k0)
+        sp = s * s
+        np.subtract(s, sp, out=sp)  # sigmoid' at the old root
+        dmm = np.subtract(m[sl], mv.m[sl], out=s)
+        dmm *= sp
+        sp -= k0  # psi' < 0: k0 > 1/4 >= sigmoid'
+        step = np.multiply(t, dk, out=out[sl])
+        step += dmm
+        step /= sp
+        step += t
+    flips = np.flatnonzero(mv.flip)
+    if flips.size:  # the flipped atoms' signed margins move by -dm: redone on their own
+        t = mv.tau[flips]
+        s = k0 * t
+        sp = s - s * s
+        out[flips] = t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0)
+    return np.clip(out, 0.0, 1.0 / k, out=out)
+
+
+#: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
+#: a spacing ``h``: a few ``1e-6`` over margins 36 apart at ``k = 0.8``, ``3e-7`` at the
+#: benchmark's ``k = 3``; the table costs about a quarter of a pass at n = 1e6).
+_TABLE_POINTS = 4096
+
+
+def _table_roots(mm: np.ndarray, k: float) -> np.ndarray:
+    """A cold start of :func:`_joint_sweeps` at ``k > 1/4``: the roots (:func:`best_move`) on a
+    uniform grid of ``_TABLE_POINTS`` margins over ``[min mm, max mm]``, interpolated
+    linearly to every atom (in blocks of ``_BLOCK``): from ``tau = 0`` the first sweep's
+    step is about ``1/3``, from these a few ``1e-6``, one sweep fewer."""
+    lo, hi = float(mm.min()), float(mm.max())
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        return np.zeros(mm.size)
+    grid = np.linspace(lo, hi, _TABLE_POINTS)
+    roots = best_move(grid, k, values=False).tau
+    slope = np.append(np.diff(roots), 0.0)
+    inv = (_TABLE_POINTS - 1) / (hi - lo)
+    out = np.empty(mm.size)
+    for a in range(0, mm.size, _BLOCK):
+        sl = slice(a, a + _BLOCK)
+        pos = np.subtract(mm[sl], lo)
+        pos *= inv
+        i = pos.astype(np.intp)
+        np.clip(i, 0, _TABLE_POINTS - 1, out=i)
+        pos -= i  # the fraction of the grid step
+        pos *= slope[i]
+        np.add(pos, roots[i], out=out[sl])
+    return out
 
 
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
@@ -830,7 +913,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     if not k > 0.25:
         return None
     flip, chosen = _flip_choice(m, b, lam, kappa), lam  # the pattern and where it was chosen
-    tau, last = (None, None) if start is None else (start.tau, start.flip)
+    tau, last = (None, None) if start is None else (_predicted_roots(start, m, k), start.flip)
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
@@ -844,18 +927,25 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.any() else 0.0
         if not r2 - price > 0:
             return None
-        out = _joint_sweeps(_signed(m, flip), w, b, r2 - price, k,
-                            _branch_roots(m, flip, tau, last, k))
+        mm = _signed(m, flip)
+        tau0 = _table_roots(mm, k) if tau is None else _branch_roots(m, flip, tau, last, k)
+        out = _joint_sweeps(mm, w, b, r2 - price, k, tau0, loose=True)
         if out is None:
             return None
-        k, tau, slope, dtau = out
+        k, tau, slope, dtau, exact = out
         last, lam = flip, 0.5 * k * b**2
-        if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
-            return None  # E cost of these moves (the Moves only where they are the answer)
         new = _flip_choice(m, b, lam, kappa)
         gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
-        if not (gained or lost):
-            mv = _fast_moves(m, flip, tau, k, b, kappa)
+        if not (gained or lost):  # the answer: its roots and k resolved to the exact test
+            if not exact:  # k moved (by about 1e-11): the pattern chosen again there
+                out = _joint_sweeps(mm, w, b, r2 - price, k, tau)
+                if out is None or not np.array_equal(
+                        _flip_choice(m, b, 0.5 * out[0] * b**2, kappa), flip):
+                    return None
+                k, tau = out[:2]
+            if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
+                return None  # E cost of these moves
+            mv = _fast_moves(m, flip, tau, k, b, kappa, mm)
             return Bracket(mv, mv)
         if gained and lost:
             return None
@@ -961,32 +1051,108 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
     k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
     the warm start of the roots at ``s``."""
-    k_mid = math.sqrt(lo[0] * hi[0]) * 2.0 / b**2
-
-    def side(flipped):  # the moves of idx[:1] on one branch, as _switch_points reads them
-        mm = -m[idx[:1]] if flipped else m[idx[:1]]
-        right = (mm < 0) | (0.5 - k_mid * mm >= 0)
-        return Moves(0.0, mm, np.full(1, flipped), mm, None, right, m[idx[:1]], b, kappa)
-
-    pts, _ = _switch_points(m[idx[:1]], b, kappa, side(True), side(False), np.zeros(1, int),
-                            (lo[0], hi[0]))
-    s = float(pts[0])
+    s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
     k_joint, tau, dtau, last = joint
     tau = tau + dtau * (k - k_joint)
-    out = _joint_sweeps(_signed(m, flip), w, b, 0.0, k,
-                        _branch_roots(m, flip, tau, last, k, fresh=True), fixed_k=True)
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
+                           _branch_roots(m, flip, tau, last, k, fresh=True))
     if out is None:
         return None
-    after = _fast_moves(m, flip, out[1], k, b, kappa)
+    if isinstance(out, Bracket):
+        return out
+    return lo[::-1] if out < 0 else hi[::-1]
+
+
+def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
+                maybe_none: bool = False) -> float:
+    """The ``lambda`` in ``[a, c]`` (``2 lambda / b^2 > 1/4``) at which flipping an atom of
+    margin ``m_i`` stops winning (:func:`_switch_points` on its two branches); with
+    ``maybe_none``, ``nan`` where one branch wins on the whole interval."""
+    k_mid = math.sqrt(a * c) * 2.0 / b**2
+    mi = np.array([float(m_i)])
+
+    def side(flipped):  # the atom's move on one branch, as _switch_points reads it
+        mm = -mi if flipped else mi
+        right = (mm < 0) | (0.5 - k_mid * mm >= 0)
+        return Moves(0.0, mm, np.full(1, flipped), mm, None, right, mi, b, kappa)
+
+    pts, _ = _switch_points(mi, b, kappa, side(True), side(False), np.zeros(1, int), (a, c),
+                            maybe_none=maybe_none)
+    return float(pts[0])
+
+
+def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
+    """The moves at ``k = 2 s / b^2`` with the flips ``flip`` (``after``) and with the atoms
+    ``idx`` flipped too (``before``), their roots solved at fixed ``k`` from ``tau0``: their
+    :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
+    (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
+    the solve fails."""
+    mm = _signed(m, flip)
+    out = _joint_sweeps(mm, w, b, 0.0, k, tau0, fixed_k=True)
+    if out is None:
+        return None
+    after = _fast_moves(m, flip, out[1], k, b, kappa, mm)
     before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
     g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
     if g_before > 0 >= g_after:
         return _SwitchBracket(after, before, idx)
-    return lo[::-1] if g_before <= 0 else hi[::-1]
+    return -1 if g_before <= 0 else 1
+
+
+#: :func:`_switch_again` is tried where the first-order guess of ``lambda*`` is this close
+#: (relative) to the previous point's: the spacing of the atoms' switch points at n = 1e6
+#: (Gaussian benchmark: Newton's last step moved ``lambda*`` by ``1e-6`` and kept its switching
+#: atom, the steps before by ``7e-4`` and ``2e-2`` and changed it; a failed try costs a pass) ...
+_AGAIN_GATE = 1e-4
+#: ... and looks for that switch this far (relative) from the guess.
+_AGAIN_WINDOW = 1e-3
+#: ... and solves the roots there only where the first-order roots' ``E cost - rho^2`` is this
+#: far (relative to ``rho^2``) inside the jump on both sides (their error is of second order
+#: in the step: ``1e-8`` of ``rho^2`` at the benchmark's last step, the jump ``4e-4``).
+_AGAIN_MARGIN = 1e-6
+
+
+def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | None:
+    """``lambda*`` at the switch of the atoms ``old.switch`` again (one margin, flipped below
+    it): the previous point's answer, a :class:`_SwitchBracket`, at the margins ``m``.
+
+    Late in Newton's run ``lambda*`` stays at the same atom's switch point ``s`` (where its
+    share keeps the budget met) while ``delta`` moves. ``s`` is that atom's own scalar root
+    (:func:`_flip_point`, near the guess ``lam``), the flips elsewhere are chosen at
+    ``s (1 -+ _SWITCH_EPS)``, and the previous roots moved to first order to ``m`` and ``s``
+    (:func:`_predicted_roots`) predict ``E cost`` on both sides: only where that prediction
+    brackets ``rho^2`` by ``_AGAIN_MARGIN`` are the roots solved at fixed ``k`` (one sweep)
+    and the bracket checked exactly (:func:`_moves_at_switch`). ``None`` otherwise (the
+    switch moved to another atom, or ``lam`` is more than ``_AGAIN_GATE`` from the previous
+    point's ``lambda*``: :func:`_fast_pair` from scratch)."""
+    idx = old.switch
+    if not abs(lam - old.hi.lam) <= _AGAIN_GATE * lam:
+        return None
+    if idx.size == 0 or old.hi.tau.shape != m.shape or np.unique(m[idx]).size != 1:
+        return None
+    if not (old.lo.flip[idx].all() and not old.hi.flip[idx].any()):
+        return None
+    s = _flip_point(m[idx[0]], b, kappa, lam * (1.0 - _AGAIN_WINDOW),
+                    lam * (1.0 + _AGAIN_WINDOW), maybe_none=True)  # nan: none there
+    k = 2.0 * s / b**2
+    if not k > 0.25:  # also nan: no switch in the window
+        return None
+    flip = _flip_choice(m, b, s * (1.0 + _SWITCH_EPS), kappa)
+    lower = _flip_choice(m, b, s * (1.0 - _SWITCH_EPS), kappa)
+    if not np.array_equal(np.flatnonzero(lower != flip), idx) or flip[idx].any():
+        return None
+    tau = _branch_roots(m, flip, _predicted_roots(old.hi, m, k), old.hi.flip, k, fresh=True)
+    after = float(w @ (tau * tau)) / b**2 + kappa * float(w[flip].sum()) - r2
+    t_idx = best_move(-m[idx], k).tau
+    jump = float(w[idx] @ ((t_idx**2 - tau[idx] ** 2) / b**2 + kappa))
+    if not (after < -_AGAIN_MARGIN * r2 and after + jump > _AGAIN_MARGIN * r2):
+        return None
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau)
+    return out if isinstance(out, Bracket) else None
 
 
 def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: float,
@@ -1144,9 +1310,9 @@ class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
     delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
-    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value`` and ``grad``,
-    ``F`` and its gradient at ``at`` (an evaluation there again without the Hessian, the
-    worst case's, reuses them)."""
+    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value``, ``grad``
+    and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at ``at`` (an evaluation there again
+    without the Hessian, the worst case's, reuses them)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
@@ -1156,6 +1322,7 @@ class W2State:
     mixture: Mixture | None = None
     value: float | None = None
     grad: np.ndarray | None = None
+    primal: float | None = None
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
@@ -1223,7 +1390,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
         t = tau[sl] / b
         if value:
             z = tau[sl] - m[sl] if not fb.any() else tau[sl] - np.where(fb, -m[sl], m[sl])
-            total += float(qb @ softplus(z)) - lam * float(qb @ (t * t))
+            total += float(qb @ softplus(z))  # less lambda E t^2 (g_tt), after the loop
         # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
         # accuracy)
         sg = (2.0 * lam / b) * t
@@ -1250,10 +1417,10 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
             # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
             c_mm[sl] = qb * sp + (b * b) * sp * sp * qd
     bu = beta * u
+    total = total - lam * g_tt if value else None
     g_d = -prod[0] + g_tsg * bu
     h_dl = prod[2] - 2.0 * hdl_t * bu
     blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
-    total = total if value else None
     if not hessian:
         return blk, None, total
     p = prod[1]
@@ -1378,7 +1545,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             guess = lam0 + float(state.slope @ (delta - state.at))  # first order along the step
             lam0 = guess if guess > _GUESS_FLOOR * lam0 else lam0
         pair = None
-        if lam0 is not None:
+        if lam0 is not None and isinstance(state.pair, _SwitchBracket):
+            pair = _switch_again(m, w, b, rho**2, kappa, lam0, state.pair)
+        if lam0 is not None and pair is None:
             warm = None if state.pair is None else state.pair.hi
             pair = _fast_pair(m, w, b, rho**2, kappa, lam0,
                               warm if warm is not None and warm.tau.shape == m.shape else None)
@@ -1399,7 +1568,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     u = delta / dn
     parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
-        value, grad, slope = state.value, state.grad, state.slope
+        value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
     else:
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
@@ -1409,10 +1578,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         q = parts[0][1]
         price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
         value = hi.lam * (rho**2 - price) + total
+        # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
+        # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
+        primal = total - hi.lam * blk.g_l
         if tied:
             sp = np.flatnonzero(share > 0)
             value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
                                                            hi.tau[sp], hi.flip[sp]))
+            primal += float((w * share)[sp] @ softplus(
+                lo.tau[sp] - np.where(lo.flip[sp], -m[sp], m[sp])))
         grad = blk.g_d
         # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
         # which the few atoms at the jump hardly move at large n
@@ -1421,14 +1595,15 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
             sp = np.flatnonzero(share > 0)
             grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
                                     b, lo.lam, beta, delta)[0].g_d
-    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad)
+    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad,
+                        primal=primal)
     cost = sum(float(q @ mv.cost) for mv, q in parts)
     h = None
     if hess:
         h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
                                    blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
-    wc, primal = None, None
+    wc = None
     if worst:
         pieces = []
         for mv, q in parts:
@@ -1437,14 +1612,16 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
                           else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
         mix = pieces[0] if len(pieces) == 1 else Mixture(
             *(np.concatenate(col) for col in zip(*pieces, strict=True)))
-        # the n x d moved features only when read (the certificate works on mix); E_Q* l
-        # from the moved margins a'_k . delta = s_k m_src - tau_k (Mixture)
+        # the n x d moved features only when read (the certificate works on mix)
         wc = WorstCase(mix.q, functools.partial(_moved_features, at, mix, b, u),
                        _moved_labels(at, mix), mix.src, cost, rho**2)
-        primal = float(mix.q @ dpo_loss(np.where(mix.flip, -1.0, 1.0) * m[mix.src] - mix.tau))
         new_state = dataclasses.replace(new_state, mixture=mix)
+    # chord=False: a fresh Hessian (about one pass at n = 1e6, d = 8) beside an evaluation
+    # (eight to fifteen): the chord step's linear rate cost the benchmark's finite-kappa solve
+    # a fifth full-data evaluation (gradients 4e-5, 1.3e-7, 4e-9, 5e-17 against 4e-5, 1.3e-7,
+    # 8e-14 with fresh Hessians; tol 1e-10)
     return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state,
-                       primal=primal if worst else None)
+                       primal=primal if worst else None, chord=False)
 
 
 # --- the exact test at delta = 0 ------------------------------------------------------------
