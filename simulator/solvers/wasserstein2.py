@@ -1455,8 +1455,8 @@ def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
     return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
 
 
-def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
-                 hi_blocks: W2Blocks) -> np.ndarray:
+def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, split: np.ndarray, q_lo: np.ndarray, b,
+                 delta, kappa, hi_blocks: W2Blocks) -> np.ndarray:
     """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
 
     There ``lambda*(delta)`` keeps the split atoms tied and their shares keep the budget
@@ -1464,19 +1464,20 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     Hessian is the Schur complement of the KKT matrix
     ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
     ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
-    ``(delta, lambda)``. ``hi_blocks``: :func:`w2_blocks` of the ``hi`` moves with weights
+    ``(delta, lambda)``. ``split``: the split atoms (sorted), ``q_lo`` their ``lo`` moves'
+    weights ``w share``; ``hi_blocks``: :func:`w2_blocks` of the ``hi`` moves with weights
     ``w (1 - share)``.
     """
     w, beta = at.w, at.beta
-    split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
+    # the lo moves carry mass only on the split atoms: O(|split| d^2)
     blocks = [hi_blocks,
-              w2_blocks(_rows(at, split), (w * share)[split], m[split], lo.tau[split],
+              w2_blocks(_rows(at, split), q_lo, m[split], lo.tau[split],
                         lo.flip[split], b, lo.lam, beta, delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
     h_ll = blocks[0].h_ll + blocks[1].h_ll
     cols = []
-    for i in np.flatnonzero(share > 0):
+    for i in split:
         diff = []
         for mv in (lo, hi):
             one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
@@ -1554,62 +1555,64 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         if pair is None:
             pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
     hi, lo = pair.hi, pair.lo
-    share = np.zeros(0)
+    sp, theta = np.zeros(0, dtype=np.intp), 0.0  # the split atoms and their share of lo
     if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
         switch = pair.switch if isinstance(pair, _SwitchBracket) else None
         if switch is None:
             switch = np.flatnonzero((lo.flip != hi.flip)
                                     | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
         extra = float(w[switch] @ (lo.cost[switch] - hi.cost[switch]))
-        theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
-        share = np.zeros(n)
-        share[switch] = float(np.clip(theta, 0.0, 1.0))
-    tied = bool(share.any())
+        theta = float(np.clip((rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0,
+                              0.0, 1.0))
+        sp = np.unique(switch) if theta > 0 else sp
+        sp = sp[w[sp] > 0]  # the atoms whose lo moves carry mass
+    tied = sp.size > 0
     u = delta / dn
-    parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
+    # the split's weights by their indices (a few atoms): w (1 - share) for hi is w with the
+    # split atoms scaled, and lo's weights w share are nonzero on the split atoms alone
+    q_hi, q_lo = w, w[sp] * theta
+    if tied:
+        q_hi = w.copy()
+        q_hi[sp] *= 1.0 - theta
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
         value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
     else:
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        blk, h_dd, total = _w2_terms(at, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
+        blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
                                      delta, hess, value=True)
-        q = parts[0][1]
-        price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
+        price = kappa * float(q_hi[hi.flip].sum()) if hi.flip.any() else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
         # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
         primal = total - hi.lam * blk.g_l
         if tied:
-            sp = np.flatnonzero(share > 0)
-            value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
-                                                           hi.tau[sp], hi.flip[sp]))
-            primal += float((w * share)[sp] @ softplus(
-                lo.tau[sp] - np.where(lo.flip[sp], -m[sp], m[sp])))
+            value += float(q_lo @ _moves_value(m[sp], b, hi.lam, kappa, hi.tau[sp],
+                                               hi.flip[sp]))
+            primal += float(q_lo @ softplus(lo.tau[sp] - np.where(lo.flip[sp], -m[sp], m[sp])))
         grad = blk.g_d
         # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
         # which the few atoms at the jump hardly move at large n
         slope = -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
         if tied:  # plus the split atoms' lo moves
-            sp = np.flatnonzero(share > 0)
-            grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
+            grad = grad + _w2_terms(_rows(at, sp), q_lo, m[sp], lo.tau[sp], lo.flip[sp],
                                     b, lo.lam, beta, delta)[0].g_d
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad,
                         primal=primal)
-    cost = sum(float(q @ mv.cost) for mv, q in parts)
+    cost = float(q_hi @ hi.cost) + (float(q_lo @ lo.cost[sp]) if tied else 0.0)
     h = None
     if hess:
-        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
+        h = ((lambda: _tie_hessian(at, m, hi, lo, sp, q_lo, b, delta, kappa,
                                    blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
-        pieces = []
-        for mv, q in parts:
-            keep = np.flatnonzero(q > 0)
-            pieces.append(Mixture(q, keep, mv.tau, mv.flip) if keep.size == q.size
-                          else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
+        keep = np.flatnonzero(q_hi > 0)
+        pieces = [Mixture(q_hi, keep, hi.tau, hi.flip) if keep.size == n
+                  else Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep])]
+        if tied:
+            pieces.append(Mixture(q_lo, sp, lo.tau[sp], lo.flip[sp]))
         mix = pieces[0] if len(pieces) == 1 else Mixture(
             *(np.concatenate(col) for col in zip(*pieces, strict=True)))
         # the n x d moved features only when read (the certificate works on mix)
