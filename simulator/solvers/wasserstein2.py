@@ -828,31 +828,95 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
 #: a spacing ``h``: a few ``1e-6`` over margins 36 apart at ``k = 0.8``, ``3e-7`` at the
 #: benchmark's ``k = 3``; the table costs about a quarter of a pass at n = 1e6).
 _TABLE_POINTS = 4096
+#: Newton steps of :func:`_table_start` on the grid's budget (quadratic from the subsample's
+#: ``k``, a few per cent off: four or five; each costs a solve on the grid alone).
+_TABLE_ITERS = 30
+#: ... which stop once the step of ``k`` is below this (relative): far below the grid's own
+#: error (``1e-6``), which the joint sweeps then remove.
+_TABLE_TOL = 1e-12
 
 
-def _table_roots(mm: np.ndarray, k: float) -> np.ndarray:
+class _Grid(NamedTuple):
+    """A uniform grid of ``_TABLE_POINTS`` margins from ``lo``, ``inv`` points per unit."""
+
+    lo: float
+    inv: float
+    points: np.ndarray
+
+
+def _grid(mm: np.ndarray) -> _Grid | None:
+    """The grid over ``[min mm, max mm]``, or ``None`` where that is not a finite interval."""
+    lo, hi = float(mm.min()), float(mm.max())
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        return None
+    return _Grid(lo, (_TABLE_POINTS - 1) / (hi - lo), np.linspace(lo, hi, _TABLE_POINTS))
+
+
+def _grid_cells(grid: _Grid, mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grid cell ``i`` of each margin of ``mm`` (a block) and its fraction of the step."""
+    pos = np.subtract(mm, grid.lo)
+    pos *= grid.inv
+    i = pos.astype(np.intp)
+    np.clip(i, 0, _TABLE_POINTS - 1, out=i)
+    pos -= i
+    return i, pos
+
+
+def _table_roots(mm: np.ndarray, k: float, grid: _Grid | None = None) -> np.ndarray:
     """A cold start of :func:`_joint_sweeps` at ``k > 1/4``: the roots (:func:`best_move`) on a
     uniform grid of ``_TABLE_POINTS`` margins over ``[min mm, max mm]``, interpolated
     linearly to every atom (in blocks of ``_BLOCK``): from ``tau = 0`` the first sweep's
     step is about ``1/3``, from these a few ``1e-6``, one sweep fewer."""
-    lo, hi = float(mm.min()), float(mm.max())
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+    grid = _grid(mm) if grid is None else grid
+    if grid is None:
         return np.zeros(mm.size)
-    grid = np.linspace(lo, hi, _TABLE_POINTS)
-    roots = best_move(grid, k, values=False).tau
+    roots = best_move(grid.points, k, values=False).tau
     slope = np.append(np.diff(roots), 0.0)
-    inv = (_TABLE_POINTS - 1) / (hi - lo)
     out = np.empty(mm.size)
     for a in range(0, mm.size, _BLOCK):
         sl = slice(a, a + _BLOCK)
-        pos = np.subtract(mm[sl], lo)
-        pos *= inv
-        i = pos.astype(np.intp)
-        np.clip(i, 0, _TABLE_POINTS - 1, out=i)
-        pos -= i  # the fraction of the grid step
-        pos *= slope[i]
-        np.add(pos, roots[i], out=out[sl])
+        i, frac = _grid_cells(grid, mm[sl])
+        frac *= slope[i]
+        np.add(frac, roots[i], out=out[sl])
     return out
+
+
+def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
+                 k: float) -> tuple[float, np.ndarray]:
+    """A cold start of :func:`_joint_sweeps` (``k > 1/4``) with its ``k`` too: the weights
+    deposited linearly on :func:`_table_roots`' grid (``W_j``, one pass over the margins),
+    ``E tau^2 / b^2 = budget`` solved on the grid (``sum_j W_j tau_j(k)^2``, Newton on ``k``
+    with ``dtau_j / dk = tau_j / psi'_j``, from ``k``), and the roots at that ``k``
+    interpolated. The grid's ``k`` is off by the interpolation's error (``1e-6``), not by
+    the subsample's (a few per cent): the joint solve from it takes one sweep where it took
+    three. Where the grid's Newton fails (``k`` leaves ``(1/4, inf)``, no convergence), the
+    roots at the given ``k``."""
+    grid = _grid(mm)
+    if grid is None:
+        return k, np.zeros(mm.size)
+    mass = np.zeros(_TABLE_POINTS + 1)
+    for a in range(0, mm.size, _BLOCK):
+        sl = slice(a, a + _BLOCK)
+        i, frac = _grid_cells(grid, mm[sl])
+        frac *= w[sl]  # w f to the cell's right end, w (1 - f) to its left
+        mass[1:] += np.bincount(i, frac, minlength=_TABLE_POINTS)
+        mass[:-1] += np.bincount(i, w[sl], minlength=_TABLE_POINTS)
+        mass[:-1] -= np.bincount(i, frac, minlength=_TABLE_POINTS)
+    mass = mass[:-1]
+    kk, start = k, None
+    for _ in range(_TABLE_ITERS):
+        mv = best_move(grid.points, kk, start, values=False)
+        tau, start = mv.tau, mv.roots
+        s = kk * tau  # sigmoid(tau - m) at the root
+        dtau = tau / (s - s * s - kk)
+        step = ((float(mass @ (tau * tau)) / b**2 - budget)
+                / (2.0 * float(mass @ (tau * dtau)) / b**2))
+        kk -= step
+        if not (math.isfinite(kk) and kk > 0.25):
+            return k, _table_roots(mm, k, grid)
+        if abs(step) <= _TABLE_TOL * kk:
+            return kk, _table_roots(mm, kk, grid)
+    return k, _table_roots(mm, k, grid)
 
 
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
@@ -928,7 +992,10 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if not r2 - price > 0:
             return None
         mm = _signed(m, flip)
-        tau0 = _table_roots(mm, k) if tau is None else _branch_roots(m, flip, tau, last, k)
+        if tau is None:  # cold: k on the grid's budget too
+            k, tau0 = _table_start(mm, w, b, r2 - price, k)
+        else:
+            tau0 = _branch_roots(m, flip, tau, last, k)
         out = _joint_sweeps(mm, w, b, r2 - price, k, tau0, loose=True)
         if out is None:
             return None
