@@ -516,6 +516,13 @@ def test_flipped_moves_and_branch_roots_match_a_fresh_solve():
     for field in ("tau", "flip", "cost", "right"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
     assert got.lam == want.lam
+    # a switch bracket holds these moves by their entries at the switch, built in full on read
+    pair = w2._SwitchBracket(mv, k, idx, new_tau[idx])
+    for field, entries in zip(("tau", "flip", "cost"), pair.lo_at(idx[1:]), strict=True):
+        np.testing.assert_array_equal(entries, getattr(want, field)[idx[1:]])
+    for field in ("tau", "flip", "cost", "right"):
+        np.testing.assert_array_equal(getattr(pair.lo, field), getattr(want, field))
+    assert pair.hi is mv and pair.lo.lam == want.lam
     warm = w2._branch_roots(m, new_flip, tau, flip, k)
     np.testing.assert_array_equal(warm, new_tau)
     assert warm is not tau and np.array_equal(tau, w2.best_move(mm, k).tau)  # not modified

@@ -368,13 +368,29 @@ class Bracket(NamedTuple):
 
 
 class _SwitchBracket(Bracket):
-    """A :class:`Bracket` at a switch point whose switching atoms ``switch`` are known (the
-    evaluation then need not compare the two ends over every atom)."""
+    """A :class:`Bracket` at a switch point whose switching atoms ``switch`` (sorted) are
+    known (the evaluation then need not compare the two ends over every atom). Its ``lo``
+    moves are ``hi``'s with the atoms ``switch`` flipped too (flipped roots ``tau_lo``),
+    built in full (:func:`_flipped_too`, four n-vectors copied: about a pass at n = 1e6)
+    only when read; the evaluation reads their entries at the switch alone
+    (:meth:`lo_at`)."""
 
-    def __new__(cls, hi: Moves, lo: Moves, switch: np.ndarray) -> _SwitchBracket:
-        self = super().__new__(cls, hi, lo)
-        self.switch = switch
+    def __new__(cls, hi: Moves, k: float, switch: np.ndarray,
+                tau_lo: np.ndarray) -> _SwitchBracket:
+        self = super().__new__(cls, hi, None)
+        self.switch, self.k, self.tau_lo = switch, k, tau_lo
+        self.cost_lo = tau_lo * tau_lo * (1.0 / hi.b**2) + hi.kappa  # as _fast_moves rounds it
         return self
+
+    @functools.cached_property
+    def lo(self) -> Moves:
+        """The ``lo`` moves in full, built on first read."""
+        return _flipped_too(self.hi, self.k, self.switch, self.tau_lo)
+
+    def lo_at(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(tau, flip, cost)`` of the ``lo`` moves at ``rows`` (a subset of ``switch``)."""
+        pos = np.searchsorted(self.switch, rows)
+        return self.tau_lo[pos], np.ones(rows.size, dtype=bool), self.cost_lo[pos]
 
 
 class _Probe(NamedTuple):
@@ -1163,10 +1179,11 @@ def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
     if out is None:
         return None
     after = _fast_moves(m, flip, out[1], k, b, kappa, mm)
-    before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
-    g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
+    pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
+    g_after = float(w @ after.cost) - r2
+    g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost[idx]))
     if g_before > 0 >= g_after:
-        return _SwitchBracket(after, before, idx)
+        return pair
     return -1 if g_before <= 0 else 1
 
 
@@ -1201,7 +1218,7 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
         return None
     if idx.size == 0 or old.hi.tau.shape != m.shape or np.unique(m[idx]).size != 1:
         return None
-    if not (old.lo.flip[idx].all() and not old.hi.flip[idx].any()):
+    if not (old.lo_at(idx)[1].all() and not old.hi.flip[idx].any()):
         return None
     s = _flip_point(m[idx[0]], b, kappa, lam * (1.0 - _AGAIN_WINDOW),
                     lam * (1.0 + _AGAIN_WINDOW), maybe_none=True)  # nan: none there
@@ -1522,7 +1539,7 @@ def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
     return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
 
 
-def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, split: np.ndarray, q_lo: np.ndarray, b,
+def _tie_hessian(at: Atoms, m, hi: Moves, lo: tuple, split: np.ndarray, q_lo: np.ndarray, b,
                  delta, kappa, hi_blocks: W2Blocks) -> np.ndarray:
     """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
 
@@ -1531,25 +1548,27 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, split: np.ndarray, q_lo: np
     Hessian is the Schur complement of the KKT matrix
     ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
     ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
-    ``(delta, lambda)``. ``split``: the split atoms (sorted), ``q_lo`` their ``lo`` moves'
-    weights ``w share``; ``hi_blocks``: :func:`w2_blocks` of the ``hi`` moves with weights
-    ``w (1 - share)``.
+    ``(delta, lambda)``. ``split``: the split atoms (sorted), ``lo`` their ``lo`` moves'
+    ``(lambda, tau, flip)`` and ``q_lo`` those moves' weights ``w share``; ``hi_blocks``:
+    :func:`w2_blocks` of the ``hi`` moves with weights ``w (1 - share)``.
     """
     w, beta = at.w, at.beta
+    lo_lam, lo_tau, lo_flip = lo
     # the lo moves carry mass only on the split atoms: O(|split| d^2)
     blocks = [hi_blocks,
-              w2_blocks(_rows(at, split), q_lo, m[split], lo.tau[split],
-                        lo.flip[split], b, lo.lam, beta, delta)]
+              w2_blocks(_rows(at, split), q_lo, m[split], lo_tau, lo_flip, b, lo_lam, beta,
+                        delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
     h_ll = blocks[0].h_ll + blocks[1].h_ll
     cols = []
-    for i in split:
+    for j, i in enumerate(split):
         diff = []
-        for mv in (lo, hi):
-            one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
-                            mv.flip[i:i + 1], b, mv.lam, beta, delta, dd_block=False)
-            diff.append(np.append(one.g_d, one.g_l - (kappa if mv.flip[i] else 0.0)))
+        for lam, tau, flip in ((lo_lam, lo_tau[j:j + 1], lo_flip[j:j + 1]),
+                               (hi.lam, hi.tau[i:i + 1], hi.flip[i:i + 1])):
+            one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], tau, flip, b,
+                            lam, beta, delta, dd_block=False)
+            diff.append(np.append(one.g_d, one.g_l - (kappa if flip[0] else 0.0)))
         cols.append(w[i] * (diff[0] - diff[1]))
     c = np.array(cols).T  # (d + 1, |S|)
     d = delta.size
@@ -1621,19 +1640,25 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
                               warm if warm is not None and warm.tau.shape == m.shape else None)
         if pair is None:
             pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
-    hi, lo = pair.hi, pair.lo
+    hi = pair.hi
+    # the lo moves where they differ from hi's: a switch bracket's by its own entries (its
+    # full lo moves not built), else from the arrays
+    switched = isinstance(pair, _SwitchBracket)
+    lo = None if switched else pair.lo
+    lo_at = pair.lo_at if switched else (lambda rows: (lo.tau[rows], lo.flip[rows],
+                                                        lo.cost[rows]))
+    lo_lam = hi.lam if switched else lo.lam
     sp, theta = np.zeros(0, dtype=np.intp), 0.0  # the split atoms and their share of lo
-    if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
-        switch = pair.switch if isinstance(pair, _SwitchBracket) else None
-        if switch is None:
-            switch = np.flatnonzero((lo.flip != hi.flip)
-                                    | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
-        extra = float(w[switch] @ (lo.cost[switch] - hi.cost[switch]))
+    if switched or lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
+        switch = pair.switch if switched else np.flatnonzero(
+            (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
+        extra = float(w[switch] @ (lo_at(switch)[2] - hi.cost[switch]))
         theta = float(np.clip((rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0,
                               0.0, 1.0))
         sp = np.unique(switch) if theta > 0 else sp
         sp = sp[w[sp] > 0]  # the atoms whose lo moves carry mass
     tied = sp.size > 0
+    lo_tau, lo_flip, _ = lo_at(sp)
     u = delta / dn
     # the split's weights by their indices (a few atoms): w (1 - share) for hi is w with the
     # split atoms scaled, and lo's weights w share are nonzero on the split atoms alone
@@ -1657,21 +1682,21 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         if tied:
             value += float(q_lo @ _moves_value(m[sp], b, hi.lam, kappa, hi.tau[sp],
                                                hi.flip[sp]))
-            primal += float(q_lo @ softplus(lo.tau[sp] - np.where(lo.flip[sp], -m[sp], m[sp])))
+            primal += float(q_lo @ softplus(lo_tau - np.where(lo_flip, -m[sp], m[sp])))
         grad = blk.g_d
         # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
         # which the few atoms at the jump hardly move at large n
         slope = -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
         if tied:  # plus the split atoms' lo moves
-            grad = grad + _w2_terms(_rows(at, sp), q_lo, m[sp], lo.tau[sp], lo.flip[sp],
-                                    b, lo.lam, beta, delta)[0].g_d
+            grad = grad + _w2_terms(_rows(at, sp), q_lo, m[sp], lo_tau, lo_flip,
+                                    b, lo_lam, beta, delta)[0].g_d
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad,
                         primal=primal)
-    cost = float(q_hi @ hi.cost) + (float(q_lo @ lo.cost[sp]) if tied else 0.0)
+    cost = float(q_hi @ hi.cost) + (float(q_lo @ lo_at(sp)[2]) if tied else 0.0)
     h = None
     if hess:
-        h = ((lambda: _tie_hessian(at, m, hi, lo, sp, q_lo, b, delta, kappa,
-                                   blk._replace(h_dd=h_dd()))) if tied
+        h = ((lambda: _tie_hessian(at, m, hi, (lo_lam, lo_tau, lo_flip), sp, q_lo, b, delta,
+                                   kappa, blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
@@ -1679,7 +1704,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         pieces = [Mixture(q_hi, keep, hi.tau, hi.flip) if keep.size == n
                   else Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep])]
         if tied:
-            pieces.append(Mixture(q_lo, sp, lo.tau[sp], lo.flip[sp]))
+            pieces.append(Mixture(q_lo, sp, lo_tau, lo_flip))
         mix = pieces[0] if len(pieces) == 1 else Mixture(
             *(np.concatenate(col) for col in zip(*pieces, strict=True)))
         # the n x d moved features only when read (the certificate works on mix)
