@@ -516,6 +516,13 @@ def test_flipped_moves_and_branch_roots_match_a_fresh_solve():
     for field in ("tau", "flip", "cost", "right"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
     assert got.lam == want.lam
+    # a switch bracket holds these moves by their entries at the switch, built in full on read
+    pair = w2._SwitchBracket(mv, k, idx, new_tau[idx])
+    for field, entries in zip(("tau", "flip", "cost"), pair.lo_at(idx[1:]), strict=True):
+        np.testing.assert_array_equal(entries, getattr(want, field)[idx[1:]])
+    for field in ("tau", "flip", "cost", "right"):
+        np.testing.assert_array_equal(getattr(pair.lo, field), getattr(want, field))
+    assert pair.hi is mv and pair.lo.lam == want.lam
     warm = w2._branch_roots(m, new_flip, tau, flip, k)
     np.testing.assert_array_equal(warm, new_tau)
     assert warm is not tau and np.array_equal(tau, w2.best_move(mm, k).tau)  # not modified
@@ -592,6 +599,35 @@ def test_table_and_predicted_roots_against_fresh_roots():
         errors.append(np.max(np.abs(w2._predicted_roots(old, m_new, k_new) - fresh)))
         assert errors[-1] <= 5.0 * eps**2
     assert errors[1] <= 0.05 * errors[0]
+
+
+def test_table_start_solves_the_budget_on_the_grid():
+    """``_table_start`` moves ``k`` from a start 20% off to the ``k`` whose exact roots meet the
+    budget, within the grid's own error (the deposit interpolates ``tau^2`` linearly: ``h^2
+    max |(tau^2)''| / 8`` of ``E tau^2``, over the budget's slope ``dS/dk``), with the roots
+    at that ``k``; where the budget cannot be met at ``k > 1/4`` it keeps the given ``k``."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(5)
+    n, b, k_true = 200000, 1.3, 1.0
+    m = rng.normal(size=n) * 4.0
+    w = rng.random(n)
+    w /= w.sum()
+    tau = w2.best_move(m, k_true, values=False).tau
+    budget = float(w @ tau**2) / b**2
+    k, start = w2._table_start(m, w, b, budget, 0.8)
+    fine = np.linspace(m.min(), m.max(), 10 * w2._TABLE_POINTS)
+    curv = np.max(np.abs(np.diff(w2.best_move(fine, k_true, values=False).tau ** 2, 2))) / (
+        np.diff(fine[:2])[0] ** 2)
+    h = (m.max() - m.min()) / (w2._TABLE_POINTS - 1)
+    s = k_true * tau
+    slope = 2.0 * float(w @ (tau * tau / (s - s * s - k_true))) / b**2
+    assert abs(k - k_true) <= 1.01 * h**2 * curv / 8 / b**2 / abs(slope)
+    np.testing.assert_array_equal(start, w2._table_roots(m, k))
+    # E tau^2 / b^2 <= 1 / (k^2 b^2) < 16 / b^2 for k > 1/4: this budget is out of reach
+    k_out, start_out = w2._table_start(m, w, b, 20.0 / b**2, 0.8)
+    assert k_out == 0.8
+    np.testing.assert_array_equal(start_out, w2._table_roots(m, 0.8))
 
 
 @pytest.mark.parametrize("chord", [True, False])

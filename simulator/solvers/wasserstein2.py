@@ -368,13 +368,29 @@ class Bracket(NamedTuple):
 
 
 class _SwitchBracket(Bracket):
-    """A :class:`Bracket` at a switch point whose switching atoms ``switch`` are known (the
-    evaluation then need not compare the two ends over every atom)."""
+    """A :class:`Bracket` at a switch point whose switching atoms ``switch`` (sorted) are
+    known (the evaluation then need not compare the two ends over every atom). Its ``lo``
+    moves are ``hi``'s with the atoms ``switch`` flipped too (flipped roots ``tau_lo``),
+    built in full (:func:`_flipped_too`, four n-vectors copied: about a pass at n = 1e6)
+    only when read; the evaluation reads their entries at the switch alone
+    (:meth:`lo_at`)."""
 
-    def __new__(cls, hi: Moves, lo: Moves, switch: np.ndarray) -> _SwitchBracket:
-        self = super().__new__(cls, hi, lo)
-        self.switch = switch
+    def __new__(cls, hi: Moves, k: float, switch: np.ndarray,
+                tau_lo: np.ndarray) -> _SwitchBracket:
+        self = super().__new__(cls, hi, None)
+        self.switch, self.k, self.tau_lo = switch, k, tau_lo
+        self.cost_lo = tau_lo * tau_lo * (1.0 / hi.b**2) + hi.kappa  # as _fast_moves rounds it
         return self
+
+    @functools.cached_property
+    def lo(self) -> Moves:
+        """The ``lo`` moves in full, built on first read."""
+        return _flipped_too(self.hi, self.k, self.switch, self.tau_lo)
+
+    def lo_at(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(tau, flip, cost)`` of the ``lo`` moves at ``rows`` (a subset of ``switch``)."""
+        pos = np.searchsorted(self.switch, rows)
+        return self.tau_lo[pos], np.ones(rows.size, dtype=bool), self.cost_lo[pos]
 
 
 class _Probe(NamedTuple):
@@ -828,31 +844,95 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
 #: a spacing ``h``: a few ``1e-6`` over margins 36 apart at ``k = 0.8``, ``3e-7`` at the
 #: benchmark's ``k = 3``; the table costs about a quarter of a pass at n = 1e6).
 _TABLE_POINTS = 4096
+#: Newton steps of :func:`_table_start` on the grid's budget (quadratic from the subsample's
+#: ``k``, a few per cent off: four or five; each costs a solve on the grid alone).
+_TABLE_ITERS = 30
+#: ... which stop once the step of ``k`` is below this (relative): far below the grid's own
+#: error (``1e-6``), which the joint sweeps then remove.
+_TABLE_TOL = 1e-12
 
 
-def _table_roots(mm: np.ndarray, k: float) -> np.ndarray:
+class _Grid(NamedTuple):
+    """A uniform grid of ``_TABLE_POINTS`` margins from ``lo``, ``inv`` points per unit."""
+
+    lo: float
+    inv: float
+    points: np.ndarray
+
+
+def _grid(mm: np.ndarray) -> _Grid | None:
+    """The grid over ``[min mm, max mm]``, or ``None`` where that is not a finite interval."""
+    lo, hi = float(mm.min()), float(mm.max())
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        return None
+    return _Grid(lo, (_TABLE_POINTS - 1) / (hi - lo), np.linspace(lo, hi, _TABLE_POINTS))
+
+
+def _grid_cells(grid: _Grid, mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grid cell ``i`` of each margin of ``mm`` (a block) and its fraction of the step."""
+    pos = np.subtract(mm, grid.lo)
+    pos *= grid.inv
+    i = pos.astype(np.intp)
+    np.clip(i, 0, _TABLE_POINTS - 1, out=i)
+    pos -= i
+    return i, pos
+
+
+def _table_roots(mm: np.ndarray, k: float, grid: _Grid | None = None) -> np.ndarray:
     """A cold start of :func:`_joint_sweeps` at ``k > 1/4``: the roots (:func:`best_move`) on a
     uniform grid of ``_TABLE_POINTS`` margins over ``[min mm, max mm]``, interpolated
     linearly to every atom (in blocks of ``_BLOCK``): from ``tau = 0`` the first sweep's
     step is about ``1/3``, from these a few ``1e-6``, one sweep fewer."""
-    lo, hi = float(mm.min()), float(mm.max())
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+    grid = _grid(mm) if grid is None else grid
+    if grid is None:
         return np.zeros(mm.size)
-    grid = np.linspace(lo, hi, _TABLE_POINTS)
-    roots = best_move(grid, k, values=False).tau
+    roots = best_move(grid.points, k, values=False).tau
     slope = np.append(np.diff(roots), 0.0)
-    inv = (_TABLE_POINTS - 1) / (hi - lo)
     out = np.empty(mm.size)
     for a in range(0, mm.size, _BLOCK):
         sl = slice(a, a + _BLOCK)
-        pos = np.subtract(mm[sl], lo)
-        pos *= inv
-        i = pos.astype(np.intp)
-        np.clip(i, 0, _TABLE_POINTS - 1, out=i)
-        pos -= i  # the fraction of the grid step
-        pos *= slope[i]
-        np.add(pos, roots[i], out=out[sl])
+        i, frac = _grid_cells(grid, mm[sl])
+        frac *= slope[i]
+        np.add(frac, roots[i], out=out[sl])
     return out
+
+
+def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
+                 k: float) -> tuple[float, np.ndarray]:
+    """A cold start of :func:`_joint_sweeps` (``k > 1/4``) with its ``k`` too: the weights
+    deposited linearly on :func:`_table_roots`' grid (``W_j``, one pass over the margins),
+    ``E tau^2 / b^2 = budget`` solved on the grid (``sum_j W_j tau_j(k)^2``, Newton on ``k``
+    with ``dtau_j / dk = tau_j / psi'_j``, from ``k``), and the roots at that ``k``
+    interpolated. The grid's ``k`` is off by the interpolation's error (``1e-6``), not by
+    the subsample's (a few per cent): the joint solve from it takes one sweep where it took
+    three. Where the grid's Newton fails (``k`` leaves ``(1/4, inf)``, no convergence), the
+    roots at the given ``k``."""
+    grid = _grid(mm)
+    if grid is None:
+        return k, np.zeros(mm.size)
+    mass = np.zeros(_TABLE_POINTS + 1)
+    for a in range(0, mm.size, _BLOCK):
+        sl = slice(a, a + _BLOCK)
+        i, frac = _grid_cells(grid, mm[sl])
+        frac *= w[sl]  # w f to the cell's right end, w (1 - f) to its left
+        mass[1:] += np.bincount(i, frac, minlength=_TABLE_POINTS)
+        mass[:-1] += np.bincount(i, w[sl], minlength=_TABLE_POINTS)
+        mass[:-1] -= np.bincount(i, frac, minlength=_TABLE_POINTS)
+    mass = mass[:-1]
+    kk, start = k, None
+    for _ in range(_TABLE_ITERS):
+        mv = best_move(grid.points, kk, start, values=False)
+        tau, start = mv.tau, mv.roots
+        s = kk * tau  # sigmoid(tau - m) at the root
+        dtau = tau / (s - s * s - kk)
+        step = ((float(mass @ (tau * tau)) / b**2 - budget)
+                / (2.0 * float(mass @ (tau * dtau)) / b**2))
+        kk -= step
+        if not (math.isfinite(kk) and kk > 0.25):
+            return k, _table_roots(mm, k, grid)
+        if abs(step) <= _TABLE_TOL * kk:
+            return kk, _table_roots(mm, kk, grid)
+    return k, _table_roots(mm, k, grid)
 
 
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
@@ -928,7 +1008,10 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if not r2 - price > 0:
             return None
         mm = _signed(m, flip)
-        tau0 = _table_roots(mm, k) if tau is None else _branch_roots(m, flip, tau, last, k)
+        if tau is None:  # cold: k on the grid's budget too
+            k, tau0 = _table_start(mm, w, b, r2 - price, k)
+        else:
+            tau0 = _branch_roots(m, flip, tau, last, k)
         out = _joint_sweeps(mm, w, b, r2 - price, k, tau0, loose=True)
         if out is None:
             return None
@@ -1096,10 +1179,11 @@ def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
     if out is None:
         return None
     after = _fast_moves(m, flip, out[1], k, b, kappa, mm)
-    before = _flipped_too(after, k, idx, best_move(-m[idx], k).tau)
-    g_before, g_after = float(w @ before.cost) - r2, float(w @ after.cost) - r2
+    pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
+    g_after = float(w @ after.cost) - r2
+    g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost[idx]))
     if g_before > 0 >= g_after:
-        return _SwitchBracket(after, before, idx)
+        return pair
     return -1 if g_before <= 0 else 1
 
 
@@ -1134,7 +1218,7 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
         return None
     if idx.size == 0 or old.hi.tau.shape != m.shape or np.unique(m[idx]).size != 1:
         return None
-    if not (old.lo.flip[idx].all() and not old.hi.flip[idx].any()):
+    if not (old.lo_at(idx)[1].all() and not old.hi.flip[idx].any()):
         return None
     s = _flip_point(m[idx[0]], b, kappa, lam * (1.0 - _AGAIN_WINDOW),
                     lam * (1.0 + _AGAIN_WINDOW), maybe_none=True)  # nan: none there
@@ -1455,8 +1539,8 @@ def _schur(blk: W2Blocks, h_dd: np.ndarray) -> np.ndarray:
     return h_dd - np.outer(blk.h_dl, blk.h_dl) / blk.h_ll if blk.h_ll > 0 else h_dd
 
 
-def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
-                 hi_blocks: W2Blocks) -> np.ndarray:
+def _tie_hessian(at: Atoms, m, hi: Moves, lo: tuple, split: np.ndarray, q_lo: np.ndarray, b,
+                 delta, kappa, hi_blocks: W2Blocks) -> np.ndarray:
     """Hessian of ``F`` where atoms are split between two maximisers (``lo`` / ``hi``).
 
     There ``lambda*(delta)`` keeps the split atoms tied and their shares keep the budget
@@ -1464,24 +1548,27 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: Moves, share, b, delta, kappa,
     Hessian is the Schur complement of the KKT matrix
     ``[[G_dd, G_dl, C], [G_ld, G_ll, c], [C^T, c^T, 0]]`` onto ``delta``, where column ``i`` of
     ``(C; c)`` is ``w_i`` times the difference of the two moves' gradients in
-    ``(delta, lambda)``. ``hi_blocks``: :func:`w2_blocks` of the ``hi`` moves with weights
-    ``w (1 - share)``.
+    ``(delta, lambda)``. ``split``: the split atoms (sorted), ``lo`` their ``lo`` moves'
+    ``(lambda, tau, flip)`` and ``q_lo`` those moves' weights ``w share``; ``hi_blocks``:
+    :func:`w2_blocks` of the ``hi`` moves with weights ``w (1 - share)``.
     """
     w, beta = at.w, at.beta
-    split = np.flatnonzero(share > 0)  # the lo moves carry mass only there: O(|split| d^2)
+    lo_lam, lo_tau, lo_flip = lo
+    # the lo moves carry mass only on the split atoms: O(|split| d^2)
     blocks = [hi_blocks,
-              w2_blocks(_rows(at, split), (w * share)[split], m[split], lo.tau[split],
-                        lo.flip[split], b, lo.lam, beta, delta)]
+              w2_blocks(_rows(at, split), q_lo, m[split], lo_tau, lo_flip, b, lo_lam, beta,
+                        delta)]
     h_dd = blocks[0].h_dd + blocks[1].h_dd
     h_dl = blocks[0].h_dl + blocks[1].h_dl
     h_ll = blocks[0].h_ll + blocks[1].h_ll
     cols = []
-    for i in np.flatnonzero(share > 0):
+    for j, i in enumerate(split):
         diff = []
-        for mv in (lo, hi):
-            one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], mv.tau[i:i + 1],
-                            mv.flip[i:i + 1], b, mv.lam, beta, delta, dd_block=False)
-            diff.append(np.append(one.g_d, one.g_l - (kappa if mv.flip[i] else 0.0)))
+        for lam, tau, flip in ((lo_lam, lo_tau[j:j + 1], lo_flip[j:j + 1]),
+                               (hi.lam, hi.tau[i:i + 1], hi.flip[i:i + 1])):
+            one = w2_blocks(_rows(at, slice(i, i + 1)), np.ones(1), m[i:i + 1], tau, flip, b,
+                            lam, beta, delta, dd_block=False)
+            diff.append(np.append(one.g_d, one.g_l - (kappa if flip[0] else 0.0)))
         cols.append(w[i] * (diff[0] - diff[1]))
     c = np.array(cols).T  # (d + 1, |S|)
     d = delta.size
@@ -1553,63 +1640,71 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
                               warm if warm is not None and warm.tau.shape == m.shape else None)
         if pair is None:
             pair = solve_lambda(m, w, b, rho, kappa, lam0, state.roots, state.pair)
-    hi, lo = pair.hi, pair.lo
-    share = np.zeros(0)
-    if lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
-        switch = pair.switch if isinstance(pair, _SwitchBracket) else None
-        if switch is None:
-            switch = np.flatnonzero((lo.flip != hi.flip)
-                                    | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
-        extra = float(w[switch] @ (lo.cost[switch] - hi.cost[switch]))
-        theta = (rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0
-        share = np.zeros(n)
-        share[switch] = float(np.clip(theta, 0.0, 1.0))
-    tied = bool(share.any())
+    hi = pair.hi
+    # the lo moves where they differ from hi's: a switch bracket's by its own entries (its
+    # full lo moves not built), else from the arrays
+    switched = isinstance(pair, _SwitchBracket)
+    lo = None if switched else pair.lo
+    lo_at = pair.lo_at if switched else (lambda rows: (lo.tau[rows], lo.flip[rows],
+                                                        lo.cost[rows]))
+    lo_lam = hi.lam if switched else lo.lam
+    sp, theta = np.zeros(0, dtype=np.intp), 0.0  # the split atoms and their share of lo
+    if switched or lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
+        switch = pair.switch if switched else np.flatnonzero(
+            (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
+        extra = float(w[switch] @ (lo_at(switch)[2] - hi.cost[switch]))
+        theta = float(np.clip((rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0,
+                              0.0, 1.0))
+        sp = np.unique(switch) if theta > 0 else sp
+        sp = sp[w[sp] > 0]  # the atoms whose lo moves carry mass
+    tied = sp.size > 0
+    lo_tau, lo_flip, _ = lo_at(sp)
     u = delta / dn
-    parts = [(hi, w * (1.0 - share)), (lo, w * share)] if tied else [(hi, w)]
+    # the split's weights by their indices (a few atoms): w (1 - share) for hi is w with the
+    # split atoms scaled, and lo's weights w share are nonzero on the split atoms alone
+    q_hi, q_lo = w, w[sp] * theta
+    if tied:
+        q_hi = w.copy()
+        q_hi[sp] *= 1.0 - theta
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
         value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
     else:
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        blk, h_dd, total = _w2_terms(at, parts[0][1], m, hi.tau, hi.flip, b, hi.lam, beta,
+        blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
                                      delta, hess, value=True)
-        q = parts[0][1]
-        price = kappa * float(q[hi.flip].sum()) if hi.flip.any() else 0.0
+        price = kappa * float(q_hi[hi.flip].sum()) if hi.flip.any() else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
         # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
         primal = total - hi.lam * blk.g_l
         if tied:
-            sp = np.flatnonzero(share > 0)
-            value += float((w * share)[sp] @ _moves_value(m[sp], b, hi.lam, kappa,
-                                                           hi.tau[sp], hi.flip[sp]))
-            primal += float((w * share)[sp] @ softplus(
-                lo.tau[sp] - np.where(lo.flip[sp], -m[sp], m[sp])))
+            value += float(q_lo @ _moves_value(m[sp], b, hi.lam, kappa, hi.tau[sp],
+                                               hi.flip[sp]))
+            primal += float(q_lo @ softplus(lo_tau - np.where(lo_flip, -m[sp], m[sp])))
         grad = blk.g_d
         # at a tie too (hi's moves): the guess is first order in the smooth part of E cost,
         # which the few atoms at the jump hardly move at large n
         slope = -blk.h_dl / blk.h_ll if blk.h_ll > 0 else None
         if tied:  # plus the split atoms' lo moves
-            sp = np.flatnonzero(share > 0)
-            grad = grad + _w2_terms(_rows(at, sp), (w * share)[sp], m[sp], lo.tau[sp], lo.flip[sp],
-                                    b, lo.lam, beta, delta)[0].g_d
+            grad = grad + _w2_terms(_rows(at, sp), q_lo, m[sp], lo_tau, lo_flip,
+                                    b, lo_lam, beta, delta)[0].g_d
     new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad,
                         primal=primal)
-    cost = sum(float(q @ mv.cost) for mv, q in parts)
+    cost = float(q_hi @ hi.cost) + (float(q_lo @ lo_at(sp)[2]) if tied else 0.0)
     h = None
     if hess:
-        h = ((lambda: _tie_hessian(at, m, hi, lo, share, b, delta, kappa,
-                                   blk._replace(h_dd=h_dd()))) if tied
+        h = ((lambda: _tie_hessian(at, m, hi, (lo_lam, lo_tau, lo_flip), sp, q_lo, b, delta,
+                                   kappa, blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
-        pieces = []
-        for mv, q in parts:
-            keep = np.flatnonzero(q > 0)
-            pieces.append(Mixture(q, keep, mv.tau, mv.flip) if keep.size == q.size
-                          else Mixture(q[keep], keep, mv.tau[keep], mv.flip[keep]))
+        keep = np.flatnonzero(q_hi > 0)
+        pieces = [Mixture(q_hi, keep, hi.tau, hi.flip) if keep.size == n
+                  else Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep])]
+        if tied:
+            pieces.append(Mixture(q_lo, sp, lo_tau, lo_flip))
         mix = pieces[0] if len(pieces) == 1 else Mixture(
             *(np.concatenate(col) for col in zip(*pieces, strict=True)))
         # the n x d moved features only when read (the certificate works on mix)
