@@ -658,3 +658,26 @@ def test_w2_evaluations_opt_out_of_the_chord_rule():
     """Every W2 evaluation away from ``rho = 0`` and ``theta_ref`` says ``chord=False``."""
     at, amb, delta = _switch_problem(0)
     assert evaluate_inner(at, delta, amb, hess=True, worst=False).chord is False
+
+
+def test_uncertified_answer_is_refined_where_the_moved_atoms_are_collinear():
+    """Property-run problem 98 (3 atoms, two of them equal, d = 4, rho near collapse): Newton
+    stops at ``||grad|| = 1.8e-11`` (below ``tol``), where the worst case's two moved atoms are
+    collinear and the weak-duality bound needs the gradient in the Hessian's range: ``inf``.
+    ``solve_dual`` refines once (``dual._REFINE_TOL``) and certifies; the answer is the
+    minimiser, checked against the objective at perturbed points (raised ``uncertified``
+    before the refinement)."""
+    row = [-1.2073707425642473, 0.5437503485471277, 0.668202896135154, 0.4153186415746411]
+    x = np.array([row, row, [1.034369012581134, -0.2979211108706123, 0.5726512975116315,
+                             0.37592820680390154]])
+    data = sim.PreferenceData(x, np.ones(3))
+    amb, beta = sim.Wasserstein(0.9197773065178203, p=2), 1.8295244694231658
+    sol = sim.solve(data, amb, beta=beta)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-9
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = rng.standard_normal(4)
+        for eps in (1e-6, 1e-4):
+            other = sim.robust_objective(sol.theta + eps * v / np.linalg.norm(v), data, amb,
+                                         beta=beta).value
+            assert sol.value <= other + 1e-15
