@@ -206,8 +206,7 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
         return None
     if not np.any(found.delta):
         return None
-    res = evaluate_inner(at, found.delta, amb, hess=True, worst=False,
-                         state=_transfer(found.state))
+    res = _objective(at, amb)(found.delta, _transfer(found.state))
     return Minimum(found.delta, 0, res.state, result=res)
 
 
@@ -249,6 +248,14 @@ def _below_zero(res) -> bool:
     return res.value < math.log(2.0) * (1.0 - _BELOW_ZERO)
 
 
+def _objective(at: Atoms, amb: AmbiguitySet):
+    """``(delta, state) -> InnerResult``: ``F`` with its Hessian, no worst case (what Newton
+    and L-BFGS minimise)."""
+    def objective(d, st):
+        return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
+    return objective
+
+
 def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
               quasi: bool = False, first: Minimum | None = None,
               start: list | None = None, zero_test: bool = False) -> Minimum:
@@ -268,8 +275,7 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
             start.clear()  # not kept alive beside the caller's evaluations
         return Minimum(np.zeros_like(delta), 0, None, {"optimality_gap": gap, "zero_kink": True})
 
-    def objective(d, st):
-        return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
+    objective = _objective(at, amb)
 
     # the shrunk start (below) and L-BFGS's first evaluation (here) come before the test,
     # which they make unnecessary where F lies below F(0) = log 2 there
@@ -336,12 +342,9 @@ def _refined(at: Atoms, amb: AmbiguitySet, delta: np.ndarray, found: Minimum, ga
     ``_REFINE_TOL tol`` (the same damped Newton, Hessian-free where ``quasi``) where its
     certificate is below ``gap``, the one at ``delta``; else ``None`` (also where Newton
     fails): the second chance of an answer whose certificate failed at ``tol``."""
-    def objective(d, st):
-        return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
-
     try:
-        run = newton(objective, delta, _REFINE_TOL * tol, max_iter, repr(amb), found.state,
-                     hessian_free=quasi)
+        run = newton(_objective(at, amb), delta, _REFINE_TOL * tol, max_iter, repr(amb),
+                     found.state, hessian_free=quasi)
     except RuntimeError:  # Stalled included: the answer at delta stands as it is
         return None
     res = evaluate_inner(at, run.delta, amb, hess=False, worst=True, state=run.state)

@@ -212,6 +212,15 @@ def _rows(at: Atoms, idx: np.ndarray) -> np.ndarray:
     return at.x[idx] * at.factor[idx, None]
 
 
+def _groups(at: Atoms, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The groups of identical rows among the atoms ``idx``: ``(first, inverse)``, the
+    position in ``idx`` of each group's first atom and each atom's group (``np.unique`` of
+    the rows :func:`_rows`)."""
+    _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
+                                  return_inverse=True)
+    return first, inverse.ravel()
+
+
 def _strided(at: Atoms, rows: slice) -> Atoms:
     """The atoms ``rows`` (a slice: views, no copy), weights as they are (not
     renormalised)."""
@@ -709,8 +718,7 @@ def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
     if idx.size <= (0 if clamped else limit):
         yield tied_mask, full
         return
-    _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
-                                  return_inverse=True)
+    first, inverse = _groups(at, idx)
     groups = first.size
     if groups > _FACE_TRIM * limit:  # the smoothing has not resolved the face yet: no start
         return
@@ -719,7 +727,7 @@ def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
     keeps = [min(int(np.count_nonzero(off < _FACE_TIE_BAND)), limit)] if clamped else []
     keeps.append(limit // 2 if groups > limit else groups)
     for keep in dict.fromkeys(keeps):  # the groups order[:keep] tied, each start once
-        out = idx[np.isin(inverse.ravel(), order[keep:])]
+        out = idx[np.isin(inverse, order[keep:])]
         tied_k, full_k = tied_mask.copy(), full.copy()
         tied_k[out] = False
         full_k[out] = share[out] >= 0.5
@@ -736,9 +744,7 @@ def _face_rounds(at: Atoms, delta: np.ndarray, share: np.ndarray, tied_mask: np.
         idx = np.flatnonzero(tied_mask)
         if idx.size == 0 and not clamped:  # lambda > b needs an atom split at the threshold
             return None
-        _, first, inverse = np.unique(_rows(at, idx), axis=0, return_index=True,
-                                      return_inverse=True)
-        inverse = inverse.ravel()
+        first, inverse = _groups(at, idx)
         big_w = np.bincount(inverse, w[idx])
         if first.size > d + (0 if clamped else 1):
             return None
