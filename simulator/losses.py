@@ -37,8 +37,28 @@ def softplus(t):
     if t.ndim == 0:
         return np.maximum(t, 0.0) + np.log1p(np.exp(-np.abs(t)))
     out = _log1p_exp_neg_abs(t)
-    out += np.maximum(t, 0.0)
+    _add_positive_part(out, t, 1.0)
     return out
+
+
+#: Block length of :func:`_add_positive_part`: 64 KB of float64, so that the block's
+#: temporary stays in cache and is reused (a fresh n-vector temporary costs its page faults:
+#: at n = 1e6 ``dpo_loss`` took 8.3 ms with one, 5.0 ms in blocks).
+_BLOCK = 1 << 13
+
+
+def _add_positive_part(out: np.ndarray, t: np.ndarray, sign: float) -> None:
+    """``out += max(sign t, 0)`` for ``sign = +-1`` (``max(-t, 0) = -min(t, 0)`` exactly);
+    a vector in blocks of :data:`_BLOCK`, without an n-vector temporary."""
+    if out.ndim != 1:
+        out += np.maximum(sign * t, 0.0)
+        return
+    tmp = np.empty(min(_BLOCK, t.size))
+    for lo in range(0, t.size, _BLOCK):
+        h = tmp[:min(_BLOCK, t.size - lo)]
+        np.multiply(t[lo:lo + _BLOCK], sign, out=h)
+        np.maximum(h, 0.0, out=h)
+        out[lo:lo + _BLOCK] += h
 
 
 def _log1p_exp_neg_abs(t: np.ndarray) -> np.ndarray:
@@ -75,7 +95,7 @@ def dpo_loss(m: np.ndarray) -> np.ndarray:
     if m.ndim == 0:
         return softplus(-m)
     out = _log1p_exp_neg_abs(m)
-    out -= np.minimum(m, 0.0)
+    _add_positive_part(out, m, -1.0)  # out -= min(m, 0)
     return out
 
 
