@@ -91,6 +91,17 @@ _SUM_ROUNDING = 1e-13
 #: first one's Hessian with the same gradients to within a factor of 10 (``1e-3, 1e-5,
 #: 1e-8, 1e-11``); a slower step takes a fresh Hessian.
 _CHORD_RATIO = 1e-2
+#: ... unless the chord step cannot end the run where a fresh Hessian can
+#: (:func:`_keeps_hessian`): the chord step from a Hessian one step old cuts the gradient
+#: by about ``2 r`` (``r`` the last step's cut: the Hessian's error is ``L ||e_{k-1}|| ~ 2 r``
+#: of it), a step older by the last chord step's cut; a fresh one by ``C ||g||`` with ``C =
+#: ||g_k|| / ||g_{k-1}||^2`` of the last full step on a fresh Hessian (quadratic
+#: convergence). Where the chord's prediction misses ``tol`` and Newton's meets it, one
+#: Hessian (``O(n d^2)``, about 0.6 evaluations at n = 1e6, d = 8) saves an evaluation. On
+#: the benchmark's environment data without merging (n = 1e6, chi-square) the gradients
+#: ``4e-3, 1e-4, 2.5e-7, 8e-10, 3e-12`` (the chord's prediction ``9e-10``, measured
+#: ``8.4e-10``; Newton's ``8e-13``) become ``4e-3, 1e-4, 2.5e-7, 1e-12``.
+_CHORD_PREDICTION = 2.0
 #: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
 _MIN_STEP = 1e-10
 #: When the line search fails with ``||grad||_inf <= _NEAR_TOL * tol`` the iterate is
@@ -725,11 +736,13 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     short = 0  # consecutive heavily damped steps: the sign of a kink
     gn = float(np.max(np.abs(cur.grad)))
     h = None  # the Hessian in use (kept by the chord rule)
+    rate = quad = None  # the chord steps' cut and Newton's constant C (_keeps_hessian)
     for it in range(max_iter):
         g = cur.grad
         gn = float(np.max(np.abs(g)))
         if gn <= tol:
             return NewtonRun(delta, it, state, cur)
+        fresh = h is None
         if hessian_free and cur.hvp is not None:
             step = -cg_solve(cur.hvp, g, tol)
         else:
@@ -765,7 +778,12 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                 break
             t *= 0.5
             cand, new = delta + t * step, half
-        if not (new.chord and t == 1.0 and float(np.max(np.abs(new.grad))) <= _CHORD_RATIO * gn):
+        cut = float(np.max(np.abs(new.grad))) / gn if t == 1.0 else math.inf
+        if fresh and t == 1.0:
+            rate, quad = _CHORD_PREDICTION * cut, cut / gn
+        elif t == 1.0:
+            rate = cut
+        if not (new.chord and _keeps_hessian(cut * gn, cut, rate, quad, tol)):
             h = None
         delta, cur, state = cand, new, new.state
         short = short + 1 if t < _SHORT_STEP else 0
@@ -776,6 +794,18 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             raise _diverged(label)
     raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
+
+
+def _keeps_hessian(gn: float, cut: float, rate: float | None, quad: float | None,
+                   tol: float) -> bool:
+    """Whether :func:`newton` takes its next step on the Hessian in use (the chord rule):
+    after a full step that cut the gradient by ``cut <= _CHORD_RATIO`` (``inf`` after a
+    damped one) to ``gn``, unless the chord step (predicted ``rate gn``) misses ``tol``
+    where a fresh Hessian's (predicted ``quad gn^2``; :data:`_CHORD_PREDICTION`) meets
+    it."""
+    if not cut <= _CHORD_RATIO:
+        return False
+    return rate * gn <= tol or quad is None or quad * gn * gn > tol
 
 
 def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray,
