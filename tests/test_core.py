@@ -392,6 +392,8 @@ def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
         np.testing.assert_allclose(at.matvec(v), (a @ v).astype(float), rtol=1e-13,
                                    atol=1e-14)
         np.testing.assert_allclose(at.rmatvec(u), (u @ a).astype(float), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(at.rmatvec(u, c), ((u * c) @ a).astype(float), rtol=0,
+                                   atol=1e-12)
         np.testing.assert_allclose(core.weighted_hess(at, c), hess, rtol=0,
                                    atol=1e-13 * np.abs(hess).max())
         np.testing.assert_allclose(at.a, a.astype(float), rtol=1e-15)

@@ -244,15 +244,19 @@ class Atoms:
         m *= self.factor
         return m
 
-    def rmatvec(self, u: np.ndarray) -> np.ndarray:
+    def rmatvec(self, u: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
         """``u @ a = (u factor) @ x`` (:func:`_rmatvec`), or ``u @ a`` once :attr:`a` is
-        built."""
+        built; with ``v``, ``(u v) @ a`` (the product ``u v`` formed in the same scratch
+        vector: no temporary)."""
         a = self.built()
         if a is not None:
-            return _rmatvec(u, a)
+            return _rmatvec(u if v is None else u * v, a)
         # u factor in one scratch n-vector of the atoms (a fresh one per product costs page
         # faults at n = 1e6)
-        return _rmatvec(np.multiply(u, self.factor, out=self._scratch), self.x)
+        out = np.multiply(u, self.factor, out=self._scratch)
+        if v is not None:
+            out *= v
+        return _rmatvec(out, self.x)
 
     @functools.cached_property
     def _scratch(self) -> np.ndarray:
@@ -554,9 +558,13 @@ def reweighted(at: Atoms, q: np.ndarray) -> WorstCase:
     return WorstCase(q, at.x, at.y, at.index)
 
 
-def top_atoms(at: Atoms, l: np.ndarray) -> tuple[np.ndarray, float]:
+def top_atoms(at: Atoms, l: np.ndarray, positive: bool = False) -> tuple[np.ndarray, float]:
     """Indicator of the max-loss atoms (ties within ``_TIE_TOL``) among positive weights,
-    and the largest loss."""
+    and the largest loss; ``positive``: the caller knows every weight is positive (equal
+    weights, :meth:`Workspace.equal_weight`), so they are not compared again."""
+    if positive:
+        lmax = float(l.max())
+        return l >= lmax - _TIE_TOL * max(1.0, abs(lmax)), lmax
     pos = at.w > 0
     if pos.all():  # no copy of l (8 MB at n = 1e6) when every weight is positive
         lmax = float(l.max())
@@ -608,7 +616,7 @@ def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
     q, parts = rw.q, rw.parts
     if s is None:
         s = expit(-m) if l is None else loss_sigmoid(l)
-    grad = -at.rmatvec(q * s)
+    grad = -at.rmatvec(q, s)
     cache = []
 
     def pieces():

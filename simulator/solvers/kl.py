@@ -189,15 +189,16 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
     rho = amb.rho
     if rho == 0.0:
         return nominal_reweighting(at, l, dual=math.inf)
-    top, lmax = top_atoms(at, l)
-    pmax = float(at.w[top].sum())
-    if rho >= -math.log(pmax):
-        q = np.where(top, at.w, 0.0) / pmax
-        return Reweighting(q, lmax, 0.0, state=state)
     warm = state.warm if state is not None and state.warm is not None else Workspace()
     n = l.size
     w0 = warm.equal_weight(at.w)
     w = at.w if w0 is None else w0
+    positive = w0 is not None and w0 > 0
+    top, lmax = top_atoms(at, l, positive=positive)
+    pmax = w0 * int(np.count_nonzero(top)) if positive else float(at.w[top].sum())
+    if rho >= -math.log(pmax):
+        q = np.where(top, at.w, 0.0) / pmax
+        return Reweighting(q, lmax, 0.0, state=state)
     z = np.subtract(l, lmax, out=warm.get("z", n))
     # q is the worst case (it outlives the evaluation); the other two are scratch
     blk = min(n, _BLOCK)
