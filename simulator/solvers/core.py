@@ -808,12 +808,23 @@ def _keeps_hessian(gn: float, cut: float, rate: float | None, quad: float | None
                    tol: float) -> bool:
     """Whether :func:`newton` takes its next step on the Hessian in use (the chord rule):
     after a full step that cut the gradient by ``cut <= _CHORD_RATIO`` (``inf`` after a
-    damped one) to ``gn``, unless the chord step (predicted ``rate gn``) misses ``tol``
-    where a fresh Hessian's (predicted ``quad gn^2``; :data:`_CHORD_PREDICTION`) meets
-    it."""
+    damped one) to ``gn``, unless a fresh Hessian ends the run in fewer evaluations than the
+    chord steps (predicted cut ``rate`` each; a fresh step leaves ``quad gn^2``;
+    :data:`_CHORD_PREDICTION`): in one where the chord step needs two, or in two where the
+    chord steps need a Hessian as well or a third."""
     if not cut <= _CHORD_RATIO:
         return False
-    return rate * gn <= tol or quad is None or quad * gn * gn > tol
+    if rate * gn <= tol or quad is None:
+        return True  # the chord step ends the run (or no prediction of Newton's)
+    newton = quad * gn * gn
+    if newton <= tol:
+        return False  # one fresh Hessian ends it, the chord step would not
+    if rate * rate * gn <= tol:
+        return True  # two chord steps end it: no Hessian
+    # the fresh step leaves a gradient that one chord step from it ends (its cut, about
+    # newton / gn, doubled, times newton <= tol): two steps and one Hessian, which the
+    # chord steps need as well (or a third evaluation)
+    return not newton * newton <= 0.5 * tol * gn
 
 
 def cg_solve(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray,
