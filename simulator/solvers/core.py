@@ -102,6 +102,11 @@ _CHORD_RATIO = 1e-2
 #: ``4e-3, 1e-4, 2.5e-7, 8e-10, 3e-12`` (the chord's prediction ``9e-10``, measured
 #: ``8.4e-10``; Newton's ``8e-13``) become ``4e-3, 1e-4, 2.5e-7, 1e-12``.
 _CHORD_PREDICTION = 2.0
+#: Chord steps that cut below ``_CHORD_RATIO`` and end the run within this many are taken
+#: rather than a fresh Hessian that ends it in two: three evaluations against two and a
+#: Hessian (at n = 1e6, d = 8 a Hessian costs about 0.6 evaluations, relatively more at
+#: larger d), so the status quo is kept where the two are that close.
+_CHORD_STEPS = 3
 #: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
 _MIN_STEP = 1e-10
 #: When the line search fails with ``||grad||_inf <= _NEAR_TOL * tol`` the iterate is
@@ -811,7 +816,7 @@ def _keeps_hessian(gn: float, cut: float, rate: float | None, quad: float | None
     damped one) to ``gn``, unless a fresh Hessian ends the run in fewer evaluations than the
     chord steps (predicted cut ``rate`` each; a fresh step leaves ``quad gn^2``;
     :data:`_CHORD_PREDICTION`): in one where the chord step needs two, or in two where the
-    chord steps need a Hessian as well or a third."""
+    chord steps need a Hessian as well or more than :data:`_CHORD_STEPS` steps."""
     if not cut <= _CHORD_RATIO:
         return False
     if rate * gn <= tol or quad is None:
@@ -819,11 +824,11 @@ def _keeps_hessian(gn: float, cut: float, rate: float | None, quad: float | None
     newton = quad * gn * gn
     if newton <= tol:
         return False  # one fresh Hessian ends it, the chord step would not
-    if rate * rate * gn <= tol:
-        return True  # two chord steps end it: no Hessian
+    if rate <= _CHORD_RATIO and rate**_CHORD_STEPS * gn <= tol:
+        return True  # a few chord steps end it (each cutting below _CHORD_RATIO): no Hessian
     # the fresh step leaves a gradient that one chord step from it ends (its cut, about
     # newton / gn, doubled, times newton <= tol): two steps and one Hessian, which the
-    # chord steps need as well (or a third evaluation)
+    # chord steps need as well (one whose cut exceeds _CHORD_RATIO takes one) or more steps
     return not newton * newton <= 0.5 * tol * gn
 
 
