@@ -406,6 +406,8 @@ def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
         np.testing.assert_allclose(at.matvec(v), (a @ v).astype(float), rtol=1e-13,
                                    atol=1e-14)
         np.testing.assert_allclose(at.rmatvec(u), (u @ a).astype(float), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(at.rmatvec(u, c), ((u * c) @ a).astype(float), rtol=0,
+                                   atol=1e-12)
         np.testing.assert_allclose(core.weighted_hess(at, c), hess, rtol=0,
                                    atol=1e-13 * np.abs(hess).max())
         np.testing.assert_allclose(at.a, a.astype(float), rtol=1e-15)
@@ -443,3 +445,33 @@ def test_atoms_of_zero_features_and_of_subnormal_ones():
     tiny = sim.PreferenceData(np.full((3, 2), 1e-310), [1, 0, 1])
     with pytest.raises(ValueError, match="root mean square"):
         Atoms.from_data(tiny, 1e200, normalise=True)
+
+
+def test_newton_takes_a_fresh_hessian_where_only_it_can_end_the_run():
+    """``f(x) = e^(x - 1) - x`` from ``x = 1.1`` (``g = e^(x - 1) - 1``, minimiser 1):
+    Newton's steps square the error (``e+ ~ e^2 / 2``), a chord step on the Hessian at ``x_k``
+    multiplies it by about ``e_k``. After the cuts ``0.1 -> 4.8e-3 -> 1.2e-5`` the chord step
+    would reach ``5.7e-8`` (two more to ``tol = 1e-10``), a fresh Hessian ``6.8e-11``: Newton
+    takes it, 4 evaluations and 3 Hessians instead of the chord rule's 6 and 2
+    (``core._keeps_hessian``)."""
+    from simulator.solvers import core
+
+    evals, hessians = [], []
+
+    def objective(x, state):
+        evals.append(1)
+
+        def hess():
+            hessians.append(1)
+            return np.exp(x - 1.0)[:, None]
+
+        return core.InnerResult(float(np.exp(x[0] - 1.0) - x[0]), None, np.expm1(x - 1.0),
+                                hess, None)
+
+    run = core.newton(objective, np.array([1.1]), 1e-10, 50, "exp")
+    assert abs(float(np.expm1(run.delta[0] - 1.0))) <= 1e-10
+    assert (len(evals), len(hessians)) == (4, 3)
+    # where the chord step's prediction meets tol, the Hessian is kept (the 1e-2 cut rule)
+    assert core._keeps_hessian(5.3e-8, 7.8e-4, 2 * 7.8e-4, 11.5, 1e-10)
+    assert not core._keeps_hessian(2.5e-7, 1.8e-3, 2 * 1.8e-3, 12.8, 1e-10)
+    assert not core._keeps_hessian(1e-6, 0.02, 0.04, None, 1e-10)

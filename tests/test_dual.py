@@ -556,9 +556,9 @@ def test_lbfgs_takes_two_products_per_iteration(amb, monkeypatch):
     matvec, rmatvec, quasi = core.Atoms.matvec, core.Atoms.rmatvec, dual.quasi_newton
 
     def counted(f):
-        def product(self, v):
+        def product(self, *v):
             calls[0] += inside[0]
-            return f(self, v)
+            return f(self, *v)
         return product
 
     def watched(*args, **kw):

@@ -63,14 +63,16 @@ _BLOCK = 65536
 
 @dataclass(frozen=True)
 class KLState:
-    """Warm start of the KL root search: the last ``lambda*``, the losses ``l`` and the
-    worst case ``q`` of that evaluation (:func:`_first_guess` predicts the next ``lambda*``
-    from them), and the :class:`.core.Workspace` shared along one minimisation."""
+    """Warm start of the KL root search: the last ``lambda*``, the losses ``l``, the
+    worst case ``q`` and ``mean = E_q l`` of that evaluation (:func:`_first_guess` predicts
+    the next ``lambda*`` from them), and the :class:`.core.Workspace` shared along one
+    minimisation."""
 
     lam: float | None = None
     l: np.ndarray | None = field(default=None, compare=False, repr=False)
     q: np.ndarray | None = field(default=None, compare=False, repr=False)
     warm: Workspace | None = field(default=None, compare=False, repr=False)
+    mean: float | None = field(default=None, compare=False, repr=False)
 
     def transfer(self) -> KLState:
         """The state to start another problem (a subsample's solution) with: ``lambda*``
@@ -86,11 +88,13 @@ class _Tilt:
     both), computed on first use: the last tilt of a root search, which stops on ``kl``,
     never needs them (its Hessian takes ``Var_Q l`` from ``Q``)."""
 
-    __slots__ = ("kl", "q", "lse", "noise", "_var", "_skew", "_moments")
+    __slots__ = ("kl", "q", "lse", "noise", "ez", "tot", "_var", "_skew", "_moments")
 
     def __init__(self, kl: float, var: float | None, q: np.ndarray, lse: float, noise: float,
-                 skew: float | None, moments: Callable | None = None) -> None:
+                 skew: float | None, moments: Callable | None = None, ez: float = math.nan,
+                 tot: float = math.nan) -> None:
         self.kl, self.q, self.lse, self.noise = kl, q, lse, noise
+        self.ez, self.tot = ez, tot  # E_Q z and the sum of the unnormalised q
         self._var, self._skew, self._moments = var, skew, moments
 
     @property
@@ -143,7 +147,7 @@ def _tilt(w: np.ndarray | float, z: np.ndarray, s: float, buf: tuple) -> _Tilt:
         return math.fsum(var) / tot, math.fsum(skew) / tot
 
     return _Tilt(s * ez - lse, None, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)), None,
-                 moments)
+                 moments, ez, tot)
 
 
 def _halley(f: float, s: float, var: float, skew: float) -> float:
@@ -171,12 +175,22 @@ def _first_guess(state: KLState | None, w, l: np.ndarray, z: np.ndarray, rho: fl
         u = -math.log(state.lam)
         old, q = state.l, state.q
         if old is not None and q is not None and old.shape == l.shape:
-            dev = np.subtract(old, float(q @ old), out=warm.get("dev", l.size))
-            qd = np.multiply(q, dev, out=warm.get("qd", l.size))
-            var = float(qd @ dev)
+            # Var_Q l and Cov_Q(l, dl) about the old E_Q l in one pass of cache-sized blocks
+            mean = float(q @ old) if state.mean is None else state.mean
+            blk = min(l.size, _BLOCK)
+            dev, qd = warm.get("gdev", blk), warm.get("gqd", blk)
+            var, cov = [], []
+            for lo in range(0, l.size, _BLOCK):
+                ob = old[lo:lo + _BLOCK]
+                d_, k_ = dev[:ob.size], qd[:ob.size]
+                np.subtract(ob, mean, out=d_)
+                np.multiply(q[lo:lo + _BLOCK], d_, out=k_)
+                var.append(float(k_ @ d_))
+                np.subtract(l[lo:lo + _BLOCK], ob, out=d_)
+                cov.append(float(k_ @ d_))
+            var = math.fsum(var)
             if var > 0:
-                dl = np.subtract(l, old, out=dev)
-                u -= min(max(float(qd @ dl) / var, -_TRUST), _TRUST)
+                u -= min(max(math.fsum(cov) / var, -_TRUST), _TRUST)
         return math.exp(u)
     wz = float(z.mean()) if isinstance(w, float) else float(w @ z)
     zc = np.square(z - wz)
@@ -189,15 +203,16 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
     rho = amb.rho
     if rho == 0.0:
         return nominal_reweighting(at, l, dual=math.inf)
-    top, lmax = top_atoms(at, l)
-    pmax = float(at.w[top].sum())
-    if rho >= -math.log(pmax):
-        q = np.where(top, at.w, 0.0) / pmax
-        return Reweighting(q, lmax, 0.0, state=state)
     warm = state.warm if state is not None and state.warm is not None else Workspace()
     n = l.size
     w0 = warm.equal_weight(at.w)
     w = at.w if w0 is None else w0
+    positive = w0 is not None and w0 > 0
+    top, lmax = top_atoms(at, l, positive=positive)
+    pmax = w0 * int(np.count_nonzero(top)) if positive else float(at.w[top].sum())
+    if rho >= -math.log(pmax):
+        q = np.where(top, at.w, 0.0) / pmax
+        return Reweighting(q, lmax, 0.0, state=state)
     z = np.subtract(l, lmax, out=warm.get("z", n))
     # q is the worst case (it outlives the evaluation); the other two are scratch
     blk = min(n, _BLOCK)
@@ -234,7 +249,7 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
         raise RuntimeError("KL dual root search did not converge (status: max_iter)")
     lam = 1.0 / s
     q = tilt.q
-    q *= 1.0 / float(q.sum())
+    q *= 1.0 / tilt.tot  # the tilt's own (block-exact) sum of q: no further pass
     value = lmax + (rho + tilt.lse) * lam
 
     def parts(sg, grad):
@@ -254,7 +269,7 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
             low.append((-s / var, -at.rmatvec(qd)))
         return curv, low
 
-    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm))
+    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, lmax + tilt.ez))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
