@@ -1434,7 +1434,10 @@ class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
     delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
-    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value``, ``grad``
+    worst case, ``mixture``, its per-atom moves in pieces (:class:`Mixture` s, for
+    :func:`certify`: the nominal atoms' moves, and the split atoms' other moves at a tie;
+    their concatenation, an ``O(n)`` copy, is left to a reader of the worst case); ``value``,
+    ``grad``
     and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at ``at`` (an evaluation there again
     without the Hessian, the worst case's, reuses them)."""
 
@@ -1443,7 +1446,7 @@ class W2State:
     at: np.ndarray | None = None
     pair: Bracket | None = None
     slope: np.ndarray | None = None
-    mixture: Mixture | None = None
+    mixture: tuple[Mixture, ...] | None = None
     value: float | None = None
     grad: np.ndarray | None = None
     primal: float | None = None
@@ -1649,6 +1652,13 @@ def _moved_features(at: Atoms, mix: Mixture, b: float, u: np.ndarray) -> np.ndar
     return _moved(at, mix, b, u)[0]
 
 
+def _joined(pieces: tuple[Mixture, ...]) -> Mixture:
+    """The :class:`Mixture` of the atoms of every piece, in order (the piece itself if one)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return Mixture(*(np.concatenate(col) for col in zip(*pieces, strict=True)))
+
+
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     n = w.size
@@ -1740,17 +1750,19 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
              else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
-        keep = np.flatnonzero(q_hi > 0)
-        pieces = [Mixture(q_hi, keep, hi.tau, hi.flip) if keep.size == n
-                  else Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep])]
+        if float(q_hi.min()) > 0:  # every atom carries mass (no n-vector of indices to find)
+            pieces = (Mixture(q_hi, np.arange(n), hi.tau, hi.flip),)
+        else:
+            keep = np.flatnonzero(q_hi > 0)
+            pieces = (Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep]),)
         if tied:
-            pieces.append(Mixture(q_lo, sp, lo_tau, lo_flip))
-        mix = pieces[0] if len(pieces) == 1 else Mixture(
-            *(np.concatenate(col) for col in zip(*pieces, strict=True)))
-        # the n x d moved features only when read (the certificate works on mix)
-        wc = WorstCase(mix.q, functools.partial(_moved_features, at, mix, b, u),
-                       _moved_labels(at, mix), mix.src, cost, rho**2)
-        new_state = dataclasses.replace(new_state, mixture=mix)
+            pieces += (Mixture(q_lo, sp, lo_tau, lo_flip),)
+        # the worst case's arrays only when read (the certificate works on the pieces): the
+        # concatenation, the labels and the n x d moved features
+        mix = functools.cache(functools.partial(_joined, pieces))
+        wc = WorstCase(lambda: mix().q, lambda: _moved_features(at, mix(), b, u),
+                       lambda: _moved_labels(at, mix()), lambda: mix().src, cost, rho**2)
+        new_state = dataclasses.replace(new_state, mixture=pieces)
     # chord=False: a fresh Hessian (about one pass at n = 1e6, d = 8) beside an evaluation
     # (eight to fifteen): the chord step's linear rate cost the benchmark's finite-kappa solve
     # a fifth full-data evaluation (gradients 4e-5, 1.3e-7, 4e-9, 5e-17 against 4e-5, 1.3e-7,
@@ -1881,11 +1893,11 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
     """
     if not np.any(delta):
         return 0.0 if flip_shares(at, amb) is not None else math.inf
-    mix = res.state.mixture if isinstance(res.state, W2State) else None
-    if mix is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
+    pieces = res.state.mixture if isinstance(res.state, W2State) else None
+    if pieces is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
         n = at.w.size
-        mix = Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
-    gap = _weak_duality_gap(at, amb, delta, res.value, mix)
+        pieces = (Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool)),)
+    gap = _weak_duality_gap(at, amb, delta, res.value, pieces)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
         gap = min(gap, kink_certificate(at, amb, delta, res.value, res.dual)[0])
     return gap
@@ -1955,7 +1967,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
                       np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
                       np.concatenate([flip0, flip1[both]]))
-        gap = _weak_duality_gap(at, amb, delta, value, mix)
+        gap = _weak_duality_gap(at, amb, delta, value, (mix,))
         if gap < best[0]:
             best = (gap, mix)
         if gap <= _KINK_CERTIFY:
@@ -1963,9 +1975,10 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
     return best
 
 
-def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
+def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...]) -> float:
     """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
-    of :class:`Mixture` ``mix``: where its transport cost exceeds ``rho^2`` (by rounding),
+    of the :class:`Mixture` s ``pieces`` (together): where its transport cost exceeds
+    ``rho^2`` (by rounding),
     first every move is shortened by the factor that spends the budget (less a few ulps),
     else (the flips alone exceed it) ``Q`` is mixed with ``P``, so that it lies in the ball.
 
@@ -1977,25 +1990,26 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     u = delta / float(np.linalg.norm(delta))
     scale = 1.0 / (at.beta * float(np.linalg.norm(delta)))
 
-    def moves_cost(tau):  # sum q t^2 ||u||^2, t = tau / b
-        t = tau * scale
-        return float(mix.q @ (t * t)) * float(u @ u)
+    def moves_cost(pieces):  # sum q t^2 ||u||^2, t = tau / b
+        return sum(float(mix.q @ np.square(mix.tau * scale)) for mix in pieces) * float(u @ u)
 
-    moving = moves_cost(mix.tau)
-    flips = amb.kappa * float(mix.q[mix.flip].sum()) if mix.flip.any() else 0.0
+    moving = moves_cost(pieces)
+    flipped = [float(mix.q[mix.flip].sum()) for mix in pieces if mix.flip.any()]
+    flips = amb.kappa * sum(flipped) if flipped else 0.0  # no inf * 0 where kappa = inf
     budget = amb.rho**2
     if moving + flips > budget and budget > flips and moving > 0:
         # rounding: every move shortened by sqrt(c) (the same directions, cost c moving)
-        shrunk = mix.tau * math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
+        c = math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
+        shrunk = tuple(mix._replace(tau=mix.tau * c) for mix in pieces)
         if moves_cost(shrunk) + flips <= budget:
-            mix, moving = mix._replace(tau=shrunk), moves_cost(shrunk)
+            pieces, moving = shrunk, moves_cost(shrunk)
     cost = moving + flips
-    parts = [(mix, 1.0)]
+    parts = [(mix, 1.0) for mix in pieces]
     if cost > budget:  # Q's share of the mixture with P, P's atoms unmoved
         share = budget / cost * (1.0 - _MIX_ROUND)
         n = at.w.size
-        parts = [(mix, share), (Mixture(at.w, np.arange(n), np.zeros(n),
-                                        np.zeros(n, dtype=bool)), 1.0 - share)]
+        parts = [(mix, share) for mix in pieces] + [
+            (Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool)), 1.0 - share)]
     return _moved_logistic_gap(at, delta, u, value, parts) / max(1.0, abs(value))
 
 
@@ -2015,7 +2029,8 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     total = sum(mix.q.size for mix, _ in parts)
     step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
     value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
-    grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
+    curv_c = np.zeros(n)  # per source atom
+    both = np.zeros((2, d))  # sum c_k s_k a_src and p, from each block's rows in cache
     subs = []
     # a_src = factor_src x_src: the rows of x and the sign times the factor (no n x d
     # copy of a unless it is built already)
@@ -2039,8 +2054,11 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
             tt += float(curv @ t**2)
-            for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
-                acc[first:top] += val if run else np.bincount(src - first, val,
+            coef = np.empty((2, q.size))
+            np.multiply(c, sf, out=coef[0])
+            np.multiply(curv * t, sf, out=coef[1])
+            both += coef @ x_src  # the rows just read for the margins: a product in cache
+            curv_c[first:top] += curv if run else np.bincount(src - first, curv,
                                                               minlength=top - first)
             radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
@@ -2048,12 +2066,8 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
                 rows = (sf[sub, None] * x_src[sub]
                         - (beta * t[sub])[:, None] * u[None, :])
                 subs.append(rows * np.sqrt(curv[sub])[:, None])
-    # grad_c @ a and p_c @ a in one pass over the atoms (p is read only where the subset's
-    # bound is too loose, but costs nothing more in the same pass)
-    both = np.zeros((2, d))
-    for lo in range(0, n, _BLOCK):
-        sl = slice(lo, lo + _BLOCK)
-        both += _rows_at(np.stack([grad_c[sl], p_c[sl]]), at, sl)
+    # (p is read only where the subset's bound is too loose, but costs little more in the
+    # same products)
     grad = -both[0] + beta * g_u * u
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
