@@ -1507,50 +1507,62 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     u = delta / dn
     n = q.size
     prod = np.zeros((3, delta.size))
-    g_tsg = g_tt = hdl_t = h_ll = v_bb = total = 0.0
+    g_tt = hdl_t = h_ll = v_bb = total = 0.0
     c_mm = np.empty(n) if hessian else None
+    inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
-    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
+    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache; each
+    # operation in place where it can be (about 30 per atom, and softplus for the value)
     for lo in range(0, n, _BLOCK):
         sl = slice(lo, lo + _BLOCK)
-        qb, fb = q[sl], flip[sl]
-        t = tau[sl] / b
+        qb, fb, tb = q[sl], flip[sl], tau[sl]
+        t = np.multiply(tb, inv_b)
         if value:
-            z = tau[sl] - m[sl] if not fb.any() else tau[sl] - np.where(fb, -m[sl], m[sl])
+            z = tb - m[sl] if not fb.any() else tb - np.where(fb, -m[sl], m[sl])
             total += float(qb @ softplus(z))  # less lambda E t^2 (g_tt), after the loop
-        # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
-        # accuracy)
-        sg = (2.0 * lam / b) * t
-        sp = sg - sg * sg  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
+        # at a stationary point sigmoid(tau - s m) = k tau (to the roots' accuracy)
+        sg = np.multiply(tb, k)
+        sp = sg * sg
+        np.subtract(sg, sp, out=sp)  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
         np.maximum(sp, 0.0, out=sp)
         # D = 2 lambda - b^2 sigmoid', qd = q / D; f_tm = -b sp, f_tb = sg + tau sp
         # (f_tl = -2 t)
-        qd = qb / np.maximum(2.0 * lam - b * b * sp, _TINY)
-        f_tb = sg + tau[sl] * sp
+        qd = np.multiply(sp, -b2)
+        qd += 2.0 * lam
+        np.maximum(qd, _TINY, out=qd)
+        np.divide(qb, qd, out=qd)
+        qs, a_s = qb * sp, qd * sp
+        f_tb = tb * sp
+        f_tb += sg
         rows = np.empty((3, qb.size))
-        np.multiply(qb, sg, out=rows[0])                                # gradient
-        rows[1] = sp * (-b * f_tb * qd - qb * t)                        # q v_mb
-        rows[2] = (2.0 * b) * qd * sp * t                               # h_dl: -2 f_tm t qd
-        g_tsg += float(rows[0] @ t)
+        np.multiply(qb, sg, out=rows[0])         # gradient
+        np.multiply(a_s, f_tb, out=rows[1])      # -q v_mb = b qd sp f_tb + q sp t
+        rows[1] *= b
+        rows[1] += np.multiply(qs, t, out=sg)    # (sg is not read again)
+        np.multiply(a_s, t, out=rows[2])         # h_dl / (2 b) = -f_tm t qd / (2 b)
         if fb.any():
             rows[:, fb] *= -1.0
         prod += _rows_at(rows, a, sl)
         tt = t * t
         g_tt += float(qb @ tt)
-        hdl_t += float((qd * f_tb) @ t)
-        h_ll += 4.0 * float(qd @ tt)
+        h_ll += float(qd @ tt)
+        np.multiply(qd, f_tb, out=qd)  # qd f_tb (qd is not read again)
+        hdl_t += float(qd @ t)
         if hessian:
-            v_bb += float(qb @ (tt * sp)) + float(qd @ (f_tb * f_tb))
+            v_bb += float(qs @ tt) + float(qd @ f_tb)
             # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
-            c_mm[sl] = qb * sp + (b * b) * sp * sp * qd
+            c = np.multiply(a_s, sp, out=c_mm[sl])
+            c *= b2
+            c += qs
     bu = beta * u
     total = total - lam * g_tt if value else None
-    g_d = -prod[0] + g_tsg * bu
-    h_dl = prod[2] - 2.0 * hdl_t * bu
-    blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
+    g_d = -prod[0] + (2.0 * lam * inv_b) * g_tt * bu  # sum q sg t = (2 lambda / b) E t^2
+    h_dl = (2.0 * b) * prod[2] - 2.0 * hdl_t * bu  # (the rows' signs and scales restored)
+    blk = W2Blocks(g_d, -g_tt, None, h_dl, 4.0 * h_ll)
     if not hessian:
         return blk, None, total
-    p = prod[1]
+    g_tsg = (2.0 * lam * inv_b) * g_tt
+    p = -prod[1]
 
     def h_dd() -> np.ndarray:
         # weighted_hess reads only the atoms' ``a``
