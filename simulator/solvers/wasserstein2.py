@@ -456,6 +456,55 @@ def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
     return np.where(exists, val, np.nan), (tau / b) ** 2 + price
 
 
+def _sigmoid_float(z: float) -> float:
+    """``1 / (1 + exp(-z))`` of one float (no overflow of ``exp``)."""
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def _root_float(m: float, k: float) -> float:
+    """:func:`best_move`'s root of ``psi(tau) = sigmoid(tau - m) - k tau`` for one atom at ``k
+    >= 1/4`` (``psi`` decreases: one root, in ``[0, 1/k]``), in floats: :func:`_root`'s
+    bracketed Newton steps and stopping test from :func:`best_move`'s start (``1/k`` on
+    the right piece, else 0). The scalar roots of :func:`_switch_points` (several hundred
+    per solve) cost a few microseconds each instead of the array routines' overhead."""
+    lo, hi = 0.0, 1.0 / k
+    tau = hi if (m < 0 or 0.5 - k * m >= 0) else 0.0
+    for _ in range(_NEWTON_ITERS):
+        s = _sigmoid_float(tau - m)
+        psi = s - k * tau
+        if psi > 0:
+            lo = tau
+        else:
+            hi = tau
+        ds = s * (1.0 - s)
+        dpsi = ds - k
+        new = tau - psi / dpsi
+        step = abs(new - tau)
+        nxt_err = abs(ds * (1.0 - 2.0 * s)) * step**2 / (2.0 * abs(dpsi))
+        bad = not lo <= new <= hi
+        tau = 0.5 * (lo + hi) if bad else new
+        scale = _ROOT_TOL * max(1.0, abs(tau))
+        if not (bad or (step > scale and not nxt_err <= 0.1 * scale)):
+            break
+    return tau
+
+
+def _branch_float(m: float, b: float, lam: float, kappa: float, flip: bool,
+                  right: bool) -> tuple[float, float]:
+    """:func:`_branch` for one atom at ``k = 2 lambda / b^2 >= 1/4``, in floats."""
+    k = 2.0 * lam / b**2
+    mm = -m if flip else m
+    price = kappa if flip else 0.0
+    tau = _root_float(mm, k)
+    z = tau - mm
+    val = max(z, 0.0) + math.log1p(math.exp(-abs(z))) - 0.5 * k * tau**2 - lam * price
+    exists = (mm < 0 or 0.5 - k * mm >= 0) == right  # best_move's right piece
+    return (val if exists else math.nan), (tau / b) ** 2 + price
+
+
 def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
                    idx: np.ndarray, bracket: tuple | None = None, maybe_none: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -476,12 +525,18 @@ def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
     out, drop = np.empty(mi.size), np.zeros(mi.size)
 
     def diff_at(i, lam):  # V_A - V_B and cost_A - cost_B of key i at lam
-        va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
-        vb, cb = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in b_branch))
-        diff = va[0] - vb[0]
+        if 2.0 * lam / b**2 >= 0.25:  # one maximiser per branch: in floats
+            va, ca = _branch_float(float(mi[i]), b, lam, kappa, *(bool(x[i]) for x in a_branch))
+            vb, cb = _branch_float(float(mi[i]), b, lam, kappa, *(bool(x[i]) for x in b_branch))
+        else:
+            va, ca = (float(x[0]) for x in _branch(mi[i:i + 1], b, lam, kappa,
+                                                   *(x[i:i + 1] for x in a_branch)))
+            vb, cb = (float(x[0]) for x in _branch(mi[i:i + 1], b, lam, kappa,
+                                                   *(x[i:i + 1] for x in b_branch)))
+        diff = va - vb
         if math.isnan(diff):  # a maximiser is absent: the other branch wins
-            diff = -math.inf if math.isnan(va[0]) else math.inf
-        return diff, float(ca[0] - cb[0])
+            diff = -math.inf if math.isnan(va) else math.inf
+        return diff, ca - cb
 
     for i in range(mi.size):  # a few distinct keys; one scalar root each
         left, right = bracket
