@@ -681,3 +681,55 @@ def test_uncertified_answer_is_refined_where_the_moved_atoms_are_collinear():
             other = sim.robust_objective(sol.theta + eps * v / np.linalg.norm(v), data, amb,
                                          beta=beta).value
             assert sol.value <= other + 1e-15
+
+
+def test_fixed_and_joint_sweeps_against_bracketed_roots():
+    """``_fixed_sweeps`` (the roots at a fixed ``k``) and ``_joint_sweeps`` (the roots and
+    the ``k`` at which they meet the budget) against :func:`best_move`'s roots from starts
+    ``1e-2`` off: the fixed-``k`` roots within Newton's error bound ``_FAST_ERR`` (plus
+    ``best_move``'s own ``1e-15``), the joint ones within ``1e-13`` (that bound and the
+    joint step's cross term ``|dk| step / |psi'|``; measured ``3e-14``), its ``k`` within
+    ``1e-12`` of the one that generated the budget, and its roots meeting that budget to
+    rounding (``2e-15``; without its last step in ``k`` alone they missed it by
+    ``1.4e-14``)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(7)
+    n, b, k0 = 30000, 1.1, 1.7
+    mm = rng.normal(size=n) * 3.0
+    w = rng.uniform(0.5, 1.5, n)
+    w /= w.sum()
+    exact = w2.best_move(mm, k0, values=False).tau
+    start = np.clip(exact + rng.normal(size=n) * 1e-2, 0.0, 1.0 / k0)
+    tol = w2._FAST_ERR + 1e-15
+    fixed = w2._fixed_sweeps(mm, k0, start.copy())
+    assert np.max(np.abs(fixed - exact)) <= tol
+    budget = float(w @ exact**2) / b**2
+    out = w2._joint_sweeps(mm, w, b, budget, k0 * 1.01, start.copy())
+    k, tau, exact_test = out[0], out[1], out[4]
+    assert exact_test and abs(k - k0) <= 1e-12 * k0
+    assert np.max(np.abs(tau - w2.best_move(mm, k, values=False).tau)) <= 1e-13
+    assert abs(float(w @ tau**2) / b**2 - budget) <= 2e-15 * budget
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scalar_branches_match_the_array_routine(seed):
+    """The switch points' scalar branch values ``_branch_float`` against the array routine
+    ``_branch`` (:func:`best_move` on one atom) at ``k >= 1/4``: the same value (``nan``
+    where the tracked piece does not hold the maximiser) and cost, to rounding."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        b, kappa = rng.uniform(0.2, 4.0), rng.choice([0.1, 1.0, 3.0])
+        lam = rng.uniform(0.125, 4.0) * b**2  # k = 2 lam / b^2 in [1/4, 8]
+        m_i = rng.normal() * rng.choice([0.3, 3.0, 30.0])
+        for flip in (False, True):
+            for right in (False, True):
+                val, cost = w2._branch_float(m_i, b, lam, kappa, flip, right)
+                va, ca = w2._branch(np.array([m_i]), b, lam, kappa, np.array([flip]),
+                                    np.array([right]))
+                assert math.isnan(val) == math.isnan(va[0])
+                if not math.isnan(val):
+                    assert val == pytest.approx(va[0], rel=1e-14, abs=1e-15)
+                assert cost == pytest.approx(ca[0], rel=1e-13, abs=1e-16)

@@ -720,13 +720,16 @@ _LOOSE_STEP = 1e-5
 _PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
 #: :func:`_fast_pair` stops once Newton's error after the last step, about ``|psi''| step^2
 #: / (2 |psi'|)`` per atom, is below this (absolute; the roots are at most ``1 / k <= 4``).
-#: The roots' only other reader is the stationarity ``sigmoid = k tau`` of the derivative
-#: blocks, whose residual ``|psi'| err`` (``3e-14`` at the benchmark's ``k = 3``) moves the
-#: gradient far below Newton's ``tol`` (``1e-10``); the budget is met exactly by the roots
-#: returned (:func:`_joint_sweeps`' last correction) and the certificate recomputes the
-#: worst case's loss and gradient itself. At ``1e-16`` (a few ulps) the step after
+#: A joint step adds the cross term ``|dk| step / |psi'|`` of the same order (measured: the
+#: roots within ``3e-14`` of :func:`best_move`'s at the ``k`` returned, ``k`` within
+#: ``1e-14``). The roots' other reader is the stationarity ``sigmoid = k tau`` of the
+#: derivative blocks, whose residual ``|psi'| err`` (``1e-13``) moves the gradient far below
+#: Newton's ``tol`` (``1e-10``); the budget is met to rounding by the roots returned
+#: (:func:`_joint_sweeps`' last step in ``k``) and the certificate recomputes the worst
+#: case's cost, loss and gradient itself. At ``1e-16`` (a few ulps), with the budget's
+#: quadratic term held to ``_BUDGET_TOL / 4`` instead of that last step, the step after
 #: ``3e-7`` to ``6e-7`` was one more sweep in each evaluation of the benchmark at n = 1e6
-#: (steps ``1e-3, 6e-7, 1e-13``).
+#: (steps ``1e-3, 6e-7, 1e-13``: kappa = inf took 8 sweeps, now 4).
 _FAST_ERR = 1e-14
 
 
@@ -803,8 +806,9 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
     stationary point, in ``[0, 1/k]``, and the global maximiser of its concave ``f``: exact,
     as :func:`best_move`'s. It stops once Newton's error after the step just taken, about
-    ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom (at fixed ``k``,
-    :func:`_fixed_sweeps`); the budget's residual after that step (the quadratic term ``E
+    ``|psi''| step^2 / (2 |psi'|)`` (and the joint step's cross term ``|dk| step /
+    |psi'|``), is below ``_FAST_ERR`` on every atom (at fixed ``k``, :func:`_fixed_sweeps`,
+    without the cross term); the budget's residual after that step (the quadratic term ``E
     dtau^2 / b^2`` that the linearisation drops) is then removed by a last step in ``k``
     alone, the roots moved with it along ``dtau / dk`` (first order in a step of about
     ``E dtau^2 / S``, ``1e-12`` relative: the roots' change is of its square). ``None``
