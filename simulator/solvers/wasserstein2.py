@@ -945,13 +945,15 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
         step += dmm
         step /= sp
         step += t
+        np.clip(step, 0.0, 1.0 / k, out=step)  # in the block, in cache
     flips = np.flatnonzero(mv.flip)
     if flips.size:  # the flipped atoms' signed margins move by -dm: redone on their own
         t = mv.tau[flips]
         s = k0 * t
         sp = s - s * s
-        out[flips] = t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0)
-    return np.clip(out, 0.0, 1.0 / k, out=out)
+        out[flips] = np.clip(t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0), 0.0,
+                             1.0 / k)
+    return out
 
 
 #: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
@@ -2077,7 +2079,7 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...])
     scale = 1.0 / (at.beta * float(np.linalg.norm(delta)))
 
     def moves_cost(pieces):  # sum q t^2 ||u||^2, t = tau / b
-        return sum(float(mix.q @ np.square(mix.tau * scale)) for mix in pieces) * float(u @ u)
+        return sum(float((mix.q * mix.tau) @ mix.tau) for mix in pieces) * scale**2 * float(u @ u)
 
     moving = moves_cost(pieces)
     flipped = [float(mix.q[mix.flip].sum()) for mix in pieces if mix.flip.any()]
@@ -2087,8 +2089,8 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...])
         # rounding: every move shortened by sqrt(c) (the same directions, cost c moving)
         c = math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
         shrunk = tuple(mix._replace(tau=mix.tau * c) for mix in pieces)
-        if moves_cost(shrunk) + flips <= budget:
-            pieces, moving = shrunk, moves_cost(shrunk)
+        if (less := moves_cost(shrunk)) + flips <= budget:
+            pieces, moving = shrunk, less
     cost = moving + flips
     parts = [(mix, 1.0) for mix in pieces]
     if cost > budget:  # Q's share of the mixture with P, P's atoms unmoved
