@@ -2117,7 +2117,7 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     :func:`~.core.logistic_gap`, the Hessian of every ``N / _CERT_ATOMS``-th atom of each part
     first (``N`` atoms in all)."""
     n, beta, d = at.w.size, at.beta, delta.size
-    dn = float(np.linalg.norm(delta))
+    inv_b = 1.0 / (beta * float(np.linalg.norm(delta)))
     total = sum(mix.q.size for mix, _ in parts)
     step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
     value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
@@ -2130,18 +2130,23 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     for mix, share in parts:
         for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
             blk = slice(lo, lo + _BLOCK)
-            q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
-            sgn = np.where(flip, -1.0, 1.0)
-            t = mix.tau[blk] / (beta * dn)
+            q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
+            src, flip = mix.src[blk], mix.flip[blk]
+            t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
             first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             # the block's source atoms (no n-vector of margins): a view where they are a
             # range in order (the unsplit atoms), else a gather
             run = top - first == src.size and bool(np.all(np.diff(src) == 1))
             x_src = rows_of[first:top] if run else rows_of[src]
-            sf = sgn if factor is None else sgn * (factor[first:top] if run else factor[src])
-            mq = sf * (x_src @ delta) - beta * float(u @ delta) * t
-            value += float(q @ softplus(-mq))
-            sg = _sigmoid(-mq)
+            # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
+            sf = (np.ones(q.size) if factor is None
+                  else factor[first:top] if run else factor[src])
+            if flip.any():
+                sf = np.where(flip, -sf, sf)
+            neg = np.multiply(t, beta * float(u @ delta))  # -m' = beta t (u . delta) - s a.delta
+            neg -= np.multiply(x_src @ delta, sf)
+            value += float(q @ softplus(neg))
+            sg = _sigmoid(neg)
             c = q * sg
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
