@@ -733,3 +733,21 @@ def test_scalar_branches_match_the_array_routine(seed):
                 if not math.isnan(val):
                     assert val == pytest.approx(va[0], rel=1e-14, abs=1e-15)
                 assert cost == pytest.approx(ca[0], rel=1e-13, abs=1e-16)
+
+
+def test_flip_choices_from_a_pool_match_the_full_scan():
+    """``_flip_choice`` with a ``_Pool`` (the candidates of a smaller ``lambda``, one scan for
+    an evaluation's choices) chooses the same flips as the scan of every atom, at ``lambda``
+    above the pool's, at its edge and below it (the pool is then taken again)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(11)
+    m = rng.normal(size=200000) * 4.0
+    b, kappa = 1.3, 1.0
+    pool = w2._Pool(m, b, kappa)
+    lam0 = 2.0
+    for lam in (lam0, lam0 * 1.05, lam0 * w2._POOL_LOW, lam0 * 0.95, lam0 * 0.5, lam0 * 0.6):
+        full = w2._flip_choice(m, b, lam, kappa)
+        assert full.any() and not full.all()
+        assert np.array_equal(w2._flip_choice(m, b, lam, kappa, pool), full)
+    assert pool.low == pytest.approx(lam0 * 0.5 * w2._POOL_LOW)
