@@ -866,13 +866,20 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         t += q[sl] * dk
         t -= r[sl]
         s2 += float(w[sl] @ (t * t))
+    dk = 0.0
     if exact and s3 != 0:  # the budget's residual removed by k alone (dS/dk = c s3)
         dk = (budget - s2 / b**2) / (c * s3)
-        tau += q * dk
         k += dk
         if not (math.isfinite(k) and k > 0.25):
             return None
-    if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
+    low, high = math.inf, -math.inf
+    for lo in range(0, n, _BLOCK):  # the roots moved with k, and the range test, in blocks
+        sl = slice(lo, lo + _BLOCK)
+        t = tau[sl]
+        if dk:
+            t += q[sl] * dk
+        low, high = min(low, float(t.min())), max(high, float(t.max()))
+    if not (low >= 0.0 and high <= 1.0 / k):
         return None
     return k, tau, c * s3, q, exact
 
