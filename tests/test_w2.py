@@ -751,3 +751,36 @@ def test_flip_choices_from_a_pool_match_the_full_scan():
         assert full.any() and not full.all()
         assert np.array_equal(w2._flip_choice(m, b, lam, kappa, pool), full)
     assert pool.low == pytest.approx(lam0 * 0.5 * w2._POOL_LOW)
+
+
+def test_roots_along_k_to_second_order():
+    """``_roots_along_k`` moves the roots of ``k_0`` to ``k``: to first order below
+    ``_SECOND_ORDER``'s bound (bitwise ``tau + q dk``), else with ``tau'' dk^2 / 2`` from the
+    implicit function theorem, an error of third order: halving ``dk`` divides it by about 8
+    (a wrong ``tau''`` leaves a second-order error, divided by 4), and it stays within the
+    first-order bound ``dk^2 max |tau''| / 2`` the gate reads, far below the first order's own
+    error; on the benchmark's first switch (``dk = 2e-2`` at ``k = 3``) the start then took
+    one sweep at fixed ``k`` instead of two."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(11)
+    n, k0 = 20000, 3.0
+    mm = rng.normal(size=n) * 3.0
+    tau = w2.best_move(mm, k0, values=False).tau
+    s = k0 * tau
+    q = tau / (s - s * s - k0)  # dtau / dk = tau / psi'
+    near = k0 + 1e-4
+    assert np.array_equal(w2._roots_along_k(tau, q, k0, near), tau + q * (near - k0))
+    c = k0 - 0.25
+    big_q = 1.0 / (k0 * c)
+    curv = (2.0 * big_q + w2._PSI2_MAX * big_q**2) / c  # the bound on |tau''|
+    first, second = [], []
+    for dk in (2e-2, 1e-2):
+        fresh = w2.best_move(mm, k0 + dk, values=False).tau
+        moved = w2._roots_along_k(tau, q, k0, k0 + dk)
+        first.append(np.max(np.abs(tau + q * dk - fresh)))
+        second.append(np.max(np.abs(moved - fresh)))
+        assert first[-1] <= 0.5 * dk**2 * curv
+    assert second[0] <= 0.01 * first[0]
+    assert 6.0 <= second[0] / second[1] <= 10.0
+    assert 3.0 <= first[0] / first[1] <= 5.0

@@ -1302,14 +1302,15 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     ``(pattern, lambda)``, or ``None``. ``joint``: ``(k, tau, dtau/dk, pattern)`` of the
     last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
     k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
-    the warm start of the roots at ``s``."""
+    the warm start of the roots at ``s``; to second order (:func:`_roots_along_k`) where
+    the first order's error may take a second sweep there."""
     s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
     k_joint, tau, dtau, last = joint
-    tau = tau + dtau * (k - k_joint)
+    tau = _roots_along_k(tau, dtau, k_joint, k)
     out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
                            _branch_roots(m, flip, tau, last, k, fresh=True))
     if out is None:
@@ -1317,6 +1318,56 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     if isinstance(out, Bracket):
         return out
     return lo[::-1] if out < 0 else hi[::-1]
+
+
+#: :func:`_roots_along_k` adds the second-order term where the first order's error bound
+#: ``dk^2 max |tau''| / 2`` exceeds this: a start within it takes one sweep of Newton at fixed
+#: ``k`` (:func:`_fixed_sweeps`' test passes after a step up to ``sqrt(2 _FAST_ERR |psi'| /
+#: _PSI2_MAX)``, about ``7e-7`` at ``k = 3``), with room for the joint solve's own error (a few
+#: ``1e-7``: it stops at a step of ``_LOOSE_STEP``). Measured at n = 1e6 (Gaussian, ``kappa =
+#: 1``): the first evaluation's move ``dk = 2e-2`` left ``1.4e-5`` to first order (two sweeps),
+#: ``9e-8`` to second (one); the later ones' ``dk`` of ``1e-3`` and ``6e-4`` left ``7e-7``
+#: (the joint solve's) and ``2e-9`` to first order.
+_SECOND_ORDER = 1e-7
+
+
+def _roots_along_k(tau: np.ndarray, q: np.ndarray, k0: float, k: float) -> np.ndarray:
+    """The roots ``tau`` of ``psi = sigmoid(tau - mm) - k_0 tau`` (``k_0 > 1/4``) moved to ``k``:
+    ``tau + tau' dk`` (``tau' = q = tau / psi'``, :func:`_joint_sweeps`' ``dtau / dk``), plus
+    ``tau'' dk^2 / 2`` where its bound says it matters (``_SECOND_ORDER``), a new array.
+
+    Differentiating ``psi(tau(k), k) = 0`` twice: ``tau'' = (2 tau' - sigma'' tau'^2) / psi'``
+    with ``sigma = k_0 tau`` (the stationarity), ``sigma' = sigma - sigma^2``, ``sigma'' =
+    sigma' (1 - 2 sigma)``, ``psi' = sigma' - k_0``. Bound: ``tau <= 1 / k_0``, ``|psi'| >= k_0 -
+    1/4``, so ``|tau'| <= Q = 1 / (k_0 (k_0 - 1/4))`` and ``|tau''| <= (2 Q + _PSI2_MAX Q^2) /
+    (k_0 - 1/4)``. In blocks of ``_BLOCK`` atoms."""
+    dk = k - k0
+    c = k0 - 0.25
+    big_q = 1.0 / (k0 * c)
+    if not 0.5 * dk * dk * (2.0 * big_q + _PSI2_MAX * big_q**2) / c > _SECOND_ORDER:
+        return tau + q * dk
+    half = 0.5 * dk * dk
+    out = np.empty_like(tau)
+    for lo in range(0, tau.size, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        t, qb = tau[sl], q[sl]
+        sg = np.multiply(t, k0)
+        sp = sg * sg
+        np.subtract(sg, sp, out=sp)  # sigma'
+        sg *= -2.0
+        sg += 1.0
+        sg *= sp  # sigma''
+        sp -= k0  # psi'
+        sg *= qb
+        sg *= qb
+        np.subtract(qb, sg, out=sg)
+        sg += qb  # 2 tau' - sigma'' tau'^2
+        sg /= sp
+        sg *= half
+        o = np.multiply(qb, dk, out=out[sl])
+        o += t
+        o += sg
+    return out
 
 
 def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
