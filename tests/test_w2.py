@@ -681,3 +681,106 @@ def test_uncertified_answer_is_refined_where_the_moved_atoms_are_collinear():
             other = sim.robust_objective(sol.theta + eps * v / np.linalg.norm(v), data, amb,
                                          beta=beta).value
             assert sol.value <= other + 1e-15
+
+
+def test_fixed_and_joint_sweeps_against_bracketed_roots():
+    """``_fixed_sweeps`` (the roots at a fixed ``k``) and ``_joint_sweeps`` (the roots and
+    the ``k`` at which they meet the budget) against :func:`best_move`'s roots from starts
+    ``1e-2`` off: the fixed-``k`` roots within Newton's error bound ``_FAST_ERR`` (plus
+    ``best_move``'s own ``1e-15``), the joint ones within ``1e-13`` (that bound and the
+    joint step's cross term ``|dk| step / |psi'|``; measured ``3e-14``), its ``k`` within
+    ``1e-12`` of the one that generated the budget, and its roots meeting that budget to
+    rounding (``2e-15``; without its last step in ``k`` alone they missed it by
+    ``1.4e-14``)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(7)
+    n, b, k0 = 30000, 1.1, 1.7
+    mm = rng.normal(size=n) * 3.0
+    w = rng.uniform(0.5, 1.5, n)
+    w /= w.sum()
+    exact = w2.best_move(mm, k0, values=False).tau
+    start = np.clip(exact + rng.normal(size=n) * 1e-2, 0.0, 1.0 / k0)
+    tol = w2._FAST_ERR + 1e-15
+    fixed = w2._fixed_sweeps(mm, k0, start.copy())
+    assert np.max(np.abs(fixed - exact)) <= tol
+    budget = float(w @ exact**2) / b**2
+    out = w2._joint_sweeps(mm, w, b, budget, k0 * 1.01, start.copy())
+    k, tau, exact_test = out[0], out[1], out[4]
+    assert exact_test and abs(k - k0) <= 1e-12 * k0
+    assert np.max(np.abs(tau - w2.best_move(mm, k, values=False).tau)) <= 1e-13
+    assert abs(float(w @ tau**2) / b**2 - budget) <= 2e-15 * budget
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scalar_branches_match_the_array_routine(seed):
+    """The switch points' scalar branch values ``_branch_float`` against the array routine
+    ``_branch`` (:func:`best_move` on one atom) at ``k >= 1/4``: the same value (``nan``
+    where the tracked piece does not hold the maximiser) and cost, to rounding."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        b, kappa = rng.uniform(0.2, 4.0), rng.choice([0.1, 1.0, 3.0])
+        lam = rng.uniform(0.125, 4.0) * b**2  # k = 2 lam / b^2 in [1/4, 8]
+        m_i = rng.normal() * rng.choice([0.3, 3.0, 30.0])
+        for flip in (False, True):
+            for right in (False, True):
+                val, cost = w2._branch_float(m_i, b, lam, kappa, flip, right)
+                va, ca = w2._branch(np.array([m_i]), b, lam, kappa, np.array([flip]),
+                                    np.array([right]))
+                assert math.isnan(val) == math.isnan(va[0])
+                if not math.isnan(val):
+                    assert val == pytest.approx(va[0], rel=1e-14, abs=1e-15)
+                assert cost == pytest.approx(ca[0], rel=1e-13, abs=1e-16)
+
+
+def test_flip_choices_from_a_pool_match_the_full_scan():
+    """``_flip_choice`` with a ``_Pool`` (the candidates of a smaller ``lambda``, one scan for
+    an evaluation's choices) chooses the same flips as the scan of every atom, at ``lambda``
+    above the pool's, at its edge and below it (the pool is then taken again)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(11)
+    m = rng.normal(size=200000) * 4.0
+    b, kappa = 1.3, 1.0
+    pool = w2._Pool(m, b, kappa)
+    lam0 = 2.0
+    for lam in (lam0, lam0 * 1.05, lam0 * w2._POOL_LOW, lam0 * 0.95, lam0 * 0.5, lam0 * 0.6):
+        full = w2._flip_choice(m, b, lam, kappa)
+        assert full.any() and not full.all()
+        assert np.array_equal(w2._flip_choice(m, b, lam, kappa, pool), full)
+    assert pool.low == pytest.approx(lam0 * 0.5 * w2._POOL_LOW)
+
+
+def test_roots_along_k_to_second_order():
+    """``_roots_along_k`` moves the roots of ``k_0`` to ``k``: to first order below
+    ``_SECOND_ORDER``'s bound (bitwise ``tau + q dk``), else with ``tau'' dk^2 / 2`` from the
+    implicit function theorem, an error of third order: halving ``dk`` divides it by about 8
+    (a wrong ``tau''`` leaves a second-order error, divided by 4), and it stays within the
+    first-order bound ``dk^2 max |tau''| / 2`` the gate reads, far below the first order's own
+    error; on the benchmark's first switch (``dk = 2e-2`` at ``k = 3``) the start then took
+    one sweep at fixed ``k`` instead of two."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(11)
+    n, k0 = 20000, 3.0
+    mm = rng.normal(size=n) * 3.0
+    tau = w2.best_move(mm, k0, values=False).tau
+    s = k0 * tau
+    q = tau / (s - s * s - k0)  # dtau / dk = tau / psi'
+    near = k0 + 1e-4
+    assert np.array_equal(w2._roots_along_k(tau, q, k0, near), tau + q * (near - k0))
+    c = k0 - 0.25
+    big_q = 1.0 / (k0 * c)
+    curv = (2.0 * big_q + w2._PSI2_MAX * big_q**2) / c  # the bound on |tau''|
+    first, second = [], []
+    for dk in (2e-2, 1e-2):
+        fresh = w2.best_move(mm, k0 + dk, values=False).tau
+        moved = w2._roots_along_k(tau, q, k0, k0 + dk)
+        first.append(np.max(np.abs(tau + q * dk - fresh)))
+        second.append(np.max(np.abs(moved - fresh)))
+        assert first[-1] <= 0.5 * dk**2 * curv
+    assert second[0] <= 0.01 * first[0]
+    assert 6.0 <= second[0] / second[1] <= 10.0
+    assert 3.0 <= first[0] / first[1] <= 5.0

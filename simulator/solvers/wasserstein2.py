@@ -186,7 +186,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         e = np.exp(-z)
     e += 1.0
-    return np.reciprocal(e, out=e)
+    return np.divide(1.0, e, out=e)  # the same rounding as np.reciprocal, in half the time
 
 
 def _concave_roots(m: np.ndarray, k: float, tau0: np.ndarray) -> np.ndarray:
@@ -456,6 +456,55 @@ def _branch(m: np.ndarray, b: float, lam: float, kappa: float, flip: np.ndarray,
     return np.where(exists, val, np.nan), (tau / b) ** 2 + price
 
 
+def _sigmoid_float(z: float) -> float:
+    """``1 / (1 + exp(-z))`` of one float (no overflow of ``exp``)."""
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def _root_float(m: float, k: float) -> float:
+    """:func:`best_move`'s root of ``psi(tau) = sigmoid(tau - m) - k tau`` for one atom at ``k
+    >= 1/4`` (``psi`` decreases: one root, in ``[0, 1/k]``), in floats: :func:`_root`'s
+    bracketed Newton steps and stopping test from :func:`best_move`'s start (``1/k`` on
+    the right piece, else 0). The scalar roots of :func:`_switch_points` (several hundred
+    per solve) cost a few microseconds each instead of the array routines' overhead."""
+    lo, hi = 0.0, 1.0 / k
+    tau = hi if (m < 0 or 0.5 - k * m >= 0) else 0.0
+    for _ in range(_NEWTON_ITERS):
+        s = _sigmoid_float(tau - m)
+        psi = s - k * tau
+        if psi > 0:
+            lo = tau
+        else:
+            hi = tau
+        ds = s * (1.0 - s)
+        dpsi = ds - k
+        new = tau - psi / dpsi
+        step = abs(new - tau)
+        nxt_err = abs(ds * (1.0 - 2.0 * s)) * step**2 / (2.0 * abs(dpsi))
+        bad = not lo <= new <= hi
+        tau = 0.5 * (lo + hi) if bad else new
+        scale = _ROOT_TOL * max(1.0, abs(tau))
+        if not (bad or (step > scale and not nxt_err <= 0.1 * scale)):
+            break
+    return tau
+
+
+def _branch_float(m: float, b: float, lam: float, kappa: float, flip: bool,
+                  right: bool) -> tuple[float, float]:
+    """:func:`_branch` for one atom at ``k = 2 lambda / b^2 >= 1/4``, in floats."""
+    k = 2.0 * lam / b**2
+    mm = -m if flip else m
+    price = kappa if flip else 0.0
+    tau = _root_float(mm, k)
+    z = tau - mm
+    val = max(z, 0.0) + math.log1p(math.exp(-abs(z))) - 0.5 * k * tau**2 - lam * price
+    exists = (mm < 0 or 0.5 - k * mm >= 0) == right  # best_move's right piece
+    return (val if exists else math.nan), (tau / b) ** 2 + price
+
+
 def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
                    idx: np.ndarray, bracket: tuple | None = None, maybe_none: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -476,12 +525,18 @@ def _switch_points(m: np.ndarray, b: float, kappa: float, lo: Moves, hi: Moves,
     out, drop = np.empty(mi.size), np.zeros(mi.size)
 
     def diff_at(i, lam):  # V_A - V_B and cost_A - cost_B of key i at lam
-        va, ca = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in a_branch))
-        vb, cb = _branch(mi[i:i + 1], b, lam, kappa, *(x[i:i + 1] for x in b_branch))
-        diff = va[0] - vb[0]
+        if 2.0 * lam / b**2 >= 0.25:  # one maximiser per branch: in floats
+            va, ca = _branch_float(float(mi[i]), b, lam, kappa, *(bool(x[i]) for x in a_branch))
+            vb, cb = _branch_float(float(mi[i]), b, lam, kappa, *(bool(x[i]) for x in b_branch))
+        else:
+            va, ca = (float(x[0]) for x in _branch(mi[i:i + 1], b, lam, kappa,
+                                                   *(x[i:i + 1] for x in a_branch)))
+            vb, cb = (float(x[0]) for x in _branch(mi[i:i + 1], b, lam, kappa,
+                                                   *(x[i:i + 1] for x in b_branch)))
+        diff = va - vb
         if math.isnan(diff):  # a maximiser is absent: the other branch wins
-            diff = -math.inf if math.isnan(va[0]) else math.inf
-        return diff, float(ca[0] - cb[0])
+            diff = -math.inf if math.isnan(va) else math.inf
+        return diff, ca - cb
 
     for i in range(mi.size):  # a few distinct keys; one scalar root each
         left, right = bracket
@@ -655,26 +710,90 @@ _BLOCK = 1 << 13
 _FAST_ITERS = 12
 #: :func:`_fast_pair`'s first joint solves stop once their step (the largest change of a root,
 #: ``k`` about ``3``) is below this: the roots and ``k`` are then right to about its square
-#: (Newton's error ``|psi''| step^2 / (2 |psi'|)``, ``1e-11``), far inside the spacing of the
-#: atoms' switch points that the flips are chosen at (``1e-4`` relative at n = 1e6), and the
-#: one sweep more that the exact test takes (steps ``1e-3, 1e-6, 1e-12``, or ``1e-4, 1e-7,
-#: 1e-14``) is left to the solve at fixed ``k`` that follows at a switch, or done where the
-#: pattern chooses itself.
-_LOOSE_STEP = 1e-5
+#: (Newton's error ``|psi''| step^2 / (2 |psi'|)`` and the cross term ``|dk| step / |psi'|``:
+#: a few ``1e-6`` at most), inside the spacing of the atoms' switch points that the flips are
+#: chosen at (``1e-4`` relative at n = 1e6; a switch located wrongly is caught by the exact
+#: check at it, and a pattern that chooses itself is resumed to the exact test), and the
+#: sweeps more that the exact test takes are left to the solve at fixed ``k`` that follows at
+#: a switch (one sweep from ``7e-7``), or done where the pattern chooses itself. At ``1e-5``
+#: the benchmark at n = 1e6 (Gaussian, ``kappa = 1``) took a second joint sweep in two of its
+#: evaluations (steps ``1.4e-3, 1.3e-6`` and ``9.8e-5, 7.4e-8``) for the same fixed-``k``
+#: sweeps after them.
+_LOOSE_STEP = 2e-3
 #: ``max |sigmoid'' |`` ``= 1 / (6 sqrt 3)``: bounds ``|psi''|`` in Newton's error estimate.
 _PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
 #: :func:`_fast_pair` stops once Newton's error after the last step, about ``|psi''| step^2
-#: / (2 |psi'|)`` per atom, is below this (absolute; the roots are at most ``1 / k <= 4``):
-#: a few ulps of the roots, as :func:`_root`'s ``_ROOT_TOL``.
-_FAST_ERR = 1e-16
+#: / (2 |psi'|)`` per atom, is below this (absolute; the roots are at most ``1 / k <= 4``).
+#: A joint step adds the cross term ``|dk| step / |psi'|`` of the same order (measured: the
+#: roots within ``3e-14`` of :func:`best_move`'s at the ``k`` returned, ``k`` within
+#: ``1e-14``). The roots' other reader is the stationarity ``sigmoid = k tau`` of the
+#: derivative blocks, whose residual ``|psi'| err`` (``1e-13``) moves the gradient far below
+#: Newton's ``tol`` (``1e-10``); the budget is met to rounding by the roots returned
+#: (:func:`_joint_sweeps`' last step in ``k``) and the certificate recomputes the worst
+#: case's cost, loss and gradient itself. At ``1e-16`` (a few ulps), with the budget's
+#: quadratic term held to ``_BUDGET_TOL / 4`` instead of that last step, the step after
+#: ``3e-7`` to ``6e-7`` was one more sweep in each evaluation of the benchmark at n = 1e6
+#: (steps ``1e-3, 6e-7, 1e-13``: kappa = inf took 8 sweeps, now 4).
+_FAST_ERR = 1e-14
+
+
+def _newton_block(mm: np.ndarray, t: np.ndarray, k: float,
+                  out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Newton's step ``psi / psi'`` at the roots ``t`` of one block (written to ``out``) and
+    ``psi'``, for ``psi = sigmoid(t - mm) - k t`` (``psi' = sigmoid' - k``): the per-atom
+    arithmetic shared by :func:`_joint_sweeps` and :func:`_fixed_sweeps`, in place (four
+    block-sized temporaries)."""
+    e = np.subtract(mm, t)
+    np.exp(e, out=e)
+    e += 1.0
+    s = np.divide(1.0, e, out=e)  # sigmoid(t - mm)
+    dpsi = s * s
+    np.subtract(s, dpsi, out=dpsi)
+    dpsi -= k
+    psi = np.multiply(t, k)
+    np.subtract(s, psi, out=psi)
+    return np.divide(psi, dpsi, out=out), dpsi
+
+
+def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | None:
+    """:func:`_joint_sweeps` at fixed ``k``: every atom's root of ``psi_i = sigmoid(tau_i -
+    mm_i) - k tau_i`` (``k > 1/4``) by Newton's method from ``tau`` (overwritten: the
+    answer), with its stopping test (Newton's error ``|psi''| step^2 / (2 |psi'|)``
+    below ``_FAST_ERR`` on every atom) and the same failures (``None``: a ``psi'_i`` not
+    negative, a root outside ``[0, 1/k]``, ``_FAST_ITERS`` sweeps). Without the budget a
+    sweep needs neither ``dtau / dk`` nor the budget's sums: about half the per-atom work
+    of a joint sweep (the solve at a switch point, once or twice per evaluation)."""
+    n = mm.size
+    r = np.empty(n)  # psi / psi': the step is -r
+    for it in range(_FAST_ITERS):
+        top_r, near = 0.0, -math.inf  # max |step|, max psi' (< 0)
+        for lo in range(0, n, _BLOCK):
+            sl = slice(lo, lo + _BLOCK)
+            t = tau[sl]
+            if it:  # the previous sweep's step, in place
+                t -= r[sl]
+            rb, dpsi = _newton_block(mm[sl], t, k, r[sl])
+            near = max(near, float(dpsi.max()))
+            top_r = max(top_r, float(np.abs(rb).max()))
+        if not near < 0:
+            return None
+        if _PSI2_MAX * top_r**2 <= 2.0 * _FAST_ERR * -near:
+            break
+    else:
+        return None
+    low, high = math.inf, -math.inf
+    for lo in range(0, n, _BLOCK):  # the last step, and the range test in the same blocks
+        t = tau[lo:lo + _BLOCK]
+        t -= r[lo:lo + _BLOCK]
+        low, high = min(low, float(t.min())), max(high, float(t.max()))
+    return tau if low >= 0.0 and high <= 1.0 / k else None
 
 
 def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
-                  tau0: np.ndarray | None,
-                  fixed_k: bool = False, loose: bool = False
+                  tau0: np.ndarray | None, loose: bool = False
                   ) -> tuple[float, np.ndarray, float, np.ndarray, bool] | None:
-    """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and, unless
-    ``fixed_k``, the ``k`` at which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
+    """Every atom's root of ``psi_i = sigmoid(tau_i - mm_i) - k tau_i`` and the ``k`` at
+    which ``E tau^2 / b^2 = budget``, for ``k > 1/4``; ``(k, tau,
     dS/dk, dtau/dk, exact)`` (``dS/dk = 2 E tau dtau/dk / b^2``, the budget's slope; ``dtau_i
     / dk = tau_i / psi'_i``, of the last sweep: the first-order move of the roots with
     ``k``; ``exact``: the stopping test below was met) or ``None``. With ``loose`` it also
@@ -691,16 +810,17 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     every ``psi_i`` decreases on the real line, so a converged root is the atom's unique
     stationary point, in ``[0, 1/k]``, and the global maximiser of its concave ``f``: exact,
     as :func:`best_move`'s. It stops once Newton's error after the step just taken, about
-    ``|psi''| step^2 / (2 |psi'|)``, is below ``_FAST_ERR`` on every atom and the budget's
-    dropped quadratic term ``E dtau^2 / b^2`` below a quarter of ``_BUDGET_TOL`` (relative;
-    the step keeps ``psi_i`` and the budget linearised together, so both residuals are then
-    of that order; at fixed ``k`` Newton's error alone, which bounds that of ``E tau^2``);
-    ``None`` (the caller runs
+    ``|psi''| step^2 / (2 |psi'|)`` (and the joint step's cross term ``|dk| step /
+    |psi'|``), is below ``_FAST_ERR`` on every atom (at fixed ``k``, :func:`_fixed_sweeps`,
+    without the cross term); the budget's residual after that step (the quadratic term ``E
+    dtau^2 / b^2`` that the linearisation drops) is then removed by a last step in ``k``
+    alone, the roots moved with it along ``dtau / dk`` (first order in a step of about
+    ``E dtau^2 / S``, ``1e-12`` relative: the roots' change is of its square). ``None``
+    (the caller runs
     :func:`solve_lambda`) where ``k`` leaves ``(1/4, inf)``, a ``psi'_i`` is not negative,
     a root leaves ``[0, 1/k]`` or after ``_FAST_ITERS`` sweeps.
     """
     n, c = mm.size, 2.0 / b**2
-    total = float(w.sum())
     tau = np.zeros(n) if tau0 is None else tau0  # the callers' own array: worked in place
     q, r = np.empty(n), np.empty(n)  # tau / psi' and psi / psi': the step is q dk - r
     dk = None  # the step of the previous sweep (None: none yet)
@@ -717,16 +837,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
             if dk is not None:  # the previous sweep's step, in place
                 t += q[sl] * dk
                 t -= r[sl]
-            e = np.subtract(mm[sl], t)
-            np.exp(e, out=e)
-            e += 1.0
-            s = np.reciprocal(e, out=e)  # sigmoid(tau - mm)
-            dpsi = s * s
-            np.subtract(s, dpsi, out=dpsi)
-            dpsi -= k  # psi' = sigmoid' - k
-            psi = np.multiply(t, k)
-            np.subtract(s, psi, out=psi)
-            rb = np.divide(psi, dpsi, out=r[sl])
+            rb, dpsi = _newton_block(mm[sl], t, k, r[sl])
             qb = np.divide(t, dpsi, out=q[sl])
             wt = w[sl] * t
             s1 += float(wt @ rb)  # E tau psi / psi'
@@ -738,23 +849,37 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         if not near < 0:
             return None
         # dk from c E tau dtau = budget - E tau^2 / b^2, dtau = q dk - r
-        dk = 0.0 if fixed_k or s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
+        dk = 0.0 if s3 == 0 else (c * s1 + budget - s2 / b**2) / (c * s3)
         step = abs(dk) * top_q + top_r
         k += dk
-        # Newton's error on every root, and (unless k is fixed: no budget is solved) the
-        # budget's own quadratic term E dtau^2 / b^2 (the linearisation drops it) within a
-        # quarter of its tolerance
-        exact = (_PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near
-                 and (fixed_k or step**2 * total <= 0.25 * _BUDGET_TOL * s2))
+        exact = _PSI2_MAX * step**2 <= 2.0 * _FAST_ERR * -near  # Newton's error on every root
         if exact or (loose and step <= _LOOSE_STEP):
             break
     else:
         return None
     if not (math.isfinite(k) and k > 0.25):
         return None
-    tau += q * dk
-    tau -= r
-    if not (tau.min() >= 0.0 and tau.max() <= 1.0 / k):
+    s2 = 0.0
+    for lo in range(0, n, _BLOCK):  # the last step, and E tau^2 of the roots it gives
+        sl = slice(lo, lo + _BLOCK)
+        t = tau[sl]
+        t += q[sl] * dk
+        t -= r[sl]
+        s2 += float(w[sl] @ (t * t))
+    dk = 0.0
+    if exact and s3 != 0:  # the budget's residual removed by k alone (dS/dk = c s3)
+        dk = (budget - s2 / b**2) / (c * s3)
+        k += dk
+        if not (math.isfinite(k) and k > 0.25):
+            return None
+    low, high = math.inf, -math.inf
+    for lo in range(0, n, _BLOCK):  # the roots moved with k, and the range test, in blocks
+        sl = slice(lo, lo + _BLOCK)
+        t = tau[sl]
+        if dk:
+            t += q[sl] * dk
+        low, high = min(low, float(t.min())), max(high, float(t.max()))
+    if not (low >= 0.0 and high <= 1.0 / k):
         return None
     return k, tau, c * s3, q, exact
 
@@ -831,13 +956,15 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
         step += dmm
         step /= sp
         step += t
+        np.clip(step, 0.0, 1.0 / k, out=step)  # in the block, in cache
     flips = np.flatnonzero(mv.flip)
     if flips.size:  # the flipped atoms' signed margins move by -dm: redone on their own
         t = mv.tau[flips]
         s = k0 * t
         sp = s - s * s
-        out[flips] = t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0)
-    return np.clip(out, 0.0, 1.0 / k, out=out)
+        out[flips] = np.clip(t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0), 0.0,
+                             1.0 / k)
+    return out
 
 
 #: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
@@ -947,13 +1074,45 @@ def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> M
                  mv.m, mv.b, mv.kappa)
 
 
-def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float) -> np.ndarray:
+#: :class:`_Pool` takes its candidates at this fraction of the first ``lambda`` it is asked
+#: about: the ``lambda`` of one evaluation's flip choices stay within a few per cent of its
+#: first guess (the benchmark's first evaluation moved ``lambda*`` by 2% from the subsample's).
+_POOL_LOW = 0.9
+
+
+class _Pool:
+    """The atoms that can flip at any ``lambda >= low`` (the candidates' threshold ``lambda
+    kappa - b^2 / (4 lambda)`` increases with ``lambda``, so they hold those of every larger
+    ``lambda``): one scan of the margins for the several flip choices of an evaluation (each
+    a scan of every atom before, about 1.3 ms at n = 1e6), taken again lower where a
+    ``lambda`` falls below ``low``."""
+
+    def __init__(self, m: np.ndarray, b: float, kappa: float) -> None:
+        self.m, self.b, self.kappa = m, b, kappa
+        self.low, self.atoms = math.inf, None
+
+    def cover(self, lam: float) -> np.ndarray:
+        """The candidates of ``_POOL_LOW lam`` (or of the lower ``lambda`` taken already;
+        ``lam`` must exceed it by ``1e-9``, relative, far beyond the thresholds' rounding)."""
+        if not lam > self.low * (1.0 + 1e-9):
+            self.low = _POOL_LOW * lam
+            self.atoms = np.flatnonzero(
+                self.m > self.low * self.kappa - self.b**2 / (4.0 * self.low))
+        return self.atoms
+
+
+def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float,
+                 pool: _Pool | None = None) -> np.ndarray:
     """Where flipping the label wins at ``lambda`` (``k >= 1/4``; :func:`_moves`'s rule on
-    its candidates ``m > lambda kappa - b^2 / (4 lambda)``, the only atoms it can win on)."""
+    its candidates ``m > lambda kappa - b^2 / (4 lambda)``, the only atoms it can win on);
+    ``pool``: the candidates of a smaller ``lambda`` (:class:`_Pool`), searched instead of
+    every atom where it covers ``lam``."""
     k = 2.0 * lam / b**2
     flip = np.zeros(m.shape, dtype=bool)
     if math.isfinite(kappa):
-        cand = np.flatnonzero(m > lam * kappa - b**2 / (4.0 * lam))
+        thr = lam * kappa - b**2 / (4.0 * lam)
+        among = pool.cover(lam) if pool is not None else None
+        cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
         if cand.size:
             mc = m[cand]
             flip[cand] = best_move(-mc, k).value - lam * kappa > best_move(mc, k).value
@@ -992,7 +1151,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     k = 2.0 * lam / b**2
     if not k > 0.25:
         return None
-    flip, chosen = _flip_choice(m, b, lam, kappa), lam  # the pattern and where it was chosen
+    pool = _Pool(m, b, kappa)  # one scan of the margins for the evaluation's flip choices
+    flip, chosen = _flip_choice(m, b, lam, kappa, pool), lam  # the pattern, where chosen
     tau, last = (None, None) if start is None else (_predicted_roots(start, m, k), start.flip)
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
 
@@ -1017,13 +1177,13 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             return None
         k, tau, slope, dtau, exact = out
         last, lam = flip, 0.5 * k * b**2
-        new = _flip_choice(m, b, lam, kappa)
+        new = _flip_choice(m, b, lam, kappa, pool)
         gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
         if not (gained or lost):  # the answer: its roots and k resolved to the exact test
             if not exact:  # k moved (by about 1e-11): the pattern chosen again there
                 out = _joint_sweeps(mm, w, b, r2 - price, k, tau)
                 if out is None or not np.array_equal(
-                        _flip_choice(m, b, 0.5 * out[0] * b**2, kappa), flip):
+                        _flip_choice(m, b, 0.5 * out[0] * b**2, kappa, pool), flip):
                     return None
                 k, tau = out[:2]
             if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
@@ -1035,7 +1195,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         bound(lam, new, gained)  # the pattern chosen at lambda_P adds or removes flips
         if lam != chosen:  # E cost at ``chosen`` (its own pattern) is above rho^2 iff
             bound(chosen, flip, lam > chosen)  # that pattern's root lies beyond it
-        ends = _model_ends(m, w, b, kappa, lam, slope * 2.0 / b**2, flip, lo, hi)
+        ends = _model_ends(m, w, b, kappa, lam, slope * 2.0 / b**2, flip, lo, hi, pool)
         if ends is not None:  # the pattern (or the switch) the model predicts at lambda*
             (a, p_a), (c, p_c) = ends
             idx = np.flatnonzero(p_a & ~p_c)
@@ -1061,7 +1221,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             continue
         if np.unique(m[idx]).size > 1:
             chosen = math.sqrt(lo[0] * hi[0])
-            flip = _flip_choice(m, b, chosen, kappa)
+            flip = _flip_choice(m, b, chosen, kappa, pool)
             continue
         out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last))
         if isinstance(out, Bracket):
@@ -1080,7 +1240,7 @@ _MODEL_WINDOW = 0.05
 _MODEL_ITERS = 60
 
 
-def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi):
+def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = None):
     """Where a model of ``E cost - rho^2`` crosses 0: ``((a, P_a), (c, P_c))`` with the model
     ``> 0`` at ``a`` and ``<= 0`` at ``c``, ``P`` the patterns chosen there, narrowed until
     they differ on atoms of one margin at most; or ``None``.
@@ -1090,31 +1250,40 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi):
     the cost change of every candidate atom whose choice at ``lambda`` differs from
     ``flip`` (the roots of both branches on the candidates alone: ``O(|candidates|)`` per
     point). Its prediction is checked by the next joint solve (or :func:`_switch_bracket`).
+    The bisection works on the candidates' choices alone (outside them every pattern is
+    ``flip``; the two patterns of n flags are built once, at the answer: the flags' copy
+    and comparison over every atom at each point took about 4 ms of the 5 a call took at
+    n = 1e6); ``pool``: the evaluation's :class:`_Pool`, searched for the candidates.
     """
     a = lam * math.exp(-_MODEL_WINDOW) if lo is None else lo[0]
     c = lam * math.exp(_MODEL_WINDOW) if hi is None else hi[0]
     if not (0 < a < c and slope < 0):
         return None
-    cand = np.flatnonzero(m > a * kappa - b**2 / (4.0 * a))  # a superset on [a, c]
+    thr = a * kappa - b**2 / (4.0 * a)  # the candidates of a: a superset on [a, c]
+    among = pool.cover(a) if pool is not None else None
+    cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
     mc, wc, fc = m[cand], w[cand], flip[cand]
 
-    def model(x):
+    def model(x):  # the model at x and the candidates' choices there
         k = 2.0 * x / b**2
         keep, flipped = best_move(mc, k), best_move(-mc, k)
         chose = flipped.value - x * kappa > keep.value
         change = flipped.tau**2 / b**2 + kappa - keep.tau**2 / b**2  # flipped less kept
         jumps = float(wc @ np.where(chose == fc, 0.0, np.where(chose, change, -change)))
-        pattern = flip.copy()
-        pattern[cand] = chose
-        return slope * (x - lam) + jumps, pattern
+        return slope * (x - lam) + jumps, chose
+
+    def pattern(chose):  # the pattern of every atom
+        out = flip.copy()
+        out[cand] = chose
+        return out
 
     (g_a, p_a), (g_c, p_c) = model(a), model(c)
     if not g_a > 0 >= g_c:
         return None
     for _ in range(_MODEL_ITERS):
         idx = np.flatnonzero(p_a != p_c)
-        if idx.size == 0 or np.unique(m[idx]).size == 1:
-            return (a, p_a), (c, p_c)
+        if idx.size == 0 or np.unique(mc[idx]).size == 1:
+            return (a, pattern(p_a)), (c, pattern(p_c))
         mid = math.sqrt(a * c)
         if not a < mid < c:
             return None
@@ -1133,14 +1302,15 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     ``(pattern, lambda)``, or ``None``. ``joint``: ``(k, tau, dtau/dk, pattern)`` of the
     last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
     k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
-    the warm start of the roots at ``s``."""
+    the warm start of the roots at ``s``; to second order (:func:`_roots_along_k`) where
+    the first order's error may take a second sweep there."""
     s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
     k_joint, tau, dtau, last = joint
-    tau = tau + dtau * (k - k_joint)
+    tau = _roots_along_k(tau, dtau, k_joint, k)
     out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
                            _branch_roots(m, flip, tau, last, k, fresh=True))
     if out is None:
@@ -1148,6 +1318,56 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     if isinstance(out, Bracket):
         return out
     return lo[::-1] if out < 0 else hi[::-1]
+
+
+#: :func:`_roots_along_k` adds the second-order term where the first order's error bound
+#: ``dk^2 max |tau''| / 2`` exceeds this: a start within it takes one sweep of Newton at fixed
+#: ``k`` (:func:`_fixed_sweeps`' test passes after a step up to ``sqrt(2 _FAST_ERR |psi'| /
+#: _PSI2_MAX)``, about ``7e-7`` at ``k = 3``), with room for the joint solve's own error (a few
+#: ``1e-7``: it stops at a step of ``_LOOSE_STEP``). Measured at n = 1e6 (Gaussian, ``kappa =
+#: 1``): the first evaluation's move ``dk = 2e-2`` left ``1.4e-5`` to first order (two sweeps),
+#: ``9e-8`` to second (one); the later ones' ``dk`` of ``1e-3`` and ``6e-4`` left ``7e-7``
+#: (the joint solve's) and ``2e-9`` to first order.
+_SECOND_ORDER = 1e-7
+
+
+def _roots_along_k(tau: np.ndarray, q: np.ndarray, k0: float, k: float) -> np.ndarray:
+    """The roots ``tau`` of ``psi = sigmoid(tau - mm) - k_0 tau`` (``k_0 > 1/4``) moved to ``k``:
+    ``tau + tau' dk`` (``tau' = q = tau / psi'``, :func:`_joint_sweeps`' ``dtau / dk``), plus
+    ``tau'' dk^2 / 2`` where its bound says it matters (``_SECOND_ORDER``), a new array.
+
+    Differentiating ``psi(tau(k), k) = 0`` twice: ``tau'' = (2 tau' - sigma'' tau'^2) / psi'``
+    with ``sigma = k_0 tau`` (the stationarity), ``sigma' = sigma - sigma^2``, ``sigma'' =
+    sigma' (1 - 2 sigma)``, ``psi' = sigma' - k_0``. Bound: ``tau <= 1 / k_0``, ``|psi'| >= k_0 -
+    1/4``, so ``|tau'| <= Q = 1 / (k_0 (k_0 - 1/4))`` and ``|tau''| <= (2 Q + _PSI2_MAX Q^2) /
+    (k_0 - 1/4)``. In blocks of ``_BLOCK`` atoms."""
+    dk = k - k0
+    c = k0 - 0.25
+    big_q = 1.0 / (k0 * c)
+    if not 0.5 * dk * dk * (2.0 * big_q + _PSI2_MAX * big_q**2) / c > _SECOND_ORDER:
+        return tau + q * dk
+    half = 0.5 * dk * dk
+    out = np.empty_like(tau)
+    for lo in range(0, tau.size, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        t, qb = tau[sl], q[sl]
+        sg = np.multiply(t, k0)
+        sp = sg * sg
+        np.subtract(sg, sp, out=sp)  # sigma'
+        sg *= -2.0
+        sg += 1.0
+        sg *= sp  # sigma''
+        sp -= k0  # psi'
+        sg *= qb
+        sg *= qb
+        np.subtract(qb, sg, out=sg)
+        sg += qb  # 2 tau' - sigma'' tau'^2
+        sg /= sp
+        sg *= half
+        o = np.multiply(qb, dk, out=out[sl])
+        o += t
+        o += sg
+    return out
 
 
 def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
@@ -1175,10 +1395,10 @@ def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
     (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
     the solve fails."""
     mm = _signed(m, flip)
-    out = _joint_sweeps(mm, w, b, 0.0, k, tau0, fixed_k=True)
-    if out is None:
+    tau = _fixed_sweeps(mm, k, tau0)
+    if tau is None:
         return None
-    after = _fast_moves(m, flip, out[1], k, b, kappa, mm)
+    after = _fast_moves(m, flip, tau, k, b, kappa, mm)
     pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
     g_after = float(w @ after.cost) - r2
     g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost[idx]))
@@ -1225,8 +1445,9 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
     k = 2.0 * s / b**2
     if not k > 0.25:  # also nan: no switch in the window
         return None
-    flip = _flip_choice(m, b, s * (1.0 + _SWITCH_EPS), kappa)
-    lower = _flip_choice(m, b, s * (1.0 - _SWITCH_EPS), kappa)
+    pool = _Pool(m, b, kappa)
+    lower = _flip_choice(m, b, s * (1.0 - _SWITCH_EPS), kappa, pool)
+    flip = _flip_choice(m, b, s * (1.0 + _SWITCH_EPS), kappa, pool)
     if not np.array_equal(np.flatnonzero(lower != flip), idx) or flip[idx].any():
         return None
     tau = _branch_roots(m, flip, _predicted_roots(old.hi, m, k), old.hi.flip, k, fresh=True)
@@ -1394,7 +1615,10 @@ class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
     delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
-    worst case, ``mixture``, its per-atom moves (for :func:`certify`); ``value``, ``grad``
+    worst case, ``mixture``, its per-atom moves in pieces (:class:`Mixture` s, for
+    :func:`certify`: the nominal atoms' moves, and the split atoms' other moves at a tie;
+    their concatenation, an ``O(n)`` copy, is left to a reader of the worst case); ``value``,
+    ``grad``
     and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at ``at`` (an evaluation there again
     without the Hessian, the worst case's, reuses them)."""
 
@@ -1403,7 +1627,7 @@ class W2State:
     at: np.ndarray | None = None
     pair: Bracket | None = None
     slope: np.ndarray | None = None
-    mixture: Mixture | None = None
+    mixture: tuple[Mixture, ...] | None = None
     value: float | None = None
     grad: np.ndarray | None = None
     primal: float | None = None
@@ -1464,50 +1688,62 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     u = delta / dn
     n = q.size
     prod = np.zeros((3, delta.size))
-    g_tsg = g_tt = hdl_t = h_ll = v_bb = total = 0.0
+    g_tt = hdl_t = h_ll = v_bb = total = 0.0
     c_mm = np.empty(n) if hessian else None
+    inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
-    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
+    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache; each
+    # operation in place where it can be (about 30 per atom, and softplus for the value)
     for lo in range(0, n, _BLOCK):
         sl = slice(lo, lo + _BLOCK)
-        qb, fb = q[sl], flip[sl]
-        t = tau[sl] / b
+        qb, fb, tb = q[sl], flip[sl], tau[sl]
+        t = np.multiply(tb, inv_b)
         if value:
-            z = tau[sl] - m[sl] if not fb.any() else tau[sl] - np.where(fb, -m[sl], m[sl])
+            z = tb - m[sl] if not fb.any() else tb - np.where(fb, -m[sl], m[sl])
             total += float(qb @ softplus(z))  # less lambda E t^2 (g_tt), after the loop
-        # at a stationary point sigmoid(tau - s m) = k tau = 2 lambda t / b (to the roots'
-        # accuracy)
-        sg = (2.0 * lam / b) * t
-        sp = sg - sg * sg  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
+        # at a stationary point sigmoid(tau - s m) = k tau (to the roots' accuracy)
+        sg = np.multiply(tb, k)
+        sp = sg * sg
+        np.subtract(sg, sp, out=sp)  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
         np.maximum(sp, 0.0, out=sp)
         # D = 2 lambda - b^2 sigmoid', qd = q / D; f_tm = -b sp, f_tb = sg + tau sp
         # (f_tl = -2 t)
-        qd = qb / np.maximum(2.0 * lam - b * b * sp, _TINY)
-        f_tb = sg + tau[sl] * sp
+        qd = np.multiply(sp, -b2)
+        qd += 2.0 * lam
+        np.maximum(qd, _TINY, out=qd)
+        np.divide(qb, qd, out=qd)
+        qs, a_s = qb * sp, qd * sp
+        f_tb = tb * sp
+        f_tb += sg
         rows = np.empty((3, qb.size))
-        np.multiply(qb, sg, out=rows[0])                                # gradient
-        rows[1] = sp * (-b * f_tb * qd - qb * t)                        # q v_mb
-        rows[2] = (2.0 * b) * qd * sp * t                               # h_dl: -2 f_tm t qd
-        g_tsg += float(rows[0] @ t)
+        np.multiply(qb, sg, out=rows[0])         # gradient
+        np.multiply(a_s, f_tb, out=rows[1])      # -q v_mb = b qd sp f_tb + q sp t
+        rows[1] *= b
+        rows[1] += np.multiply(qs, t, out=sg)    # (sg is not read again)
+        np.multiply(a_s, t, out=rows[2])         # h_dl / (2 b) = -f_tm t qd / (2 b)
         if fb.any():
             rows[:, fb] *= -1.0
         prod += _rows_at(rows, a, sl)
         tt = t * t
         g_tt += float(qb @ tt)
-        hdl_t += float((qd * f_tb) @ t)
-        h_ll += 4.0 * float(qd @ tt)
+        h_ll += float(qd @ tt)
+        np.multiply(qd, f_tb, out=qd)  # qd f_tb (qd is not read again)
+        hdl_t += float(qd @ t)
         if hessian:
-            v_bb += float(qb @ (tt * sp)) + float(qd @ (f_tb * f_tb))
+            v_bb += float(qs @ tt) + float(qd @ f_tb)
             # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
-            c_mm[sl] = qb * sp + (b * b) * sp * sp * qd
+            c = np.multiply(a_s, sp, out=c_mm[sl])
+            c *= b2
+            c += qs
     bu = beta * u
     total = total - lam * g_tt if value else None
-    g_d = -prod[0] + g_tsg * bu
-    h_dl = prod[2] - 2.0 * hdl_t * bu
-    blk = W2Blocks(g_d, -g_tt, None, h_dl, h_ll)
+    g_d = -prod[0] + (2.0 * lam * inv_b) * g_tt * bu  # sum q sg t = (2 lambda / b) E t^2
+    h_dl = (2.0 * b) * prod[2] - 2.0 * hdl_t * bu  # (the rows' signs and scales restored)
+    blk = W2Blocks(g_d, -g_tt, None, h_dl, 4.0 * h_ll)
     if not hessian:
         return blk, None, total
-    p = prod[1]
+    g_tsg = (2.0 * lam * inv_b) * g_tt
+    p = -prod[1]
 
     def h_dd() -> np.ndarray:
         # weighted_hess reads only the atoms' ``a``
@@ -1609,6 +1845,13 @@ def _moved_features(at: Atoms, mix: Mixture, b: float, u: np.ndarray) -> np.ndar
     return _moved(at, mix, b, u)[0]
 
 
+def _joined(pieces: tuple[Mixture, ...]) -> Mixture:
+    """The :class:`Mixture` of the atoms of every piece, in order (the piece itself if one)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return Mixture(*(np.concatenate(col) for col in zip(*pieces, strict=True)))
+
+
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     n = w.size
@@ -1700,17 +1943,19 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
              else (lambda: _schur(blk, h_dd())))
     wc = None
     if worst:
-        keep = np.flatnonzero(q_hi > 0)
-        pieces = [Mixture(q_hi, keep, hi.tau, hi.flip) if keep.size == n
-                  else Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep])]
+        if float(q_hi.min()) > 0:  # every atom carries mass (no n-vector of indices to find)
+            pieces = (Mixture(q_hi, np.arange(n), hi.tau, hi.flip),)
+        else:
+            keep = np.flatnonzero(q_hi > 0)
+            pieces = (Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep]),)
         if tied:
-            pieces.append(Mixture(q_lo, sp, lo_tau, lo_flip))
-        mix = pieces[0] if len(pieces) == 1 else Mixture(
-            *(np.concatenate(col) for col in zip(*pieces, strict=True)))
-        # the n x d moved features only when read (the certificate works on mix)
-        wc = WorstCase(mix.q, functools.partial(_moved_features, at, mix, b, u),
-                       _moved_labels(at, mix), mix.src, cost, rho**2)
-        new_state = dataclasses.replace(new_state, mixture=mix)
+            pieces += (Mixture(q_lo, sp, lo_tau, lo_flip),)
+        # the worst case's arrays only when read (the certificate works on the pieces): the
+        # concatenation, the labels and the n x d moved features
+        mix = functools.cache(functools.partial(_joined, pieces))
+        wc = WorstCase(lambda: mix().q, lambda: _moved_features(at, mix(), b, u),
+                       lambda: _moved_labels(at, mix()), lambda: mix().src, cost, rho**2)
+        new_state = dataclasses.replace(new_state, mixture=pieces)
     # chord=False: a fresh Hessian (about one pass at n = 1e6, d = 8) beside an evaluation
     # (eight to fifteen): the chord step's linear rate cost the benchmark's finite-kappa solve
     # a fifth full-data evaluation (gradients 4e-5, 1.3e-7, 4e-9, 5e-17 against 4e-5, 1.3e-7,
@@ -1841,11 +2086,11 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
     """
     if not np.any(delta):
         return 0.0 if flip_shares(at, amb) is not None else math.inf
-    mix = res.state.mixture if isinstance(res.state, W2State) else None
-    if mix is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
+    pieces = res.state.mixture if isinstance(res.state, W2State) else None
+    if pieces is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
         n = at.w.size
-        mix = Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool))
-    gap = _weak_duality_gap(at, amb, delta, res.value, mix)
+        pieces = (Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool)),)
+    gap = _weak_duality_gap(at, amb, delta, res.value, pieces)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
         gap = min(gap, kink_certificate(at, amb, delta, res.value, res.dual)[0])
     return gap
@@ -1915,7 +2160,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
                       np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
                       np.concatenate([flip0, flip1[both]]))
-        gap = _weak_duality_gap(at, amb, delta, value, mix)
+        gap = _weak_duality_gap(at, amb, delta, value, (mix,))
         if gap < best[0]:
             best = (gap, mix)
         if gap <= _KINK_CERTIFY:
@@ -1923,9 +2168,10 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
     return best
 
 
-def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
+def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...]) -> float:
     """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
-    of :class:`Mixture` ``mix``: where its transport cost exceeds ``rho^2`` (by rounding),
+    of the :class:`Mixture` s ``pieces`` (together): where its transport cost exceeds
+    ``rho^2`` (by rounding),
     first every move is shortened by the factor that spends the budget (less a few ulps),
     else (the flips alone exceed it) ``Q`` is mixed with ``P``, so that it lies in the ball.
 
@@ -1937,25 +2183,26 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, mix: Mixture) -> float:
     u = delta / float(np.linalg.norm(delta))
     scale = 1.0 / (at.beta * float(np.linalg.norm(delta)))
 
-    def moves_cost(tau):  # sum q t^2 ||u||^2, t = tau / b
-        t = tau * scale
-        return float(mix.q @ (t * t)) * float(u @ u)
+    def moves_cost(pieces):  # sum q t^2 ||u||^2, t = tau / b
+        return sum(float((mix.q * mix.tau) @ mix.tau) for mix in pieces) * scale**2 * float(u @ u)
 
-    moving = moves_cost(mix.tau)
-    flips = amb.kappa * float(mix.q[mix.flip].sum()) if mix.flip.any() else 0.0
+    moving = moves_cost(pieces)
+    flipped = [float(mix.q[mix.flip].sum()) for mix in pieces if mix.flip.any()]
+    flips = amb.kappa * sum(flipped) if flipped else 0.0  # no inf * 0 where kappa = inf
     budget = amb.rho**2
     if moving + flips > budget and budget > flips and moving > 0:
         # rounding: every move shortened by sqrt(c) (the same directions, cost c moving)
-        shrunk = mix.tau * math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
-        if moves_cost(shrunk) + flips <= budget:
-            mix, moving = mix._replace(tau=shrunk), moves_cost(shrunk)
+        c = math.sqrt((budget - flips) / moving * (1.0 - _MIX_ROUND))
+        shrunk = tuple(mix._replace(tau=mix.tau * c) for mix in pieces)
+        if (less := moves_cost(shrunk)) + flips <= budget:
+            pieces, moving = shrunk, less
     cost = moving + flips
-    parts = [(mix, 1.0)]
+    parts = [(mix, 1.0) for mix in pieces]
     if cost > budget:  # Q's share of the mixture with P, P's atoms unmoved
         share = budget / cost * (1.0 - _MIX_ROUND)
         n = at.w.size
-        parts = [(mix, share), (Mixture(at.w, np.arange(n), np.zeros(n),
-                                        np.zeros(n, dtype=bool)), 1.0 - share)]
+        parts = [(mix, share) for mix in pieces] + [
+            (Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool)), 1.0 - share)]
     return _moved_logistic_gap(at, delta, u, value, parts) / max(1.0, abs(value))
 
 
@@ -1971,11 +2218,12 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     :func:`~.core.logistic_gap`, the Hessian of every ``N / _CERT_ATOMS``-th atom of each part
     first (``N`` atoms in all)."""
     n, beta, d = at.w.size, at.beta, delta.size
-    dn = float(np.linalg.norm(delta))
+    inv_b = 1.0 / (beta * float(np.linalg.norm(delta)))
     total = sum(mix.q.size for mix, _ in parts)
     step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
     value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
-    grad_c, curv_c, p_c = np.zeros(n), np.zeros(n), np.zeros(n)  # per source atom
+    curv_c = np.zeros(n)  # per source atom
+    both = np.zeros((2, d))  # sum c_k s_k a_src and p, from each block's rows in cache
     subs = []
     # a_src = factor_src x_src: the rows of x and the sign times the factor (no n x d
     # copy of a unless it is built already)
@@ -1983,24 +2231,32 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     for mix, share in parts:
         for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
             blk = slice(lo, lo + _BLOCK)
-            q, src, flip = mix.q[blk] * share, mix.src[blk], mix.flip[blk]
-            sgn = np.where(flip, -1.0, 1.0)
-            t = mix.tau[blk] / (beta * dn)
+            q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
+            src, flip = mix.src[blk], mix.flip[blk]
+            t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
             first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             # the block's source atoms (no n-vector of margins): a view where they are a
             # range in order (the unsplit atoms), else a gather
             run = top - first == src.size and bool(np.all(np.diff(src) == 1))
             x_src = rows_of[first:top] if run else rows_of[src]
-            sf = sgn if factor is None else sgn * (factor[first:top] if run else factor[src])
-            mq = sf * (x_src @ delta) - beta * float(u @ delta) * t
-            value += float(q @ softplus(-mq))
-            sg = _sigmoid(-mq)
+            # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
+            sf = (np.ones(q.size) if factor is None
+                  else factor[first:top] if run else factor[src])
+            if flip.any():
+                sf = np.where(flip, -sf, sf)
+            neg = np.multiply(t, beta * float(u @ delta))  # -m' = beta t (u . delta) - s a.delta
+            neg -= np.multiply(x_src @ delta, sf)
+            value += float(q @ softplus(neg))
+            sg = _sigmoid(neg)
             c = q * sg
             g_u += float(c @ t)
             curv = c * (1.0 - sg)
             tt += float(curv @ t**2)
-            for acc, val in ((grad_c, c * sgn), (curv_c, curv), (p_c, curv * t * sgn)):
-                acc[first:top] += val if run else np.bincount(src - first, val,
+            coef = np.empty((2, q.size))
+            np.multiply(c, sf, out=coef[0])
+            np.multiply(curv * t, sf, out=coef[1])
+            both += coef @ x_src  # the rows just read for the margins: a product in cache
+            curv_c[first:top] += curv if run else np.bincount(src - first, curv,
                                                               minlength=top - first)
             radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
             if step:
@@ -2008,12 +2264,8 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
                 rows = (sf[sub, None] * x_src[sub]
                         - (beta * t[sub])[:, None] * u[None, :])
                 subs.append(rows * np.sqrt(curv[sub])[:, None])
-    # grad_c @ a and p_c @ a in one pass over the atoms (p is read only where the subset's
-    # bound is too loose, but costs nothing more in the same pass)
-    both = np.zeros((2, d))
-    for lo in range(0, n, _BLOCK):
-        sl = slice(lo, lo + _BLOCK)
-        both += _rows_at(np.stack([grad_c[sl], p_c[sl]]), at, sl)
+    # (p is read only where the subset's bound is too loose, but costs little more in the
+    # same products)
     grad = -both[0] + beta * g_u * u
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
