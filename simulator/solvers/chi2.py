@@ -30,7 +30,6 @@ from .core import (
     concave_max,
     logistic_gap,
     min_norm_mean,
-    reweighting_evaluate,
     top_atoms,
     weighted_hess,
 )
@@ -352,7 +351,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="chi2dpo", evaluate=reweighting_evaluate(_reweight), reweight=_reweight,
+    name="chi2dpo", reweight=_reweight,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

@@ -1388,7 +1388,8 @@ class SetMethods:
         The set's method name (``AmbiguitySet.name``): the registry key.
     evaluate : callable
         ``(at, delta, m, l, ambiguity, hess, worst, state) -> InnerResult``: ``F(delta)``
-        with ``m = A delta`` and ``l = softplus(-m)`` precomputed.
+        with ``m = A delta`` and ``l = softplus(-m)`` precomputed; derived from
+        ``reweight`` (:func:`reweighting_evaluate`) where that is given instead.
     zero_test : callable or None
         ``(at, ambiguity) -> float | None``: ``None`` unless ``0`` is (provably) in the
         subdifferential of ``F`` at ``delta = 0``, else the certified relative optimality
@@ -1428,13 +1429,13 @@ class SetMethods:
     reweight : callable or None
         ``(at, m, l, ambiguity, state) -> Reweighting``: for a set whose ``F`` and worst
         case are functions of the margins alone (the reweighting sets; ``evaluate`` is then
-        :func:`reweighting_evaluate` of it), so that :func:`quasi_newton` searches its lines
-        in margin space (``O(n)`` per trial point, no product with the atoms).
+        :func:`reweighting_evaluate` of it, built here), so that :func:`quasi_newton`
+        searches its lines in margin space (``O(n)`` per trial point, no product with the atoms).
     """
 
     name: str
-    evaluate: Callable
     coercive: Callable
+    evaluate: Callable | None = None
     zero_test: Callable | None = None
     minimise: Callable | None = None
     stall_fallback: Callable | None = None
@@ -1444,3 +1445,10 @@ class SetMethods:
     conic: str = ""
     losses: bool = True
     reweight: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if (self.evaluate is None) == (self.reweight is None):
+            raise ValueError(f"SetMethods {self.name!r}: give exactly one of evaluate and "
+                             "reweight")
+        if self.evaluate is None:
+            object.__setattr__(self, "evaluate", reweighting_evaluate(self.reweight))

@@ -27,7 +27,6 @@ from .core import (
     concave_max,
     logistic_gap,
     min_norm_mean,
-    reweighting_evaluate,
     top_atoms,
     weighted_hess,
 )
@@ -327,7 +326,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="kldpo", evaluate=reweighting_evaluate(_reweight), reweight=_reweight,
+    name="kldpo", reweight=_reweight,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")

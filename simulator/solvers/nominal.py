@@ -14,7 +14,6 @@ from .core import (
     InnerResult,
     Reweighting,
     SetMethods,
-    reweighting_evaluate,
     reweighting_result,
 )
 
@@ -37,7 +36,7 @@ def _reweight(at, m, l, amb, state) -> Reweighting:
 
 
 METHODS = SetMethods(
-    name="dpo", evaluate=reweighting_evaluate(_reweight), reweight=_reweight,
+    name="dpo", reweight=_reweight,
     zero_test=lambda at, amb: None,  # rho = 0: only E_P a = 0 makes 0 optimal
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'nominal', min E_P softplus(-m)")
