@@ -1688,12 +1688,13 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
 
 
 def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
-              value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
-    """:func:`w2_blocks` without ``h_dd``, and a function ``h_dd(every=1)`` returning ``h_dd``
-    (its ``O(n d^2)`` Gram matrix is formed only when called, with ``every > 1`` from every
-    ``every``-th atom: :func:`_gram`; ``None`` without ``hessian``), and with ``value``
-    ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
-    else ``None``).
+              value: bool = False, every: int = 1
+              ) -> tuple[W2Blocks, Callable | None, float | None]:
+    """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
+    Gram matrix is formed only when called, with ``every > 1`` from every ``every``-th atom:
+    :func:`_gram`; ``None`` without ``hessian``), and with ``value`` ``sum_k q_k
+    (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included; else
+    ``None``).
 
     With ``s = k tau`` (``k = 2 lambda / b^2``: the stationarity ``sigmoid(tau - s m) = k
     tau``), ``sigma' = s - s^2``, ``D = 2 lambda - b^2 sigma'`` and ``A = q sigma' / D``,
@@ -1754,7 +1755,7 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     v_bb = 3.0 * k * s_a + k * k * s_d
     p = -(4.0 * lam / b) * prod[1]
 
-    def h_dd(every: int = 1) -> np.ndarray:
+    def h_dd() -> np.ndarray:
         # weighted_hess reads only the atoms' ``a``; the weights 2 lambda A, the factor after
         gram = _gram(a, c_mm, every) * (2.0 * lam)
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
@@ -1763,25 +1764,19 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     return blk, h_dd, total
 
 
-#: Newton's steps from a gradient of at least ``_SUB_GRAM_GRAD`` (``||g||_inf``, normalised;
-#: the first step from a subsample's minimiser, whose gradient is of the subsample's sampling
-#: error, and the next) take the Gram matrix of their Hessian from every
-#: ``_SUB_GRAM_EVERY``-th atom, where that leaves at least ``_SUB_GRAM_PER_D`` atoms per
+#: Newton's first full-data step (from a subsample's minimiser, whose gradient is of the
+#: subsample's sampling error) takes the Gram matrix of its Hessian from every
+#: ``_FIRST_GRAM_EVERY``-th atom, where that leaves at least ``_FIRST_GRAM_PER_D`` atoms per
 #: feature: its relative error, about ``sqrt(d / N)`` (``0.6%``), adds that fraction of the
-#: gradient to the next one, beside the quadratic term (measured at n = 1e6, d = 8,
+#: start's gradient to the next one, beside the quadratic term (measured at n = 1e6, d = 8,
 #: kappa = 1: gradients ``1.4e-3, 4.3e-5, 1.3e-7, 7.7e-14`` on the Gaussian data against
 #: ``1.4e-3, 4.0e-5, 1.3e-7, 7.7e-14`` with the full matrix, ``3.0e-3, 4.1e-5, 1.3e-8, 6.7e-15``
 #: against ``3.0e-3, 3.9e-5, 1.3e-8, 7.0e-15`` on the environment data), for a quarter of an
-#: ``O(n d^2)`` product (about 9 ms of a 12 ms Gram matrix there).
-_SUB_GRAM_EVERY = 4
-#: ... (see ``_SUB_GRAM_EVERY``) ...
-_SUB_GRAM_PER_D = 25_000
-#: ... and from this gradient up: a step from below it may be Newton's last (its quadratic
-#: term ``C ||g||^2`` below ``tol = 1e-10``, ``C`` of 4 to 80 measured), where the subset's
-#: error (``0.6% ||g||``) would be the next gradient; from ``1e-5`` up the quadratic term alone
-#: is above ``tol`` wherever ``C > 1``, and the subset's ``6e-8`` is resolved by the next
-#: (full) step, ``C (6e-8)^2``.
-_SUB_GRAM_GRAD = 1e-5
+#: ``O(n d^2)`` product (about 9 ms of a 12 ms Gram matrix there). The later steps take the
+#: full one (the same error would be the gradient's whole cut there).
+_FIRST_GRAM_EVERY = 4
+#: ... (see ``_FIRST_GRAM_EVERY``).
+_FIRST_GRAM_PER_D = 25_000
 
 
 def _gram(a: Atoms | np.ndarray, c: np.ndarray, every: int = 1) -> np.ndarray:
@@ -1797,13 +1792,10 @@ def _gram(a: Atoms | np.ndarray, c: np.ndarray, every: int = 1) -> np.ndarray:
     return weighted_hess(rows[::every], c[::every]) * (every * unit)
 
 
-def _gram_every(at: Atoms, grad: np.ndarray) -> int:
-    """The stride of the Gram matrix of Newton's step from the gradient ``grad``
-    (``_SUB_GRAM_EVERY``)."""
+def _first_gram_every(at: Atoms) -> int:
+    """The stride of the first full-data step's Gram matrix (``_FIRST_GRAM_EVERY``)."""
     n, d = at.x.shape
-    if not float(np.max(np.abs(grad))) >= _SUB_GRAM_GRAD:
-        return 1
-    return max(1, min(_SUB_GRAM_EVERY, n // (_SUB_GRAM_PER_D * d)))
+    return max(1, min(_FIRST_GRAM_EVERY, n // (_FIRST_GRAM_PER_D * d)))
 
 
 def _rows_at(rows: np.ndarray, a: Atoms | np.ndarray, sl: slice) -> np.ndarray:
@@ -1987,8 +1979,11 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
+        # the first evaluation after a subsample start (its state carries lambda* alone)
+        first = state.lam is not None and state.at is None
         blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
-                                     delta, hess, value=True)
+                                     delta, hess, value=True,
+                                     every=_first_gram_every(at) if first else 1)
         price = kappa * float(q_hi[hi.flip].sum()) if hi.flip.any() else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
@@ -2011,8 +2006,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     h = None
     if hess:
         h = ((lambda: _tie_hessian(at, m, hi, (lo_lam, lo_tau, lo_flip), sp, q_lo, b, delta,
-                                   kappa, blk._replace(h_dd=h_dd(_gram_every(at, grad)))))
-             if tied else (lambda: _schur(blk, h_dd(_gram_every(at, grad)))))
+                                   kappa, blk._replace(h_dd=h_dd()))) if tied
+             else (lambda: _schur(blk, h_dd())))
     # the worst case with every evaluation, even without ``worst`` (nothing of it is built
     # until read: its pieces, their concatenation, the labels and the n x d moved features,
     # which the certificate never reads), so that the front end needs no second evaluation at
