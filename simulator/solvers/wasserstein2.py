@@ -1688,13 +1688,11 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
 
 
 def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
-              value: bool = False, every: int = 1
-              ) -> tuple[W2Blocks, Callable | None, float | None]:
+              value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
-    Gram matrix is formed only when called, with ``every > 1`` from every ``every``-th atom:
-    :func:`_gram`; ``None`` without ``hessian``), and with ``value`` ``sum_k q_k
-    (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included; else
-    ``None``).
+    Gram matrix is formed only when called; ``None`` without ``hessian``), and with ``value``
+    ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
+    else ``None``).
 
     With ``s = k tau`` (``k = 2 lambda / b^2``: the stationarity ``sigmoid(tau - s m) = k
     tau``), ``sigma' = s - s^2``, ``D = 2 lambda - b^2 sigma'`` and ``A = q sigma' / D``,
@@ -1757,45 +1755,11 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
 
     def h_dd() -> np.ndarray:
         # weighted_hess reads only the atoms' ``a``; the weights 2 lambda A, the factor after
-        gram = _gram(a, c_mm, every) * (2.0 * lam)
+        gram = weighted_hess(a, c_mm) * (2.0 * lam)
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
     return blk, h_dd, total
-
-
-#: Newton's first full-data step (from a subsample's minimiser, whose gradient is of the
-#: subsample's sampling error) takes the Gram matrix of its Hessian from every
-#: ``_FIRST_GRAM_EVERY``-th atom, where that leaves at least ``_FIRST_GRAM_PER_D`` atoms per
-#: feature: its relative error, about ``sqrt(d / N)`` (``0.6%``), adds that fraction of the
-#: start's gradient to the next one, beside the quadratic term (measured at n = 1e6, d = 8,
-#: kappa = 1: gradients ``1.4e-3, 4.3e-5, 1.3e-7, 7.7e-14`` on the Gaussian data against
-#: ``1.4e-3, 4.0e-5, 1.3e-7, 7.7e-14`` with the full matrix, ``3.0e-3, 4.1e-5, 1.3e-8, 6.7e-15``
-#: against ``3.0e-3, 3.9e-5, 1.3e-8, 7.0e-15`` on the environment data), for a quarter of an
-#: ``O(n d^2)`` product (about 9 ms of a 12 ms Gram matrix there). The later steps take the
-#: full one (the same error would be the gradient's whole cut there).
-_FIRST_GRAM_EVERY = 4
-#: ... (see ``_FIRST_GRAM_EVERY``).
-_FIRST_GRAM_PER_D = 25_000
-
-
-def _gram(a: Atoms | np.ndarray, c: np.ndarray, every: int = 1) -> np.ndarray:
-    """``sum_i c_i a_i a_i^T`` (:func:`~.core.weighted_hess`), or with ``every > 1`` ``every``
-    times that sum over every ``every``-th atom (an estimate: the rows of ``x`` read alone,
-    ``factor_i^2 = beta^2`` for the atoms until their ``a`` is built)."""
-    if every == 1:
-        return weighted_hess(a, c)
-    if isinstance(a, Atoms):
-        rows, unit = (a.x, a.beta**2) if a.built() is None else (a.built(), 1.0)
-    else:
-        rows, unit = a, 1.0
-    return weighted_hess(rows[::every], c[::every]) * (every * unit)
-
-
-def _first_gram_every(at: Atoms) -> int:
-    """The stride of the first full-data step's Gram matrix (``_FIRST_GRAM_EVERY``)."""
-    n, d = at.x.shape
-    return max(1, min(_FIRST_GRAM_EVERY, n // (_FIRST_GRAM_PER_D * d)))
 
 
 def _rows_at(rows: np.ndarray, a: Atoms | np.ndarray, sl: slice) -> np.ndarray:
@@ -1979,11 +1943,8 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        # the first evaluation after a subsample start (its state carries lambda* alone)
-        first = state.lam is not None and state.at is None
         blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
-                                     delta, hess, value=True,
-                                     every=_first_gram_every(at) if first else 1)
+                                     delta, hess, value=True)
         price = kappa * float(q_hi[hi.flip].sum()) if hi.flip.any() else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
