@@ -985,12 +985,14 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
 #: :func:`_fast_pair`'s first round takes Newton's step on the budget alone from the predicted
 #: roots (:func:`_budget_step`) instead of a joint solve where their largest first-order change
 #: is at most this: their error, about ``3 change^2`` (``3e-6``), is then about that of the
-#: loose joint solve's roots (a few ``1e-6``), and ``k`` is right to about ``1e-6`` (relative;
-#: the switch points are ``1e-4`` apart at n = 1e6), enough to choose the flips and locate the
+#: loose joint solve's roots (a few ``1e-6``), and ``k`` is right to the square of the guess's
+#: error (the benchmark's third evaluation: ``6e-7`` relative from a guess ``3e-4`` off; the
+#: switch points are ``1e-4`` apart at n = 1e6), enough to choose the flips and locate the
 #: switch, whose solve at fixed ``k`` resolves the roots (one sweep from below ``7e-7``, two from
-#: ``3e-6``). Measured at n = 1e6, d = 8 (Gaussian and environment data, seeds 0 and 1): the
-#: third evaluation's change ``2.4e-4`` to ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the
-#: second's ``1.2e-2`` to ``2.3e-2`` (error ``4e-4`` to ``1.2e-3``: a joint solve).
+#: ``3e-6``; a switch located wrongly is caught by its exact check). Measured at n = 1e6, d = 8
+#: (Gaussian and environment data, seeds 0 and 1): the third evaluation's change ``2.4e-4`` to
+#: ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the second's ``1.2e-2`` to ``2.3e-2`` (error
+#: ``4e-4`` to ``1.2e-3``: a joint solve).
 _PREDICTED_CHANGE = 1e-3
 
 
