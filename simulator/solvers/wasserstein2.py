@@ -1762,18 +1762,19 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     envelope blocks' ``f_tm = -b sigma'``, ``f_tb = tau sigma' + s`` (``f_tl = -2 t``, ``t =
     tau / b``) give ``b A f_tb + q sigma' t = 2 k b A tau`` (the mixed row of ``h_dd``, a
     multiple of the ``h_dl`` row ``A t``), ``q sigma' + b^2 sigma'^2 q / D = 2 lambda A``
-    (the Gram weights), and the sums ``E t^2``, ``E (q / D) t^2``, ``E (q / D) f_tb t = (S_A +
-    k S_D) / b``, ``E (q sigma' t^2 + (q / D) f_tb^2) = 3 k S_A + k^2 S_D`` from ``S_Q = sum q
-    tau^2``, ``S_D = sum (q / D) tau^2`` and ``S_A = sum A tau^2``: about 13 operations per
-    atom (33 for the blocks term by term). The two ``O(n d)`` products with ``a`` are one
-    product of a ``2 x _BLOCK`` matrix per block of atoms."""
+    (the Gram weights), and the sums ``E (q / D) f_tb t = b (S_A + k S_D)``, ``E (q sigma'
+    t^2 + (q / D) f_tb^2) = b^2 (3 k S_A + k^2 S_D)`` from ``S_Q = sum q t^2`` (``E t^2``),
+    ``S_D = sum (q / D) t^2`` and ``S_A = sum A t^2``: about 14 operations per atom (33 for
+    the blocks term by term; ``t^2`` and ``E t^2`` rounded as there, so that the value and
+    the gradient are the same to the last bit). The two ``O(n d)`` products with ``a`` are
+    one product of a ``2 x _BLOCK`` matrix per block of atoms."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
     prod = np.zeros((2, delta.size))
     s_q = s_d = s_a = total = 0.0
     c_mm = np.empty(n) if hessian else None
-    k, b2 = 2.0 * lam / b**2, b * b
+    inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
     # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
     for lo in range(0, n, _BLOCK):
@@ -1797,22 +1798,23 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
         if fb.any():
             rows[:, fb] *= -1.0
         prod += _rows_at(rows, a, sl)
-        tt = np.multiply(tb, tb, out=sp) if c_mm is not None else tb * tb
+        tt = np.multiply(tb, inv_b, out=sp if c_mm is not None else None)  # t = tau / b
+        tt *= tt
         s_q += float(qb @ tt)
         s_d += float(qd @ tt)
         s_a += float(big_a @ tt)
     bu = beta * u
-    g_tt = s_q / b2  # E t^2
-    h_ll = s_d / b2  # E (q / D) t^2
-    hdl_t = (s_a + k * s_d) / b  # E (q / D) f_tb t
+    g_tt = s_q  # E t^2
+    h_ll = s_d  # E (q / D) t^2
+    hdl_t = b * (s_a + k * s_d)  # E (q / D) f_tb t
     total = total - lam * g_tt if value else None
-    g_d = -prod[0] + (2.0 * lam / b) * g_tt * bu  # sum q sg t = (2 lambda / b) E t^2
+    g_d = -prod[0] + (2.0 * lam * inv_b) * g_tt * bu  # sum q sg t = (2 lambda / b) E t^2
     h_dl = 2.0 * prod[1] - 2.0 * hdl_t * bu
     blk = W2Blocks(g_d, -g_tt, None, h_dl, 4.0 * h_ll)
     if not hessian:
         return blk, None, total
-    g_tsg = (2.0 * lam / b) * g_tt
-    v_bb = 3.0 * k * s_a + k * k * s_d
+    g_tsg = (2.0 * lam * inv_b) * g_tt
+    v_bb = b2 * (3.0 * k * s_a + k * k * s_d)
     p = -(4.0 * lam / b) * prod[1]
 
     def h_dd() -> np.ndarray:
