@@ -784,3 +784,116 @@ def test_roots_along_k_to_second_order():
     assert second[0] <= 0.01 * first[0]
     assert 6.0 <= second[0] / second[1] <= 10.0
     assert 3.0 <= first[0] / first[1] <= 5.0
+
+
+def _blocks_term_by_term(a, q, m, tau, flip, b, lam, beta, delta):
+    """The derivative blocks of ``sum_k q_k V_k`` term by term (``f_tm = -b sigma'``, ``f_tb
+    = tau sigma' + s``, ``f_tl = -2 t``, ``D = 2 lambda - b^2 sigma'``): the reference of
+    the two-row form of ``wasserstein2._w2_terms``."""
+    dn = float(np.linalg.norm(delta))
+    u, bu, k = delta / dn, beta * delta / dn, 2.0 * lam / b**2
+    sgn = np.where(flip, -1.0, 1.0)
+    t, sg = tau / b, k * tau
+    sp = np.maximum(sg - sg * sg, 0.0)
+    qd = q / np.maximum(2.0 * lam - b * b * sp, 1e-300)
+    f_tb = tau * sp + sg
+    g_tt = float(q @ t**2)
+    g_d = -(sgn * q * sg) @ a + (2.0 * lam / b) * g_tt * bu
+    h_dl = (2.0 * b) * ((sgn * qd * sp * t) @ a) - 2.0 * float(qd @ (f_tb * t)) * bu
+    p = -((sgn * (b * qd * sp * f_tb + q * sp * t)) @ a)
+    v_bb = float(q @ (sp * t**2)) + float(qd @ f_tb**2)
+    c = q * sp + b * b * qd * sp**2
+    h_dd = ((a * c[:, None]).T @ a + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
+            + (2.0 * lam / b) * g_tt * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
+    value = float(q @ sim.softplus(tau - sgn * m)) - lam * g_tt
+    return g_d, -g_tt, h_dl, 4.0 * float(qd @ t**2), h_dd, value
+
+
+@pytest.mark.parametrize("k_over", [0.2, 0.9, 3.0])
+def test_derivative_terms_against_the_blocks_term_by_term(k_over):
+    """``_w2_terms`` (two rows and three sums per block, from the stationarity ``sigmoid = k
+    tau`` and ``q = D q / D``) against the blocks term by term: gradient, ``h_dl``, ``h_ll``,
+    ``h_dd`` and the value within ``1e-12`` (relative), with flips and unequal weights, on the
+    atoms and on their matrix, at ``k`` below and above ``1/4`` (every root a stationary
+    point of its branch)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(3)
+    n, d, beta = 20000, 5, 0.8
+    data = sim.PreferenceData(rng.normal(size=(n, d)), (rng.random(n) < 0.4).astype(float))
+    at = Atoms.from_data(data, beta, normalise=True)
+    delta = rng.normal(size=d) * 0.7
+    m = at.matvec(delta)
+    b = at.beta * float(np.linalg.norm(delta))
+    lam = k_over * b * b / 2.0
+    flip = rng.random(n) < 0.1
+    tau = w2.best_move(np.where(flip, -m, m), k_over, values=False).tau
+    q = at.w * rng.uniform(0.2, 1.8, n)
+    want = _blocks_term_by_term(at.a, q, m, tau, flip, b, lam, at.beta, delta)
+    for rows in (Atoms.from_data(data, beta, normalise=True), at.a):
+        blk, h_dd, value = w2._w2_terms(rows, q, m, tau, flip, b, lam, at.beta, delta,
+                                        value=True)
+        for got, ref in zip((blk.g_d, blk.g_l, blk.h_dl, blk.h_ll, h_dd(), value), want,
+                            strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.max(np.abs(ref)))
+
+
+def test_budget_step_from_predicted_roots_meets_its_accuracy():
+    """``_budget_step`` from the roots of an earlier point moved to first order
+    (``_predicted_roots``, largest change ``c``): its ``k`` within ``10 (c^2 k* + (k_0 -
+    k*)^2)`` of the exact solve's ``k*`` (``_joint_sweeps``; Newton's quadratic term from the
+    guess ``k_0`` and the prediction's error), its roots within ``10 (c^2 + |k - k*|)`` of
+    the exact roots at its ``k`` (the prediction's error, about ``3 c^2``, and the move along
+    ``dtau / dk``, ``|dtau / dk| < 1``); ``None`` where the step would take ``k`` below
+    ``1/4``."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(11)
+    n, b, k_old = 40000, 1.3, 2.5
+    w = rng.uniform(0.5, 1.5, n)
+    w /= w.sum()
+    m_old = rng.normal(size=n) * 3.0
+    old = w2._fast_moves(m_old, np.zeros(n, dtype=bool), w2.best_move(m_old, k_old).tau,
+                         k_old, b, math.inf)
+    m = m_old + rng.normal(size=n) * 1e-4
+    exact = w2.best_move(m, k_old * 1.0005, values=False).tau
+    budget = float(w @ exact**2) / b**2  # met at k = 1.0005 k_old
+    k_guess = k_old * 1.0002
+    tau, change = w2._predicted_roots(old, m, k_guess, change=True)
+    assert 1e-5 < change < w2._PREDICTED_CHANGE
+    k, roots, slope, q, exact_flag = w2._budget_step(m, w, b, budget, k_guess, tau)
+    k_exact = w2._joint_sweeps(m, w, b, budget, k_guess, w2.best_move(m, k_guess).tau)[0]
+    assert not exact_flag and slope < 0
+    assert abs(k - k_exact) <= 10.0 * (change**2 * k_exact + (k_guess - k_exact) ** 2)
+    err = np.max(np.abs(roots - w2.best_move(m, k, values=False).tau))
+    assert err <= 10.0 * (change**2 + abs(k - k_exact))
+    assert w2._budget_step(m, w, b, 1e3 * budget, k_guess, tau.copy()) is None
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 1.0])
+def test_evaluation_without_the_worst_case_request_still_certifies(kappa):
+    """Every evaluation away from ``theta_ref`` carries its margins ``a delta`` and its worst
+    case (nothing of it built until read): with ``worst=False`` the certificate, the primal
+    value and the worst case's weights equal those of ``worst=True`` at the same point, and
+    the certificate with the evaluation's margins equals the one with each block's own
+    product (``1e-15`` relative: the same sums to rounding)."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(5)
+    n, d = 3000, 3
+    data = sim.PreferenceData(rng.normal(size=(n, d)), (rng.random(n) < 0.6).astype(float))
+    at = Atoms.from_data(data, 1.0, normalise=True)
+    amb = sim.Wasserstein(0.02, p=2, kappa=kappa)
+    delta = sim.solve(data, amb, beta=1.0).theta * at.scale * (1 + 1e-3)
+    assert np.any(delta)
+    plain = evaluate_inner(at, delta, amb, hess=True, worst=False)
+    full = evaluate_inner(at, delta, amb, hess=False, worst=True)
+    assert plain.worst_case is not None and plain.primal == full.primal
+    np.testing.assert_array_equal(plain.margins, at.matvec(delta))
+    np.testing.assert_array_equal(plain.worst_case.weights, full.worst_case.weights)
+    gaps = [w2.certify(at, amb, delta, res, {}) for res in (plain, full)]
+    assert gaps[0] == gaps[1] and 0 < gaps[0] < 1e-3
+    pieces = plain.state.mixture()
+    own = w2._weak_duality_gap(at, amb, delta, plain.value, pieces)
+    given = w2._weak_duality_gap(at, amb, delta, plain.value, pieces, plain.margins)
+    assert abs(own - given) <= 1e-15 * max(1.0, abs(plain.value)) + 1e-12 * own

@@ -799,7 +799,9 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     ``k``; ``exact``: the stopping test below was met) or ``None``. With ``loose`` it also
     stops once the step is below ``_LOOSE_STEP`` (``exact`` False): roots and ``k`` to about
     its square, enough to choose the flips and locate a switch, whose own solve at fixed
-    ``k`` then resolves the roots (:func:`_fast_pair`).
+    ``k`` then resolves the roots (:func:`_fast_pair`); such roots are only a start (every
+    solve from them tests its own), so the last step is applied without the range test
+    below.
 
     Newton's method on the roots and the budget together (as :func:`_joint_newton`: the
     linearised roots ``dtau_i = (tau_i dk - psi_i) / psi'_i`` in the linearised budget give
@@ -859,6 +861,13 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         return None
     if not (math.isfinite(k) and k > 0.25):
         return None
+    if not exact:  # loose: the last step alone (the caller's solve at fixed k, or the
+        for lo in range(0, n, _BLOCK):  # exact one resumed, tests the roots it starts from)
+            sl = slice(lo, lo + _BLOCK)
+            t = tau[sl]
+            t += q[sl] * dk
+            t -= r[sl]
+        return k, tau, c * s3, q, exact
     s2 = 0.0
     for lo in range(0, n, _BLOCK):  # the last step, and E tau^2 of the roots it gives
         sl = slice(lo, lo + _BLOCK)
@@ -867,7 +876,7 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
         t -= r[sl]
         s2 += float(w[sl] @ (t * t))
     dk = 0.0
-    if exact and s3 != 0:  # the budget's residual removed by k alone (dS/dk = c s3)
+    if s3 != 0:  # the budget's residual removed by k alone (dS/dk = c s3)
         dk = (budget - s2 / b**2) / (c * s3)
         k += dk
         if not (math.isfinite(k) and k > 0.25):
@@ -929,7 +938,7 @@ def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
     return tau
 
 
-def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
+def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
     """The roots of the moves ``mv`` (of a point with ``k_0 = 2 lambda / b^2 > 1/4``) moved to
     first order to the margins ``m`` and ``k`` on their own branches: ``tau + (sigma' dmm +
     tau dk) / psi'``, ``dmm`` the change of the signed margins, ``dk = k - k_0``, and
@@ -937,12 +946,15 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
     stationarity). The error is of second order in the changes (a step of Newton on
     :func:`_joint_sweeps` starting from it: one sweep fewer than from ``tau`` itself); in
     blocks of ``_BLOCK`` atoms, clipped to ``[0, 1/k]``; a copy of ``mv.tau`` where the shapes
-    differ (always a new array: the joint sweeps work in it)."""
+    differ (always a new array: the joint sweeps work in it). With ``change``, ``(roots,
+    max |change|)``, the largest first-order change (``inf`` for the copy): the error of
+    the prediction is about ``1.6`` to ``3`` times its square (measured at n = 1e6, d = 8)."""
     k0 = 2.0 * mv.lam / mv.b**2
     if mv.tau.shape != m.shape or not k0 > 0.25:
-        return mv.tau.copy()
+        return (mv.tau.copy(), math.inf) if change else mv.tau.copy()
     dk = k - k0
     out = np.empty_like(mv.tau)
+    top = 0.0
     for lo in range(0, m.size, _BLOCK):
         sl = slice(lo, lo + _BLOCK)
         t = mv.tau[sl]
@@ -955,6 +967,8 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
         step = np.multiply(t, dk, out=out[sl])
         step += dmm
         step /= sp
+        if change:
+            top = max(top, float(step.max()), -float(step.min()))
         step += t
         np.clip(step, 0.0, 1.0 / k, out=step)  # in the block, in cache
     flips = np.flatnonzero(mv.flip)
@@ -962,9 +976,58 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float) -> np.ndarray:
         t = mv.tau[flips]
         s = k0 * t
         sp = s - s * s
-        out[flips] = np.clip(t + (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0), 0.0,
-                             1.0 / k)
-    return out
+        step = (sp * (mv.m[flips] - m[flips]) + t * dk) / (sp - k0)
+        top = max(top, float(np.abs(step).max()))
+        out[flips] = np.clip(t + step, 0.0, 1.0 / k)
+    return (out, top) if change else out
+
+
+#: :func:`_fast_pair`'s first round takes Newton's step on the budget alone from the predicted
+#: roots (:func:`_budget_step`) instead of a joint solve where their largest first-order change
+#: is at most this: their error, about ``3 change^2`` (``3e-6``), is then about that of the
+#: loose joint solve's roots (a few ``1e-6``), and ``k`` is right to the square of the guess's
+#: error (the benchmark's third evaluation: ``6e-7`` relative from a guess ``3e-4`` off; the
+#: switch points are ``1e-4`` apart at n = 1e6), enough to choose the flips and locate the
+#: switch, whose solve at fixed ``k`` resolves the roots (one sweep from below ``7e-7``, two from
+#: ``3e-6``; a switch located wrongly is caught by its exact check). Measured at n = 1e6, d = 8
+#: (Gaussian and environment data, seeds 0 and 1): the third evaluation's change ``2.4e-4`` to
+#: ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the second's ``1.2e-2`` to ``2.3e-2`` (error
+#: ``4e-4`` to ``1.2e-3``: a joint solve).
+_PREDICTED_CHANGE = 1e-3
+
+
+def _budget_step(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
+                 tau: np.ndarray) -> tuple[float, np.ndarray, float, np.ndarray, bool] | None:
+    """:func:`_joint_sweeps`' answer from roots ``tau`` close to the exact ones at ``k > 1/4``
+    (:func:`_predicted_roots`): Newton's step on the budget ``E tau^2 / b^2 = budget`` alone,
+    ``dk = (budget - S) / S'``, ``S' = 2 E tau dtau/dk / b^2``, ``dtau / dk = tau / psi'``
+    (``psi' = sigma' - k``, ``sigma' = s - s^2`` at ``s = k tau``, the stationarity the roots
+    nearly meet), the roots moved along it (``tau`` overwritten); ``(k, tau, S', dtau / dk,
+    False)``, or ``None`` where ``k`` leaves ``(1/4, inf)``. One pass of eight operations per
+    atom where a joint sweep takes about twenty and its last step."""
+    n, c = mm.size, 2.0 / b**2
+    q = np.empty(n)
+    s2 = s3 = 0.0
+    for lo in range(0, n, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        t = tau[sl]
+        sg = np.multiply(t, k)
+        sp = sg * sg
+        np.subtract(sg, sp, out=sp)
+        sp -= k  # psi' < 0: k > 1/4 >= sigma'
+        qb = np.divide(t, sp, out=q[sl])
+        wt = np.multiply(w[sl], t, out=sg)
+        s2 += float(wt @ t)
+        s3 += float(wt @ qb)
+    if not s3 < 0:
+        return None
+    dk = (budget - s2 / b**2) / (c * s3)
+    if not (math.isfinite(k + dk) and k + dk > 0.25):
+        return None
+    for lo in range(0, n, _BLOCK):
+        t = tau[lo:lo + _BLOCK]
+        t += q[lo:lo + _BLOCK] * dk
+    return k + dk, tau, c * s3, q, False
 
 
 #: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
@@ -1153,7 +1216,10 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         return None
     pool = _Pool(m, b, kappa)  # one scan of the margins for the evaluation's flip choices
     flip, chosen = _flip_choice(m, b, lam, kappa, pool), lam  # the pattern, where chosen
-    tau, last = (None, None) if start is None else (_predicted_roots(start, m, k), start.flip)
+    tau = last = None
+    change = math.inf  # the predicted roots' largest first-order change (_PREDICTED_CHANGE)
+    if start is not None:
+        (tau, change), last = _predicted_roots(start, m, k, change=True), start.flip
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
@@ -1171,8 +1237,15 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if tau is None:  # cold: k on the grid's budget too
             k, tau0 = _table_start(mm, w, b, r2 - price, k)
         else:
-            tau0 = _branch_roots(m, flip, tau, last, k)
-        out = _joint_sweeps(mm, w, b, r2 - price, k, tau0, loose=True)
+            tau0 = _branch_roots(m, flip, tau, last, k, fresh=True)  # tau is not read again
+        out = None
+        if change <= _PREDICTED_CHANGE and math.isfinite(kappa):  # the first round only
+            out = _budget_step(mm, w, b, r2 - price, k, tau0)
+        change = math.inf
+        if out is None:
+            # loose only where flips are chosen at its solution (kappa = inf: no flips, and
+            # the loose solve would be resumed at once: its last pass and call for nothing)
+            out = _joint_sweeps(mm, w, b, r2 - price, k, tau0, loose=math.isfinite(kappa))
         if out is None:
             return None
         k, tau, slope, dtau, exact = out
@@ -1614,20 +1687,19 @@ _GUESS_FLOOR = 0.5
 class W2State:
     """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
     point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
-    delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); with a
-    worst case, ``mixture``, its per-atom moves in pieces (:class:`Mixture` s, for
+    delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); ``mixture``, a function
+    returning the worst case's per-atom moves in pieces (:class:`Mixture` s, for
     :func:`certify`: the nominal atoms' moves, and the split atoms' other moves at a tie;
-    their concatenation, an ``O(n)`` copy, is left to a reader of the worst case); ``value``,
-    ``grad``
-    and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at ``at`` (an evaluation there again
-    without the Hessian, the worst case's, reuses them)."""
+    built on first call, their concatenation, an ``O(n)`` copy, left to a reader of the worst
+    case); ``value``, ``grad`` and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at
+    ``at`` (an evaluation there again without the Hessian, the worst case's, reuses them)."""
 
     lam: float | None = None
     roots: MoveRoots | None = None
     at: np.ndarray | None = None
     pair: Bracket | None = None
     slope: np.ndarray | None = None
-    mixture: tuple[Mixture, ...] | None = None
+    mixture: Callable[[], tuple[Mixture, ...]] | None = None
     value: float | None = None
     grad: np.ndarray | None = None
     primal: float | None = None
@@ -1682,8 +1754,95 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
     Gram matrix is formed only when called; ``None`` without ``hessian``), and with ``value``
     ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
-    else ``None``). The three ``O(n d)`` products with ``a`` (the gradient, ``h_dl`` and the
-    mixed term of ``h_dd``) are one product of a ``3 x _BLOCK`` matrix per block of atoms."""
+    else ``None``).
+
+    With ``s = k tau`` (``k = 2 lambda / b^2``: the stationarity ``sigmoid(tau - s m) = k
+    tau``), ``sigma' = s - s^2``, ``D = 2 lambda - b^2 sigma'`` and ``A = q sigma' / D``,
+    every term is one of two per-atom rows and three sums. With ``q = D q / D``: the
+    envelope blocks' ``f_tm = -b sigma'``, ``f_tb = tau sigma' + s`` (``f_tl = -2 t``, ``t =
+    tau / b``) give ``b A f_tb + q sigma' t = 2 k b A tau`` (the mixed row of ``h_dd``, a
+    multiple of the ``h_dl`` row ``A t``), ``q sigma' + b^2 sigma'^2 q / D = 2 lambda A``
+    (the Gram weights), and the sums ``E (q / D) f_tb t = b (S_A + k S_D)``, ``E (q sigma'
+    t^2 + (q / D) f_tb^2) = b^2 (3 k S_A + k^2 S_D)`` from ``S_Q = sum q t^2`` (``E t^2``),
+    ``S_D = sum (q / D) t^2`` and ``S_A = sum A t^2``: about 14 operations per atom (33 for
+    the blocks term by term; ``t^2`` and ``E t^2`` rounded as there, so that the value and
+    the gradient are the same to the last bit). The two ``O(n d)`` products with ``a`` are
+    one product of a ``2 x _BLOCK`` matrix per block of atoms."""
+    if q.size < _TWO_ROW_MIN:
+        return _terms_by_term(a, q, m, tau, flip, b, lam, beta, delta, hessian, value)
+    dn = float(np.linalg.norm(delta))
+    u = delta / dn
+    n = q.size
+    prod = np.zeros((2, delta.size))
+    s_q = s_d = s_a = total = 0.0
+    c_mm = np.empty(n) if hessian else None
+    inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
+    # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
+    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
+    for lo in range(0, n, _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        qb, fb, tb = q[sl], flip[sl], tau[sl]
+        if value:
+            z = tb - m[sl] if not fb.any() else tb - np.where(fb, -m[sl], m[sl])
+            total += float(qb @ softplus(z))  # less lambda E t^2, after the loop
+        rows = np.empty((2, qb.size))
+        sg = np.multiply(tb, k, out=rows[1])  # sigmoid(tau - s m) at a stationary point
+        sp = sg * sg
+        np.subtract(sg, sp, out=sp)  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
+        np.maximum(sp, 0.0, out=sp)
+        np.multiply(qb, sg, out=rows[0])  # the gradient's row (sg is not read again)
+        d = np.multiply(sp, -b2)
+        d += 2.0 * lam
+        np.maximum(d, _TINY, out=d)  # D > 0 at a strict local maximum
+        qd = np.divide(qb, d, out=d)
+        big_a = np.multiply(qd, sp, out=sp if c_mm is None else c_mm[sl])
+        np.multiply(big_a, tb, out=rows[1])  # A tau: the h_dl row (times 1 / b)
+        if fb.any():
+            rows[:, fb] *= -1.0
+        prod += _rows_at(rows, a, sl)
+        tt = np.multiply(tb, inv_b, out=sp if c_mm is not None else None)  # t = tau / b
+        tt *= tt
+        s_q += float(qb @ tt)
+        s_d += float(qd @ tt)
+        s_a += float(big_a @ tt)
+    bu = beta * u
+    g_tt = s_q  # E t^2
+    h_ll = s_d  # E (q / D) t^2
+    hdl_t = b * (s_a + k * s_d)  # E (q / D) f_tb t
+    total = total - lam * g_tt if value else None
+    g_d = -prod[0] + (2.0 * lam * inv_b) * g_tt * bu  # sum q sg t = (2 lambda / b) E t^2
+    h_dl = 2.0 * prod[1] - 2.0 * hdl_t * bu
+    blk = W2Blocks(g_d, -g_tt, None, h_dl, 4.0 * h_ll)
+    if not hessian:
+        return blk, None, total
+    g_tsg = (2.0 * lam * inv_b) * g_tt
+    v_bb = b2 * (3.0 * k * s_a + k * k * s_d)
+    p = -(4.0 * lam / b) * prod[1]
+
+    def h_dd() -> np.ndarray:
+        # weighted_hess reads only the atoms' ``a``; the weights 2 lambda A, the factor after
+        gram = weighted_hess(a, c_mm) * (2.0 * lam)
+        return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
+                + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
+
+    return blk, h_dd, total
+
+
+#: :func:`_w2_terms` takes its two-row form from this many atoms, and below it the terms one
+#: by one (:func:`_terms_by_term`), the same to rounding: the per-atom saving is a few
+#: microseconds below a block, and on the tiny kink problems of ``tests/test_properties.py``
+#: Newton's path depends on the Hessian's last bits (eigenvalues down to ``1e-48`` of its
+#: largest at property problem 145, a stall at a kink: the two-row form's rounding stagnated
+#: there where the term-by-term form's converged, and on problems 200 to 700 it went the other
+#: way at problem 307; 11 named errors of 700 either way).
+_TWO_ROW_MIN = _BLOCK
+
+
+def _terms_by_term(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
+                   value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
+    """:func:`_w2_terms` term by term (``f_tm = -b sigma'``, ``f_tb = tau sigma' + s``, ``f_tl =
+    -2 t``, ``D = 2 lambda - b^2 sigma'``, three rows of products with ``a``): the form for at
+    most ``_BLOCK`` atoms (see ``_TWO_ROW_MIN``)."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
@@ -1845,6 +2004,20 @@ def _moved_features(at: Atoms, mix: Mixture, b: float, u: np.ndarray) -> np.ndar
     return _moved(at, mix, b, u)[0]
 
 
+def _pieces(q: np.ndarray, tau: np.ndarray, flip: np.ndarray,
+            split: tuple | None) -> tuple[Mixture, ...]:
+    """The worst case's moves in pieces: every atom of weight ``q > 0`` on the moves ``(tau,
+    flip)`` and, at a tie, ``split = (q_lo, atoms, tau_lo, flip_lo)``, the split atoms' other
+    moves (:func:`_joined` concatenates them)."""
+    n = q.size
+    if float(q.min()) > 0:  # every atom carries mass (no n-vector of indices to find)
+        out = (Mixture(q, np.arange(n), tau, flip),)
+    else:
+        keep = np.flatnonzero(q > 0)
+        out = (Mixture(q[keep], keep, tau[keep], flip[keep]),)
+    return out + ((Mixture(*split),) if split is not None else ())
+
+
 def _joined(pieces: tuple[Mixture, ...]) -> Mixture:
     """The :class:`Mixture` of the atoms of every piece, in order (the piece itself if one)."""
     if len(pieces) == 1:
@@ -1853,6 +2026,12 @@ def _joined(pieces: tuple[Mixture, ...]) -> Mixture:
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -> InnerResult:
+    """``F(delta)`` (SPEC 3.3) with its Danskin gradient, Hessian (``hess``), worst case and
+    warm-start state (:class:`~.core.SetMethods` ``evaluate``). Away from ``rho = 0`` and
+    ``delta = 0`` the worst case comes with every evaluation, ``worst`` or not: none of it
+    is built until read (the certificate reads only its pieces), and Newton's last
+    evaluation then serves the certificate without a second one; the result carries the
+    margins ``m`` too (the front end's separability test reads them, no product again)."""
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     n = w.size
     if rho == 0.0:
@@ -1941,27 +2120,22 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         h = ((lambda: _tie_hessian(at, m, hi, (lo_lam, lo_tau, lo_flip), sp, q_lo, b, delta,
                                    kappa, blk._replace(h_dd=h_dd()))) if tied
              else (lambda: _schur(blk, h_dd())))
-    wc = None
-    if worst:
-        if float(q_hi.min()) > 0:  # every atom carries mass (no n-vector of indices to find)
-            pieces = (Mixture(q_hi, np.arange(n), hi.tau, hi.flip),)
-        else:
-            keep = np.flatnonzero(q_hi > 0)
-            pieces = (Mixture(q_hi[keep], keep, hi.tau[keep], hi.flip[keep]),)
-        if tied:
-            pieces += (Mixture(q_lo, sp, lo_tau, lo_flip),)
-        # the worst case's arrays only when read (the certificate works on the pieces): the
-        # concatenation, the labels and the n x d moved features
-        mix = functools.cache(functools.partial(_joined, pieces))
-        wc = WorstCase(lambda: mix().q, lambda: _moved_features(at, mix(), b, u),
-                       lambda: _moved_labels(at, mix()), lambda: mix().src, cost, rho**2)
-        new_state = dataclasses.replace(new_state, mixture=pieces)
+    # the worst case with every evaluation, even without ``worst`` (nothing of it is built
+    # until read: its pieces, their concatenation, the labels and the n x d moved features,
+    # which the certificate never reads), so that the front end needs no second evaluation at
+    # the answer (a product with the features and the reuse of this one's terms)
+    pieces = functools.cache(functools.partial(_pieces, q_hi, hi.tau, hi.flip,
+                                               (q_lo, sp, lo_tau, lo_flip) if tied else None))
+    mix = functools.cache(lambda: _joined(pieces()))
+    wc = WorstCase(lambda: mix().q, lambda: _moved_features(at, mix(), b, u),
+                   lambda: _moved_labels(at, mix()), lambda: mix().src, cost, rho**2)
+    new_state = dataclasses.replace(new_state, mixture=pieces)
     # chord=False: a fresh Hessian (about one pass at n = 1e6, d = 8) beside an evaluation
     # (eight to fifteen): the chord step's linear rate cost the benchmark's finite-kappa solve
     # a fifth full-data evaluation (gradients 4e-5, 1.3e-7, 4e-9, 5e-17 against 4e-5, 1.3e-7,
     # 8e-14 with fresh Hessians; tol 1e-10)
-    return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state,
-                       primal=primal if worst else None, chord=False)
+    return InnerResult(float(value), float(hi.lam), grad, h, wc, new_state, margins=m,
+                       primal=primal, chord=False)
 
 
 # --- the exact test at delta = 0 ------------------------------------------------------------
@@ -2086,11 +2260,12 @@ def certify(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict) -> 
     """
     if not np.any(delta):
         return 0.0 if flip_shares(at, amb) is not None else math.inf
-    pieces = res.state.mixture if isinstance(res.state, W2State) else None
+    state = res.state if isinstance(res.state, W2State) else None
+    pieces = state.mixture() if state is not None and state.mixture is not None else None
     if pieces is None:  # b = beta ||delta|| underflowed to 0: the unmoved atoms
         n = at.w.size
         pieces = (Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool)),)
-    gap = _weak_duality_gap(at, amb, delta, res.value, pieces)
+    gap = _weak_duality_gap(at, amb, delta, res.value, pieces, res.margins)
     if gap > _KINK_CERTIFY and res.dual is not None and 0 < res.dual < math.inf:
         gap = min(gap, kink_certificate(at, amb, delta, res.value, res.dual)[0])
     return gap
@@ -2160,7 +2335,7 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
         mix = Mixture(np.concatenate([w * (1.0 - xi), w[both] * xi[both]]),
                       np.concatenate([rows, both]), np.concatenate([tau0, tau1[both]]),
                       np.concatenate([flip0, flip1[both]]))
-        gap = _weak_duality_gap(at, amb, delta, value, (mix,))
+        gap = _weak_duality_gap(at, amb, delta, value, (mix,), cand.m)
         if gap < best[0]:
             best = (gap, mix)
         if gap <= _KINK_CERTIFY:
@@ -2168,7 +2343,8 @@ def kink_certificate(at: Atoms, amb, delta: np.ndarray, value: float,
     return best
 
 
-def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...]) -> float:
+def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...],
+                      m: np.ndarray | None = None) -> float:
     """``(value - min_theta E_Q l) / max(1, |value|)`` bounded above for the distribution ``Q``
     of the :class:`Mixture` s ``pieces`` (together): where its transport cost exceeds
     ``rho^2`` (by rounding),
@@ -2178,7 +2354,8 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...])
     The cost is that of the moves themselves, ``t^2 ||u||^2 + kappa 1[flipped]`` per unit
     mass (``u`` the rounded direction, so the moved atoms are exactly those of ``mix``), and
     the bound is :func:`~.core.logistic_gap`'s on the atoms ``a'_k = s_k a_src - beta t_k u``
-    (:func:`_moved_logistic_gap`, without forming them).
+    (:func:`_moved_logistic_gap`, without forming them; ``m``, the margins ``a delta``
+    where known).
     """
     u = delta / float(np.linalg.norm(delta))
     scale = 1.0 / (at.beta * float(np.linalg.norm(delta)))
@@ -2203,10 +2380,11 @@ def _weak_duality_gap(at: Atoms, amb, delta, value, pieces: tuple[Mixture, ...])
         n = at.w.size
         parts = [(mix, share) for mix in pieces] + [
             (Mixture(at.w, np.arange(n), np.zeros(n), np.zeros(n, dtype=bool)), 1.0 - share)]
-    return _moved_logistic_gap(at, delta, u, value, parts) / max(1.0, abs(value))
+    return _moved_logistic_gap(at, delta, u, value, parts, m) / max(1.0, abs(value))
 
 
-def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
+def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
+                        m: np.ndarray | None = None) -> float:
     """:func:`~.core.logistic_gap` of ``f(D) = sum_k q_k softplus(-a'_k . D)`` for the moved
     atoms ``a'_k = s_k a_src - beta t_k u`` of the mixtures ``parts`` (pairs of a
     :class:`Mixture` and its share) from per-atom scalars (``O(n d)``, no ``n x d`` array):
@@ -2216,7 +2394,9 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
     atoms from ``i``, ``p = sum c'_k s_k t_k a_src``), radius ``max_i ||a_i|| + beta max t
     ||u||`` (``Atoms.max_norm`` and the triangle inequality: at least ``max ||a'||``); like
     :func:`~.core.logistic_gap`, the Hessian of every ``N / _CERT_ATOMS``-th atom of each part
-    first (``N`` atoms in all)."""
+    first (``N`` atoms in all). ``m``: the margins ``a delta`` of the nominal atoms where
+    known (the evaluation's: no product for them in the blocks), else each block's ``x_src
+    delta`` (the same to rounding)."""
     n, beta, d = at.w.size, at.beta, delta.size
     inv_b = 1.0 / (beta * float(np.linalg.norm(delta)))
     total = sum(mix.q.size for mix, _ in parts)
@@ -2245,7 +2425,13 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts) -> float:
             if flip.any():
                 sf = np.where(flip, -sf, sf)
             neg = np.multiply(t, beta * float(u @ delta))  # -m' = beta t (u . delta) - s a.delta
-            neg -= np.multiply(x_src @ delta, sf)
+            if m is None:
+                neg -= np.multiply(x_src @ delta, sf)
+            else:
+                m_src = m[first:top] if run else m[src]
+                if flip.any():
+                    m_src = np.where(flip, -m_src, m_src)
+                neg -= m_src
             value += float(q @ softplus(neg))
             sg = _sigmoid(neg)
             c = q * sg
