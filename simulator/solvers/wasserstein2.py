@@ -1768,8 +1768,6 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     the blocks term by term; ``t^2`` and ``E t^2`` rounded as there, so that the value and
     the gradient are the same to the last bit). The two ``O(n d)`` products with ``a`` are
     one product of a ``2 x _BLOCK`` matrix per block of atoms."""
-    if q.size < _TWO_ROW_MIN:
-        return _terms_by_term(a, q, m, tau, flip, b, lam, beta, delta, hessian, value)
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
@@ -1822,91 +1820,6 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     def h_dd() -> np.ndarray:
         # weighted_hess reads only the atoms' ``a``; the weights 2 lambda A, the factor after
         gram = weighted_hess(a, c_mm) * (2.0 * lam)
-        return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
-                + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
-
-    return blk, h_dd, total
-
-
-#: :func:`_w2_terms` takes its two-row form from this many atoms, and below it the terms one
-#: by one (:func:`_terms_by_term`), the same to rounding: the per-atom saving is a few
-#: microseconds below a block, and on the tiny kink problems of ``tests/test_properties.py``
-#: Newton's path depends on the Hessian's last bits (eigenvalues down to ``1e-48`` of its
-#: largest at property problem 145, a stall at a kink: the two-row form's rounding stagnated
-#: there where the term-by-term form's converged, and on problems 200 to 700 it went the other
-#: way at problem 307; 11 named errors of 700 either way).
-_TWO_ROW_MIN = _BLOCK
-
-
-def _terms_by_term(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
-                   value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
-    """:func:`_w2_terms` term by term (``f_tm = -b sigma'``, ``f_tb = tau sigma' + s``, ``f_tl =
-    -2 t``, ``D = 2 lambda - b^2 sigma'``, three rows of products with ``a``): the form for at
-    most ``_BLOCK`` atoms (see ``_TWO_ROW_MIN``)."""
-    dn = float(np.linalg.norm(delta))
-    u = delta / dn
-    n = q.size
-    prod = np.zeros((3, delta.size))
-    g_tt = hdl_t = h_ll = v_bb = total = 0.0
-    c_mm = np.empty(n) if hessian else None
-    inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
-    # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
-    # issue 9: the whole-array form kept eight n-vectors alive at once), in cache; each
-    # operation in place where it can be (about 30 per atom, and softplus for the value)
-    for lo in range(0, n, _BLOCK):
-        sl = slice(lo, lo + _BLOCK)
-        qb, fb, tb = q[sl], flip[sl], tau[sl]
-        t = np.multiply(tb, inv_b)
-        if value:
-            z = tb - m[sl] if not fb.any() else tb - np.where(fb, -m[sl], m[sl])
-            total += float(qb @ softplus(z))  # less lambda E t^2 (g_tt), after the loop
-        # at a stationary point sigmoid(tau - s m) = k tau (to the roots' accuracy)
-        sg = np.multiply(tb, k)
-        sp = sg * sg
-        np.subtract(sg, sp, out=sp)  # sigmoid', >= 0 (k tau rounds above 1 where sigmoid ~ 1)
-        np.maximum(sp, 0.0, out=sp)
-        # D = 2 lambda - b^2 sigmoid', qd = q / D; f_tm = -b sp, f_tb = sg + tau sp
-        # (f_tl = -2 t)
-        qd = np.multiply(sp, -b2)
-        qd += 2.0 * lam
-        np.maximum(qd, _TINY, out=qd)
-        np.divide(qb, qd, out=qd)
-        qs, a_s = qb * sp, qd * sp
-        f_tb = tb * sp
-        f_tb += sg
-        rows = np.empty((3, qb.size))
-        np.multiply(qb, sg, out=rows[0])         # gradient
-        np.multiply(a_s, f_tb, out=rows[1])      # -q v_mb = b qd sp f_tb + q sp t
-        rows[1] *= b
-        rows[1] += np.multiply(qs, t, out=sg)    # (sg is not read again)
-        np.multiply(a_s, t, out=rows[2])         # h_dl / (2 b) = -f_tm t qd / (2 b)
-        if fb.any():
-            rows[:, fb] *= -1.0
-        prod += _rows_at(rows, a, sl)
-        tt = t * t
-        g_tt += float(qb @ tt)
-        h_ll += float(qd @ tt)
-        np.multiply(qd, f_tb, out=qd)  # qd f_tb (qd is not read again)
-        hdl_t += float(qd @ t)
-        if hessian:
-            v_bb += float(qs @ tt) + float(qd @ f_tb)
-            # q (sp + f_tm^2 / D) = q sp + b^2 sp^2 qd >= 0: sp >= 0 and D > 0
-            c = np.multiply(a_s, sp, out=c_mm[sl])
-            c *= b2
-            c += qs
-    bu = beta * u
-    total = total - lam * g_tt if value else None
-    g_d = -prod[0] + (2.0 * lam * inv_b) * g_tt * bu  # sum q sg t = (2 lambda / b) E t^2
-    h_dl = (2.0 * b) * prod[2] - 2.0 * hdl_t * bu  # (the rows' signs and scales restored)
-    blk = W2Blocks(g_d, -g_tt, None, h_dl, 4.0 * h_ll)
-    if not hessian:
-        return blk, None, total
-    g_tsg = (2.0 * lam * inv_b) * g_tt
-    p = -prod[1]
-
-    def h_dd() -> np.ndarray:
-        # weighted_hess reads only the atoms' ``a``
-        gram = weighted_hess(a, c_mm)
         return (gram + np.outer(p, bu) + np.outer(bu, p) + v_bb * np.outer(bu, bu)
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
