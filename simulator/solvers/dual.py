@@ -459,8 +459,10 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     first = _first(at, ambiguity, tol, max_iter, quasi)
     start = []  # the evaluation at the subsample start, handed on to Newton without a copy
     if first is not None:
+        # the state travels with the evaluation (Newton takes both from start): no reference
+        # here keeps the evaluation's vectors alive once Newton has moved past it
         start.append(first.result)
-        first = replace(first, result=None)
+        first = replace(first, result=None, state=None)
     # F(first) < F(0) = log 2 proves delta = 0 is not the minimiser; else _minimise decides
     found = _minimise(at, ambiguity, tol, max_iter, quasi, first, start,
                       zero_test=not (start and _below_zero(start[0])))

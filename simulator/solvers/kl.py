@@ -26,6 +26,7 @@ from .core import (
     Workspace,
     concave_max,
     logistic_gap,
+    loss_sigmoid,
     min_norm_mean,
     top_atoms,
     weighted_hess,
@@ -197,25 +198,45 @@ def _first_guess(state: KLState | None, w, l: np.ndarray, z: np.ndarray, rho: fl
     return math.sqrt(2.0 * rho / max(var, _TINY))
 
 
+def _losses(m: np.ndarray, warm: Workspace) -> np.ndarray:
+    """``l = softplus(-m) = log1p(exp(-|m|)) - min(m, 0)`` (bit for bit
+    :func:`simulator.losses.dpo_loss`) in a recycled vector of ``warm``
+    (:meth:`.core.Workspace.fresh`): the losses outlive the evaluation, and a new vector would
+    cost its page faults."""
+    l = warm.fresh("l", m.size)
+    np.abs(m, out=l)
+    np.negative(l, out=l)
+    np.exp(l, out=l)
+    np.log1p(l, out=l)
+    l -= np.minimum(m, 0.0, out=warm.get("neg", m.size))
+    return l
+
+
 def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
-    """``F``, ``lambda*`` and ``Q*`` from the losses ``l`` (the module docstring)."""
+    """``F``, ``lambda*`` and ``Q*`` from the losses ``l`` (computed from ``m`` when
+    ``None``, :func:`_losses`; the module docstring). Every vector that outlives the
+    evaluation (``l``, ``Q*``, ``sigmoid(-m)`` and the Hessian's curvatures) is recycled
+    from the shared workspace (:meth:`.core.Workspace.fresh`)."""
     rho = amb.rho
-    if rho == 0.0:
-        return nominal_reweighting(at, l, dual=math.inf)
     warm = state.warm if state is not None and state.warm is not None else Workspace()
+    if l is None:
+        l = _losses(m, warm)
+    if rho == 0.0:
+        return nominal_reweighting(at, l, dual=math.inf)._replace(losses=l)
     n = l.size
     w0 = warm.equal_weight(at.w)
     w = at.w if w0 is None else w0
     positive = w0 is not None and w0 > 0
-    top, lmax = top_atoms(at, l, positive=positive)
+    top, lmax = top_atoms(at, l, positive=positive,
+                          out=warm.get("top", n, bool) if positive else None)
     pmax = w0 * int(np.count_nonzero(top)) if positive else float(at.w[top].sum())
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
-        return Reweighting(q, lmax, 0.0, state=state)
+        return Reweighting(q, lmax, 0.0, state=state, losses=l)
     z = np.subtract(l, lmax, out=warm.get("z", n))
     # q is the worst case (it outlives the evaluation); the other two are scratch
     blk = min(n, _BLOCK)
-    buf = (np.empty_like(l), warm.get("zc", blk), warm.get("zk", blk))
+    buf = (warm.fresh("q", n), warm.get("zc", blk), warm.get("zk", blk))
     s = _first_guess(state, w, l, z, rho, warm)
     lo, hi = 0.0, math.inf
     for _ in range(_ROOT_ITERS):
@@ -255,20 +276,22 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
         # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q l] with g_i = -sg_i a_i: Cov_Q(g) =
         # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (l - E_Q l) sg a; from l
         # and q alone (z was scratch)
-        curv = np.multiply(sg, s - 1.0)  # q sg (1 + (s - 1) sg)
+        curv = np.multiply(sg, s - 1.0, out=warm.fresh("curv", n))  # q sg (1 + (s - 1) sg)
         curv += 1.0
         curv *= sg
         curv *= q
         low = [(-s, grad)]
-        dev = np.subtract(l, float(q @ l), out=warm.get("dev", n))
-        qd = np.multiply(q, dev, out=warm.get("qd", n))
+        # scratch shared with the losses and the tilts (dead by now)
+        dev = np.subtract(l, float(q @ l), out=warm.get("z", n))
+        qd = np.multiply(q, dev, out=warm.get("neg", n))
         var = float(qd @ dev)
         if var > 0:
             qd *= sg
             low.append((-s / var, -at.rmatvec(qd)))
         return curv, low
 
-    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, lmax + tilt.ez))
+    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, lmax + tilt.ez), losses=l,
+                       sigmoid=loss_sigmoid(l, warm.fresh("sigmoid", n)))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -326,7 +349,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="kldpo", reweight=_reweight,
+    name="kldpo", reweight=_reweight, losses=False,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
