@@ -114,6 +114,13 @@ _CHORD_PREDICTION = 2.0
 #: Hessian (at n = 1e6, d = 8 a Hessian costs about 0.6 evaluations, relatively more at
 #: larger d), so the status quo is kept where the two are that close.
 _CHORD_STEPS = 3
+#: :func:`_model_step`: chord iterations on the subsample model at most (each one subsample
+#: evaluation; they contract by the Hessian's relative change along the step, 1e-2 .. 1e-1 on
+#: the benchmark problems, so three reach the model's own accuracy) ...
+_MODEL_ITERS = 3
+#: ... stopped early once the model's gradient is below this fraction of Newton's ``tol``
+#: (the step then ends the run as far as the model can tell).
+_MODEL_TOL = 0.1
 #: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
 _MIN_STEP = 1e-10
 #: When the line search fails with ``||grad||_inf <= _NEAR_TOL * tol`` the iterate is
@@ -488,13 +495,15 @@ class NewtonRun:
 class Minimum:
     """A minimiser of ``F`` as a set module returns it; ``info`` is what the solve reports
     (for example ``optimality_gap``), kept apart from the warm-start ``state``; ``result``
-    is the evaluation at ``delta`` when the minimisation ended on one."""
+    is the evaluation at ``delta`` when the minimisation ended on one; ``model``, for a
+    subsample's minimiser, that subsample's problem as :func:`newton`'s model."""
 
     delta: np.ndarray
     iterations: int
     state: Any
     info: dict = field(default_factory=dict)
     result: InnerResult | None = None
+    model: Callable | None = None
 
 
 class Stalled(RuntimeError):
@@ -768,7 +777,7 @@ def _diverged(label: str) -> RuntimeError:
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
            state: Any = None, start: list | None = None,
-           hessian_free: bool = False) -> NewtonRun:
+           hessian_free: bool = False, model: Callable | None = None) -> NewtonRun:
     """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
 
     ``start``, when given, is a list holding ``objective(delta, state)`` already computed;
@@ -780,6 +789,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step (unless the new
     evaluation has ``chord=False``). With ``hessian_free``, an evaluation that supplies
     ``hvp`` gets its step by :func:`cg_solve` (inexact Newton) instead of the dense Hessian.
+    ``model``, a cheaper objective of the same shape (the same problem on a subsample), corrects
+    each dense step for the gradient's nonlinearity along it (:func:`_model_step`).
 
     Raises
     ------
@@ -806,6 +817,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             if h is None:
                 h = cur.hess()
             step = -psd_solve(h, g)
+            if model is not None:
+                step = _model_step(model, delta, g, h, step, tol)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
             return NewtonRun(delta, it, state, cur)  # the Newton step (the distance) is tiny
         dec = -float(g @ step)
@@ -851,6 +864,39 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             raise _diverged(label)
     raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
+
+
+def _model_step(model: Callable, delta: np.ndarray, g: np.ndarray, h: np.ndarray,
+                step: np.ndarray, tol: float) -> np.ndarray:
+    """Newton's ``step`` (``h step = -g``) moved to the minimiser of the model ``M(delta + s)
+    = G(delta + s) + (g - g_G) . s + s^T (h - H_G) s / 2`` of :func:`newton`'s objective
+    ``F``, with ``G = model(delta) -> (g_G, H_G)`` (``model``: ``point -> InnerResult``, the
+    same problem on a subsample): ``M`` matches ``F``'s gradient and Hessian at ``delta``,
+    and its third and higher derivatives are ``G``'s, which estimate ``F``'s. So ``F``'s
+    gradient after the step is the error of that estimate (about ``n_sub^-1/2`` of the
+    quadratic term Newton's step leaves) instead of the quadratic term itself.
+
+    The chord iteration ``s <- s - h^-1 grad M(delta + s)`` from Newton's step (each ``O(n_sub
+    d)``; it contracts by about the relative change of the Hessian along the step), at most
+    :data:`_MODEL_ITERS` times, until ``||grad M||_inf <= _MODEL_TOL tol`` or while it falls.
+    Measured at n = 1e6, d = 8 (KL, subsample of 25,000): from ``||g||_inf = 2.6e-3`` the
+    gradient after the step was ``7e-6`` instead of Newton's ``2.6e-5`` (Gaussian), ``1.4e-6``
+    instead of ``2e-4`` (environment data), and after the second step ``5e-11`` and ``2e-12``
+    instead of ``1e-8`` and ``1.5e-6``: three full-data evaluations instead of four."""
+    base = model(delta)
+    off = g - base.grad
+    corr = h - base.hess()
+    best, best_r = step, math.inf
+    for _ in range(_MODEL_ITERS):
+        r = model(delta + step).grad + off + corr @ step
+        rn = float(np.max(np.abs(r)))
+        if not (rn < best_r and np.all(np.isfinite(r))):
+            return best  # the iteration stopped contracting: the last step that did
+        best, best_r = step, rn
+        if rn <= _MODEL_TOL * tol:
+            break
+        step = step - psd_solve(h, r)
+    return step
 
 
 def _keeps_hessian(gn: float, cut: float, rate: float | None, quad: float | None,
@@ -1479,6 +1525,10 @@ class SetMethods:
         case are functions of the margins alone (the reweighting sets; ``evaluate`` is then
         :func:`reweighting_evaluate` of it, built here), so that :func:`quasi_newton`
         searches its lines in margin space (``O(n)`` per trial point, no product with the atoms).
+    subsample_model : bool
+        Whether Newton on all the atoms, started at a subsample's minimiser, corrects its
+        steps by that subsample's problem (:func:`_model_step`, ``newton(model=...)``):
+        where its quadratic convergence leaves a fourth evaluation that the model saves.
     """
 
     name: str
@@ -1493,6 +1543,7 @@ class SetMethods:
     conic: str = ""
     losses: bool = True
     reweight: Callable | None = None
+    subsample_model: bool = False
 
     def __post_init__(self) -> None:
         if (self.evaluate is None) == (self.reweight is None):

@@ -349,7 +349,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="kldpo", reweight=_reweight, losses=False,
+    name="kldpo", reweight=_reweight, losses=False, subsample_model=True,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
