@@ -30,7 +30,7 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "atom_radius", "Minimum", "NewtonRun", "SetMethods",
-           "Reweighting", "Stalled", "Workspace", "ConcaveMax", "cg_solve", "concave_max",
+           "Reweighting", "RowSum", "Stalled", "Workspace", "ConcaveMax", "cg_solve", "concave_max",
            "min_norm_mean",
            "curvature_bound", "logistic_gap", "logistic_hvp", "loss_sigmoid",
            "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
@@ -311,16 +311,18 @@ class Atoms:
             When that scale is outside ``[_MIN_SCALE, _MAX_SCALE]``: double precision
             cannot then represent ``theta`` (``O(1 / scale)``) and the margins together.
         """
-        x, w, ytil = data.x, data.weights, data.ytil
+        x, w, ytil = data.x, data.weights, data.ytil  # ytil: a new vector, scaled in place
         if not normalise:
-            return cls(x, data.y, w, ytil * beta, beta)
-        mean_sq, top_sq, sums = _row_moments(x, w, ytil * w)
+            ytil *= beta
+            return cls(x, data.y, w, ytil, beta)
+        mean_sq, top_sq, sums = _row_moments(x, w, ytil)
         unit = 1.0
         if not (_MEAN_SQ_SAFE <= mean_sq and top_sq <= 1.0 / _MEAN_SQ_SAFE):
             # squares that could overflow or underflow: the moments of x / max |x|
             unit = max(float(x.max()), -float(x.min()))  # no n x d temporary
             if unit == 0.0:  # every atom is 0
-                return cls(x, data.y, w, ytil * beta, beta, mean=np.zeros(data.d))
+                ytil *= beta
+                return cls(x, data.y, w, ytil, beta, mean=np.zeros(data.d))
             mean_sq, top_sq, _ = _row_moments(x, w, None, unit)
         rms = unit * math.sqrt(mean_sq)
         scale = _check_scale(beta * rms)
@@ -330,7 +332,8 @@ class Atoms:
                              "the normalised atoms, overflows; rescale the features")
         # max ||a_i|| after the scaling, with a few ulps to spare: an upper bound
         radius = unit * math.sqrt(top_sq) / rms * (1.0 + _RADIUS_ULPS)
-        return cls(x, data.y, w, ytil * inv, inv, scale, radius, mean=sums * inv)
+        ytil *= inv
+        return cls(x, data.y, w, ytil, inv, scale, radius, mean=sums * inv)
 
     def subset(self, idx: np.ndarray) -> Atoms:
         """The atoms ``idx``, weights renormalised (``radius`` stays an upper bound)."""
@@ -358,9 +361,10 @@ def _rmatvec(u: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _row_moments(x: np.ndarray, w: np.ndarray, v: np.ndarray | None,
                  unit: float = 1.0) -> tuple[float, float, np.ndarray | None]:
-    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2, v @ x)`` (the last ``None`` without
-    ``v``) in one pass over blocks of ``_MOMENT_BLOCK`` entries, each read from memory once
-    (the second product finds it in cache)."""
+    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2, (w v) @ x)`` (the last ``None``
+    without ``v``) in one pass over blocks of ``_MOMENT_BLOCK`` entries, each read from
+    memory once (the second product finds it in cache; ``w v`` is formed a block at a
+    time)."""
     rows = max(1, _MOMENT_BLOCK // x.shape[1])
     tot, top = [], 0.0
     acc = None if v is None else np.zeros(x.shape[1])
@@ -371,7 +375,7 @@ def _row_moments(x: np.ndarray, w: np.ndarray, v: np.ndarray | None,
         tot.append(float(w[lo:lo + rows] @ sq))
         top = max(top, float(sq.max()))
         if acc is not None:
-            acc += v[lo:lo + rows] @ blk
+            acc += (w[lo:lo + rows] * v[lo:lo + rows]) @ blk
     return math.fsum(tot), top, acc
 
 
@@ -514,32 +518,45 @@ class Stalled(RuntimeError):
         self.delta, self.state = delta, state
 
 
-def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray) -> np.ndarray:
+def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray, vectors: tuple = ()):
     """``sum_i c_i a_i a_i^T`` for ``c >= 0`` (``at``: atoms or the ``n x d`` matrix ``a``),
     over chunks of rows (the temporaries stay in cache instead of an ``n x d`` copy): below
     ``_SYRK_MIN_D`` columns as the product ``(a_k^T c_k) a_k`` (symmetrised), from there as
     ``sum_k b_k^T b_k``, ``b_i = sqrt(c_i) a_i``, which numpy computes as a symmetric rank-k
-    update (half the work of a product)."""
-    unit = 1.0
+    update (half the work of a product). With ``vectors`` (``n``-vectors ``v``), returns
+    ``(hess, [v @ a, ...])``, the products from the same chunks (one read of the features
+    for both: at n = 1e6, d = 8 a product alone streams them in about 3 ms)."""
+    unit, factor = 1.0, None
     if not isinstance(at, Atoms):
         a = at
     elif (a := at.built()) is None:  # beta^2 sum_i c_i x_i x_i^T (factor_i^2 = beta^2)
-        a, unit = at.x, at.beta**2
+        a, unit, factor = at.x, at.beta**2, at.factor
     d = a.shape[1]
     out = np.zeros((d, d))
-    if d < _SYRK_MIN_D:
-        for lo in range(0, a.shape[0], _CHUNK_ROWS):
-            blk = a[lo:lo + _CHUNK_ROWS]
+    sums = [np.zeros(d) for _ in vectors]
+    r = np.sqrt(c) if d >= _SYRK_MIN_D else None
+    for lo in range(0, a.shape[0], _CHUNK_ROWS):
+        blk = a[lo:lo + _CHUNK_ROWS]
+        if r is None:
             out += (blk.T * c[lo:lo + _CHUNK_ROWS]) @ blk
-        out = (out + out.T) / 2.0
-    else:
-        r = np.sqrt(c)
-        for lo in range(0, a.shape[0], _CHUNK_ROWS):
-            b = a[lo:lo + _CHUNK_ROWS] * r[lo:lo + _CHUNK_ROWS, None]
+        else:
+            b = blk * r[lo:lo + _CHUNK_ROWS, None]
             out += b.T @ b
+        for acc, v in zip(sums, vectors, strict=True):
+            vb = v[lo:lo + _CHUNK_ROWS]
+            acc += (vb if factor is None else vb * factor[lo:lo + _CHUNK_ROWS]) @ blk
+    if r is None:
+        out = (out + out.T) / 2.0
     if unit != 1.0:
         out *= unit
-    return out
+    return (out, sums) if vectors else out
+
+
+class RowSum(NamedTuple):
+    """A low-rank term's vector given by its weights: ``u = w @ a`` (the reweighting sets'
+    Hessian ``parts``, :func:`reweighting_result`), formed in the pass of the Gram matrix."""
+
+    w: np.ndarray
 
 
 def logistic_hvp(at: Atoms, c: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -662,7 +679,8 @@ def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
 
     The Hessian is ``sum_i c_i a_i a_i^T + sum_k k_k u_k u_k^T``, one chunked rank-n
     update (:func:`weighted_hess`) plus rank-one terms, with ``(c, [(k_k, u_k), ...]) =
-    rw.parts(s, grad)`` (``s = sigmoid(-m)``); without ``parts`` it is ``E_Q hess l``, ``c
+    rw.parts(s, grad)`` (``s = sigmoid(-m)``; a :class:`RowSum` ``u_k`` is formed in the
+    update's pass); without ``parts`` it is ``E_Q hess l``, ``c
     = q s (1 - s)``. Every reweighting set's Schur complement has that form (:mod:`.kl`,
     :mod:`.chi2`): no ``n x d`` temporary is built; ``hvp`` is its product with a vector
     (:func:`logistic_hvp` plus the rank-one terms). ``s`` may be passed when known; else
@@ -675,14 +693,27 @@ def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
     grad = -at.rmatvec(q, s)
     cache = []
 
-    def pieces():
+    def raw():
+        return (q * s * (1.0 - s), []) if parts is None else parts(s, grad)
+
+    def pieces():  # with every RowSum's product formed (its weights may be scratch)
         if not cache:
-            cache.append((q * s * (1.0 - s), []) if parts is None else parts(s, grad))
+            curv, low_rank = raw()
+            cache.append((curv, [(k, at.rmatvec(u.w) if isinstance(u, RowSum) else u)
+                                 for k, u in low_rank]))
         return cache[0]
 
     def h():
-        curv, low_rank = pieces()
-        out = weighted_hess(at, curv)
+        if cache:
+            curv, low_rank = cache[0]
+            out = weighted_hess(at, curv)
+        else:  # the RowSums' products in the Gram matrix's pass
+            curv, low_rank = raw()
+            lazy = tuple(u.w for _, u in low_rank if isinstance(u, RowSum))
+            out, sums = weighted_hess(at, curv, lazy) if lazy else (weighted_hess(at, curv), [])
+            sums.reverse()
+            low_rank = [(k, sums.pop() if isinstance(u, RowSum) else u) for k, u in low_rank]
+            cache.append((curv, low_rank))
         for k, u in low_rank:
             out += k * np.outer(u, u)
         return out
