@@ -154,7 +154,7 @@ def _tilt(w: np.ndarray | float, z: np.ndarray, s: float, buf: tuple,
     var = skew = None
     if centre is not None:
         e, v2, v3 = ez - centre, math.fsum(m2) / tot, math.fsum(m3) / tot
-        if e * e * _SHIFT_RATIO <= v2 - e * e:
+        if e * e <= _SHIFT_RATIO * (v2 - e * e):
             var, skew = v2 - e * e, v3 - 3.0 * e * v2 + 2.0 * e**3
 
     def moments():
