@@ -582,7 +582,7 @@ def test_newton_with_a_model_needs_fewer_evaluations_to_the_same_minimiser():
     for model in (None, lambda p: _exp_objective(p)):
         evals = []
 
-        def objective(x, state):
+        def objective(x, state, evals=evals):
             evals.append(1)
             return _exp_objective(x)
 
