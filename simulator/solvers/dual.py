@@ -289,6 +289,14 @@ class _SubsampleModel:
         return self._last
 
 
+def _smallest_margin(m: np.ndarray, w: np.ndarray) -> float:
+    """The smallest margin over atoms of positive weight (no boolean ``n``-vector where every
+    weight is positive, as in every empirical sample)."""
+    if float(w.min()) > 0:
+        return float(m.min())
+    return float(m.min(where=w > 0, initial=math.inf))
+
+
 def _quasi(at: Atoms, amb: AmbiguitySet, method: str) -> bool:
     """Whether ``method`` means :func:`quasi_newton` (L-BFGS) for this problem: for a smooth
     ``F`` only, with ``"auto"`` above ``QUASI_NEWTON_MIN_D``."""
@@ -516,7 +524,7 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     res = found.result  # the evaluation at delta that ended the minimisation, if any
     m = res.margins if res is not None and res.margins is not None else at.matvec(delta)
-    if not mod.coercive(ambiguity) and m.min(where=at.w > 0, initial=math.inf) > 0:
+    if not mod.coercive(ambiguity) and _smallest_margin(m, at.w) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
         raise RuntimeError(
             f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
