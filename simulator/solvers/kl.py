@@ -306,25 +306,36 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
     q *= 1.0 / tilt.tot  # the tilt's own (block-exact) sum of q: no further pass
     value = lmax + (rho + tilt.lse) * lam
 
+    mean = lmax + tilt.ez  # E_Q l, from the last tilt's sums
+
     def parts(sg, grad):
         # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q l] with g_i = -sg_i a_i: Cov_Q(g) =
         # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (l - E_Q l) sg a; from l
-        # and q alone (z was scratch)
-        curv = np.multiply(sg, s - 1.0, out=warm.fresh("curv", n))  # q sg (1 + (s - 1) sg)
-        curv += 1.0
-        curv *= sg
-        curv *= q
+        # and q alone, in one pass of cache-sized blocks (z and the tilt's block scratch are
+        # dead by now)
+        curv = warm.fresh("curv", n)  # q sg (1 + (s - 1) sg)
+        qd = warm.get("neg", n)  # q (l - E_Q l) sg
+        dev = buf[1]
+        var = []
+        for lo in range(0, n, _BLOCK):
+            sb, qb = sg[lo:lo + _BLOCK], q[lo:lo + _BLOCK]
+            cb, kb = curv[lo:lo + _BLOCK], qd[lo:lo + _BLOCK]
+            np.multiply(sb, s - 1.0, out=cb)
+            cb += 1.0
+            cb *= sb
+            cb *= qb
+            d_ = dev[:sb.size]
+            np.subtract(l[lo:lo + _BLOCK], mean, out=d_)
+            np.multiply(qb, d_, out=kb)
+            var.append(float(kb @ d_))
+            kb *= sb
+        var = math.fsum(var)
         low = [(-s, grad)]
-        # scratch shared with the losses and the tilts (dead by now)
-        dev = np.subtract(l, float(q @ l), out=warm.get("z", n))
-        qd = np.multiply(q, dev, out=warm.get("neg", n))
-        var = float(qd @ dev)
         if var > 0:
-            qd *= sg
             low.append((-s / var, RowSum(qd)))  # u u^T, u = qd @ a, in the Gram's pass
         return curv, low
 
-    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, lmax + tilt.ez), losses=l,
+    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, mean), losses=l,
                        sigmoid=loss_sigmoid(l, warm.fresh("sigmoid", n)))
 
 
