@@ -73,9 +73,6 @@ _STREAM_MIN_BYTES = 24 << 20
 #: n = 1e6, 10.2 against 14.9-22.7 ms at d = 4 and 12.8-14.6 against 18.5-24.4 ms at d = 8,
 #: equal at d = 16, and at d = 512 the update takes 0.56x the product's time.
 _SYRK_MIN_D = 16
-#: :meth:`Workspace.fresh`: the references to a pooled vector that nothing else holds (the
-#: pool's list and the argument of ``sys.getrefcount``).
-_POOL_ONLY = 2
 #: ... and the vectors a pool keeps at most: more than an evaluation, its line-search trial
 #: and the warm-start state hold at once (a larger pool would only keep dead memory).
 _POOL_SIZE = 4
@@ -435,6 +432,20 @@ class InnerResult:
     hvp: Callable[[np.ndarray], np.ndarray] | None = None
     primal: float | None = None
     chord: bool = True
+
+
+def _pool_only_count() -> int:
+    """The reference count :meth:`Workspace.fresh` reads for a pooled vector that nothing
+    else holds, measured the same way (the pool's list and the argument of
+    ``sys.getrefcount``: 2 in CPython 3.11; measured, not assumed, since the interpreter's
+    own counting of the argument may differ between versions)."""
+    pool = [np.empty(0)]
+    i = 0
+    return sys.getrefcount(pool[i])
+
+
+#: :meth:`Workspace.fresh`: the reference count of a pooled vector that nothing else holds.
+_POOL_ONLY = _pool_only_count()
 
 
 class Workspace:

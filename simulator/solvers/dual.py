@@ -250,9 +250,9 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
         return None
     sub = at.subset(idx)
     mod = methods(amb)
-    model = mod.subsample_model and sub.w.size <= _MODEL_FRACTION * n
+    corrected = mod.subsample_model and sub.w.size <= _MODEL_FRACTION * n
     try:  # the subsample itself starts from scratch
-        found = _minimise(sub, amb, max(tol, _MODEL_SUB_TOL) if model else tol, max_iter,
+        found = _minimise(sub, amb, max(tol, _MODEL_SUB_TOL) if corrected else tol, max_iter,
                           zero_test=True)
     except RuntimeError:
         return None
@@ -262,7 +262,7 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     last = found.result
     if last is None or last.hess is None:
         return Minimum(found.delta, 0, res.state, result=res)
-    if model:
+    if corrected:
         # the full Hessian at the start, and each step corrected by the subsample's problem
         model = _SubsampleModel(_objective(sub, amb), found.delta, last)
         return Minimum(found.delta, 0, res.state, result=res, model=model)
