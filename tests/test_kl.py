@@ -84,7 +84,27 @@ def test_losses_are_dpo_loss_bit_for_bit():
 
     m = np.concatenate([np.linspace(-800, 800, 20001), np.geomspace(1e-300, 1e3, 2000),
                         -np.geomspace(1e-300, 1e3, 2000), [0.0, -0.0]])
-    np.testing.assert_array_equal(kl._losses(m, Workspace()), dpo_loss(m))
+    l, drift = kl._losses(m, Workspace())
+    np.testing.assert_array_equal(l, dpo_loss(m))
+    assert drift is None  # no last evaluation to drift from
+
+
+def test_first_guess_sums_in_the_losses_pass_match_their_own_pass():
+    """The first guess's ``Var_Q l`` and ``Cov_Q(l, dl)`` summed in the pass of the losses
+    (blocks of 16384) against their own pass (blocks of 65536), from the state of an
+    evaluation a step away, to rounding; and the guess made from either is the same."""
+    at, delta = _atoms(n=50_000)
+    amb = sim.KL(0.15)
+    res = evaluate_inner(at, delta, amb, worst=False)
+    m = at.matvec(delta + np.array([2e-2, -1e-2, 5e-3]))
+    l, drift = kl._losses(m, res.state.warm, res.state)
+    own = kl._drift_moments(res.state, l, res.state.warm)
+    assert drift[0] == pytest.approx(own[0], rel=1e-13)
+    assert drift[1] == pytest.approx(own[1], rel=1e-12)
+    z = l - l.max()
+    assert kl._first_guess(res.state, at.w, l, z, amb.rho, res.state.warm, drift) == (
+        pytest.approx(kl._first_guess(res.state, at.w, l, z, amb.rho, res.state.warm),
+                      rel=1e-13))
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e-3, 0.3])
