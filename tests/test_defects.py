@@ -101,9 +101,9 @@ def test_kl_root_search_stops_on_rounding(lam, monkeypatch):
 
     calls = []
 
-    def noisy(w, z, s, buf):  # KL known to 20 ulps at best, as for sums over many atoms
-        calls.append(s)
-        out = tilt(w, z, s, buf)
+    def noisy(w, z, s, buf, *centre):  # KL known to 20 ulps at best, as for sums over
+        calls.append(s)  # many atoms
+        out = tilt(w, z, s, buf, *centre)
         jitter = out.noise * (noise.random() - 0.5) * 0.6
         return klmod._Tilt(out.kl + jitter, out.var, out.q, out.lse, out.noise, out.skew)
 

@@ -74,3 +74,94 @@ def test_blocked_tilt_matches_one_block(monkeypatch):
     assert many.value == pytest.approx(one.value, rel=1e-15)
     np.testing.assert_allclose(many.worst_case.weights, one.worst_case.weights, rtol=1e-12,
                                atol=1e-20)
+
+
+def test_losses_are_dpo_loss_bit_for_bit():
+    """KL's own losses (in a recycled vector) are :func:`simulator.losses.dpo_loss`'s, bit for
+    bit, over margins from -800 to 800."""
+    from simulator.losses import dpo_loss
+    from simulator.solvers.core import Workspace
+
+    m = np.concatenate([np.linspace(-800, 800, 20001), np.geomspace(1e-300, 1e3, 2000),
+                        -np.geomspace(1e-300, 1e3, 2000), [0.0, -0.0]])
+    l, drift = kl._losses(m, Workspace())
+    np.testing.assert_array_equal(l, dpo_loss(m))
+    assert drift is None  # no last evaluation to drift from
+
+
+def test_first_guess_sums_in_the_losses_pass_match_their_own_pass():
+    """The first guess's ``Var_Q l`` and ``Cov_Q(l, dl)`` summed in the pass of the losses
+    (blocks of 16384) against their own pass (blocks of 65536), from the state of an
+    evaluation a step away, to rounding; and the guess made from either is the same."""
+    at, delta = _atoms(n=50_000)
+    amb = sim.KL(0.15)
+    res = evaluate_inner(at, delta, amb, worst=False)
+    m = at.matvec(delta + np.array([2e-2, -1e-2, 5e-3]))
+    l, drift = kl._losses(m, res.state.warm, res.state)
+    own = kl._drift_moments(res.state, l, res.state.warm)
+    assert drift[0] == pytest.approx(own[0], rel=1e-13)
+    assert drift[1] == pytest.approx(own[1], rel=1e-12)
+    z = l - l.max()
+    assert kl._first_guess(res.state, at.w, l, z, amb.rho, res.state.warm, drift) == (
+        pytest.approx(kl._first_guess(res.state, at.w, l, z, amb.rho, res.state.warm),
+                      rel=1e-13))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-3, 0.3])
+def test_tilt_moments_in_one_pass_match_the_two_passes(offset, monkeypatch):
+    """The moments the tilt sums about a centre near ``E_Q z`` (in its first pass, blocks of
+    64 atoms) against the second pass about ``E_Q z`` itself; a centre so far that they
+    would cancel leaves them to that pass."""
+    monkeypatch.setattr(kl, "_BLOCK", 64)
+    rng = np.random.default_rng(5)
+    z = -rng.gamma(2.0, 0.4, size=3001)
+    z -= z.max()
+    w = rng.random(z.size)
+    w /= w.sum()
+    buf = (np.empty(z.size), np.empty(64), np.empty(64))
+    ref = kl._tilt(w, z, 1.7, buf)
+    var, skew, ez = ref.var, ref.skew, ref.ez
+    one = kl._tilt(w, z, 1.7, buf, ez + offset)
+    assert one._var is not None and one._skew is not None  # from the first pass
+    assert one.kl == ref.kl and one.ez == ez
+    assert one.var == pytest.approx(var, rel=1e-12)
+    assert one.skew == pytest.approx(skew, rel=1e-10)
+    far = kl._tilt(w, z, 1.7, buf, ez + 1e4 * math.sqrt(var))
+    assert far._var is None and far.var == pytest.approx(var, rel=1e-15)
+
+
+def test_subsample_model_saves_a_full_evaluation_at_the_same_minimiser(monkeypatch):
+    """At n = 260,000 (a subsample of 12,500 = 1/20.8 of the atoms) Newton's steps corrected
+    by the subsample's problem reach the minimiser of the uncorrected run (the same
+    certified optimum) in fewer full-data evaluations."""
+    from dataclasses import replace
+
+    from simulator.solvers import registry
+
+    rng = np.random.default_rng(11)
+    n = 260_000
+    x = rng.normal(size=(n, 4))
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-x @ np.array([1.5, -1.0, 0.5, 0.8])))).astype(
+        float)
+    data = sim.PreferenceData(x, y)
+    amb = sim.KL(0.1)
+    full = []
+    reweight = kl._reweight
+
+    def counted(at, m, l, a, st):
+        if at.w.size == n:
+            full.append(1)
+        return reweight(at, m, l, a, st)
+
+    runs = {}
+    for model in (True, False):
+        methods = replace(kl.METHODS, reweight=counted, evaluate=None, subsample_model=model)
+        monkeypatch.setitem(registry.SETS, "kldpo", methods)
+        full.clear()
+        sol = sim.solve(data, amb)
+        runs[model] = (sol, len(full))
+    (with_model, n_model), (without, n_plain) = runs[True], runs[False]
+    assert n_model < n_plain
+    np.testing.assert_allclose(with_model.theta, without.theta, rtol=0, atol=1e-8)
+    assert with_model.info["optimality_gap"] <= 1e-12
+    assert with_model.value == pytest.approx(without.value, rel=1e-13)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -29,7 +30,7 @@ from ..losses import dpo_loss, margins
 from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "atom_radius", "Minimum", "NewtonRun", "SetMethods",
-           "Reweighting", "Stalled", "Workspace", "ConcaveMax", "cg_solve", "concave_max",
+           "Reweighting", "RowSum", "Stalled", "Workspace", "ConcaveMax", "cg_solve", "concave_max",
            "min_norm_mean",
            "curvature_bound", "logistic_gap", "logistic_hvp", "loss_sigmoid",
            "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
@@ -72,6 +73,9 @@ _STREAM_MIN_BYTES = 24 << 20
 #: n = 1e6, 10.2 against 14.9-22.7 ms at d = 4 and 12.8-14.6 against 18.5-24.4 ms at d = 8,
 #: equal at d = 16, and at d = 512 the update takes 0.56x the product's time.
 _SYRK_MIN_D = 16
+#: ... and the vectors a pool keeps at most: more than an evaluation, its line-search trial
+#: and the warm-start state hold at once (a larger pool would only keep dead memory).
+_POOL_SIZE = 4
 #: Regularisations (relative to the mean diagonal) tried in turn when a Cholesky factor of
 #: a PSD Hessian fails: from none up to 1e-5, below which a Newton step stays a descent
 #: direction that the line search can shorten.
@@ -107,6 +111,13 @@ _CHORD_PREDICTION = 2.0
 #: Hessian (at n = 1e6, d = 8 a Hessian costs about 0.6 evaluations, relatively more at
 #: larger d), so the status quo is kept where the two are that close.
 _CHORD_STEPS = 3
+#: :func:`_model_step`: chord iterations on the subsample model at most (each one subsample
+#: evaluation; they contract by the Hessian's relative change along the step, 1e-2 .. 1e-1 on
+#: the benchmark problems, so three reach the model's own accuracy) ...
+_MODEL_ITERS = 3
+#: ... stopped early once the model's gradient is below this fraction of Newton's ``tol``
+#: (the step then ends the run as far as the model can tell).
+_MODEL_TOL = 0.1
 #: Smallest line-search step before Newton gives up (``2^-33``: 33 halvings).
 _MIN_STEP = 1e-10
 #: When the line search fails with ``||grad||_inf <= _NEAR_TOL * tol`` the iterate is
@@ -223,8 +234,9 @@ class Atoms:
 
     @functools.cached_property
     def index(self) -> np.ndarray:
-        """``0, ..., n - 1``: the source of every atom of a reweighting (:func:`reweighted`),
-        one array for all the evaluations of a minimisation."""
+        """``0, ..., n - 1``: the source of every atom of a reweighting (:func:`reweighted`,
+        built when a worst case's ``source`` is first read), one array for all the
+        evaluations of a minimisation."""
         return np.arange(self.x.shape[0])
 
     @property
@@ -240,14 +252,21 @@ class Atoms:
         return self.__dict__.get("a")
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
-        """``a @ v = factor * (x @ v)`` (a fresh ``n``-vector; :func:`_matvec`), or ``a @
-        v`` once :attr:`a` is built."""
+        """``a @ v = factor * (x @ v)`` (:func:`_matvec`), or ``a @ v`` once :attr:`a` is
+        built: a new ``n``-vector, or one of an earlier product that nothing references any
+        more (:meth:`Workspace.fresh`)."""
         a = self.built()
+        out = (self._pool.fresh("matvec", self.x.shape[0])
+               if self.x.dtype == np.float64 and v.dtype == np.float64 else None)
         if a is not None:
-            return _matvec(a, v)
-        m = _matvec(self.x, v)
+            return _matvec(a, v, out)
+        m = _matvec(self.x, v, out)
         m *= self.factor
         return m
+
+    @functools.cached_property
+    def _pool(self) -> Workspace:
+        return Workspace()
 
     def rmatvec(self, u: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
         """``u @ a = (u factor) @ x`` (:func:`_rmatvec`), or ``u @ a`` once :attr:`a` is
@@ -289,16 +308,18 @@ class Atoms:
             When that scale is outside ``[_MIN_SCALE, _MAX_SCALE]``: double precision
             cannot then represent ``theta`` (``O(1 / scale)``) and the margins together.
         """
-        x, w, ytil = data.x, data.weights, data.ytil
+        x, w, ytil = data.x, data.weights, data.ytil  # ytil: a new vector, scaled in place
         if not normalise:
-            return cls(x, data.y, w, ytil * beta, beta)
-        mean_sq, top_sq, sums = _row_moments(x, w, ytil * w)
+            ytil *= beta
+            return cls(x, data.y, w, ytil, beta)
+        mean_sq, top_sq, sums = _row_moments(x, w, ytil)
         unit = 1.0
         if not (_MEAN_SQ_SAFE <= mean_sq and top_sq <= 1.0 / _MEAN_SQ_SAFE):
             # squares that could overflow or underflow: the moments of x / max |x|
             unit = max(float(x.max()), -float(x.min()))  # no n x d temporary
             if unit == 0.0:  # every atom is 0
-                return cls(x, data.y, w, ytil * beta, beta, mean=np.zeros(data.d))
+                ytil *= beta
+                return cls(x, data.y, w, ytil, beta, mean=np.zeros(data.d))
             mean_sq, top_sq, _ = _row_moments(x, w, None, unit)
         rms = unit * math.sqrt(mean_sq)
         scale = _check_scale(beta * rms)
@@ -308,7 +329,8 @@ class Atoms:
                              "the normalised atoms, overflows; rescale the features")
         # max ||a_i|| after the scaling, with a few ulps to spare: an upper bound
         radius = unit * math.sqrt(top_sq) / rms * (1.0 + _RADIUS_ULPS)
-        return cls(x, data.y, w, ytil * inv, inv, scale, radius, mean=sums * inv)
+        ytil *= inv
+        return cls(x, data.y, w, ytil, inv, scale, radius, mean=sums * inv)
 
     def subset(self, idx: np.ndarray) -> Atoms:
         """The atoms ``idx``, weights renormalised (``radius`` stays an upper bound)."""
@@ -324,9 +346,9 @@ def _streams(x: np.ndarray) -> bool:
             and x.flags.c_contiguous)
 
 
-def _matvec(x: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``x @ v``, by einsum where :func:`_streams` says so."""
-    return np.einsum("ij,j->i", x, v) if _streams(x) else x @ v
+def _matvec(x: np.ndarray, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ v`` (into ``out`` if given), by einsum where :func:`_streams` says so."""
+    return np.einsum("ij,j->i", x, v, out=out) if _streams(x) else np.matmul(x, v, out=out)
 
 
 def _rmatvec(u: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -336,9 +358,10 @@ def _rmatvec(u: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _row_moments(x: np.ndarray, w: np.ndarray, v: np.ndarray | None,
                  unit: float = 1.0) -> tuple[float, float, np.ndarray | None]:
-    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2, v @ x)`` (the last ``None`` without
-    ``v``) in one pass over blocks of ``_MOMENT_BLOCK`` entries, each read from memory once
-    (the second product finds it in cache)."""
+    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2, (w v) @ x)`` (the last ``None``
+    without ``v``) in one pass over blocks of ``_MOMENT_BLOCK`` entries, each read from
+    memory once (the second product finds it in cache; ``w v`` is formed a block at a
+    time)."""
     rows = max(1, _MOMENT_BLOCK // x.shape[1])
     tot, top = [], 0.0
     acc = None if v is None else np.zeros(x.shape[1])
@@ -349,7 +372,7 @@ def _row_moments(x: np.ndarray, w: np.ndarray, v: np.ndarray | None,
         tot.append(float(w[lo:lo + rows] @ sq))
         top = max(top, float(sq.max()))
         if acc is not None:
-            acc += v[lo:lo + rows] @ blk
+            acc += (w[lo:lo + rows] * v[lo:lo + rows]) @ blk
     return math.fsum(tot), top, acc
 
 
@@ -411,17 +434,33 @@ class InnerResult:
     chord: bool = True
 
 
+def _pool_only_count() -> int:
+    """The reference count :meth:`Workspace.fresh` reads for a pooled vector that nothing
+    else holds, measured the same way (the pool's list and the argument of
+    ``sys.getrefcount``: 2 in CPython 3.11; measured, not assumed, since the interpreter's
+    own counting of the argument may differ between versions)."""
+    pool = [np.empty(0)]
+    i = 0
+    return sys.getrefcount(pool[i])
+
+
+#: :meth:`Workspace.fresh`: the reference count of a pooled vector that nothing else holds.
+_POOL_ONLY = _pool_only_count()
+
+
 class Workspace:
     """What the evaluations along one minimisation share (a set's warm-start state carries
     it from one to the next): named scratch ``n``-vectors, reused because at n = 1e6 a
     fresh one costs page faults (the kernel maps and zeroes its 8 MB) on top of the work
     done in it, and whether the weights are all equal (the sets then leave out their
-    products with them). Scratch only: an array from :meth:`get` is overwritten by the next
-    evaluation, so nothing that outlives an evaluation (a result's arrays, what its Hessian
-    closure reads) may be one."""
+    products with them). Scratch from :meth:`get` is overwritten by the next evaluation, so
+    nothing that outlives an evaluation (a result's arrays, what its Hessian closure reads)
+    may be one; those come from :meth:`fresh`, which recycles only vectors nothing else
+    references any more."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self._pools: dict[str, list[np.ndarray]] = {}
         self._w: np.ndarray | None = None
         self._w0: float | None = None
 
@@ -430,6 +469,22 @@ class Workspace:
         buf = self._bufs.get(name)
         if buf is None or buf.shape != (n,) or buf.dtype != dtype:
             buf = self._bufs[name] = np.empty(n, dtype)
+        return buf
+
+    def fresh(self, name: str, n: int) -> np.ndarray:
+        """A vector of ``n`` floats (uninitialised) that may outlive the evaluation: one of
+        the pool ``name`` that nothing outside the pool references any more (no result, view
+        or closure: CPython's reference count), else a new one, added to the pool while it
+        holds fewer than :data:`_POOL_SIZE`. The same values as a new array, without the page
+        faults of fresh memory (about 1.7 ms per 8 MB vector at n = 1e6, a fifth of a pass:
+        a KL evaluation made four, a Hessian one more)."""
+        pool = self._pools.setdefault(name, [])
+        for i in range(len(pool)):  # no loop variable: it would hold a reference
+            if sys.getrefcount(pool[i]) == _POOL_ONLY and pool[i].shape == (n,):
+                return pool[i]
+        buf = np.empty(n)
+        if len(pool) < _POOL_SIZE:
+            pool.append(buf)
         return buf
 
     def equal_weight(self, w: np.ndarray) -> float | None:
@@ -455,13 +510,15 @@ class NewtonRun:
 class Minimum:
     """A minimiser of ``F`` as a set module returns it; ``info`` is what the solve reports
     (for example ``optimality_gap``), kept apart from the warm-start ``state``; ``result``
-    is the evaluation at ``delta`` when the minimisation ended on one."""
+    is the evaluation at ``delta`` when the minimisation ended on one; ``model``, for a
+    subsample's minimiser, that subsample's problem as :func:`newton`'s model."""
 
     delta: np.ndarray
     iterations: int
     state: Any
     info: dict = field(default_factory=dict)
     result: InnerResult | None = None
+    model: Callable | None = None
 
 
 class Stalled(RuntimeError):
@@ -472,32 +529,45 @@ class Stalled(RuntimeError):
         self.delta, self.state = delta, state
 
 
-def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray) -> np.ndarray:
+def weighted_hess(at: Atoms | np.ndarray, c: np.ndarray, vectors: tuple = ()):
     """``sum_i c_i a_i a_i^T`` for ``c >= 0`` (``at``: atoms or the ``n x d`` matrix ``a``),
     over chunks of rows (the temporaries stay in cache instead of an ``n x d`` copy): below
     ``_SYRK_MIN_D`` columns as the product ``(a_k^T c_k) a_k`` (symmetrised), from there as
     ``sum_k b_k^T b_k``, ``b_i = sqrt(c_i) a_i``, which numpy computes as a symmetric rank-k
-    update (half the work of a product)."""
-    unit = 1.0
+    update (half the work of a product). With ``vectors`` (``n``-vectors ``v``), returns
+    ``(hess, [v @ a, ...])``, the products from the same chunks (one read of the features
+    for both: at n = 1e6, d = 8 a product alone streams them in about 3 ms)."""
+    unit, factor = 1.0, None
     if not isinstance(at, Atoms):
         a = at
     elif (a := at.built()) is None:  # beta^2 sum_i c_i x_i x_i^T (factor_i^2 = beta^2)
-        a, unit = at.x, at.beta**2
+        a, unit, factor = at.x, at.beta**2, at.factor
     d = a.shape[1]
     out = np.zeros((d, d))
-    if d < _SYRK_MIN_D:
-        for lo in range(0, a.shape[0], _CHUNK_ROWS):
-            blk = a[lo:lo + _CHUNK_ROWS]
+    sums = [np.zeros(d) for _ in vectors]
+    r = np.sqrt(c) if d >= _SYRK_MIN_D else None
+    for lo in range(0, a.shape[0], _CHUNK_ROWS):
+        blk = a[lo:lo + _CHUNK_ROWS]
+        if r is None:
             out += (blk.T * c[lo:lo + _CHUNK_ROWS]) @ blk
-        out = (out + out.T) / 2.0
-    else:
-        r = np.sqrt(c)
-        for lo in range(0, a.shape[0], _CHUNK_ROWS):
-            b = a[lo:lo + _CHUNK_ROWS] * r[lo:lo + _CHUNK_ROWS, None]
+        else:
+            b = blk * r[lo:lo + _CHUNK_ROWS, None]
             out += b.T @ b
+        for acc, v in zip(sums, vectors, strict=True):
+            vb = v[lo:lo + _CHUNK_ROWS]
+            acc += (vb if factor is None else vb * factor[lo:lo + _CHUNK_ROWS]) @ blk
+    if r is None:
+        out = (out + out.T) / 2.0
     if unit != 1.0:
         out *= unit
-    return out
+    return (out, sums) if vectors else out
+
+
+class RowSum(NamedTuple):
+    """A low-rank term's vector given by its weights: ``u = w @ a`` (the reweighting sets'
+    Hessian ``parts``, :func:`reweighting_result`), formed in the pass of the Gram matrix."""
+
+    w: np.ndarray
 
 
 def logistic_hvp(at: Atoms, c: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -559,17 +629,20 @@ def unmerge(wc: WorstCase, inverse: np.ndarray, w: np.ndarray) -> WorstCase:
 
 
 def reweighted(at: Atoms, q: np.ndarray) -> WorstCase:
-    """The worst case that keeps the atoms and reweights them to ``q``."""
-    return WorstCase(q, at.x, at.y, at.index)
+    """The worst case that keeps the atoms and reweights them to ``q`` (its ``source``,
+    :attr:`Atoms.index`, built when read: the solves never read it)."""
+    return WorstCase(q, at.x, at.y, lambda: at.index)
 
 
-def top_atoms(at: Atoms, l: np.ndarray, positive: bool = False) -> tuple[np.ndarray, float]:
+def top_atoms(at: Atoms, l: np.ndarray, positive: bool = False,
+              out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Indicator of the max-loss atoms (ties within ``_TIE_TOL``) among positive weights,
     and the largest loss; ``positive``: the caller knows every weight is positive (equal
-    weights, :meth:`Workspace.equal_weight`), so they are not compared again."""
+    weights, :meth:`Workspace.equal_weight`), so they are not compared again, and the
+    indicator is written into ``out`` (a boolean scratch vector) if given."""
     if positive:
         lmax = float(l.max())
-        return l >= lmax - _TIE_TOL * max(1.0, abs(lmax)), lmax
+        return np.greater_equal(l, lmax - _TIE_TOL * max(1.0, abs(lmax)), out=out), lmax
     pos = at.w > 0
     if pos.all():  # no copy of l (8 MB at n = 1e6) when every weight is positive
         lmax = float(l.max())
@@ -578,12 +651,13 @@ def top_atoms(at: Atoms, l: np.ndarray, positive: bool = False) -> tuple[np.ndar
     return pos & (l >= lmax - _TIE_TOL * max(1.0, abs(lmax))), lmax
 
 
-def loss_sigmoid(l: np.ndarray) -> np.ndarray:
-    """``sigmoid(-m) = 1 - exp(-l)`` from the losses ``l = softplus(-m)``: one vectorised
-    ``exp`` (several times faster than ``expit``), to an absolute error of an ulp of 1 (the
-    relative error grows only where ``sigmoid(-m) < 1e-8``, whose gradient and curvature
-    contributions are that small). The certificates use ``expit`` itself."""
-    s = np.negative(l)
+def loss_sigmoid(l: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``sigmoid(-m) = 1 - exp(-l)`` from the losses ``l = softplus(-m)`` (into ``out`` if
+    given): one vectorised ``exp`` (several times faster than ``expit``), to an absolute
+    error of an ulp of 1 (the relative error grows only where ``sigmoid(-m) < 1e-8``, whose
+    gradient and curvature contributions are that small). The certificates use ``expit``
+    itself."""
+    s = np.negative(l, out=out)
     np.exp(s, out=s)
     np.subtract(1.0, s, out=s)
     return s
@@ -594,13 +668,18 @@ class Reweighting(NamedTuple):
     ``q`` (weights on the atoms), ``F``, the dual variable, the Hessian's ``parts`` (as in
     :func:`reweighting_result`; ``None``: ``E_Q hess l``) and the warm-start state for the
     next evaluation. No product with the atoms: ``F`` along a line ``delta + t p`` costs
-    ``O(n)`` per point once ``A p`` is known (:func:`quasi_newton`'s line search)."""
+    ``O(n)`` per point once ``A p`` is known (:func:`quasi_newton`'s line search).
+    ``losses`` and ``sigmoid``, where the set computed them (``l = softplus(-m)`` for a set
+    that is passed none, ``SetMethods.losses = False``; ``sigmoid(-m)``), are used instead
+    of computing them again."""
 
     q: np.ndarray
     value: float
     dual: float | None
     parts: Callable | None = None
     state: Any = None
+    losses: np.ndarray | None = None
+    sigmoid: np.ndarray | None = None
 
 
 def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
@@ -611,7 +690,8 @@ def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
 
     The Hessian is ``sum_i c_i a_i a_i^T + sum_k k_k u_k u_k^T``, one chunked rank-n
     update (:func:`weighted_hess`) plus rank-one terms, with ``(c, [(k_k, u_k), ...]) =
-    rw.parts(s, grad)`` (``s = sigmoid(-m)``); without ``parts`` it is ``E_Q hess l``, ``c
+    rw.parts(s, grad)`` (``s = sigmoid(-m)``; a :class:`RowSum` ``u_k`` is formed in the
+    update's pass); without ``parts`` it is ``E_Q hess l``, ``c
     = q s (1 - s)``. Every reweighting set's Schur complement has that form (:mod:`.kl`,
     :mod:`.chi2`): no ``n x d`` temporary is built; ``hvp`` is its product with a vector
     (:func:`logistic_hvp` plus the rank-one terms). ``s`` may be passed when known; else
@@ -624,14 +704,27 @@ def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
     grad = -at.rmatvec(q, s)
     cache = []
 
-    def pieces():
+    def raw():
+        return (q * s * (1.0 - s), []) if parts is None else parts(s, grad)
+
+    def pieces():  # with every RowSum's product formed (its weights may be scratch)
         if not cache:
-            cache.append((q * s * (1.0 - s), []) if parts is None else parts(s, grad))
+            curv, low_rank = raw()
+            cache.append((curv, [(k, at.rmatvec(u.w) if isinstance(u, RowSum) else u)
+                                 for k, u in low_rank]))
         return cache[0]
 
     def h():
-        curv, low_rank = pieces()
-        out = weighted_hess(at, curv)
+        if cache:
+            curv, low_rank = cache[0]
+            out = weighted_hess(at, curv)
+        else:  # the RowSums' products in the Gram matrix's pass
+            curv, low_rank = raw()
+            lazy = tuple(u.w for _, u in low_rank if isinstance(u, RowSum))
+            out, sums = weighted_hess(at, curv, lazy) if lazy else (weighted_hess(at, curv), [])
+            sums.reverse()
+            low_rank = [(k, sums.pop() if isinstance(u, RowSum) else u) for k, u in low_rank]
+            cache.append((curv, low_rank))
         for k, u in low_rank:
             out += k * np.outer(u, u)
         return out
@@ -651,7 +744,9 @@ def reweighting_evaluate(reweight: Callable) -> Callable:
     """A reweighting set's ``SetMethods.evaluate`` from its ``reweight(at, m, l, ambiguity,
     state) -> Reweighting``: :func:`reweighting_result` of it."""
     def evaluate(at, delta, m, l, amb, hess, worst, state) -> InnerResult:
-        return reweighting_result(at, m, reweight(at, m, l, amb, state), hess, l=l)
+        rw = reweight(at, m, l, amb, state)
+        return reweighting_result(at, m, rw, hess, l=l if rw.losses is None else rw.losses,
+                                  s=rw.sigmoid)
     return evaluate
 
 
@@ -724,7 +819,7 @@ def _diverged(label: str) -> RuntimeError:
 
 def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
            state: Any = None, start: list | None = None,
-           hessian_free: bool = False) -> NewtonRun:
+           hessian_free: bool = False, model: Callable | None = None) -> NewtonRun:
     """Damped Newton on a convex ``objective(delta, state) -> InnerResult`` (with Hessian).
 
     ``start``, when given, is a list holding ``objective(delta, state)`` already computed;
@@ -736,6 +831,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
     gradient by ``_CHORD_RATIO`` keeps its Hessian for the next step (unless the new
     evaluation has ``chord=False``). With ``hessian_free``, an evaluation that supplies
     ``hvp`` gets its step by :func:`cg_solve` (inexact Newton) instead of the dense Hessian.
+    ``model``, a cheaper objective of the same shape (the same problem on a subsample), corrects
+    each dense step for the gradient's nonlinearity along it (:func:`_model_step`).
 
     Raises
     ------
@@ -762,6 +859,8 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             if h is None:
                 h = cur.hess()
             step = -psd_solve(h, g)
+            if model is not None:
+                step = _model_step(model, delta, g, h, step, tol)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
             return NewtonRun(delta, it, state, cur)  # the Newton step (the distance) is tiny
         dec = -float(g @ step)
@@ -807,6 +906,39 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             raise _diverged(label)
     raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
+
+
+def _model_step(model: Callable, delta: np.ndarray, g: np.ndarray, h: np.ndarray,
+                step: np.ndarray, tol: float) -> np.ndarray:
+    """Newton's ``step`` (``h step = -g``) moved to the minimiser of the model ``M(delta + s)
+    = G(delta + s) + (g - g_G) . s + s^T (h - H_G) s / 2`` of :func:`newton`'s objective
+    ``F``, with ``G = model(delta) -> (g_G, H_G)`` (``model``: ``point -> InnerResult``, the
+    same problem on a subsample): ``M`` matches ``F``'s gradient and Hessian at ``delta``,
+    and its third and higher derivatives are ``G``'s, which estimate ``F``'s. So ``F``'s
+    gradient after the step is the error of that estimate (about ``n_sub^-1/2`` of the
+    quadratic term Newton's step leaves) instead of the quadratic term itself.
+
+    The chord iteration ``s <- s - h^-1 grad M(delta + s)`` from Newton's step (each ``O(n_sub
+    d)``; it contracts by about the relative change of the Hessian along the step), at most
+    :data:`_MODEL_ITERS` times, until ``||grad M||_inf <= _MODEL_TOL tol`` or while it falls.
+    Measured at n = 1e6, d = 8 (KL, subsample of 25,000): from ``||g||_inf = 2.6e-3`` the
+    gradient after the step was ``7e-6`` instead of Newton's ``2.6e-5`` (Gaussian), ``1.4e-6``
+    instead of ``2e-4`` (environment data), and after the second step ``5e-11`` and ``2e-12``
+    instead of ``1e-8`` and ``1.5e-6``: three full-data evaluations instead of four."""
+    base = model(delta)
+    off = g - base.grad
+    corr = h - base.hess()
+    best, best_r = step, math.inf
+    for _ in range(_MODEL_ITERS):
+        r = model(delta + step).grad + off + corr @ step
+        rn = float(np.max(np.abs(r)))
+        if not (rn < best_r and np.all(np.isfinite(r))):
+            return best  # the iteration stopped contracting: the last step that did
+        best, best_r = step, rn
+        if rn <= _MODEL_TOL * tol:
+            break
+        step = step - psd_solve(h, r)
+    return step
 
 
 def _keeps_hessian(gn: float, cut: float, rate: float | None, quad: float | None,
@@ -1000,7 +1132,7 @@ def _ray_point(reweight: Callable, m0: np.ndarray, u: np.ndarray, t: float,
     m = m0 + t * u
     l = dpo_loss(m)
     rw = reweight(m, l, state)
-    s = loss_sigmoid(l)
+    s = loss_sigmoid(l) if rw.sigmoid is None else rw.sigmoid
     return _RayPoint(t, m, l, s, rw, -float((rw.q * s) @ u))
 
 
@@ -1282,9 +1414,13 @@ def logistic_gap(a: np.ndarray | Atoms, q: np.ndarray, delta: np.ndarray, upper:
     atoms = isinstance(a, Atoms)
     if m is None:
         m = a.matvec(delta) if atoms else a @ delta
+    if l is None:
+        l = dpo_loss(m)
     with np.errstate(invalid="ignore"):  # 0 * inf for an infinite loss of weight 0
-        lq = q * (dpo_loss(m) if l is None else l)
-    value = float(np.where(q > 0, lq, 0.0).sum())
+        lq = np.multiply(q, l, out=a._scratch if atoms else None)  # no new n-vector
+        value = float(lq.sum())
+        if not math.isfinite(value):
+            value = float(np.where(q > 0, lq, 0.0).sum())
     if grad is None:
         u = -(q * expit(-m))
         grad = a.rmatvec(u) if atoms else u @ a
@@ -1431,6 +1567,10 @@ class SetMethods:
         case are functions of the margins alone (the reweighting sets; ``evaluate`` is then
         :func:`reweighting_evaluate` of it, built here), so that :func:`quasi_newton`
         searches its lines in margin space (``O(n)`` per trial point, no product with the atoms).
+    subsample_model : bool
+        Whether Newton on all the atoms, started at a subsample's minimiser, corrects its
+        steps by that subsample's problem (:func:`_model_step`, ``newton(model=...)``):
+        where its quadratic convergence leaves a fourth evaluation that the model saves.
     """
 
     name: str
@@ -1445,6 +1585,7 @@ class SetMethods:
     conic: str = ""
     losses: bool = True
     reweight: Callable | None = None
+    subsample_model: bool = False
 
     def __post_init__(self) -> None:
         if (self.evaluate is None) == (self.reweight is None):

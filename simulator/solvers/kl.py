@@ -22,10 +22,12 @@ import numpy as np
 from .core import (
     Atoms,
     Reweighting,
+    RowSum,
     SetMethods,
     Workspace,
     concave_max,
     logistic_gap,
+    loss_sigmoid,
     min_norm_mean,
     top_atoms,
     weighted_hess,
@@ -51,6 +53,22 @@ _TRUST = 3.0
 _EXPAND = 2.0
 #: Smallest variance of the losses used for the first guess ``sqrt(2 rho / Var_P l)``.
 _TINY = 1e-300
+#: Atoms per block of the passes over the losses (:func:`_losses`, the normalisation with the
+#: sigmoid): the block's margins, losses and scratch, and the last losses and worst case of
+#: the first guess, seven vectors of 128 KB at 16384, stay in the core's own 1 MB cache.
+#: Measured (n = 1e6, one BLAS thread, this shared machine under a load of 1.3 to 2): the
+#: losses with the first guess's sums 6.0-8.1 ms in blocks of 16384, 6.4-7.1 at 32768,
+#: 6.6 at 65536, 8.2-9.2 unblocked, 9.3-9.7 at 4096; the two separate passes 7.6 ms.
+_LOSS_BLOCK = 16384
+#: :func:`_tilt` sums the moments in its first pass about a centre ``c`` unless they would
+#: cancel, ``(E_Q z - c)^2 > Var_Q z / _SHIFT_RATIO`` (their relative rounding is then at
+#: most about ``_SHIFT_RATIO`` ulps: far below what Halley's step needs).
+_SHIFT_RATIO = 1e6
+#: A tilt with ``|KL - rho| <= _LAST_STEP rho`` is expected to be the last but one: Halley's
+#: cubic step from it lands within rounding (measured at n = 1e6: after ``|KL - rho| =
+#: 1e-9 .. 1.5e-9`` the next tilt ended the search, after ``1e-4 .. 4e-4`` it did not), so
+#: the next tilt leaves its moments to a second pass on first use.
+_LAST_STEP = 1e-5
 #: Atoms per block of the tilt's passes: a block's pieces of ``z``, ``q`` and two scratch
 #: blocks (2 MB at 65536) stay in cache from one operation to the next instead of
 #: streaming 8 MB vectors from memory for each at n = 1e6. Measured (one tilt with its
@@ -74,9 +92,9 @@ class KLState:
     mean: float | None = field(default=None, compare=False, repr=False)
 
     def transfer(self) -> KLState:
-        """The state to start another problem (a subsample's solution) with: ``lambda*``
-        (the losses, the worst case and the scratch vectors are the subsample's)."""
-        return KLState(self.lam)
+        """The state to start another problem (a subsample's solution) with: ``lambda*`` and
+        ``E_q l`` (the losses, the worst case and the scratch vectors are the subsample's)."""
+        return KLState(self.lam, mean=self.mean)
 
 
 class _Tilt:
@@ -109,18 +127,24 @@ class _Tilt:
         return self._skew
 
 
-def _tilt(w: np.ndarray | float, z: np.ndarray, s: float, buf: tuple) -> _Tilt:
+def _tilt(w: np.ndarray | float, z: np.ndarray, s: float, buf: tuple,
+          centre: float | None = None) -> _Tilt:
     """The tilt at ``s``, worked in place in ``buf = (q, zc, zk)`` (``q``, unnormalised,
     an n-vector overwritten by the next call; ``zc``, ``zk``, scratch of at least
     ``min(n, _BLOCK)`` entries); ``w`` is the weights, or their common value when all are
-    equal (the product with them is then left out). Both passes (the mass and mean, then
-    the centred moments on first use: ``E z^2 - (E z)^2`` would cancel) run block by block
+    equal (the product with them is then left out). The mass and mean, then the centred
+    moments on first use (``E z^2 - (E z)^2`` would cancel), run block by block
     (``_BLOCK``), the blocks' sums added exactly (``math.fsum``): the rounding stays that
-    of one block's pairwise sum."""
+    of one block's pairwise sum. With ``centre``, an estimate ``c`` of ``E_Q z`` (the last
+    tilt's), the moments about ``c`` are summed in the same pass, with each block still in
+    cache, and moved to ``E_Q z = c + e``: ``Var = E (z - c)^2 - e^2``, ``E (z - E z)^3 = E (z
+    - c)^3 - 3 e E (z - c)^2 + 2 e^3``, unless ``e^2 > _SHIFT_RATIO Var`` (they would
+    cancel: the second pass then runs on first use). The moments only steer Halley's steps;
+    the root test reads ``KL`` alone."""
     # z <= 0 with z = 0 on atoms of positive weight: exp cannot overflow
     q, zc, zk = buf
     equal = isinstance(w, float)
-    tots, sums = [], []
+    tots, sums, m2, m3 = [], [], [], []
     for lo in range(0, z.size, _BLOCK):
         qb, zb = q[lo:lo + _BLOCK], z[lo:lo + _BLOCK]
         np.multiply(zb, s, out=qb)
@@ -129,24 +153,38 @@ def _tilt(w: np.ndarray | float, z: np.ndarray, s: float, buf: tuple) -> _Tilt:
             qb *= w[lo:lo + _BLOCK]
         tots.append(float(qb.sum()))
         sums.append(float(qb @ zb))
+        if centre is not None:
+            m2.append(_central(qb, zb, centre, zc, zk, m3))
     tot = math.fsum(tots)
     lse = math.log(tot) + (math.log(w) if equal else 0.0)
     ez = math.fsum(sums) / tot
+    var = skew = None
+    if centre is not None:
+        e, v2, v3 = ez - centre, math.fsum(m2) / tot, math.fsum(m3) / tot
+        if e * e <= _SHIFT_RATIO * (v2 - e * e):
+            var, skew = v2 - e * e, v3 - 3.0 * e * v2 + 2.0 * e**3
 
     def moments():
         var, skew = [], []
         for lo in range(0, z.size, _BLOCK):
-            qb, zb = q[lo:lo + _BLOCK], z[lo:lo + _BLOCK]
-            c, k = zc[:zb.size], zk[:zb.size]
-            np.subtract(zb, ez, out=c)
-            np.multiply(qb, c, out=k)
-            var.append(float(k @ c))
-            np.multiply(k, c, out=k)
-            skew.append(float(k @ c))
+            var.append(_central(q[lo:lo + _BLOCK], z[lo:lo + _BLOCK], ez, zc, zk, skew))
         return math.fsum(var) / tot, math.fsum(skew) / tot
 
-    return _Tilt(s * ez - lse, None, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)), None,
+    return _Tilt(s * ez - lse, var, q, lse, _SUM_EPS * (abs(s * ez) + abs(lse)), skew,
                  moments, ez, tot)
+
+
+def _central(qb: np.ndarray, zb: np.ndarray, c: float, zc: np.ndarray, zk: np.ndarray,
+             third: list) -> float:
+    """``sum_i q_i (z_i - c)^2`` of one block, with ``sum_i q_i (z_i - c)^3`` appended to
+    ``third`` (``zc``, ``zk``: scratch of the block's size at least)."""
+    d, k = zc[:zb.size], zk[:zb.size]
+    np.subtract(zb, c, out=d)
+    np.multiply(qb, d, out=k)
+    second = float(k @ d)
+    np.multiply(k, d, out=k)
+    third.append(float(k @ d))
+    return second
 
 
 def _halley(f: float, s: float, var: float, skew: float) -> float:
@@ -162,34 +200,21 @@ def _halley(f: float, s: float, var: float, skew: float) -> float:
 
 
 def _first_guess(state: KLState | None, w, l: np.ndarray, z: np.ndarray, rho: float,
-                 warm: Workspace) -> float:
+                 warm: Workspace, drift: tuple | None = None) -> float:
     """Where the root search starts: the last ``s = 1 / lambda*`` moved by the first-order
     change of ``log s`` for the change ``dl`` of the losses since that evaluation, ``-Cov_Q(l,
     dl) / Var_Q l`` at its ``Q`` and ``l`` (implicit differentiation of ``KL(Q_s || P) = rho``:
     ``d KL / d log s = s^2 Var_Q l``, and ``dl`` moves ``KL`` by ``s^2 Cov_Q(l, dl)``; at
     most ``_TRUST`` in ``log s``), from ``O(n)`` operations on the two loss vectors (no
-    product with ``A``); else ``sqrt(2 rho / Var_P l)`` (the small-``rho`` expansion ``KL ~
-    s^2 Var_P l / 2``)."""
+    product with ``A``; ``drift``, those two sums where :func:`_losses` formed them, else
+    :func:`_drift_moments`); else ``sqrt(2 rho / Var_P l)`` (the small-``rho`` expansion
+    ``KL ~ s^2 Var_P l / 2``)."""
     if state is not None and state.lam:
         u = -math.log(state.lam)
-        old, q = state.l, state.q
-        if old is not None and q is not None and old.shape == l.shape:
-            # Var_Q l and Cov_Q(l, dl) about the old E_Q l in one pass of cache-sized blocks
-            mean = float(q @ old) if state.mean is None else state.mean
-            blk = min(l.size, _BLOCK)
-            dev, qd = warm.get("gdev", blk), warm.get("gqd", blk)
-            var, cov = [], []
-            for lo in range(0, l.size, _BLOCK):
-                ob = old[lo:lo + _BLOCK]
-                d_, k_ = dev[:ob.size], qd[:ob.size]
-                np.subtract(ob, mean, out=d_)
-                np.multiply(q[lo:lo + _BLOCK], d_, out=k_)
-                var.append(float(k_ @ d_))
-                np.subtract(l[lo:lo + _BLOCK], ob, out=d_)
-                cov.append(float(k_ @ d_))
-            var = math.fsum(var)
-            if var > 0:
-                u -= min(max(math.fsum(cov) / var, -_TRUST), _TRUST)
+        if drift is None:
+            drift = _drift_moments(state, l, warm)
+        if drift is not None and drift[0] > 0:
+            u -= min(max(drift[1] / drift[0], -_TRUST), _TRUST)
         return math.exp(u)
     wz = float(z.mean()) if isinstance(w, float) else float(w @ z)
     zc = np.square(z - wz)
@@ -197,32 +222,107 @@ def _first_guess(state: KLState | None, w, l: np.ndarray, z: np.ndarray, rho: fl
     return math.sqrt(2.0 * rho / max(var, _TINY))
 
 
+def _drifting(state: KLState | None, n: int) -> tuple | None:
+    """``(l, q, E_q l)`` of the last evaluation where ``state`` carries them for ``n`` atoms."""
+    if state is None or state.l is None or state.q is None or state.l.size != n:
+        return None
+    old, q = state.l, state.q
+    return old, q, float(q @ old) if state.mean is None else state.mean
+
+
+def _drift_sums(ob: np.ndarray, qb: np.ndarray, lb: np.ndarray, mean: float, d_: np.ndarray,
+                k_: np.ndarray, var: list, cov: list) -> None:
+    """Append one block's ``sum_i q_i (old_i - mean)^2`` to ``var`` and ``sum_i q_i (old_i -
+    mean) (l_i - old_i)`` to ``cov`` (``d_``, ``k_``: scratch of the block's size)."""
+    np.subtract(ob, mean, out=d_)
+    np.multiply(qb, d_, out=k_)
+    var.append(float(k_ @ d_))
+    np.subtract(lb, ob, out=d_)
+    cov.append(float(k_ @ d_))
+
+
+def _drift_moments(state: KLState | None, l: np.ndarray, warm: Workspace) -> tuple | None:
+    """``(Var_Q l_old, Cov_Q(l_old, l - l_old))`` about the old ``E_Q l`` in one pass of
+    cache-sized blocks, or ``None`` where the state carries no losses of these atoms."""
+    found = _drifting(state, l.size)
+    if found is None:
+        return None
+    old, q, mean = found
+    blk = min(l.size, _BLOCK)
+    dev, qd = warm.get("gdev", blk), warm.get("gqd", blk)
+    var, cov = [], []
+    for lo in range(0, l.size, _BLOCK):
+        ob = old[lo:lo + _BLOCK]
+        _drift_sums(ob, q[lo:lo + _BLOCK], l[lo:lo + _BLOCK], mean, dev[:ob.size],
+                    qd[:ob.size], var, cov)
+    return math.fsum(var), math.fsum(cov)
+
+
+def _losses(m: np.ndarray, warm: Workspace,
+            state: KLState | None = None) -> tuple[np.ndarray, tuple | None]:
+    """``l = softplus(-m) = log1p(exp(-|m|)) - min(m, 0)`` (bit for bit
+    :func:`simulator.losses.dpo_loss`) in a recycled vector of ``warm``
+    (:meth:`.core.Workspace.fresh`: the losses outlive the evaluation, and a new vector would
+    cost its page faults), with the first guess's two sums (:func:`_drift_moments`) where
+    ``state`` carries the last losses: one pass of blocks of ``_LOSS_BLOCK`` atoms, each
+    block's pieces in the core's own cache from one operation to the next."""
+    n = m.size
+    l = warm.fresh("l", n)
+    found = _drifting(state, n)
+    blk = min(n, _LOSS_BLOCK)
+    neg, dev, qd = warm.get("lneg", blk), warm.get("gdev", blk), warm.get("gqd", blk)
+    var, cov = [], []
+    for lo in range(0, n, _LOSS_BLOCK):
+        mb, lb = m[lo:lo + _LOSS_BLOCK], l[lo:lo + _LOSS_BLOCK]
+        np.abs(mb, out=lb)
+        np.negative(lb, out=lb)
+        np.exp(lb, out=lb)
+        np.log1p(lb, out=lb)
+        lb -= np.minimum(mb, 0.0, out=neg[:mb.size])
+        if found is not None:
+            old, q, mean = found
+            _drift_sums(old[lo:lo + _LOSS_BLOCK], q[lo:lo + _LOSS_BLOCK], lb, mean,
+                        dev[:mb.size], qd[:mb.size], var, cov)
+    return l, None if found is None else (math.fsum(var), math.fsum(cov))
+
+
 def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
-    """``F``, ``lambda*`` and ``Q*`` from the losses ``l`` (the module docstring)."""
+    """``F``, ``lambda*`` and ``Q*`` from the losses ``l`` (computed from ``m`` when
+    ``None``, :func:`_losses`; the module docstring). Every vector that outlives the
+    evaluation (``l``, ``Q*``, ``sigmoid(-m)`` and the Hessian's curvatures) is recycled
+    from the shared workspace (:meth:`.core.Workspace.fresh`)."""
     rho = amb.rho
-    if rho == 0.0:
-        return nominal_reweighting(at, l, dual=math.inf)
     warm = state.warm if state is not None and state.warm is not None else Workspace()
+    drift = None
+    if l is None:
+        l, drift = _losses(m, warm, state)
+    if rho == 0.0:
+        return nominal_reweighting(at, l, dual=math.inf)._replace(losses=l)
     n = l.size
     w0 = warm.equal_weight(at.w)
     w = at.w if w0 is None else w0
     positive = w0 is not None and w0 > 0
-    top, lmax = top_atoms(at, l, positive=positive)
+    top, lmax = top_atoms(at, l, positive=positive,
+                          out=warm.get("top", n, bool) if positive else None)
     pmax = w0 * int(np.count_nonzero(top)) if positive else float(at.w[top].sum())
     if rho >= -math.log(pmax):
         q = np.where(top, at.w, 0.0) / pmax
-        return Reweighting(q, lmax, 0.0, state=state)
+        return Reweighting(q, lmax, 0.0, state=state, losses=l)
     z = np.subtract(l, lmax, out=warm.get("z", n))
     # q is the worst case (it outlives the evaluation); the other two are scratch
     blk = min(n, _BLOCK)
-    buf = (np.empty_like(l), warm.get("zc", blk), warm.get("zk", blk))
-    s = _first_guess(state, w, l, z, rho, warm)
+    buf = (warm.fresh("q", n), warm.get("zc", blk), warm.get("zk", blk))
+    s = _first_guess(state, w, l, z, rho, warm, drift)
     lo, hi = 0.0, math.inf
+    # the moments summed in the tilt's own pass, about the last E_Q z, except after a tilt
+    # whose Halley step is expected to end the search (the last tilt needs none)
+    centre = None if state is None or state.mean is None else state.mean - lmax
     for _ in range(_ROOT_ITERS):
-        tilt = _tilt(w, z, s, buf)
+        tilt = _tilt(w, z, s, buf, centre)
         kl = tilt.kl
         if abs(kl - rho) <= tilt.noise + _SUM_EPS * rho:
             break
+        centre = tilt.ez if abs(kl - rho) > _LAST_STEP * rho else None
         if kl < rho:
             lo = s
         else:
@@ -248,27 +348,45 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
         raise RuntimeError("KL dual root search did not converge (status: max_iter)")
     lam = 1.0 / s
     q = tilt.q
-    q *= 1.0 / tilt.tot  # the tilt's own (block-exact) sum of q: no further pass
+    # q normalised by the tilt's own (block-exact) sum, and sigmoid(-m) = 1 - exp(-l)
+    # (core.loss_sigmoid) in the same blocks
+    sig, inv = warm.fresh("sigmoid", n), 1.0 / tilt.tot
+    for lo in range(0, n, _LOSS_BLOCK):
+        q[lo:lo + _LOSS_BLOCK] *= inv
+        loss_sigmoid(l[lo:lo + _LOSS_BLOCK], sig[lo:lo + _LOSS_BLOCK])
     value = lmax + (rho + tilt.lse) * lam
+
+    mean = lmax + tilt.ez  # E_Q l, from the last tilt's sums
 
     def parts(sg, grad):
         # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q l] with g_i = -sg_i a_i: Cov_Q(g) =
         # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (l - E_Q l) sg a; from l
-        # and q alone (z was scratch)
-        curv = np.multiply(sg, s - 1.0)  # q sg (1 + (s - 1) sg)
-        curv += 1.0
-        curv *= sg
-        curv *= q
+        # and q alone, in one pass of cache-sized blocks (z and the tilt's block scratch are
+        # dead by now)
+        curv = warm.fresh("curv", n)  # q sg (1 + (s - 1) sg)
+        qd = warm.get("neg", n)  # q (l - E_Q l) sg
+        dev = buf[1]
+        var = []
+        for lo in range(0, n, _BLOCK):
+            sb, qb = sg[lo:lo + _BLOCK], q[lo:lo + _BLOCK]
+            cb, kb = curv[lo:lo + _BLOCK], qd[lo:lo + _BLOCK]
+            np.multiply(sb, s - 1.0, out=cb)
+            cb += 1.0
+            cb *= sb
+            cb *= qb
+            d_ = dev[:sb.size]
+            np.subtract(l[lo:lo + _BLOCK], mean, out=d_)
+            np.multiply(qb, d_, out=kb)
+            var.append(float(kb @ d_))
+            kb *= sb
+        var = math.fsum(var)
         low = [(-s, grad)]
-        dev = np.subtract(l, float(q @ l), out=warm.get("dev", n))
-        qd = np.multiply(q, dev, out=warm.get("qd", n))
-        var = float(qd @ dev)
         if var > 0:
-            qd *= sg
-            low.append((-s / var, -at.rmatvec(qd)))
+            low.append((-s / var, RowSum(qd)))  # u u^T, u = qd @ a, in the Gram's pass
         return curv, low
 
-    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, lmax + tilt.ez))
+    return Reweighting(q, value, lam, parts, KLState(lam, l, q, warm, mean), losses=l,
+                       sigmoid=sig)
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -326,7 +444,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="kldpo", reweight=_reweight,
+    name="kldpo", reweight=_reweight, losses=False, subsample_model=True,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'kl', t + lambda rho with exponential cones")
