@@ -2495,7 +2495,8 @@ def kink_fallback(at: Atoms, amb, stall: Stalled, tol: float) -> Minimum:
     v1, v2 = vals[rows, order[:, 0]], vals[rows, order[:, 1]]
     close = (at.w > 0) & np.isfinite(v2)
     gap = np.where(close, (v1 - v2) / (1.0 + np.abs(v1)), np.inf)
-    found = smoothed_fallback(at, amb, delta, lam, tol)
+    dense = math.isfinite(amb.kappa)  # the kinks of crowded switch points: smoothing first
+    found = smoothed_fallback(at, amb, delta, lam, tol) if dense else None
     if found is not None:
         return found
     seen = 0
@@ -2509,6 +2510,9 @@ def kink_fallback(at: Atoms, amb, stall: Stalled, tol: float) -> Minimum:
         found = _kink_solve(at, amb, delta, lam, tol, pool, order, gap)
         if found is not None:
             return found
+    found = None if dense else smoothed_fallback(at, amb, delta, lam, tol)
+    if found is not None:
+        return found
     raise stall
 
 
@@ -2739,12 +2743,14 @@ def smoothed_fallback(at: Atoms, amb, delta: np.ndarray, lam: float,
     exp(V_c / mu) <= max_c V_c + mu log C``, keeping joint convexity; damped Newton in
     ``(delta, lambda)`` minimises ``G_mu`` for ``mu = _SMOOTH_START, ...,
     _SMOOTH_MIN`` (each stage from the last), a path of smooth convex problems whose
-    minimisers converge to the minimiser of ``F``. ``None`` where a stage fails (no
-    descent, ``lambda`` not positive); the answer is certified by the caller as any other.
+    minimisers converge to the minimiser of ``F``; from ``_SMOOTH_KKT`` on, the KKT solve of
+    :func:`kink_fallback` starts from each stage's minimiser (:func:`_kkt_from`) and its
+    solution is the answer (certified by the caller as any other). ``None`` where a stage
+    fails (no descent) or no KKT solve succeeds.
     """
     d = delta.size
     x = np.concatenate([delta, [lam]])
-    mu, its = _SMOOTH_START, 0
+    mu = _SMOOTH_START
     while True:
         value, g, h = _smoothed(at, amb, x, mu, True)
         for _ in range(_SMOOTH_ITERS):
@@ -2766,14 +2772,14 @@ def smoothed_fallback(at: Atoms, amb, delta: np.ndarray, lam: float,
                     break
             if t < _SMOOTH_MIN_STEP:
                 break  # rounding: the stage is as converged as its arithmetic allows
-            x, its = cand, its + 1
+            x = cand
             value, g, h = _smoothed(at, amb, x, mu, True)
         if mu <= _SMOOTH_KKT:
             found = _kkt_from(at, amb, x, mu, tol)
             if found is not None:
                 return found
         if mu <= _SMOOTH_MIN:
-            return Minimum(x[:d], its, W2State(lam=float(x[d])))
+            return None
         mu /= _SMOOTH_FACTOR
 
 
