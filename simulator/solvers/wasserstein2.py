@@ -2624,7 +2624,7 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
 
 #: First smoothing width of :func:`smoothed_fallback` (value units: the losses are O(1)); each
 #: stage divides it by ``_SMOOTH_FACTOR`` down to ``_SMOOTH_MIN``, where the smoothing moves
-#: ``G`` by at most ``_SMOOTH_MIN log 2`` (far below the certificate's ``1e-9`` relative gap).
+#: ``G`` by at most ``_SMOOTH_MIN log 4`` (four moves at most per atom; far below rounding).
 _SMOOTH_START = 1e-2
 _SMOOTH_FACTOR = 10.0
 _SMOOTH_MIN = 1e-14
@@ -2642,8 +2642,8 @@ _SMOOTH_MIN_STEP = 1e-6
 _SMOOTH_SHARE = 1e-30
 #: The KKT solve is tried from each stage's minimiser from this width on, with share
 #: variables on the atoms whose second move keeps at least ``_SMOOTH_POOL`` of the softmax
-#: (measured on the n = 3000 problem of tests/test_w2.py: from 1e-3, 36 atoms and 24 KKT
-#: iterations; from 1e-4, 11 atoms and 4 iterations; a pool from a share of 1e-8, 18 atoms).
+#: (measured on the n = 3000 problem of tests/test_w2.py, before the bound below: from
+#: ``mu = 1e-3``, 36 to 97 atoms and 24 KKT iterations; from 1e-4, 11 to 18 atoms and 4).
 _SMOOTH_KKT = 1e-4
 _SMOOTH_POOL = 1e-6
 #: ... and their shares start there, but at the bound 0 below this (an atom started inside
