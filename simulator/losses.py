@@ -55,16 +55,17 @@ def _add_positive_part(out: np.ndarray, t: np.ndarray, sign: float) -> None:
         return
     tmp = np.empty(min(_BLOCK, t.size))
     for lo in range(0, t.size, _BLOCK):
-        h = tmp[:min(_BLOCK, t.size - lo)]
-        np.multiply(t[lo:lo + _BLOCK], sign, out=h)
-        np.maximum(h, 0.0, out=h)
-        out[lo:lo + _BLOCK] += h
+        h, o = tmp[:min(_BLOCK, t.size - lo)], out[lo:lo + _BLOCK]
+        if sign > 0:
+            o += np.maximum(t[lo:lo + _BLOCK], 0.0, out=h)
+        else:  # out - min(t, 0): the same values as out + max(-t, 0), one operation fewer
+            o -= np.minimum(t[lo:lo + _BLOCK], 0.0, out=h)
 
 
-def _log1p_exp_neg_abs(t: np.ndarray) -> np.ndarray:
-    """``log1p(exp(-|t|))`` in one fresh n-vector, worked in place: every temporary costs
-    page faults."""
-    out = np.abs(t)
+def _log1p_exp_neg_abs(t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``log1p(exp(-|t|))`` in one fresh n-vector (or ``out``), worked in place: every
+    temporary costs page faults."""
+    out = np.abs(t, out=out)
     np.negative(out, out=out)
     np.exp(out, out=out)
     np.log1p(out, out=out)
@@ -88,13 +89,14 @@ def margins(theta: np.ndarray, x: np.ndarray, y: np.ndarray, beta: float,
     return (2.0 * y - 1.0) * beta * (x @ delta)
 
 
-def dpo_loss(m: np.ndarray) -> np.ndarray:
+def dpo_loss(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Per-sample DPO loss ``l = softplus(-m) = log1p(exp(-|m|)) - min(m, 0)`` from the
-    margins (bit for bit :func:`softplus` of ``-m``, without the n-vector ``-m``)."""
+    margins (bit for bit :func:`softplus` of ``-m``, without the n-vector ``-m``), into
+    ``out`` (a float64 vector of ``m``'s shape) if given."""
     m = np.asarray(m, dtype=np.float64)
     if m.ndim == 0:
         return softplus(-m)
-    out = _log1p_exp_neg_abs(m)
+    out = _log1p_exp_neg_abs(m, out)
     _add_positive_part(out, m, -1.0)  # out -= min(m, 0)
     return out
 

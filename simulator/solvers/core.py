@@ -722,8 +722,8 @@ def reweighting_result(at: Atoms, m: np.ndarray, rw: Reweighting, hess: bool,
             curv, low_rank = raw()
             lazy = tuple(u.w for _, u in low_rank if isinstance(u, RowSum))
             out, sums = weighted_hess(at, curv, lazy) if lazy else (weighted_hess(at, curv), [])
-            sums.reverse()
-            low_rank = [(k, sums.pop() if isinstance(u, RowSum) else u) for k, u in low_rank]
+            formed = iter(sums)  # in the order of the RowSums
+            low_rank = [(k, next(formed) if isinstance(u, RowSum) else u) for k, u in low_rank]
             cache.append((curv, low_rank))
         for k, u in low_rank:
             out += k * np.outer(u, u)

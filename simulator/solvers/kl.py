@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..losses import dpo_loss
 from .core import (
     Atoms,
     Reweighting,
@@ -260,8 +261,8 @@ def _drift_moments(state: KLState | None, l: np.ndarray, warm: Workspace) -> tup
 
 def _losses(m: np.ndarray, warm: Workspace,
             state: KLState | None = None) -> tuple[np.ndarray, tuple | None]:
-    """``l = softplus(-m) = log1p(exp(-|m|)) - min(m, 0)`` (bit for bit
-    :func:`simulator.losses.dpo_loss`) in a recycled vector of ``warm``
+    """``l = softplus(-m)`` (:func:`simulator.losses.dpo_loss` block by block) in a recycled
+    vector of ``warm``
     (:meth:`.core.Workspace.fresh`: the losses outlive the evaluation, and a new vector would
     cost its page faults), with the first guess's two sums (:func:`_drift_moments`) where
     ``state`` carries the last losses: one pass of blocks of ``_LOSS_BLOCK`` atoms, each
@@ -270,15 +271,11 @@ def _losses(m: np.ndarray, warm: Workspace,
     l = warm.fresh("l", n)
     found = _drifting(state, n)
     blk = min(n, _LOSS_BLOCK)
-    neg, dev, qd = warm.get("lneg", blk), warm.get("gdev", blk), warm.get("gqd", blk)
+    dev, qd = warm.get("gdev", blk), warm.get("gqd", blk)
     var, cov = [], []
     for lo in range(0, n, _LOSS_BLOCK):
         mb, lb = m[lo:lo + _LOSS_BLOCK], l[lo:lo + _LOSS_BLOCK]
-        np.abs(mb, out=lb)
-        np.negative(lb, out=lb)
-        np.exp(lb, out=lb)
-        np.log1p(lb, out=lb)
-        lb -= np.minimum(mb, 0.0, out=neg[:mb.size])
+        dpo_loss(mb, out=lb)
         if found is not None:
             old, q, mean = found
             _drift_sums(old[lo:lo + _LOSS_BLOCK], q[lo:lo + _LOSS_BLOCK], lb, mean,
