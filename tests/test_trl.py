@@ -116,8 +116,12 @@ def test_accumulation_window_equals_one_batch(tmp_path, method, extra, monkeypat
     tol = 2e-4 if method == "wdpo" else 1e-6
     torch.testing.assert_close(_params(two), _params(one), rtol=0, atol=tol)
     key = "robust/penalty" if method == "wdpo" else "robust/weight_max"
+    # the logged values are float32 functions of the parameters; chi2-var's largest weight
+    # divides by the float32 root of its threshold and differed by 1.2e-6 on one Xeon (0 on
+    # another); without the pre-pass the logs differ by 1.5e-2 to 0.27
+    log_tol = max(tol, 1e-5)
     for k in ("loss", "robust/objective", key):
-        np.testing.assert_allclose(_logs(two, k), _logs(one, k), rtol=tol)
+        np.testing.assert_allclose(_logs(two, k), _logs(one, k), rtol=log_tol)
     if method != "wdpo":
         assert _logs(one, key)[-1] > 1.05  # the weights are not uniform
     # without the pre-pass (per-micro-batch weights) the parameters move measurably
