@@ -246,7 +246,7 @@ class _LogisticPoint:
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None:
-            self._grad = -self.at.rmatvec(self.at.w * self.s)
+            self._grad = -self.at.rmatvec(self.at.w, self.s)  # (w s) a: no n-vector w s
         return self._grad
 
 
@@ -492,12 +492,11 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     # outside the window (where x_+ is m - t on the atoms above it, 0 below)
     value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
-    # grad E_P l + sum_i w_i p_i a_i in one product with a
+    # grad E_P l + sum_i w_i p_i a_i = -(w s - sum_i w_i p_i e_i) . a in one product with a
     coef = np.multiply(w, s, out=cache.work.get("coef", w.size))
-    np.negative(coef, out=coef)
-    coef[top] += wt
-    coef[i] += wi * pi
-    grad = at.rmatvec(coef)
+    coef[top] -= wt
+    coef[i] -= wi * pi
+    grad = -at.rmatvec(coef)
     wc = wi * pi * (1.0 - pi) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * thr.mass
     clamped = not (lam > b or dn == 0.0)
@@ -1002,11 +1001,10 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     finite = not math.isinf(kappa)
     pt = _LogisticPoint(at, delta, m, l) if finite and not worst else None
     s = loss_sigmoid(l) if pt is None else pt.s
-    coef = w * s
-    np.negative(coef, out=coef)
+    coef = w * s  # the gradient -(w s - f) . a, one product with A
     if cand is not None:
-        coef[cand] += f
-    grad = at.rmatvec(coef)  # one product with A
+        coef[cand] -= f
+    grad = -at.rmatvec(coef)
     if dn > 0:
         grad = grad + mu * beta * delta / dn
 
@@ -1124,7 +1122,10 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     :func:`~.core.logistic_gap` bounds. ``cache``: the homotopy's :class:`_Logistic`.
     """
     cache = _Logistic() if cache is None else cache
-    objective = w1_lagrangian(at, q, amb.rho, amb.kappa, cache)
+    qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)  # w1_lagrangian's, kept for the bound
+
+    def objective(d, state):
+        return _lagrangian(at, d, qa, nu, cache)
     try:
         delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
     except Stalled as exc:  # rounding-level stall: still a valid point to bound from
@@ -1132,7 +1133,6 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     res = objective(delta, None)  # Newton's last evaluation when delta is its last point
     pt = cache.point(at, delta)
     dn = float(np.linalg.norm(delta))
-    qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)
     linear = qa + (nu * delta / dn if dn > 0 else 0.0)
     # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
     return res.value - logistic_gap(at, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
