@@ -38,5 +38,5 @@ def _reweight(at, m, l, amb, state) -> Reweighting:
 METHODS = SetMethods(
     name="dpo", reweight=_reweight,
     zero_test=lambda at, amb: None,  # rho = 0: only E_P a = 0 makes 0 optimal
-    coercive=lambda amb: False, smooth=lambda amb: True,
+    coercive=lambda amb: False, smooth=lambda amb: True, subsample_model=True,
     conic="simulator.solvers.conic: form 'nominal', min E_P softplus(-m)")

@@ -1235,4 +1235,5 @@ METHODS = SetMethods(
     name="wdpo1", evaluate=_evaluate, zero_test=_zero_test, certify=_certificate,
     coercive=lambda amb: amb.rho > 0, minimise=minimise,
     smooth=lambda amb: math.isinf(amb.kappa) or amb.rho == 0.0,  # E_P l + rho b
+    subsample_model=True,  # Newton's steps on E_P l + rho b (the homotopy never reads it)
     conic="simulator.solvers.conic: forms 'w1' (norm penalty) and 'w1kappa' (SA 2015)")
