@@ -767,12 +767,13 @@ def test_quasi_start_is_the_newton_step_along_the_mean():
         np.testing.assert_allclose(dual._start(at, quasi=True), want, rtol=rel)
 
 
-@pytest.mark.parametrize("amb", [sim.Nominal(), sim.Wasserstein(0.05, p=1)],
-                         ids=["dpo", "wdpo1"])
-def test_subsample_model_of_newtons_smooth_sets_saves_a_full_product(monkeypatch, amb):
-    """DPO and W1 with ``kappa = inf`` (Newton on a smooth ``F``) correct their full-data
-    steps by the subsample's problem too: at n = 260,000 (a subsample of 12,500) the same
-    certified optimum in fewer products with all the atoms than without the model."""
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.Nominal(), sim.Wasserstein(0.05, p=1)],
+                         ids=["kldpo", "dpo", "wdpo1"])
+def test_subsample_model_saves_a_full_product_at_the_same_minimiser(monkeypatch, amb):
+    """KL, DPO and W1 with ``kappa = inf`` (Newton on a smooth ``F``) correct their full-data
+    steps by the subsample's problem: at n = 260,000 (a subsample of 12,500 = 1/20.8 of the
+    atoms) the same certified optimum in fewer products with all the atoms than the
+    uncorrected run."""
     from simulator.solvers import core, registry
 
     rng = np.random.default_rng(11)
