@@ -2357,10 +2357,15 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
     # copy of a unless it is built already)
     rows_of, factor = (at.x, at.factor) if at.built() is None else (at.built(), None)
     for mix, share in parts:
-        for lo in range(0, mix.q.size, _BLOCK):  # blocks of atoms: O(_BLOCK) temporaries
+        # the flipped atoms by their indices, each block's negated at their positions (as
+        # in _w2_terms: boolean masks of every block cost more than the few flips)
+        flips = np.flatnonzero(mix.flip)
+        cuts = np.searchsorted(flips, np.arange(0, mix.q.size + _BLOCK, _BLOCK))
+        for j, lo in enumerate(range(0, mix.q.size, _BLOCK)):  # blocks: O(_BLOCK) temporaries
             blk = slice(lo, lo + _BLOCK)
             q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
-            src, flip = mix.src[blk], mix.flip[blk]
+            src = mix.src[blk]
+            fb = flips[cuts[j]:cuts[j + 1]] - lo  # the block's flipped atoms
             t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
             first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             # the block's source atoms (no n-vector of margins): a view where they are a
@@ -2370,16 +2375,17 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
             # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
             sf = (np.ones(q.size) if factor is None
                   else factor[first:top] if run else factor[src])
-            if flip.any():
-                sf = np.where(flip, -sf, sf)
-            neg = np.multiply(t, beta * float(u @ delta))  # -m' = beta t (u . delta) - s a.delta
+            if fb.size:
+                sf = sf.copy() if run and factor is not None else sf  # not a view
+                sf[fb] = -sf[fb]
+            along = beta * float(u @ delta)
+            neg = np.multiply(t, along)  # -m' = beta t (u . delta) - s a.delta
             if m is None:
                 neg -= np.multiply(x_src @ delta, sf)
             else:
-                m_src = m[first:top] if run else m[src]
-                if flip.any():
-                    m_src = np.where(flip, -m_src, m_src)
-                neg -= m_src
+                neg -= m[first:top] if run else m[src]
+                if fb.size:  # + m there
+                    neg[fb] = t[fb] * along + (m[first + fb] if run else m[src[fb]])
             value += float(q @ softplus(neg))
             sg = _sigmoid(neg)
             c = q * sg
