@@ -738,6 +738,18 @@ _PSI2_MAX = 1.0 / (6.0 * math.sqrt(3.0))
 _FAST_ERR = 1e-14
 
 
+def _block_flips(flip: np.ndarray):
+    """``(lo, fb)`` for each block of ``_BLOCK`` atoms: its start and the positions in it of
+    its flipped atoms (a few hundred at n = 1e6, in most blocks), found once by index: each
+    block's are negated at their positions (boolean masks of every block's atoms, for the
+    signed margins and the rows, took 0.5 to 0.9 passes of the 2.5 of a :func:`_w2_terms`
+    call at n = 1e6)."""
+    flips = np.flatnonzero(flip)
+    cuts = np.searchsorted(flips, np.arange(0, flip.size + _BLOCK, _BLOCK))
+    for j, lo in enumerate(range(0, flip.size, _BLOCK)):
+        yield lo, flips[cuts[j]:cuts[j + 1]] - lo
+
+
 def _newton_block(mm: np.ndarray, t: np.ndarray, k: float,
                   out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Newton's step ``psi / psi'`` at the roots ``t`` of one block (written to ``out``) and
@@ -1781,17 +1793,11 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     s_q = s_d = s_a = total = 0.0
     c_mm = np.empty(n) if hessian else None
     inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
-    # the flipped atoms (a few hundred at n = 1e6, in most blocks) by their indices: each
-    # block's are negated at their positions (boolean masks of every block's atoms, for the
-    # signed margins and the rows, took 0.5 to 0.9 passes of the 2.5 of a call at n = 1e6)
-    flips = np.flatnonzero(flip)
-    cuts = np.searchsorted(flips, np.arange(0, n + _BLOCK, _BLOCK))
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
     # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
-    for j, lo in enumerate(range(0, n, _BLOCK)):
+    for lo, fb in _block_flips(flip):  # fb: the block's flipped atoms
         sl = slice(lo, lo + _BLOCK)
         qb, tb = q[sl], tau[sl]
-        fb = flips[cuts[j]:cuts[j + 1]] - lo  # the block's flipped atoms
         if value:
             z = tb - m[sl]
             if fb.size:  # tau - s m = tau + m there
@@ -2357,15 +2363,10 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
     # copy of a unless it is built already)
     rows_of, factor = (at.x, at.factor) if at.built() is None else (at.built(), None)
     for mix, share in parts:
-        # the flipped atoms by their indices, each block's negated at their positions (as
-        # in _w2_terms: boolean masks of every block cost more than the few flips)
-        flips = np.flatnonzero(mix.flip)
-        cuts = np.searchsorted(flips, np.arange(0, mix.q.size + _BLOCK, _BLOCK))
-        for j, lo in enumerate(range(0, mix.q.size, _BLOCK)):  # blocks: O(_BLOCK) temporaries
+        for lo, fb in _block_flips(mix.flip):  # blocks: O(_BLOCK) temporaries
             blk = slice(lo, lo + _BLOCK)
             q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
             src = mix.src[blk]
-            fb = flips[cuts[j]:cuts[j + 1]] - lo  # the block's flipped atoms
             t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
             first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
             # the block's source atoms (no n-vector of margins): a view where they are a
