@@ -791,6 +791,8 @@ def test_subsample_model_saves_a_full_product_at_the_same_minimiser(monkeypatch,
         return matvec(self, v)
 
     monkeypatch.setattr(core.Atoms, "matvec", counted)
+    shipped = sim.solve(data, amb)  # the set as the registry holds it: with the model
+    n_shipped = len(products)
     runs = {}
     for model in (True, False):
         methods = copy.copy(registry.SETS[amb.name])
@@ -801,6 +803,8 @@ def test_subsample_model_saves_a_full_product_at_the_same_minimiser(monkeypatch,
         runs[model] = (sol, len(products))
     (with_model, n_model), (without, n_plain) = runs[True], runs[False]
     assert n_model < n_plain
+    assert n_shipped == n_model
+    np.testing.assert_array_equal(shipped.theta, with_model.theta)
     np.testing.assert_allclose(with_model.theta, without.theta, rtol=0, atol=1e-8)
     assert with_model.info["optimality_gap"] <= 1e-12
     assert with_model.value == pytest.approx(without.value, rel=1e-13)
