@@ -57,8 +57,8 @@ _RADIUS_ULPS = 1e-12
 #: Measured (one BLAS thread, ``weighted_hess``): 4096 rows was as fast as or faster than
 #: 32768, 131072 and unchunked at (n, d) = (1e5, 8), (1e6, 8) and (1e5, 64).
 _CHUNK_ROWS = 4096
-#: :func:`_row_moments` works on blocks of this many entries (4 MB): a block read from memory
-#: by its first product is still in cache for the second.
+#: :func:`_row_moments` works on blocks of this many entries (4 MB): a block and its squares
+#: stay in cache from the squaring to the row sums.
 _MOMENT_BLOCK = 1 << 19
 #: The products with the features (:meth:`Atoms.matvec`, :meth:`Atoms.rmatvec`) use
 #: numpy's einsum loops instead of BLAS for matrices of at least this many columns and bytes
@@ -241,8 +241,8 @@ class Atoms:
 
     @property
     def mean_a(self) -> np.ndarray:
-        """``E_P a`` (:meth:`from_data` computes it with the scale; else one ``O(n d)``
-        pass, computed once: the zero tests, the start and the restart all use it)."""
+        """``E_P a``: one ``O(n d)`` product on first read, kept (the zero tests, the start
+        and the restart all use it)."""
         if self.mean is None:
             object.__setattr__(self, "mean", self.rmatvec(self.w))
         return self.mean
@@ -298,9 +298,11 @@ class Atoms:
         """The atoms of ``data``; with ``normalise``, ``scale`` is the root mean square
         ``sqrt(E_P ||ytil beta x||^2)`` (1 if every atom is 0).
 
-        With ``normalise`` the scale, the radius and ``E_P a`` come from one chunked pass
-        over ``x`` (:func:`_row_moments`: ``||ytil beta x_i|| = beta ||x_i||`` and ``E_P a =
-        E_P ytil x / rms``); no ``n x d`` matrix is built.
+        With ``normalise`` the scale and the radius come from one chunked pass over ``x``
+        (:func:`_row_moments`: ``||ytil beta x_i|| = beta ||x_i||``); no ``n x d`` matrix is
+        built. ``E_P a`` is left to :attr:`mean_a`, a product on first read: a solve that
+        starts from a subsample never reads it (at n = 1e6, d = 8 the product inside the
+        moments' pass cost 2.5 ms, a third of a pass).
 
         Raises
         ------
@@ -312,7 +314,7 @@ class Atoms:
         if not normalise:
             ytil *= beta
             return cls(x, data.y, w, ytil, beta)
-        mean_sq, top_sq, sums = _row_moments(x, w, ytil)
+        mean_sq, top_sq = _row_moments(x, w)
         unit = 1.0
         if not (_MEAN_SQ_SAFE <= mean_sq and top_sq <= 1.0 / _MEAN_SQ_SAFE):
             # squares that could overflow or underflow: the moments of x / max |x|
@@ -320,7 +322,7 @@ class Atoms:
             if unit == 0.0:  # every atom is 0
                 ytil *= beta
                 return cls(x, data.y, w, ytil, beta, mean=np.zeros(data.d))
-            mean_sq, top_sq, _ = _row_moments(x, w, None, unit)
+            mean_sq, top_sq = _row_moments(x, w, unit)
         rms = unit * math.sqrt(mean_sq)
         scale = _check_scale(beta * rms)
         inv = 1.0 / rms
@@ -330,7 +332,7 @@ class Atoms:
         # max ||a_i|| after the scaling, with a few ulps to spare: an upper bound
         radius = unit * math.sqrt(top_sq) / rms * (1.0 + _RADIUS_ULPS)
         ytil *= inv
-        return cls(x, data.y, w, ytil, inv, scale, radius, mean=sums * inv)
+        return cls(x, data.y, w, ytil, inv, scale, radius)
 
     def subset(self, idx: np.ndarray) -> Atoms:
         """The atoms ``idx``, weights renormalised (``radius`` stays an upper bound)."""
@@ -356,24 +358,31 @@ def _rmatvec(u: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.einsum("i,ij->j", u, x) if _streams(x) else u @ x
 
 
-def _row_moments(x: np.ndarray, w: np.ndarray, v: np.ndarray | None,
-                 unit: float = 1.0) -> tuple[float, float, np.ndarray | None]:
-    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2, (w v) @ x)`` (the last ``None``
-    without ``v``) in one pass over blocks of ``_MOMENT_BLOCK`` entries, each read from
-    memory once (the second product finds it in cache; ``w v`` is formed a block at a
-    time)."""
+def _row_moments(x: np.ndarray, w: np.ndarray,
+                 unit: float = 1.0) -> tuple[float, float]:
+    """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2)`` in one pass over blocks of
+    ``_MOMENT_BLOCK`` entries: each block's squares in one scratch block, their row sums by
+    a product with ones (measured at n = 1e6, d = 8, one BLAS thread: 5.2 ms against 6.6 ms
+    for ``einsum("ij,ij->i")``)."""
     rows = max(1, _MOMENT_BLOCK // x.shape[1])
+    ones = np.ones(x.shape[1])
+    buf = np.empty((min(rows, x.shape[0]), x.shape[1]))
     tot, top = [], 0.0
-    acc = None if v is None else np.zeros(x.shape[1])
-    for lo in range(0, x.shape[0], rows):
-        blk = x[lo:lo + rows]
-        b = blk if unit == 1.0 else blk / unit
-        sq = np.einsum("ij,ij->i", b, b)
-        tot.append(float(w[lo:lo + rows] @ sq))
-        top = max(top, float(sq.max()))
-        if acc is not None:
-            acc += (w[lo:lo + rows] * v[lo:lo + rows]) @ blk
-    return math.fsum(tot), top, acc
+    # squares beyond double precision are expected (inf or 0): the caller then asks again
+    # with ``unit = max |x|``
+    with np.errstate(over="ignore", under="ignore"):
+        for lo in range(0, x.shape[0], rows):
+            blk = x[lo:lo + rows]
+            sq = buf[:blk.shape[0]]
+            if unit == 1.0:
+                np.multiply(blk, blk, out=sq)
+            else:
+                np.divide(blk, unit, out=sq)
+                sq *= sq
+            sq = sq @ ones
+            tot.append(float(w[lo:lo + rows] @ sq))
+            top = max(top, float(sq.max()))
+    return math.fsum(tot), top
 
 
 def _check_scale(scale: float) -> float:
