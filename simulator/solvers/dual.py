@@ -26,6 +26,7 @@ L-BFGS on values and gradients instead, polished by Newton to the same stopping 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import replace
@@ -152,22 +153,39 @@ def _worth_merging(data: PreferenceData) -> bool:
     is at most ``_MERGE_FRACTION n``. Rows are counted by one random projection of each row
     and its label (distinct rows that collide only make the exact merge run where it was not
     needed); no projection when the first half of them (and one) differ already in their
-    first feature, as continuous features do."""
+    first feature, as continuous features do. The rows are gathered by ``np.take`` (a third
+    of the time of fancy indexing) and counted by sorting."""
     if data.n <= _MERGE_PROBE:
         return True
-    rows = np.linspace(0, data.n - 1, _MERGE_PROBE).astype(np.intp)
+    rows = np.arange(_MERGE_PROBE) * (data.n - 1) // (_MERGE_PROBE - 1)  # 0, ..., n - 1
     half = _MERGE_PROBE // 2 + 1
-    if np.unique(data.x[rows[:half], 0]).size == half:
+    if _distinct(data.x[rows[:half], 0]) == half:
         return False  # more than half distinct already in the first feature (continuous data)
-    r = np.random.default_rng(0).standard_normal(data.d)
     with np.errstate(over="ignore", invalid="ignore"):
-        keys = data.x[rows] @ r
+        keys = np.take(data.x, rows, axis=0) @ _projection(data.d)
     chosen = data.y[rows] > 0.5
-    repeats = _MERGE_PROBE - np.unique(keys[chosen]).size - np.unique(keys[~chosen]).size
+    repeats = _MERGE_PROBE - _distinct(keys[chosen]) - _distinct(keys[~chosen])
     if 2 * repeats >= _MERGE_PROBE:
         return True
     return (repeats >= _MERGE_MIN_REPEATS
             and _MERGE_PROBE**2 / (2.0 * repeats) <= _MERGE_FRACTION * data.n)
+
+
+@functools.lru_cache(maxsize=16)
+def _projection(d: int) -> np.ndarray:
+    """The probe's fixed random projection of ``d`` features (a seeded draw, made once: a new
+    generator costs 10 us, as much as the projection itself at n = 1e4)."""
+    r = np.random.default_rng(0).standard_normal(d)
+    r.flags.writeable = False
+    return r
+
+
+def _distinct(v: np.ndarray) -> int:
+    """The number of distinct values of ``v`` (by a sort; NaNs count as distinct)."""
+    if v.size == 0:
+        return 0
+    v = np.sort(v)
+    return 1 + int(np.count_nonzero(v[1:] != v[:-1]))
 
 
 def _zero_test(at: Atoms, amb: AmbiguitySet) -> float | None:
