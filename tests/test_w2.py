@@ -928,3 +928,30 @@ def test_evaluation_without_the_worst_case_request_still_certifies(kappa):
     own = w2._weak_duality_gap(at, amb, delta, plain.value, pieces)
     given = w2._weak_duality_gap(at, amb, delta, plain.value, pieces, plain.margins)
     assert abs(own - given) <= 1e-15 * max(1.0, abs(plain.value)) + 1e-12 * own
+
+
+def test_budget_sum_is_exact_to_an_ulp_where_one_dot_is_not():
+    """``_weighted_squares`` (the fast path's last check of ``E cost = rho^2``, to ``1e-14``)
+    agrees with the exactly rounded sum of the products (``math.fsum``) to a few ulps at
+    n = 1e6, where one BLAS dot over every atom may err by ``1e-14`` relative; and the fast
+    moves' costs read by entry or as a mean are those of the cost vector."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(3)
+    n = 1_000_000
+    w = rng.random(n)
+    w /= w.sum()
+    tau = rng.random(n) * 0.3
+    exact = math.fsum((w * np.square(tau)).tolist())
+    assert abs(w2._weighted_squares(w, tau) - exact) <= 8 * np.finfo(float).eps * exact
+    b, k, kappa = 1.3, 0.9, 0.7
+    m = rng.normal(size=2000)
+    flip = rng.random(m.size) < 0.1
+    mv = w2._fast_moves(m, flip, tau[:m.size], k, b, kappa)
+    rows = np.flatnonzero(rng.random(m.size) < 0.05)
+    assert "cost" not in vars(mv) and "right" not in vars(mv)  # built on first read only
+    np.testing.assert_array_equal(mv.cost_at(rows), mv.cost[rows])
+    assert mv.expected_cost(w[:m.size]) == pytest.approx(float(w[:m.size] @ mv.cost),
+                                                         rel=1e-14)
+    mm = np.where(flip, -m, m)
+    np.testing.assert_array_equal(mv.right, (mm < 0) | (0.5 - k * mm >= 0))

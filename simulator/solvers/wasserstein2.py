@@ -1087,7 +1087,14 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
 #: ``3e-6``; a switch located wrongly is caught by its exact check). Measured at n = 1e6, d = 8
 #: (Gaussian and environment data, seeds 0 and 1): the third evaluation's change ``2.4e-4`` to
 #: ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the second's ``1.2e-2`` to ``2.3e-2`` (error
-#: ``4e-4`` to ``1.2e-3``: a joint solve).
+#: ``4e-4`` to ``1.2e-3``: a joint solve). The cold first round (``_table_start``'s roots at the
+#: grid's ``k``, within the grid's error, about ``1e-6``, of the exact ones) takes the same step
+#: where the grid's Newton converged and the pattern chosen at its ``k`` is not the round's
+#: own: that round's pattern is then not the answer, and its loose joint solve (a sweep and
+#: its last pass) only placed the next flip choice (Gaussian, ``kappa = 1``: the first
+#: evaluation's joint solve replaced by the step); where the pattern chooses itself there
+#: (environment data without merging) the joint solve is kept, since the answer then resolves
+#: it exactly anyway (with the step before it, 0.65 pass more).
 _PREDICTED_CHANGE = 1e-3
 
 
@@ -1330,7 +1337,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if tau is None:  # cold: k on the grid's budget too
             k, tau0, solved = _table_start(mm, w, b, r2 - price, k)
             # the grid's k is within its own error (1e-6) of this pattern's root: where the
-            # pattern chosen there differs, this one is not the answer: a budget step suffices
+            # pattern chosen there differs, this one is not the answer and a budget step
+            # suffices (_PREDICTED_CHANGE)
             step = solved and math.isfinite(kappa) and not np.array_equal(
                 _flip_choice(m, b, 0.5 * k * b**2, kappa, pool), flip)
         else:
