@@ -634,7 +634,8 @@ def test_table_start_solves_the_budget_on_the_grid():
     """``_table_start`` moves ``k`` from a start 20% off to the ``k`` whose exact roots meet the
     budget, within the grid's own error (the deposit interpolates ``tau^2`` linearly: ``h^2
     max |(tau^2)''| / 8`` of ``E tau^2``, over the budget's slope ``dS/dk``), with the roots
-    at that ``k``; where the budget cannot be met at ``k > 1/4`` it keeps the given ``k``."""
+    at that ``k`` (``solved``); where the budget cannot be met at ``k > 1/4`` it keeps the
+    given ``k`` (not ``solved``)."""
     from simulator.solvers import wasserstein2 as w2
 
     rng = np.random.default_rng(5)
@@ -644,7 +645,8 @@ def test_table_start_solves_the_budget_on_the_grid():
     w /= w.sum()
     tau = w2.best_move(m, k_true, values=False).tau
     budget = float(w @ tau**2) / b**2
-    k, start = w2._table_start(m, w, b, budget, 0.8)
+    k, start, solved = w2._table_start(m, w, b, budget, 0.8)
+    assert solved
     fine = np.linspace(m.min(), m.max(), 10 * w2._TABLE_POINTS)
     curv = np.max(np.abs(np.diff(w2.best_move(fine, k_true, values=False).tau ** 2, 2))) / (
         np.diff(fine[:2])[0] ** 2)
@@ -654,8 +656,8 @@ def test_table_start_solves_the_budget_on_the_grid():
     assert abs(k - k_true) <= 1.01 * h**2 * curv / 8 / b**2 / abs(slope)
     np.testing.assert_array_equal(start, w2._table_roots(m, k))
     # E tau^2 / b^2 <= 1 / (k^2 b^2) < 16 / b^2 for k > 1/4: this budget is out of reach
-    k_out, start_out = w2._table_start(m, w, b, 20.0 / b**2, 0.8)
-    assert k_out == 0.8
+    k_out, start_out, solved = w2._table_start(m, w, b, 20.0 / b**2, 0.8)
+    assert k_out == 0.8 and not solved
     np.testing.assert_array_equal(start_out, w2._table_roots(m, 0.8))
 
 
@@ -926,3 +928,30 @@ def test_evaluation_without_the_worst_case_request_still_certifies(kappa):
     own = w2._weak_duality_gap(at, amb, delta, plain.value, pieces)
     given = w2._weak_duality_gap(at, amb, delta, plain.value, pieces, plain.margins)
     assert abs(own - given) <= 1e-15 * max(1.0, abs(plain.value)) + 1e-12 * own
+
+
+def test_budget_sum_is_exact_to_an_ulp_where_one_dot_is_not():
+    """``_weighted_squares`` (the fast path's last check of ``E cost = rho^2``, to ``1e-14``)
+    agrees with the exactly rounded sum of the products (``math.fsum``) to a few ulps at
+    n = 1e6, where one BLAS dot over every atom may err by ``1e-14`` relative; and the fast
+    moves' costs read by entry or as a mean are those of the cost vector."""
+    from simulator.solvers import wasserstein2 as w2
+
+    rng = np.random.default_rng(3)
+    n = 1_000_000
+    w = rng.random(n)
+    w /= w.sum()
+    tau = rng.random(n) * 0.3
+    exact = math.fsum((w * np.square(tau)).tolist())
+    assert abs(w2._weighted_squares(w, tau) - exact) <= 8 * np.finfo(float).eps * exact
+    b, k, kappa = 1.3, 0.9, 0.7
+    m = rng.normal(size=2000)
+    flip = rng.random(m.size) < 0.1
+    mv = w2._fast_moves(m, flip, tau[:m.size], k, b, kappa)
+    rows = np.flatnonzero(rng.random(m.size) < 0.05)
+    assert "cost" not in vars(mv) and "right" not in vars(mv)  # built on first read only
+    np.testing.assert_array_equal(mv.cost_at(rows), mv.cost[rows])
+    assert mv.expected_cost(w[:m.size]) == pytest.approx(float(w[:m.size] @ mv.cost),
+                                                         rel=1e-14)
+    mm = np.where(flip, -m, m)
+    np.testing.assert_array_equal(mv.right, (mm < 0) | (0.5 - k * mm >= 0))

@@ -349,6 +349,64 @@ class Moves:
     def value(self) -> np.ndarray:
         return _moves_value(self.m, self.b, self.lam, self.kappa, self.tau, self.flip)
 
+    def cost_at(self, rows: np.ndarray) -> np.ndarray:
+        """``cost[rows]``."""
+        return self.cost[rows]
+
+    def expected_cost(self, w: np.ndarray) -> float:
+        """``E cost = w @ cost`` under the weights ``w``."""
+        return float(w @ self.cost)
+
+
+class _FastMoves(Moves):
+    """:func:`_fast_moves`' :class:`Moves` (roots ``tau`` at ``k > 1/4``: one maximiser per
+    atom and branch), whose ``cost``, ``right`` and ``roots`` are built on first read: an
+    evaluation reads its moves' costs only through :meth:`cost_at` and :meth:`expected_cost`
+    and the other two not at all (the three n-vectors took about 0.3 pass of each of the
+    four calls of a solve at n = 1e6)."""
+
+    def __init__(self, k: float, tau: np.ndarray, flip: np.ndarray, m: np.ndarray, b: float,
+                 kappa: float, lam: float | None = None) -> None:
+        fields = {"lam": 0.5 * k * b**2 if lam is None else lam, "tau": tau, "flip": flip,
+                  "m": m, "b": b, "kappa": kappa, "k": k}
+        for name, v in fields.items():  # frozen: as the dataclass's own __init__ sets them
+            object.__setattr__(self, name, v)
+
+    @functools.cached_property
+    def cost(self) -> np.ndarray:
+        cost = self.tau * self.tau
+        cost *= 1.0 / self.b**2
+        idx = np.flatnonzero(self.flip)
+        if idx.size:
+            cost[idx] += self.kappa
+        return cost
+
+    @functools.cached_property
+    def right(self) -> np.ndarray:
+        # the root is on the right piece (tau >= mm): best_move's (mm < 0) | (0.5 - k mm >=
+        # 0), which is k mm <= 0.5 exactly (k > 0; the sign of a rounded difference is
+        # exact); mm = -m on the flipped atoms, whose products are negated (exactly)
+        km = np.multiply(self.m, self.k)
+        right = km <= 0.5
+        idx = np.flatnonzero(self.flip)
+        right[idx] = -km[idx] <= 0.5
+        return right
+
+    @functools.cached_property
+    def roots(self) -> MoveRoots:
+        return MoveRoots(Roots(self.tau, self.tau, self.right, ~self.right))
+
+    def cost_at(self, rows: np.ndarray) -> np.ndarray:
+        t = self.tau[rows]
+        c = t * t
+        c *= 1.0 / self.b**2  # as cost rounds it
+        return np.where(self.flip[rows], c + self.kappa, c)
+
+    def expected_cost(self, w: np.ndarray) -> float:
+        idx = np.flatnonzero(self.flip)
+        price = self.kappa * float(w[idx].sum()) if idx.size else 0.0
+        return float((w * self.tau) @ self.tau) / self.b**2 + price
+
 
 def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
     """``V = softplus(tau - s m) - lambda t^2 - lambda kappa 1[flip]`` of moves (``s = -1``
@@ -906,6 +964,16 @@ def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: flo
     return k, tau, c * s3, q, exact
 
 
+def _weighted_squares(w: np.ndarray, tau: np.ndarray) -> float:
+    """``w @ tau^2`` to about an ulp: the products of each block of ``_BLOCK`` atoms summed by
+    BLAS, the blocks' sums exactly (``math.fsum``). One BLAS dot over every atom, summed on
+    one thread, errs by about ``_BUDGET_TOL`` itself at n = 1e6 (environment data without
+    merging, ``kappa = 1``: ``1.1e-14`` relative against the exact sum's ``-1.7e-16``, which
+    sent the third evaluation's exact answer to :func:`solve_lambda`: 18 passes more)."""
+    return math.fsum(float(w[lo:lo + _BLOCK] @ np.square(tau[lo:lo + _BLOCK]))
+                     for lo in range(0, tau.size, _BLOCK))
+
+
 def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
     """The margins of the chosen branches, ``-m`` where flipped: ``m`` itself without flips,
     else a copy negated on the (few) flipped atoms (``np.where`` over every atom took
@@ -918,21 +986,35 @@ def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
     return mm
 
 
+class _Signed:
+    """:func:`_signed` for one pattern after another (the rounds of one :func:`_fast_pair`):
+    one copy of the margins, updated in place on the atoms whose flag changed (a new copy
+    each round took about 0.15 pass at n = 1e6). Each call's answer is valid until the
+    next call."""
+
+    def __init__(self, m: np.ndarray) -> None:
+        self.m, self.mm, self.flips = m, m, np.zeros(0, dtype=np.intp)
+
+    def __call__(self, flip: np.ndarray) -> np.ndarray:
+        """The signed margins of the pattern ``flip``."""
+        if self.mm is self.m:  # no copy yet (no flips so far)
+            self.mm = _signed(self.m, flip)
+            self.flips = np.flatnonzero(flip)
+            return self.mm
+        flips = np.flatnonzero(flip)
+        back = np.setdiff1d(self.flips, flips, assume_unique=True)
+        new = np.setdiff1d(flips, self.flips, assume_unique=True)
+        self.mm[back] = self.m[back]
+        self.mm[new] = -self.m[new]
+        self.flips = flips
+        return self.mm
+
+
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
-                kappa: float, mm: np.ndarray | None = None) -> Moves:
+                kappa: float) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
-    atom and branch: the warm starts are the moves themselves); ``mm``: ``_signed(m, flip)``
-    where the caller has it."""
-    mm = _signed(m, flip) if mm is None else mm
-    # the root is on the right piece (tau >= mm): best_move's (mm < 0) | (0.5 - k mm >= 0),
-    # which is k mm <= 0.5 exactly (k > 0; the sign of a rounded difference is exact)
-    right = np.multiply(mm, k) <= 0.5
-    cost = tau * tau
-    cost *= 1.0 / b**2
-    if flip.any():
-        cost[flip] += kappa
-    return Moves(0.5 * k * b**2, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)),
-                 right, m, b, kappa)
+    atom and branch: the warm starts are the moves themselves; :class:`_FastMoves`)."""
+    return _FastMoves(k, tau, flip, m, b, kappa)
 
 
 def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
@@ -1005,7 +1087,14 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
 #: ``3e-6``; a switch located wrongly is caught by its exact check). Measured at n = 1e6, d = 8
 #: (Gaussian and environment data, seeds 0 and 1): the third evaluation's change ``2.4e-4`` to
 #: ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the second's ``1.2e-2`` to ``2.3e-2`` (error
-#: ``4e-4`` to ``1.2e-3``: a joint solve).
+#: ``4e-4`` to ``1.2e-3``: a joint solve). The cold first round (``_table_start``'s roots at the
+#: grid's ``k``, within the grid's error, about ``1e-6``, of the exact ones) takes the same step
+#: where the grid's Newton converged and the pattern chosen at its ``k`` is not the round's
+#: own: that round's pattern is then not the answer, and its loose joint solve (a sweep and
+#: its last pass) only placed the next flip choice (Gaussian, ``kappa = 1``: the first
+#: evaluation's joint solve replaced by the step); where the pattern chooses itself there
+#: (environment data without merging) the joint solve is kept, since the answer then resolves
+#: it exactly anyway (with the step before it, 0.65 pass more).
 _PREDICTED_CHANGE = 1e-3
 
 
@@ -1055,6 +1144,13 @@ _TABLE_ITERS = 30
 _TABLE_TOL = 1e-12
 
 
+#: Atoms per block of :func:`_table_start`'s deposit: each block's two ``np.bincount`` s fill
+#: and add ``_TABLE_POINTS`` sums, which blocks of ``_BLOCK`` atoms paid 123 times a pass
+#: (measured at n = 1e6: the deposit 4.4 ms in blocks of 2^15 atoms, 6.8 in blocks of 2^13;
+#: three ``bincount`` s a block, as before, 6.7 to 8.5 ms).
+_DEPOSIT_BLOCK = 1 << 15
+
+
 class _Grid(NamedTuple):
     """A uniform grid of ``_TABLE_POINTS`` margins from ``lo``, ``inv`` points per unit."""
 
@@ -1101,7 +1197,7 @@ def _table_roots(mm: np.ndarray, k: float, grid: _Grid | None = None) -> np.ndar
 
 
 def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
-                 k: float) -> tuple[float, np.ndarray]:
+                 k: float) -> tuple[float, np.ndarray, bool]:
     """A cold start of :func:`_joint_sweeps` (``k > 1/4``) with its ``k`` too: the weights
     deposited linearly on :func:`_table_roots`' grid (``W_j``, one pass over the margins),
     ``E tau^2 / b^2 = budget`` solved on the grid (``sum_j W_j tau_j(k)^2``, Newton on ``k``
@@ -1109,19 +1205,20 @@ def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
     interpolated. The grid's ``k`` is off by the interpolation's error (``1e-6``), not by
     the subsample's (a few per cent): the joint solve from it takes one sweep where it took
     three. Where the grid's Newton fails (``k`` leaves ``(1/4, inf)``, no convergence), the
-    roots at the given ``k``."""
+    roots at the given ``k``. ``(k, roots, solved)``: ``solved`` tells whether the grid's
+    Newton converged (the ``k`` is then the grid's)."""
     grid = _grid(mm)
     if grid is None:
-        return k, np.zeros(mm.size)
-    mass = np.zeros(_TABLE_POINTS + 1)
-    for a in range(0, mm.size, _BLOCK):
-        sl = slice(a, a + _BLOCK)
+        return k, np.zeros(mm.size), False
+    mass, moment = np.zeros(_TABLE_POINTS), np.zeros(_TABLE_POINTS)  # per cell: W, W f
+    for a in range(0, mm.size, _DEPOSIT_BLOCK):
+        sl = slice(a, a + _DEPOSIT_BLOCK)
         i, frac = _grid_cells(grid, mm[sl])
         frac *= w[sl]  # w f to the cell's right end, w (1 - f) to its left
-        mass[1:] += np.bincount(i, frac, minlength=_TABLE_POINTS)
-        mass[:-1] += np.bincount(i, w[sl], minlength=_TABLE_POINTS)
-        mass[:-1] -= np.bincount(i, frac, minlength=_TABLE_POINTS)
-    mass = mass[:-1]
+        mass += np.bincount(i, w[sl], minlength=_TABLE_POINTS)
+        moment += np.bincount(i, frac, minlength=_TABLE_POINTS)
+    mass -= moment
+    mass[1:] += moment[:-1]  # the last cell (the grid's end) has f = 0
     kk, start = k, None
     for _ in range(_TABLE_ITERS):
         mv = best_move(grid.points, kk, start, values=False)
@@ -1132,22 +1229,18 @@ def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
                 / (2.0 * float(mass @ (tau * dtau)) / b**2))
         kk -= step
         if not (math.isfinite(kk) and kk > 0.25):
-            return k, _table_roots(mm, k, grid)
+            return k, _table_roots(mm, k, grid), False
         if abs(step) <= _TABLE_TOL * kk:
-            return kk, _table_roots(mm, kk, grid)
-    return k, _table_roots(mm, k, grid)
+            return kk, _table_roots(mm, kk, grid), True
+    return k, _table_roots(mm, k, grid), False
 
 
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
     """The moves ``mv`` (of :func:`_fast_moves` at ``k``) with the atoms ``idx`` flipped too,
-    their flipped roots ``tau_idx`` (only those entries computed again)."""
-    flip, tau, cost, right = mv.flip.copy(), mv.tau.copy(), mv.cost.copy(), mv.right.copy()
+    their flipped roots ``tau_idx``."""
+    flip, tau = mv.flip.copy(), mv.tau.copy()
     flip[idx], tau[idx] = True, tau_idx
-    cost[idx] = tau_idx * tau_idx * (1.0 / mv.b**2) + mv.kappa  # as _fast_moves rounds it
-    mm = -mv.m[idx]
-    right[idx] = (mm < 0) | (0.5 - k * mm >= 0)
-    return Moves(mv.lam, tau, flip, cost, MoveRoots(Roots(tau, tau, right, ~right)), right,
-                 mv.m, mv.b, mv.kappa)
+    return _FastMoves(k, tau, flip, mv.m, mv.b, mv.kappa, mv.lam)
 
 
 #: :class:`_Pool` takes its candidates at this fraction of the first ``lambda`` it is asked
@@ -1228,6 +1321,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     if not k > 0.25:
         return None
     pool = _Pool(m, b, kappa)  # one scan of the margins for the evaluation's flip choices
+    signed = _Signed(m)  # and one copy of them for its patterns' signed margins
     flip, chosen = _flip_choice(m, b, lam, kappa, pool), lam  # the pattern, where chosen
     tau = last = None
     change = math.inf  # the predicted roots' largest first-order change (_PREDICTED_CHANGE)
@@ -1246,14 +1340,18 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.any() else 0.0
         if not r2 - price > 0:
             return None
-        mm = _signed(m, flip)
+        mm = signed(flip)
         if tau is None:  # cold: k on the grid's budget too
-            k, tau0 = _table_start(mm, w, b, r2 - price, k)
+            k, tau0, solved = _table_start(mm, w, b, r2 - price, k)
+            # the grid's k is within its own error (1e-6) of this pattern's root: where the
+            # pattern chosen there differs, this one is not the answer and a budget step
+            # suffices (_PREDICTED_CHANGE)
+            step = solved and math.isfinite(kappa) and not np.array_equal(
+                _flip_choice(m, b, 0.5 * k * b**2, kappa, pool), flip)
         else:
             tau0 = _branch_roots(m, flip, tau, last, k, fresh=True)  # tau is not read again
-        out = None
-        if change <= _PREDICTED_CHANGE and math.isfinite(kappa):  # the first round only
-            out = _budget_step(mm, w, b, r2 - price, k, tau0)
+            step = change <= _PREDICTED_CHANGE and math.isfinite(kappa)  # the first round only
+        out = _budget_step(mm, w, b, r2 - price, k, tau0) if step else None
         change = math.inf
         if out is None:
             # loose only where flips are chosen at its solution (kappa = inf: no flips, and
@@ -1272,9 +1370,9 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                         _flip_choice(m, b, 0.5 * out[0] * b**2, kappa, pool), flip):
                     return None
                 k, tau = out[:2]
-            if not abs(float(w @ (tau * tau)) / b**2 + price - r2) <= _BUDGET_TOL * r2:
+            if not abs(_weighted_squares(w, tau) / b**2 + price - r2) <= _BUDGET_TOL * r2:
                 return None  # E cost of these moves
-            mv = _fast_moves(m, flip, tau, k, b, kappa, mm)
+            mv = _fast_moves(m, flip, tau, k, b, kappa)
             return Bracket(mv, mv)
         if gained and lost:
             return None
@@ -1290,7 +1388,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 continue
             if np.unique(m[idx]).size == 1 and not (p_c & ~p_a).any():
                 out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx,
-                                      (k, tau, dtau, last))
+                                      (k, tau, dtau, last), signed)
                 if isinstance(out, Bracket):
                     return out
                 if out is not None:
@@ -1309,7 +1407,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             chosen = math.sqrt(lo[0] * hi[0])
             flip = _flip_choice(m, b, chosen, kappa, pool)
             continue
-        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last))
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last), signed)
         if isinstance(out, Bracket):
             return out
         if out is None:
@@ -1381,7 +1479,7 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
     return None
 
 
-def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint, signed: _Signed):
     """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
     the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
     :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
@@ -1389,7 +1487,8 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
     k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
     the warm start of the roots at ``s``; to second order (:func:`_roots_along_k`) where
-    the first order's error may take a second sweep there."""
+    the first order's error may take a second sweep there. ``signed``: the caller's
+    :class:`_Signed`."""
     s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
@@ -1398,7 +1497,7 @@ def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint):
     k_joint, tau, dtau, last = joint
     tau = _roots_along_k(tau, dtau, k_joint, k)
     out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
-                           _branch_roots(m, flip, tau, last, k, fresh=True))
+                           _branch_roots(m, flip, tau, last, k, fresh=True), signed(flip))
     if out is None:
         return None
     if isinstance(out, Bracket):
@@ -1474,20 +1573,19 @@ def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
     return float(pts[0])
 
 
-def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0):
+def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0, mm):
     """The moves at ``k = 2 s / b^2`` with the flips ``flip`` (``after``) and with the atoms
     ``idx`` flipped too (``before``), their roots solved at fixed ``k`` from ``tau0``: their
     :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
     (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
-    the solve fails."""
-    mm = _signed(m, flip)
+    the solve fails. ``mm``: ``_signed(m, flip)``."""
     tau = _fixed_sweeps(mm, k, tau0)
     if tau is None:
         return None
-    after = _fast_moves(m, flip, tau, k, b, kappa, mm)
+    after = _fast_moves(m, flip, tau, k, b, kappa)
     pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
-    g_after = float(w @ after.cost) - r2
-    g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost[idx]))
+    g_after = after.expected_cost(w) - r2
+    g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost_at(idx)))
     if g_before > 0 >= g_after:
         return pair
     return -1 if g_before <= 0 else 1
@@ -1542,7 +1640,7 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
     jump = float(w[idx] @ ((t_idx**2 - tau[idx] ** 2) / b**2 + kappa))
     if not (after < -_AGAIN_MARGIN * r2 and after + jump > _AGAIN_MARGIN * r2):
         return None
-    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau)
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau, _signed(m, flip))
     return out if isinstance(out, Bracket) else None
 
 
@@ -1698,17 +1796,16 @@ _GUESS_FLOOR = 0.5
 
 @dataclass(frozen=True, eq=False)
 class W2State:
-    """Warm start of the ``lambda*`` search: the last ``lambda*``, the per-atom roots, the
-    point ``at`` they belong to with its bracket ``pair``, and ``slope``, ``d lambda* / d
-    delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); ``mixture``, a function
-    returning the worst case's per-atom moves in pieces (:class:`Mixture` s, for
-    :func:`certify`: the nominal atoms' moves, and the split atoms' other moves at a tie;
-    built on first call, their concatenation, an ``O(n)`` copy, left to a reader of the worst
-    case); ``value``, ``grad`` and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at
-    ``at`` (an evaluation there again without the Hessian, the worst case's, reuses them)."""
+    """Warm start of the ``lambda*`` search: the last ``lambda*``, the point ``at`` with its
+    bracket ``pair`` (whose ``hi`` moves hold the per-atom roots, :attr:`roots`), and ``slope``,
+    ``d lambda* / d delta = -G_ld / G_ll`` there (at a tie, of the ``hi`` moves); ``mixture``, a
+    function returning the worst case's per-atom moves in pieces (:class:`Mixture` s, for
+    :func:`certify`: the nominal atoms' moves, and the split atoms' other moves at a tie; built
+    on first call, their concatenation, an ``O(n)`` copy, left to a reader of the worst case);
+    ``value``, ``grad`` and ``primal``, ``F``, its gradient and ``E_{Q*} l`` at ``at`` (an
+    evaluation there again without the Hessian, the worst case's, reuses them)."""
 
     lam: float | None = None
-    roots: MoveRoots | None = None
     at: np.ndarray | None = None
     pair: Bracket | None = None
     slope: np.ndarray | None = None
@@ -1721,6 +1818,12 @@ class W2State:
     #: that led to it (see :data:`_KINK_STEPS`)
     trials: list = dataclasses.field(default_factory=lambda: [0])
     damped: int = 0
+
+    @property
+    def roots(self) -> MoveRoots | None:
+        """The per-atom roots of the ``hi`` moves (read only by :func:`solve_lambda`: those
+        of :func:`_fast_moves` are built then)."""
+        return None if self.pair is None else self.pair.hi.roots
 
     def transfer(self) -> W2State:
         """The state to start another problem (a subsample's solution) with: ``lambda*``."""
@@ -2018,14 +2121,14 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     switched = isinstance(pair, _SwitchBracket)
     lo = None if switched else pair.lo
     lo_at = pair.lo_at if switched else (lambda rows: (lo.tau[rows], lo.flip[rows],
-                                                        lo.cost[rows]))
+                                                        lo.cost_at(rows)))
     lo_lam = hi.lam if switched else lo.lam
     sp, theta = np.zeros(0, dtype=np.intp), 0.0  # the split atoms and their share of lo
     if switched or lo is not hi:  # E cost jumps at lambda*: mix the moves of the switching atoms
         switch = pair.switch if switched else np.flatnonzero(
             (lo.flip != hi.flip) | (np.abs(lo.tau - hi.tau) > _SAME_MOVE * (1.0 + hi.tau)))
-        extra = float(w[switch] @ (lo_at(switch)[2] - hi.cost[switch]))
-        theta = float(np.clip((rho**2 - float(w @ hi.cost)) / extra if extra > 0 else 0.0,
+        extra = float(w[switch] @ (lo_at(switch)[2] - hi.cost_at(switch)))
+        theta = float(np.clip((rho**2 - hi.expected_cost(w)) / extra if extra > 0 else 0.0,
                               0.0, 1.0))
         sp = np.unique(switch) if theta > 0 else sp
         sp = sp[w[sp] > 0]  # the atoms whose lo moves carry mass
@@ -2038,6 +2141,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     if tied:
         q_hi = w.copy()
         q_hi[sp] *= 1.0 - theta
+    blk = None
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
         value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
     else:
@@ -2066,9 +2170,11 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     trials = state.trials[0]
     damped = (state.damped + 1 if tied and trials >= _KINK_TRIALS
               else state.damped if trials > 1 else 0)
-    new_state = W2State(hi.lam, hi.roots, delta, pair, slope, value=value, grad=grad,
+    new_state = W2State(hi.lam, delta, pair, slope, value=value, grad=grad,
                         primal=primal, damped=damped)
-    cost = float(q_hi @ hi.cost) + (float(q_lo @ lo_at(sp)[2]) if tied else 0.0)
+    # E cost: hi's from the blocks' E t^2 (no n-vector of costs) where they were summed
+    cost = (-blk.g_l + price if blk is not None else hi.expected_cost(q_hi)) + (
+        float(q_lo @ lo_at(sp)[2]) if tied else 0.0)
     h = None
     if hess:
         h = ((lambda: _tie_hessian(at, m, hi, (lo_lam, lo_tau, lo_flip), sp, q_lo, b, delta,
