@@ -150,7 +150,7 @@ _HESS_STRIDE_MIN = 4
 #: most this fraction of the atoms. Measured at n = 1e6, d = 8: the product with every
 #: atom 3.1-3.5 ms, with the rows of 2% of them (``np.take``) 0.2 ms, 5% 0.5-1.6 ms; the
 #: band of a stage change at mu = 1e-3 held 1.6% of the atoms (Gaussian data).
-_BAND_FRACTION = 1.0 / 32.0
+_BAND_FRACTION = 1.0 / 16.0
 
 #: Smoothing parameters of the homotopy.
 MU_PATH = tuple(10.0 ** -k for k in range(1, 12))
@@ -246,18 +246,27 @@ class _Flipped(NamedTuple):
     c: np.ndarray
 
 
+#: No flips: the gradient of ``E_P l`` alone.
+_NO_FLIPS = _Flipped(math.inf, np.empty(0, np.intp), np.empty(0, np.intp), np.empty(0))
+
+
 class _LogisticPoint:
     """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, and the
     gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
     objective folds it into its own single product with ``a``)."""
 
     def __init__(self, at: Atoms, delta: np.ndarray, m: np.ndarray | None = None,
-                 l: np.ndarray | None = None) -> None:
-        """``m = a delta`` and ``l = softplus(-m)`` are computed unless given."""
+                 l: np.ndarray | None = None, pool: Workspace | None = None) -> None:
+        """``m = a delta`` and ``l = softplus(-m)`` are computed unless given; ``l`` and
+        ``s`` in vectors of ``pool`` (:meth:`~.core.Workspace.fresh`) where given."""
         self.at, self.delta = at, delta.copy()
+        n = at.w.size
+
+        def out(name):
+            return None if pool is None else pool.fresh(name, n)
         self.m = at.matvec(delta) if m is None else m
-        self.l = dpo_loss(self.m) if l is None else l  # softplus(-m), no n-vector -m
-        self.s = loss_sigmoid(self.l)
+        self.l = dpo_loss(self.m, out("l")) if l is None else l  # softplus(-m), no -m
+        self.s = loss_sigmoid(self.l, out("s"))
         self.value = float(at.w @ self.l)
         self._grad: np.ndarray | None = None
         #: the last :meth:`flipped_grad` here, with its flips
@@ -265,8 +274,11 @@ class _LogisticPoint:
 
     @property
     def grad(self) -> np.ndarray:
-        if self._grad is None:
+        if self._grad is None and self._flipped is not None:
+            self._grad = self.flipped_grad(_NO_FLIPS)
+        elif self._grad is None:
             self._grad = -self.at.rmatvec(self.at.w, self.s)  # (w s) a: no n-vector w s
+            self._flipped = (_NO_FLIPS, self._grad)
         return self._grad
 
     def flipped_grad(self, flips: _Flipped, work: Workspace | None = None) -> np.ndarray:
@@ -352,7 +364,7 @@ class _Logistic:
     def point(self, at: Atoms, delta: np.ndarray) -> _LogisticPoint:
         last = self.last
         if last is None or last.at is not at or not np.array_equal(last.delta, delta):
-            self.last = last = _LogisticPoint(at, delta)
+            self.last = last = _LogisticPoint(at, delta, pool=self.work)
         return last
 
 
