@@ -251,9 +251,10 @@ _NO_FLIPS = _Flipped(math.inf, np.empty(0, np.intp), np.empty(0, np.intp), np.em
 
 
 class _LogisticPoint:
-    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, and the
-    gradient ``-(w s) . a`` (:attr:`grad`, computed when first read: the smoothed
-    objective folds it into its own single product with ``a``)."""
+    """``E_P l`` at one ``delta``: margins, losses, ``s = sigmoid(-m)``, value, the
+    gradient ``-(w s) . a`` (:attr:`grad`, computed when first read) and the gradients with
+    flips (:meth:`flipped_grad`: the smoothed and the exact objectives' single product
+    with ``a``, or the correction of the last one at this point)."""
 
     def __init__(self, at: Atoms, delta: np.ndarray, m: np.ndarray | None = None,
                  l: np.ndarray | None = None) -> None:
@@ -403,10 +404,6 @@ class _Threshold:
                  cut: float, base: float, mass: float, n: int) -> None:
         self.t, self.window, self.p_window, self.top = t, window, p_window, top
         self.cut, self.base, self.mass, self.n = cut, base, mass, n
-
-    def flips(self, w: np.ndarray) -> _Flipped:
-        """The flip masses ``w p`` (:class:`_Flipped`)."""
-        return _Flipped(self.cut, self.top, self.window, w[self.window] * self.p_window)
 
     @property
     def p(self) -> np.ndarray:
