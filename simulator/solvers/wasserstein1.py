@@ -280,13 +280,13 @@ class _LogisticPoint:
             self._flipped = (_NO_FLIPS, self._grad)
         return self._grad
 
-    def flipped_grad(self, flips: _Flipped, work: Workspace | None = None) -> np.ndarray:
+    def flipped_grad(self, flips: _Flipped) -> np.ndarray:
         """``-(w s - c) . a`` for the flip masses ``c`` of ``flips``.
 
-        One product with ``a`` of the coefficients (in ``work``'s scratch vector ``coef``
-        where given); where a gradient with other flips was computed at this point (the
-        homotopy's next stage, or its first from the exact evaluation at the subsample's
-        minimiser), that one corrected by the difference of the masses instead, where it
+        One product with ``a`` of the coefficients (in a vector of the atoms' pool); where
+        a gradient with other flips was computed at this point (the homotopy's next stage,
+        or its first from the exact evaluation at the subsample's minimiser), that one
+        corrected by the difference of the masses instead, where it
         lies on at most ``_BAND_FRACTION`` of the atoms: ``-c_old`` on the old ``idx``,
         ``c`` on the new one, and ``+-w`` on the atoms of the lower cut's ``above`` with
         margins up to the higher cut (near the flip threshold; found on ``above`` itself,
@@ -305,7 +305,7 @@ class _LogisticPoint:
                 grad = grad + (dc * np.take(at.factor, band)) @ np.take(at.x, band, axis=0)
                 self._flipped = (flips, grad)
                 return grad
-        coef = np.multiply(at.w, self.s, out=None if work is None else work.get("coef", m.size))
+        coef = np.multiply(at.w, self.s, out=at._pool.fresh("coef", m.size))
         coef[flips.above] -= at.w[flips.above]
         coef[flips.idx] -= flips.c
         grad = -at.rmatvec(coef)
@@ -558,7 +558,7 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i = -(w s - sum_i w_i p_i e_i) . a
-    grad = pt.flipped_grad(_Flipped(thr.cut, top, i, wi * pi), cache.work)
+    grad = pt.flipped_grad(_Flipped(thr.cut, top, i, wi * pi))
     wc = wi * pi * (1.0 - pi) / mu  # w p (1 - p) / mu: 0 outside the window
     g_l = rho - kappa * thr.mass
     clamped = not (lam > b or dn == 0.0)
