@@ -273,11 +273,8 @@ class _LogisticPoint:
 
     @property
     def grad(self) -> np.ndarray:
-        if self._grad is None and self._flipped is not None:
+        if self._grad is None:  # the flipped gradient without flips (or its correction)
             self._grad = self.flipped_grad(_NO_FLIPS)
-        elif self._grad is None:
-            self._grad = -self.at.rmatvec(self.at.w, self.s)  # (w s) a: no n-vector w s
-            self._flipped = (_NO_FLIPS, self._grad)
         return self._grad
 
     def flipped_grad(self, flips: _Flipped) -> np.ndarray:
@@ -658,9 +655,9 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     w, beta, d = at.w, at.beta, delta.size
     groups, k = _rows(at, tied), tied.size
     full = np.flatnonzero(full)  # the atoms above the threshold: a few percent of them
-    w_full = np.take(w, full)
-    a_full, w_full = (w_full * np.take(at.factor, full)) @ np.take(at.x, full, axis=0), float(
-        w_full.sum())
+    w_rows = np.take(w, full)
+    a_full = (w_rows * np.take(at.factor, full)) @ np.take(at.x, full, axis=0)
+    w_full = float(w_rows.sum())
 
     def residual(z):
         """The system's residual at ``z`` and its Jacobian (a function: only the accepted
