@@ -25,6 +25,7 @@ import numpy as np
 from .core import (
     Atoms,
     Reweighting,
+    RowSum,
     SetMethods,
     Workspace,
     concave_max,
@@ -273,13 +274,17 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
         curv += wsg
         curv *= sg
         curv *= c / nrm
-        erg = er * grad
-        eag = -at.rmatvec(wsg)
-        h_de = c * (-eag / nrm + erg * er / nrm**3)
+        # h_de = c (E_P act sg a / nrm + er erg / nrm^3) = v @ a with v = c (w act sg / nrm -
+        # er^2 q sg / nrm^3) (grad = -(q sg) @ a): a RowSum, formed in the Gram's pass
+        # instead of a product of its own
+        v = np.multiply(q, sg)
+        v *= -c * er**2 / nrm**3
+        wsg *= c / nrm
+        v += wsg
         h_ee = c * (mass / nrm - er**2 / nrm**3)
-        low = [(-c / nrm**3, erg)]
+        low = [(-c / nrm**3, er * grad)]
         if h_ee > 0:
-            low.append((-1.0 / h_ee, h_de))
+            low.append((-1.0 / h_ee, RowSum(v)))
         return curv, low
 
     return Reweighting(q, value, lmax + eta, parts, Chi2State(lmax + eta, work))
