@@ -356,7 +356,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="chi2dpo", reweight=_reweight,
+    name="chi2dpo", reweight=_reweight, subsample_model=True,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")
