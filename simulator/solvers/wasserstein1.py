@@ -196,14 +196,14 @@ class W1SmoothState:
 
 @dataclass(frozen=True, eq=False)
 class W1Threshold:
-    """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
-    cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
-    certified ``delta`` reuses it instead of searching the margins again. ``point``: ``E_P
-    l`` there (:class:`_LogisticPoint`), which the homotopy started at ``delta`` (a
-    subsample's minimiser) takes instead of computing the margins again."""
+    """The exact evaluation's flips at ``delta`` (:class:`_Flips`: its value, ``lambda``
+    and flip masses): the final evaluation at the certified ``delta`` reuses them instead
+    of searching the margins again. ``point``: ``E_P l`` there (:class:`_LogisticPoint`),
+    which the homotopy started at ``delta`` (a subsample's minimiser) takes instead of
+    computing the margins again."""
 
     delta: np.ndarray
-    k: int
+    flips: _Flips
     point: _LogisticPoint | None = None
 
     def transfer(self) -> None:
@@ -578,24 +578,32 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, thr, w, cache))
 
 
-def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
+def smoothing_gap(at: Atoms, delta: np.ndarray, state: W1SmoothState, rho: float,
                   kappa: float, point: _LogisticPoint | None = None) -> float:
-    """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify.
+    """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify for the
+    smoothed shares ``q`` of ``state`` (:attr:`W1SmoothState.q`, at ``delta``).
 
-    With ``t = lam kappa >= kappa b`` the threshold of the smoothed shares ``q``,
+    With ``t = lam kappa >= kappa b`` the threshold of the shares,
     ``F(delta) - L_q(delta) <= sum_i w_i (m_i - t)_+ - q_i (m_i - t)`` (``lambda = t / kappa``
     is feasible in the dual of ``F``). ``delta`` is stationary for ``L_q``, so
     ``L_q(delta)`` is ``min L_q`` to second order; the estimate is the smaller of that
     bound and ``log 2 - L_q(delta)`` (the candidate ``delta = 0``, where ``F = log 2``),
-    relative to ``max(1, F)``. ``point``: ``E_P l`` at ``delta`` if known (the homotopy's
-    :class:`_Logistic`).
+    relative to ``max(1, F)``. The sums run over the atoms that carry a share
+    (:class:`_Threshold`): the terms of the others vanish (share 1 above the window, where
+    ``(m_i - t)_+ = m_i - t``; share 0 below it, where ``(m_i - t)_+ = 0``), and the
+    window's and the top's few percent of the margins cost no ``n``-vector.
+    ``point``: ``E_P l`` at ``delta`` if known (the homotopy's :class:`_Logistic`).
     """
     point = _LogisticPoint(at, delta) if point is None else point
-    m = point.m
-    x = m - lam * kappa
-    lagrangian = point.value + float(q @ m) + (
-        (rho - kappa * float(q.sum())) * at.beta * float(np.linalg.norm(delta)))
-    gap = min(float(at.w @ np.maximum(x, 0.0) - q @ x), math.log(2.0) - lagrangian)
+    thr, w = state.shares, at.w
+    m_win, m_top = np.take(point.m, thr.window), np.take(point.m, thr.top)
+    q_win = np.take(w, thr.window) * thr.p_window
+    x = m_win - state.lam * kappa
+    flipped = thr.base + float(q_win.sum())  # sum q
+    lagrangian = point.value + float(np.take(w, thr.top) @ m_top) + float(q_win @ m_win) + (
+        (rho - kappa * flipped) * at.beta * float(np.linalg.norm(delta)))
+    gap = min(float(np.take(w, thr.window) @ np.maximum(x, 0.0) - q_win @ x),
+              math.log(2.0) - lagrangian)
     return gap / max(1.0, lagrangian)
 
 
@@ -714,10 +722,11 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     return None
 
 
-def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
+def polish_face(at: Atoms, delta: np.ndarray, state: W1SmoothState, rho: float,
                 kappa: float, tol: float, rounds: int | None = None, max_iter: int = 10,
                 cache: _Logistic | None = None):
-    """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to.
+    """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to
+    (``state``: the smoothing's there, with its ``lambda`` and shares ``q_i / w_i``).
 
     Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are in the window of
     the flip threshold ``t``; identical atoms (the same row ``a_i``, hence the same margin
@@ -754,12 +763,10 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
     homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
     """
-    w = at.w
     cache = _Logistic() if cache is None else cache
-    # q / w, 0 where w = 0 (a masked division where any weight is 0: three n-vectors more)
-    share = q / w if float(w.min()) > 0 else np.divide(q, w, out=np.zeros_like(q), where=w > 0)
+    lam = state.lam
     clamped = lam <= at.beta * float(np.linalg.norm(delta))
-    for tied_mask, full in _face_start(at, share, clamped):
+    for tied_mask, full, share in _face_start(at, state.shares, clamped):
         face = _face_rounds(at, delta, share, tied_mask, full, clamped, lam * kappa, rho, kappa,
                             tol, _FACE_ROUNDS if rounds is None else rounds, max_iter, cache)
         if face is not None:
@@ -767,38 +774,57 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     return None
 
 
-def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
-    """The starting faces of :func:`polish_face`, as ``(tied, full)`` masks of the atoms,
+def _face_start(at: Atoms, thr: _Threshold, clamped: bool):
+    """The starting faces of :func:`polish_face` from the smoothed shares ``thr``, as
+    ``(tied, full)`` masks of the atoms and the shares ``q_i / w_i`` (0 where ``w_i = 0``),
     in the order tried (a generator: the groups are found once, the masks built when
     the previous face failed); none where the window holds more than ``_FACE_TRIM`` times
-    as many groups as a face can tie."""
-    tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
-    full = share >= 1.0 - _FACE_SHARE
-    idx = np.flatnonzero(tied_mask)
+    as many groups as a face can tie. The tied atoms lie in the window of ``thr`` (share 1
+    above it, 0 below), so no ``n``-vector is built before a start is (at n = 1e6 the
+    masks and shares cost 4 ms, most of a pass, in the stages whose window is too wide)."""
+    win, top, w = thr.window, thr.top, at.w
+    w_win, w_top = np.take(w, win), np.take(w, top)
+    q_win = w_win * thr.p_window
+    share_win = (q_win / w_win if float(w_win.min(initial=1.0)) > 0
+                 else np.divide(q_win, w_win, out=np.zeros_like(q_win), where=w_win > 0))
+    tied = (share_win > _FACE_SHARE) & (share_win < 1.0 - _FACE_SHARE)
+    idx, share_idx = win[tied], share_win[tied]
+    # share 1 on the atoms above the window (0 where they weigh nothing, as q / w)
+    full_idx = np.concatenate([top[w_top > 0], win[share_win >= 1.0 - _FACE_SHARE]])
+
+    def face(out=None):
+        """The masks and shares with the tied atoms ``out`` moved to their side."""
+        share = np.zeros(w.size)
+        share[top] = np.where(w_top > 0, 1.0, 0.0)
+        share[win] = share_win
+        tied_mask, full = np.zeros(w.size, bool), np.zeros(w.size, bool)
+        tied_mask[idx] = True
+        full[full_idx] = True
+        if out is not None:
+            tied_mask[idx[out]] = False
+            full[idx[out]] = share_idx[out] >= 0.5
+        return tied_mask, full, share
+
     limit = at.x.shape[1] + (0 if clamped else 1)
     if idx.size <= (0 if clamped else limit):
-        yield tied_mask, full
+        yield face()
         return
     # the smoothing has not resolved the face yet: no start. Identical atoms share their
     # share, so its distinct values (a sort of the window's floats) bound the groups from
     # below without the sort of their rows (1-3 ms for the 1400 distinct atoms of a window
     # at n = 1e6, Gaussian data)
-    if np.unique(share[idx]).size > _FACE_TRIM * limit:
+    if np.unique(share_idx).size > _FACE_TRIM * limit:
         return
     first, inverse = _groups(at, idx)
     groups = first.size
     if groups > _FACE_TRIM * limit:
         return
-    off = np.abs(share[idx[first]] - 0.5)  # each group's share off 1/2
+    off = np.abs(share_idx[first] - 0.5)  # each group's share off 1/2
     order = np.argsort(off, kind="stable")
     keeps = [min(int(np.count_nonzero(off < _FACE_TIE_BAND)), limit)] if clamped else []
     keeps.append(limit // 2 if groups > limit else groups)
     for keep in dict.fromkeys(keeps):  # the groups order[:keep] tied, each start once
-        out = idx[np.isin(inverse, order[keep:])]
-        tied_k, full_k = tied_mask.copy(), full.copy()
-        tied_k[out] = False
-        full_k[out] = share[out] >= 0.5
-        yield tied_k, full_k
+        yield face(np.isin(inverse, order[keep:]))  # positions in idx
 
 
 def _face_rounds(at: Atoms, delta: np.ndarray, share: np.ndarray, tied_mask: np.ndarray,
@@ -978,8 +1004,20 @@ class _WorstAtoms:
         return self._stacked(3)
 
 
+class _Above(NamedTuple):
+    """:func:`_threshold_atom`'s answer: the threshold atom ``k`` (``-1`` if there is none)
+    and the atoms ``sel`` (sorted) of margin above the bracket's lower end, with their
+    margins and weights: every atom of margin at least ``m_k`` (every atom above the cut
+    where ``k = -1``) is one of them."""
+
+    k: int
+    sel: np.ndarray
+    m: np.ndarray
+    w: np.ndarray
+
+
 def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
-                    kappa: float) -> int:
+                    kappa: float) -> _Above:
     """The atom ``k`` at which the weight of the atoms above ``cut``, summed by decreasing
     margin, first exceeds the budget (``kappa sum > rho``); ``-1`` if all of it is affordable.
 
@@ -1001,32 +1039,30 @@ def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
         hi = float(ms[order[i - spread]]) if i >= spread else math.inf
         lo = max(float(ms[order[i + spread]]) if i + spread < order.size else cut, cut)
         sel = np.flatnonzero(m > lo)
-        w_sel = w[sel]
-        up = m[sel] > hi
+        m_sel, w_sel = np.take(m, sel), np.take(w, sel)
+        up = m_sel > hi
         mass_hi = float(w_sel[up].sum())
         if kappa * float(w_sel.sum()) > rho:
             if not kappa * mass_hi > rho:
                 break
         elif lo == cut:  # all the weight above the cut is affordable
-            return -1
+            return _Above(-1, sel, m_sel, w_sel)
         spread *= 4  # the estimate missed: hi = inf and lo = cut hold at the latest
-    win = sel[~up]
-    win = win[np.argsort(-m[win])]
-    j = int(np.searchsorted(kappa * (mass_hi + np.cumsum(w[win])), rho, side="right"))
-    return int(win[min(j, win.size - 1)])
+    win = np.flatnonzero(~up)  # positions in sel
+    win = win[np.argsort(-m_sel[win])]
+    j = int(np.searchsorted(kappa * (mass_hi + np.cumsum(w_sel[win])), rho, side="right"))
+    return _Above(int(sel[win[min(j, win.size - 1)]]), sel, m_sel, w_sel)
 
 
 class _Flips(NamedTuple):
     """The exact ``F(delta)`` (:func:`_flips`): value, ``lambda``, the weight ``mu`` of the
     norm term left in the gradient (``rho - kappa sum f``, 0 at a kink of the quantile),
-    the threshold atom ``k`` (:class:`W1Threshold`), and the flip masses ``f`` of the atoms
-    ``cand`` at and above the threshold ``thr``, the only ones that may carry one (``None``
-    for ``kappa = inf``)."""
+    and the flip masses ``f`` of the atoms ``cand`` at and above the threshold ``thr``, the
+    only ones that may carry one (``None`` for ``kappa = inf``)."""
 
     value: float
     lam: float
     mu: float
-    k: int
     cand: np.ndarray | None
     f: np.ndarray | None
     thr: float = math.inf
@@ -1036,22 +1072,24 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
            state) -> _Flips:
     """``F(delta)`` from the margins ``m`` and losses ``l`` (``dn = ||delta||``): the budget
     flips the atoms of largest margin above ``b kappa`` (only those can gain), in full up to
-    the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3)."""
+    the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3). A state
+    :class:`W1Threshold` at ``delta`` (the certificate's evaluation) supplies them."""
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     b = beta * dn
     if math.isinf(kappa):
-        return _Flips(float(w @ l) + rho * b, b, rho, -1, None, None)
+        return _Flips(float(w @ l) + rho * b, b, rho, None, None)
     if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
-        k = state.k  # the certificate's evaluation at this delta
-    else:  # only atoms with m > b kappa can be flipped
-        k = _threshold_atom(m, w, b * kappa, rho, kappa)
+        return state.flips
+    above = _threshold_atom(m, w, b * kappa, rho, kappa)  # only m > b kappa can gain
+    k = above.k
     v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
     lam = max(b, v_q / kappa)
     kink = v_q / kappa > b
     thr = v_q if kink else lam * kappa  # >= b kappa
-    # the atoms that carry a flip: above the threshold, and those tied at it at a kink
-    cand = np.flatnonzero(m >= thr if kink else m > thr)
-    mc, wk = m[cand], w[cand]
+    # the atoms that carry a flip: above the threshold, and those tied at it at a kink;
+    # all of them lie in above.sel (m_k above its lower end; all above b kappa if k = -1)
+    keep = above.m >= thr if kink else above.m > thr
+    cand, mc, wk = above.sel[keep], above.m[keep], above.w[keep]
     full = mc > thr
     f = np.where(full, wk, 0.0)
     mu = rho - kappa * float(f.sum())
@@ -1060,13 +1098,14 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
         f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
         mu = 0.0
     value = lam * rho + float(w @ l) + float(wk @ np.where(full, mc - thr, 0.0))
-    return _Flips(value, lam, max(mu, 0.0), k, cand, f, thr)
+    return _Flips(value, lam, max(mu, 0.0), cand, f, thr)
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     dn = float(np.linalg.norm(delta))
-    value, lam, mu, k, cand, f, thr = _flips(at, delta, m, l, amb, dn, state)
+    flips = _flips(at, delta, m, l, amb, dn, state)
+    value, lam, mu, cand, f, thr = flips
     finite = not math.isinf(kappa)
     if finite:  # the gradient -(w s - f) . a through E_P l at delta (:class:`_LogisticPoint`)
         # the point that the state brings (the final evaluation's), else a new one
@@ -1113,7 +1152,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
         wc = WorstCase(atoms.weights, atoms.x, atoms.y, atoms.source, float(cost), float(rho))
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
-                       W1Threshold(delta.copy(), k, None if worst else pt) if finite else None,
+                       W1Threshold(delta.copy(), flips, None if worst else pt) if finite else None,
                        margins=m if worst else None, losses=l if worst else None,
                        hvp=hvp if hess else None, primal=primal if worst else None)
 
@@ -1224,7 +1263,7 @@ def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     through flips alone) and its relative gap to ``min L_q``."""
     pt = cache.point(at, delta)
     flips = _flips(at, delta, pt.m, pt.l, amb, float(np.linalg.norm(delta)), None)
-    upper, state = flips.value, W1Threshold(delta.copy(), flips.k)
+    upper, state = flips.value, W1Threshold(delta.copy(), flips)
     if upper > math.log(2.0):
         upper, delta, state = math.log(2.0), np.zeros_like(delta), None
     lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
@@ -1242,7 +1281,6 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
     :class:`_Logistic` of the first stage.
     """
     label, total, state = repr(amb), 0, None
-    q = None
     for mu in (mu for mu in MU_PATH if mu <= mu_first):
         rel = _WARM_STAGE_TOL if mu == mu_first == MU_WARM else _STAGE_TOL
         stage_tol = tol if mu == MU_PATH[-1] else max(tol, rel * mu)  # warm starts
@@ -1256,20 +1294,19 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
             break  # below MU_SAFE the minimiser has stopped moving at double precision
         total += run.iterations
         delta, state = run.delta, run.state
-        q = state.q
         if mu > MU_CHECK:
             continue
-        face = polish_face(at, delta, q, state.lam, amb.rho, amb.kappa, tol, cache=state.hess)
+        face = polish_face(at, delta, state, amb.rho, amb.kappa, tol, cache=state.hess)
         if face is not None:
             cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return _found(at, amb, cert, total, state.hess)
-        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
+        if smoothing_gap(at, delta, state, amb.rho, amb.kappa,
                          state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
-            cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
+            cert = _certify(at, amb, delta, state.q, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return _found(at, amb, cert, total, state.hess)
-    cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
+    cert = _certify(at, amb, delta, state.q, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
