@@ -51,7 +51,8 @@ def test_w1_lagrangian_is_a_lower_bound(seed, gaussian_data):
     rng = np.random.default_rng(seed)
     q = at.w * rng.random(at.w.size)
     q *= min(1.0, amb.rho / amb.kappa / q.sum()) * rng.random()
-    lower = wasserstein1.lower_bound(at, amb, rng.standard_normal(4), q, 1e-10, 100)
+    lower = wasserstein1.lower_bound(at, amb, rng.standard_normal(4),
+                                     wasserstein1._Masses.of(q), 1e-10, 100)
     objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
     for delta in rng.standard_normal((50, 4)) * 2:
         assert evaluate_inner(at, delta, amb, worst=False).value >= lower - 1e-12
@@ -87,7 +88,7 @@ def test_w1_face_polish_starts_from_the_atoms_nearest_the_threshold(monkeypatch,
     assert 5 < np.count_nonzero((share > 1e-3) & (share < 1 - 1e-3)) <= 4 * 5
     face = wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10)
-    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+    cert = wasserstein1._certify(at, amb, face.delta, face.masses, 1e-10, 100,
                                  wasserstein1._Logistic())
     assert cert.gap <= 1e-13
     np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
@@ -112,11 +113,13 @@ def test_w1_face_polish_solves_a_face_that_ties_no_atom():
     assert np.any((share > 1e-3) & (share < 1 - 1e-3))
     face = wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10)
-    assert face is not None and np.all((face.q == 0.0) | (face.q == at.w))
+    assert face is not None
+    q = face.masses.dense(at.w.size)
+    assert np.all((q == 0.0) | (q == at.w))
     m = at.a @ face.delta
     kb = amb.kappa * at.beta * np.linalg.norm(face.delta)
     assert np.min(np.abs(m - kb)) > 1e-3  # no atom at the threshold
-    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+    cert = wasserstein1._certify(at, amb, face.delta, face.masses, 1e-10, 100,
                                  wasserstein1._Logistic())
     assert cert.gap <= 1e-13
     np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
@@ -147,7 +150,7 @@ def test_w1_face_polish_counts_groups_of_repeated_atoms(states, dim, n, seed, cl
     face = wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10, rounds=1)
     assert face is not None
-    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+    cert = wasserstein1._certify(at, amb, face.delta, face.masses, 1e-10, 100,
                                  wasserstein1._Logistic())
     assert cert.gap <= 1e-13
     np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
