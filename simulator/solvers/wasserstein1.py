@@ -199,8 +199,7 @@ class W1SmoothState:
         threshold's window)."""
         thr = self.shares
         return _Masses(np.concatenate([thr.top, thr.window]),
-                       np.concatenate([np.take(self.w, thr.top),
-                                       np.take(self.w, thr.window) * thr.p_window]))
+                       np.concatenate([thr.w_top, thr.w_window * thr.p_window]))
 
 
 class _Masses(NamedTuple):
@@ -426,17 +425,35 @@ class _FarMove:
     cost: float
 
 
+class _Split(NamedTuple):
+    """The atoms near and above a flip threshold (:func:`_flip_threshold`): ``window``
+    (sorted) and ``top`` (sorted, margins above ``cut``, total weight ``base``), with their
+    margins and weights, gathered once for the evaluation that reads them
+    (:func:`smoothed_w1`, the face polish, the gap estimate)."""
+
+    window: np.ndarray
+    top: np.ndarray
+    cut: float
+    m_window: np.ndarray
+    w_window: np.ndarray
+    m_top: np.ndarray
+    w_top: np.ndarray
+    base: float
+
+
 class _Threshold:
     """The flip threshold ``t`` and its shares ``p_i = sigmoid((m_i - t) / mu)``, kept on
     the atoms that carry them: ``p_window`` on the atoms ``window`` within ``_WINDOW mu``
     of ``t`` (a superset), 1 on the atoms ``top`` above the window (those of margin above
-    ``cut``, of weight ``base``), 0 on the rest; ``mass = sum_i w_i p_i``. Unpacks as
+    ``cut``, of weight ``base``), 0 on the rest (the fields of ``split``, a
+    :class:`_Split`, are attributes); ``mass = sum_i w_i p_i``. Unpacks as
     ``(t, p, window)`` with :attr:`p` on every atom."""
 
-    def __init__(self, t: float, window: np.ndarray, p_window: np.ndarray, top: np.ndarray,
-                 cut: float, base: float, mass: float, n: int) -> None:
-        self.t, self.window, self.p_window, self.top = t, window, p_window, top
-        self.cut, self.base, self.mass, self.n = cut, base, mass, n
+    def __init__(self, t: float, split: _Split, p_window: np.ndarray, mass: float,
+                 n: int) -> None:
+        self.t, self.p_window, self.mass, self.n = t, p_window, mass, n
+        (self.window, self.top, self.cut, self.m_window, self.w_window, self.m_top,
+         self.w_top, self.base) = split
 
     @property
     def p(self) -> np.ndarray:
@@ -532,19 +549,20 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
         lo = max(center - half, t_min)
         hi = max(center + half, lo + win)
         cand = np.flatnonzero(m > lo - win)
-        mc = m[cand]
+        mc, wc = np.take(m, cand), np.take(w, cand)
         inside = mc < hi + win
-        i, top = cand[inside], cand[~inside]
-        cut = float(np.nextafter(hi + win, -math.inf))  # the top atoms: m > cut
-        mi, wi, base = mc[inside], w[i], float(w[top].sum())
+        out = ~inside
+        w_top = wc[out]
+        split = _Split(cand[inside], cand[out], float(np.nextafter(hi + win, -math.inf)),
+                       mc[inside], wc[inside], mc[out], w_top, float(w_top.sum()))
+        mi, wi, base = split.m_window, split.w_window, split.base
         root = _threshold_root(mi, wi, base - c, mu, lo, hi, min(max(center, lo), hi))
         if root.side == 0:
             break
         if root.side > 0:  # the root is above hi
             center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
         elif lo == t_min:  # lambda = b: the budget is not all flipped
-            return _Threshold(t_min, i, root.p, top, cut, base, base + float(wi @ root.p),
-                              m.size)
+            return _Threshold(t_min, split, root.p, base + float(wi @ root.p), m.size)
         else:  # the root is below lo
             center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
     # the shares are those of the last point evaluated, within _ROOT_STEP mu of the root,
@@ -558,7 +576,7 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
     if sens > 0:
         pi = np.clip(pi + (c - mass) * dp / sens, 0.0, 1.0)
         mass = base + float(wi @ pi)
-    return _Threshold(root.t, i, pi, top, cut, base, mass, m.size)
+    return _Threshold(root.t, split, pi, mass, m.size)
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -585,10 +603,10 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     thr = _flip_threshold(m, w, b * kappa, rho / kappa, mu, None if t0 is None else t0 * kappa)
     t, i, top, pi = thr.t, thr.window, thr.top, thr.p_window
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
-    mi, wi, wt = m[i], w[i], w[top]
+    mi, wi = thr.m_window, thr.w_window
     # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
     # outside the window (where x_+ is m - t on the atoms above it, 0 below)
-    value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
+    value = lam * rho + pt.value + float(thr.w_top @ (thr.m_top - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i = -(w s - sum_i w_i p_i e_i) . a
     grad = pt.flipped_grad(_Flipped(thr.cut, top, i, wi * pi))
@@ -631,15 +649,14 @@ def smoothing_gap(at: Atoms, delta: np.ndarray, state: W1SmoothState, rho: float
     ``point``: ``E_P l`` at ``delta`` if known (the homotopy's :class:`_Logistic`).
     """
     point = _LogisticPoint(at, delta) if point is None else point
-    thr, w = state.shares, at.w
-    m_win, m_top = np.take(point.m, thr.window), np.take(point.m, thr.top)
-    q_win = np.take(w, thr.window) * thr.p_window
+    thr = state.shares  # with the margins at delta
+    m_win, w_win = thr.m_window, thr.w_window
+    q_win = w_win * thr.p_window
     x = m_win - state.lam * kappa
     flipped = thr.base + float(q_win.sum())  # sum q
-    lagrangian = point.value + float(np.take(w, thr.top) @ m_top) + float(q_win @ m_win) + (
+    lagrangian = point.value + float(thr.w_top @ thr.m_top) + float(q_win @ m_win) + (
         (rho - kappa * flipped) * at.beta * float(np.linalg.norm(delta)))
-    gap = min(float(np.take(w, thr.window) @ np.maximum(x, 0.0) - q_win @ x),
-              math.log(2.0) - lagrangian)
+    gap = min(float(w_win @ np.maximum(x, 0.0) - q_win @ x), math.log(2.0) - lagrangian)
     return gap / max(1.0, lagrangian)
 
 
@@ -821,7 +838,7 @@ def _face_start(at: Atoms, thr: _Threshold, clamped: bool):
     above it, 0 below), so no ``n``-vector is built before a start is (at n = 1e6 the
     masks and shares cost 4 ms, most of a pass, in the stages whose window is too wide)."""
     win, top, w = thr.window, thr.top, at.w
-    w_win, w_top = np.take(w, win), np.take(w, top)
+    w_win, w_top = thr.w_window, thr.w_top
     q_win = w_win * thr.p_window
     share_win = (q_win / w_win if float(w_win.min(initial=1.0)) > 0
                  else np.divide(q_win, w_win, out=np.zeros_like(q_win), where=w_win > 0))
