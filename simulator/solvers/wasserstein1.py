@@ -97,7 +97,13 @@ _FACE_SHARE = 1e-3
 #: tie, the face polish starts from a face it chooses (:func:`_face_start`; more: the
 #: smoothing has not yet resolved the face). Counted by group, not by atom: on environment
 #: data at n = 1e6 the window at mu = 1e-3 holds 500 to 1200 atoms in 4 to 9 groups.
-_FACE_TRIM = 4
+#: Measured (d = 8, --no-merge, products with the full data): on Gaussian data at n = 1e6
+#: (seeds 0-35) the windows at mu = 1e-5 held 10 to 49 atoms, those at 1e-4 over 100; 6
+#: instead of 4 started the polish at 1e-5 where 4 waited for 1e-6 and its line searches
+#: (seed 10: 15 products instead of 25, seed 27: 9 instead of 12) and changed no other
+#: solve, nor any at n = 1e5 (8 Gaussian, 8 environment seeds) or on 8 environment seeds
+#: at n = 1e6; 8 gave the same as 6.
+_FACE_TRIM = 6
 #: With ``lambda = b`` the polish first ties the groups of share within this of 1/2 (0.3 to
 #: 0.7: margins within 0.85 mu of the threshold), the others on their side of it. Measured
 #: (d = 8, --no-merge, 16 environment seeds at n = 1e6, 8 at n = 1e5): products with the
