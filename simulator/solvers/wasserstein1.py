@@ -65,8 +65,8 @@ from .core import (
 )
 from .result import WorstCase
 
-__all__ = ["METHODS", "W1SmoothState", "W1Threshold", "lower_bound", "minimise", "polish_face",
-           "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
+__all__ = ["METHODS", "W1SmoothState", "W1Start", "W1Threshold", "lower_bound", "minimise",
+           "polish_face", "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
 
 #: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``):
 #: ten times the rounding of an ``n``-term sum.
@@ -241,9 +241,26 @@ class W1Threshold:
     flips: _Flips
     point: _LogisticPoint | None = None
 
-    def transfer(self) -> None:
-        """Nothing starts another problem (the threshold is that of these atoms)."""
-        return None
+    def transfer(self) -> W1Start:
+        """The state that starts another problem (a subsample's solution): ``lambda*``
+        (the threshold is that of these atoms)."""
+        return W1Start(self.flips.lam)
+
+
+@dataclass(frozen=True, eq=False)
+class W1Start:
+    """A subsample's ``lambda*`` (:meth:`W1Threshold.transfer`), for the one evaluation of
+    the full problem at the subsample's minimiser (``rho > 0``): :func:`_evaluate` with
+    this state evaluates the majorant ``U(delta) = E_P l + lambda rho + E_P (m - lambda
+    kappa)_+ >= F(delta)`` (``lambda >= b`` is feasible in the dual of ``F``, SPEC 3.3)
+    instead of searching the margins for the exact flips. Its readers need no more: the
+    test ``F < log 2`` (:mod:`.dual`: ``U`` below it proves ``delta = 0`` is not optimal)
+    and the homotopy, which takes the margins and losses (``point``) and reads neither
+    value nor gradient. Measured at n = 1e6, d = 8 (Gaussian data, loaded machine): the
+    exact flips 6.3 ms, the majorant 2.8 ms, a matrix-vector product 5.1 ms."""
+
+    lam: float
+    point: _LogisticPoint | None = None
 
 
 def _rows(at: Atoms, idx: np.ndarray) -> np.ndarray:
@@ -1140,13 +1157,21 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
     """``F(delta)`` from the margins ``m`` and losses ``l`` (``dn = ||delta||``): the budget
     flips the atoms of largest margin above ``b kappa`` (only those can gain), in full up to
     the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3). A state
-    :class:`W1Threshold` at ``delta`` (the certificate's evaluation) supplies them."""
+    :class:`W1Threshold` at ``delta`` (the certificate's evaluation) supplies them; with
+    a :class:`W1Start` they are those of its majorant (its ``lambda``, weight ``mu = 0``:
+    ``lambda`` does not vary with ``delta``)."""
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     b = beta * dn
     if math.isinf(kappa):
         return _Flips(float(w @ l) + rho * b, b, rho, None, None)
     if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
         return state.flips
+    if isinstance(state, W1Start):  # the majorant U: every atom above t flipped
+        lam = max(state.lam, b)
+        t = lam * kappa
+        cand = np.flatnonzero(m > t)
+        mc, f = np.take(m, cand), np.take(w, cand)
+        return _Flips(lam * rho + float(w @ l) + float(f @ (mc - t)), lam, 0.0, cand, f, t)
     above = _threshold_atom(m, w, b * kappa, rho, kappa)  # only m > b kappa can gain
     k = above.k
     v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
@@ -1170,6 +1195,9 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
+    majorant = isinstance(state, W1Start)
+    if majorant and (worst or rho == 0.0):  # the exact F: a worst case, or plain Newton's
+        state, majorant = None, False
     dn = float(np.linalg.norm(delta))
     flips = _flips(at, delta, m, l, amb, dn, state)
     value, lam, mu, cand, f, thr = flips
@@ -1217,9 +1245,12 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
                                  - float(l[far.k]) - (float(m[far.k]) if far.flipped else 0.0))
         atoms = _WorstAtoms(at, cand, f, far)
         wc = WorstCase(atoms.weights, atoms.x, atoms.y, atoms.source, float(cost), float(rho))
+    state = None
+    if finite:  # the start's state marks its majorant: no exact flips to reuse
+        state = W1Start(lam, pt) if majorant else W1Threshold(delta.copy(), flips,
+                                                               None if worst else pt)
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
-    return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
-                       W1Threshold(delta.copy(), flips, None if worst else pt) if finite else None,
+    return InnerResult(float(value), float(lam), grad, h if hess else None, wc, state,
                        margins=m if worst else None, losses=l if worst else None,
                        hvp=hvp if hess else None, primal=primal if worst else None)
 
@@ -1397,14 +1428,14 @@ def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
              warm_started: bool, start: list | None = None) -> Minimum | None:
     """The homotopy for finite ``kappa`` and ``rho > 0`` (from ``MU_WARM`` when started at a
     subsample's minimiser, where the coarse stages would only move away from it); ``None``
-    otherwise (plain Newton minimises ``E l + rho b``). ``start``: a list holding the exact
-    evaluation at ``delta`` (:func:`_evaluate`), popped: its margins and losses start the
-    first stage."""
+    otherwise (plain Newton minimises ``E l + rho b``). ``start``: a list holding the
+    evaluation at ``delta`` (:func:`_evaluate`; at a subsample's minimiser that of the
+    majorant of :class:`W1Start`), popped: its margins and losses start the first stage."""
     if math.isinf(amb.kappa) or amb.rho == 0.0:
         return None
     cache = _Logistic()
     res = start.pop() if start else None
-    if res is not None and isinstance(res.state, W1Threshold):
+    if res is not None and isinstance(res.state, (W1Start, W1Threshold)):
         cache.last = res.state.point  # cache.point checks its delta
     return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0],
                      cache)
