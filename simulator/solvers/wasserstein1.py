@@ -234,8 +234,8 @@ class W1Threshold:
     """The exact evaluation's flips at ``delta`` (:class:`_Flips`: its value, ``lambda``
     and flip masses): the final evaluation at the certified ``delta`` reuses them instead
     of searching the margins again. ``point``: ``E_P l`` there (:class:`_LogisticPoint`),
-    which the homotopy started at ``delta`` (a subsample's minimiser) takes instead of
-    computing the margins again."""
+    which that evaluation takes from the certificate instead of computing the margins
+    again."""
 
     delta: np.ndarray
     flips: _Flips
@@ -340,7 +340,7 @@ class _LogisticPoint:
 
         One product with ``a`` of the coefficients (in a vector of the atoms' pool); where
         a gradient with other flips was computed at this point (the homotopy's next stage,
-        or its first from the exact evaluation at the subsample's minimiser), that one
+        or its first from the evaluation at the subsample's minimiser, :class:`W1Start`), that one
         corrected by the difference of the masses instead, where it
         lies on at most ``_BAND_FRACTION`` of the atoms: ``-c_old`` on the old ``idx``,
         ``c`` on the new one, and ``+-w`` on the atoms of the lower cut's ``above`` with
@@ -1435,7 +1435,7 @@ def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
         return None
     cache = _Logistic()
     res = start.pop() if start else None
-    if res is not None and isinstance(res.state, (W1Start, W1Threshold)):
+    if res is not None and isinstance(res.state, W1Start):
         cache.last = res.state.point  # cache.point checks its delta
     return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0],
                      cache)
