@@ -51,7 +51,8 @@ def test_w1_lagrangian_is_a_lower_bound(seed, gaussian_data):
     rng = np.random.default_rng(seed)
     q = at.w * rng.random(at.w.size)
     q *= min(1.0, amb.rho / amb.kappa / q.sum()) * rng.random()
-    lower = wasserstein1.lower_bound(at, amb, rng.standard_normal(4), q, 1e-10, 100)
+    lower = wasserstein1.lower_bound(at, amb, rng.standard_normal(4),
+                                     wasserstein1._Masses.of(q), 1e-10, 100)
     objective = w1_lagrangian(at, q, amb.rho, amb.kappa)
     for delta in rng.standard_normal((50, 4)) * 2:
         assert evaluate_inner(at, delta, amb, worst=False).value >= lower - 1e-12
@@ -85,14 +86,14 @@ def test_w1_face_polish_starts_from_the_atoms_nearest_the_threshold(monkeypatch,
                       dual._start(at), 1e-3 * mu, 100, "test")
     share = run.state.q / at.w
     assert 5 < np.count_nonzero((share > 1e-3) & (share < 1 - 1e-3)) <= 4 * 5
-    face = wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+    face = wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10)
-    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+    cert = wasserstein1._certify(at, amb, face.delta, face.masses, 1e-10, 100,
                                  wasserstein1._Logistic())
     assert cert.gap <= 1e-13
     np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
     monkeypatch.setattr(wasserstein1, "_FACE_TRIM", 1)
-    assert wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+    assert wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10) is None
 
 
@@ -110,13 +111,15 @@ def test_w1_face_polish_solves_a_face_that_ties_no_atom():
                       dual._start(at), 1e-3 * mu, 100, "test")
     share = run.state.q / at.w
     assert np.any((share > 1e-3) & (share < 1 - 1e-3))
-    face = wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+    face = wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10)
-    assert face is not None and np.all((face.q == 0.0) | (face.q == at.w))
+    assert face is not None
+    q = face.masses.dense(at.w.size)
+    assert np.all((q == 0.0) | (q == at.w))
     m = at.a @ face.delta
     kb = amb.kappa * at.beta * np.linalg.norm(face.delta)
     assert np.min(np.abs(m - kb)) > 1e-3  # no atom at the threshold
-    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+    cert = wasserstein1._certify(at, amb, face.delta, face.masses, 1e-10, 100,
                                  wasserstein1._Logistic())
     assert cert.gap <= 1e-13
     np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
@@ -144,10 +147,10 @@ def test_w1_face_polish_counts_groups_of_repeated_atoms(states, dim, n, seed, cl
     groups = np.unique(at.a[window], axis=0).shape[0]
     assert 3 * groups <= window.size  # several atoms per group
     assert (run.state.lam <= at.beta * np.linalg.norm(run.delta)) == clamped  # lambda = b
-    face = wasserstein1.polish_face(at, run.delta, run.state.q, run.state.lam, amb.rho,
+    face = wasserstein1.polish_face(at, run.delta, run.state, amb.rho,
                                     amb.kappa, 1e-10, rounds=1)
     assert face is not None
-    cert = wasserstein1._certify(at, amb, face.delta, face.q, 1e-10, 100,
+    cert = wasserstein1._certify(at, amb, face.delta, face.masses, 1e-10, 100,
                                  wasserstein1._Logistic())
     assert cert.gap <= 1e-13
     np.testing.assert_allclose(face.delta, sim.solve(data, amb).theta, atol=1e-8)
@@ -156,7 +159,9 @@ def test_w1_face_polish_counts_groups_of_repeated_atoms(states, dim, n, seed, cl
 @pytest.mark.parametrize("seed", range(40))
 def test_w1_threshold_atom_equals_a_full_sort(seed):
     """The exact flip threshold atom from a bracketed window: the same margin as sorting
-    every atom above the cut (ties, zero weights, budgets above the mass, every size)."""
+    every atom above the cut (ties, zero weights, budgets above the mass, every size); the
+    atoms it returns hold every atom at and above the threshold (every atom above the cut
+    where there is none), with their margins and weights."""
     rng = np.random.default_rng(seed)
     n = int(rng.choice([1, 7, 300, 20_000, 150_000]))
     m = rng.standard_normal(n)
@@ -171,11 +176,17 @@ def test_w1_threshold_atom_equals_a_full_sort(seed):
     cand = np.flatnonzero(m > cut)
     order = cand[np.argsort(-m[cand], kind="stable")]
     j = int(np.searchsorted(kappa * np.cumsum(w[order]), rho, side="right"))
-    k = wasserstein1._threshold_atom(m, w, cut, rho, kappa)
+    above = wasserstein1._threshold_atom(m, w, cut, rho, kappa)
+    k = above.k
+    np.testing.assert_array_equal(above.m, m[above.sel])
+    np.testing.assert_array_equal(above.w, w[above.sel])
     if j == order.size:
         assert k == -1
+        np.testing.assert_array_equal(above.sel, cand)
     else:
         assert k >= 0 and m[k] == m[order[j]]
+        assert np.all(np.diff(above.sel) > 0)
+        assert np.isin(np.flatnonzero(m >= m[k]), above.sel).all()
 
 
 def test_w1_rough_hessian_far_out_and_the_exact_one_near_the_minimiser():
@@ -396,7 +407,7 @@ def test_smoothing_gap_estimate_bounds_the_certified_gap(gaussian_data):
         lambda d, w: wasserstein1.smoothed_w1(at, d, amb.rho, amb.kappa, 1e-3, w),
         dual._start(at), 1e-9, 100, "test")
     delta, q = run.delta, run.state.q
-    estimate = wasserstein1.smoothing_gap(at, delta, q, run.state.lam, amb.rho, amb.kappa)
+    estimate = wasserstein1.smoothing_gap(at, delta, run.state, amb.rho, amb.kappa)
     exact = evaluate_inner(at, delta, amb, worst=False).value
     lagrangian = w1_lagrangian(at, q, amb.rho, amb.kappa)(delta, None).value
     assert 0.0 <= exact - lagrangian <= estimate * max(1.0, lagrangian) + 1e-15

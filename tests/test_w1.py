@@ -58,3 +58,38 @@ def test_corrected_gradients_equal_the_direct_product(seed, gaussian_data):
     np.testing.assert_allclose(_LogisticPoint(at, delta).grad,
                                -(w * _LogisticPoint(at, delta).s) @ (at.x * at.factor[:, None]),
                                rtol=0, atol=_GRAD_ROUND)
+
+
+@pytest.mark.parametrize("lam_factor", [1.0, 1.3, 0.0])
+def test_start_majorant_bounds_the_exact_objective(lam_factor, gaussian_data):
+    """The evaluation with a subsample's lambda (:class:`~.wasserstein1.W1Start`) is the
+    majorant ``U = E l + lambda rho + E (m - lambda kappa)_+ >= F`` with its gradient, at
+    ``max(lambda, b)`` (0 stands for a lambda below ``b``), equal to ``F`` at ``lambda*``;
+    with the worst case or ``rho = 0`` the evaluation is the exact one."""
+    import simulator as sim
+    from simulator.solvers.inner import evaluate_inner
+
+    data = gaussian_data(20_000, d=5, seed=4)
+    amb = sim.Wasserstein(0.05, p=1, kappa=0.8)
+    at = Atoms.from_data(data, 1.0, normalise=True)
+    delta = np.random.default_rng(4).standard_normal(5)
+    exact = evaluate_inner(at, delta, amb, worst=False)
+    start = wasserstein1.W1Start(lam_factor * exact.dual)
+    res = evaluate_inner(at, delta, amb, hess=True, worst=False, state=start)
+    m, b = at.matvec(delta), at.beta * float(np.linalg.norm(delta))
+    lam = max(start.lam, b)
+    above = m > lam * amb.kappa
+    w, s = at.w, _LogisticPoint(at, delta).s
+    value = float(w @ wasserstein1.dpo_loss(m)) + lam * amb.rho + float(
+        w[above] @ (m[above] - lam * amb.kappa))
+    assert res.value == pytest.approx(value, rel=1e-14) and res.value >= exact.value
+    if lam_factor == 1.0:
+        assert res.value == pytest.approx(exact.value, rel=1e-14)
+    np.testing.assert_allclose(res.grad, -(w * s - w * above) @ (at.x * at.factor[:, None]),
+                               rtol=0, atol=_GRAD_ROUND)
+    assert isinstance(res.state, wasserstein1.W1Start) and res.state.point is not None
+    for amb_, worst in ((amb, True), (sim.Wasserstein(0.0, p=1, kappa=0.8), False)):
+        plain = evaluate_inner(at, delta, amb_, worst=worst)
+        again = evaluate_inner(at, delta, amb_, worst=worst, state=start)
+        assert again.value == plain.value
+        np.testing.assert_array_equal(again.grad, plain.grad)

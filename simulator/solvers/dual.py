@@ -250,8 +250,10 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     one, so Newton on the full data needs only its last, quadratic steps and the dual
     searches start close to ``lambda*``. Returns a
     :class:`Minimum` whose ``result`` is the full problem's evaluation there (Newton's
-    first), or ``None`` when the subsample's minimiser is ``delta = 0`` or its solve fails
-    (the caller then starts from scratch).
+    first, warm-started by the subsample's transferred state; for Wasserstein p = 1 with
+    finite ``kappa`` that of a majorant of ``F``, :class:`.wasserstein1.W1Start`, whose
+    homotopy reads only its margins and losses), or ``None`` when the subsample's minimiser
+    is ``delta = 0`` or its solve fails (the caller then starts from scratch).
 
     For a reweighting set that evaluation's Hessian is the subsample's at the same point
     (``O(n_sub d^2)`` instead of ``O(n d^2)``, about 0.7 evaluations at n = 1e6, d = 8): its
@@ -540,7 +542,9 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
         # here keeps the evaluation's vectors alive once Newton has moved past it
         start.append(first.result)
         first = replace(first, result=None, state=None)
-    # F(first) < F(0) = log 2 proves delta = 0 is not the minimiser; else _minimise decides
+    # F(first) < F(0) = log 2 proves delta = 0 is not the minimiser (so does an upper bound on
+    # F(first): the p = 1, finite-kappa start's value, wasserstein1.W1Start); else _minimise
+    # decides
     found = _minimise(at, ambiguity, tol, max_iter, quasi, first, start,
                       zero_test=not (start and _below_zero(start[0])))
     zero = bool(found.info.get("zero_kink", False))

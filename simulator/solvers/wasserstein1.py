@@ -65,8 +65,8 @@ from .core import (
 )
 from .result import WorstCase
 
-__all__ = ["METHODS", "W1SmoothState", "W1Threshold", "lower_bound", "minimise", "polish_face",
-           "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
+__all__ = ["METHODS", "W1SmoothState", "W1Start", "W1Threshold", "lower_bound", "minimise",
+           "polish_face", "smoothed_w1", "smoothing_gap", "w1_lagrangian"]
 
 #: Unattained part of a ``p = 1`` supremum left in the worst case (relative to ``max(1, |L|)``):
 #: ten times the rounding of an ``n``-term sum.
@@ -97,7 +97,13 @@ _FACE_SHARE = 1e-3
 #: tie, the face polish starts from a face it chooses (:func:`_face_start`; more: the
 #: smoothing has not yet resolved the face). Counted by group, not by atom: on environment
 #: data at n = 1e6 the window at mu = 1e-3 holds 500 to 1200 atoms in 4 to 9 groups.
-_FACE_TRIM = 4
+#: Measured (d = 8, --no-merge, products with the full data): on Gaussian data at n = 1e6
+#: (seeds 0-35) the windows at mu = 1e-5 held 10 to 49 atoms, those at 1e-4 over 100; 6
+#: instead of 4 started the polish at 1e-5 where 4 waited for 1e-6 and its line searches
+#: (seed 10: 15 products instead of 25, seed 27: 9 instead of 12) and changed no other
+#: solve, nor any at n = 1e5 (8 Gaussian, 8 environment seeds) or on 8 environment seeds
+#: at n = 1e6; 8 gave the same as 6.
+_FACE_TRIM = 6
 #: With ``lambda = b`` the polish first ties the groups of share within this of 1/2 (0.3 to
 #: 0.7: margins within 0.85 mu of the threshold), the others on their side of it. Measured
 #: (d = 8, --no-merge, 16 environment seeds at n = 1e6, 8 at n = 1e5): products with the
@@ -193,22 +199,68 @@ class W1SmoothState:
         """The flip masses ``q = w sigmoid((m - lambda kappa) / mu)`` on every atom."""
         return self.w * self.shares.p
 
+    @property
+    def masses(self) -> _Masses:
+        """``q`` on the atoms that carry it (:class:`_Masses`: those above and in the
+        threshold's window)."""
+        thr = self.shares
+        return _Masses(np.concatenate([thr.top, thr.window]),
+                       np.concatenate([thr.w_top, thr.w_window * thr.p_window]))
+
+
+class _Masses(NamedTuple):
+    """Flip masses ``q`` on the distinct atoms ``idx``, 0 on the others: the few percent of
+    the atoms at and above the flip threshold carry them, so that ``q . a`` costs a product
+    with their rows instead of all ``n`` (:func:`_row_sum`)."""
+
+    idx: np.ndarray
+    q: np.ndarray
+
+    @classmethod
+    def of(cls, q: np.ndarray) -> _Masses:
+        """The masses of the ``n``-vector ``q``."""
+        idx = np.flatnonzero(q)
+        return cls(idx, q[idx])
+
+    def dense(self, n: int) -> np.ndarray:
+        """``q`` on every one of ``n`` atoms."""
+        out = np.zeros(n)
+        out[self.idx] = self.q
+        return out
+
 
 @dataclass(frozen=True, eq=False)
 class W1Threshold:
-    """The atom ``k`` at the exact evaluation's flip threshold (the first one the budget
-    cannot flip in full; ``-1`` if there is none) at ``delta``: the final evaluation at the
-    certified ``delta`` reuses it instead of searching the margins again. ``point``: ``E_P
-    l`` there (:class:`_LogisticPoint`), which the homotopy started at ``delta`` (a
-    subsample's minimiser) takes instead of computing the margins again."""
+    """The exact evaluation's flips at ``delta`` (:class:`_Flips`: its value, ``lambda``
+    and flip masses): the final evaluation at the certified ``delta`` reuses them instead
+    of searching the margins again. ``point``: ``E_P l`` there (:class:`_LogisticPoint`),
+    which that evaluation takes from the certificate instead of computing the margins
+    again."""
 
     delta: np.ndarray
-    k: int
+    flips: _Flips
     point: _LogisticPoint | None = None
 
-    def transfer(self) -> None:
-        """Nothing starts another problem (the threshold is that of these atoms)."""
-        return None
+    def transfer(self) -> W1Start:
+        """The state that starts another problem (a subsample's solution): ``lambda*``
+        (the threshold is that of these atoms)."""
+        return W1Start(self.flips.lam)
+
+
+@dataclass(frozen=True, eq=False)
+class W1Start:
+    """A subsample's ``lambda*`` (:meth:`W1Threshold.transfer`), for the one evaluation of
+    the full problem at the subsample's minimiser (``rho > 0``): :func:`_evaluate` with
+    this state evaluates the majorant ``U(delta) = E_P l + lambda rho + E_P (m - lambda
+    kappa)_+ >= F(delta)`` (``lambda >= b`` is feasible in the dual of ``F``, SPEC 3.3)
+    instead of searching the margins for the exact flips. Its readers need no more: the
+    test ``F < log 2`` (:mod:`.dual`: ``U`` below it proves ``delta = 0`` is not optimal)
+    and the homotopy, which takes the margins and losses (``point``) and reads neither
+    value nor gradient. Measured at n = 1e6, d = 8 (Gaussian data, loaded machine): the
+    exact flips 6.3 ms, the majorant 2.8 ms, a matrix-vector product 5.1 ms."""
+
+    lam: float
+    point: _LogisticPoint | None = None
 
 
 def _rows(at: Atoms, idx: np.ndarray) -> np.ndarray:
@@ -216,6 +268,12 @@ def _rows(at: Atoms, idx: np.ndarray) -> np.ndarray:
     without the ``n x d`` matrix :attr:`~.core.Atoms.a`, which this module never builds
     (the products with it are :meth:`~.core.Atoms.matvec` and ``rmatvec``)."""
     return at.x[idx] * at.factor[idx, None]
+
+
+def _row_sum(at: Atoms, idx: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``sum_j c_j a_{idx_j}``: the product with the rows ``idx`` alone (``np.take``, a
+    third of the time of fancy indexing)."""
+    return (c * np.take(at.factor, idx)) @ np.take(at.x, idx, axis=0)
 
 
 def _groups(at: Atoms, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +340,7 @@ class _LogisticPoint:
 
         One product with ``a`` of the coefficients (in a vector of the atoms' pool); where
         a gradient with other flips was computed at this point (the homotopy's next stage,
-        or its first from the exact evaluation at the subsample's minimiser), that one
+        or its first from the evaluation at the subsample's minimiser, :class:`W1Start`), that one
         corrected by the difference of the masses instead, where it
         lies on at most ``_BAND_FRACTION`` of the atoms: ``-c_old`` on the old ``idx``,
         ``c`` on the new one, and ``+-w`` on the atoms of the lower cut's ``above`` with
@@ -299,7 +357,7 @@ class _LogisticPoint:
             if band.size <= _BAND_FRACTION * m.size:
                 sign = 1.0 if low is flips else -1.0  # the new flips take the atoms between
                 dc = np.concatenate([sign * np.take(at.w, between), flips.c, -old.c])
-                grad = grad + (dc * np.take(at.factor, band)) @ np.take(at.x, band, axis=0)
+                grad = grad + _row_sum(at, band, dc)
                 self._flipped = (flips, grad)
                 return grad
         coef = np.multiply(at.w, self.s, out=at._pool.fresh("coef", m.size))
@@ -368,7 +426,7 @@ class _Face(NamedTuple):
     """A point on one face of the finite-kappa ``F``: ``delta`` and the exact flip masses."""
 
     delta: np.ndarray
-    q: np.ndarray
+    masses: _Masses
 
 
 class _FaceSolution(NamedTuple):
@@ -390,17 +448,35 @@ class _FarMove:
     cost: float
 
 
+class _Split(NamedTuple):
+    """The atoms near and above a flip threshold (:func:`_flip_threshold`): ``window``
+    (sorted) and ``top`` (sorted, margins above ``cut``, total weight ``base``), with their
+    margins and weights, gathered once for the evaluation that reads them
+    (:func:`smoothed_w1`, the face polish, the gap estimate)."""
+
+    window: np.ndarray
+    top: np.ndarray
+    cut: float
+    m_window: np.ndarray
+    w_window: np.ndarray
+    m_top: np.ndarray
+    w_top: np.ndarray
+    base: float
+
+
 class _Threshold:
     """The flip threshold ``t`` and its shares ``p_i = sigmoid((m_i - t) / mu)``, kept on
     the atoms that carry them: ``p_window`` on the atoms ``window`` within ``_WINDOW mu``
     of ``t`` (a superset), 1 on the atoms ``top`` above the window (those of margin above
-    ``cut``, of weight ``base``), 0 on the rest; ``mass = sum_i w_i p_i``. Unpacks as
+    ``cut``, of weight ``base``), 0 on the rest (the fields of ``split``, a
+    :class:`_Split`, are attributes); ``mass = sum_i w_i p_i``. Unpacks as
     ``(t, p, window)`` with :attr:`p` on every atom."""
 
-    def __init__(self, t: float, window: np.ndarray, p_window: np.ndarray, top: np.ndarray,
-                 cut: float, base: float, mass: float, n: int) -> None:
-        self.t, self.window, self.p_window, self.top = t, window, p_window, top
-        self.cut, self.base, self.mass, self.n = cut, base, mass, n
+    def __init__(self, t: float, split: _Split, p_window: np.ndarray, mass: float,
+                 n: int) -> None:
+        self.t, self.p_window, self.mass, self.n = t, p_window, mass, n
+        (self.window, self.top, self.cut, self.m_window, self.w_window, self.m_top,
+         self.w_top, self.base) = split
 
     @property
     def p(self) -> np.ndarray:
@@ -496,19 +572,20 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
         lo = max(center - half, t_min)
         hi = max(center + half, lo + win)
         cand = np.flatnonzero(m > lo - win)
-        mc = m[cand]
+        mc, wc = np.take(m, cand), np.take(w, cand)
         inside = mc < hi + win
-        i, top = cand[inside], cand[~inside]
-        cut = float(np.nextafter(hi + win, -math.inf))  # the top atoms: m > cut
-        mi, wi, base = mc[inside], w[i], float(w[top].sum())
+        out = ~inside
+        w_top = wc[out]
+        split = _Split(cand[inside], cand[out], float(np.nextafter(hi + win, -math.inf)),
+                       mc[inside], wc[inside], mc[out], w_top, float(w_top.sum()))
+        mi, wi, base = split.m_window, split.w_window, split.base
         root = _threshold_root(mi, wi, base - c, mu, lo, hi, min(max(center, lo), hi))
         if root.side == 0:
             break
         if root.side > 0:  # the root is above hi
             center, half = hi + _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
         elif lo == t_min:  # lambda = b: the budget is not all flipped
-            return _Threshold(t_min, i, root.p, top, cut, base, base + float(wi @ root.p),
-                              m.size)
+            return _Threshold(t_min, split, root.p, base + float(wi @ root.p), m.size)
         else:  # the root is below lo
             center, half = lo - _BRACKET_GROWTH * half, _BRACKET_GROWTH * half
     # the shares are those of the last point evaluated, within _ROOT_STEP mu of the root,
@@ -522,7 +599,7 @@ def _flip_threshold(m: np.ndarray, w: np.ndarray, t_min: float, c: float, mu: fl
     if sens > 0:
         pi = np.clip(pi + (c - mass) * dp / sens, 0.0, 1.0)
         mass = base + float(wi @ pi)
-    return _Threshold(root.t, i, pi, top, cut, base, mass, m.size)
+    return _Threshold(root.t, split, pi, mass, m.size)
 
 
 def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: float,
@@ -549,10 +626,10 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     thr = _flip_threshold(m, w, b * kappa, rho / kappa, mu, None if t0 is None else t0 * kappa)
     t, i, top, pi = thr.t, thr.window, thr.top, thr.p_window
     lam = b if t <= b * kappa else t / kappa  # exactly b when clamped
-    mi, wi, wt = m[i], w[i], w[top]
+    mi, wi = thr.m_window, thr.w_window
     # mu softplus(x / mu) = x_+ + mu log1p(exp(-|x| / mu)), the second term below 4e-18 mu
     # outside the window (where x_+ is m - t on the atoms above it, 0 below)
-    value = lam * rho + pt.value + float(wt @ (m[top] - t)) + float(
+    value = lam * rho + pt.value + float(thr.w_top @ (thr.m_top - t)) + float(
         wi @ np.maximum(mi - t, 0.0)) + mu * float(wi @ np.log1p(np.exp(-np.abs(mi - t) / mu)))
     # grad E_P l + sum_i w_i p_i a_i = -(w s - sum_i w_i p_i e_i) . a
     grad = pt.flipped_grad(_Flipped(thr.cut, top, i, wi * pi))
@@ -578,24 +655,31 @@ def smoothed_w1(at: Atoms, delta: np.ndarray, rho: float, kappa: float, mu: floa
     return InnerResult(value, lam, grad, hess, None, W1SmoothState(lam, thr, w, cache))
 
 
-def smoothing_gap(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
+def smoothing_gap(at: Atoms, delta: np.ndarray, state: W1SmoothState, rho: float,
                   kappa: float, point: _LogisticPoint | None = None) -> float:
-    """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify.
+    """Cheap estimate of the duality gap that :func:`w1_lagrangian` would certify for the
+    smoothed shares ``q`` of ``state`` (:attr:`W1SmoothState.q`, at ``delta``).
 
-    With ``t = lam kappa >= kappa b`` the threshold of the smoothed shares ``q``,
+    With ``t = lam kappa >= kappa b`` the threshold of the shares,
     ``F(delta) - L_q(delta) <= sum_i w_i (m_i - t)_+ - q_i (m_i - t)`` (``lambda = t / kappa``
     is feasible in the dual of ``F``). ``delta`` is stationary for ``L_q``, so
     ``L_q(delta)`` is ``min L_q`` to second order; the estimate is the smaller of that
     bound and ``log 2 - L_q(delta)`` (the candidate ``delta = 0``, where ``F = log 2``),
-    relative to ``max(1, F)``. ``point``: ``E_P l`` at ``delta`` if known (the homotopy's
-    :class:`_Logistic`).
+    relative to ``max(1, F)``. The sums run over the atoms that carry a share
+    (:class:`_Threshold`): the terms of the others vanish (share 1 above the window, where
+    ``(m_i - t)_+ = m_i - t``; share 0 below it, where ``(m_i - t)_+ = 0``), and the
+    window's and the top's few percent of the margins cost no ``n``-vector.
+    ``point``: ``E_P l`` at ``delta`` if known (the homotopy's :class:`_Logistic`).
     """
     point = _LogisticPoint(at, delta) if point is None else point
-    m = point.m
-    x = m - lam * kappa
-    lagrangian = point.value + float(q @ m) + (
-        (rho - kappa * float(q.sum())) * at.beta * float(np.linalg.norm(delta)))
-    gap = min(float(at.w @ np.maximum(x, 0.0) - q @ x), math.log(2.0) - lagrangian)
+    thr = state.shares  # with the margins at delta
+    m_win, w_win = thr.m_window, thr.w_window
+    q_win = w_win * thr.p_window
+    x = m_win - state.lam * kappa
+    flipped = thr.base + float(q_win.sum())  # sum q
+    lagrangian = point.value + float(thr.w_top @ thr.m_top) + float(q_win @ m_win) + (
+        (rho - kappa * flipped) * at.beta * float(np.linalg.norm(delta)))
+    gap = min(float(w_win @ np.maximum(x, 0.0) - q_win @ x), math.log(2.0) - lagrangian)
     return gap / max(1.0, lagrangian)
 
 
@@ -631,16 +715,17 @@ def w1_lagrangian(at: Atoms, q: np.ndarray, rho: float, kappa: float,
     minimum is a lower bound on ``min_delta F`` (see the module docstring). ``cache``: as
     for :func:`_lagrangian`.
     """
-    qa, nu = _lagrangian_terms(at, q, rho, kappa)
+    qa, nu = _lagrangian_terms(at, _Masses.of(q), rho, kappa)
     return lambda delta, state: _lagrangian(at, delta, qa, nu, cache)
 
 
-def _lagrangian_terms(at: Atoms, q: np.ndarray, rho: float, kappa: float):
-    """``(q . a, nu)`` of :func:`w1_lagrangian` for ``q`` clipped into ``Q``."""
-    q = np.clip(q, 0.0, at.w)
+def _lagrangian_terms(at: Atoms, masses: _Masses, rho: float, kappa: float):
+    """``(q . a, nu)`` of :func:`w1_lagrangian` for the masses ``q`` (:class:`_Masses`)
+    clipped into ``Q``."""
+    q = np.clip(masses.q, 0.0, np.take(at.w, masses.idx))
     if kappa * float(q.sum()) > rho:
         q = q * (rho / (kappa * float(q.sum())))
-    return at.rmatvec(q), max(rho - kappa * float(q.sum()), 0.0) * at.beta
+    return _row_sum(at, masses.idx, q), max(rho - kappa * float(q.sum()), 0.0) * at.beta
 
 
 def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w: np.ndarray,
@@ -649,14 +734,14 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     """Newton's method on the optimality system of ``min F`` on one face (see polish_face).
 
     ``tied`` holds one representative atom per group of identical atoms, ``big_w`` the
-    groups' weights and ``r0`` their starting shares. Returns the face's ``delta``,
-    threshold ``t`` and group shares ``r``, or ``None`` if Newton stalls.
+    groups' weights and ``r0`` their starting shares; ``full``, the atoms flipped in full
+    (above the threshold: a few percent of them). Returns the face's ``delta``, threshold
+    ``t`` and group shares ``r``, or ``None`` if Newton stalls.
     """
-    w, beta, d = at.w, at.beta, delta.size
+    beta, d = at.beta, delta.size
     groups, k = _rows(at, tied), tied.size
-    full = np.flatnonzero(full)  # the atoms above the threshold: a few percent of them
-    w_rows = np.take(w, full)
-    a_full = (w_rows * np.take(at.factor, full)) @ np.take(at.x, full, axis=0)
+    w_rows = np.take(at.w, full)
+    a_full = _row_sum(at, full, w_rows)
     w_full = float(w_rows.sum())
 
     def residual(z):
@@ -714,10 +799,11 @@ def _solve_face(at: Atoms, delta: np.ndarray, t: float, tied: np.ndarray, big_w:
     return None
 
 
-def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: float,
+def polish_face(at: Atoms, delta: np.ndarray, state: W1SmoothState, rho: float,
                 kappa: float, tol: float, rounds: int | None = None, max_iter: int = 10,
                 cache: _Logistic | None = None):
-    """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to.
+    """Exact minimiser of ``F`` on the face that the smoothed minimiser ``delta`` points to
+    (``state``: the smoothing's there, with its ``lambda`` and shares ``q_i / w_i``).
 
     Atoms with a smoothed share ``q_i / w_i`` in ``(1e-3, 1 - 1e-3)`` are in the window of
     the flip threshold ``t``; identical atoms (the same row ``a_i``, hence the same margin
@@ -749,17 +835,16 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     ``lambda > b`` when ``nu < 0`` or ``t < kappa b``, and solves again (``rounds``
     times at most from each start, ``_FACE_ROUNDS`` by default). With ``lambda = b`` the
     face may tie no atom (no atom at the threshold ``kappa b``: ``F`` is smooth there, the
-    Lagrangian of its flip pattern). Returns the face's ``delta`` with the exact shares ``q``, or
-    ``None`` (more groups than unknowns, or Newton stalled). The caller certifies the
-    answer by the duality gap, so a wrong face costs time, never accuracy. ``cache`` (the
-    homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P l``.
+    Lagrangian of its flip pattern). Returns the face (its ``delta`` and exact flip masses,
+    :class:`_Masses`), or ``None`` (more groups than unknowns, or Newton stalled). The
+    caller certifies the answer by the duality gap, so a wrong face costs time, never
+    accuracy. ``cache`` (the homotopy's :class:`_Logistic`) supplies the Hessian of ``E_P
+    l``.
     """
-    w = at.w
     cache = _Logistic() if cache is None else cache
-    # q / w, 0 where w = 0 (a masked division where any weight is 0: three n-vectors more)
-    share = q / w if float(w.min()) > 0 else np.divide(q, w, out=np.zeros_like(q), where=w > 0)
+    lam = state.lam
     clamped = lam <= at.beta * float(np.linalg.norm(delta))
-    for tied_mask, full in _face_start(at, share, clamped):
+    for tied_mask, full, share in _face_start(at, state.shares, clamped):
         face = _face_rounds(at, delta, share, tied_mask, full, clamped, lam * kappa, rho, kappa,
                             tol, _FACE_ROUNDS if rounds is None else rounds, max_iter, cache)
         if face is not None:
@@ -767,38 +852,57 @@ def polish_face(at: Atoms, delta: np.ndarray, q: np.ndarray, lam: float, rho: fl
     return None
 
 
-def _face_start(at: Atoms, share: np.ndarray, clamped: bool):
-    """The starting faces of :func:`polish_face`, as ``(tied, full)`` masks of the atoms,
+def _face_start(at: Atoms, thr: _Threshold, clamped: bool):
+    """The starting faces of :func:`polish_face` from the smoothed shares ``thr``, as
+    ``(tied, full)`` masks of the atoms and the shares ``q_i / w_i`` (0 where ``w_i = 0``),
     in the order tried (a generator: the groups are found once, the masks built when
     the previous face failed); none where the window holds more than ``_FACE_TRIM`` times
-    as many groups as a face can tie."""
-    tied_mask = (share > _FACE_SHARE) & (share < 1.0 - _FACE_SHARE)
-    full = share >= 1.0 - _FACE_SHARE
-    idx = np.flatnonzero(tied_mask)
+    as many groups as a face can tie. The tied atoms lie in the window of ``thr`` (share 1
+    above it, 0 below), so no ``n``-vector is built before a start is (at n = 1e6 the
+    masks and shares cost 4 ms, most of a pass, in the stages whose window is too wide)."""
+    win, top, w = thr.window, thr.top, at.w
+    w_win, w_top = thr.w_window, thr.w_top
+    q_win = w_win * thr.p_window
+    share_win = (q_win / w_win if float(w_win.min(initial=1.0)) > 0
+                 else np.divide(q_win, w_win, out=np.zeros_like(q_win), where=w_win > 0))
+    tied = (share_win > _FACE_SHARE) & (share_win < 1.0 - _FACE_SHARE)
+    idx, share_idx = win[tied], share_win[tied]
+    # share 1 on the atoms above the window (0 where they weigh nothing, as q / w)
+    full_idx = np.concatenate([top[w_top > 0], win[share_win >= 1.0 - _FACE_SHARE]])
+
+    def face(out=None):
+        """The masks and shares with the tied atoms ``out`` moved to their side."""
+        share = np.zeros(w.size)
+        share[top] = np.where(w_top > 0, 1.0, 0.0)
+        share[win] = share_win
+        tied_mask, full = np.zeros(w.size, bool), np.zeros(w.size, bool)
+        tied_mask[idx] = True
+        full[full_idx] = True
+        if out is not None:
+            tied_mask[idx[out]] = False
+            full[idx[out]] = share_idx[out] >= 0.5
+        return tied_mask, full, share
+
     limit = at.x.shape[1] + (0 if clamped else 1)
     if idx.size <= (0 if clamped else limit):
-        yield tied_mask, full
+        yield face()
         return
     # the smoothing has not resolved the face yet: no start. Identical atoms share their
     # share, so its distinct values (a sort of the window's floats) bound the groups from
     # below without the sort of their rows (1-3 ms for the 1400 distinct atoms of a window
     # at n = 1e6, Gaussian data)
-    if np.unique(share[idx]).size > _FACE_TRIM * limit:
+    if np.unique(share_idx).size > _FACE_TRIM * limit:
         return
     first, inverse = _groups(at, idx)
     groups = first.size
     if groups > _FACE_TRIM * limit:
         return
-    off = np.abs(share[idx[first]] - 0.5)  # each group's share off 1/2
+    off = np.abs(share_idx[first] - 0.5)  # each group's share off 1/2
     order = np.argsort(off, kind="stable")
     keeps = [min(int(np.count_nonzero(off < _FACE_TIE_BAND)), limit)] if clamped else []
     keeps.append(limit // 2 if groups > limit else groups)
     for keep in dict.fromkeys(keeps):  # the groups order[:keep] tied, each start once
-        out = idx[np.isin(inverse, order[keep:])]
-        tied_k, full_k = tied_mask.copy(), full.copy()
-        tied_k[out] = False
-        full_k[out] = share[out] >= 0.5
-        yield tied_k, full_k
+        yield face(np.isin(inverse, order[keep:]))  # positions in idx
 
 
 def _face_rounds(at: Atoms, delta: np.ndarray, share: np.ndarray, tied_mask: np.ndarray,
@@ -816,7 +920,8 @@ def _face_rounds(at: Atoms, delta: np.ndarray, share: np.ndarray, tied_mask: np.
         if first.size > d + (0 if clamped else 1):
             return None
         r0 = np.clip(np.bincount(inverse, share[idx] * w[idx]) / big_w, 0.0, 1.0)
-        out = _solve_face(at, delta, t, idx[first], big_w, r0, full, clamped, rho, kappa,
+        full_idx = np.flatnonzero(full)
+        out = _solve_face(at, delta, t, idx[first], big_w, r0, full_idx, clamped, rho, kappa,
                           tol, max_iter, cache)
         if out is None:
             return None
@@ -825,19 +930,24 @@ def _face_rounds(at: Atoms, delta: np.ndarray, share: np.ndarray, tied_mask: np.
         eps = _FACE_ROUND * max(1.0, abs(t))
         r_atoms = r[inverse]
         below, above = r_atoms < -_FACE_ROUND, r_atoms > 1.0 + _FACE_ROUND
-        crossed = (~tied_mask & (full & (m < t - eps) | ~full & (m > t + eps))) & (w > 0)
-        flipped = float(w[full].sum() + r @ big_w)
+        # the atoms (of positive weight) on the wrong side of t: flipped in full below it,
+        # or neither flipped nor tied above it (found among the few above it: no n-vector)
+        high = np.flatnonzero(m > t + eps)
+        crossed = np.concatenate([full_idx[np.take(m, full_idx) < t - eps],
+                                  high[~(full[high] | tied_mask[high])]])
+        crossed = crossed[np.take(w, crossed) > 0]
+        w_full = np.take(w, full_idx)
+        flipped = float(w_full.sum() + r @ big_w)
         switch = (rho - kappa * flipped < -_FACE_ROUND) if clamped else (
             t < kappa * beta * float(np.linalg.norm(delta)) * (1.0 - 1e-15))
-        if not (below.any() or above.any() or crossed.any() or switch):
-            share = full.astype(np.float64)
-            share[idx] = np.clip(r_atoms, 0.0, 1.0)
-            return _Face(delta, w * share)
+        if not (below.any() or above.any() or crossed.size or switch):
+            return _Face(delta, _Masses(np.concatenate([full_idx, idx]), np.concatenate(
+                [w_full, w[idx] * np.clip(r_atoms, 0.0, 1.0)])))
         full = full.copy()
         full[idx[above]] = True
         tied_mask = tied_mask.copy()
         tied_mask[idx[below | above]] = False
-        tied_mask |= crossed
+        tied_mask[crossed] = True
         full &= ~tied_mask
         clamped = clamped != switch
         share = full.astype(np.float64)
@@ -978,8 +1088,20 @@ class _WorstAtoms:
         return self._stacked(3)
 
 
+class _Above(NamedTuple):
+    """:func:`_threshold_atom`'s answer: the threshold atom ``k`` (``-1`` if there is none)
+    and the atoms ``sel`` (sorted) of margin above the bracket's lower end, with their
+    margins and weights: every atom of margin at least ``m_k`` (every atom above the cut
+    where ``k = -1``) is one of them."""
+
+    k: int
+    sel: np.ndarray
+    m: np.ndarray
+    w: np.ndarray
+
+
 def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
-                    kappa: float) -> int:
+                    kappa: float) -> _Above:
     """The atom ``k`` at which the weight of the atoms above ``cut``, summed by decreasing
     margin, first exceeds the budget (``kappa sum > rho``); ``-1`` if all of it is affordable.
 
@@ -1001,32 +1123,30 @@ def _threshold_atom(m: np.ndarray, w: np.ndarray, cut: float, rho: float,
         hi = float(ms[order[i - spread]]) if i >= spread else math.inf
         lo = max(float(ms[order[i + spread]]) if i + spread < order.size else cut, cut)
         sel = np.flatnonzero(m > lo)
-        w_sel = w[sel]
-        up = m[sel] > hi
+        m_sel, w_sel = np.take(m, sel), np.take(w, sel)
+        up = m_sel > hi
         mass_hi = float(w_sel[up].sum())
         if kappa * float(w_sel.sum()) > rho:
             if not kappa * mass_hi > rho:
                 break
         elif lo == cut:  # all the weight above the cut is affordable
-            return -1
+            return _Above(-1, sel, m_sel, w_sel)
         spread *= 4  # the estimate missed: hi = inf and lo = cut hold at the latest
-    win = sel[~up]
-    win = win[np.argsort(-m[win])]
-    j = int(np.searchsorted(kappa * (mass_hi + np.cumsum(w[win])), rho, side="right"))
-    return int(win[min(j, win.size - 1)])
+    win = np.flatnonzero(~up)  # positions in sel
+    win = win[np.argsort(-m_sel[win])]
+    j = int(np.searchsorted(kappa * (mass_hi + np.cumsum(w_sel[win])), rho, side="right"))
+    return _Above(int(sel[win[min(j, win.size - 1)]]), sel, m_sel, w_sel)
 
 
 class _Flips(NamedTuple):
     """The exact ``F(delta)`` (:func:`_flips`): value, ``lambda``, the weight ``mu`` of the
     norm term left in the gradient (``rho - kappa sum f``, 0 at a kink of the quantile),
-    the threshold atom ``k`` (:class:`W1Threshold`), and the flip masses ``f`` of the atoms
-    ``cand`` at and above the threshold ``thr``, the only ones that may carry one (``None``
-    for ``kappa = inf``)."""
+    and the flip masses ``f`` of the atoms ``cand`` at and above the threshold ``thr``, the
+    only ones that may carry one (``None`` for ``kappa = inf``)."""
 
     value: float
     lam: float
     mu: float
-    k: int
     cand: np.ndarray | None
     f: np.ndarray | None
     thr: float = math.inf
@@ -1036,22 +1156,32 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
            state) -> _Flips:
     """``F(delta)`` from the margins ``m`` and losses ``l`` (``dn = ||delta||``): the budget
     flips the atoms of largest margin above ``b kappa`` (only those can gain), in full up to
-    the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3)."""
+    the threshold atom, which is split at a kink of ``lambda`` (SPEC 3.3). A state
+    :class:`W1Threshold` at ``delta`` (the certificate's evaluation) supplies them; with
+    a :class:`W1Start` they are those of its majorant (its ``lambda``, weight ``mu = 0``:
+    ``lambda`` does not vary with ``delta``)."""
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
     b = beta * dn
     if math.isinf(kappa):
-        return _Flips(float(w @ l) + rho * b, b, rho, -1, None, None)
+        return _Flips(float(w @ l) + rho * b, b, rho, None, None)
     if isinstance(state, W1Threshold) and np.array_equal(state.delta, delta):
-        k = state.k  # the certificate's evaluation at this delta
-    else:  # only atoms with m > b kappa can be flipped
-        k = _threshold_atom(m, w, b * kappa, rho, kappa)
+        return state.flips
+    if isinstance(state, W1Start):  # the majorant U: every atom above t flipped
+        lam = max(state.lam, b)
+        t = lam * kappa
+        cand = np.flatnonzero(m > t)
+        mc, f = np.take(m, cand), np.take(w, cand)
+        return _Flips(lam * rho + float(w @ l) + float(f @ (mc - t)), lam, 0.0, cand, f, t)
+    above = _threshold_atom(m, w, b * kappa, rho, kappa)  # only m > b kappa can gain
+    k = above.k
     v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
     lam = max(b, v_q / kappa)
     kink = v_q / kappa > b
     thr = v_q if kink else lam * kappa  # >= b kappa
-    # the atoms that carry a flip: above the threshold, and those tied at it at a kink
-    cand = np.flatnonzero(m >= thr if kink else m > thr)
-    mc, wk = m[cand], w[cand]
+    # the atoms that carry a flip: above the threshold, and those tied at it at a kink;
+    # all of them lie in above.sel (m_k above its lower end; all above b kappa if k = -1)
+    keep = above.m >= thr if kink else above.m > thr
+    cand, mc, wk = above.sel[keep], above.m[keep], above.w[keep]
     full = mc > thr
     f = np.where(full, wk, 0.0)
     mu = rho - kappa * float(f.sum())
@@ -1060,13 +1190,17 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
         f = f + np.where(tie, wk, 0.0) * (mu / kappa) / float(wk[tie].sum())
         mu = 0.0
     value = lam * rho + float(w @ l) + float(wk @ np.where(full, mc - thr, 0.0))
-    return _Flips(value, lam, max(mu, 0.0), k, cand, f, thr)
+    return _Flips(value, lam, max(mu, 0.0), cand, f, thr)
 
 
 def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     beta, rho, kappa, w = at.beta, amb.rho, amb.kappa, at.w
+    majorant = isinstance(state, W1Start)
+    if majorant and (worst or rho == 0.0):  # the exact F: a worst case, or plain Newton's
+        state, majorant = None, False
     dn = float(np.linalg.norm(delta))
-    value, lam, mu, k, cand, f, thr = _flips(at, delta, m, l, amb, dn, state)
+    flips = _flips(at, delta, m, l, amb, dn, state)
+    value, lam, mu, cand, f, thr = flips
     finite = not math.isinf(kappa)
     if finite:  # the gradient -(w s - f) . a through E_P l at delta (:class:`_LogisticPoint`)
         # the point that the state brings (the final evaluation's), else a new one
@@ -1111,9 +1245,12 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
                                  - float(l[far.k]) - (float(m[far.k]) if far.flipped else 0.0))
         atoms = _WorstAtoms(at, cand, f, far)
         wc = WorstCase(atoms.weights, atoms.x, atoms.y, atoms.source, float(cost), float(rho))
+    state = None
+    if finite:  # the start's state marks its majorant: no exact flips to reuse
+        state = W1Start(lam, pt) if majorant else W1Threshold(delta.copy(), flips,
+                                                               None if worst else pt)
     # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
-    return InnerResult(float(value), float(lam), grad, h if hess else None, wc,
-                       W1Threshold(delta.copy(), k, None if worst else pt) if finite else None,
+    return InnerResult(float(value), float(lam), grad, h if hess else None, wc, state,
                        margins=m if worst else None, losses=l if worst else None,
                        hvp=hvp if hess else None, primal=primal if worst else None)
 
@@ -1184,7 +1321,7 @@ def _certificate(at: Atoms, amb, delta: np.ndarray, res: InnerResult, info: dict
 # --- the homotopy ------------------------------------------------------------------------
 
 
-def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
+def lower_bound(at: Atoms, amb, delta: np.ndarray, q: _Masses, tol: float,
                 max_iter: int, cache: _Logistic | None = None) -> float:
     """A certified lower bound on ``min_delta L_q(delta)``, hence on ``min F``
     (:func:`w1_lagrangian`).
@@ -1192,7 +1329,8 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
     Newton from ``delta`` (where ``L_q`` is nearly stationary); at its last point ``L_q``
     is bounded below by the logistic loss plus the linear term ``(q . a + nu u) . delta'``
     (``nu ||delta'|| >= nu u . delta'``), equal to it there, whose minimum
-    :func:`~.core.logistic_gap` bounds. ``cache``: the homotopy's :class:`_Logistic`.
+    :func:`~.core.logistic_gap` bounds. ``q``: the flip masses (:class:`_Masses`);
+    ``cache``: the homotopy's :class:`_Logistic`.
     """
     cache = _Logistic() if cache is None else cache
     qa, nu = _lagrangian_terms(at, q, amb.rho, amb.kappa)  # w1_lagrangian's, kept for the bound
@@ -1218,13 +1356,13 @@ class _Certified(NamedTuple):
     state: W1Threshold | None
 
 
-def _certify(at: Atoms, amb, delta: np.ndarray, q: np.ndarray, tol: float,
+def _certify(at: Atoms, amb, delta: np.ndarray, q: _Masses, tol: float,
              max_iter: int, cache: _Logistic) -> _Certified:
     """The better of ``delta`` and ``0`` (``F(0) = log 2``: ``theta_ref`` can be optimal
     through flips alone) and its relative gap to ``min L_q``."""
     pt = cache.point(at, delta)
     flips = _flips(at, delta, pt.m, pt.l, amb, float(np.linalg.norm(delta)), None)
-    upper, state = flips.value, W1Threshold(delta.copy(), flips.k)
+    upper, state = flips.value, W1Threshold(delta.copy(), flips)
     if upper > math.log(2.0):
         upper, delta, state = math.log(2.0), np.zeros_like(delta), None
     lower = lower_bound(at, amb, delta, q, tol, max_iter, cache)
@@ -1242,7 +1380,6 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
     :class:`_Logistic` of the first stage.
     """
     label, total, state = repr(amb), 0, None
-    q = None
     for mu in (mu for mu in MU_PATH if mu <= mu_first):
         rel = _WARM_STAGE_TOL if mu == mu_first == MU_WARM else _STAGE_TOL
         stage_tol = tol if mu == MU_PATH[-1] else max(tol, rel * mu)  # warm starts
@@ -1256,20 +1393,19 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
             break  # below MU_SAFE the minimiser has stopped moving at double precision
         total += run.iterations
         delta, state = run.delta, run.state
-        q = state.q
         if mu > MU_CHECK:
             continue
-        face = polish_face(at, delta, q, state.lam, amb.rho, amb.kappa, tol, cache=state.hess)
+        face = polish_face(at, delta, state, amb.rho, amb.kappa, tol, cache=state.hess)
         if face is not None:
-            cert = _certify(at, amb, face.delta, face.q, tol, max_iter, state.hess)
+            cert = _certify(at, amb, face.delta, face.masses, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return _found(at, amb, cert, total, state.hess)
-        if smoothing_gap(at, delta, q, state.lam, amb.rho, amb.kappa,
+        if smoothing_gap(at, delta, state, amb.rho, amb.kappa,
                          state.hess.point(at, delta)) <= 0.5 * GAP_TOL:
-            cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
+            cert = _certify(at, amb, delta, state.masses, tol, max_iter, state.hess)
             if cert.gap <= GAP_TOL:
                 return _found(at, amb, cert, total, state.hess)
-    cert = _certify(at, amb, delta, q, tol, max_iter, state.hess)
+    cert = _certify(at, amb, delta, state.masses, tol, max_iter, state.hess)
     if not cert.gap <= GAP_MAX:
         raise RuntimeError(f"dual solver did not certify {label} (status: gap): the duality "
                            f"gap stayed at {cert.gap:.3e} > {GAP_MAX:g} after the smoothing "
@@ -1292,14 +1428,14 @@ def minimise(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
              warm_started: bool, start: list | None = None) -> Minimum | None:
     """The homotopy for finite ``kappa`` and ``rho > 0`` (from ``MU_WARM`` when started at a
     subsample's minimiser, where the coarse stages would only move away from it); ``None``
-    otherwise (plain Newton minimises ``E l + rho b``). ``start``: a list holding the exact
-    evaluation at ``delta`` (:func:`_evaluate`), popped: its margins and losses start the
-    first stage."""
+    otherwise (plain Newton minimises ``E l + rho b``). ``start``: a list holding the
+    evaluation at ``delta`` (:func:`_evaluate`; at a subsample's minimiser that of the
+    majorant of :class:`W1Start`), popped: its margins and losses start the first stage."""
     if math.isinf(amb.kappa) or amb.rho == 0.0:
         return None
     cache = _Logistic()
     res = start.pop() if start else None
-    if res is not None and isinstance(res.state, W1Threshold):
+    if res is not None and isinstance(res.state, W1Start):
         cache.last = res.state.point  # cache.point checks its delta
     return _homotopy(at, amb, delta, tol, max_iter, MU_WARM if warm_started else MU_PATH[0],
                      cache)
