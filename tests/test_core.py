@@ -590,3 +590,40 @@ def test_newton_with_a_model_needs_fewer_evaluations_to_the_same_minimiser():
         assert abs(run.delta[0] - 1.0) <= 1e-10
         counts[model is None] = len(evals)
     assert counts == {True: 4, False: 3}
+
+
+@pytest.mark.parametrize("d, size", [(1, 3), (7, 4), (64, 20)])
+def test_lbfgs_memory_gives_the_two_loop_direction(d, size):
+    """The compact L-BFGS memory (``core._Memory``) gives the direction of the two-loop
+    recursion (Nocedal and Wright Alg. 7.4, ``H_0 = (s . y / y . y) I`` of the newest pair) to
+    rounding, as it fills, once it drops its oldest pairs, and after a clear."""
+    from simulator.solvers import core
+
+    def two_loop(g, pairs):
+        r, alphas = -g, []
+        for s, y, sy in reversed(pairs):
+            alphas.append(float(s @ r) / sy)
+            r = r - alphas[-1] * y
+        if pairs:
+            s, y, sy = pairs[-1]
+            r = r * (sy / float(y @ y))
+        for (s, y, sy), alpha in zip(pairs, reversed(alphas), strict=True):
+            r = r + (alpha - float(y @ r) / sy) * s
+        return r
+
+    rng = np.random.default_rng(d)
+    m = rng.standard_normal((d, d))
+    hess = m @ m.T / d + 0.1 * np.eye(d)
+    mem, pairs = core._Memory(d, size), []
+    for it in range(3 * size):
+        if it == 2 * size:
+            mem.clear()
+            pairs = []
+        g = rng.standard_normal(d)
+        ref = two_loop(g, pairs)
+        np.testing.assert_allclose(mem.direction(g), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+        s = rng.standard_normal(d)
+        y = hess @ s
+        mem.add(s, y, float(s @ y))
+        pairs = (pairs + [(s, y, float(s @ y))])[-size:]
+        assert len(mem) == len(pairs)

@@ -12,7 +12,6 @@ Every robust objective is ``F(delta) = L_U(theta_ref + delta)``.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import sys
@@ -1106,29 +1105,70 @@ def _scipy_lbfgs(objective, delta: np.ndarray, tol: float, label: str, state: An
     return x, res, last["iters"]
 
 
-class _Pair(NamedTuple):
-    """One L-BFGS correction pair: step ``s``, change of gradient ``y``, ``s . y > 0``."""
+class _Memory:
+    """L-BFGS's inverse-Hessian estimate from at most ``size`` correction pairs ``(s, y)``,
+    ``s . y > 0``, in the compact form of Byrd, Nocedal and Schnabel (1994, eq. 3.1): with
+    the pairs as the columns of ``S``, ``Y`` (oldest first), ``R`` the upper triangle of ``S^T
+    Y``, ``D`` its diagonal and ``gamma = s . y / y . y`` of the newest pair, ``H = gamma I +
+    [S, gamma Y] [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]] [S, gamma Y]^T``: the
+    matrix of the two-loop recursion (Nocedal and Wright Alg. 7.4, ``H_0 = gamma I``), whose
+    ``-H g`` (:meth:`direction`) then takes a fixed handful of products with the ``k x d``
+    blocks and ``k x k`` matrices instead of four vector operations per pair (measured at d =
+    64 and 512: 56 and 67 us over 10 pairs by the recursion, 9.5 and 11 us here, plus 10 and
+    15 us to add a pair). ``R^-1`` is kept, not refactored: a new pair appends a column
+    (``O(k^2)``), and dropping the oldest keeps the trailing block (the inverse of a trailing
+    block of an upper triangular matrix is the trailing block of its inverse)."""
 
-    s: np.ndarray
-    y: np.ndarray
-    sy: float
+    def __init__(self, d: int, size: int) -> None:
+        self._s, self._y = np.empty((size, d)), np.empty((size, d))
+        self._rinv, self._yy = np.zeros((size, size)), np.empty((size, size))
+        self._sy = np.empty(size)
+        self._k, self._gamma = 0, 1.0
 
+    def __len__(self) -> int:
+        """The pairs held."""
+        return self._k
 
-def _lbfgs_direction(g: np.ndarray, pairs) -> np.ndarray:
-    """``-H g`` for L-BFGS's inverse-Hessian estimate ``H`` from the correction ``pairs``
-    (the two-loop recursion, Nocedal and Wright Alg. 7.4, with ``H_0 = (s . y / y . y) I``
-    of the newest pair; ``-g`` without pairs)."""
-    r = -g
-    alphas = []
-    for pair in reversed(pairs):
-        alpha = float(pair.s @ r) / pair.sy
-        r = r - alpha * pair.y
-        alphas.append(alpha)
-    if pairs:
-        r = r * (pairs[-1].sy / float(pairs[-1].y @ pairs[-1].y))
-    for pair, alpha in zip(pairs, reversed(alphas), strict=True):
-        r = r + (alpha - float(pair.y @ r) / pair.sy) * pair.s
-    return r
+    def clear(self) -> None:
+        """Drop every pair (the next direction is ``-g``)."""
+        self._k = 0
+
+    def add(self, s: np.ndarray, y: np.ndarray, sy: float) -> None:
+        """Append the pair ``(s, y)`` (``sy = s . y > 0``), dropping the oldest when full."""
+        k, size = self._k, self._sy.size
+        if k == size:
+            for a in (self._s, self._y, self._sy):
+                a[:-1] = a[1:]
+            for a in (self._rinv, self._yy):
+                a[:-1, :-1] = a[1:, 1:]
+            k -= 1
+        rinv = self._rinv
+        col = self._s[:k] @ y  # s_i . y, the new column of R
+        rinv[:k, k] = (rinv[:k, :k] @ col) * (-1.0 / sy)
+        rinv[k, :k] = 0.0
+        rinv[k, k] = 1.0 / sy
+        yy = self._y[:k] @ y
+        self._yy[k, :k] = yy
+        self._yy[:k, k] = yy
+        yn = float(y @ y)
+        self._yy[k, k] = yn
+        self._s[k], self._y[k], self._sy[k] = s, y, sy
+        self._k, self._gamma = k + 1, sy / yn
+
+    def direction(self, g: np.ndarray) -> np.ndarray:
+        """``-H g`` (``-g`` without pairs): with ``v = R^-1 S^T g`` and ``w = R^-T ((D +
+        gamma Y^T Y) v - gamma Y^T g)``, ``H g = gamma g + S w - gamma Y v``."""
+        k = self._k
+        if k == 0:
+            return -g
+        s, y, gam = self._s[:k], self._y[:k], self._gamma
+        rinv = self._rinv[:k, :k]
+        v = rinv @ (s @ g)
+        w = rinv.T @ (self._sy[:k] * v + gam * (self._yy[:k, :k] @ v - y @ g))
+        p = g * -gam
+        p -= w @ s
+        p += (gam * v) @ y
+        return p
 
 
 class _RayPoint(NamedTuple):
@@ -1212,13 +1252,13 @@ def _margin_lbfgs(at: Atoms, reweight: Callable, delta: np.ndarray, tol: float, 
         l = dpo_loss(m)
         cur = reweighting_result(at, m, reweight(m, l, state), True, l=l)
     x = delta
-    pairs: collections.deque = collections.deque(maxlen=_QN_PAIRS)
+    pairs = _Memory(delta.size, _QN_PAIRS)
     iters = 0
     while iters < _QN_ITERS:
         g = cur.grad
         if float(np.max(np.abs(g))) <= tol:
             break
-        p = _lbfgs_direction(g, pairs)
+        p = pairs.direction(g)
         gp = float(g @ p)
         if not gp < 0:  # the pairs lost positive definiteness to rounding: restart
             pairs.clear()
@@ -1238,7 +1278,7 @@ def _margin_lbfgs(at: Atoms, reweight: Callable, delta: np.ndarray, tol: float, 
         y = new.grad - g
         sy = float(pt.t * float(p @ y))
         if sy > 0 and math.isfinite(sy):
-            pairs.append(_Pair(pt.t * p, y, sy))
+            pairs.add(pt.t * p, y, sy)
         cur = new
         iters += 1
     return x, cur, iters
