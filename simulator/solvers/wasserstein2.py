@@ -2482,65 +2482,77 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
     inv_b = 1.0 / (beta * float(np.linalg.norm(delta)))
     total = sum(mix.q.size for mix, _ in parts)
     step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
-    value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
-    curv_c = np.zeros(n)  # per source atom
-    both = np.zeros((2, d))  # sum c_k s_k a_src and p, from each block's rows in cache
-    subs = []
+    unorm = float(np.linalg.norm(u))
     # a_src = factor_src x_src: the rows of x and the sign times the factor (no n x d
     # copy of a unless it is built already)
     rows_of, factor = (at.x, at.factor) if at.built() is None else (at.built(), None)
-    for mix, share in parts:
-        for lo, fb in _block_flips(mix.flip):  # blocks: O(_BLOCK) temporaries
-            blk = slice(lo, lo + _BLOCK)
-            q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
-            src = mix.src[blk]
-            t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
-            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
-            # the block's source atoms (no n-vector of margins): a view where they are a
-            # range in order (the unsplit atoms), else a gather
-            run = top - first == src.size and bool(np.all(np.diff(src) == 1))
-            x_src = rows_of[first:top] if run else rows_of[src]
-            # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
-            sf = (np.ones(q.size) if factor is None
-                  else factor[first:top] if run else factor[src])
-            if fb.size:
-                sf = sf.copy() if run and factor is not None else sf  # not a view
-                sf[fb] = -sf[fb]
-            along = beta * float(u @ delta)
-            neg = np.multiply(t, along)  # -m' = beta t (u . delta) - s a.delta
-            if m is None:
-                neg -= np.multiply(x_src @ delta, sf)
-            else:
-                neg -= m[first:top] if run else m[src]
-                if fb.size:  # + m there
-                    neg[fb] = t[fb] * along + (m[first + fb] if run else m[src[fb]])
-            value += float(q @ softplus(neg))
-            sg = _sigmoid(neg)
-            c = q * sg
-            g_u += float(c @ t)
-            curv = c * (1.0 - sg)
-            tt += float(curv @ t**2)
-            coef = np.empty((2, q.size))
-            np.multiply(c, sf, out=coef[0])
-            np.multiply(curv * t, sf, out=coef[1])
-            both += coef @ x_src  # the rows just read for the margins: a product in cache
-            curv_c[first:top] += curv if run else np.bincount(src - first, curv,
-                                                              minlength=top - first)
-            radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
-            if step:
-                sub = slice((-lo) % step, None, step)  # every step-th atom of the part
-                rows = (sf[sub, None] * x_src[sub]
-                        - (beta * t[sub])[:, None] * u[None, :])
-                subs.append(rows * np.sqrt(curv[sub])[:, None])
-    # (p is read only where the subset's bound is too loose, but costs little more in the
-    # same products)
-    grad = -both[0] + beta * g_u * u
+    along = beta * float(u @ delta)
+
+    def sweep(full: bool):
+        """The value, the gradient, the radius and the subset's rows; with ``full`` also the
+        sums of the full Hessian, ``tt``, ``p`` and ``C`` (else ``None``)."""
+        value, radius, tt, g_u = 0.0, 0.0, 0.0, 0.0
+        curv_c = np.zeros(n) if full else None  # per source atom
+        # sum c_k s_k a_src (and p), from each block's rows in cache
+        both = np.zeros((2 if full else 1, d))
+        subs = []
+        for mix, share in parts:
+            for lo, fb in _block_flips(mix.flip):  # blocks: O(_BLOCK) temporaries
+                blk = slice(lo, lo + _BLOCK)
+                q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
+                src = mix.src[blk]
+                t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
+                first, top = int(src.min()), int(src.max()) + 1  # a range of sources
+                # the block's source atoms (no n-vector of margins): a view where they are
+                # a range in order (the unsplit atoms), else a gather
+                run = top - first == src.size and bool(np.all(np.diff(src) == 1))
+                x_src = rows_of[first:top] if run else rows_of[src]
+                # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
+                sf = (np.ones(q.size) if factor is None
+                      else factor[first:top] if run else factor[src])
+                if fb.size:
+                    sf = sf.copy() if run and factor is not None else sf  # not a view
+                    sf[fb] = -sf[fb]
+                neg = np.multiply(t, along)  # -m' = beta t (u . delta) - s a.delta
+                if m is None:
+                    neg -= np.multiply(x_src @ delta, sf)
+                else:
+                    neg -= m[first:top] if run else m[src]
+                    if fb.size:  # + m there
+                        neg[fb] = t[fb] * along + (m[first + fb] if run else m[src[fb]])
+                value += float(q @ softplus(neg))
+                sg = _sigmoid(neg)
+                c = q * sg
+                g_u += float(c @ t)
+                curv = c * (1.0 - sg)
+                coef = np.empty((both.shape[0], q.size))
+                np.multiply(c, sf, out=coef[0])
+                if full:
+                    tt += float(curv @ t**2)
+                    np.multiply(curv * t, sf, out=coef[1])
+                    curv_c[first:top] += curv if run else np.bincount(
+                        src - first, curv, minlength=top - first)
+                # the rows just read for the margins: a product in cache
+                both += coef @ x_src if full else coef[0] @ x_src
+                radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
+                if step and not full:
+                    sub = slice((-lo) % step, None, step)  # every step-th atom of the part
+                    rows = (sf[sub, None] * x_src[sub]
+                            - (beta * t[sub])[:, None] * u[None, :])
+                    subs.append(rows * np.sqrt(curv[sub])[:, None])
+        grad = -both[0] + beta * g_u * u
+        return value, grad, radius, subs, (tt, both[1], curv_c) if full else None
+
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
+        # first without the full Hessian's sums (its second product row, its per-atom
+        # curvature and their n-vector: a quarter of the sweep), which are swept for only
+        # where this bound is too loose
+        value, grad, radius, subs, _ = sweep(full=False)
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
         bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    p = both[1]
+    value, grad, radius, _, (tt, p, curv_c) = sweep(full=True)
     hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
             + beta**2 * tt * np.outer(u, u))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
