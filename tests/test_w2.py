@@ -552,7 +552,7 @@ def test_flipped_moves_and_branch_roots_match_a_fresh_solve():
     for field in ("tau", "flip", "cost", "right"):
         np.testing.assert_array_equal(getattr(pair.lo, field), getattr(want, field))
     assert pair.hi is mv and pair.lo.lam == want.lam
-    warm = w2._branch_roots(m, new_flip, tau, flip, k)
+    warm = w2._branch_roots(m, np.flatnonzero(new_flip), tau, np.flatnonzero(flip), k)
     np.testing.assert_array_equal(warm, new_tau)
     assert warm is not tau and np.array_equal(tau, w2.best_move(mm, k).tau)  # not modified
     psi = expit(warm - np.where(new_flip, -m, m)) - k * warm
@@ -767,7 +767,7 @@ def test_scalar_branches_match_the_array_routine(seed):
 
 
 def test_flip_choices_from_a_pool_match_the_full_scan():
-    """``_flip_choice`` with a ``_Pool`` (the candidates of a smaller ``lambda``, one scan for
+    """``_flip_set`` with a ``_Pool`` (the candidates of a smaller ``lambda``, one scan for
     an evaluation's choices) chooses the same flips as the scan of every atom, at ``lambda``
     above the pool's, at its edge and below it (the pool is then taken again)."""
     from simulator.solvers import wasserstein2 as w2
@@ -778,9 +778,9 @@ def test_flip_choices_from_a_pool_match_the_full_scan():
     pool = w2._Pool(m, b, kappa)
     lam0 = 2.0
     for lam in (lam0, lam0 * 1.05, lam0 * w2._POOL_LOW, lam0 * 0.95, lam0 * 0.5, lam0 * 0.6):
-        full = w2._flip_choice(m, b, lam, kappa)
-        assert full.any() and not full.all()
-        assert np.array_equal(w2._flip_choice(m, b, lam, kappa, pool), full)
+        full = w2._flip_set(m, b, lam, kappa)
+        assert 0 < full.size < m.size and np.all(np.diff(full) > 0)  # sorted atoms
+        assert np.array_equal(w2._flip_set(m, b, lam, kappa, pool), full)
     assert pool.low == pytest.approx(lam0 * 0.5 * w2._POOL_LOW)
 
 

@@ -349,6 +349,11 @@ class Moves:
     def value(self) -> np.ndarray:
         return _moves_value(self.m, self.b, self.lam, self.kappa, self.tau, self.flip)
 
+    @functools.cached_property
+    def flips(self) -> np.ndarray:
+        """The flipped atoms, ``flatnonzero(flip)`` (one scan of the flags, on first read)."""
+        return np.flatnonzero(self.flip)
+
     def cost_at(self, rows: np.ndarray) -> np.ndarray:
         """``cost[rows]``."""
         return self.cost[rows]
@@ -363,12 +368,15 @@ class _FastMoves(Moves):
     atom and branch), whose ``cost``, ``right`` and ``roots`` are built on first read: an
     evaluation reads its moves' costs only through :meth:`cost_at` and :meth:`expected_cost`
     and the other two not at all (the three n-vectors took about 0.3 pass of each of the
-    four calls of a solve at n = 1e6)."""
+    four calls of a solve at n = 1e6). ``flips``, where given, are the flipped atoms
+    (:attr:`Moves.flips`, known to the caller: no scan of the flags)."""
 
     def __init__(self, k: float, tau: np.ndarray, flip: np.ndarray, m: np.ndarray, b: float,
-                 kappa: float, lam: float | None = None) -> None:
+                 kappa: float, lam: float | None = None, flips: np.ndarray | None = None) -> None:
         fields = {"lam": 0.5 * k * b**2 if lam is None else lam, "tau": tau, "flip": flip,
                   "m": m, "b": b, "kappa": kappa, "k": k}
+        if flips is not None:
+            fields["flips"] = flips  # the cached property's value
         for name, v in fields.items():  # frozen: as the dataclass's own __init__ sets them
             object.__setattr__(self, name, v)
 
@@ -376,7 +384,7 @@ class _FastMoves(Moves):
     def cost(self) -> np.ndarray:
         cost = self.tau * self.tau
         cost *= 1.0 / self.b**2
-        idx = np.flatnonzero(self.flip)
+        idx = self.flips
         if idx.size:
             cost[idx] += self.kappa
         return cost
@@ -388,7 +396,7 @@ class _FastMoves(Moves):
         # exact); mm = -m on the flipped atoms, whose products are negated (exactly)
         km = np.multiply(self.m, self.k)
         right = km <= 0.5
-        idx = np.flatnonzero(self.flip)
+        idx = self.flips
         right[idx] = -km[idx] <= 0.5
         return right
 
@@ -403,9 +411,17 @@ class _FastMoves(Moves):
         return np.where(self.flip[rows], c + self.kappa, c)
 
     def expected_cost(self, w: np.ndarray) -> float:
-        idx = np.flatnonzero(self.flip)
+        # kept for the last weights asked about: the switch point's test and the evaluation's
+        # split of the same moves read it under the same weights (a pass over two n-vectors
+        # and an n-vector temporary each)
+        last = self.__dict__.get("_expected")
+        if last is not None and last[0] is w:
+            return last[1]
+        idx = self.flips
         price = self.kappa * float(w[idx].sum()) if idx.size else 0.0
-        return float((w * self.tau) @ self.tau) / self.b**2 + price
+        value = float((w * self.tau) @ self.tau) / self.b**2 + price
+        self.__dict__["_expected"] = (w, value)
+        return value
 
 
 def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
@@ -833,31 +849,27 @@ def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | Non
     below ``_FAST_ERR`` on every atom) and the same failures (``None``: a ``psi'_i`` not
     negative, a root outside ``[0, 1/k]``, ``_FAST_ITERS`` sweeps). Without the budget a
     sweep needs neither ``dtau / dk`` nor the budget's sums: about half the per-atom work
-    of a joint sweep (the solve at a switch point, once or twice per evaluation)."""
+    of a joint sweep (the solve at a switch point, once or twice per evaluation). Each
+    block takes its step as soon as it is computed (the step is not global, as the joint
+    sweeps' ``dk`` is), with the range test of the roots it gives in the same blocks: no
+    last pass over the atoms and no ``n``-vector of steps (the same roots, bit for bit)."""
     n = mm.size
-    r = np.empty(n)  # psi / psi': the step is -r
-    for it in range(_FAST_ITERS):
+    r = np.empty(min(n, _BLOCK))  # one block's psi / psi': its step is -r
+    for _ in range(_FAST_ITERS):
         top_r, near = 0.0, -math.inf  # max |step|, max psi' (< 0)
+        low, high = math.inf, -math.inf  # the range of the roots after the step
         for lo in range(0, n, _BLOCK):
-            sl = slice(lo, lo + _BLOCK)
-            t = tau[sl]
-            if it:  # the previous sweep's step, in place
-                t -= r[sl]
-            rb, dpsi = _newton_block(mm[sl], t, k, r[sl])
+            t = tau[lo:lo + _BLOCK]
+            rb, dpsi = _newton_block(mm[lo:lo + _BLOCK], t, k, r[:t.size])
             near = max(near, float(dpsi.max()))
-            top_r = max(top_r, float(np.abs(rb).max()))
+            top_r = max(top_r, float(rb.max()), -float(rb.min()))
+            t -= rb
+            low, high = min(low, float(t.min())), max(high, float(t.max()))
         if not near < 0:
             return None
         if _PSI2_MAX * top_r**2 <= 2.0 * _FAST_ERR * -near:
-            break
-    else:
-        return None
-    low, high = math.inf, -math.inf
-    for lo in range(0, n, _BLOCK):  # the last step, and the range test in the same blocks
-        t = tau[lo:lo + _BLOCK]
-        t -= r[lo:lo + _BLOCK]
-        low, high = min(low, float(t.min())), max(high, float(t.max()))
-    return tau if low >= 0.0 and high <= 1.0 / k else None
+            return tau if low >= 0.0 and high <= 1.0 / k else None
+    return None
 
 
 def _joint_sweeps(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: float,
@@ -974,11 +986,10 @@ def _weighted_squares(w: np.ndarray, tau: np.ndarray) -> float:
                      for lo in range(0, tau.size, _BLOCK))
 
 
-def _signed(m: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    """The margins of the chosen branches, ``-m`` where flipped: ``m`` itself without flips,
-    else a copy negated on the (few) flipped atoms (``np.where`` over every atom took
-    several times as long at n = 1e6)."""
-    idx = np.flatnonzero(flip)
+def _signed(m: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The margins of the chosen branches, ``-m`` on the flipped atoms ``idx``: ``m`` itself
+    without flips, else a copy negated on the (few) flipped atoms (``np.where`` over every
+    atom took several times as long at n = 1e6)."""
     if idx.size == 0:
         return m
     mm = m.copy()
@@ -995,13 +1006,12 @@ class _Signed:
     def __init__(self, m: np.ndarray) -> None:
         self.m, self.mm, self.flips = m, m, np.zeros(0, dtype=np.intp)
 
-    def __call__(self, flip: np.ndarray) -> np.ndarray:
-        """The signed margins of the pattern ``flip``."""
+    def __call__(self, flips: np.ndarray) -> np.ndarray:
+        """The signed margins of the pattern ``flips`` (the flipped atoms, sorted)."""
         if self.mm is self.m:  # no copy yet (no flips so far)
-            self.mm = _signed(self.m, flip)
-            self.flips = np.flatnonzero(flip)
+            self.mm = _signed(self.m, flips)
+            self.flips = flips
             return self.mm
-        flips = np.flatnonzero(flip)
         back = np.setdiff1d(self.flips, flips, assume_unique=True)
         new = np.setdiff1d(flips, self.flips, assume_unique=True)
         self.mm[back] = self.m[back]
@@ -1011,25 +1021,35 @@ class _Signed:
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
-                kappa: float) -> Moves:
+                kappa: float, flips: np.ndarray | None = None) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
-    atom and branch: the warm starts are the moves themselves; :class:`_FastMoves`)."""
-    return _FastMoves(k, tau, flip, m, b, kappa)
+    atom and branch: the warm starts are the moves themselves; :class:`_FastMoves`);
+    ``flips``: ``flatnonzero(flip)`` where known."""
+    return _FastMoves(k, tau, flip, m, b, kappa, flips=flips)
 
 
-def _branch_roots(m: np.ndarray, flip: np.ndarray, tau: np.ndarray | None,
+def _mask(n: int, idx: np.ndarray) -> np.ndarray:
+    """The flags of ``n`` atoms, set on the atoms ``idx``."""
+    out = np.zeros(n, dtype=bool)
+    out[idx] = True
+    return out
+
+
+def _branch_roots(m: np.ndarray, flips: np.ndarray, tau: np.ndarray | None,
                   last: np.ndarray | None, k: float, fresh: bool = False) -> np.ndarray | None:
-    """Warm starts of :func:`_joint_sweeps` for the pattern ``flip`` at ``k > 1/4`` from the
-    roots ``tau`` of the pattern ``last``: the atoms whose branch changed get their root at
-    ``k`` (:func:`best_move` on them alone; with ``tau = 0`` instead, these few atoms took
-    the whole sweep to five or more sweeps). ``tau`` is modified in place if ``fresh``."""
+    """Warm starts of :func:`_joint_sweeps` for the pattern ``flips`` (the flipped atoms,
+    sorted) at ``k > 1/4`` from the roots ``tau`` of the pattern ``last`` (likewise): the
+    atoms whose branch changed get their root at ``k`` (:func:`best_move` on them alone;
+    with ``tau = 0`` instead, these few atoms took the whole sweep to five or more sweeps).
+    ``tau`` is modified in place if ``fresh``."""
     if tau is None or last is None:
         return tau
-    changed = np.flatnonzero(last != flip)
+    changed = np.setxor1d(last, flips, assume_unique=True)
     if changed.size:
         tau = tau if fresh else tau.copy()
         mc = m[changed]
-        tau[changed] = best_move(np.where(flip[changed], -mc, mc), k, values=False).tau
+        now = np.isin(changed, flips, assume_unique=True)  # flipped now (else before)
+        tau[changed] = best_move(np.where(now, -mc, mc), k, values=False).tau
     return tau
 
 
@@ -1066,7 +1086,7 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
             top = max(top, float(step.max()), -float(step.min()))
         step += t
         np.clip(step, 0.0, 1.0 / k, out=step)  # in the block, in cache
-    flips = np.flatnonzero(mv.flip)
+    flips = mv.flips
     if flips.size:  # the flipped atoms' signed margins move by -dm: redone on their own
         t = mv.tau[flips]
         s = k0 * t
@@ -1240,7 +1260,8 @@ def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> M
     their flipped roots ``tau_idx``."""
     flip, tau = mv.flip.copy(), mv.tau.copy()
     flip[idx], tau[idx] = True, tau_idx
-    return _FastMoves(k, tau, flip, mv.m, mv.b, mv.kappa, mv.lam)
+    return _FastMoves(k, tau, flip, mv.m, mv.b, mv.kappa, mv.lam,
+                      flips=np.union1d(mv.flips, idx))
 
 
 #: :class:`_Pool` takes its candidates at this fraction of the first ``lambda`` it is asked
@@ -1270,22 +1291,30 @@ class _Pool:
         return self.atoms
 
 
-def _flip_choice(m: np.ndarray, b: float, lam: float, kappa: float,
-                 pool: _Pool | None = None) -> np.ndarray:
-    """Where flipping the label wins at ``lambda`` (``k >= 1/4``; :func:`_moves`'s rule on
-    its candidates ``m > lambda kappa - b^2 / (4 lambda)``, the only atoms it can win on);
-    ``pool``: the candidates of a smaller ``lambda`` (:class:`_Pool`), searched instead of
-    every atom where it covers ``lam``."""
+def _flip_set(m: np.ndarray, b: float, lam: float, kappa: float,
+              pool: _Pool | None = None) -> np.ndarray:
+    """The atoms (sorted) where flipping the label wins at ``lambda`` (``k >= 1/4``;
+    :func:`_moves`'s rule on its candidates ``m > lambda kappa - b^2 / (4 lambda)``, the only
+    atoms it can win on); ``pool``: the candidates of a smaller ``lambda`` (:class:`_Pool`),
+    searched instead of every atom where it covers ``lam``. The flip patterns of one
+    evaluation are these index arrays (a few hundred atoms at n = 1e6, Gaussian data, the
+    pool under a thousand): the flags of every atom, their copies and comparisons, cost
+    ``O(n)`` each, and are built once, for the moves of its answer."""
+    if not math.isfinite(kappa):
+        return np.zeros(0, dtype=np.intp)
     k = 2.0 * lam / b**2
-    flip = np.zeros(m.shape, dtype=bool)
-    if math.isfinite(kappa):
-        thr = lam * kappa - b**2 / (4.0 * lam)
-        among = pool.cover(lam) if pool is not None else None
-        cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
-        if cand.size:
-            mc = m[cand]
-            flip[cand] = best_move(-mc, k).value - lam * kappa > best_move(mc, k).value
-    return flip
+    thr = lam * kappa - b**2 / (4.0 * lam)
+    among = pool.cover(lam) if pool is not None else None
+    cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
+    if cand.size == 0:
+        return cand
+    mc = m[cand]
+    return cand[best_move(-mc, k).value - lam * kappa > best_move(mc, k).value]
+
+
+def _gains(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the pattern ``a`` flips an atom that ``b`` does not (sorted flipped atoms)."""
+    return np.setdiff1d(a, b, assume_unique=True).size > 0
 
 
 #: Rounds of :func:`_fast_pair`'s search over the flip patterns (each one joint solve: one
@@ -1299,7 +1328,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     atom has one maximiser per branch), by :func:`_joint_sweeps`, or ``None``.
 
     With ``kappa = inf`` one joint solve. With finite ``kappa`` the flip pattern (which
-    atoms flip, :func:`_flip_choice`) is held fixed in each joint solve and chosen again at
+    atoms flip, :func:`_flip_set`) is held fixed in each joint solve and chosen again at
     its solution ``lambda_P``: a pattern that chooses itself is the answer (``E cost =
     rho^2`` at a point). Flips win at small ``lambda`` and cost more, so the pattern chosen
     at ``lambda`` shrinks as ``lambda`` grows and ``E cost`` decreases: if the pattern
@@ -1322,11 +1351,11 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         return None
     pool = _Pool(m, b, kappa)  # one scan of the margins for the evaluation's flip choices
     signed = _Signed(m)  # and one copy of them for its patterns' signed margins
-    flip, chosen = _flip_choice(m, b, lam, kappa, pool), lam  # the pattern, where chosen
+    flip, chosen = _flip_set(m, b, lam, kappa, pool), lam  # the pattern, where chosen
     tau = last = None
     change = math.inf  # the predicted roots' largest first-order change (_PREDICTED_CHANGE)
     if start is not None:
-        (tau, change), last = _predicted_roots(start, m, k, change=True), start.flip
+        (tau, change), last = _predicted_roots(start, m, k, change=True), start.flips
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
@@ -1337,7 +1366,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             hi = (at, pattern)
 
     for _ in range(_FLIP_ROUNDS):
-        price = kappa * float(w[flip].sum()) if flip.any() else 0.0
+        price = kappa * float(w[flip].sum()) if flip.size else 0.0
         if not r2 - price > 0:
             return None
         mm = signed(flip)
@@ -1347,7 +1376,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             # pattern chosen there differs, this one is not the answer and a budget step
             # suffices (_PREDICTED_CHANGE)
             step = solved and math.isfinite(kappa) and not np.array_equal(
-                _flip_choice(m, b, 0.5 * k * b**2, kappa, pool), flip)
+                _flip_set(m, b, 0.5 * k * b**2, kappa, pool), flip)
         else:
             tau0 = _branch_roots(m, flip, tau, last, k, fresh=True)  # tau is not read again
             step = change <= _PREDICTED_CHANGE and math.isfinite(kappa)  # the first round only
@@ -1361,18 +1390,18 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             return None
         k, tau, slope, dtau, exact = out
         last, lam = flip, 0.5 * k * b**2
-        new = _flip_choice(m, b, lam, kappa, pool)
-        gained, lost = bool((new & ~flip).any()), bool((flip & ~new).any())
+        new = _flip_set(m, b, lam, kappa, pool)
+        gained, lost = _gains(new, flip), _gains(flip, new)
         if not (gained or lost):  # the answer: its roots and k resolved to the exact test
             if not exact:  # k moved (by about 1e-11): the pattern chosen again there
                 out = _joint_sweeps(mm, w, b, r2 - price, k, tau)
                 if out is None or not np.array_equal(
-                        _flip_choice(m, b, 0.5 * out[0] * b**2, kappa, pool), flip):
+                        _flip_set(m, b, 0.5 * out[0] * b**2, kappa, pool), flip):
                     return None
                 k, tau = out[:2]
             if not abs(_weighted_squares(w, tau) / b**2 + price - r2) <= _BUDGET_TOL * r2:
                 return None  # E cost of these moves
-            mv = _fast_moves(m, flip, tau, k, b, kappa)
+            mv = _fast_moves(m, _mask(m.size, flip), tau, k, b, kappa, flips=flip)
             return Bracket(mv, mv)
         if gained and lost:
             return None
@@ -1382,11 +1411,11 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         ends = _model_ends(m, w, b, kappa, lam, slope * 2.0 / b**2, flip, lo, hi, pool)
         if ends is not None:  # the pattern (or the switch) the model predicts at lambda*
             (a, p_a), (c, p_c) = ends
-            idx = np.flatnonzero(p_a & ~p_c)
+            idx = np.setdiff1d(p_a, p_c, assume_unique=True)
             if idx.size == 0:
                 flip, chosen = p_a, a
                 continue
-            if np.unique(m[idx]).size == 1 and not (p_c & ~p_a).any():
+            if np.unique(m[idx]).size == 1 and not _gains(p_c, p_a):
                 out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx,
                                       (k, tau, dtau, last), signed)
                 if isinstance(out, Bracket):
@@ -1397,15 +1426,15 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         if lo is None or hi is None:
             flip, chosen = new, lam
             continue
-        if not lo[0] < hi[0] or (hi[1] & ~lo[1]).any():
+        if not lo[0] < hi[0] or _gains(hi[1], lo[1]):
             return None
-        idx = np.flatnonzero(lo[1] & ~hi[1])  # the atoms that switch between the ends
+        idx = np.setdiff1d(lo[1], hi[1], assume_unique=True)  # the atoms switching in it
         if idx.size == 0:
             flip, chosen = lo[1], lo[0]  # one pattern across the bracket: its root
             continue
         if np.unique(m[idx]).size > 1:
             chosen = math.sqrt(lo[0] * hi[0])
-            flip = _flip_choice(m, b, chosen, kappa, pool)
+            flip = _flip_set(m, b, chosen, kappa, pool)
             continue
         out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last), signed)
         if isinstance(out, Bracket):
@@ -1435,9 +1464,10 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
     ``flip`` (the roots of both branches on the candidates alone: ``O(|candidates|)`` per
     point). Its prediction is checked by the next joint solve (or :func:`_switch_bracket`).
     The bisection works on the candidates' choices alone (outside them every pattern is
-    ``flip``; the two patterns of n flags are built once, at the answer: the flags' copy
-    and comparison over every atom at each point took about 4 ms of the 5 a call took at
-    n = 1e6); ``pool``: the evaluation's :class:`_Pool`, searched for the candidates.
+    ``flip``; the two patterns are built once, at the answer: the flags' copy and
+    comparison over every atom at each point took about 4 ms of the 5 a call took at n =
+    1e6); ``pool``: the evaluation's :class:`_Pool`, searched for the candidates. Patterns
+    are the sorted flipped atoms (:func:`_flip_set`).
     """
     a = lam * math.exp(-_MODEL_WINDOW) if lo is None else lo[0]
     c = lam * math.exp(_MODEL_WINDOW) if hi is None else hi[0]
@@ -1446,7 +1476,7 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
     thr = a * kappa - b**2 / (4.0 * a)  # the candidates of a: a superset on [a, c]
     among = pool.cover(a) if pool is not None else None
     cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
-    mc, wc, fc = m[cand], w[cand], flip[cand]
+    mc, wc, fc = m[cand], w[cand], np.isin(cand, flip, assume_unique=True)
 
     def model(x):  # the model at x and the candidates' choices there
         k = 2.0 * x / b**2
@@ -1456,10 +1486,8 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
         jumps = float(wc @ np.where(chose == fc, 0.0, np.where(chose, change, -change)))
         return slope * (x - lam) + jumps, chose
 
-    def pattern(chose):  # the pattern of every atom
-        out = flip.copy()
-        out[cand] = chose
-        return out
+    def pattern(chose):  # the pattern of every atom: flip's outside the candidates
+        return np.union1d(np.setdiff1d(flip, cand, assume_unique=True), cand[chose])
 
     (g_a, p_a), (g_c, p_c) = model(a), model(c)
     if not g_a > 0 >= g_c:
@@ -1530,7 +1558,9 @@ def _roots_along_k(tau: np.ndarray, q: np.ndarray, k0: float, k: float) -> np.nd
     c = k0 - 0.25
     big_q = 1.0 / (k0 * c)
     if not 0.5 * dk * dk * (2.0 * big_q + _PSI2_MAX * big_q**2) / c > _SECOND_ORDER:
-        return tau + q * dk
+        out = np.multiply(q, dk)  # tau + q dk in one new array (no temporary)
+        out += tau
+        return out
     half = 0.5 * dk * dk
     out = np.empty_like(tau)
     for lo in range(0, tau.size, _BLOCK):
@@ -1578,11 +1608,11 @@ def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0, mm):
     ``idx`` flipped too (``before``), their roots solved at fixed ``k`` from ``tau0``: their
     :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
     (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
-    the solve fails. ``mm``: ``_signed(m, flip)``."""
+    the solve fails. ``flip``: the flipped atoms (sorted); ``mm``: ``_signed(m, flip)``."""
     tau = _fixed_sweeps(mm, k, tau0)
     if tau is None:
         return None
-    after = _fast_moves(m, flip, tau, k, b, kappa)
+    after = _fast_moves(m, _mask(m.size, flip), tau, k, b, kappa, flips=flip)
     pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
     g_after = after.expected_cost(w) - r2
     g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost_at(idx)))
@@ -1630,11 +1660,12 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
     if not k > 0.25:  # also nan: no switch in the window
         return None
     pool = _Pool(m, b, kappa)
-    lower = _flip_choice(m, b, s * (1.0 - _SWITCH_EPS), kappa, pool)
-    flip = _flip_choice(m, b, s * (1.0 + _SWITCH_EPS), kappa, pool)
-    if not np.array_equal(np.flatnonzero(lower != flip), idx) or flip[idx].any():
+    lower = _flip_set(m, b, s * (1.0 - _SWITCH_EPS), kappa, pool)
+    flip = _flip_set(m, b, s * (1.0 + _SWITCH_EPS), kappa, pool)
+    if not np.array_equal(np.setxor1d(lower, flip, assume_unique=True), idx) or np.isin(
+            idx, flip, assume_unique=True).any():
         return None
-    tau = _branch_roots(m, flip, _predicted_roots(old.hi, m, k), old.hi.flip, k, fresh=True)
+    tau = _branch_roots(m, flip, _predicted_roots(old.hi, m, k), old.hi.flips, k, fresh=True)
     after = float(w @ (tau * tau)) / b**2 + kappa * float(w[flip].sum()) - r2
     t_idx = best_move(-m[idx], k).tau
     jump = float(w[idx] @ ((t_idx**2 - tau[idx] ** 2) / b**2 + kappa))
@@ -2150,7 +2181,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # share of it separately: V is the same on both moves there)
         blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
                                      delta, hess, value=True)
-        price = kappa * float(q_hi[hi.flip].sum()) if hi.flip.any() else 0.0
+        price = kappa * float(q_hi[hi.flips].sum()) if hi.flips.size else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
         # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
@@ -2461,65 +2492,77 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
     inv_b = 1.0 / (beta * float(np.linalg.norm(delta)))
     total = sum(mix.q.size for mix, _ in parts)
     step = total // _CERT_ATOMS if total > _CERT_ATOMS else 0
-    value, radius, tt, g_u, unorm = 0.0, 0.0, 0.0, 0.0, float(np.linalg.norm(u))
-    curv_c = np.zeros(n)  # per source atom
-    both = np.zeros((2, d))  # sum c_k s_k a_src and p, from each block's rows in cache
-    subs = []
+    unorm = float(np.linalg.norm(u))
     # a_src = factor_src x_src: the rows of x and the sign times the factor (no n x d
     # copy of a unless it is built already)
     rows_of, factor = (at.x, at.factor) if at.built() is None else (at.built(), None)
-    for mix, share in parts:
-        for lo, fb in _block_flips(mix.flip):  # blocks: O(_BLOCK) temporaries
-            blk = slice(lo, lo + _BLOCK)
-            q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
-            src = mix.src[blk]
-            t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
-            first, top = int(src.min()), int(src.max()) + 1  # a range of sources per block
-            # the block's source atoms (no n-vector of margins): a view where they are a
-            # range in order (the unsplit atoms), else a gather
-            run = top - first == src.size and bool(np.all(np.diff(src) == 1))
-            x_src = rows_of[first:top] if run else rows_of[src]
-            # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
-            sf = (np.ones(q.size) if factor is None
-                  else factor[first:top] if run else factor[src])
-            if fb.size:
-                sf = sf.copy() if run and factor is not None else sf  # not a view
-                sf[fb] = -sf[fb]
-            along = beta * float(u @ delta)
-            neg = np.multiply(t, along)  # -m' = beta t (u . delta) - s a.delta
-            if m is None:
-                neg -= np.multiply(x_src @ delta, sf)
-            else:
-                neg -= m[first:top] if run else m[src]
-                if fb.size:  # + m there
-                    neg[fb] = t[fb] * along + (m[first + fb] if run else m[src[fb]])
-            value += float(q @ softplus(neg))
-            sg = _sigmoid(neg)
-            c = q * sg
-            g_u += float(c @ t)
-            curv = c * (1.0 - sg)
-            tt += float(curv @ t**2)
-            coef = np.empty((2, q.size))
-            np.multiply(c, sf, out=coef[0])
-            np.multiply(curv * t, sf, out=coef[1])
-            both += coef @ x_src  # the rows just read for the margins: a product in cache
-            curv_c[first:top] += curv if run else np.bincount(src - first, curv,
-                                                              minlength=top - first)
-            radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
-            if step:
-                sub = slice((-lo) % step, None, step)  # every step-th atom of the part
-                rows = (sf[sub, None] * x_src[sub]
-                        - (beta * t[sub])[:, None] * u[None, :])
-                subs.append(rows * np.sqrt(curv[sub])[:, None])
-    # (p is read only where the subset's bound is too loose, but costs little more in the
-    # same products)
-    grad = -both[0] + beta * g_u * u
+    along = beta * float(u @ delta)
+
+    def sweep(full: bool):
+        """The value, the gradient, the radius and the subset's rows; with ``full`` also the
+        sums of the full Hessian, ``tt``, ``p`` and ``C`` (else ``None``)."""
+        value, radius, tt, g_u = 0.0, 0.0, 0.0, 0.0
+        curv_c = np.zeros(n) if full else None  # per source atom
+        # sum c_k s_k a_src (and p), from each block's rows in cache
+        both = np.zeros((2 if full else 1, d))
+        subs = []
+        for mix, share in parts:
+            for lo, fb in _block_flips(mix.flip):  # blocks: O(_BLOCK) temporaries
+                blk = slice(lo, lo + _BLOCK)
+                q = mix.q[blk] if share == 1.0 else mix.q[blk] * share
+                src = mix.src[blk]
+                t = mix.tau[blk] * inv_b  # t = tau / b, as the moves' cost reads it
+                first, top = int(src.min()), int(src.max()) + 1  # a range of sources
+                # the block's source atoms (no n-vector of margins): a view where they are
+                # a range in order (the unsplit atoms), else a gather
+                run = top - first == src.size and bool(np.all(np.diff(src) == 1))
+                x_src = rows_of[first:top] if run else rows_of[src]
+                # s_k factor_src (s_k = -1 if flipped): the factor alone without flips
+                sf = (np.ones(q.size) if factor is None
+                      else factor[first:top] if run else factor[src])
+                if fb.size:
+                    sf = sf.copy() if run and factor is not None else sf  # not a view
+                    sf[fb] = -sf[fb]
+                neg = np.multiply(t, along)  # -m' = beta t (u . delta) - s a.delta
+                if m is None:
+                    neg -= np.multiply(x_src @ delta, sf)
+                else:
+                    neg -= m[first:top] if run else m[src]
+                    if fb.size:  # + m there
+                        neg[fb] = t[fb] * along + (m[first + fb] if run else m[src[fb]])
+                value += float(q @ softplus(neg))
+                sg = _sigmoid(neg)
+                c = q * sg
+                g_u += float(c @ t)
+                curv = c * (1.0 - sg)
+                coef = np.empty((both.shape[0], q.size))
+                np.multiply(c, sf, out=coef[0])
+                if full:
+                    tt += float(curv @ t**2)
+                    np.multiply(curv * t, sf, out=coef[1])
+                    curv_c[first:top] += curv if run else np.bincount(
+                        src - first, curv, minlength=top - first)
+                # the rows just read for the margins: a product in cache
+                both += coef @ x_src if full else coef[0] @ x_src
+                radius = max(radius, at.max_norm() + beta * unorm * float(t.max()))
+                if step and not full:
+                    sub = slice((-lo) % step, None, step)  # every step-th atom of the part
+                    rows = (sf[sub, None] * x_src[sub]
+                            - (beta * t[sub])[:, None] * u[None, :])
+                    subs.append(rows * np.sqrt(curv[sub])[:, None])
+        grad = -both[0] + beta * g_u * u
+        return value, grad, radius, subs, (tt, both[1], curv_c) if full else None
+
     if step:  # sum over a subset <= the Hessian: a cheaper, looser bound
+        # first without the full Hessian's sums (its second product row, its per-atom
+        # curvature and their n-vector: a quarter of the sweep), which are swept for only
+        # where this bound is too loose
+        value, grad, radius, subs, _ = sweep(full=False)
         bsub = np.vstack(subs) if subs else np.zeros((0, d))
         bound = curvature_bound(grad, bsub.T @ bsub, radius, full_rank=True)
         if bound <= _CERT_SUBSET_OK:
             return max(upper - value, 0.0) + bound
-    p = both[1]
+    value, grad, radius, _, (tt, p, curv_c) = sweep(full=True)
     hess = (weighted_hess(at, curv_c) - beta * (np.outer(p, u) + np.outer(u, p))
             + beta**2 * tt * np.outer(u, u))
     return max(upper - value, 0.0) + curvature_bound(grad, hess, radius)
