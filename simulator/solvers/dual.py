@@ -255,14 +255,19 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
     homotopy reads only its margins and losses), or ``None`` when the subsample's minimiser
     is ``delta = 0`` or its solve fails (the caller then starts from scratch).
 
-    For a reweighting set that evaluation's Hessian is the subsample's at the same point
-    (``O(n_sub d^2)`` instead of ``O(n d^2)``, about 0.7 evaluations at n = 1e6, d = 8): its
-    sampling error, about ``n_sub^-1/2`` relative, adds ``O(n_sub^-1/2 ||g||)`` to the
-    gradient after Newton's first step, small beside the quadratic term from the start's own
-    error. Measured at n = 1e6, d = 8 (KL and chi-square, Gaussian and environment data
-    without merging, seeds 0-2: 12 solves): one full Hessian fewer in 7, the same counts in 4,
-    one evaluation more in 1 (KL, environment data, seed 0: Newton's prediction ``1.04e-10``
-    at the third step just missed ``tol = 1e-10``, so the chord step ran).
+    For a reweighting set whose steps the subsample model does not correct (``corrected``
+    below: a set without ``subsample_model``, or a subsample of more than ``_MODEL_FRACTION
+    n`` atoms) that evaluation's Hessian is the subsample's at the same point (``O(n_sub
+    d^2)`` instead of ``O(n d^2)``, about 0.7 evaluations at n = 1e6, d = 8): its sampling
+    error, about ``n_sub^-1/2`` relative, adds ``O(n_sub^-1/2 ||g||)`` to the gradient after
+    Newton's first step, small beside the quadratic term from the start's own error.
+    Measured at n = 1e6, d = 8 (KL and chi-square, Gaussian and environment data without
+    merging, seeds 0-2: 12 solves): one full Hessian fewer in 7, the same counts in 4, one
+    evaluation more in 1 (KL, environment data, seed 0: Newton's prediction ``1.04e-10`` at
+    the third step just missed ``tol = 1e-10``, so the chord step ran). Both sets now take
+    the model at that size instead, which starts from the full Hessian (chi-square since
+    issue 9's ninth round: 3 full evaluations and 2 Hessians in each of 6 solves, against 4
+    and 1 or 2; docs/formulations.md).
     """
     n, mod = at.w.size, methods(amb)
     size = _subsample_size(n, amb)
