@@ -369,20 +369,23 @@ def test_psd_solve_solves_definite_systems_and_descends_on_singular_ones(d):
     np.testing.assert_allclose(singular @ psd_solve(singular, 2.0 * u), 2.0 * u, atol=1e-9)
 
 
+@pytest.mark.parametrize("d", [7, 20])
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
-def test_atoms_products_match_the_explicit_matrix(weights, stream, monkeypatch):
+def test_atoms_products_match_the_explicit_matrix(weights, stream, d, monkeypatch):
     """``Atoms`` keeps ``x`` and the factor ``ytil beta / scale``: its products (by BLAS and,
     with the size threshold at 0, by einsum; before and after its matrix is read), Hessian
     sums, matrix, mean, radius and scale against ``a = ytil beta x / scale`` built directly
-    in long double precision."""
+    in long double precision (``d = 7``: the moments' squared blocks, below
+    ``_MOMENT_EINSUM_D``; ``d = 20``: their einsum)."""
     from simulator.solvers import core
 
     monkeypatch.setattr(core, "_STREAM_MIN_BYTES", 0 if stream else 2**62)
     monkeypatch.setattr(core, "_STREAM_MIN_D", 1 if stream else 2**62)
     monkeypatch.setattr(core, "_MOMENT_BLOCK", 512)  # several blocks in _row_moments
     rng = np.random.default_rng(3)
-    n, d, beta = 3001, 7, 0.7
+    n, beta = 3001, 0.7
+    assert (d < core._MOMENT_EINSUM_D) == (d == 7)
     x = rng.standard_normal((n, d)) * rng.uniform(0.1, 3.0, size=(n, 1))
     y = (rng.random(n) < 0.4).astype(float)
     w = rng.dirichlet(np.ones(n)) if weights else None

@@ -59,6 +59,12 @@ _CHUNK_ROWS = 4096
 #: :func:`_row_moments` works on blocks of this many entries (4 MB): a block and its squares
 #: stay in cache from the squaring to the row sums.
 _MOMENT_BLOCK = 1 << 19
+#: From this many columns on, :func:`_row_moments` sums each block's row squares by
+#: ``einsum("ij,ij->i")`` (no squared copy of the block: at n = 1e4, d = 64 the copy's 4 MB
+#: of fresh pages cost about 1 ms inside a solve, 10% of a KL solve); below, the squares
+#: and a product with ones are faster (one thread: at n = 1e6, d = 8 7.9 against 9.7 ms;
+#: at d = 16 12.0 against 10.2 ms, at n = 1e5, d = 512 26.6 against 20.9 ms).
+_MOMENT_EINSUM_D = 16
 #: The products with the features (:meth:`Atoms.matvec`, :meth:`Atoms.rmatvec`) use
 #: numpy's einsum loops instead of BLAS for matrices of at least this many columns and bytes
 #: (beyond the last-level cache). Measured (one thread, this project's OpenBLAS 0.3.31 on
@@ -366,25 +372,30 @@ def _rmatvec(u: np.ndarray, x: np.ndarray) -> np.ndarray:
 def _row_moments(x: np.ndarray, w: np.ndarray,
                  unit: float = 1.0) -> tuple[float, float]:
     """``(E_P ||x_i / unit||^2, max_i ||x_i / unit||^2)`` in one pass over blocks of
-    ``_MOMENT_BLOCK`` entries: each block's squares in one scratch block, their row sums by
-    a product with ones (measured at n = 1e6, d = 8, one BLAS thread: 5.2 ms against 6.6 ms
-    for ``einsum("ij,ij->i")``)."""
+    ``_MOMENT_BLOCK`` entries: below ``_MOMENT_EINSUM_D`` columns (or with a ``unit``) each
+    block's squares in one scratch block and their row sums by a product with ones (at n =
+    1e6, d = 8, one BLAS thread: 5.2 ms against 6.6 ms for ``einsum("ij,ij->i")``), from
+    there by that einsum (no scratch block)."""
     rows = max(1, _MOMENT_BLOCK // x.shape[1])
     ones = np.ones(x.shape[1])
-    buf = np.empty((min(rows, x.shape[0]), x.shape[1]))
+    narrow = x.shape[1] < _MOMENT_EINSUM_D
+    buf = np.empty((min(rows, x.shape[0]), x.shape[1])) if narrow or unit != 1.0 else None
     tot, top = [], 0.0
     # squares beyond double precision are expected (inf or 0): the caller then asks again
     # with ``unit = max |x|``
     with np.errstate(over="ignore", under="ignore"):
         for lo in range(0, x.shape[0], rows):
             blk = x[lo:lo + rows]
-            sq = buf[:blk.shape[0]]
-            if unit == 1.0:
-                np.multiply(blk, blk, out=sq)
+            if buf is None:
+                sq = np.einsum("ij,ij->i", blk, blk)
             else:
-                np.divide(blk, unit, out=sq)
-                sq *= sq
-            sq = sq @ ones
+                sq = buf[:blk.shape[0]]
+                if unit == 1.0:
+                    np.multiply(blk, blk, out=sq)
+                else:
+                    np.divide(blk, unit, out=sq)
+                    sq *= sq
+                sq = sq @ ones
             tot.append(float(w[lo:lo + rows] @ sq))
             top = max(top, float(sq.max()))
     return math.fsum(tot), top
