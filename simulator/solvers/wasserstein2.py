@@ -369,12 +369,15 @@ class _FastMoves(Moves):
     evaluation reads its moves' costs only through :meth:`cost_at` and :meth:`expected_cost`
     and the other two not at all (the three n-vectors took about 0.3 pass of each of the
     four calls of a solve at n = 1e6). ``flips``, where given, are the flipped atoms
-    (:attr:`Moves.flips`, known to the caller: no scan of the flags)."""
+    (:attr:`Moves.flips`, known to the caller: no scan of the flags); ``squares``, where
+    given, ``(w, w @ tau^2)`` (:meth:`expected_cost`'s sum under ``w``, known to the
+    caller: no pass)."""
 
     def __init__(self, k: float, tau: np.ndarray, flip: np.ndarray, m: np.ndarray, b: float,
-                 kappa: float, lam: float | None = None, flips: np.ndarray | None = None) -> None:
+                 kappa: float, lam: float | None = None, flips: np.ndarray | None = None,
+                 squares: tuple[np.ndarray, float] | None = None) -> None:
         fields = {"lam": 0.5 * k * b**2 if lam is None else lam, "tau": tau, "flip": flip,
-                  "m": m, "b": b, "kappa": kappa, "k": k}
+                  "m": m, "b": b, "kappa": kappa, "k": k, "_squares": squares}
         if flips is not None:
             fields["flips"] = flips  # the cached property's value
         for name, v in fields.items():  # frozen: as the dataclass's own __init__ sets them
@@ -411,17 +414,16 @@ class _FastMoves(Moves):
         return np.where(self.flip[rows], c + self.kappa, c)
 
     def expected_cost(self, w: np.ndarray) -> float:
-        # kept for the last weights asked about: the switch point's test and the evaluation's
-        # split of the same moves read it under the same weights (a pass over two n-vectors
-        # and an n-vector temporary each)
-        last = self.__dict__.get("_expected")
-        if last is not None and last[0] is w:
-            return last[1]
+        # w @ tau^2 kept for the last weights asked about: the switch point's test and the
+        # evaluation's split of the same moves read it under the same weights (a pass over
+        # two n-vectors and an n-vector temporary each)
+        last = self._squares
+        if last is None or last[0] is not w:
+            last = (w, float((w * self.tau) @ self.tau))
+            object.__setattr__(self, "_squares", last)
         idx = self.flips
         price = self.kappa * float(w[idx].sum()) if idx.size else 0.0
-        value = float((w * self.tau) @ self.tau) / self.b**2 + price
-        self.__dict__["_expected"] = (w, value)
-        return value
+        return last[1] / self.b**2 + price
 
 
 def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
@@ -842,7 +844,8 @@ def _newton_block(mm: np.ndarray, t: np.ndarray, k: float,
     return np.divide(psi, dpsi, out=out), dpsi
 
 
-def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | None:
+def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray,
+                  w: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, float] | None:
     """:func:`_joint_sweeps` at fixed ``k``: every atom's root of ``psi_i = sigmoid(tau_i -
     mm_i) - k tau_i`` (``k > 1/4``) by Newton's method from ``tau`` (overwritten: the
     answer), with its stopping test (Newton's error ``|psi''| step^2 / (2 |psi'|)``
@@ -852,12 +855,17 @@ def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | Non
     of a joint sweep (the solve at a switch point, once or twice per evaluation). Each
     block takes its step as soon as it is computed (the step is not global, as the joint
     sweeps' ``dk`` is), with the range test of the roots it gives in the same blocks: no
-    last pass over the atoms and no ``n``-vector of steps (the same roots, bit for bit)."""
+    last pass over the atoms and no ``n``-vector of steps (the same roots, bit for bit).
+    With weights ``w``, ``(tau, w @ tau^2)``, the sum as :func:`_weighted_squares` forms it,
+    from each sweep's blocks in cache (the switch point's test reads it: a pass over two
+    ``n``-vectors and an ``n``-vector temporary after the sweeps, 2 to 4 ms of each of the
+    four calls of the benchmark's solve at n = 1e6)."""
     n = mm.size
     r = np.empty(min(n, _BLOCK))  # one block's psi / psi': its step is -r
     for _ in range(_FAST_ITERS):
         top_r, near = 0.0, -math.inf  # max |step|, max psi' (< 0)
         low, high = math.inf, -math.inf  # the range of the roots after the step
+        squares = []  # each block's w @ tau^2 after the step
         for lo in range(0, n, _BLOCK):
             t = tau[lo:lo + _BLOCK]
             rb, dpsi = _newton_block(mm[lo:lo + _BLOCK], t, k, r[:t.size])
@@ -865,10 +873,14 @@ def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | Non
             top_r = max(top_r, float(rb.max()), -float(rb.min()))
             t -= rb
             low, high = min(low, float(t.min())), max(high, float(t.max()))
+            if w is not None:
+                squares.append(float(w[lo:lo + _BLOCK] @ np.square(t, out=rb)))
         if not near < 0:
             return None
         if _PSI2_MAX * top_r**2 <= 2.0 * _FAST_ERR * -near:
-            return tau if low >= 0.0 and high <= 1.0 / k else None
+            if not (low >= 0.0 and high <= 1.0 / k):
+                return None
+            return tau if w is None else (tau, math.fsum(squares))
     return None
 
 
@@ -1021,11 +1033,13 @@ class _Signed:
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
-                kappa: float, flips: np.ndarray | None = None) -> Moves:
+                kappa: float, flips: np.ndarray | None = None,
+                squares: tuple[np.ndarray, float] | None = None) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
     atom and branch: the warm starts are the moves themselves; :class:`_FastMoves`);
-    ``flips``: ``flatnonzero(flip)`` where known."""
-    return _FastMoves(k, tau, flip, m, b, kappa, flips=flips)
+    ``flips``: ``flatnonzero(flip)`` where known; ``squares``: ``(w, w @ tau^2)`` where
+    known."""
+    return _FastMoves(k, tau, flip, m, b, kappa, flips=flips, squares=squares)
 
 
 def _mask(n: int, idx: np.ndarray) -> np.ndarray:
@@ -1308,8 +1322,19 @@ def _flip_set(m: np.ndarray, b: float, lam: float, kappa: float,
     cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
     if cand.size == 0:
         return cand
-    mc = m[cand]
-    return cand[best_move(-mc, k).value - lam * kappa > best_move(mc, k).value]
+    (_, keep), (_, flipped) = _both_branches(m[cand], k)
+    return cand[flipped - lam * kappa > keep]
+
+
+def _both_branches(mc: np.ndarray, k: float) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """``(tau, value)`` of :func:`best_move` for the margins ``mc`` and for ``-mc`` (the
+    unflipped and the flipped branch of a few candidate atoms), from one call on both (its
+    answer is per atom: the same numbers as two calls). The flip choices' calls are on a few
+    hundred atoms, where a call's own overhead, about 0.1 ms, was most of the 16 ms that
+    ``best_move`` took in the benchmark's solve at n = 1e6 (Gaussian, ``kappa = 1``)."""
+    both = best_move(np.concatenate((mc, -mc)), k)
+    n = mc.size
+    return (both.tau[:n], both.value[:n]), (both.tau[n:], both.value[n:])
 
 
 def _gains(a: np.ndarray, b: np.ndarray) -> bool:
@@ -1480,9 +1505,9 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
 
     def model(x):  # the model at x and the candidates' choices there
         k = 2.0 * x / b**2
-        keep, flipped = best_move(mc, k), best_move(-mc, k)
-        chose = flipped.value - x * kappa > keep.value
-        change = flipped.tau**2 / b**2 + kappa - keep.tau**2 / b**2  # flipped less kept
+        (t_keep, v_keep), (t_flip, v_flip) = _both_branches(mc, k)
+        chose = v_flip - x * kappa > v_keep
+        change = t_flip**2 / b**2 + kappa - t_keep**2 / b**2  # flipped less kept
         jumps = float(wc @ np.where(chose == fc, 0.0, np.where(chose, change, -change)))
         return slope * (x - lam) + jumps, chose
 
@@ -1603,17 +1628,22 @@ def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
     return float(pts[0])
 
 
-def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0, mm):
+def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0, mm, t_idx=None):
     """The moves at ``k = 2 s / b^2`` with the flips ``flip`` (``after``) and with the atoms
     ``idx`` flipped too (``before``), their roots solved at fixed ``k`` from ``tau0``: their
     :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
     (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
-    the solve fails. ``flip``: the flipped atoms (sorted); ``mm``: ``_signed(m, flip)``."""
-    tau = _fixed_sweeps(mm, k, tau0)
-    if tau is None:
+    the solve fails. ``flip``: the flipped atoms (sorted); ``mm``: ``_signed(m, flip)``;
+    ``t_idx``: the flipped roots of the atoms ``idx`` at ``k`` where known."""
+    out = _fixed_sweeps(mm, k, tau0, w)
+    if out is None:
         return None
-    after = _fast_moves(m, _mask(m.size, flip), tau, k, b, kappa, flips=flip)
-    pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
+    tau, squares = out
+    after = _fast_moves(m, _mask(m.size, flip), tau, k, b, kappa, flips=flip,
+                        squares=(w, squares))
+    if t_idx is None:
+        t_idx = best_move(-m[idx], k).tau
+    pair = _SwitchBracket(after, k, idx, t_idx)
     g_after = after.expected_cost(w) - r2
     g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost_at(idx)))
     if g_before > 0 >= g_after:
@@ -1671,7 +1701,7 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
     jump = float(w[idx] @ ((t_idx**2 - tau[idx] ** 2) / b**2 + kappa))
     if not (after < -_AGAIN_MARGIN * r2 and after + jump > _AGAIN_MARGIN * r2):
         return None
-    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau, _signed(m, flip))
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau, _signed(m, flip), t_idx)
     return out if isinstance(out, Bracket) else None
 
 
