@@ -1230,20 +1230,36 @@ def _table_roots(mm: np.ndarray, k: float, grid: _Grid | None = None) -> np.ndar
     return out
 
 
+class _TableStart(NamedTuple):
+    """:func:`_table_start`'s answer: ``k``, whether the grid's Newton converged
+    (``solved``: ``k`` is then the grid's), the grid's budget slope ``dS/dk`` at ``k`` (``2
+    sum_j W_j tau_j dtau_j / dk / b^2``) and the grid (``None`` where the margins span no
+    finite interval)."""
+
+    k: float
+    solved: bool
+    slope: float
+    grid: _Grid | None
+
+    def roots(self, mm: np.ndarray, k: float) -> np.ndarray:
+        """:func:`_table_roots` of the margins ``mm`` at ``k`` on the grid (a new array;
+        ``tau = 0`` without a grid)."""
+        return np.zeros(mm.size) if self.grid is None else _table_roots(mm, k, self.grid)
+
+
 def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
-                 k: float) -> tuple[float, np.ndarray, bool]:
+                 k: float) -> _TableStart:
     """A cold start of :func:`_joint_sweeps` (``k > 1/4``) with its ``k`` too: the weights
     deposited linearly on :func:`_table_roots`' grid (``W_j``, one pass over the margins),
     ``E tau^2 / b^2 = budget`` solved on the grid (``sum_j W_j tau_j(k)^2``, Newton on ``k``
-    with ``dtau_j / dk = tau_j / psi'_j``, from ``k``), and the roots at that ``k``
-    interpolated. The grid's ``k`` is off by the interpolation's error (``1e-6``), not by
-    the subsample's (a few per cent): the joint solve from it takes one sweep where it took
-    three. Where the grid's Newton fails (``k`` leaves ``(1/4, inf)``, no convergence), the
-    roots at the given ``k``. ``(k, roots, solved)``: ``solved`` tells whether the grid's
-    Newton converged (the ``k`` is then the grid's)."""
+    with ``dtau_j / dk = tau_j / psi'_j``, from ``k``); the roots at that ``k``, interpolated,
+    are :meth:`_TableStart.roots` (an ``n``-vector, formed only where read). The grid's ``k``
+    is off by the interpolation's error (``1e-6``), not by the subsample's (a few per cent):
+    the joint solve from it takes one sweep where it took three. Where the grid's Newton
+    fails (``k`` leaves ``(1/4, inf)``, no convergence), the given ``k``."""
     grid = _grid(mm)
     if grid is None:
-        return k, np.zeros(mm.size), False
+        return _TableStart(k, False, math.nan, None)
     mass, moment = np.zeros(_TABLE_POINTS), np.zeros(_TABLE_POINTS)  # per cell: W, W f
     for a in range(0, mm.size, _DEPOSIT_BLOCK):
         sl = slice(a, a + _DEPOSIT_BLOCK)
@@ -1259,14 +1275,14 @@ def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
         tau, start = mv.tau, mv.roots
         s = kk * tau  # sigmoid(tau - m) at the root
         dtau = tau / (s - s * s - kk)
-        step = ((float(mass @ (tau * tau)) / b**2 - budget)
-                / (2.0 * float(mass @ (tau * dtau)) / b**2))
+        slope = 2.0 * float(mass @ (tau * dtau)) / b**2
+        step = (float(mass @ (tau * tau)) / b**2 - budget) / slope
         kk -= step
         if not (math.isfinite(kk) and kk > 0.25):
-            return k, _table_roots(mm, k, grid), False
+            return _TableStart(k, False, math.nan, grid)
         if abs(step) <= _TABLE_TOL * kk:
-            return kk, _table_roots(mm, kk, grid), True
-    return k, _table_roots(mm, k, grid), False
+            return _TableStart(kk, True, slope, grid)
+    return _TableStart(k, False, math.nan, grid)
 
 
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
@@ -1382,6 +1398,14 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     if start is not None:
         (tau, change), last = _predicted_roots(start, m, k, change=True), start.flips
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
+    table = None  # the cold round's _TableStart
+
+    def along(at: float) -> np.ndarray:
+        """The last solve's roots (pattern ``last``) moved to ``k = at``, a new array: from
+        the cold round's grid where they were left to it, else :func:`_roots_along_k`."""
+        if tau is None:
+            return table.roots(signed(last), at)
+        return _roots_along_k(tau, dtau, k, at)
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
         nonlocal lo, hi
@@ -1394,18 +1418,26 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.size else 0.0
         if not r2 - price > 0:
             return None
+        if tau is None and table is not None:  # the cold round's roots, read at last
+            tau = along(k)
         mm = signed(flip)
         if tau is None:  # cold: k on the grid's budget too
-            k, tau0, solved = _table_start(mm, w, b, r2 - price, k)
+            table = _table_start(mm, w, b, r2 - price, k)
+            k = table.k
             # the grid's k is within its own error (1e-6) of this pattern's root: where the
-            # pattern chosen there differs, this one is not the answer and a budget step
-            # suffices (_PREDICTED_CHANGE)
-            step = solved and math.isfinite(kappa) and not np.array_equal(
+            # pattern chosen there differs, this one is not the answer, and the grid's k and
+            # slope place the next flip choice and the switch (_PREDICTED_CHANGE) as a budget
+            # step from the interpolated roots did; the roots are interpolated where read,
+            # at the switch's k (one pass, where the roots at the grid's k, the step and the
+            # roots moved from them to the switch took three)
+            defer = table.solved and math.isfinite(kappa) and not np.array_equal(
                 _flip_set(m, b, 0.5 * k * b**2, kappa, pool), flip)
+            out = (k, None, table.slope, None, False) if defer else None
+            tau0 = None if defer else table.roots(mm, k)
         else:
             tau0 = _branch_roots(m, flip, tau, last, k, fresh=True)  # tau is not read again
             step = change <= _PREDICTED_CHANGE and math.isfinite(kappa)  # the first round only
-        out = _budget_step(mm, w, b, r2 - price, k, tau0) if step else None
+            out = _budget_step(mm, w, b, r2 - price, k, tau0) if step else None
         change = math.inf
         if out is None:
             # loose only where flips are chosen at its solution (kappa = inf: no flips, and
@@ -1419,7 +1451,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         gained, lost = _gains(new, flip), _gains(flip, new)
         if not (gained or lost):  # the answer: its roots and k resolved to the exact test
             if not exact:  # k moved (by about 1e-11): the pattern chosen again there
-                out = _joint_sweeps(mm, w, b, r2 - price, k, tau)
+                out = _joint_sweeps(mm, w, b, r2 - price, k, along(k) if tau is None else tau)
                 if out is None or not np.array_equal(
                         _flip_set(m, b, 0.5 * out[0] * b**2, kappa, pool), flip):
                     return None
@@ -1441,8 +1473,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 flip, chosen = p_a, a
                 continue
             if np.unique(m[idx]).size == 1 and not _gains(p_c, p_a):
-                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx,
-                                      (k, tau, dtau, last), signed)
+                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx, along,
+                                      last, signed)
                 if isinstance(out, Bracket):
                     return out
                 if out is not None:
@@ -1461,7 +1493,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             chosen = math.sqrt(lo[0] * hi[0])
             flip = _flip_set(m, b, chosen, kappa, pool)
             continue
-        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last), signed)
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, along, last, signed)
         if isinstance(out, Bracket):
             return out
         if out is None:
@@ -1532,23 +1564,24 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
     return None
 
 
-def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint, signed: _Signed):
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, along: Callable[[float], np.ndarray],
+                    last: np.ndarray, signed: _Signed):
     """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
     the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
     :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
-    ``(pattern, lambda)``, or ``None``. ``joint``: ``(k, tau, dtau/dk, pattern)`` of the
-    last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
-    k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
-    the warm start of the roots at ``s``; to second order (:func:`_roots_along_k`) where
-    the first order's error may take a second sweep there. ``signed``: the caller's
+    ``(pattern, lambda)``, or ``None``. ``along``: the roots of the last joint solve (of the
+    pattern ``last``) moved to a ``k``, a new array: to first order (``tau + dtau/dk (k_s -
+    k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them), to
+    second order (:func:`_roots_along_k`) where the first order's error may take a second
+    sweep there, or interpolated at ``k_s`` on the cold round's grid (:class:`_TableStart`);
+    they are the warm start of the roots at ``s``. ``signed``: the caller's
     :class:`_Signed`."""
     s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
-    k_joint, tau, dtau, last = joint
-    tau = _roots_along_k(tau, dtau, k_joint, k)
+    tau = along(k)
     out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
                            _branch_roots(m, flip, tau, last, k, fresh=True), signed(flip))
     if out is None:
