@@ -878,8 +878,8 @@ def test_budget_step_from_predicted_roots_meets_its_accuracy():
     k*)^2)`` of the exact solve's ``k*`` (``_joint_sweeps``; Newton's quadratic term from the
     guess ``k_0`` and the prediction's error), its roots within ``10 (c^2 + |k - k*|)`` of
     the exact roots at its ``k`` (the prediction's error, about ``3 c^2``, and the move along
-    ``dtau / dk``, ``|dtau / dk| < 1``); ``None`` where the step would take ``k`` below
-    ``1/4``."""
+    ``dtau / dk``, ``|dtau / dk| < 1``, which the step leaves to its reader, here
+    ``_roots_along_k``); ``None`` where the step would take ``k`` below ``1/4``."""
     from simulator.solvers import wasserstein2 as w2
 
     rng = np.random.default_rng(11)
@@ -895,7 +895,9 @@ def test_budget_step_from_predicted_roots_meets_its_accuracy():
     k_guess = k_old * 1.0002
     tau, change = w2._predicted_roots(old, m, k_guess, change=True)
     assert 1e-5 < change < w2._PREDICTED_CHANGE
-    k, roots, slope, q, exact_flag = w2._budget_step(m, w, b, budget, k_guess, tau)
+    k, unmoved, slope, q, exact_flag = w2._budget_step(m, w, b, budget, k_guess, tau)
+    assert unmoved is None
+    roots = w2._roots_along_k(tau, q, k_guess, k)
     k_exact = w2._joint_sweeps(m, w, b, budget, k_guess, w2.best_move(m, k_guess).tau)[0]
     assert not exact_flag and slope < 0
     assert abs(k - k_exact) <= 10.0 * (change**2 * k_exact + (k_guess - k_exact) ** 2)

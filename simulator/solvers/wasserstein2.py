@@ -1121,14 +1121,16 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
 #: ``3e-6``; a switch located wrongly is caught by its exact check). Measured at n = 1e6, d = 8
 #: (Gaussian and environment data, seeds 0 and 1): the third evaluation's change ``2.4e-4`` to
 #: ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the second's ``1.2e-2`` to ``2.3e-2`` (error
-#: ``4e-4`` to ``1.2e-3``: a joint solve). The cold first round (``_table_start``'s roots at the
-#: grid's ``k``, within the grid's error, about ``1e-6``, of the exact ones) takes the same step
-#: where the grid's Newton converged and the pattern chosen at its ``k`` is not the round's
-#: own: that round's pattern is then not the answer, and its loose joint solve (a sweep and
-#: its last pass) only placed the next flip choice (Gaussian, ``kappa = 1``: the first
-#: evaluation's joint solve replaced by the step); where the pattern chooses itself there
-#: (environment data without merging) the joint solve is kept, since the answer then resolves
-#: it exactly anyway (with the step before it, 0.65 pass more).
+#: ``4e-4`` to ``1.2e-3``: a joint solve). The cold first round (``_table_start``: the grid's
+#: ``k`` within the grid's error, about ``1e-6``, of the exact one) takes the grid's ``k`` and
+#: slope as such a step's where the grid's Newton converged and the pattern chosen at its ``k``
+#: is not the round's own: that round's pattern is then not the answer, and its loose joint
+#: solve (a sweep and its last pass) only placed the next flip choice (Gaussian, ``kappa =
+#: 1``: the first evaluation's joint solve replaced by the step, and then the step, from the
+#: interpolated roots, by the grid's, its roots interpolated only where read, at the switch's
+#: ``k``); where the pattern chooses itself there (environment data without merging) the
+#: joint solve is kept, since the answer then resolves it exactly anyway (with the step
+#: before it, 0.65 pass more).
 _PREDICTED_CHANGE = 1e-3
 
 
@@ -1138,9 +1140,11 @@ def _budget_step(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: floa
     (:func:`_predicted_roots`): Newton's step on the budget ``E tau^2 / b^2 = budget`` alone,
     ``dk = (budget - S) / S'``, ``S' = 2 E tau dtau/dk / b^2``, ``dtau / dk = tau / psi'``
     (``psi' = sigma' - k``, ``sigma' = s - s^2`` at ``s = k tau``, the stationarity the roots
-    nearly meet), the roots moved along it (``tau`` overwritten); ``(k, tau, S', dtau / dk,
-    False)``, or ``None`` where ``k`` leaves ``(1/4, inf)``. One pass of eight operations per
-    atom where a joint sweep takes about twenty and its last step."""
+    nearly meet); ``(k + dk, None, S', dtau / dk, False)``, or ``None`` where ``k`` leaves
+    ``(1/4, inf)``. The roots are not moved: ``tau + dtau/dk dk``, and any move of ``k`` after
+    it, is one move where they are read (:func:`_roots_along_k` from ``tau`` at ``k``: the
+    step's own pass over the roots saved). One pass of eight operations per atom where a
+    joint sweep takes about twenty and its last step."""
     n, c = mm.size, 2.0 / b**2
     q = np.empty(n)
     s2 = s3 = 0.0
@@ -1160,10 +1164,7 @@ def _budget_step(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: floa
     dk = (budget - s2 / b**2) / (c * s3)
     if not (math.isfinite(k + dk) and k + dk > 0.25):
         return None
-    for lo in range(0, n, _BLOCK):
-        t = tau[lo:lo + _BLOCK]
-        t += q[lo:lo + _BLOCK] * dk
-    return k + dk, tau, c * s3, q, False
+    return k + dk, None, c * s3, q, False
 
 
 #: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
@@ -1398,14 +1399,12 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     if start is not None:
         (tau, change), last = _predicted_roots(start, m, k, change=True), start.flips
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
-    table = None  # the cold round's _TableStart
+    later = None  # the first round's roots at a given k, where that round left them unformed
 
     def along(at: float) -> np.ndarray:
-        """The last solve's roots (pattern ``last``) moved to ``k = at``, a new array: from
-        the cold round's grid where they were left to it, else :func:`_roots_along_k`."""
-        if tau is None:
-            return table.roots(signed(last), at)
-        return _roots_along_k(tau, dtau, k, at)
+        """The last solve's roots (pattern ``last``) moved to ``k = at``, a new array: the
+        first round's ``later`` where it left them unformed, else :func:`_roots_along_k`."""
+        return later(at) if tau is None else _roots_along_k(tau, dtau, k, at)
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
         nonlocal lo, hi
@@ -1418,7 +1417,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.size else 0.0
         if not r2 - price > 0:
             return None
-        if tau is None and table is not None:  # the cold round's roots, read at last
+        if tau is None and later is not None:  # the first round's roots, read at last
             tau = along(k)
         mm = signed(flip)
         if tau is None:  # cold: k on the grid's budget too
@@ -1434,10 +1433,16 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 _flip_set(m, b, 0.5 * k * b**2, kappa, pool), flip)
             out = (k, None, table.slope, None, False) if defer else None
             tau0 = None if defer else table.roots(mm, k)
+            if defer:
+
+                def later(at, table=table, pattern=flip):
+                    return table.roots(signed(pattern), at)
         else:
             tau0 = _branch_roots(m, flip, tau, last, k, fresh=True)  # tau is not read again
             step = change <= _PREDICTED_CHANGE and math.isfinite(kappa)  # the first round only
             out = _budget_step(mm, w, b, r2 - price, k, tau0) if step else None
+            if out is not None:  # the step's move of the roots, with the next, where read
+                later = functools.partial(_roots_along_k, tau0, out[3], k)
         change = math.inf
         if out is None:
             # loose only where flips are chosen at its solution (kappa = inf: no flips, and
@@ -2597,10 +2602,10 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
                 sg = _sigmoid(neg)
                 c = q * sg
                 g_u += float(c @ t)
-                curv = c * (1.0 - sg)
                 coef = np.empty((both.shape[0], q.size))
                 np.multiply(c, sf, out=coef[0])
                 if full:
+                    curv = c * (1.0 - sg)  # the subset's alone without ``full``
                     tt += float(curv @ t**2)
                     np.multiply(curv * t, sf, out=coef[1])
                     curv_c[first:top] += curv if run else np.bincount(
@@ -2612,7 +2617,7 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
                     sub = slice((-lo) % step, None, step)  # every step-th atom of the part
                     rows = (sf[sub, None] * x_src[sub]
                             - (beta * t[sub])[:, None] * u[None, :])
-                    subs.append(rows * np.sqrt(curv[sub])[:, None])
+                    subs.append(rows * np.sqrt(c[sub] * (1.0 - sg[sub]))[:, None])
         grad = -both[0] + beta * g_u * u
         return value, grad, radius, subs, (tt, both[1], curv_c) if full else None
 
