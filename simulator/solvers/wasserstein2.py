@@ -1970,7 +1970,8 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
 
 
 def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
-              value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
+              value: bool = False, scaled: tuple[np.ndarray, float] | None = None
+              ) -> tuple[W2Blocks, Callable | None, float | None]:
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
     Gram matrix is formed only when called; ``None`` without ``hessian``), and with ``value``
     ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
@@ -1987,7 +1988,10 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     ``S_D = sum (q / D) t^2`` and ``S_A = sum A t^2``: about 14 operations per atom (33 for
     the blocks term by term; ``t^2`` and ``E t^2`` rounded as there, so that the value and
     the gradient are the same to the last bit). The two ``O(n d)`` products with ``a`` are
-    one product of a ``2 x _BLOCK`` matrix per block of atoms."""
+    one product of a ``2 x _BLOCK`` matrix per block of atoms. ``scaled = (idx, c)``: the
+    weights are ``q`` with the (sorted) atoms ``idx`` scaled by ``c``, in each block's copy
+    of its weights (a tie's split: no ``n``-vector of weights, a copy of ``q`` per
+    evaluation before; the same numbers)."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
@@ -1997,9 +2001,14 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
     # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
-    for lo, fb in _block_flips(flip):  # fb: the block's flipped atoms
+    cuts = None if scaled is None else np.searchsorted(
+        scaled[0], np.arange(0, n + _BLOCK, _BLOCK))
+    for j, (lo, fb) in enumerate(_block_flips(flip)):  # fb: the block's flipped atoms
         sl = slice(lo, lo + _BLOCK)
         qb, tb = q[sl], tau[sl]
+        if cuts is not None and cuts[j] < cuts[j + 1]:
+            qb = qb.copy()
+            qb[scaled[0][cuts[j]:cuts[j + 1]] - lo] *= scaled[1]
         if value:
             z = tb - m[sl]
             if fb.size:  # tau - s m = tau + m there
@@ -2046,6 +2055,23 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
     return blk, h_dd, total
+
+
+def _scaled(w: np.ndarray, scaled: tuple[np.ndarray, float] | None,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """The weights ``w`` with the (sorted) atoms ``scaled[0]`` scaled by ``scaled[1]`` (a
+    tie's split, :func:`_w2_terms`' ``scaled``): at the sorted atoms ``rows`` (a gather),
+    else every atom (a copy; ``w`` itself without ``scaled``)."""
+    if rows is None:
+        if scaled is None:
+            return w
+        out = w.copy()
+        out[scaled[0]] *= scaled[1]
+        return out
+    out = w[rows]
+    if scaled is not None:
+        out[np.isin(rows, scaled[0], assume_unique=True)] *= scaled[1]
+    return out
 
 
 def _rows_at(rows: np.ndarray, a: Atoms | np.ndarray, sl: slice) -> np.ndarray:
@@ -2235,11 +2261,11 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     lo_tau, lo_flip, _ = lo_at(sp)
     u = delta / dn
     # the split's weights by their indices (a few atoms): w (1 - share) for hi is w with the
-    # split atoms scaled, and lo's weights w share are nonzero on the split atoms alone
-    q_hi, q_lo = w, w[sp] * theta
-    if tied:
-        q_hi = w.copy()
-        q_hi[sp] *= 1.0 - theta
+    # split atoms scaled (``scaled``; the n-vector only for the worst case's readers), and
+    # lo's weights w share are nonzero on the split atoms alone
+    q_lo = w[sp] * theta
+    scaled = (sp, 1.0 - theta) if tied else None
+    q_hi = functools.cache(lambda: _scaled(w, scaled))
     blk = None
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
         value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
@@ -2247,9 +2273,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
-                                     delta, hess, value=True)
-        price = kappa * float(q_hi[hi.flips].sum()) if hi.flips.size else 0.0
+        blk, h_dd, total = _w2_terms(at, w, m, hi.tau, hi.flip, b, hi.lam, beta,
+                                     delta, hess, value=True, scaled=scaled)
+        price = kappa * float(_scaled(w, scaled, hi.flips).sum()) if hi.flips.size else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
         # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
@@ -2272,7 +2298,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     new_state = W2State(hi.lam, delta, pair, slope, value=value, grad=grad,
                         primal=primal, damped=damped)
     # E cost: hi's from the blocks' E t^2 (no n-vector of costs) where they were summed
-    cost = (-blk.g_l + price if blk is not None else hi.expected_cost(q_hi)) + (
+    cost = (-blk.g_l + price if blk is not None else hi.expected_cost(q_hi())) + (
         float(q_lo @ lo_at(sp)[2]) if tied else 0.0)
     h = None
     if hess:
@@ -2283,7 +2309,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     # until read: its pieces, their concatenation, the labels and the n x d moved features,
     # which the certificate never reads), so that the front end needs no second evaluation at
     # the answer (a product with the features and the reuse of this one's terms)
-    pieces = functools.cache(functools.partial(_pieces, q_hi, hi.tau, hi.flip,
+    pieces = functools.cache(lambda: _pieces(q_hi(), hi.tau, hi.flip,
                                                (q_lo, sp, lo_tau, lo_flip) if tied else None))
     mix = functools.cache(lambda: _joined(pieces()))
     wc = WorstCase(lambda: mix().q, lambda: _moved_features(at, mix(), b, u),
