@@ -634,8 +634,8 @@ def test_table_start_solves_the_budget_on_the_grid():
     """``_table_start`` moves ``k`` from a start 20% off to the ``k`` whose exact roots meet the
     budget, within the grid's own error (the deposit interpolates ``tau^2`` linearly: ``h^2
     max |(tau^2)''| / 8`` of ``E tau^2``, over the budget's slope ``dS/dk``), with the roots
-    at that ``k`` (``solved``); where the budget cannot be met at ``k > 1/4`` it keeps the
-    given ``k`` (not ``solved``)."""
+    at that ``k`` (``solved``) and the budget's slope there; where the budget cannot be met
+    at ``k > 1/4`` it keeps the given ``k`` (not ``solved``)."""
     from simulator.solvers import wasserstein2 as w2
 
     rng = np.random.default_rng(5)
@@ -645,8 +645,9 @@ def test_table_start_solves_the_budget_on_the_grid():
     w /= w.sum()
     tau = w2.best_move(m, k_true, values=False).tau
     budget = float(w @ tau**2) / b**2
-    k, start, solved = w2._table_start(m, w, b, budget, 0.8)
-    assert solved
+    start = w2._table_start(m, w, b, budget, 0.8)
+    k = start.k
+    assert start.solved
     fine = np.linspace(m.min(), m.max(), 10 * w2._TABLE_POINTS)
     curv = np.max(np.abs(np.diff(w2.best_move(fine, k_true, values=False).tau ** 2, 2))) / (
         np.diff(fine[:2])[0] ** 2)
@@ -654,11 +655,13 @@ def test_table_start_solves_the_budget_on_the_grid():
     s = k_true * tau
     slope = 2.0 * float(w @ (tau * tau / (s - s * s - k_true))) / b**2
     assert abs(k - k_true) <= 1.01 * h**2 * curv / 8 / b**2 / abs(slope)
-    np.testing.assert_array_equal(start, w2._table_roots(m, k))
+    # the grid's slope dS/dk at its k: the atoms' to the grid's error
+    assert start.slope == pytest.approx(slope, rel=1e-4)
+    np.testing.assert_array_equal(start.roots(m, k), w2._table_roots(m, k))
     # E tau^2 / b^2 <= 1 / (k^2 b^2) < 16 / b^2 for k > 1/4: this budget is out of reach
-    k_out, start_out, solved = w2._table_start(m, w, b, 20.0 / b**2, 0.8)
-    assert k_out == 0.8 and not solved
-    np.testing.assert_array_equal(start_out, w2._table_roots(m, 0.8))
+    out = w2._table_start(m, w, b, 20.0 / b**2, 0.8)
+    assert out.k == 0.8 and not out.solved
+    np.testing.assert_array_equal(out.roots(m, out.k), w2._table_roots(m, 0.8))
 
 
 @pytest.mark.parametrize("chord", [True, False])
@@ -875,8 +878,8 @@ def test_budget_step_from_predicted_roots_meets_its_accuracy():
     k*)^2)`` of the exact solve's ``k*`` (``_joint_sweeps``; Newton's quadratic term from the
     guess ``k_0`` and the prediction's error), its roots within ``10 (c^2 + |k - k*|)`` of
     the exact roots at its ``k`` (the prediction's error, about ``3 c^2``, and the move along
-    ``dtau / dk``, ``|dtau / dk| < 1``); ``None`` where the step would take ``k`` below
-    ``1/4``."""
+    ``dtau / dk``, ``|dtau / dk| < 1``, which the step leaves to its reader, here
+    ``_roots_along_k``); ``None`` where the step would take ``k`` below ``1/4``."""
     from simulator.solvers import wasserstein2 as w2
 
     rng = np.random.default_rng(11)
@@ -892,7 +895,9 @@ def test_budget_step_from_predicted_roots_meets_its_accuracy():
     k_guess = k_old * 1.0002
     tau, change = w2._predicted_roots(old, m, k_guess, change=True)
     assert 1e-5 < change < w2._PREDICTED_CHANGE
-    k, roots, slope, q, exact_flag = w2._budget_step(m, w, b, budget, k_guess, tau)
+    k, unmoved, slope, q, exact_flag = w2._budget_step(m, w, b, budget, k_guess, tau)
+    assert unmoved is None
+    roots = w2._roots_along_k(tau, q, k_guess, k)
     k_exact = w2._joint_sweeps(m, w, b, budget, k_guess, w2.best_move(m, k_guess).tau)[0]
     assert not exact_flag and slope < 0
     assert abs(k - k_exact) <= 10.0 * (change**2 * k_exact + (k_guess - k_exact) ** 2)

@@ -369,12 +369,15 @@ class _FastMoves(Moves):
     evaluation reads its moves' costs only through :meth:`cost_at` and :meth:`expected_cost`
     and the other two not at all (the three n-vectors took about 0.3 pass of each of the
     four calls of a solve at n = 1e6). ``flips``, where given, are the flipped atoms
-    (:attr:`Moves.flips`, known to the caller: no scan of the flags)."""
+    (:attr:`Moves.flips`, known to the caller: no scan of the flags); ``squares``, where
+    given, ``(w, w @ tau^2)`` (:meth:`expected_cost`'s sum under ``w``, known to the
+    caller: no pass)."""
 
     def __init__(self, k: float, tau: np.ndarray, flip: np.ndarray, m: np.ndarray, b: float,
-                 kappa: float, lam: float | None = None, flips: np.ndarray | None = None) -> None:
+                 kappa: float, lam: float | None = None, flips: np.ndarray | None = None,
+                 squares: tuple[np.ndarray, float] | None = None) -> None:
         fields = {"lam": 0.5 * k * b**2 if lam is None else lam, "tau": tau, "flip": flip,
-                  "m": m, "b": b, "kappa": kappa, "k": k}
+                  "m": m, "b": b, "kappa": kappa, "k": k, "_squares": squares}
         if flips is not None:
             fields["flips"] = flips  # the cached property's value
         for name, v in fields.items():  # frozen: as the dataclass's own __init__ sets them
@@ -411,17 +414,16 @@ class _FastMoves(Moves):
         return np.where(self.flip[rows], c + self.kappa, c)
 
     def expected_cost(self, w: np.ndarray) -> float:
-        # kept for the last weights asked about: the switch point's test and the evaluation's
-        # split of the same moves read it under the same weights (a pass over two n-vectors
-        # and an n-vector temporary each)
-        last = self.__dict__.get("_expected")
-        if last is not None and last[0] is w:
-            return last[1]
+        # w @ tau^2 kept for the last weights asked about: the switch point's test and the
+        # evaluation's split of the same moves read it under the same weights (a pass over
+        # two n-vectors and an n-vector temporary each)
+        last = self._squares
+        if last is None or last[0] is not w:
+            last = (w, float((w * self.tau) @ self.tau))
+            object.__setattr__(self, "_squares", last)
         idx = self.flips
         price = self.kappa * float(w[idx].sum()) if idx.size else 0.0
-        value = float((w * self.tau) @ self.tau) / self.b**2 + price
-        self.__dict__["_expected"] = (w, value)
-        return value
+        return last[1] / self.b**2 + price
 
 
 def _moves_value(m, b, lam, kappa, tau, flip) -> np.ndarray:
@@ -842,7 +844,8 @@ def _newton_block(mm: np.ndarray, t: np.ndarray, k: float,
     return np.divide(psi, dpsi, out=out), dpsi
 
 
-def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | None:
+def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray,
+                  w: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, float] | None:
     """:func:`_joint_sweeps` at fixed ``k``: every atom's root of ``psi_i = sigmoid(tau_i -
     mm_i) - k tau_i`` (``k > 1/4``) by Newton's method from ``tau`` (overwritten: the
     answer), with its stopping test (Newton's error ``|psi''| step^2 / (2 |psi'|)``
@@ -852,12 +855,17 @@ def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | Non
     of a joint sweep (the solve at a switch point, once or twice per evaluation). Each
     block takes its step as soon as it is computed (the step is not global, as the joint
     sweeps' ``dk`` is), with the range test of the roots it gives in the same blocks: no
-    last pass over the atoms and no ``n``-vector of steps (the same roots, bit for bit)."""
+    last pass over the atoms and no ``n``-vector of steps (the same roots, bit for bit).
+    With weights ``w``, ``(tau, w @ tau^2)``, the sum as :func:`_weighted_squares` forms it,
+    from each sweep's blocks in cache (the switch point's test reads it: a pass over two
+    ``n``-vectors and an ``n``-vector temporary after the sweeps, 2 to 4 ms of each of the
+    four calls of the benchmark's solve at n = 1e6)."""
     n = mm.size
     r = np.empty(min(n, _BLOCK))  # one block's psi / psi': its step is -r
     for _ in range(_FAST_ITERS):
         top_r, near = 0.0, -math.inf  # max |step|, max psi' (< 0)
         low, high = math.inf, -math.inf  # the range of the roots after the step
+        squares = []  # each block's w @ tau^2 after the step
         for lo in range(0, n, _BLOCK):
             t = tau[lo:lo + _BLOCK]
             rb, dpsi = _newton_block(mm[lo:lo + _BLOCK], t, k, r[:t.size])
@@ -865,10 +873,14 @@ def _fixed_sweeps(mm: np.ndarray, k: float, tau: np.ndarray) -> np.ndarray | Non
             top_r = max(top_r, float(rb.max()), -float(rb.min()))
             t -= rb
             low, high = min(low, float(t.min())), max(high, float(t.max()))
+            if w is not None:
+                squares.append(float(w[lo:lo + _BLOCK] @ np.square(t, out=rb)))
         if not near < 0:
             return None
         if _PSI2_MAX * top_r**2 <= 2.0 * _FAST_ERR * -near:
-            return tau if low >= 0.0 and high <= 1.0 / k else None
+            if not (low >= 0.0 and high <= 1.0 / k):
+                return None
+            return tau if w is None else (tau, math.fsum(squares))
     return None
 
 
@@ -1021,11 +1033,13 @@ class _Signed:
 
 
 def _fast_moves(m: np.ndarray, flip: np.ndarray, tau: np.ndarray, k: float, b: float,
-                kappa: float, flips: np.ndarray | None = None) -> Moves:
+                kappa: float, flips: np.ndarray | None = None,
+                squares: tuple[np.ndarray, float] | None = None) -> Moves:
     """:class:`Moves` of the roots ``tau`` at ``k = 2 lambda / b^2 > 1/4`` (one maximiser per
     atom and branch: the warm starts are the moves themselves; :class:`_FastMoves`);
-    ``flips``: ``flatnonzero(flip)`` where known."""
-    return _FastMoves(k, tau, flip, m, b, kappa, flips=flips)
+    ``flips``: ``flatnonzero(flip)`` where known; ``squares``: ``(w, w @ tau^2)`` where
+    known."""
+    return _FastMoves(k, tau, flip, m, b, kappa, flips=flips, squares=squares)
 
 
 def _mask(n: int, idx: np.ndarray) -> np.ndarray:
@@ -1107,14 +1121,16 @@ def _predicted_roots(mv: Moves, m: np.ndarray, k: float, change: bool = False):
 #: ``3e-6``; a switch located wrongly is caught by its exact check). Measured at n = 1e6, d = 8
 #: (Gaussian and environment data, seeds 0 and 1): the third evaluation's change ``2.4e-4`` to
 #: ``5.5e-4`` (error ``1.8e-7`` to ``4.8e-7``), the second's ``1.2e-2`` to ``2.3e-2`` (error
-#: ``4e-4`` to ``1.2e-3``: a joint solve). The cold first round (``_table_start``'s roots at the
-#: grid's ``k``, within the grid's error, about ``1e-6``, of the exact ones) takes the same step
-#: where the grid's Newton converged and the pattern chosen at its ``k`` is not the round's
-#: own: that round's pattern is then not the answer, and its loose joint solve (a sweep and
-#: its last pass) only placed the next flip choice (Gaussian, ``kappa = 1``: the first
-#: evaluation's joint solve replaced by the step); where the pattern chooses itself there
-#: (environment data without merging) the joint solve is kept, since the answer then resolves
-#: it exactly anyway (with the step before it, 0.65 pass more).
+#: ``4e-4`` to ``1.2e-3``: a joint solve). The cold first round (``_table_start``: the grid's
+#: ``k`` within the grid's error, about ``1e-6``, of the exact one) takes the grid's ``k`` and
+#: slope as such a step's where the grid's Newton converged and the pattern chosen at its ``k``
+#: is not the round's own: that round's pattern is then not the answer, and its loose joint
+#: solve (a sweep and its last pass) only placed the next flip choice (Gaussian, ``kappa =
+#: 1``: the first evaluation's joint solve replaced by the step, and then the step, from the
+#: interpolated roots, by the grid's, its roots interpolated only where read, at the switch's
+#: ``k``); where the pattern chooses itself there (environment data without merging) the
+#: joint solve is kept, since the answer then resolves it exactly anyway (with the step
+#: before it, 0.65 pass more).
 _PREDICTED_CHANGE = 1e-3
 
 
@@ -1124,9 +1140,11 @@ def _budget_step(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: floa
     (:func:`_predicted_roots`): Newton's step on the budget ``E tau^2 / b^2 = budget`` alone,
     ``dk = (budget - S) / S'``, ``S' = 2 E tau dtau/dk / b^2``, ``dtau / dk = tau / psi'``
     (``psi' = sigma' - k``, ``sigma' = s - s^2`` at ``s = k tau``, the stationarity the roots
-    nearly meet), the roots moved along it (``tau`` overwritten); ``(k, tau, S', dtau / dk,
-    False)``, or ``None`` where ``k`` leaves ``(1/4, inf)``. One pass of eight operations per
-    atom where a joint sweep takes about twenty and its last step."""
+    nearly meet); ``(k + dk, None, S', dtau / dk, False)``, or ``None`` where ``k`` leaves
+    ``(1/4, inf)``. The roots are not moved: ``tau + dtau/dk dk``, and any move of ``k`` after
+    it, is one move where they are read (:func:`_roots_along_k` from ``tau`` at ``k``: the
+    step's own pass over the roots saved). One pass of eight operations per atom where a
+    joint sweep takes about twenty and its last step."""
     n, c = mm.size, 2.0 / b**2
     q = np.empty(n)
     s2 = s3 = 0.0
@@ -1146,10 +1164,7 @@ def _budget_step(mm: np.ndarray, w: np.ndarray, b: float, budget: float, k: floa
     dk = (budget - s2 / b**2) / (c * s3)
     if not (math.isfinite(k + dk) and k + dk > 0.25):
         return None
-    for lo in range(0, n, _BLOCK):
-        t = tau[lo:lo + _BLOCK]
-        t += q[lo:lo + _BLOCK] * dk
-    return k + dk, tau, c * s3, q, False
+    return k + dk, None, c * s3, q, False
 
 
 #: Grid points of :func:`_table_roots` (linear interpolation leaves ``h^2 max |tau''| / 8`` for
@@ -1216,20 +1231,36 @@ def _table_roots(mm: np.ndarray, k: float, grid: _Grid | None = None) -> np.ndar
     return out
 
 
+class _TableStart(NamedTuple):
+    """:func:`_table_start`'s answer: ``k``, whether the grid's Newton converged
+    (``solved``: ``k`` is then the grid's), the grid's budget slope ``dS/dk`` at ``k`` (``2
+    sum_j W_j tau_j dtau_j / dk / b^2``) and the grid (``None`` where the margins span no
+    finite interval)."""
+
+    k: float
+    solved: bool
+    slope: float
+    grid: _Grid | None
+
+    def roots(self, mm: np.ndarray, k: float) -> np.ndarray:
+        """:func:`_table_roots` of the margins ``mm`` at ``k`` on the grid (a new array;
+        ``tau = 0`` without a grid)."""
+        return np.zeros(mm.size) if self.grid is None else _table_roots(mm, k, self.grid)
+
+
 def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
-                 k: float) -> tuple[float, np.ndarray, bool]:
+                 k: float) -> _TableStart:
     """A cold start of :func:`_joint_sweeps` (``k > 1/4``) with its ``k`` too: the weights
     deposited linearly on :func:`_table_roots`' grid (``W_j``, one pass over the margins),
     ``E tau^2 / b^2 = budget`` solved on the grid (``sum_j W_j tau_j(k)^2``, Newton on ``k``
-    with ``dtau_j / dk = tau_j / psi'_j``, from ``k``), and the roots at that ``k``
-    interpolated. The grid's ``k`` is off by the interpolation's error (``1e-6``), not by
-    the subsample's (a few per cent): the joint solve from it takes one sweep where it took
-    three. Where the grid's Newton fails (``k`` leaves ``(1/4, inf)``, no convergence), the
-    roots at the given ``k``. ``(k, roots, solved)``: ``solved`` tells whether the grid's
-    Newton converged (the ``k`` is then the grid's)."""
+    with ``dtau_j / dk = tau_j / psi'_j``, from ``k``); the roots at that ``k``, interpolated,
+    are :meth:`_TableStart.roots` (an ``n``-vector, formed only where read). The grid's ``k``
+    is off by the interpolation's error (``1e-6``), not by the subsample's (a few per cent):
+    the joint solve from it takes one sweep where it took three. Where the grid's Newton
+    fails (``k`` leaves ``(1/4, inf)``, no convergence), the given ``k``."""
     grid = _grid(mm)
     if grid is None:
-        return k, np.zeros(mm.size), False
+        return _TableStart(k, False, math.nan, None)
     mass, moment = np.zeros(_TABLE_POINTS), np.zeros(_TABLE_POINTS)  # per cell: W, W f
     for a in range(0, mm.size, _DEPOSIT_BLOCK):
         sl = slice(a, a + _DEPOSIT_BLOCK)
@@ -1245,14 +1276,14 @@ def _table_start(mm: np.ndarray, w: np.ndarray, b: float, budget: float,
         tau, start = mv.tau, mv.roots
         s = kk * tau  # sigmoid(tau - m) at the root
         dtau = tau / (s - s * s - kk)
-        step = ((float(mass @ (tau * tau)) / b**2 - budget)
-                / (2.0 * float(mass @ (tau * dtau)) / b**2))
+        slope = 2.0 * float(mass @ (tau * dtau)) / b**2
+        step = (float(mass @ (tau * tau)) / b**2 - budget) / slope
         kk -= step
         if not (math.isfinite(kk) and kk > 0.25):
-            return k, _table_roots(mm, k, grid), False
+            return _TableStart(k, False, math.nan, grid)
         if abs(step) <= _TABLE_TOL * kk:
-            return kk, _table_roots(mm, kk, grid), True
-    return k, _table_roots(mm, k, grid), False
+            return _TableStart(kk, True, slope, grid)
+    return _TableStart(k, False, math.nan, grid)
 
 
 def _flipped_too(mv: Moves, k: float, idx: np.ndarray, tau_idx: np.ndarray) -> Moves:
@@ -1308,8 +1339,19 @@ def _flip_set(m: np.ndarray, b: float, lam: float, kappa: float,
     cand = np.flatnonzero(m > thr) if among is None else among[m[among] > thr]
     if cand.size == 0:
         return cand
-    mc = m[cand]
-    return cand[best_move(-mc, k).value - lam * kappa > best_move(mc, k).value]
+    (_, keep), (_, flipped) = _both_branches(m[cand], k)
+    return cand[flipped - lam * kappa > keep]
+
+
+def _both_branches(mc: np.ndarray, k: float) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """``(tau, value)`` of :func:`best_move` for the margins ``mc`` and for ``-mc`` (the
+    unflipped and the flipped branch of a few candidate atoms), from one call on both (its
+    answer is per atom: the same numbers as two calls). The flip choices' calls are on a few
+    hundred atoms, where a call's own overhead, about 0.1 ms, was most of the 16 ms that
+    ``best_move`` took in the benchmark's solve at n = 1e6 (Gaussian, ``kappa = 1``)."""
+    both = best_move(np.concatenate((mc, -mc)), k)
+    n = mc.size
+    return (both.tau[:n], both.value[:n]), (both.tau[n:], both.value[n:])
 
 
 def _gains(a: np.ndarray, b: np.ndarray) -> bool:
@@ -1357,6 +1399,12 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
     if start is not None:
         (tau, change), last = _predicted_roots(start, m, k, change=True), start.flips
     lo = hi = None  # (lambda, the pattern chosen there) with E cost > rho^2, resp. < rho^2
+    later = None  # the first round's roots at a given k, where that round left them unformed
+
+    def along(at: float) -> np.ndarray:
+        """The last solve's roots (pattern ``last``) moved to ``k = at``, a new array: the
+        first round's ``later`` where it left them unformed, else :func:`_roots_along_k`."""
+        return later(at) if tau is None else _roots_along_k(tau, dtau, k, at)
 
     def bound(at, pattern, above):  # E cost > rho^2 at ``at`` if ``above``, else < rho^2
         nonlocal lo, hi
@@ -1369,18 +1417,32 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         price = kappa * float(w[flip].sum()) if flip.size else 0.0
         if not r2 - price > 0:
             return None
+        if tau is None and later is not None:  # the first round's roots, read at last
+            tau = along(k)
         mm = signed(flip)
         if tau is None:  # cold: k on the grid's budget too
-            k, tau0, solved = _table_start(mm, w, b, r2 - price, k)
+            table = _table_start(mm, w, b, r2 - price, k)
+            k = table.k
             # the grid's k is within its own error (1e-6) of this pattern's root: where the
-            # pattern chosen there differs, this one is not the answer and a budget step
-            # suffices (_PREDICTED_CHANGE)
-            step = solved and math.isfinite(kappa) and not np.array_equal(
+            # pattern chosen there differs, this one is not the answer, and the grid's k and
+            # slope place the next flip choice and the switch (_PREDICTED_CHANGE) as a budget
+            # step from the interpolated roots did; the roots are interpolated where read,
+            # at the switch's k (one pass, where the roots at the grid's k, the step and the
+            # roots moved from them to the switch took three)
+            defer = table.solved and math.isfinite(kappa) and not np.array_equal(
                 _flip_set(m, b, 0.5 * k * b**2, kappa, pool), flip)
+            out = (k, None, table.slope, None, False) if defer else None
+            tau0 = None if defer else table.roots(mm, k)
+            if defer:
+
+                def later(at, table=table, pattern=flip):
+                    return table.roots(signed(pattern), at)
         else:
             tau0 = _branch_roots(m, flip, tau, last, k, fresh=True)  # tau is not read again
             step = change <= _PREDICTED_CHANGE and math.isfinite(kappa)  # the first round only
-        out = _budget_step(mm, w, b, r2 - price, k, tau0) if step else None
+            out = _budget_step(mm, w, b, r2 - price, k, tau0) if step else None
+            if out is not None:  # the step's move of the roots, with the next, where read
+                later = functools.partial(_roots_along_k, tau0, out[3], k)
         change = math.inf
         if out is None:
             # loose only where flips are chosen at its solution (kappa = inf: no flips, and
@@ -1394,7 +1456,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
         gained, lost = _gains(new, flip), _gains(flip, new)
         if not (gained or lost):  # the answer: its roots and k resolved to the exact test
             if not exact:  # k moved (by about 1e-11): the pattern chosen again there
-                out = _joint_sweeps(mm, w, b, r2 - price, k, tau)
+                out = _joint_sweeps(mm, w, b, r2 - price, k, along(k) if tau is None else tau)
                 if out is None or not np.array_equal(
                         _flip_set(m, b, 0.5 * out[0] * b**2, kappa, pool), flip):
                     return None
@@ -1416,8 +1478,8 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
                 flip, chosen = p_a, a
                 continue
             if np.unique(m[idx]).size == 1 and not _gains(p_c, p_a):
-                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx,
-                                      (k, tau, dtau, last), signed)
+                out = _switch_bracket(m, w, b, r2, kappa, ends[0], ends[1], idx, along,
+                                      last, signed)
                 if isinstance(out, Bracket):
                     return out
                 if out is not None:
@@ -1436,7 +1498,7 @@ def _fast_pair(m: np.ndarray, w: np.ndarray, b: float, r2: float, kappa: float, 
             chosen = math.sqrt(lo[0] * hi[0])
             flip = _flip_set(m, b, chosen, kappa, pool)
             continue
-        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, (k, tau, dtau, last), signed)
+        out = _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, along, last, signed)
         if isinstance(out, Bracket):
             return out
         if out is None:
@@ -1480,9 +1542,9 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
 
     def model(x):  # the model at x and the candidates' choices there
         k = 2.0 * x / b**2
-        keep, flipped = best_move(mc, k), best_move(-mc, k)
-        chose = flipped.value - x * kappa > keep.value
-        change = flipped.tau**2 / b**2 + kappa - keep.tau**2 / b**2  # flipped less kept
+        (t_keep, v_keep), (t_flip, v_flip) = _both_branches(mc, k)
+        chose = v_flip - x * kappa > v_keep
+        change = t_flip**2 / b**2 + kappa - t_keep**2 / b**2  # flipped less kept
         jumps = float(wc @ np.where(chose == fc, 0.0, np.where(chose, change, -change)))
         return slope * (x - lam) + jumps, chose
 
@@ -1507,23 +1569,24 @@ def _model_ends(m, w, b, kappa, lam, slope, flip, lo, hi, pool: _Pool | None = N
     return None
 
 
-def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, joint, signed: _Signed):
+def _switch_bracket(m, w, b, r2, kappa, lo, hi, idx, along: Callable[[float], np.ndarray],
+                    last: np.ndarray, signed: _Signed):
     """:func:`_fast_pair` at the switch point ``s`` of the atoms ``idx`` (one margin) inside
     the bracket ``lo``, ``hi`` (pairs of ``lambda`` and the pattern chosen there): the
     :class:`Bracket` of the moves at ``s`` on both sides, the side that holds the root as
-    ``(pattern, lambda)``, or ``None``. ``joint``: ``(k, tau, dtau/dk, pattern)`` of the
-    last joint solve, whose roots moved to first order to ``s`` (``tau + dtau/dk (k_s -
-    k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them) are
-    the warm start of the roots at ``s``; to second order (:func:`_roots_along_k`) where
-    the first order's error may take a second sweep there. ``signed``: the caller's
+    ``(pattern, lambda)``, or ``None``. ``along``: the roots of the last joint solve (of the
+    pattern ``last``) moved to a ``k``, a new array: to first order (``tau + dtau/dk (k_s -
+    k)``, an error of order ``(k_s - k)^2``: one sweep of Newton then resolves them), to
+    second order (:func:`_roots_along_k`) where the first order's error may take a second
+    sweep there, or interpolated at ``k_s`` on the cold round's grid (:class:`_TableStart`);
+    they are the warm start of the roots at ``s``. ``signed``: the caller's
     :class:`_Signed`."""
     s = _flip_point(m[idx[0]], b, kappa, lo[0], hi[0])
     if not lo[0] < s < hi[0]:
         return None
     k = 2.0 * s / b**2
     flip = hi[1]
-    k_joint, tau, dtau, last = joint
-    tau = _roots_along_k(tau, dtau, k_joint, k)
+    tau = along(k)
     out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx,
                            _branch_roots(m, flip, tau, last, k, fresh=True), signed(flip))
     if out is None:
@@ -1603,17 +1666,22 @@ def _flip_point(m_i: float, b: float, kappa: float, a: float, c: float,
     return float(pts[0])
 
 
-def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0, mm):
+def _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau0, mm, t_idx=None):
     """The moves at ``k = 2 s / b^2`` with the flips ``flip`` (``after``) and with the atoms
     ``idx`` flipped too (``before``), their roots solved at fixed ``k`` from ``tau0``: their
     :class:`_SwitchBracket` where ``E cost - rho^2`` is ``> 0`` before and ``<= 0`` after
     (``lambda* = s``), else ``-1`` (the root is below ``s``) or ``1`` (above); ``None`` where
-    the solve fails. ``flip``: the flipped atoms (sorted); ``mm``: ``_signed(m, flip)``."""
-    tau = _fixed_sweeps(mm, k, tau0)
-    if tau is None:
+    the solve fails. ``flip``: the flipped atoms (sorted); ``mm``: ``_signed(m, flip)``;
+    ``t_idx``: the flipped roots of the atoms ``idx`` at ``k`` where known."""
+    out = _fixed_sweeps(mm, k, tau0, w)
+    if out is None:
         return None
-    after = _fast_moves(m, _mask(m.size, flip), tau, k, b, kappa, flips=flip)
-    pair = _SwitchBracket(after, k, idx, best_move(-m[idx], k).tau)
+    tau, squares = out
+    after = _fast_moves(m, _mask(m.size, flip), tau, k, b, kappa, flips=flip,
+                        squares=(w, squares))
+    if t_idx is None:
+        t_idx = best_move(-m[idx], k).tau
+    pair = _SwitchBracket(after, k, idx, t_idx)
     g_after = after.expected_cost(w) - r2
     g_before = g_after + float(w[idx] @ (pair.cost_lo - after.cost_at(idx)))
     if g_before > 0 >= g_after:
@@ -1671,7 +1739,7 @@ def _switch_again(m, w, b, r2, kappa, lam, old: _SwitchBracket) -> Bracket | Non
     jump = float(w[idx] @ ((t_idx**2 - tau[idx] ** 2) / b**2 + kappa))
     if not (after < -_AGAIN_MARGIN * r2 and after + jump > _AGAIN_MARGIN * r2):
         return None
-    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau, _signed(m, flip))
+    out = _moves_at_switch(m, w, b, r2, kappa, k, flip, idx, tau, _signed(m, flip), t_idx)
     return out if isinstance(out, Bracket) else None
 
 
@@ -1902,7 +1970,8 @@ def w2_blocks(a, q, m, tau, flip, b, lam, beta, delta, dd_block: bool = True) ->
 
 
 def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
-              value: bool = False) -> tuple[W2Blocks, Callable | None, float | None]:
+              value: bool = False, scaled: tuple[np.ndarray, float] | None = None
+              ) -> tuple[W2Blocks, Callable | None, float | None]:
     """:func:`w2_blocks` without ``h_dd``, and a function returning ``h_dd`` (its ``O(n d^2)``
     Gram matrix is formed only when called; ``None`` without ``hessian``), and with ``value``
     ``sum_k q_k (softplus(tau_k - s_k m_k) - lambda t_k^2)`` (the flips' price not included;
@@ -1919,7 +1988,10 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     ``S_D = sum (q / D) t^2`` and ``S_A = sum A t^2``: about 14 operations per atom (33 for
     the blocks term by term; ``t^2`` and ``E t^2`` rounded as there, so that the value and
     the gradient are the same to the last bit). The two ``O(n d)`` products with ``a`` are
-    one product of a ``2 x _BLOCK`` matrix per block of atoms."""
+    one product of a ``2 x _BLOCK`` matrix per block of atoms. ``scaled = (idx, c)``: the
+    weights are ``q`` with the (sorted) atoms ``idx`` scaled by ``c``, in each block's copy
+    of its weights (a tie's split: no ``n``-vector of weights, a copy of ``q`` per
+    evaluation before; the same numbers)."""
     dn = float(np.linalg.norm(delta))
     u = delta / dn
     n = q.size
@@ -1929,9 +2001,14 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
     inv_b, k, b2 = 1.0 / b, 2.0 * lam / b**2, b * b
     # in blocks of _BLOCK atoms: every per-atom temporary is a block (the memory target of
     # issue 9: the whole-array form kept eight n-vectors alive at once), in cache
-    for lo, fb in _block_flips(flip):  # fb: the block's flipped atoms
+    cuts = None if scaled is None else np.searchsorted(
+        scaled[0], np.arange(0, n + _BLOCK, _BLOCK))
+    for j, (lo, fb) in enumerate(_block_flips(flip)):  # fb: the block's flipped atoms
         sl = slice(lo, lo + _BLOCK)
         qb, tb = q[sl], tau[sl]
+        if cuts is not None and cuts[j] < cuts[j + 1]:
+            qb = qb.copy()
+            qb[scaled[0][cuts[j]:cuts[j + 1]] - lo] *= scaled[1]
         if value:
             z = tb - m[sl]
             if fb.size:  # tau - s m = tau + m there
@@ -1978,6 +2055,23 @@ def _w2_terms(a, q, m, tau, flip, b, lam, beta, delta, hessian: bool = True,
                 + g_tsg * (beta / dn) * (np.eye(delta.size) - np.outer(u, u)))
 
     return blk, h_dd, total
+
+
+def _scaled(w: np.ndarray, scaled: tuple[np.ndarray, float] | None,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """The weights ``w`` with the (sorted) atoms ``scaled[0]`` scaled by ``scaled[1]`` (a
+    tie's split, :func:`_w2_terms`' ``scaled``): at the sorted atoms ``rows`` (a gather),
+    else every atom (a copy; ``w`` itself without ``scaled``)."""
+    if rows is None:
+        if scaled is None:
+            return w
+        out = w.copy()
+        out[scaled[0]] *= scaled[1]
+        return out
+    out = w[rows]
+    if scaled is not None:
+        out[np.isin(rows, scaled[0], assume_unique=True)] *= scaled[1]
+    return out
 
 
 def _rows_at(rows: np.ndarray, a: Atoms | np.ndarray, sl: slice) -> np.ndarray:
@@ -2167,11 +2261,11 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     lo_tau, lo_flip, _ = lo_at(sp)
     u = delta / dn
     # the split's weights by their indices (a few atoms): w (1 - share) for hi is w with the
-    # split atoms scaled, and lo's weights w share are nonzero on the split atoms alone
-    q_hi, q_lo = w, w[sp] * theta
-    if tied:
-        q_hi = w.copy()
-        q_hi[sp] *= 1.0 - theta
+    # split atoms scaled (``scaled``; the n-vector only for the worst case's readers), and
+    # lo's weights w share are nonzero on the split atoms alone
+    q_lo = w[sp] * theta
+    scaled = (sp, 1.0 - theta) if tied else None
+    q_hi = functools.cache(lambda: _scaled(w, scaled))
     blk = None
     if again and not hess and state.grad is not None:  # the terms of the first evaluation
         value, grad, slope, primal = state.value, state.grad, state.slope, state.primal
@@ -2179,9 +2273,9 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
         # the gradient, d lambda* / d delta and (when called) the Hessian on hi's branches,
         # and in the same blocks the value E_P V of hi's moves (at a tie the split atoms'
         # share of it separately: V is the same on both moves there)
-        blk, h_dd, total = _w2_terms(at, q_hi, m, hi.tau, hi.flip, b, hi.lam, beta,
-                                     delta, hess, value=True)
-        price = kappa * float(q_hi[hi.flips].sum()) if hi.flips.size else 0.0
+        blk, h_dd, total = _w2_terms(at, w, m, hi.tau, hi.flip, b, hi.lam, beta,
+                                     delta, hess, value=True, scaled=scaled)
+        price = kappa * float(_scaled(w, scaled, hi.flips).sum()) if hi.flips.size else 0.0
         value = hi.lam * (rho**2 - price) + total
         # E_{Q*} l = sum_k q_k softplus(tau_k - s_k m_k) over the worst case's moves: hi's from
         # the same sums (V less the moves' cost), at a tie the split atoms' lo moves apart
@@ -2204,7 +2298,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     new_state = W2State(hi.lam, delta, pair, slope, value=value, grad=grad,
                         primal=primal, damped=damped)
     # E cost: hi's from the blocks' E t^2 (no n-vector of costs) where they were summed
-    cost = (-blk.g_l + price if blk is not None else hi.expected_cost(q_hi)) + (
+    cost = (-blk.g_l + price if blk is not None else hi.expected_cost(q_hi())) + (
         float(q_lo @ lo_at(sp)[2]) if tied else 0.0)
     h = None
     if hess:
@@ -2215,7 +2309,7 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state: W2State | None) -
     # until read: its pieces, their concatenation, the labels and the n x d moved features,
     # which the certificate never reads), so that the front end needs no second evaluation at
     # the answer (a product with the features and the reuse of this one's terms)
-    pieces = functools.cache(functools.partial(_pieces, q_hi, hi.tau, hi.flip,
+    pieces = functools.cache(lambda: _pieces(q_hi(), hi.tau, hi.flip,
                                                (q_lo, sp, lo_tau, lo_flip) if tied else None))
     mix = functools.cache(lambda: _joined(pieces()))
     wc = WorstCase(lambda: mix().q, lambda: _moved_features(at, mix(), b, u),
@@ -2534,10 +2628,10 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
                 sg = _sigmoid(neg)
                 c = q * sg
                 g_u += float(c @ t)
-                curv = c * (1.0 - sg)
                 coef = np.empty((both.shape[0], q.size))
                 np.multiply(c, sf, out=coef[0])
                 if full:
+                    curv = c * (1.0 - sg)  # the subset's alone without ``full``
                     tt += float(curv @ t**2)
                     np.multiply(curv * t, sf, out=coef[1])
                     curv_c[first:top] += curv if run else np.bincount(
@@ -2549,7 +2643,7 @@ def _moved_logistic_gap(at: Atoms, delta, u, upper: float, parts,
                     sub = slice((-lo) % step, None, step)  # every step-th atom of the part
                     rows = (sf[sub, None] * x_src[sub]
                             - (beta * t[sub])[:, None] * u[None, :])
-                    subs.append(rows * np.sqrt(curv[sub])[:, None])
+                    subs.append(rows * np.sqrt(c[sub] * (1.0 - sg[sub]))[:, None])
         grad = -both[0] + beta * g_u * u
         return value, grad, radius, subs, (tt, both[1], curv_c) if full else None
 
