@@ -526,8 +526,10 @@ def test_atoms_products_reuse_no_vector_still_in_use():
 @pytest.mark.parametrize("built", [False, True])
 @pytest.mark.parametrize("d", [3, 20])
 def test_weighted_hess_forms_row_sums_in_its_pass(d, built):
-    """``weighted_hess(at, c, vectors)`` returns the Hessian alone would, and ``v @ a`` for
-    each vector, to rounding (atoms with and without their matrix built)."""
+    """``weighted_hess(at, c, vectors)`` returns the Hessian alone would and ``v @ a`` for
+    each vector, to rounding (atoms with and without their matrix built; below 16 columns
+    the vectors are further rows of each chunk's product, whose summation order BLAS may
+    choose by the rows' count)."""
     from simulator.solvers.core import Atoms, weighted_hess
 
     rng = np.random.default_rng(d)
@@ -538,7 +540,7 @@ def test_weighted_hess_forms_row_sums_in_its_pass(d, built):
         at.a  # noqa: B018 - builds the matrix
     c, u, v = rng.random(n), rng.normal(size=n), rng.normal(size=n)
     h, (su, sv) = weighted_hess(at, c, (u, v))
-    np.testing.assert_array_equal(h, weighted_hess(at, c))
+    np.testing.assert_allclose(h, weighted_hess(at, c), rtol=1e-14, atol=1e-14 * np.abs(h).max())
     np.testing.assert_allclose(su, u @ at.a, rtol=1e-12, atol=1e-12 * np.abs(u @ at.a).max())
     np.testing.assert_allclose(sv, v @ at.a, rtol=1e-12, atol=1e-12 * np.abs(v @ at.a).max())
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..losses import dpo_loss
 from .core import (
+    GRADIENT,
     Atoms,
     Reweighting,
     RowSum,
@@ -30,6 +32,7 @@ from .core import (
     Workspace,
     concave_max,
     logistic_gap,
+    loss_sigmoid,
     min_norm_mean,
     top_atoms,
     weighted_hess,
@@ -226,14 +229,20 @@ def _sorted_minimiser(w: np.ndarray, z: np.ndarray, c2: float) -> float:
 
 
 def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
-    """``F``, ``eta*`` and ``Q*`` from the losses ``l`` (the module docstring)."""
+    """``F``, ``eta*`` and ``Q*`` from the losses ``l`` (``softplus(-m)`` when ``None``; the
+    module docstring). Every vector that outlives the evaluation (``l``, ``Q*``,
+    ``sigmoid(-m)`` and the Hessian's curvatures) is recycled from the shared workspace
+    (:meth:`.core.Workspace.fresh`: a new 8 MB vector costs its page faults, about 1.7 ms
+    at n = 1e6), the Hessian's other weights are its scratch."""
     rho = amb.rho
+    work = state.work if state is not None and state.work is not None else Workspace()
+    if l is None:
+        l = dpo_loss(m, out=work.fresh("l", m.size))
     if rho == 0.0:
-        return nominal_reweighting(at, l, dual=-math.inf)
+        return nominal_reweighting(at, l, dual=-math.inf)._replace(losses=l)
     w = at.w
     c2 = 1.0 + rho
     c = math.sqrt(c2)
-    work = state.work if state is not None and state.work is not None else Workspace()
     n = l.size
     w0 = work.equal_weight(w)
     wt = w if w0 is None else w0
@@ -255,39 +264,44 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return Reweighting(q, lmax, lmax, state=Chi2State(lmax, work))
+        return Reweighting(q, lmax, lmax, state=Chi2State(lmax, work), losses=l)
     nrm = math.sqrt(sq)
-    q = np.multiply(r, w0 / er) if w0 is not None else np.multiply(q, 1.0 / er, out=q)
+    q = (np.multiply(r, w0 / er, out=work.fresh("q", n)) if w0 is not None
+         else np.multiply(q, 1.0 / er, out=q))
     value = lmax + eta + c * nrm
 
-    def parts(sg, grad):
+    def parts(sg):
         # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2), with
         # the per-atom loss gradients g_i = -sg_i a_i: E_{c w r / nrm} hess l + h_dd -
         # h_de h_de^T / h_ee, h_dd = c (E_P act g g^T / nrm - erg erg^T / nrm^3); from q =
-        # w r / er alone (r was scratch): w r = er q, E_P r g = er grad, act = {q > 0}
-        wsg = np.where(q > 0, w, 0.0)  # w act
-        mass = float(wsg.sum())  # P(act)
-        wsg *= sg
-        curv = np.subtract(1.0, sg)
+        # w r / er alone (r was scratch): w r = er q, E_P r g = er grad, act = {q > 0}. So
+        # curv = (c / nrm) sg (er q (1 - sg) + w act sg), and h_de = c (E_P act sg a / nrm +
+        # er erg / nrm^3) = (c / nrm) (w act sg) @ a + (c er^2 / nrm^3) grad (grad = -(q sg)
+        # @ a): the RowSum of w act sg (formed in the Gram's pass) moved along grad, no
+        # vector of its own; equal weights w0 are folded into the scalars
+        act = np.greater(q, 0.0, out=work.get("pact", n, bool))
+        if w0 is None:
+            p = np.multiply(w, act, out=work.get("wsg", n))
+            mass = float(p.sum())  # P(act)
+            p *= sg
+        else:
+            p = np.multiply(sg, act, out=work.get("wsg", n))
+            mass = w0 * int(np.count_nonzero(act))
+        wk = 1.0 if w0 is None else w0
+        curv = np.subtract(1.0, sg, out=work.fresh("curv", n))
         curv *= q
-        curv *= er
-        curv += wsg
+        curv *= er / wk
+        curv += p
         curv *= sg
-        curv *= c / nrm
-        # h_de = c (E_P act sg a / nrm + er erg / nrm^3) = v @ a with v = c (w act sg / nrm -
-        # er^2 q sg / nrm^3) (grad = -(q sg) @ a): a RowSum, formed in the Gram's pass
-        # instead of a product of its own
-        v = np.multiply(q, sg)
-        v *= -c * er**2 / nrm**3
-        wsg *= c / nrm
-        v += wsg
+        curv *= c * wk / nrm
         h_ee = c * (mass / nrm - er**2 / nrm**3)
-        low = [(-c / nrm**3, er * grad)]
+        low = [(-c * er**2 / nrm**3, GRADIENT)]
         if h_ee > 0:
-            low.append((-1.0 / h_ee, RowSum(v)))
+            low.append((-1.0 / h_ee, RowSum(p, c * wk / nrm, c * er**2 / nrm**3)))
         return curv, low
 
-    return Reweighting(q, value, lmax + eta, parts, Chi2State(lmax + eta, work))
+    return Reweighting(q, value, lmax + eta, parts, Chi2State(lmax + eta, work), losses=l,
+                       sigmoid=loss_sigmoid(l, work.fresh("sigmoid", n)))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -356,7 +370,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="chi2dpo", reweight=_reweight, subsample_model=True,
+    name="chi2dpo", reweight=_reweight, losses=False, subsample_model=True,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

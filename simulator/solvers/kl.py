@@ -21,6 +21,7 @@ import numpy as np
 
 from ..losses import dpo_loss
 from .core import (
+    GRADIENT,
     Atoms,
     Reweighting,
     RowSum,
@@ -355,7 +356,7 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
 
     mean = lmax + tilt.ez  # E_Q l, from the last tilt's sums
 
-    def parts(sg, grad):
+    def parts(sg):
         # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q l] with g_i = -sg_i a_i: Cov_Q(g) =
         # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (l - E_Q l) sg a; from l
         # and q alone, in one pass of cache-sized blocks (z and the tilt's block scratch are
@@ -377,7 +378,7 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
             var.append(float(kb @ d_))
             kb *= sb
         var = math.fsum(var)
-        low = [(-s, grad)]
+        low = [(-s, GRADIENT)]
         if var > 0:
             low.append((-s / var, RowSum(qd)))  # u u^T, u = qd @ a, in the Gram's pass
         return curv, low
