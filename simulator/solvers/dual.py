@@ -428,7 +428,8 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
         out = (quasi_newton(objective, d, tol, max_iter, label, st, start, at, reweight)
-               if quasi else newton(objective, d, tol, max_iter, label, st, start, model=model))
+               if quasi else newton(objective, d, tol, max_iter, label, st, start, model=model,
+                                    fused=None if model is None else _objective(at, amb, True)))
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)
