@@ -4,6 +4,7 @@ closed form, on few atoms, duplicates, ties, zero weights, the max-loss regime a
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -88,12 +89,14 @@ CASES = [(seed, n, kind, zw) for seed, (n, kind, zw) in enumerate(
 def test_search_brackets_the_exact_root_from_any_start(seed, n, kind, zero_weights):
     """The derivative changes sign (exactly, in rationals) within rounding of the returned
     ``eta``, from a cold start and from warm starts far left (``eta* - 100``: no digits may
-    be lost to the distance), near and right of ``eta*``."""
+    be lost to the distance), near and right of ``eta*``, with and without the hint that
+    every atom was active at the last ``eta*`` (``full``: right or wrong here)."""
     w, z, c2 = _problem(seed, n, kind, zero_weights)
     ref = chi2._minimiser(w, z, c2, None)
-    for eta0 in (None, ref - 100.0, 10.0 * ref - 5.0, ref * (1 + 1e-3), ref, ref * 0.5, -1e-9,
-                 0.0, 3.0):
-        eta = chi2._minimiser(w, z, c2, eta0)
+    for eta0, full in itertools.product(
+            (None, ref - 100.0, 10.0 * ref - 5.0, ref * (1 + 1e-3), ref, ref * 0.5, -1e-9,
+             0.0, 3.0), (False, True)):
+        eta = chi2._minimiser(w, z, c2, eta0, full=full)
         tol = ETA_TOL * (1.0 + abs(eta)) / min(1.0, c2 - 1.0)
         assert _slope_sign(w, z, c2, eta - tol) <= 0 <= _slope_sign(w, z, c2, eta + tol), eta0
         scale = abs(eta) + math.sqrt(c2) * math.sqrt(float(w @ np.maximum(z - eta, 0) ** 2))

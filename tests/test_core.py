@@ -526,8 +526,10 @@ def test_atoms_products_reuse_no_vector_still_in_use():
 @pytest.mark.parametrize("built", [False, True])
 @pytest.mark.parametrize("d", [3, 20])
 def test_weighted_hess_forms_row_sums_in_its_pass(d, built):
-    """``weighted_hess(at, c, vectors)`` returns the Hessian alone would, and ``v @ a`` for
-    each vector, to rounding (atoms with and without their matrix built)."""
+    """``weighted_hess(at, c, vectors)`` returns the Hessian alone would and ``v @ a`` for
+    each vector, to rounding (atoms with and without their matrix built; below 16 columns
+    the vectors are further rows of each chunk's product, whose summation order BLAS may
+    choose by the rows' count)."""
     from simulator.solvers.core import Atoms, weighted_hess
 
     rng = np.random.default_rng(d)
@@ -538,7 +540,7 @@ def test_weighted_hess_forms_row_sums_in_its_pass(d, built):
         at.a  # noqa: B018 - builds the matrix
     c, u, v = rng.random(n), rng.normal(size=n), rng.normal(size=n)
     h, (su, sv) = weighted_hess(at, c, (u, v))
-    np.testing.assert_array_equal(h, weighted_hess(at, c))
+    np.testing.assert_allclose(h, weighted_hess(at, c), rtol=1e-14, atol=1e-14 * np.abs(h).max())
     np.testing.assert_allclose(su, u @ at.a, rtol=1e-12, atol=1e-12 * np.abs(u @ at.a).max())
     np.testing.assert_allclose(sv, v @ at.a, rtol=1e-12, atol=1e-12 * np.abs(v @ at.a).max())
 
@@ -630,3 +632,40 @@ def test_lbfgs_memory_gives_the_two_loop_direction(d, size):
         mem.add(s, y, float(s @ y))
         pairs = (pairs + [(s, y, float(s @ y))])[-size:]
         assert len(mem) == len(pairs)
+
+
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.1), sim.ChiSquare(5.0)])
+def test_fused_evaluation_has_the_gradient_and_hessian_of_the_lazy_one(amb):
+    """``hess=FUSED`` (the Hessian at once, the gradient's product in its pass) gives the
+    gradient, Hessian and Hessian-vector product of ``hess=True`` to rounding, on equal and
+    unequal weights (with chi-square's active set all atoms and part of them)."""
+    from simulator.solvers.core import FUSED, Atoms
+    from simulator.solvers.inner import evaluate_inner
+
+    rng = np.random.default_rng(3)
+    n, d = 5000, 5
+    for weights in (None, (u := rng.random(n)) / u.sum()):
+        data = sim.PreferenceData(rng.normal(size=(n, d)), (rng.random(n) < 0.5).astype(float),
+                                  weights)
+        at = Atoms.from_data(data, 1.0, normalise=True)
+        delta = rng.normal(size=d)
+        lazy = evaluate_inner(at, delta, amb, hess=True, worst=False)
+        fused = evaluate_inner(at, delta, amb, hess=FUSED, worst=False)
+        np.testing.assert_allclose(fused.grad, lazy.grad, rtol=1e-13,
+                                   atol=1e-14 * np.abs(lazy.grad).max())
+        h = lazy.hess()
+        np.testing.assert_allclose(fused.hess(), h, rtol=1e-13, atol=1e-14 * np.abs(h).max())
+        v = rng.normal(size=d)
+        np.testing.assert_allclose(fused.hvp(v), lazy.hvp(v), rtol=1e-12,
+                                   atol=1e-13 * np.abs(h @ v).max())
+
+
+def test_fresh_hessians_are_guessed_only_where_every_rate_takes_one():
+    """:func:`core._takes_fresh`: a gradient of a few 1e-3 (the subsample start's) leaves
+    one to take for every quadratic rate; one whose step converges, or where the chord
+    rule may keep the Hessian, is not guessed."""
+    from simulator.solvers.core import _takes_fresh
+
+    assert _takes_fresh(2e-3, 1e-10)
+    assert not _takes_fresh(1e-5, 1e-10)  # K gn^2 <= 1e-9: the chord step ends the run
+    assert not _takes_fresh(1e-7, 1e-10)  # converged after the step

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..losses import dpo_loss
 from .core import (
+    GRADIENT,
     Atoms,
     Reweighting,
     RowSum,
@@ -30,6 +32,7 @@ from .core import (
     Workspace,
     concave_max,
     logistic_gap,
+    loss_sigmoid,
     min_norm_mean,
     top_atoms,
     weighted_hess,
@@ -61,16 +64,18 @@ _SHIFT_ROOTS = 2.0
 
 @dataclass(frozen=True)
 class Chi2State:
-    """Warm start of the search for ``eta*``: the last ``eta*`` (in units of the loss), and
-    the :class:`.core.Workspace` shared along one minimisation."""
+    """Warm start of the search for ``eta*``: the last ``eta*`` (in units of the loss),
+    whether every atom was active there (``full``), and the :class:`.core.Workspace` shared
+    along one minimisation."""
 
     eta: float | None = None
     work: Workspace | None = field(default=None, compare=False, repr=False)
+    full: bool = False
 
     def transfer(self) -> Chi2State:
-        """The state to start another problem (a subsample's solution) with: ``eta*`` (the
-        workspace is the subsample's)."""
-        return Chi2State(self.eta)
+        """The state to start another problem (a subsample's solution) with: ``eta*`` and
+        ``full`` (the workspace is the subsample's)."""
+        return Chi2State(self.eta, full=self.full)
 
 
 def _mass(w: np.ndarray | float, v: np.ndarray, buf: np.ndarray) -> float:
@@ -136,11 +141,15 @@ def _active_sums(w: np.ndarray | float, z: np.ndarray, eta: float, r: np.ndarray
 
 
 def _minimiser(w: np.ndarray | float, z: np.ndarray, c2: float, eta0: float | None,
-               work: Workspace | None = None) -> float:
+               work: Workspace | None = None, full: bool = False) -> float:
     """``eta* = argmin_eta eta + c sqrt(E_P (z - eta)_+^2)``, ``c^2 = c2 = 1 + rho``, for
     ``z <= 0`` with ``max z = 0`` on the positive weights and ``c2 P(z = 0) < 1`` (so
     ``eta* < 0``), from ``eta0`` (``None``: cold); ``w`` as in :func:`_mass`, ``work`` the
-    workspace of the scratch vectors (a fresh one if ``None``).
+    workspace of the scratch vectors (a fresh one if ``None``). With ``full`` (every atom
+    was active at the last ``eta*``) the all-active closed form is tried first, as from a
+    cold start: where every atom is still active it is ``eta*`` in six vectorised
+    operations (the warm search's iteration and recomputation take eleven); else the warm
+    search runs from ``eta0``.
 
     With ``S1 = E (z - eta)_+``, ``S2 = E (z - eta)_+^2``, the derivative ``1 - c S1 /
     sqrt(S2)`` is increasing (``F`` is convex) and ``<= 0`` iff ``psi = c2 S1^2 - S2 >= 0``.
@@ -166,11 +175,11 @@ def _minimiser(w: np.ndarray | float, z: np.ndarray, c2: float, eta0: float | No
     total = 1.0 if isinstance(w, float) else float(w.sum())  # the mass of every atom
     lo, hi = -math.inf, 0.0  # derivative <= 0 at lo, > 0 at hi
     cold = eta0 is None or not -math.inf < eta0 < 0.0
-    if cold:
+    if cold or full:
         eta = _closed_form(w, z, c2, total, r)
         if _count_above(z, eta, above) == n:  # every atom active: eta*
             return eta
-    else:
+    if not cold:
         eta = eta0
     for _ in range(_SEARCH_ITERS):
         count, s1, s2, a0 = _active_sums(w, z, eta, r, wr, act)
@@ -226,14 +235,20 @@ def _sorted_minimiser(w: np.ndarray, z: np.ndarray, c2: float) -> float:
 
 
 def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
-    """``F``, ``eta*`` and ``Q*`` from the losses ``l`` (the module docstring)."""
+    """``F``, ``eta*`` and ``Q*`` from the losses ``l`` (``softplus(-m)`` when ``None``; the
+    module docstring). Every vector that outlives the evaluation (``l``, ``Q*``,
+    ``sigmoid(-m)`` and the Hessian's curvatures) is recycled from the shared workspace
+    (:meth:`.core.Workspace.fresh`: a new 8 MB vector costs its page faults, about 1.7 ms
+    at n = 1e6), the Hessian's other weights are its scratch."""
     rho = amb.rho
+    work = state.work if state is not None and state.work is not None else Workspace()
+    if l is None:
+        l = dpo_loss(m, out=work.fresh("l", m.size))
     if rho == 0.0:
-        return nominal_reweighting(at, l, dual=-math.inf)
+        return nominal_reweighting(at, l, dual=-math.inf)._replace(losses=l)
     w = at.w
     c2 = 1.0 + rho
     c = math.sqrt(c2)
-    work = state.work if state is not None and state.work is not None else Workspace()
     n = l.size
     w0 = work.equal_weight(w)
     wt = w if w0 is None else w0
@@ -244,9 +259,11 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
         eta = 0.0
     else:
         eta0 = None if state is None or state.eta is None else state.eta - lmax
-        eta = _minimiser(wt, z, c2, eta0, work)
+        eta = _minimiser(wt, z, c2, eta0, work, full=state is not None and state.full)
     r = np.subtract(z, eta, out=z)  # r = (z - eta)_+ in z's scratch vector
-    np.maximum(r, 0.0, out=r)
+    full = float(r.min()) > 0.0  # every atom active (a reduction, no further vector)
+    if not full:
+        np.maximum(r, 0.0, out=r)
     if w0 is None:
         q = np.multiply(w, r)  # w r, then the worst case q = w r / E_P r
         er, sq = float(q.sum()), float(q @ r)
@@ -255,39 +272,46 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
     if er <= 0.0:  # eta* = max l: the max-loss atoms take all the mass
         q = np.where(top, w, 0.0)
         q = q / q.sum()
-        return Reweighting(q, lmax, lmax, state=Chi2State(lmax, work))
+        return Reweighting(q, lmax, lmax, state=Chi2State(lmax, work), losses=l)
     nrm = math.sqrt(sq)
-    q = np.multiply(r, w0 / er) if w0 is not None else np.multiply(q, 1.0 / er, out=q)
+    q = (np.multiply(r, w0 / er, out=work.fresh("q", n)) if w0 is not None
+         else np.multiply(q, 1.0 / er, out=q))
     value = lmax + eta + c * nrm
 
-    def parts(sg, grad):
+    def parts(sg):
         # Hessian of F = Schur complement of the joint Hessian of eta + c sqrt(E r^2), with
         # the per-atom loss gradients g_i = -sg_i a_i: E_{c w r / nrm} hess l + h_dd -
         # h_de h_de^T / h_ee, h_dd = c (E_P act g g^T / nrm - erg erg^T / nrm^3); from q =
-        # w r / er alone (r was scratch): w r = er q, E_P r g = er grad, act = {q > 0}
-        wsg = np.where(q > 0, w, 0.0)  # w act
-        mass = float(wsg.sum())  # P(act)
-        wsg *= sg
-        curv = np.subtract(1.0, sg)
+        # w r / er alone (r was scratch): w r = er q, E_P r g = er grad, act = {q > 0}. So
+        # curv = (c / nrm) sg (er q (1 - sg) + w act sg), and h_de = c (E_P act sg a / nrm +
+        # er erg / nrm^3) = (c / nrm) (w act sg) @ a + (c er^2 / nrm^3) grad (grad = -(q sg)
+        # @ a): the RowSum of w act sg (formed in the Gram's pass) moved along grad, no
+        # vector of its own; equal weights w0 are folded into the scalars
+        if w0 is None:
+            p = np.multiply(w, sg, out=work.get("wsg", n))
+            act = None if full else np.greater(q, 0.0, out=work.get("pact", n, bool))
+            if not full:
+                p *= act
+            mass = float(w.sum()) if full else float(w @ act)  # P(act)
+        else:  # every atom active: sg itself (read only)
+            act = None if full else np.greater(q, 0.0, out=work.get("pact", n, bool))
+            p = sg if full else np.multiply(sg, act, out=work.get("wsg", n))
+            mass = w0 * (n if full else int(np.count_nonzero(act)))
+        wk = 1.0 if w0 is None else w0
+        curv = np.subtract(1.0, sg, out=work.fresh("curv", n))
         curv *= q
-        curv *= er
-        curv += wsg
+        curv *= er / wk
+        curv += p
         curv *= sg
-        curv *= c / nrm
-        # h_de = c (E_P act sg a / nrm + er erg / nrm^3) = v @ a with v = c (w act sg / nrm -
-        # er^2 q sg / nrm^3) (grad = -(q sg) @ a): a RowSum, formed in the Gram's pass
-        # instead of a product of its own
-        v = np.multiply(q, sg)
-        v *= -c * er**2 / nrm**3
-        wsg *= c / nrm
-        v += wsg
+        curv *= c * wk / nrm
         h_ee = c * (mass / nrm - er**2 / nrm**3)
-        low = [(-c / nrm**3, er * grad)]
+        low = [(-c * er**2 / nrm**3, GRADIENT)]
         if h_ee > 0:
-            low.append((-1.0 / h_ee, RowSum(v)))
+            low.append((-1.0 / h_ee, RowSum(p, c * wk / nrm, c * er**2 / nrm**3)))
         return curv, low
 
-    return Reweighting(q, value, lmax + eta, parts, Chi2State(lmax + eta, work))
+    return Reweighting(q, value, lmax + eta, parts, Chi2State(lmax + eta, work, full), losses=l,
+                       sigmoid=loss_sigmoid(l, work.fresh("sigmoid", n)))
 
 
 def _zero_test(at: Atoms, amb) -> float | None:
@@ -356,7 +380,7 @@ def _descent_at_zero(at: Atoms, amb) -> np.ndarray | None:
 
 
 METHODS = SetMethods(
-    name="chi2dpo", reweight=_reweight, subsample_model=True,
+    name="chi2dpo", reweight=_reweight, losses=False, subsample_model=True,
     zero_test=_zero_test, descent_at_zero=_descent_at_zero,
     coercive=lambda amb: False, smooth=lambda amb: True,
     conic="simulator.solvers.conic: form 'chi2', eta + sqrt(1 + rho) ||sqrt(w) r||_2")

@@ -37,6 +37,7 @@ from .._validation import check_data, check_positive, check_positive_int
 from ..ambiguity import AmbiguitySet
 from ..data import PreferenceData
 from .core import (
+    FUSED,
     Atoms,
     Minimum,
     Stalled,
@@ -288,11 +289,14 @@ def _subsample_start(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int):
         return None
     if not np.any(found.delta):
         return None
-    res = _objective(at, amb)(found.delta, _transfer(found.state))
     last = found.result
+    modelled = corrected and last is not None and last.hess is not None
+    # with the model Newton's first step takes the full Hessian here: formed at once, the
+    # gradient's product in its pass (core.FUSED)
+    res = _objective(at, amb, modelled)(found.delta, _transfer(found.state))
     if last is None or last.hess is None:
         return Minimum(found.delta, 0, res.state, result=res)
-    if corrected:
+    if modelled:
         # the full Hessian at the start, and each step corrected by the subsample's problem
         model = _SubsampleModel(_objective(sub, amb), found.delta, last)
         return Minimum(found.delta, 0, res.state, result=res, model=model)
@@ -365,11 +369,14 @@ def _below_zero(res) -> bool:
     return res.value < math.log(2.0) * (1.0 - _BELOW_ZERO)
 
 
-def _objective(at: Atoms, amb: AmbiguitySet):
+def _objective(at: Atoms, amb: AmbiguitySet, fused: bool = False):
     """``(delta, state) -> InnerResult``: ``F`` with its Hessian, no worst case (what Newton
-    and L-BFGS minimise)."""
+    and L-BFGS minimise); with ``fused``, the Hessian formed at once (``core.FUSED``: for a
+    point whose Hessian is certainly taken)."""
+    hess = FUSED if fused else True
+
     def objective(d, st):
-        return evaluate_inner(at, d, amb, hess=True, worst=False, state=st)
+        return evaluate_inner(at, d, amb, hess=hess, worst=False, state=st)
     return objective
 
 
@@ -421,7 +428,8 @@ def _minimise(at: Atoms, amb: AmbiguitySet, tol: float, max_iter: int,
         # Newton's step test can also stop it *at* the kink delta = 0 (steps of round-off
         # size while the one-sided gradient there stays large): that is a stall too
         out = (quasi_newton(objective, d, tol, max_iter, label, st, start, at, reweight)
-               if quasi else newton(objective, d, tol, max_iter, label, st, start, model=model))
+               if quasi else newton(objective, d, tol, max_iter, label, st, start, model=model,
+                                    fused=None if model is None else _objective(at, amb, True)))
         if float(np.linalg.norm(out.delta)) < _NEAR_ZERO * scale * _EPS_ZERO:
             raise Stalled(f"{label}: Newton stopped at the kink delta = 0", out.delta, out.state)
         return Minimum(out.delta, out.iterations, out.state, result=out.result)

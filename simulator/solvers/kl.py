@@ -21,6 +21,7 @@ import numpy as np
 
 from ..losses import dpo_loss
 from .core import (
+    GRADIENT,
     Atoms,
     Reweighting,
     RowSum,
@@ -54,12 +55,13 @@ _TRUST = 3.0
 _EXPAND = 2.0
 #: Smallest variance of the losses used for the first guess ``sqrt(2 rho / Var_P l)``.
 _TINY = 1e-300
-#: Atoms per block of the passes over the losses (:func:`_losses`, the normalisation with the
-#: sigmoid): the block's margins, losses and scratch, and the last losses and worst case of
-#: the first guess, seven vectors of 128 KB at 16384, stay in the core's own 1 MB cache.
-#: Measured (n = 1e6, one BLAS thread, this shared machine under a load of 1.3 to 2): the
-#: losses with the first guess's sums 6.0-8.1 ms in blocks of 16384, 6.4-7.1 at 32768,
-#: 6.6 at 65536, 8.2-9.2 unblocked, 9.3-9.7 at 4096; the two separate passes 7.6 ms.
+#: Atoms per block of the pass over the losses (:func:`_losses`): the block's margins,
+#: losses and scratch, and the last losses and worst case of the first guess, seven vectors
+#: of 128 KB at 16384, stay in the core's own 1 MB cache. Measured (n = 1e6, one BLAS
+#: thread, this shared machine under a load of 1.3 to 2): the losses with the first guess's
+#: sums 6.0-8.1 ms in blocks of 16384, 6.4-7.1 at 32768, 6.6 at 65536, 8.2-9.2 unblocked,
+#: 9.3-9.7 at 4096; the two separate passes 7.6 ms. (The normalisation of ``Q*`` with the
+#: sigmoid, two vectors, runs unblocked: 1.8-2.0 ms against 2.2-2.4 ms in blocks of 16384.)
 _LOSS_BLOCK = 16384
 #: :func:`_tilt` sums the moments in its first pass about a centre ``c`` unless they would
 #: cancel, ``(E_Q z - c)^2 > Var_Q z / _SHIFT_RATIO`` (their relative rounding is then at
@@ -346,16 +348,14 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
     lam = 1.0 / s
     q = tilt.q
     # q normalised by the tilt's own (block-exact) sum, and sigmoid(-m) = 1 - exp(-l)
-    # (core.loss_sigmoid) in the same blocks
-    sig, inv = warm.fresh("sigmoid", n), 1.0 / tilt.tot
-    for lo in range(0, n, _LOSS_BLOCK):
-        q[lo:lo + _LOSS_BLOCK] *= inv
-        loss_sigmoid(l[lo:lo + _LOSS_BLOCK], sig[lo:lo + _LOSS_BLOCK])
+    # (core.loss_sigmoid)
+    q *= 1.0 / tilt.tot
+    sig = loss_sigmoid(l, warm.fresh("sigmoid", n))
     value = lmax + (rho + tilt.lse) * lam
 
     mean = lmax + tilt.ez  # E_Q l, from the last tilt's sums
 
-    def parts(sg, grad):
+    def parts(sg):
         # E_Q hess l + s [Cov_Q(g) - c c^T / Var_Q l] with g_i = -sg_i a_i: Cov_Q(g) =
         # sum_i q_i sg_i^2 a_i a_i^T - grad grad^T and c = -E_Q (l - E_Q l) sg a; from l
         # and q alone, in one pass of cache-sized blocks (z and the tilt's block scratch are
@@ -377,7 +377,7 @@ def _reweight(at: Atoms, m, l, amb, state) -> Reweighting:
             var.append(float(kb @ d_))
             kb *= sb
         var = math.fsum(var)
-        low = [(-s, grad)]
+        low = [(-s, GRADIENT)]
         if var > 0:
             low.append((-s / var, RowSum(qd)))  # u u^T, u = qd @ a, in the Gram's pass
         return curv, low
