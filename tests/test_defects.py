@@ -304,6 +304,29 @@ def test_w1_finite_kappa_theta_ref_certified_above_the_collapse_radius(collapse_
             assert (got == 0.0) == certified, (trial, frac, r0, kappa)
 
 
+def test_w1_finite_kappa_threshold_atom_at_rounding_is_split_within_the_budget():
+    """One atom (three copies, merged), Wasserstein p = 1 with ``rho ~ kappa / 2``: at the
+    optimum the atom's margin sits at the flip threshold ``b kappa`` to rounding, where the
+    cut (``m > b kappa``) and the kink test (``m / kappa > b``) disagreed: the threshold atom
+    was flipped in full, a worst case of transport cost ``kappa = 2 rho`` (over the budget)
+    and ``E_Q* l`` 2e-3 off the value, with status ``optimal`` (tests/test_properties.py
+    seed 331 of 600). The worst case must split the atom: cost ``rho``, ``E_Q* l`` equal to
+    the value, in both the merged and the unmerged solve."""
+    x = np.repeat([[0.8939179414260494, 0.025782042572284374]], 3, axis=0)
+    data = sim.PreferenceData(x, np.zeros(3), [0.36206144312274025, 0.44723429002405446,
+                                               0.19070426685320516])
+    amb = sim.Wasserstein(0.10186358299586076, p=1, kappa=0.2041231517487304)
+    for merge in (True, False):
+        sol = sim.solve(data, amb, beta=0.9994180449719852, merge=merge)
+        wc = sol.worst_case
+        assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-12
+        assert wc.transport_cost <= amb.rho * (1 + 1e-12), (merge, wc.transport_cost)
+        assert sol.gap <= 1e-12, (merge, sol.gap)
+        primal = float(wc.weights @ sim.softplus(-(2 * wc.y - 1) * 0.9994180449719852
+                                                 * (wc.x @ sol.theta)))
+        assert primal == pytest.approx(sol.value, rel=1e-12, abs=1e-12)
+
+
 def test_chi2_zero_test_on_a_large_unmerged_sample_of_a_finite_world(monkeypatch):
     """A million pairs of a 500-state world (30,000 distinct atoms), every atom kept: the
     chi-square test whether ``theta_ref`` is optimal maximises a concave function whose

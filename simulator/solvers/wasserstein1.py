@@ -1176,7 +1176,9 @@ def _flips(at: Atoms, delta: np.ndarray, m: np.ndarray, l: np.ndarray, amb, dn: 
     k = above.k
     v_q = max(0.0, float(m[k])) if k >= 0 else 0.0
     lam = max(b, v_q / kappa)
-    kink = v_q / kappa > b
+    # the same product as the cut: a threshold atom (m_k > b kappa) is always a kink (its
+    # quotient m_k / kappa may round to b, which left it fully flipped, over the budget)
+    kink = v_q > b * kappa
     thr = v_q if kink else lam * kappa  # >= b kappa
     # the atoms that carry a flip: above the threshold, and those tied at it at a kink;
     # all of them lie in above.sel (m_k above its lower end; all above b kappa if k = -1)
