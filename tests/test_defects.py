@@ -327,6 +327,25 @@ def test_w1_finite_kappa_threshold_atom_at_rounding_is_split_within_the_budget()
         assert primal == pytest.approx(sol.value, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("x, y, w, rho, kappa, beta", [
+    ([[-0.008805821298517725, -0.012993257288596113],
+      [-0.004016954234156889, -0.00658509799062046]], [1.0, 1.0],
+     [0.808513320939479, 0.19148667906052114], 0.011209896994085939, 0.011327310867548988,
+     0.691605282706536),
+    ([[-0.03167853639776824, 0.0013975664561392145]], [0.0], [1.0], 0.010359100479924645,
+     0.046544556962230955, 6.877836906017718)])
+def test_w2_finite_kappa_search_where_no_atom_moves(x, y, w, rho, kappa, beta):
+    """Wasserstein p = 2 with finite kappa on one or two tiny atoms: the restart's grid
+    probed a lambda at which no atom moves (E cost = 0), and the unbracketed secant took
+    ``log(E cost)``: ``ValueError: math domain error`` instead of an answer (2 of 1500
+    random p = 2 problems of 1 to 5 atoms). Now certified, the worst case on the budget."""
+    amb = sim.Wasserstein(rho, p=2, kappa=kappa)
+    sol = sim.solve(sim.PreferenceData(np.array(x), np.array(y), w), amb, beta=beta)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-12
+    assert sol.gap <= 1e-12
+    assert sol.worst_case.transport_cost == pytest.approx(rho**2, rel=1e-12)
+
+
 def test_chi2_zero_test_on_a_large_unmerged_sample_of_a_finite_world(monkeypatch):
     """A million pairs of a 500-state world (30,000 distinct atoms), every atom kept: the
     chi-square test whether ``theta_ref`` is optimal maximises a concave function whose

@@ -1852,7 +1852,10 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
         else:
             # log E cost against log lambda is nearly linear (E t*^2 ~ lambda^-2 for small
             # moves): a Newton step, then secant steps, until the root is bracketed.
-            cost = math.log(gv + r2)
+            # E cost = 0 (no atom moves at this lambda, or rounding below 0): floored as in
+            # the bracketed secant above, so that the step below shrinks lambda
+            spent = max(gv + r2, _TINY)
+            cost = math.log(spent)
             joint = None if prev is not None else _joint_newton(m, w, b, r2, kappa, lam, mv,
                                                                   roots)
             if joint is not None and abs(math.log(joint[0]) - u) <= _TRUST:
@@ -1861,7 +1864,7 @@ def solve_lambda(m: np.ndarray, w: np.ndarray, b: float, rho: float, kappa: floa
                 lam, roots = joint
                 continue
             if prev is None:
-                slope = float(w @ _dcost_dlam(m, mv, b)) * lam / (gv + r2)
+                slope = float(w @ _dcost_dlam(m, mv, b)) * lam / spent
             else:
                 slope = (cost - prev.cost) / (u - prev.u) if u != prev.u else math.nan
             prev = _Secant(u, cost)
