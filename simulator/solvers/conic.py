@@ -45,13 +45,13 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import linprog
 from scipy.special import logsumexp
 
 from .._validation import check_positive, check_theta
 from ..ambiguity import KL, AmbiguitySet, ChiSquare, Nominal, Wasserstein
 from ..data import PreferenceData
 from ..losses import dpo_grad_theta, dpo_loss, margins
+from .core import separating_direction
 from .result import Solution, WorstCase
 
 __all__ = ["solve_cvxpy", "ConicSolveError", "DEFAULT_SOLVERS"]
@@ -99,11 +99,6 @@ _MOSEK_KEYS = ("MSK_DPAR_OPTIMIZER_MAX_TIME", "MSK_IPAR_INTPNT_MAX_ITERATIONS")
 #: having run out of time (the solver's clock starts after cvxpy's compilation).
 _TIME_USED = 0.95
 
-#: Separability LP: rows of ``A`` are normalised (after equilibrating its columns), so
-#: margins ``a_i . e / ||a_i||`` are O(1) whatever the feature scale; a separating
-#: direction must reach this normalised margin, ten times HiGHS's feasibility
-#: tolerance (1e-7), below which a "direction" is constraint violation, not separation.
-_SEPARATION_TOL = 1e-6
 
 #: Mass moved to infinity by the Wasserstein ``p = 1`` certificate is chosen so
 #: that the unattained part of the supremum costs at most this (absolute) value.
@@ -290,46 +285,6 @@ def _attempt(form, amb, A, w, beta, chain, rescales, verbose, time_limit, max_it
             entry["budget"] = _budget_ran_out(name, opts, entry["time_s"],
                                               stats.num_iters if stats is not None else None)
     raise ConicSolveError(log, note)
-
-
-def _separating_direction(A: np.ndarray, w: np.ndarray, q: np.ndarray | None = None
-                          ) -> np.ndarray | None:
-    """A direction along which the losses without a norm term decrease forever, or ``None``.
-
-    ``q is None`` (strict separation): ``max t`` s.t. ``a_i . e >= t ||a_i||`` on every
-    atom of positive weight, ``|e|_inf <= 1``; a positive ``t`` lowers every loss
-    along ``theta_ref + t e``, hence every robust objective (a supremum over a compact
-    set of distributions), which then has no minimiser. Otherwise (weak separation
-    charged by ``q``): ``max sum_i q_i a_i . e / ||a_i||`` s.t. ``a_i . e >= 0``.
-    The columns of ``A`` are equilibrated and its rows normalised first, so the
-    answer does not depend on the scale of the features or of beta. Atoms with
-    ``a_i = 0`` have a constant loss and are left out. Returns the unit direction in
-    the original coordinates.
-    """
-    col = np.sqrt(w @ A**2)
-    col = np.where(col > 0, col, 1.0)
-    rows = A[w > 0] / col
-    norms = np.linalg.norm(rows, axis=1)
-    live = norms > 0
-    if not live.any():
-        return None
-    rows = rows[live] / norms[live, None]
-    k, d = rows.shape
-    if q is None:
-        c = np.zeros(d + 1)
-        c[-1] = -1.0
-        res = linprog(c, A_ub=np.hstack([-rows, np.ones((k, 1))]), b_ub=np.zeros(k),
-                      bounds=[(-1.0, 1.0)] * d + [(None, 1.0)], method="highs")
-        found, e = res.status == 0 and -res.fun > _SEPARATION_TOL, res.x[:d]
-    else:
-        qk = q[w > 0][live]
-        res = linprog(-(qk @ rows), A_ub=-rows, b_ub=np.zeros(k), bounds=(-1.0, 1.0),
-                      method="highs")
-        found, e = res.status == 0 and -res.fun > _SEPARATION_TOL * qk.sum(), res.x
-    if not found:
-        return None
-    e = e / col
-    return e / np.linalg.norm(e)
 
 
 def _separable_error(e: np.ndarray, delta: np.ndarray | None = None) -> ValueError:
@@ -526,9 +481,9 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
     # chi-square a weak one matters only if the worst case charges it (checked after).
     weak = None
     if form in ("nominal", "kl", "chi2") or rho == 0.0:
-        weak = _separating_direction(A, w, w)
+        weak = separating_direction(A, w, w)
         if weak is not None:
-            strict = weak if dpo_like else _separating_direction(A, w)
+            strict = weak if dpo_like else separating_direction(A, w)
             if strict is not None:
                 raise _separable_error(strict)
     note = "" if weak is None else (
@@ -563,7 +518,7 @@ def solve_cvxpy(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0
             wc, extra = certificate(data, loss, dual, s_dual)
         grad = wc.weights @ dpo_grad_theta(m, data.x, data.y, beta)
     if weak is not None:  # KL / chi-square, weakly separable: does Q* charge the direction?
-        e = _separating_direction(A, w, wc.weights)
+        e = separating_direction(A, w, wc.weights)
         if e is not None:
             raise _separable_error(e, delta)
     primal = float(wc.weights @ dpo_loss(margins(theta, wc.x, wc.y, beta, theta_ref)))

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.linalg.lapack import dpotrf, dpotrs
-from scipy.optimize import minimize
+from scipy.optimize import linprog, minimize
 from scipy.special import expit
 
 from ..data import PreferenceData
@@ -30,7 +30,7 @@ from .result import WorstCase
 
 __all__ = ["Atoms", "InnerResult", "atom_radius", "Minimum", "NewtonRun", "SetMethods",
            "Reweighting", "RowSum", "Stalled", "Workspace", "ConcaveMax", "cg_solve", "concave_max",
-           "min_norm_mean",
+           "min_norm_mean", "separating_direction",
            "curvature_bound", "logistic_gap", "logistic_hvp", "loss_sigmoid",
            "newton", "primal_value", "quasi_newton", "psd_solve", "reweighted",
            "reweighting_evaluate", "reweighting_result", "top_atoms", "unmerge", "weighted_hess",
@@ -1663,6 +1663,53 @@ def min_norm_mean(family: Callable, d: int, rho: float) -> np.ndarray | None:
 
 
 # --- the interface of a set module --------------------------------------------------------
+
+
+#: Separability LP: rows of ``A`` are normalised (after equilibrating its columns), so
+#: margins ``a_i . e / ||a_i||`` are O(1) whatever the feature scale; a separating
+#: direction must reach this normalised margin, ten times HiGHS's feasibility
+#: tolerance (1e-7), below which a "direction" is constraint violation, not separation.
+_SEPARATION_TOL = 1e-6
+
+
+def separating_direction(A: np.ndarray, w: np.ndarray, q: np.ndarray | None = None
+                         ) -> np.ndarray | None:
+    """A direction along which the losses without a norm term decrease forever, or ``None``.
+
+    ``q is None`` (strict separation): ``max t`` s.t. ``a_i . e >= t ||a_i||`` on every
+    atom of positive weight, ``|e|_inf <= 1``; a positive ``t`` lowers every loss
+    along ``theta_ref + t e``, hence every robust objective (a supremum over a compact
+    set of distributions), which then has no minimiser. Otherwise (weak separation
+    charged by ``q``): ``max sum_i q_i a_i . e / ||a_i||`` s.t. ``a_i . e >= 0``.
+    The columns of ``A`` are equilibrated and its rows normalised first, so the
+    answer does not depend on the scale of the features or of beta. Atoms with
+    ``a_i = 0`` have a constant loss and are left out. Returns the unit direction in
+    the original coordinates.
+    """
+    col = np.sqrt(w @ A**2)
+    col = np.where(col > 0, col, 1.0)
+    rows = A[w > 0] / col
+    norms = np.linalg.norm(rows, axis=1)
+    live = norms > 0
+    if not live.any():
+        return None
+    rows = rows[live] / norms[live, None]
+    k, d = rows.shape
+    if q is None:
+        c = np.zeros(d + 1)
+        c[-1] = -1.0
+        res = linprog(c, A_ub=np.hstack([-rows, np.ones((k, 1))]), b_ub=np.zeros(k),
+                      bounds=[(-1.0, 1.0)] * d + [(None, 1.0)], method="highs")
+        found, e = res.status == 0 and -res.fun > _SEPARATION_TOL, res.x[:d]
+    else:
+        qk = q[w > 0][live]
+        res = linprog(-(qk @ rows), A_ub=-rows, b_ub=np.zeros(k), bounds=(-1.0, 1.0),
+                      method="highs")
+        found, e = res.status == 0 and -res.fun > _SEPARATION_TOL * qk.sum(), res.x
+    if not found:
+        return None
+    e = e / col
+    return e / np.linalg.norm(e)
 
 
 @dataclass(frozen=True)

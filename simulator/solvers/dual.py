@@ -45,6 +45,7 @@ from .core import (
     primal_value,
     psd_solve,
     quasi_newton,
+    separating_direction,
     unmerge,
     weighted_hess,
     worst_case_gap,
@@ -127,6 +128,11 @@ _MERGE_FRACTION = 1.0 / 16.0
 #: Repeats the probe must see at least before the birthday estimate is trusted (its relative
 #: standard error is about ``c^-1/2``: 18% at 32).
 _MERGE_MIN_REPEATS = 32
+#: A stall of a set without a norm term (:func:`solve_dual`) is checked for strict
+#: separability by a linear program over at most this many atoms (HiGHS on ``n x d``
+#: rows: milliseconds for the few atoms where Newton stalls on separable data, seconds
+#: at 1e5); above, the stall is raised as it is.
+_SEPARABILITY_LP_ATOMS = 100_000
 #: Every set has ``F(0) = log 2`` (all losses are ``log 2`` at ``theta_ref``, whatever the
 #: atoms): a start with ``F`` below ``log 2 (1 - _BELOW_ZERO)`` proves ``delta = 0`` is not
 #: the minimiser without the zero test. 1e-12 is above the rounding of an ``n``-term sum
@@ -369,6 +375,13 @@ def _below_zero(res) -> bool:
     return res.value < math.log(2.0) * (1.0 - _BELOW_ZERO)
 
 
+def _unbounded(amb: AmbiguitySet) -> RuntimeError:
+    """The error of separable data, where ``amb`` (no norm term) has no minimiser."""
+    return RuntimeError(
+        f"dual solver: the data are separable (status: unbounded); {amb!r} has no "
+        "minimiser (the objective decreases to its infimum as ||theta|| grows)")
+
+
 def _objective(at: Atoms, amb: AmbiguitySet, fused: bool = False):
     """``(delta, state) -> InnerResult``: ``F`` with its Hessian, no worst case (what Newton
     and L-BFGS minimise); with ``fused``, the Hessian formed at once (``core.FUSED``: for a
@@ -558,17 +571,25 @@ def solve_dual(data: PreferenceData, ambiguity: AmbiguitySet, beta: float = 1.0,
     # F(first) < F(0) = log 2 proves delta = 0 is not the minimiser (so does an upper bound on
     # F(first): the p = 1, finite-kappa start's value, wasserstein1.W1Start); else _minimise
     # decides
-    found = _minimise(at, ambiguity, tol, max_iter, quasi, first, start,
-                      zero_test=not (start and _below_zero(start[0])))
+    try:
+        found = _minimise(at, ambiguity, tol, max_iter, quasi, first, start,
+                          zero_test=not (start and _below_zero(start[0])))
+    except Stalled as stall:
+        # Newton stalls on its way to infinity where strictly separable data leave a set
+        # without a norm term no minimiser (2 to 5 atoms in d = 2, 3: line_search_failed or
+        # stagnated); the separability LP (core.separating_direction, scale-free) names it
+        if mod.coercive(ambiguity) or at.w.size > _SEPARABILITY_LP_ATOMS:
+            raise
+        if separating_direction(at.a, at.w) is not None:
+            raise _unbounded(ambiguity) from stall
+        raise
     zero = bool(found.info.get("zero_kink", False))
     delta = found.delta  # normalised: theta - theta_ref = delta / at.scale
     res = found.result  # the evaluation at delta that ended the minimisation, if any
     m = res.margins if res is not None and res.margins is not None else at.matvec(delta)
     if not mod.coercive(ambiguity) and _smallest_margin(m, at.w) > 0:
         # every margin is positive: scaling delta up lowers every loss, so no minimiser exists
-        raise RuntimeError(
-            f"dual solver: the data are separable (status: unbounded); {ambiguity!r} has no "
-            "minimiser (the objective decreases to its infimum as ||theta|| grows)")
+        raise _unbounded(ambiguity)
     del m
     if res is None or res.worst_case is None:  # Newton's last evaluation lacks the worst case
         del res
