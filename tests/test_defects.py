@@ -367,6 +367,26 @@ def test_stall_on_separable_data_is_named_unbounded(x, y, amb, beta):
         sim.solve(data, amb, beta=beta)
 
 
+def test_w1_finite_kappa_zero_test_with_collinear_active_atoms():
+    """Seven atoms, two of them three times, Wasserstein p = 1 with finite kappa just above
+    its collapse radius, unmerged: the zero test's smoothed Newton (``flip_shares``) met
+    ``2 I + (16 / mu) G`` with ``G`` of rank one at ``1e17`` and LAPACK called it singular
+    (``LinAlgError``, an unnamed error, from ``sim.solve``; the property sweep's seed 1841
+    of 3000). The step now keeps the ``2 I`` on ``G``'s eigenvectors; the answer is
+    certified and equals the merged solve's and cvxpy's."""
+    x = ([[-0.4545350292013514, -0.5594993307071034]] * 3
+         + [[-0.4329300544479602, -0.4607855586736924]] * 3
+         + [[-0.2627255667218916, 0.0032981836819754094]])
+    data = sim.PreferenceData(np.array(x), np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]))
+    amb = sim.Wasserstein(0.009484615685925913, p=1, kappa=0.15302300019820445)
+    sol = sim.solve(data, amb, merge=False)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-12
+    merged = sim.solve(data, amb)
+    ref = sim.solve(data, amb, solver="cvxpy")
+    assert sol.value == pytest.approx(merged.value, rel=1e-12)
+    assert sol.value == pytest.approx(ref.value, rel=1e-7)
+
+
 def test_chi2_zero_test_on_a_large_unmerged_sample_of_a_finite_world(monkeypatch):
     """A million pairs of a 500-state world (30,000 distinct atoms), every atom kept: the
     chi-square test whether ``theta_ref`` is optimal maximises a concave function whose

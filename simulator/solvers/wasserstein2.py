@@ -2344,6 +2344,19 @@ _FLIP_RAY = 30
 _FLIP_DEC_TOL = 1e-15
 
 
+def _flip_step(gram: np.ndarray, k: float, grad: np.ndarray) -> np.ndarray:
+    """The Newton step ``(2 I + k G)^-1 grad`` of :func:`flip_shares`' smoothed dual (``G``
+    PSD). Where ``k G`` swamps ``2 I`` in rounding (``mu`` small, the active atoms along one
+    direction: one distinct atom, ``k G`` about 1e17) the sum is singular to LAPACK, and the
+    step is taken on ``G``'s eigenvectors, ``V diag(1 / (2 + k lambda)) V^T grad``, which
+    keeps the ``2`` of every direction."""
+    try:
+        return np.linalg.solve(2.0 * np.eye(grad.size) + k * gram, grad)
+    except np.linalg.LinAlgError:
+        lam, vec = np.linalg.eigh(gram)
+        return vec @ ((vec.T @ grad) / (2.0 + k * np.maximum(lam, 0.0)))
+
+
 def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     """Flip shares ``f`` that certify ``delta = 0`` optimal, or ``None`` (SPEC 3.3).
 
@@ -2399,8 +2412,7 @@ def flip_shares(at: Atoms, amb) -> np.ndarray | None:
     while mu >= _FLIP_MU_MIN * scale:
         val, grad, s = smooth(nu)
         for _ in range(_FLIP_NEWTON_ITERS):
-            h = 2.0 * np.eye(nu.size) + (16.0 / mu) * weighted_hess(xh, w * s * (1.0 - s))
-            step = np.linalg.solve(h, grad)
+            step = _flip_step(weighted_hess(xh, w * s * (1.0 - s)), 16.0 / mu, grad)
             dec = float(grad @ step)
             if not dec > _FLIP_DEC_TOL * max(1.0, abs(val)):
                 break
