@@ -669,3 +669,23 @@ def test_fresh_hessians_are_guessed_only_where_every_rate_takes_one():
     assert _takes_fresh(2e-3, 1e-10)
     assert not _takes_fresh(1e-5, 1e-10)  # K gn^2 <= 1e-9: the chord step ends the run
     assert not _takes_fresh(1e-7, 1e-10)  # converged after the step
+
+
+def test_difference_hessian_matches_the_logistic_hessian():
+    """The central-difference Hessian of the nominal objective's exact gradients (the
+    fallback for an indefinite Hessian) against its closed form ``sum_i w_i s_i (1 - s_i)
+    a_i a_i^T``, to the ``1e-10`` relative accuracy its step is chosen for."""
+    from simulator.solvers import core
+    from simulator.solvers.dual import _objective
+    from simulator.solvers.inner import prepare
+
+    rng = np.random.default_rng(3)
+    data = sim.PreferenceData(rng.standard_normal((50, 4)), rng.integers(0, 2, 50))
+    amb = sim.Nominal()
+    at = prepare(data, amb, 1.0, None, normalise=True).atoms
+    objective = _objective(at, amb)
+    delta = rng.standard_normal(4)
+    res = objective(delta, None)
+    fd = core._difference_hessian(objective, delta, res)
+    exact = res.hess()
+    assert np.max(np.abs(fd - exact)) <= 1e-9 * np.max(np.abs(exact))

@@ -408,3 +408,34 @@ def test_chi2_zero_test_on_a_large_unmerged_sample_of_a_finite_world(monkeypatch
     gap = chi2._zero_test(at, amb)
     assert gap is not None and gap <= 1e-12
     assert len(products) <= 10  # one per evaluation of the concave dual
+
+
+@pytest.mark.parametrize("x, y, w, rho, kappa, beta", [
+    ([[2.2426945326692206e-06, -1.02078483831453e-06, -1.121270167861759e-06]], [1.0], [1.0],
+     4.608718616974583e-09, np.inf, 2.084424984827412),
+    ([[-2.0449199484916728e-08, 1.4108466452370786e-08]], [0.0], [1.0], 2.682073861203347e-10,
+     0.30969453728907836, 1.0870362433018087e-05),
+    ([[1.223353332672971e-07, -3.39313366813839e-08]] * 2, [0.0, 0.0],
+     [0.045343274016927185, 0.9546567259830727], 7.315036045883444e-10, np.inf,
+     1.383707301409743)])
+def test_w2_one_atom_with_an_indefinite_tie_hessian(x, y, w, rho, kappa, beta):
+    """Wasserstein p = 2 on one atom (one of them twice) with a radius of 2e-3 of the
+    feature scale: at the minimiser the atom is split between a move of cost 1e-24 and one
+    of cost 2e-12 (of the feature scale squared), and the tie Hessian's Schur complement
+    came out indefinite (least eigenvalue -0.26 of the largest). Newton fell back to
+    gradient steps and raised ``max_iter`` after 100 iterations (3 of 2000 problems of
+    ``tests/scale_sweep.py`` seed 1). Now certified, and no perturbation of theta lowers the
+    robust objective (an independent evaluation)."""
+    data = sim.PreferenceData(np.array(x), np.array(y), w)
+    amb = sim.Wasserstein(rho, p=2, kappa=kappa)
+    sol = sim.solve(data, amb, beta=beta)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-10
+    assert sol.gap <= 1e-10
+    value = sim.robust_objective(sol.theta, data, amb, beta=beta).value
+    assert value == pytest.approx(sol.value, rel=1e-12)
+    rng = np.random.default_rng(0)
+    for scale in (1e-2, 1e-3):
+        for _ in range(8):
+            theta = sol.theta * (1.0 + scale * rng.standard_normal(sol.theta.size))
+            other = sim.robust_objective(theta, data, amb, beta=beta).value
+            assert other >= value * (1.0 - 1e-12)
