@@ -203,8 +203,9 @@ _DIFF_STEP = 2.0**-26
 #: not the Hessian of the convex ``F`` but one of a formula that lost its accuracy (the
 #: Wasserstein p = 2 tie Hessian on one atom whose two moves' costs differ by 1e-12 of the
 #: feature scale: least eigenvalue -0.26 of the largest, seed 1's problem 708 of
-#: ``tests/scale_sweep.py``; rounding leaves at most a few ulps of the largest). Newton then
-#: steps on :func:`_difference_hessian` instead, up to ``_DIFFERENCE_MAX_D`` coordinates ...
+#: ``tests/scale_sweep.py``; rounding leaves at most a few ulps of the largest). Where its
+#: step does not descend, Newton steps on :func:`_difference_hessian` instead, up to
+#: ``_DIFFERENCE_MAX_D`` coordinates ...
 _INDEFINITE = 1e-8
 #: ... (``2 d`` evaluations each: an exception on tiny problems, never a large-``d`` path).
 _DIFFERENCE_MAX_D = 16
@@ -966,8 +967,11 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             step = -cg_solve(cur.hvp, g, tol)
         else:
             if h is None:
-                h = _checked_hessian(objective, delta, cur)
+                h = cur.hess()
             step = -psd_solve(h, g)
+            if not float(g @ step) < 0 and _indefinite(h):
+                h = _difference_hessian(objective, delta, cur)
+                step = -psd_solve(h, g)
             if model is not None:
                 step = _model_step(model, delta, g, h, step, tol)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
@@ -1018,17 +1022,14 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
 
 
-def _checked_hessian(objective, delta: np.ndarray, res: InnerResult) -> np.ndarray:
-    """``res``'s Hessian, or, where it is indefinite beyond rounding (``_INDEFINITE``: a
-    convex ``F`` has none) on at most ``_DIFFERENCE_MAX_D`` coordinates,
-    :func:`_difference_hessian` of the exact gradients."""
-    h = res.hess()
-    if delta.size > _DIFFERENCE_MAX_D or dpotrf(h, lower=0)[1] == 0:
-        return h
+def _indefinite(h: np.ndarray) -> bool:
+    """Whether the Hessian ``h`` of at most ``_DIFFERENCE_MAX_D`` coordinates is indefinite
+    beyond rounding (``_INDEFINITE``: a convex ``F`` has none), so that its step need not
+    descend: Newton then steps on :func:`_difference_hessian` of the exact gradients."""
+    if h.shape[0] > _DIFFERENCE_MAX_D:
+        return False
     eig = np.linalg.eigvalsh(h)
-    if eig[0] >= -_INDEFINITE * float(np.max(np.abs(eig))):
-        return h
-    return _difference_hessian(objective, delta, res)
+    return bool(eig[0] < -_INDEFINITE * float(np.max(np.abs(eig))))
 
 
 def _difference_hessian(objective, delta: np.ndarray, res: InnerResult) -> np.ndarray:
