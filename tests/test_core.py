@@ -671,21 +671,18 @@ def test_fresh_hessians_are_guessed_only_where_every_rate_takes_one():
     assert not _takes_fresh(1e-7, 1e-10)  # converged after the step
 
 
-def test_difference_hessian_matches_the_logistic_hessian():
-    """The central-difference Hessian of the nominal objective's exact gradients (the
-    fallback for an indefinite Hessian) against its closed form ``sum_i w_i s_i (1 - s_i)
-    a_i a_i^T``, to the ``1e-10`` relative accuracy its step is chosen for."""
-    from simulator.solvers import core
-    from simulator.solvers.dual import _objective
-    from simulator.solvers.inner import prepare
+def test_scaled_lstsq_solves_a_system_whose_rows_and_columns_span_30_decades():
+    """:func:`core.scaled_lstsq` on ``R M C x = b`` (``M`` well conditioned, row and column
+    scales from ``1e-15`` to ``1e15``): the solution to ``1e-10`` in every component, where
+    plain ``lstsq``'s cut of small singular values drops the small-scale equations."""
+    from simulator.solvers.core import scaled_lstsq
 
-    rng = np.random.default_rng(3)
-    data = sim.PreferenceData(rng.standard_normal((50, 4)), rng.integers(0, 2, 50))
-    amb = sim.Nominal()
-    at = prepare(data, amb, 1.0, None, normalise=True).atoms
-    objective = _objective(at, amb)
-    delta = rng.standard_normal(4)
-    res = objective(delta, None)
-    fd = core._difference_hessian(objective, delta, res)
-    exact = res.hess()
-    assert np.max(np.abs(fd - exact)) <= 1e-9 * np.max(np.abs(exact))
+    rng = np.random.default_rng(4)
+    m = np.eye(6) + 0.3 * rng.standard_normal((6, 6))
+    rows, cols = 10.0 ** rng.uniform(-15, 15, 6), 10.0 ** rng.uniform(-15, 15, 6)
+    a = rows[:, None] * m * cols
+    x = rng.standard_normal(6) / cols
+    b = a @ x
+    assert np.max(np.abs(scaled_lstsq(a, b) / x - 1.0)) <= 1e-10
+    plain = np.linalg.lstsq(a, b, rcond=None)[0]
+    assert np.max(np.abs(plain / x - 1.0)) > 1e-3  # the test's system defeats the plain one

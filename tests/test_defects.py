@@ -418,19 +418,41 @@ def test_chi2_zero_test_on_a_large_unmerged_sample_of_a_finite_world(monkeypatch
     ([[1.223353332672971e-07, -3.39313366813839e-08]] * 2, [0.0, 0.0],
      [0.045343274016927185, 0.9546567259830727], 7.315036045883444e-10, np.inf,
      1.383707301409743)])
-def test_w2_one_atom_with_an_indefinite_tie_hessian(x, y, w, rho, kappa, beta):
+def test_w2_one_atom_tie_hessian_keeps_its_g_ll_term(x, y, w, rho, kappa, beta):
     """Wasserstein p = 2 on one atom (one of them twice) with a radius of 2e-3 of the
     feature scale: at the minimiser the atom is split between a move of cost 1e-24 and one
     of cost 2e-12 (of the feature scale squared), and the tie Hessian's Schur complement
-    came out indefinite (least eigenvalue -0.26 of the largest). Newton fell back to
-    gradient steps and raised ``max_iter`` after 100 iterations (3 of 2000 problems of
-    ``tests/scale_sweep.py`` seed 1). Now certified, and no perturbation of theta lowers the
-    robust objective (an independent evaluation)."""
+    came out indefinite (least eigenvalue -0.26 of the largest). Its KKT block ``[[G_ll, c],
+    [c, 0]]`` (``G_ll`` 6e-30, ``c`` 2.5e-12) went through ``pinv``, whose SVD rounded the
+    inverse's ``-G_ll / c^2`` entry (1e-18 of the others) to 0. Newton fell back to gradient
+    steps and raised ``max_iter`` after 100 iterations (3 of 2000 problems of
+    ``tests/scale_sweep.py`` seed 1). Now the Hessian Newton uses is the central differences
+    of the exact gradients at the solve's first and last ties (an independent computation), the
+    answer is certified, and no perturbation of theta lowers the robust objective."""
+    from simulator.solvers import wasserstein2
+    from simulator.solvers.dual import _objective
+    from simulator.solvers.inner import prepare
+
+    ties = []
+    tie_hessian = wasserstein2._tie_hessian
+
+    def recorded(*args):
+        ties.append((args[7].copy(), tie_hessian(*args)))
+        return ties[-1][1]
     data = sim.PreferenceData(np.array(x), np.array(y), w)
     amb = sim.Wasserstein(rho, p=2, kappa=kappa)
-    sol = sim.solve(data, amb, beta=beta)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wasserstein2, "_tie_hessian", recorded)
+        sol = sim.solve(data, amb, beta=beta)
     assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-10
     assert sol.gap <= 1e-10
+    objective = _objective(prepare(data, amb, beta, None, normalise=True).atoms, amb)
+    assert ties
+    for delta, hess in (ties[0], ties[-1]):  # the first tie and the last (2 d solves each)
+        step = 2.0**-17 * (1.0 + float(np.linalg.norm(delta)))
+        fd = np.array([objective(delta + e, None).grad - objective(delta - e, None).grad
+                       for e in np.eye(delta.size) * step]) / (2.0 * step)
+        assert np.max(np.abs(hess - fd)) <= 1e-6 * np.max(np.abs(fd))
     value = sim.robust_objective(sol.theta, data, amb, beta=beta).value
     assert value == pytest.approx(sol.value, rel=1e-12)
     rng = np.random.default_rng(0)
@@ -439,3 +461,46 @@ def test_w2_one_atom_with_an_indefinite_tie_hessian(x, y, w, rho, kappa, beta):
             theta = sol.theta * (1.0 + scale * rng.standard_normal(sol.theta.size))
             other = sim.robust_objective(theta, data, amb, beta=beta).value
             assert other >= value * (1.0 - 1e-12)
+
+
+@pytest.mark.parametrize("x, y, w, rho, kappa, beta", [
+    ([[0.00021990321430146554, 0.00048191470458185267],
+      [0.0004586360601027186, -0.00015254530257738854]], [0.0, 0.0],
+     [0.5004164615286402, 0.4995835384713599], 1.1828413419681694e-05, np.inf,
+     14.617854996989667),
+    ([[-2.0570162276310754e-05, -3.525416220772598e-05],
+      [-9.302570933074079e-06, 3.8611856281610444e-05]], [1.0, 0.0],
+     [0.4781516545157766, 0.5218483454842233], 1.1508686642131864e-05, 0.016296223881808233,
+     2.6094736819441127),
+    ([[1.8927301123334986e-07, 1.873695673139529e-06, -7.41942164772467e-07],
+      [-1.5953744671612497e-07, 2.237248742000511e-06, 2.125673692494335e-06],
+      [1.2118215154076344e-06, -3.9183566463619145e-07, 2.3988719048493226e-06]],
+     [0.0, 0.0, 0.0], [0.1063674296180279, 0.8231461320934508, 0.07048643828852127],
+     4.204475594812074e-08, np.inf, 2.1762365976752527e-06),
+    ([[2.1227002455301637e-07, 3.700900576242086e-07],
+      [7.637910434986721e-07, -8.610967138544945e-07],
+      [-3.0949319791858357e-07, 6.614835882271897e-07],
+      [1.2971273775010945e-06, 5.112991870120933e-07],
+      [3.305151209228241e-06, -1.1828324857544727e-07]], [1.0, 1.0, 0.0, 1.0, 1.0],
+     [0.42277885723275854, 0.029431814334153546, 0.02622886049664125, 0.02801611385870921,
+      0.49354435407773745], 2.146379061659369e-08, 0.9647251212083469,
+     4.699353791936104e-06)])
+def test_w2_kink_kkt_step_keeps_the_budget_equation(x, y, w, rho, kappa, beta):
+    """Wasserstein p = 2, 2 to 5 atoms at radii of 2e-3 to 2.5e-2 of the feature scale
+    (``tests/scale_sweep.py`` seed 1, problems 1645, 975, 870 and 27): the minimiser sits at a
+    kink of ``F`` (two atoms tied at one ``lambda*``), Newton stalled, and the KKT fallback's
+    steps came from ``lstsq`` on a Jacobian whose budget row is about ``rho^2`` (1e-10) beside
+    gradient rows of 1: its cut of small singular values dropped the budget equation (a step
+    of 1e-18 for a residual of 2e-11), so the fallback failed and the solve raised
+    ``stagnated`` or ``line_search_failed`` (12 of 22 such errors of that sweep). The step is
+    now taken on the equilibrated Jacobian (``core.scaled_lstsq``): certified by weak duality,
+    the worst case within the budget, and its primal value ``E_Q* l`` recomputed from its
+    atoms equal to the dual value."""
+    data = sim.PreferenceData(np.array(x), np.array(y), w)
+    amb = sim.Wasserstein(rho, p=2, kappa=kappa)
+    sol = sim.solve(data, amb, beta=beta)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-9
+    wc = sol.worst_case
+    assert wc.transport_cost <= wc.budget * (1.0 + 1e-9)
+    primal = float(wc.weights @ sim.dpo_loss(sim.margins(sol.theta, wc.x, wc.y, beta)))
+    assert primal == pytest.approx(sol.value, rel=1e-9)

@@ -199,20 +199,6 @@ _CG_ATOL = 0.25
 #: ``sqrt(eps)`` balances the ``O(h)`` truncation against the ``O(eps / h)`` rounding of
 #: the gradients, a relative error of about 1e-8, far below ``_CG_TOL``.
 _DIFF_STEP = 2.0**-26
-#: A Hessian whose least eigenvalue is below ``-_INDEFINITE`` times its largest magnitude is
-#: not the Hessian of the convex ``F`` but one of a formula that lost its accuracy (the
-#: Wasserstein p = 2 tie Hessian on one atom whose two moves' costs differ by 1e-12 of the
-#: feature scale: least eigenvalue -0.26 of the largest, seed 1's problem 708 of
-#: ``tests/scale_sweep.py``; rounding leaves at most a few ulps of the largest). Where its
-#: step does not descend, Newton steps on :func:`_difference_hessian` instead, up to
-#: ``_DIFFERENCE_MAX_D`` coordinates ...
-_INDEFINITE = 1e-8
-#: ... (``2 d`` evaluations each: an exception on tiny problems, never a large-``d`` path).
-_DIFFERENCE_MAX_D = 16
-#: Step of the central-difference Hessian (relative to ``1 + ||delta||``): ``eps^(1/3)``
-#: balances the ``O(h^2)`` truncation against the ``O(eps / h)`` rounding (relative error
-#: about 1e-10: Newton converges linearly at that rate).
-_CENTRAL_STEP = 2.0**-17
 #: Max-loss atoms: losses within this (relative) of the largest tie (rounding of softplus).
 _TIE_TOL = 1e-14
 #: Damped Newton iterations of :func:`concave_max` (it converges in a handful).
@@ -677,6 +663,29 @@ def psd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(h, g, rcond=None)[0]
 
 
+#: Sweeps of :func:`scaled_lstsq`'s row and column equilibration (Ruiz's: each sweep takes
+#: the square root of the rows' and columns' largest entries, so the scales' imbalance falls
+#: to its square root; three sweeps bring ``1e30`` to about ``1e4``).
+_RUIZ_SWEEPS = 3
+
+
+def scaled_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The least-squares solution of ``a x = b`` on the equilibrated ``R a C`` (``x = C y``).
+
+    KKT Jacobians mix equations and unknowns of unrelated units: a budget row of ``1e-10``
+    beside gradient rows of ``1``, ``lambda`` about ``1e7`` beside shares in ``[0, 1]``. Plain
+    ``lstsq`` cuts singular values below ``1e-16`` of the largest, which there drops whole
+    equations (the budget's step came out ``1e-18`` for a residual of ``2e-11``:
+    ``tests/test_defects.py``); after the scaling the cut sees the problem's own conditioning."""
+    r, c = np.ones(a.shape[0]), np.ones(a.shape[1])
+    for _ in range(_RUIZ_SWEEPS):
+        big = np.sqrt(np.abs(a * r[:, None] * c).max(axis=1))
+        r /= np.where(big > 0, big, 1.0)
+        big = np.sqrt(np.abs(a * r[:, None] * c).max(axis=0))
+        c /= np.where(big > 0, big, 1.0)
+    return np.linalg.lstsq(a * r[:, None] * c, b * r, rcond=None)[0] * c
+
+
 def primal_value(wc: WorstCase, theta: np.ndarray, beta: float, theta_ref: np.ndarray) -> float:
     """``E_{Q*} l`` recomputed from the atoms of the worst case."""
     return float(wc.weights @ dpo_loss(margins(theta, wc.x, wc.y, beta, theta_ref)))
@@ -969,9 +978,6 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             if h is None:
                 h = cur.hess()
             step = -psd_solve(h, g)
-            if not float(g @ step) < 0 and _indefinite(h):
-                h = _difference_hessian(objective, delta, cur)
-                step = -psd_solve(h, g)
             if model is not None:
                 step = _model_step(model, delta, g, h, step, tol)
         if float(np.max(np.abs(step))) <= _STEP_TOL * (1.0 + float(np.max(np.abs(delta)))):
@@ -1020,26 +1026,6 @@ def newton(objective, delta: np.ndarray, tol: float, max_iter: int, label: str,
             raise _diverged(label)
     raise Stalled(f"dual solver did not converge (status: max_iter) in {max_iter} "
                   f"iterations for {label}; gradient norm {gn:.3e}", delta, state)
-
-
-def _indefinite(h: np.ndarray) -> bool:
-    """Whether the Hessian ``h`` of at most ``_DIFFERENCE_MAX_D`` coordinates is indefinite
-    beyond rounding (``_INDEFINITE``: a convex ``F`` has none), so that its step need not
-    descend: Newton then steps on :func:`_difference_hessian` of the exact gradients."""
-    if h.shape[0] > _DIFFERENCE_MAX_D:
-        return False
-    eig = np.linalg.eigvalsh(h)
-    return bool(eig[0] < -_INDEFINITE * float(np.max(np.abs(eig))))
-
-
-def _difference_hessian(objective, delta: np.ndarray, res: InnerResult) -> np.ndarray:
-    """The central-difference Hessian ``(grad F(delta + h e_i) - grad F(delta - h e_i)) /
-    2h`` (``h = _CENTRAL_STEP (1 + ||delta||)``), symmetrised: ``2 d`` evaluations."""
-    step = _CENTRAL_STEP * (1.0 + float(np.linalg.norm(delta)))
-    cols = [(objective(delta + e, res.state).grad - objective(delta - e, res.state).grad)
-            / (2.0 * step) for e in np.eye(delta.size) * step]
-    h = np.array(cols)
-    return 0.5 * (h + h.T)
 
 
 def _model_step(model: Callable, delta: np.ndarray, g: np.ndarray, h: np.ndarray,

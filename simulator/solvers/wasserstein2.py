@@ -58,6 +58,7 @@ from .core import (
     Stalled,
     curvature_bound,
     psd_solve,
+    scaled_lstsq,
     weighted_hess,
 )
 from .nominal import nominal_result
@@ -2134,7 +2135,18 @@ def _tie_hessian(at: Atoms, m, hi: Moves, lo: tuple, split: np.ndarray, q_lo: np
     border = np.column_stack([h_dl, c[:d]])  # couplings of delta with (lambda, ties)
     inner = np.zeros((1 + c.shape[1],) * 2)
     inner[0, 0], inner[0, 1:], inner[1:, 0] = h_ll, c[d], c[d]
-    return h_dd - border @ np.linalg.pinv(inner) @ border.T
+    # equilibrated: with ``r = sqrt(G_ll)`` and tie columns scaled by ``r / |c_i|`` the
+    # matrix is ``[[1, +-1], [+-1, 0]]``-like, so the pseudo-inverse keeps the ``-G_ll / c^2``
+    # entry. Unscaled, that entry is ``G_ll / |c|`` (``1e-18`` at a one-atom tie of costs
+    # ``1e-24`` and ``2e-12``) of the others, below the SVD's rounding: it came out 0 and
+    # the Hessian lost ``(G_ll / c^2) C C^T``, indefinite (``tests/test_defects.py``).
+    # ``D pinv(D K D) D`` is a generalised inverse of ``K``, so the consistent ties of
+    # duplicated atoms (proportional columns, ``K`` singular) give the same Hessian.
+    r = math.sqrt(h_ll) if h_ll > 0 else max(float(np.abs(c[d]).max()), 1.0)
+    scale = np.concatenate([[1.0 / r], np.divide(r, np.abs(c[d]), out=np.full(c.shape[1], 1.0 / r),
+                                                   where=c[d] != 0)])
+    border = border * scale
+    return h_dd - border @ np.linalg.pinv(inner * np.outer(scale, scale)) @ border.T
 
 
 def _moved(at: Atoms, mix: Mixture, b: float, u: np.ndarray):
@@ -2877,7 +2889,7 @@ def _kink_solve(at: Atoms, amb, delta: np.ndarray, lam: float, tol: float,
             return Minimum(delta, it, W2State(lam=lam))
         if jac is None:  # the Jacobian only where a step is taken (trials need the residual)
             jac = residual(delta, lam, xi, full=True)[1]
-        step = np.linalg.lstsq(jac, -res, rcond=None)[0]
+        step = scaled_lstsq(jac, -res)
         t, norm0 = 1.0, float(np.linalg.norm(res))
         while t > min_step:
             cand = (delta + t * step[:d], lam + t * step[d], xi + t * step[d + 1:])
