@@ -382,6 +382,7 @@ def test_atoms_products_match_the_explicit_matrix(weights, stream, d, monkeypatc
 
     monkeypatch.setattr(core, "_STREAM_MIN_BYTES", 0 if stream else 2**62)
     monkeypatch.setattr(core, "_STREAM_MIN_D", 1 if stream else 2**62)
+    monkeypatch.setattr(core, "_slow_dgemv", lambda: stream)
     monkeypatch.setattr(core, "_MOMENT_BLOCK", 512)  # several blocks in _row_moments
     rng = np.random.default_rng(3)
     n, beta = 3001, 0.7
@@ -686,3 +687,26 @@ def test_scaled_lstsq_solves_a_system_whose_rows_and_columns_span_30_decades():
     assert np.max(np.abs(scaled_lstsq(a, b) / x - 1.0)) <= 1e-10
     plain = np.linalg.lstsq(a, b, rcond=None)[0]
     assert np.max(np.abs(plain / x - 1.0)) > 1e-3  # the test's system defeats the plain one
+
+
+@pytest.mark.parametrize(("libs", "slow"), [
+    ([{"internal_api": "openblas", "architecture": "Zen"}], True),
+    ([{"internal_api": "openblas", "architecture": "SkylakeX"}], False),
+    ([{"internal_api": "mkl", "architecture": "Zen"}], False),  # not an OpenBLAS kernel
+    ([], False),
+])
+def test_einsum_products_only_on_the_measured_blas_kernels(libs, slow, monkeypatch):
+    """``_slow_dgemv`` reads OpenBLAS's kernel from threadpoolctl: einsum's products are
+    taken on the Zen kernels only (measured slower there, faster elsewhere)."""
+    import threadpoolctl
+
+    from simulator.solvers import core
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: libs)
+    core._slow_dgemv.cache_clear()
+    try:
+        assert core._slow_dgemv() is slow
+        x = np.zeros((core._STREAM_MIN_BYTES // (8 * 64) + 1, 64))
+        assert core._streams(x) is slow
+    finally:
+        core._slow_dgemv.cache_clear()

@@ -71,8 +71,13 @@ _MOMENT_EINSUM_D = 16
 #: the shared AMD EPYC, ``x @ v`` and ``u @ x``, BLAS time over einsum's): 2.0-2.4 at d =
 #: 64 and 128 from 50 MB on (n = 1e5 .. 1e6), 1.6-2.0 at d = 256, 0.9-1.4 at d = 512, but
 #: 0.4-0.7 in cache (d = 64, n = 1e4 and 3e4) and 0.3-0.5 at d = 8 and 16 at every n.
+#: On an Intel Xeon (OpenBLAS kernel ``SkylakeX``) BLAS was the faster at every size tried
+#: (0.72-0.95 at d = 64 .. 512, n = 1e4 .. 1e6), so einsum is taken only where OpenBLAS
+#: runs one of the kernels of ``_STREAM_KERNELS`` (:func:`_slow_dgemv`): a property of the
+#: machine, the same for every solve of a process (results stay reproducible).
 _STREAM_MIN_D = 48
 _STREAM_MIN_BYTES = 24 << 20
+_STREAM_KERNELS = ("zen",)
 #: :func:`weighted_hess` uses the symmetric rank-k update from this many columns on; below,
 #: the plain product (no square roots, no scaled copy of the chunk) is faster: one thread,
 #: n = 1e6, 10.2 against 14.9-22.7 ms at d = 4 and 12.8-14.6 against 18.5-24.4 ms at d = 8,
@@ -369,11 +374,21 @@ class Atoms:
         return Atoms(x, y, w / w.sum(), factor, self.beta, self.scale, self.radius)
 
 
+@functools.lru_cache(maxsize=1)
+def _slow_dgemv() -> bool:
+    """Whether numpy's BLAS is an OpenBLAS running a kernel of ``_STREAM_KERNELS`` (its
+    architecture as :func:`threadpoolctl.threadpool_info` reports it; read once)."""
+    from threadpoolctl import threadpool_info
+    return any(str(lib.get("architecture", "")).lower().startswith(_STREAM_KERNELS)
+               for lib in threadpool_info() if lib.get("internal_api") == "openblas")
+
+
 def _streams(x: np.ndarray) -> bool:
     """Whether the products with ``x`` take :func:`numpy.einsum`'s loops instead of BLAS
-    (``_STREAM_MIN_D``, ``_STREAM_MIN_BYTES``; rows contiguous in memory, as measured)."""
+    (``_STREAM_MIN_D``, ``_STREAM_MIN_BYTES``; rows contiguous in memory, on a BLAS of
+    :func:`_slow_dgemv`, as measured)."""
     return (x.shape[1] >= _STREAM_MIN_D and x.nbytes >= _STREAM_MIN_BYTES
-            and x.flags.c_contiguous)
+            and x.flags.c_contiguous and _slow_dgemv())
 
 
 def _matvec(x: np.ndarray, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
