@@ -504,3 +504,66 @@ def test_w2_kink_kkt_step_keeps_the_budget_equation(x, y, w, rho, kappa, beta):
     assert wc.transport_cost <= wc.budget * (1.0 + 1e-9)
     primal = float(wc.weights @ sim.dpo_loss(sim.margins(sol.theta, wc.x, wc.y, beta)))
     assert primal == pytest.approx(sol.value, rel=1e-9)
+
+
+_ONE_LINE = [  # (atom, labels, weights, beta, radius, kappa): tests/scale_sweep.py seed 1
+    ([0.38001458404147287, 0.04609992973804792], [0, 0, 0, 1], [0.25] * 4,
+     5.675010097660358e-05, 0.028603634911857415, 1.5013633385077938),
+    ([0.0003572646689625453, -0.00031917652493239514], [0, 1, 0],
+     [0.32254187637767207, 0.17823197046736072, 0.49922615315496716], 5.445241398379566,
+     6.084798207213532e-06, 0.009367709681338383),
+    ([-2.1891414794208082e-07, -2.105354056117934e-07], [0, 0, 1, 1],
+     [0.118924711427764, 0.24641080528409962, 0.06022721001850913, 0.5744372732696273],
+     0.0006988817493953074, 3.484960732867727e-09, 0.08093247739653661),
+    ([-4.710112902759927e-06, 1.2999060497664126e-06], [1, 0, 1, 1, 1], [0.2] * 5,
+     0.019921133410216642, 8.091354298605866e-07, 0.01196195953892091),
+    ([-7.940909175489192e-05, 0.00010499185200876482, -1.148080061137122e-05], [0, 0],
+     [0.5080577086432647, 0.49194229135673534], 6.823916687686841e-05,
+     1.3595839429772853e-05, 0.21322051839916017),
+]
+
+
+@pytest.mark.parametrize("atom, y, w, beta, radius, kappa", _ONE_LINE)
+def test_w1_finite_kappa_certified_on_atoms_that_span_one_line(atom, y, w, beta, radius,
+                                                               kappa):
+    """W1 with finite ``kappa`` on 2 to 5 copies of one atom in d = 2, 3 raised ``gap``
+    (the duality gap ``inf``): the Lagrangian bound linearises ``nu ||delta'||`` at Newton's
+    stopping point, whose part off the atoms' line (the size of Newton's tolerance, 1e-10)
+    became a linear direction that no atom sees, so the bound was ``-inf`` (5 of 2000
+    problems of ``tests/scale_sweep.py`` seed 1). The bound is now taken at the point's
+    projection onto the atoms' span: certified, and the value and theta agree with cvxpy's
+    (an interior-point solve of the primal)."""
+    data = sim.PreferenceData(np.array([atom] * len(y)), np.array(y, float), w)
+    amb = sim.Wasserstein(radius, p=1, kappa=kappa)
+    sol = sim.solve(data, amb, beta=beta)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-9
+    ref = sim.solve(data, amb, beta=beta, solver="cvxpy")
+    assert sol.value == pytest.approx(ref.value, rel=1e-10)
+    assert sim.robust_objective(sol.theta, data, amb, beta=beta).value == pytest.approx(
+        sol.value, rel=1e-13)
+    # theta in the features' units: beta theta . x is the margin
+    assert beta * np.max(np.abs(sol.theta - ref.theta)) * np.max(np.abs(atom)) <= 1e-6
+
+
+def test_w1_homotopy_stall_at_theta_ref_certified_by_its_flip_masses():
+    """One atom, W1 with ``kappa`` (0.0029) below twice the radius (0.0015): flipping half
+    the atom costs ``kappa / 2 < rho``, so ``F >= log 2 = F(0)`` and ``theta_ref`` is a
+    minimiser. The zero test's grid of ``s`` stops 6 octaves below ``2 rho``, above the
+    interval that certifies it, and the homotopy's stage ``mu = 0.01`` stalled at ``delta =
+    1e-10`` (``stagnated``; problem 1899 of ``tests/scale_sweep.py`` seed 1). The stall's flip
+    masses (every ``q = w / 2``) now certify ``theta_ref``; cvxpy's primal reaches the same
+    value, and no theta nearby or far does better."""
+    data = sim.PreferenceData(np.array([[0.0018024008457792047, -0.004957335124981001]]),
+                              [1.0])
+    amb = sim.Wasserstein(0.0014677681823072064, p=1, kappa=0.0029281789077436216)
+    beta = 7.01625671087913e-06
+    sol = sim.solve(data, amb, beta=beta)
+    assert sol.status == "optimal" and sol.info["optimality_gap"] <= 1e-9
+    assert sol.value == pytest.approx(np.log(2.0), rel=1e-15)
+    ref = sim.solve(data, amb, beta=beta, solver="cvxpy")
+    assert ref.value == pytest.approx(sol.value, rel=1e-9)
+    rng = np.random.default_rng(0)
+    for scale in (1e2, 1e5, 1e8):
+        for theta in scale * rng.standard_normal((8, 2)):
+            other = sim.robust_objective(theta, data, amb, beta=beta).value
+            assert other >= np.log(2.0) * (1.0 - 1e-15)

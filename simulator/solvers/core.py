@@ -1567,18 +1567,24 @@ def curvature_bound(grad: np.ndarray, hess: np.ndarray, radius: float,
         return math.inf
     keep = evals > _RANK_TOL * top
     if keep.all():  # full rank: all of grad lies in the range
-        g_range_norm = gn
+        g_range_norm, low = gn, float(evals[0])
     elif full_rank:
         return math.inf
     else:
-        evals, evecs = np.linalg.eigh(hess)
-        keep = evals > _RANK_TOL * float(evals[-1])
-        basis = evecs[:, keep]
+        evals, basis = range_basis(hess)
+        low = float(evals[-basis.shape[1]])  # the least eigenvalue on the range (ascending)
         g_range = basis.T @ grad
         if float(np.linalg.norm(grad - basis @ g_range)) > _NULL_GRAD * radius:
             return math.inf
         g_range_norm = float(np.linalg.norm(g_range))
-    return _curvature_tail(float(evals[keep][0]), radius, g_range_norm)
+    return _curvature_tail(low, radius, g_range_norm)
+
+
+def range_basis(hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(eigenvalues, U)`` of the PSD ``hess``, ``U`` an orthonormal basis of its range: the
+    eigenvectors of the eigenvalues above ``_RANK_TOL`` of the largest (``eigh``)."""
+    evals, evecs = np.linalg.eigh(hess)
+    return evals, evecs[:, evals > _RANK_TOL * float(evals[-1])]
 
 
 def logistic_gap(a: np.ndarray | Atoms, q: np.ndarray, delta: np.ndarray, upper: float,

@@ -61,6 +61,7 @@ from .core import (
     logistic_hvp,
     loss_sigmoid,
     newton,
+    range_basis,
     weighted_hess,
 )
 from .result import WorstCase
@@ -1343,13 +1344,36 @@ def lower_bound(at: Atoms, amb, delta: np.ndarray, q: _Masses, tol: float,
         delta = newton(objective, delta, tol, max_iter, f"the Lagrangian bound of {amb!r}").delta
     except Stalled as exc:  # rounding-level stall: still a valid point to bound from
         delta = exc.delta
-    res = objective(delta, None)  # Newton's last evaluation when delta is its last point
-    pt = cache.point(at, delta)
-    dn = float(np.linalg.norm(delta))
-    linear = qa + (nu * delta / dn if dn > 0 else 0.0)
-    # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
-    return res.value - logistic_gap(at, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
-                                    radius=at.max_norm(), grad=res.grad)
+
+    def bound(delta):
+        res = objective(delta, None)  # Newton's last evaluation when delta is its last point
+        pt = cache.point(at, delta)
+        dn = float(np.linalg.norm(delta))
+        linear = qa + (nu * delta / dn if dn > 0 else 0.0)
+        # the Lagrangian's gradient res.grad is the bound's at delta (the same sums)
+        return res.value - logistic_gap(at, at.w, delta, res.value, linear, m=pt.m, l=pt.l,
+                                        radius=at.max_norm(), grad=res.grad)
+    lower = bound(delta)
+    if lower == -math.inf and (inside := _onto_atoms(at, delta)) is not None:
+        lower = bound(inside)
+    return lower
+
+
+def _onto_atoms(at: Atoms, delta: np.ndarray) -> np.ndarray | None:
+    """``delta`` projected onto the span ``S`` of the atoms (the range of ``E_P a a^T``, to
+    ``core._RANK_TOL``), or ``None`` where they span every direction.
+
+    ``L_q(delta') >= L_q(P delta')`` (``E_P l`` and ``q . a . delta'`` see only ``P
+    delta'``, and ``||delta'|| >= ||P delta'||``), so ``min L_q`` is its minimum over ``S``.
+    Newton's stopping point has a part outside ``S`` of the size of its tolerance, which the
+    linearised norm term ``nu u . delta'`` turns into a linear direction that no atom sees
+    (the bound ``-inf``: 2 to 5 atoms in d = 2, 3, all on one line or fewer than ``d``); from
+    ``P delta`` the bound's gradient lies in ``S``, where ``E_P l`` is strictly convex.
+    """
+    basis = range_basis(weighted_hess(at, at.w))[1]
+    if basis.shape[1] in (0, delta.size):
+        return None
+    return basis @ (basis.T @ delta)
 
 
 class _Certified(NamedTuple):
@@ -1389,10 +1413,19 @@ def _homotopy(at: Atoms, amb, delta: np.ndarray, tol: float, max_iter: int,
             run = newton(lambda d, st, mu=mu: smoothed_w1(at, d, amb.rho, amb.kappa, mu, st,
                                                           cache),
                          delta, stage_tol, max_iter, f"{label} (smoothing mu={mu:g})", state)
-        except Stalled:
-            if mu >= MU_SAFE:
+        except Stalled as stall:
+            if mu < MU_SAFE:
+                break  # below MU_SAFE the minimiser has stopped moving at double precision
+            # a stage can stall at a kink of F_mu's limit, where the stall's flip masses may
+            # still certify it (theta_ref optimal through flips alone: one atom, kappa <
+            # 2 rho, stalled at delta = 1e-10 with every q = w / 2, certified gap 0)
+            if not isinstance(stall.state, W1SmoothState):
                 raise
-            break  # below MU_SAFE the minimiser has stopped moving at double precision
+            terms = stall.state.hess or cache
+            cert = _certify(at, amb, stall.delta, stall.state.masses, tol, max_iter, terms)
+            if not cert.gap <= GAP_TOL:
+                raise
+            return _found(at, amb, cert, total, terms)
         total += run.iterations
         delta, state = run.delta, run.state
         if mu > MU_CHECK:
