@@ -808,3 +808,85 @@ def test_subsample_model_saves_a_full_product_at_the_same_minimiser(monkeypatch,
     np.testing.assert_allclose(with_model.theta, without.theta, rtol=0, atol=1e-8)
     assert with_model.info["optimality_gap"] <= 1e-12
     assert with_model.value == pytest.approx(without.value, rel=1e-13)
+
+
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.1), sim.Wasserstein(0.05, p=1),
+                                 sim.Wasserstein(0.05, p=2)],
+                         ids=["kldpo", "chi2dpo", "wdpo1", "wdpo2"])
+def test_shrunk_start_skips_only_halvings_that_cannot_lower_F(amb):
+    """The shrunk start evaluates ``delta0 2^-i``, keeps each half that lowered ``F``, and
+    stops at the first that did not or, without evaluating it, where ``g . delta <= 0``: each
+    such skipped half is checked by its own evaluation (``F(delta / 2) >= F(delta)``, the
+    convexity bound). Over six problems both stops occur."""
+    from simulator.solvers import dual
+    from simulator.solvers.core import Atoms
+    from simulator.solvers.inner import evaluate_inner
+
+    stops = set()
+    for seed in range(6):
+        data, _ = _problem(seed=seed, n=400, d=4, scale=0.5 + seed)
+        at = Atoms.from_data(data, BETA, normalise=True)
+        objective = dual._objective(at, amb)
+        calls = []
+
+        def counted(d, st, calls=calls, objective=objective):
+            calls.append(d.copy())
+            return objective(d, st)
+
+        def f(d, at=at):
+            return evaluate_inner(at, d, amb, worst=False).value
+
+        delta0 = dual._start(at)
+        delta, start = dual._shrunk_start(counted, delta0)
+        for i, c in enumerate(calls):
+            assert np.array_equal(c, delta0 * 0.5**i)
+        k = int(round(math.log2(float(np.linalg.norm(delta0) / np.linalg.norm(delta)))))
+        assert np.array_equal(delta, delta0 * 0.5**k)
+        assert start[0].value == pytest.approx(f(delta), rel=1e-14)  # warm-started root
+        for prev, nxt in zip(calls[:k], calls[1:k + 1], strict=True):
+            assert f(nxt) < f(prev)
+        if len(calls) == k + 2:
+            stops.add("rejected")
+            assert f(calls[-1]) >= f(delta)
+        elif k < dual._START_HALVINGS:
+            stops.add("gradient")
+            assert len(calls) == k + 1 and float(start[0].grad @ delta) <= 0
+            assert f(0.5 * delta) >= f(delta)
+    assert stops == {"rejected", "gradient"}
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 0.5])
+def test_worst_case_reuses_the_margins_of_newtons_last_evaluation(monkeypatch, kappa):
+    """``evaluate_inner`` given the margins and losses of an earlier evaluation at the same
+    ``delta`` returns bit for bit what it computes without them; the W1 solve with ``kappa =
+    inf`` then builds its worst case without a product with the atoms (one product fewer than
+    evaluations), and for every kappa the solution is the same as from the fresh evaluation."""
+    from simulator.solvers import core, dual
+    from simulator.solvers.core import Atoms
+    from simulator.solvers.inner import evaluate_inner
+
+    data, _ = _problem(seed=4, n=300, d=3)
+    amb = sim.Wasserstein(0.05, p=1, kappa=kappa)
+    at = Atoms.from_data(data, BETA, normalise=True)
+    delta = np.array([0.7, -0.4, 1.1])
+    fresh = evaluate_inner(at, delta, amb, worst=True)
+    m = at.matvec(delta)
+    again = evaluate_inner(at, delta, amb, worst=True, margins=m, losses=sim.dpo_loss(m))
+    assert again.value == fresh.value and again.dual == fresh.dual
+    np.testing.assert_array_equal(again.grad, fresh.grad)
+    np.testing.assert_array_equal(again.worst_case.weights, fresh.worst_case.weights)
+    np.testing.assert_array_equal(again.worst_case.x, fresh.worst_case.x)
+
+    products, evaluations = [], []
+    matvec, inner = core.Atoms.matvec, dual.evaluate_inner
+    monkeypatch.setattr(core.Atoms, "matvec", lambda self, v: products.append(1)
+                        or matvec(self, v))
+    monkeypatch.setattr(dual, "evaluate_inner", lambda *a, **k: evaluations.append(
+        k.get("margins") is None) or inner(*a, **k))
+    sol = sim.solve(data, amb, beta=BETA)
+    if math.isinf(kappa):
+        assert evaluations and not evaluations[-1]  # the worst case: margins reused
+    ref = sim.robust_objective(sol.theta, data, amb, beta=BETA)
+    assert sol.value == pytest.approx(ref.value, rel=1e-14)
+    assert sol.primal_value == pytest.approx(ref.primal_value, rel=1e-12)
+    assert sol.info["optimality_gap"] <= 1e-10

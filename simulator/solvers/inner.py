@@ -53,14 +53,19 @@ def prepare(data, ambiguity, beta, theta_ref, normalise: bool = False) -> Proble
 
 
 def evaluate_inner(at: Atoms, delta: np.ndarray, ambiguity: AmbiguitySet, hess: bool = False,
-                   worst: bool = True, state: Any = None) -> InnerResult:
+                   worst: bool = True, state: Any = None, margins: np.ndarray | None = None,
+                   losses: np.ndarray | None = None) -> InnerResult:
     """``F(delta) = L_U(theta_ref + delta)`` with its dual variable, gradient and worst case.
 
-    ``state`` (the ``state`` of an earlier result) warm-starts the dual variable.
+    ``state`` (the ``state`` of an earlier result) warm-starts the dual variable;
+    ``margins`` and ``losses``, those of an earlier result *at the same* ``delta``
+    (``InnerResult.margins``, ``.losses``), are reused instead of recomputed (the worst case
+    that ends a solve, at the point of Newton's last evaluation: a product with the atoms
+    and a softplus fewer).
     """
-    m = at.matvec(delta)
+    m = at.matvec(delta) if margins is None else margins
     mod = methods(ambiguity)
-    l = dpo_loss(m) if mod.losses else None
+    l = None if not mod.losses else dpo_loss(m) if losses is None or margins is None else losses
     # a reweighting's result carries m and l for its weak-duality certificate
     # (core.reweighting_result, core.worst_case_gap)
     return mod.evaluate(at, delta, m, l, ambiguity, hess, worst, state)

@@ -1252,9 +1252,12 @@ def _evaluate(at: Atoms, delta, m, l, amb, hess, worst, state) -> InnerResult:
     if finite:  # the start's state marks its majorant: no exact flips to reuse
         state = W1Start(lam, pt) if majorant else W1Threshold(delta.copy(), flips,
                                                                None if worst else pt)
-    # with the worst case, m and l are kept for the certificate (:func:`_certificate`)
+    # m and l are kept with the worst case for the certificate (:func:`_certificate`), and
+    # for kappa = inf always (no state holds them): the worst case that ends the solve
+    # reuses Newton's last (:func:`.inner.evaluate_inner`)
+    keep = worst or not finite
     return InnerResult(float(value), float(lam), grad, h if hess else None, wc, state,
-                       margins=m if worst else None, losses=l if worst else None,
+                       margins=m if keep else None, losses=l if keep else None,
                        hvp=hvp if hess else None, primal=primal if worst else None)
 
 
