@@ -810,19 +810,34 @@ def test_subsample_model_saves_a_full_product_at_the_same_minimiser(monkeypatch,
     assert with_model.value == pytest.approx(without.value, rel=1e-13)
 
 
-@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.ChiSquare(0.1), sim.Wasserstein(0.05, p=1),
-                                 sim.Wasserstein(0.05, p=2)],
-                         ids=["kldpo", "chi2dpo", "wdpo1", "wdpo2"])
-def test_shrunk_start_skips_only_halvings_that_cannot_lower_F(amb):
-    """The shrunk start evaluates ``delta0 2^-i``, keeps each half that lowered ``F``, and
-    stops at the first that did not or, without evaluating it, where ``g . delta <= 0``: each
-    such skipped half is checked by its own evaluation (``F(delta / 2) >= F(delta)``, the
-    convexity bound). Over six problems both stops occur."""
+def test_ray_minimiser_is_the_minimiser_of_the_quadratic():
+    """Against the closed form ``-b / (2 a)`` of ``c + b t + a t^2`` (convex), and the
+    halving where the quadratic through the three data is not convex."""
+    from simulator.solvers.dual import _ray_minimiser
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        a, b, c = 10.0 ** rng.uniform(-3, 2), rng.normal() * 3, rng.normal()
+        got = _ray_minimiser(c, c + b + a, b + 2 * a)
+        assert got == pytest.approx(-b / (2 * a), rel=1e-9, abs=1e-12)
+    assert _ray_minimiser(0.0, -1.0, -2.0) == 0.5  # concave: a = -1
+
+
+@pytest.mark.parametrize("amb", [sim.KL(0.1), sim.KL(2.0), sim.ChiSquare(0.1),
+                                 sim.Wasserstein(0.05, p=1), sim.Wasserstein(0.05, p=2)],
+                         ids=["kldpo", "kldpo-collapsed", "chi2dpo", "wdpo1", "wdpo2"])
+def test_shrunk_start_lowers_F_and_stops_only_where_it_may(amb):
+    """The shrunk start's trial points lie on the ray of the first step, each a factor ``t``
+    of the last accepted one with ``t`` the quadratic model's minimiser (at least a sixteenth,
+    below 0.75); each accepted point lowers ``F``, the shrinkage stays within ``2^-8``, and
+    each stop has its reason, checked by independent evaluations: a rejected trial did not
+    lower ``F``; ``g . delta <= 0`` (``F(t delta) >= F(delta)`` for ``t`` of 0.5 and 0.9, the
+    convexity bound); the model's minimiser above 0.75; or the floor ``2^-8``."""
     from simulator.solvers import dual
     from simulator.solvers.core import Atoms
     from simulator.solvers.inner import evaluate_inner
 
-    stops = set()
+    stops = []
     for seed in range(6):
         data, _ = _problem(seed=seed, n=400, d=4, scale=0.5 + seed)
         at = Atoms.from_data(data, BETA, normalise=True)
@@ -830,29 +845,43 @@ def test_shrunk_start_skips_only_halvings_that_cannot_lower_F(amb):
         calls = []
 
         def counted(d, st, calls=calls, objective=objective):
-            calls.append(d.copy())
-            return objective(d, st)
+            calls.append((d.copy(), objective(d, st)))
+            return calls[-1][1]
 
         def f(d, at=at):
             return evaluate_inner(at, d, amb, worst=False).value
 
         delta0 = dual._start(at)
         delta, start = dual._shrunk_start(counted, delta0)
-        for i, c in enumerate(calls):
-            assert np.array_equal(c, delta0 * 0.5**i)
-        k = int(round(math.log2(float(np.linalg.norm(delta0) / np.linalg.norm(delta)))))
-        assert np.array_equal(delta, delta0 * 0.5**k)
-        assert start[0].value == pytest.approx(f(delta), rel=1e-14)  # warm-started root
-        for prev, nxt in zip(calls[:k], calls[1:k + 1], strict=True):
-            assert f(nxt) < f(prev)
-        if len(calls) == k + 2:
-            stops.add("rejected")
-            assert f(calls[-1]) >= f(delta)
-        elif k < dual._START_HALVINGS:
-            stops.add("gradient")
-            assert len(calls) == k + 1 and float(start[0].grad @ delta) <= 0
-            assert f(0.5 * delta) >= f(delta)
-    assert stops == {"rejected", "gradient"}
+        cur, shrink = calls[0][1], 1.0
+        kept = calls[0][0]
+        for point, res in calls[1:]:
+            t = float(point @ kept) / float(kept @ kept)
+            np.testing.assert_allclose(point, t * kept, rtol=0, atol=1e-15 * np.abs(kept).max())
+            model = dual._ray_minimiser(math.log(2.0), cur.value, float(cur.grad @ kept))
+            assert t == pytest.approx(max(model, 1 / 16, 2.0**-8 / shrink), rel=1e-12)
+            assert t < 0.75
+            if res.value < cur.value:
+                kept, cur, shrink = point, res, shrink * t
+                assert f(point) < f(calls[0][0]) or shrink == 1
+        assert np.array_equal(delta, kept) and start[0] is cur
+        assert shrink >= 2.0**-8 * (1 - 1e-12)
+        slope = float(cur.grad @ delta)
+        if not np.array_equal(calls[-1][0], kept):
+            stops.append("rejected")
+            assert f(calls[-1][0]) >= f(delta) * (1 - 1e-15)
+        elif not slope > 0:
+            stops.append("gradient")
+            assert min(f(0.5 * delta), f(0.9 * delta)) >= f(delta) * (1 - 1e-15)
+        elif shrink <= 2.0**-8 * (1 + 1e-12) or 2.0**-8 / shrink >= 0.75:
+            stops.append("floor")
+        else:
+            stops.append("model")
+            assert dual._ray_minimiser(math.log(2.0), cur.value, slope) >= 0.75
+    if amb.rho == 2.0:  # the minimiser is theta_ref: the floor in 3 evaluations (9 halvings)
+        assert set(stops) == {"floor"} and len(calls) <= 4
+    else:
+        assert len(set(stops)) >= 2
 
 
 @pytest.mark.parametrize("kappa", [math.inf, 0.5])
